@@ -1,0 +1,56 @@
+"""The ``stellwerk`` command line: one sub-command per job, each owned by the module that does it.
+
+Every sub-command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; they are
+imported only when chosen, so ``stellwerk check`` does not pay for the daemon's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("router.daemon.main", "run the routing daemon"),
+    "check": ("rules.check", "validate a routing file (exit 0, or 1 with file:line:column errors)"),
+    "explain": ("rules.explain", "show which rule routes a ContactEvent, and why"),
+    "normalize": ("channels.normalize", "turn one native payload into ContactEvent JSON"),
+    "simulate": ("router.simulate", "run the engine on virtual time and report per queue"),
+    "replay": ("router.replay", "run a recorded journal against a routing file"),
+    "loadgen": ("router.loadgen", "drive a running daemon with realistic traffic"),
+    "experts": ("router.experts_cli", "the crowd's health: experts' activity and waits"),
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
+    """Build the parser; only the chosen sub-command's module is imported."""
+    parser = argparse.ArgumentParser(prog="stellwerk", description=__doc__.splitlines()[0])
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    for name, (path, help_text) in SUBCOMMANDS.items():
+        sub = subs.add_parser(name, help=help_text)
+        if name == chosen:
+            try:
+                module = importlib.import_module(path)
+            except ModuleNotFoundError as exc:
+                if exc.name != path:
+                    raise
+                parser.error(f"'{name}' is not available in this build")
+            sub.description = help_text
+            module.add_arguments(sub)  # type: ignore[attr-defined]
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stellwerk`` console script."""
+    args_list = sys.argv[1:] if argv is None else argv
+    parser, module = build_parser(args_list)
+    args = parser.parse_args(args_list)
+    assert module is not None
+    return int(module.run(args))  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The engine's inputs (besides ContactEvent) and its outputs (commands).
+
+The engine is sans-I/O: ``Engine.handle(message, now)`` takes one of the inputs below or a
+:class:`~router.model.ContactEvent` and returns a list of commands for the caller to carry out
+(publish an offer, cancel one, publish an event). Agent commands arrive on
+``{prefix}/agents/{agent_id}/cmd`` as JSON with an ``op`` field; :data:`AGENT_COMMAND_DECODER`
+decodes them (the daemon fills ``agent_id`` from the topic, never from the payload, so an agent
+cannot speak for another).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from router.model import ContactEvent
+
+
+class Login(msgspec.Struct, frozen=True, kw_only=True, tag="login", tag_field="op"):
+    """An agent logs in and becomes available (unless ``state`` says otherwise)."""
+
+    agent_id: str = ""
+    state: Literal["available", "away"] = "available"
+    reason: str | None = None
+
+
+class SetState(msgspec.Struct, frozen=True, kw_only=True, tag="state", tag_field="op"):
+    """An agent changes state: ``available`` or ``away`` (with a reason, e.g. ``break``)."""
+
+    agent_id: str = ""
+    state: Literal["available", "away"]
+    reason: str | None = None
+
+
+class Accept(msgspec.Struct, frozen=True, kw_only=True, tag="accept", tag_field="op"):
+    """An agent accepts one of its offers; the contact becomes assigned to it."""
+
+    agent_id: str = ""
+    offer_id: str
+
+
+class Reject(msgspec.Struct, frozen=True, kw_only=True, tag="reject", tag_field="op"):
+    """An agent rejects one of its offers; the contact is re-routed at once."""
+
+    agent_id: str = ""
+    offer_id: str
+    reason: str | None = None
+
+
+class Complete(msgspec.Struct, frozen=True, kw_only=True, tag="complete", tag_field="op"):
+    """An agent finishes an assigned contact; wrap-up starts (if the queue has one)."""
+
+    agent_id: str = ""
+    contact_id: str
+    outcome: str | None = None
+
+
+class Logout(msgspec.Struct, frozen=True, kw_only=True, tag="logout", tag_field="op"):
+    """An agent logs out. Pending offers are withdrawn and their contacts re-routed."""
+
+    agent_id: str = ""
+
+
+AgentCommand = Login | SetState | Accept | Reject | Complete | Logout
+AGENT_COMMAND_DECODER = msgspec.json.Decoder(AgentCommand)  # type: ignore[var-annotated]
+
+
+class Tick(msgspec.Struct, frozen=True, kw_only=True, tag="tick", tag_field="op"):
+    """Time has passed: fire every timer due at ``now`` (offer expiry, escalation, wrap-up...)."""
+
+
+EngineInput = ContactEvent | Login | SetState | Accept | Reject | Complete | Logout | Tick
+
+
+# ---- outputs -------------------------------------------------------------------------------
+
+
+class OfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="offer"):
+    """Offer a contact to an agent; publish on ``{prefix}/agents/{agent_id}/offers``."""
+
+    offer_id: str
+    agent_id: str
+    contact_id: str
+    queue: str
+    expires_at: float
+    contact: ContactEvent
+    customer_id: str
+    history: tuple[dict[str, Any], ...] = ()
+
+
+class CancelOfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
+    """Withdraw an offer (expired, contact ended, agent logged out); tell the agent."""
+
+    offer_id: str
+    agent_id: str
+    contact_id: str
+    reason: str
+
+
+class EventCmd(msgspec.Struct, frozen=True, kw_only=True, tag="event"):
+    """Publish a lifecycle event on ``{prefix}/events/{type}`` (``contact.queued`` ...)."""
+
+    type: str
+    data: dict[str, Any]
+
+
+class RefusedCmd(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):
+    """An input the engine refused (agent acting on another's offer, unknown agent...)."""
+
+    agent_id: str | None
+    reason: str
+    detail: str = ""
+
+
+Command = OfferCmd | CancelOfferCmd | EventCmd | RefusedCmd
