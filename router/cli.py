@@ -39,7 +39,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
                     raise
                 parser.error(f"'{name}' is not available in this build")
             sub.description = help_text
-            module.add_arguments(sub)  # type: ignore[attr-defined]
+            module.add_arguments(sub)
     return parser, module
 
 

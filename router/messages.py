@@ -63,7 +63,7 @@ class Logout(msgspec.Struct, frozen=True, kw_only=True, tag="logout", tag_field=
 
 
 AgentCommand = Login | SetState | Accept | Reject | Complete | Logout
-AGENT_COMMAND_DECODER = msgspec.json.Decoder(AgentCommand)  # type: ignore[var-annotated]
+AGENT_COMMAND_DECODER: msgspec.json.Decoder[AgentCommand] = msgspec.json.Decoder(AgentCommand)
 
 
 class Tick(msgspec.Struct, frozen=True, kw_only=True, tag="tick", tag_field="op"):
