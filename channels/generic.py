@@ -77,7 +77,8 @@ def decode_generic(body: bytes, headers: Headers, config: DecodeConfig) -> list[
         decoded = _DECODER.decode(body)
     except msgspec.ValidationError as exc:
         raise Rejected(GENERIC, "bad_shape", str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Invalid UTF-8 inside a JSON string surfaces as UnicodeDecodeError.
         raise Rejected(GENERIC, "not_json", str(exc)) from None
     if isinstance(decoded, list):
         return [_event(item, f"$[{index}]", config) for index, item in enumerate(decoded)]

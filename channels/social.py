@@ -176,7 +176,7 @@ def _x_post(
 ) -> ContactEvent:
     if not isinstance(post, dict):
         raise Rejected(X, "bad_shape", f"data[{index}] is not an object")
-    post_id = _id_str(field(post, "id", source=X, kind=(str, int)), X, f"data[{index}].id")
+    post_id = _id_str(opt(post, "id"), X, f"data[{index}].id")
     conversation_id = opt_str(post, "conversation_id") or post_id
     author_id = opt_str(post, "author_id")
     user = users.get(author_id, {}) if author_id else {}
@@ -221,10 +221,12 @@ def _check_x_signature(body: bytes, secret: str, given: str | None) -> None:
         raise Rejected(X, "bad_signature", "signature does not match the body")
 
 
-def _id_str(value: int | str, source: str, name: str) -> str:
-    text = "" if isinstance(value, bool) else str(value).strip()
+def _id_str(value: Any, source: str, name: str) -> str:
+    text = (
+        str(value).strip() if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    )
     if not text:
-        raise Rejected(source, "missing_field", f"{name} is empty or not an id")
+        raise Rejected(source, "missing_field", f"{name} is missing, empty or not an id")
     return text
 
 

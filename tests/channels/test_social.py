@@ -271,6 +271,7 @@ def test_x_empty_batch_is_valid_and_empty() -> None:
         (b'{"data": ["nope"]}', "bad_shape"),
         (b"[1, 2]", "bad_shape"),
         (b"\xff\xfe", "not_json"),
+        (b'{"data": {"id": "1", "text": "\x80"}}', "not_json"),  # invalid UTF-8 in a string
         (b'{"data": {"id": "1", "created_at": "yesterday"}}', "bad_timestamp"),
     ],
 )
