@@ -1,0 +1,314 @@
+"""Email: one RFC 5322 message (bytes, as an SMTP server or an MDA delivers it) → ContactEvent.
+
+Decisions where the issue is silent:
+
+- Thread identity: the contact is the thread. Its root is the first Message-ID in
+  References, else the first in In-Reply-To, else the message's own Message-ID (angle brackets
+  stripped). A message with none of these gets ``generated-<sha256 of From, Date, Subject>``,
+  so a redelivery of the same message lands on the same contact.
+- ``kind`` is ``new`` for a message that answers nothing (no In-Reply-To, no References),
+  ``update`` for a reply; the router treats a reply to a thread it does not know as new.
+- Body: the first text/plain part (``EmailMessage.get_body``), else the first text/html part
+  turned into text. Other text parts (a second plain part after an attachment, alternatives)
+  are not appended. Quoted history and signatures are trimmed (:mod:`channels.email_text`).
+- Attachments: every leaf part with ``Content-Disposition: attachment`` or a filename
+  (inline images included), with the size of the *decoded* content.
+- Tags: ``bounce`` for delivery reports (multipart/report, message/delivery-status,
+  MAILER-DAEMON senders); otherwise ``auto_reply`` for Auto-Submitted (other than "no"),
+  X-Autoreply, X-Autorespond and Precedence: auto_reply. ``Precedence: bulk|list|junk`` is a
+  mailing list or newsletter, not an auto-reply: it is tagged ``bulk`` (List-Id, when present,
+  goes to ``attributes["list_id"]``). Whether any of these is routed, parked or dropped is a
+  routing rule's decision, not the decoder's.
+- A Date that is missing or does not parse gives ``occurred_at`` 0.0; a mail is not refused
+  for a broken date.
+- Input that has none of From, To, Subject, Date, Message-ID is not an email: ``not_email``.
+
+The standard library's parser is lenient, but reading some malformed headers through
+``policy.default`` raises assorted exceptions deep in its header parser; every header read here
+falls back to the raw value so that bad mail still decodes or is rejected, never crashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from datetime import UTC
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.policy import default as default_policy
+from email.utils import getaddresses, parsedate_to_datetime
+
+from channels.base import DecodeConfig, Rejected
+from channels.common import bound_text
+from channels.email_text import html_to_text, trim_reply
+from router.model import Attachment, ContactEvent, Sender
+
+SOURCE = "email"
+_PARSER = BytesParser(policy=default_policy)
+_MSG_ID = re.compile(r"<([^<>\s]+)>")
+# Without at least one of these a parse result is just text with a colon in its first line.
+_CORE_HEADERS = ("from", "to", "subject", "date", "message-id")
+_BULK_PRECEDENCE = frozenset({"bulk", "list", "junk"})
+_BOUNCE_SENDERS = frozenset({"mailer-daemon", "postmaster"})
+
+
+def decode_email(
+    body: bytes, headers: Mapping[str, str], config: DecodeConfig
+) -> list[ContactEvent]:
+    """Decode one RFC 5322 message into one ContactEvent, or reject it as ``not_email``."""
+    if not isinstance(body, bytes | bytearray) or not body.strip():
+        raise Rejected(SOURCE, "not_email", "empty input")
+    try:
+        message = _PARSER.parsebytes(bytes(body))
+    except Exception as exc:  # the parser is meant never to raise; be sure of it
+        raise Rejected(SOURCE, "not_email", f"unparseable: {exc}") from None
+    names = {name.lower() for name in message}
+    if not names.intersection(_CORE_HEADERS):
+        raise Rejected(SOURCE, "not_email", "no From, To, Subject, Date or Message-ID header")
+
+    from_name, from_addr = _first_address(message, "From")
+    _, to_addr = _first_address(message, "To")
+    subject = _header_text(message, "Subject")
+    date_raw = _header_text(message, "Date")
+
+    own_id = _first_msg_id(_header_text(message, "Message-ID"))
+    references = _msg_ids(_header_text(message, "References"))
+    in_reply_to = _msg_ids(_header_text(message, "In-Reply-To"))
+    if own_id is None:
+        seed = "\n".join((from_addr or "", date_raw or "", subject or ""))
+        own_id = "generated-" + hashlib.sha256(seed.encode("utf-8", "replace")).hexdigest()[:32]
+    root = references[0] if references else in_reply_to[0] if in_reply_to else own_id
+
+    attributes = {"message_id": own_id}
+    if in_reply_to:
+        attributes["in_reply_to"] = in_reply_to[0]
+    list_id = _first_msg_id(_header_text(message, "List-Id"))
+    if list_id:
+        attributes["list_id"] = list_id
+
+    text = _body_text(message)
+    return [
+        ContactEvent(
+            kind="update" if references or in_reply_to else "new",
+            contact_id=f"{SOURCE}:{root}",
+            channel="email",
+            source=SOURCE,
+            external_id=root,
+            thread_id=root,
+            sender=Sender(email=from_addr, name=bound_text(from_name, 200)),
+            to=to_addr,
+            subject=bound_text(subject, config.max_text),
+            text=bound_text(trim_reply(text) if text else None, config.max_text),
+            language=_language(_header_text(message, "Content-Language")),
+            tags=_tags(message, from_addr),
+            attributes=attributes,
+            attachments=tuple(_attachments(message)),
+            occurred_at=_epoch(date_raw),
+        )
+    ]
+
+
+def _header_text(message: Message, name: str) -> str | None:
+    """The decoded value of the first ``name`` header, or None (never raises)."""
+    try:
+        value = message.get(name)
+        text = None if value is None else str(value)
+    except Exception:
+        # policy.default parses lazily and some malformed values make it raise; the raw value,
+        # decoded as far as possible, is better than nothing.
+        text = _raw_header(message, name)
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text or None
+
+
+def _raw_header(message: Message, name: str) -> str | None:
+    wanted = name.lower()
+    for key, value in message.raw_items():
+        if key.lower() == wanted:
+            return str(value)
+    return None
+
+
+def _first_address(message: Message, name: str) -> tuple[str | None, str | None]:
+    """(display name, lower-case address) of the first address in header ``name``."""
+    try:
+        header = message.get(name)
+        addresses = getattr(header, "addresses", None) if header is not None else None
+        if addresses:
+            first = addresses[0]
+            return first.display_name or None, first.addr_spec.lower() or None
+    except Exception:
+        pass  # fall back to the lenient parse of the raw text below
+    text = _header_text(message, name)
+    if not text:
+        return None, None
+    pairs = [(n, a) for n, a in getaddresses([text]) if a or n]
+    if not pairs:
+        return None, None
+    display, addr = pairs[0]
+    return display or None, addr.lower() or None
+
+
+def _msg_ids(text: str | None) -> list[str]:
+    """Message-IDs in a References / In-Reply-To value, in order, brackets stripped."""
+    if not text:
+        return []
+    found = _MSG_ID.findall(text)
+    if found:
+        return found
+    # Some mailers omit the brackets; a lone token with an "@" is still an id.
+    return [token for token in text.split() if "@" in token][:1]
+
+
+def _first_msg_id(text: str | None) -> str | None:
+    ids = _msg_ids(text)
+    if ids:
+        return ids[0]
+    if not text:
+        return None
+    return text.strip("<> ") or None
+
+
+def _epoch(date_raw: str | None) -> float:
+    if not date_raw:
+        return 0.0
+    try:
+        parsed = parsedate_to_datetime(date_raw)
+        if parsed.tzinfo is None:  # "-0000" means "zone unknown": take it as UTC
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0.0
+
+
+def _language(text: str | None) -> str | None:
+    if not text:
+        return None
+    first = text.split(",")[0].strip()
+    return first or None
+
+
+def _body_text(message: Message) -> str | None:
+    """The customer's text: first text/plain part, else the first text/html part as text."""
+    if not isinstance(message, EmailMessage):
+        return None
+    try:
+        part = message.get_body(preferencelist=("plain", "html"))
+    except Exception:
+        return None
+    if part is None:
+        return None
+    content = _part_text(part)
+    if content is None:
+        return None
+    if part.get_content_subtype() == "html":
+        try:
+            return html_to_text(content)
+        except Exception:
+            return None
+    return content
+
+
+def _part_text(part: Message) -> str | None:
+    try:
+        content = part.get_content()  # type: ignore[attr-defined]
+        if isinstance(content, str):
+            return content
+    except Exception:
+        pass  # unknown charset, broken transfer encoding: decode by hand below
+    try:
+        raw = part.get_payload(decode=True)
+    except Exception:
+        return None
+    if not isinstance(raw, bytes):
+        return None
+    return raw.decode("utf-8", errors="replace")
+
+
+def _is_attachment(part: Message) -> bool:
+    try:
+        if part.get_content_disposition() == "attachment":
+            return True
+        return bool(part.get_filename())
+    except Exception:
+        return False
+
+
+def _attachments(message: Message) -> list[Attachment]:
+    found: list[Attachment] = []
+    _collect_attachments(message, found, depth=0)
+    return found
+
+
+def _collect_attachments(part: Message, found: list[Attachment], depth: int) -> None:
+    if depth > 20:  # nesting this deep is an attack, not a mail
+        return
+    if depth > 0 and _is_attachment(part):
+        found.append(
+            Attachment(
+                filename=_safe_filename(part),
+                content_type=part.get_content_type(),
+                size=_decoded_size(part),
+            )
+        )
+        return
+    if part.is_multipart():
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            for child in payload:
+                if isinstance(child, Message):
+                    _collect_attachments(child, found, depth + 1)
+
+
+def _safe_filename(part: Message) -> str:
+    try:
+        name = part.get_filename()
+    except Exception:
+        name = None
+    return bound_text(name, 255) or "unnamed"
+
+
+def _decoded_size(part: Message) -> int:
+    try:
+        if part.is_multipart():
+            # An attached message (message/rfc822): its size is that of the message itself.
+            return len(part.as_bytes())
+        raw = part.get_payload(decode=True)
+    except Exception:
+        return 0
+    return len(raw) if isinstance(raw, bytes) else 0
+
+
+def _tags(message: Message, from_addr: str | None) -> tuple[str, ...]:
+    if _is_bounce(message, from_addr):
+        return ("bounce",)
+    tags: list[str] = []
+    auto_submitted = (_header_text(message, "Auto-Submitted") or "").split(";")[0].strip().lower()
+    precedence = (_header_text(message, "Precedence") or "").strip().lower()
+    if (
+        (auto_submitted and auto_submitted != "no")
+        or _header_text(message, "X-Autoreply") is not None
+        or _header_text(message, "X-Autorespond") is not None
+        or precedence == "auto_reply"
+    ):
+        tags.append("auto_reply")
+    if precedence in _BULK_PRECEDENCE:
+        tags.append("bulk")
+    return tuple(tags)
+
+
+def _is_bounce(message: Message, from_addr: str | None) -> bool:
+    if from_addr and from_addr.split("@")[0] in _BOUNCE_SENDERS:
+        return True
+    try:
+        for depth, part in enumerate(message.walk()):
+            if depth > 200:
+                break
+            if part.get_content_type() in ("multipart/report", "message/delivery-status"):
+                return True
+    except Exception:
+        return False
+    return False
