@@ -76,7 +76,7 @@ EngineInput = ContactEvent | Login | SetState | Accept | Reject | Complete | Log
 # ---- outputs -------------------------------------------------------------------------------
 
 
-class OfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="offer"):
+class OfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="offer", tag_field="cmd"):
     """Offer a contact to an agent; publish on ``{prefix}/agents/{agent_id}/offers``."""
 
     offer_id: str
@@ -89,7 +89,7 @@ class OfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="offer"):
     history: tuple[dict[str, Any], ...] = ()
 
 
-class CancelOfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
+class CancelOfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="cancel", tag_field="cmd"):
     """Withdraw an offer (expired, contact ended, agent logged out); tell the agent."""
 
     offer_id: str
@@ -98,14 +98,14 @@ class CancelOfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="cancel"):
     reason: str
 
 
-class EventCmd(msgspec.Struct, frozen=True, kw_only=True, tag="event"):
+class EventCmd(msgspec.Struct, frozen=True, kw_only=True, tag="event", tag_field="cmd"):
     """Publish a lifecycle event on ``{prefix}/events/{type}`` (``contact.queued`` ...)."""
 
     type: str
     data: dict[str, Any]
 
 
-class RefusedCmd(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):
+class RefusedCmd(msgspec.Struct, frozen=True, kw_only=True, tag="refused", tag_field="cmd"):
     """An input the engine refused (agent acting on another's offer, unknown agent...)."""
 
     agent_id: str | None

@@ -1,0 +1,1114 @@
+"""The routing engine: sans-I/O, synchronous, deterministic.
+
+``Engine.handle(message, now)`` takes one input (a :class:`~router.model.ContactEvent`, an agent
+command or a :class:`~router.messages.Tick`) and the current time, and returns the commands the
+caller must carry out. The engine never reads the clock, never draws random numbers and never
+does I/O, so the daemon, the simulator and journal replay all run the same code and a replay of
+the same inputs with the same times yields the same state.
+
+Semantics (DESIGN.md section 4), with the decisions taken where it is silent:
+
+* **Queue order.** Each waiting contact has the time-invariant key
+  ``arrived_at - priority * queue.weight``; the smallest key is served first, which is the same
+  as the largest ``priority * weight + seconds waited``. Contacts keep ``arrived_at`` when they
+  are re-queued, escalated or overflowed, so nobody goes to the back of a line.
+* **Agent choice.** Among agents that are ``available``, have the queue's skills (and the
+  contact's extra skills) and free capacity for the channel: the customer's preferred agent
+  first (the last one who served them, within ``preferred_agent_seconds``), then per queue
+  strategy: ``longest_idle`` (free agents before partly busy ones, then longest idle),
+  ``most_skilled`` (highest summed proficiency over the queue's skills), ``least_occupied``
+  (smallest share of the capacity budget in use) or ``round_robin`` (least recently offered).
+* **Capacity** is reserved when an offer is made and released when it expires, is rejected, or
+  the contact's wrap-up ends: per-channel limits and the shared budget are never exceeded.
+* **Offers** expire after ``offer_timeout``: the contact is re-queued with its original key and
+  not offered to the same agent for one more timeout; a reject excludes the agent for
+  ``reject_cooldown``. ``max_missed_offers`` expiries in a row put the agent in
+  ``not_responding`` (its other offers are withdrawn) until it sets itself available again.
+* **Wrap-up.** Completing a contact holds its capacity for the queue's wrap-up seconds; an agent
+  with no other open work is in state ``wrap_up`` meanwhile and returns to ``available`` when it
+  ends (or when the agent sets itself available earlier).
+* **Ends.** An ``end`` event abandons a queued or offered contact (its offer is withdrawn); for
+  an assigned contact it completes it, so an agent is never left holding a call that hung up.
+* **Logout** withdraws the agent's offers and re-queues its open contacts with their original
+  wait, so nothing stays with an absent agent. ``away`` keeps assigned work, withdraws offers.
+* **Overflow.** A contact that waited ``max_wait`` in a queue moves to its ``overflow`` queue;
+  a contact arriving at a queue holding ``max_length`` contacts goes to the overflow queue, or,
+  without one, is rejected with reason ``queue_full`` (an event, never a silent drop).
+* **Crowd first.** A rule's ``crowd_first: S`` holds the contact in ``crowd_window`` for S seconds;
+  a reply in its thread from someone other than the asker ends it as ``answered_by_crowd``
+  (also while queued or offered, which withdraws the offer); otherwise it is queued with its wait
+  counted from the original post.
+* **Backlog.** Whenever capacity frees up (login, available, complete, wrap-up end, expiry,
+  reject) the freed agent is given the best waiting contact at once; no polling.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import msgspec
+
+from router.lifecycle import FINAL_CONTACT_STATES, agent_transition, contact_transition
+from router.messages import (
+    Accept,
+    CancelOfferCmd,
+    Command,
+    Complete,
+    EngineInput,
+    EventCmd,
+    Login,
+    Logout,
+    OfferCmd,
+    RefusedCmd,
+    Reject,
+    SetState,
+    Tick,
+)
+from router.model import ContactEvent
+from router.state import (
+    STATE_DECODER,
+    STATE_ENCODER,
+    AgentRec,
+    ContactRec,
+    CustomerRec,
+    EngineState,
+    HistoryItem,
+    OfferRec,
+    QueueCounters,
+)
+from rules.decision import CustomerView
+from rules.schema import Agent as AgentCfg
+from rules.schema import Queue as QueueCfg
+from rules.table import RoutingTable
+
+#: how many finished contacts are remembered for status look-ups.
+FINISHED_LIMIT = 10_000
+
+# Timer kinds.
+_T_OFFER, _T_STEP, _T_MAX_WAIT, _T_CROWD, _T_WRAP, _T_RETRY = range(6)
+
+Pair = tuple[str, str]  # (queue, channel)
+
+
+class Engine:
+    """The routing core. See the module docstring for the semantics."""
+
+    def __init__(self, table: RoutingTable, state: EngineState | None = None) -> None:
+        self._state = state if state is not None else EngineState()
+        self._configure(table)
+        self._rebuild_indexes()
+
+    # ---- construction and indexes -----------------------------------------------------------
+
+    def _configure(self, table: RoutingTable) -> None:
+        self.table = table
+        cfg = table.file
+        self._defaults = cfg.defaults
+        self._queues: dict[str, QueueCfg] = dict(cfg.queues)
+        self._cost: dict[str, int] = {str(k): v for k, v in cfg.capacity.cost.items()}
+        self._agent_cfg: dict[str, AgentCfg] = {a.id: a for a in cfg.agents}
+        # Per agent: channel limits and budget, looked up on every match.
+        self._caps: dict[str, tuple[dict[str, int], int]] = {
+            a.id: (
+                {str(k): v for k, v in a.capacity.items()},
+                a.budget if a.budget is not None else cfg.capacity.budget,
+            )
+            for a in cfg.agents
+        }
+        st = self._state
+        for agent_id in self._agent_cfg:
+            st.agents.setdefault(agent_id, AgentRec(id=agent_id))
+        for name in self._queues:
+            st.counters.setdefault(name, QueueCounters())
+        # Which (queue, channel) pairs each agent can serve, from its skills and capacities.
+        self._eligible: dict[str, list[Pair]] = {}
+        self._skill_score: dict[tuple[str, str], int] = {}
+        for agent in cfg.agents:
+            pairs: list[Pair] = []
+            for qname, queue in self._queues.items():
+                if not _has_skills(agent.skills, queue.skills):
+                    continue
+                score = sum(agent.skills.get(s, 0) for s in queue.skills)
+                self._skill_score[(agent.id, qname)] = score
+                pairs.extend((qname, ch) for ch in queue.channels if agent.capacity.get(ch, 0) > 0)
+            self._eligible[agent.id] = pairs
+
+    def _rebuild_indexes(self) -> None:
+        st = self._state
+        self._contact_heaps: dict[Pair, list[tuple[float, int, str, int]]] = {}
+        self._agent_heaps: dict[Pair, list[tuple[tuple[float, ...], int, str]]] = {}
+        self._agent_version: dict[str, int] = dict.fromkeys(st.agents, 0)
+        self._timers: list[tuple[float, int, int, str]] = []
+        self._timer_seq = 0
+        self._waiting: dict[str, int] = dict.fromkeys(self._queues, 0)
+        for contact in st.contacts.values():
+            if contact.state == "queued":
+                self._push_contact(contact)
+            self._schedule_contact_timers(contact)
+            if contact.state == "wrap_up":
+                self._timer(contact.wrap_until, _T_WRAP, contact.id)
+        for offer in st.offers.values():
+            self._timer(offer.expires_at, _T_OFFER, offer.id)
+        for agent in st.agents.values():
+            self._refresh_agent(agent)
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    def handle(self, message: EngineInput, now: float) -> list[Command]:
+        """Apply one input at time ``now``; return the commands to carry out.
+
+        Timers due at or before ``now`` fire first, in time order, so the result does not
+        depend on how often the caller ticks.
+        """
+        out: list[Command] = []
+        self._fire_timers(now, out)
+        if isinstance(message, ContactEvent):
+            self._on_contact_event(message, now, out)
+        elif isinstance(message, Tick):
+            pass
+        else:
+            agent = self._state.agents.get(message.agent_id)
+            if agent is None or message.agent_id not in self._agent_cfg:
+                out.append(
+                    RefusedCmd(
+                        agent_id=message.agent_id,
+                        reason="unknown_agent",
+                        detail=f"no agent {message.agent_id!r} in the routing file",
+                    )
+                )
+            elif isinstance(message, Accept):
+                self._on_accept(agent, message, now, out)
+            elif isinstance(message, Reject):
+                self._on_reject(agent, message, now, out)
+            elif isinstance(message, Complete):
+                self._on_complete(agent, message, now, out)
+            elif isinstance(message, Login | SetState):
+                self._on_set_state(agent, message.state, message.reason, now, out)
+            elif isinstance(message, Logout):
+                self._on_logout(agent, now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which a timer is due, or None. May be a timer that turns out
+        stale when it fires; firing it then does nothing."""
+        return self._timers[0][0] if self._timers else None
+
+    def reload(self, table: RoutingTable, now: float) -> list[Command]:
+        """Swap the routing table. Queued contacts stay; those whose queue vanished are routed
+        again by the new rules; agents get their new skills and capacities."""
+        self._configure(table)
+        out: list[Command] = []
+        for agent in self._state.agents.values():
+            if agent.id not in self._agent_cfg and agent.state != "offline":
+                self._on_logout(agent, now, out)
+        for contact in list(self._state.contacts.values()):
+            if contact.queue not in self._queues and contact.state in ("queued", "crowd_window"):
+                decision = table.decide(contact.event, self._customer_view(contact), now)
+                contact.queue = decision.queue or next(iter(self._queues))
+                contact.token += 1
+        self._rebuild_indexes()
+        for agent in self._state.agents.values():
+            self._drain_agent(agent, now, out)
+        return out
+
+    def snapshot(self) -> bytes:
+        """The whole state as JSON bytes; :meth:`restore` rebuilds an engine from it."""
+        return STATE_ENCODER.encode(self._state)
+
+    @classmethod
+    def restore(cls, table: RoutingTable, data: bytes) -> Engine:
+        """An engine with the state of a :meth:`snapshot` and the given routing table."""
+        return cls(table, STATE_DECODER.decode(data))
+
+    @property
+    def state(self) -> EngineState:
+        """The live state (read it, do not change it)."""
+        return self._state
+
+    def queue_stats(self, now: float) -> list[dict[str, Any]]:
+        """Per queue: waiting, oldest wait, agents ready, totals and service level so far."""
+        oldest: dict[str, float] = {}
+        for contact in self._state.contacts.values():
+            if contact.state == "queued":
+                waited = now - contact.arrived_at
+                if waited > oldest.get(contact.queue, -1.0):
+                    oldest[contact.queue] = waited
+        ready: dict[str, set[str]] = {q: set() for q in self._queues}
+        for agent in self._state.agents.values():
+            if agent.state == "available":
+                for qname, channel in self._eligible.get(agent.id, ()):
+                    if self._can_take(agent, channel):
+                        ready[qname].add(agent.id)
+        rows = []
+        for name, queue in self._queues.items():
+            c = self._state.counters[name]
+            closed = c.answered + c.abandoned
+            rows.append(
+                {
+                    "name": name,
+                    "waiting": self._waiting.get(name, 0),
+                    "oldest_wait": round(oldest.get(name, 0.0), 3),
+                    "agents_ready": len(ready[name]),
+                    "entered": c.entered,
+                    "answered": c.answered,
+                    "abandoned": c.abandoned,
+                    "overflowed": c.overflowed,
+                    "service_level": (c.answered_in_sla / closed) if closed else None,
+                    "sla_seconds": queue.sla.seconds,
+                    "sla_percent": queue.sla.percent,
+                }
+            )
+        return rows
+
+    def agent_list(self) -> list[dict[str, Any]]:
+        """Every agent with state, reason, load per channel and open work."""
+        return [
+            {
+                "id": a.id,
+                "name": self._agent_cfg[a.id].name if a.id in self._agent_cfg else "",
+                "state": a.state,
+                "reason": a.reason,
+                "busy": bool(a.contacts or a.offers),
+                "load": dict(a.load),
+                "budget_used": a.budget_used,
+                "offers": list(a.offers),
+                "contacts": list(a.contacts),
+                "missed": a.missed,
+            }
+            for a in self._state.agents.values()
+        ]
+
+    def contact_info(self, contact_id: str) -> dict[str, Any] | None:
+        """A contact's state, queue, agent, wait and the customer's history; None if unknown."""
+        contact = self._state.contacts.get(contact_id)
+        if contact is None:
+            done = self._state.finished.get(contact_id)
+            if done is None:
+                return None
+            return {
+                "contact_id": contact_id,
+                "state": done[0],
+                "queue": done[1],
+                "agent_id": done[2],
+            }
+        customer = self._state.customers.get(contact.customer_id)
+        return {
+            "contact_id": contact.id,
+            "state": contact.state,
+            "channel": contact.channel,
+            "queue": contact.queue,
+            "rule": contact.rule,
+            "priority": contact.priority,
+            "agent_id": contact.agent_id,
+            "offer_id": contact.offer_id,
+            "arrived_at": contact.arrived_at,
+            "customer_id": contact.customer_id,
+            "expert": contact.expert,
+            "history": _history(customer, contact.id) if customer else [],
+        }
+
+    # ---- contact events ---------------------------------------------------------------------
+
+    def _on_contact_event(self, event: ContactEvent, now: float, out: list[Command]) -> None:
+        contact = self._state.contacts.get(event.contact_id)
+        if contact is None:
+            if event.kind == "end" or event.contact_id in self._state.finished:
+                # The end of something never routed, or a late event of a finished contact.
+                return
+            self._on_new(event, now, out)
+        elif event.kind == "end":
+            self._on_end(contact, event.end_reason or "ended", now, out)
+        else:
+            self._on_update(contact, event, now, out)
+
+    def _on_new(self, event: ContactEvent, now: float, out: list[Command]) -> None:
+        st = self._state
+        customer = self._resolve_customer(event)
+        view = self._view(customer, event)
+        decision = self.table.decide(event, view, now)
+        arrived = now
+        st.seq += 1
+        contact = ContactRec(
+            id=event.contact_id,
+            event=event,
+            channel=event.channel,
+            customer_id=customer.id,
+            expert=view.expert,
+            state="received",
+            rule=decision.rule,
+            queue=decision.queue or "",
+            priority=decision.priority,
+            arrived_at=arrived,
+            extra_skills=dict(decision.skills),
+            escalate=tuple(sorted(decision.escalate, key=lambda s: s.after)),
+            seq=st.seq,
+        )
+        if decision.reject is not None or decision.queue is None:
+            contact.state = contact_transition(contact.id, "received", "rejected")
+            out.append(
+                self._event("contact.rejected", contact, now, reason=decision.reject or "no_queue")
+            )
+            self._finish(contact, "rejected", now)
+            return
+        st.contacts[contact.id] = contact
+        self._remember(customer, contact, now)
+        if decision.crowd_first:
+            contact.state = contact_transition(contact.id, "received", "crowd_window")
+            contact.crowd = True
+            contact.crowd_until = now + decision.crowd_first
+            self._timer(contact.crowd_until, _T_CROWD, contact.id)
+            out.append(self._event("contact.crowd_window", contact, now, until=contact.crowd_until))
+            return
+        self._enter_queue(contact, contact.queue, now, out, first=True)
+
+    def _on_update(
+        self, contact: ContactRec, event: ContactEvent, now: float, out: list[Command]
+    ) -> None:
+        if not contact.crowd or contact.state not in ("crowd_window", "queued", "offered"):
+            return
+        asker = set(self._state.customers[contact.customer_id].keys)
+        keys = set(self.table.identity_keys(event))
+        if not keys or keys & asker:
+            return  # the asker writing again: still the same contact
+        freed = None
+        if contact.state == "offered":
+            freed = self._withdraw_offer(contact, "answered_by_crowd", now, out, requeue=False)
+        elif contact.state == "queued":
+            self._leave_queue(contact)
+        contact.state = contact_transition(contact.id, contact.state, "answered_by_crowd")
+        out.append(
+            self._event(
+                "contact.answered_by_crowd",
+                contact,
+                now,
+                by=event.sender.handle or event.sender.email or event.sender.phone,
+                waited=now - contact.arrived_at,
+            )
+        )
+        self._finish(contact, "answered_by_crowd", now)
+        if freed is not None:
+            self._drain_agent(freed, now, out)
+
+    def _on_end(self, contact: ContactRec, reason: str, now: float, out: list[Command]) -> None:
+        state = contact.state
+        if state in ("assigned",):
+            agent = self._state.agents[contact.agent_id or ""]
+            self._complete(agent, contact, f"ended:{reason}", now, out)
+            return
+        if state == "wrap_up":
+            return
+        freed = None
+        if state == "offered":
+            freed = self._withdraw_offer(contact, "contact_ended", now, out, requeue=False)
+        elif state == "queued":
+            self._leave_queue(contact)
+        contact.state = contact_transition(contact.id, contact.state, "abandoned")
+        if contact.queue in self._state.counters and state != "crowd_window":
+            self._state.counters[contact.queue].abandoned += 1
+        out.append(
+            self._event(
+                "contact.abandoned", contact, now, reason=reason, waited=now - contact.arrived_at
+            )
+        )
+        self._finish(contact, "abandoned", now)
+        if freed is not None:
+            self._drain_agent(freed, now, out)
+
+    # ---- queueing ---------------------------------------------------------------------------
+
+    def _enter_queue(
+        self, contact: ContactRec, qname: str, now: float, out: list[Command], first: bool = False
+    ) -> None:
+        """Put a contact (received, crowd_window or being moved) into ``qname`` and dispatch."""
+        moving = contact.state == "queued"
+        if moving:
+            self._leave_queue(contact)
+        seen: set[str] = set()
+        queue = self._queues[qname]
+        while queue.max_length is not None and self._waiting[qname] >= queue.max_length:
+            seen.add(qname)
+            if queue.overflow is None or queue.overflow in seen:
+                contact.state = contact_transition(contact.id, contact.state, "rejected")
+                out.append(self._event("contact.rejected", contact, now, reason="queue_full"))
+                self._finish(contact, "rejected", now)
+                return
+            self._state.counters[qname].overflowed += 1
+            out.append(
+                self._event(
+                    "contact.overflowed", contact, now, reason="max_length", to=queue.overflow
+                )
+            )
+            qname = queue.overflow
+            queue = self._queues[qname]
+        if not moving:
+            contact.state = contact_transition(contact.id, contact.state, "queued")
+        contact.queue = qname
+        contact.queue_entered_at = now
+        self._state.counters[qname].entered += 1
+        self._update_history(contact, queue=qname)
+        out.append(self._event("contact.queued", contact, now, rule=contact.rule, first=first))
+        if queue.max_wait is not None and queue.overflow is not None:
+            self._timer(now + queue.max_wait, _T_MAX_WAIT, contact.id)
+        if first:
+            self._schedule_step(contact)
+        self._push_contact(contact)
+        self._dispatch_contact(contact, now, out)
+
+    def _push_contact(self, contact: ContactRec) -> None:
+        contact.token += 1
+        key = contact.arrived_at - contact.priority * self._queues[contact.queue].weight
+        pair = (contact.queue, contact.channel)
+        heapq.heappush(
+            self._contact_heaps.setdefault(pair, []), (key, contact.seq, contact.id, contact.token)
+        )
+        self._waiting[contact.queue] = self._waiting.get(contact.queue, 0) + 1
+
+    def _leave_queue(self, contact: ContactRec) -> None:
+        """Take a queued contact out of its queue (its heap entry becomes stale)."""
+        contact.token += 1
+        self._waiting[contact.queue] -= 1
+
+    def _valid_contact_entry(self, entry: tuple[float, int, str, int]) -> ContactRec | None:
+        contact = self._state.contacts.get(entry[2])
+        if contact is None or contact.state != "queued" or contact.token != entry[3]:
+            return None
+        return contact
+
+    def _requeue(self, contact: ContactRec, now: float, out: list[Command]) -> None:
+        """Back into its queue with its original key (after expiry, reject, logout)."""
+        contact.state = contact_transition(contact.id, contact.state, "queued")
+        contact.offer_id = None
+        contact.agent_id = None
+        self._push_contact(contact)
+        out.append(self._event("contact.queued", contact, now, rule=contact.rule, first=False))
+
+    # ---- matching ---------------------------------------------------------------------------
+
+    def _can_take(self, agent: AgentRec, channel: str) -> bool:
+        caps = self._caps.get(agent.id)
+        if caps is None:
+            return False
+        return (
+            agent.load.get(channel, 0) < caps[0].get(channel, 0)
+            and agent.budget_used + self._cost.get(channel, 0) <= caps[1]
+        )
+
+    def _suits(self, agent_id: str, contact: ContactRec, now: float) -> bool:
+        """Does the agent have the contact's extra skills, and is it not excluded?"""
+        until = contact.excluded.get(agent_id)
+        if until is not None and until > now:
+            return False
+        skills = self._agent_cfg[agent_id].skills
+        return _has_skills(skills, contact.extra_skills) and _has_skills(
+            skills, self._queues[contact.queue].skills
+        )
+
+    def _agent_key(self, agent: AgentRec, qname: str) -> tuple[float, ...]:
+        strategy = self._queues[qname].strategy
+        busy = 1.0 if agent.budget_used else 0.0
+        if strategy == "longest_idle":
+            return (busy, agent.idle_since)
+        if strategy == "most_skilled":
+            return (-float(self._skill_score.get((agent.id, qname), 0)), busy, agent.idle_since)
+        if strategy == "least_occupied":
+            budget = self._caps[agent.id][1]
+            return (agent.budget_used / budget if budget else 1.0, agent.idle_since)
+        return (float(agent.last_offer_seq), agent.idle_since)
+
+    def _refresh_agent(self, agent: AgentRec) -> None:
+        """Re-index an agent after anything that changes its readiness or its sort keys."""
+        version = self._agent_version.get(agent.id, 0) + 1
+        self._agent_version[agent.id] = version
+        if agent.state != "available":
+            return
+        for pair in self._eligible.get(agent.id, ()):
+            if self._can_take(agent, pair[1]):
+                heapq.heappush(
+                    self._agent_heaps.setdefault(pair, []),
+                    (self._agent_key(agent, pair[0]), version, agent.id),
+                )
+
+    def _dispatch_contact(self, contact: ContactRec, now: float, out: list[Command]) -> None:
+        """Offer a queued contact to the best ready agent, if there is one."""
+        pair = (contact.queue, contact.channel)
+        customer = self._state.customers.get(contact.customer_id)
+        if (
+            customer is not None
+            and customer.last_agent is not None
+            and now - customer.last_agent_at <= self._defaults.preferred_agent_seconds
+        ):
+            preferred = self._state.agents.get(customer.last_agent)
+            if (
+                preferred is not None
+                and preferred.state == "available"
+                and pair in self._eligible.get(preferred.id, ())
+                and self._can_take(preferred, contact.channel)
+                and self._suits(preferred.id, contact, now)
+            ):
+                self._offer(contact, preferred, now, out)
+                return
+        heap = self._agent_heaps.get(pair)
+        if not heap:
+            return
+        skipped = []
+        chosen: AgentRec | None = None
+        while heap:
+            entry = heapq.heappop(heap)
+            agent = self._state.agents[entry[2]]
+            if (
+                entry[1] != self._agent_version.get(agent.id)
+                or agent.state != "available"
+                or not self._can_take(agent, contact.channel)
+            ):
+                continue  # stale
+            skipped.append(entry)
+            if self._suits(agent.id, contact, now):
+                chosen = agent
+                break
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        if chosen is not None:
+            self._offer(contact, chosen, now, out)
+
+    def _best_contact_for(self, agent: AgentRec, now: float) -> ContactRec | None:
+        """The waiting contact with the smallest key among those this agent can take."""
+        best: ContactRec | None = None
+        best_key: tuple[float, int] | None = None
+        for pair in self._eligible.get(agent.id, ()):
+            if not self._can_take(agent, pair[1]):
+                continue
+            heap = self._contact_heaps.get(pair)
+            if not heap:
+                continue
+            while heap and self._valid_contact_entry(heap[0]) is None:
+                heapq.heappop(heap)
+            if not heap:
+                continue
+            head = heap[0]
+            if best_key is not None and (head[0], head[1]) >= best_key:
+                continue
+            contact = self._valid_contact_entry(head)
+            assert contact is not None
+            if not self._suits(agent.id, contact, now):
+                # The head needs a skill this agent lacks or excludes it: look deeper.
+                candidates = [
+                    (e[0], e[1], c)
+                    for e in heap
+                    if (c := self._valid_contact_entry(e)) is not None
+                    and self._suits(agent.id, c, now)
+                ]
+                if not candidates:
+                    continue
+                key0, seq0, contact = min(candidates, key=lambda t: (t[0], t[1]))
+                head = (key0, seq0, contact.id, contact.token)
+            if best_key is None or (head[0], head[1]) < best_key:
+                best, best_key = contact, (head[0], head[1])
+        return best
+
+    def _drain_agent(self, agent: AgentRec, now: float, out: list[Command]) -> None:
+        """Give a newly free agent waiting work until it is full or nothing fits; re-index."""
+        while agent.state == "available":
+            contact = self._best_contact_for(agent, now)
+            if contact is None:
+                break
+            self._leave_queue(contact)
+            self._offer(contact, agent, now, out, dequeued=True)
+        self._refresh_agent(agent)
+
+    # ---- offers -----------------------------------------------------------------------------
+
+    def _offer(
+        self,
+        contact: ContactRec,
+        agent: AgentRec,
+        now: float,
+        out: list[Command],
+        dequeued: bool = False,
+    ) -> None:
+        st = self._state
+        if not dequeued:
+            self._leave_queue(contact)
+        contact.state = contact_transition(contact.id, contact.state, "offered")
+        st.seq += 1
+        offer_id = f"o{st.seq}"
+        expires = now + self._offer_timeout(contact.queue)
+        st.offers[offer_id] = OfferRec(
+            id=offer_id, contact_id=contact.id, agent_id=agent.id, expires_at=expires
+        )
+        contact.offer_id = offer_id
+        contact.agent_id = agent.id
+        agent.offers.append(offer_id)
+        agent.last_offer_seq = st.seq
+        self._reserve(agent, contact.channel, +1)
+        self._timer(expires, _T_OFFER, offer_id)
+        customer = st.customers.get(contact.customer_id)
+        out.append(
+            OfferCmd(
+                offer_id=offer_id,
+                agent_id=agent.id,
+                contact_id=contact.id,
+                queue=contact.queue,
+                expires_at=expires,
+                contact=contact.event,
+                customer_id=contact.customer_id,
+                history=tuple(_history(customer, contact.id)) if customer else (),
+            )
+        )
+        out.append(
+            self._event(
+                "contact.offered",
+                contact,
+                now,
+                agent_id=agent.id,
+                offer_id=offer_id,
+                waited=now - contact.arrived_at,
+            )
+        )
+        self._refresh_agent(agent)
+
+    def _offer_timeout(self, qname: str) -> float:
+        timeout = self._queues[qname].offer_timeout
+        return timeout if timeout is not None else self._defaults.offer_timeout
+
+    def _reserve(self, agent: AgentRec, channel: str, delta: int) -> None:
+        agent.load[channel] = agent.load.get(channel, 0) + delta
+        agent.budget_used += delta * self._cost.get(channel, 0)
+
+    def _withdraw_offer(
+        self, contact: ContactRec, reason: str, now: float, out: list[Command], requeue: bool
+    ) -> AgentRec:
+        """Cancel a contact's pending offer and free the agent's reserved capacity."""
+        offer = self._state.offers.pop(contact.offer_id or "")
+        agent = self._state.agents[offer.agent_id]
+        agent.offers.remove(offer.id)
+        self._reserve(agent, contact.channel, -1)
+        out.append(
+            CancelOfferCmd(
+                offer_id=offer.id, agent_id=agent.id, contact_id=contact.id, reason=reason
+            )
+        )
+        if requeue:
+            self._requeue(contact, now, out)
+        else:
+            contact.offer_id = None
+            contact.agent_id = None
+        return agent
+
+    def _own_offer(
+        self, agent: AgentRec, offer_id: str, out: list[Command]
+    ) -> tuple[OfferRec, ContactRec] | None:
+        offer = self._state.offers.get(offer_id)
+        if offer is None:
+            out.append(RefusedCmd(agent_id=agent.id, reason="unknown_offer", detail=offer_id))
+            return None
+        if offer.agent_id != agent.id:
+            out.append(RefusedCmd(agent_id=agent.id, reason="not_your_offer", detail=offer_id))
+            return None
+        return offer, self._state.contacts[offer.contact_id]
+
+    def _on_accept(self, agent: AgentRec, msg: Accept, now: float, out: list[Command]) -> None:
+        found = self._own_offer(agent, msg.offer_id, out)
+        if found is None:
+            return
+        offer, contact = found
+        del self._state.offers[offer.id]
+        agent.offers.remove(offer.id)
+        agent.contacts.append(contact.id)
+        agent.missed = 0
+        contact.state = contact_transition(contact.id, contact.state, "assigned")
+        contact.offer_id = None
+        contact.assigned_at = now
+        waited = now - contact.arrived_at
+        counters = self._state.counters[contact.queue]
+        counters.answered += 1
+        if waited <= self._queues[contact.queue].sla.seconds:
+            counters.answered_in_sla += 1
+        self._update_history(contact, agent_id=agent.id, outcome="assigned")
+        out.append(self._event("contact.assigned", contact, now, agent_id=agent.id, waited=waited))
+
+    def _on_reject(self, agent: AgentRec, msg: Reject, now: float, out: list[Command]) -> None:
+        found = self._own_offer(agent, msg.offer_id, out)
+        if found is None:
+            return
+        _, contact = found
+        self._withdraw_offer(contact, "rejected", now, out, requeue=True)
+        contact.excluded[agent.id] = now + self._defaults.reject_cooldown
+        self._timer(now + self._defaults.reject_cooldown, _T_RETRY, contact.id)
+        out.append(
+            self._event(
+                "contact.offer_rejected", contact, now, agent_id=agent.id, reason=msg.reason
+            )
+        )
+        self._dispatch_contact(contact, now, out)
+        self._drain_agent(agent, now, out)
+
+    def _expire_offer(self, offer: OfferRec, now: float, out: list[Command]) -> None:
+        contact = self._state.contacts[offer.contact_id]
+        agent = self._withdraw_offer(contact, "expired", now, out, requeue=True)
+        # Not straight back to the agent who just missed it: give it to someone else first.
+        contact.excluded[agent.id] = now + self._offer_timeout(contact.queue)
+        self._timer(contact.excluded[agent.id], _T_RETRY, contact.id)
+        agent.missed += 1
+        out.append(
+            self._event(
+                "contact.offer_expired", contact, now, agent_id=agent.id, missed=agent.missed
+            )
+        )
+        if agent.missed >= self._defaults.max_missed_offers and agent.state == "available":
+            self._set_agent_state(agent, "not_responding", "missed_offers", now, out)
+            for other in list(agent.offers):
+                other_contact = self._state.contacts[self._state.offers[other].contact_id]
+                self._withdraw_offer(other_contact, "agent_not_responding", now, out, requeue=True)
+                self._dispatch_contact(other_contact, now, out)
+        self._dispatch_contact(contact, now, out)
+        self._drain_agent(agent, now, out)
+
+    # ---- completion, wrap-up, agent state ---------------------------------------------------
+
+    def _on_complete(self, agent: AgentRec, msg: Complete, now: float, out: list[Command]) -> None:
+        contact = self._state.contacts.get(msg.contact_id)
+        if contact is None or contact.agent_id != agent.id or contact.state != "assigned":
+            out.append(
+                RefusedCmd(agent_id=agent.id, reason="not_your_contact", detail=msg.contact_id)
+            )
+            return
+        self._complete(agent, contact, msg.outcome or "completed", now, out)
+
+    def _complete(
+        self, agent: AgentRec, contact: ContactRec, outcome: str, now: float, out: list[Command]
+    ) -> None:
+        queue = self._queues.get(contact.queue)
+        wrap = self._defaults.wrap_up
+        if queue is not None and queue.wrap_up is not None:
+            wrap = queue.wrap_up
+        out.append(
+            self._event(
+                "contact.completed",
+                contact,
+                now,
+                agent_id=agent.id,
+                handled=now - contact.assigned_at,
+                outcome=outcome,
+            )
+        )
+        customer = self._state.customers.get(contact.customer_id)
+        if customer is not None:
+            customer.last_agent = agent.id
+            customer.last_agent_at = now
+        self._update_history(contact, outcome=outcome)
+        if wrap > 0:
+            contact.state = contact_transition(contact.id, contact.state, "wrap_up")
+            contact.wrap_until = now + wrap
+            self._timer(contact.wrap_until, _T_WRAP, contact.id)
+            if agent.state == "available" and not self._has_open_work(agent):
+                self._set_agent_state(agent, "wrap_up", None, now, out)
+            return
+        self._release(agent, contact, now, out)
+
+    def _has_open_work(self, agent: AgentRec) -> bool:
+        return bool(agent.offers) or any(
+            self._state.contacts[c].state == "assigned" for c in agent.contacts
+        )
+
+    def _release(
+        self, agent: AgentRec, contact: ContactRec, now: float, out: list[Command]
+    ) -> None:
+        """The contact's work (and wrap-up) is over: free the capacity, finish, drain."""
+        agent.contacts.remove(contact.id)
+        self._reserve(agent, contact.channel, -1)
+        if not agent.contacts and not agent.offers:
+            agent.idle_since = now
+        if contact.state == "wrap_up":
+            out.append(self._event("contact.wrap_up_done", contact, now, agent_id=agent.id))
+        contact.state = contact_transition(contact.id, contact.state, "done")
+        self._finish(contact, "done", now)
+        if agent.state == "wrap_up" and not any(
+            self._state.contacts[c].state == "wrap_up" for c in agent.contacts
+        ):
+            self._set_agent_state(agent, "available", None, now, out)
+        self._drain_agent(agent, now, out)
+
+    def _set_agent_state(
+        self, agent: AgentRec, new: str, reason: str | None, now: float, out: list[Command]
+    ) -> None:
+        old = agent.state
+        agent.state = agent_transition(agent.id, old, new)
+        agent.reason = reason
+        if new == "available" and old != "wrap_up":
+            agent.missed = 0
+        if new == "available" and not agent.contacts and not agent.offers:
+            agent.idle_since = now
+        out.append(
+            EventCmd(
+                type="agent.state",
+                data={
+                    "at": now,
+                    "agent_id": agent.id,
+                    "state": new,
+                    "previous": old,
+                    "reason": reason,
+                },
+            )
+        )
+
+    def _on_set_state(
+        self, agent: AgentRec, new: str, reason: str | None, now: float, out: list[Command]
+    ) -> None:
+        if agent.state == new == "available":
+            return  # a repeated login or "available": nothing changes
+        if agent.state == "wrap_up":
+            # Ending wrap-up early ("ready"), or going away from it: the held slots end now.
+            self._end_wrap_ups(agent, now, out)
+            if agent.state == new:
+                return
+        self._set_agent_state(agent, new, reason, now, out)
+        if new == "away":
+            for offer_id in list(agent.offers):
+                contact = self._state.contacts[self._state.offers[offer_id].contact_id]
+                self._withdraw_offer(contact, "agent_away", now, out, requeue=True)
+                self._dispatch_contact(contact, now, out)
+        self._drain_agent(agent, now, out)
+
+    def _end_wrap_ups(self, agent: AgentRec, now: float, out: list[Command]) -> None:
+        for contact_id in list(agent.contacts):
+            contact = self._state.contacts[contact_id]
+            if contact.state == "wrap_up":
+                self._release(agent, contact, now, out)
+
+    def _on_logout(self, agent: AgentRec, now: float, out: list[Command]) -> None:
+        if agent.state == "offline":
+            return
+        requeued = []
+        for offer_id in list(agent.offers):
+            contact = self._state.contacts[self._state.offers[offer_id].contact_id]
+            self._withdraw_offer(contact, "agent_logout", now, out, requeue=True)
+            requeued.append(contact)
+        for contact_id in list(agent.contacts):
+            contact = self._state.contacts[contact_id]
+            agent.contacts.remove(contact_id)
+            self._reserve(agent, contact.channel, -1)
+            if contact.state == "wrap_up":
+                contact.state = contact_transition(contact.id, contact.state, "done")
+                self._finish(contact, "done", now)
+            else:
+                # Nothing stays with an absent agent: open work goes back, keeping its wait.
+                self._update_history(contact, outcome="requeued")
+                self._requeue(contact, now, out)
+                requeued.append(contact)
+        self._set_agent_state(agent, "offline", None, now, out)
+        self._refresh_agent(agent)
+        for contact in requeued:
+            if contact.state == "queued":
+                self._dispatch_contact(contact, now, out)
+
+    # ---- timers -----------------------------------------------------------------------------
+
+    def _timer(self, at: float, kind: int, ref: str) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (at, self._timer_seq, kind, ref))
+
+    def _schedule_step(self, contact: ContactRec) -> None:
+        if contact.next_step < len(contact.escalate):
+            step = contact.escalate[contact.next_step]
+            self._timer(contact.arrived_at + step.after, _T_STEP, contact.id)
+
+    def _schedule_contact_timers(self, contact: ContactRec) -> None:
+        """Re-create a contact's timers after a restore (derived from its state)."""
+        if contact.state == "crowd_window":
+            self._timer(contact.crowd_until, _T_CROWD, contact.id)
+        if contact.state in ("queued", "offered"):
+            self._schedule_step(contact)
+            queue = self._queues.get(contact.queue)
+            if queue is not None and queue.max_wait is not None and queue.overflow is not None:
+                self._timer(contact.queue_entered_at + queue.max_wait, _T_MAX_WAIT, contact.id)
+            for until in contact.excluded.values():
+                self._timer(until, _T_RETRY, contact.id)
+
+    def _fire_timers(self, now: float, out: list[Command]) -> None:
+        timers = self._timers
+        st = self._state
+        while timers and timers[0][0] <= now:
+            at, _, kind, ref = heapq.heappop(timers)
+            if kind == _T_OFFER:
+                offer = st.offers.get(ref)
+                if offer is not None and offer.expires_at <= at:
+                    self._expire_offer(offer, at, out)
+                continue
+            contact = st.contacts.get(ref)
+            if contact is None:
+                continue
+            if kind == _T_WRAP:
+                if contact.state == "wrap_up" and contact.wrap_until <= at:
+                    self._release(st.agents[contact.agent_id or ""], contact, at, out)
+            elif kind == _T_CROWD:
+                if contact.state == "crowd_window":
+                    out.append(self._event("contact.crowd_window_ended", contact, at))
+                    self._enter_queue(contact, contact.queue, at, out, first=True)
+            elif kind == _T_STEP:
+                self._escalate(contact, at, out)
+            elif kind == _T_MAX_WAIT:
+                queue = self._queues.get(contact.queue)
+                if (
+                    contact.state == "queued"
+                    and queue is not None
+                    and queue.overflow is not None
+                    and queue.max_wait is not None
+                    and at - contact.queue_entered_at >= queue.max_wait
+                ):
+                    st.counters[contact.queue].overflowed += 1
+                    out.append(
+                        self._event(
+                            "contact.overflowed", contact, at, reason="max_wait", to=queue.overflow
+                        )
+                    )
+                    self._enter_queue(contact, queue.overflow, at, out)
+            elif kind == _T_RETRY:
+                for agent_id, until in list(contact.excluded.items()):
+                    if until <= at:
+                        del contact.excluded[agent_id]
+                if contact.state == "queued":
+                    self._dispatch_contact(contact, at, out)
+
+    def _escalate(self, contact: ContactRec, now: float, out: list[Command]) -> None:
+        if contact.state not in ("queued", "offered") or contact.next_step >= len(contact.escalate):
+            return
+        step = contact.escalate[contact.next_step]
+        if now < contact.arrived_at + step.after:
+            return  # a stale timer from before a restore
+        contact.next_step += 1
+        self._schedule_step(contact)
+        if step.skills is not None:
+            contact.extra_skills = dict(step.skills)
+        if step.priority is not None:
+            contact.priority = step.priority
+        out.append(
+            self._event(
+                "contact.escalated",
+                contact,
+                now,
+                step=contact.next_step,
+                to=step.queue or contact.queue,
+            )
+        )
+        if contact.state != "queued":
+            # An offer is out: the new requirements and queue apply if it comes back.
+            if step.queue is not None:
+                contact.queue = step.queue
+            return
+        if step.queue is not None and step.queue != contact.queue:
+            self._enter_queue(contact, step.queue, now, out)
+        else:
+            self._leave_queue(contact)
+            self._push_contact(contact)
+            self._dispatch_contact(contact, now, out)
+
+    # ---- customers and history --------------------------------------------------------------
+
+    def _resolve_customer(self, event: ContactEvent) -> CustomerRec:
+        """Find or create the customer behind an event's identity keys; link its keys."""
+        st = self._state
+        keys = self.table.identity_keys(event)
+        customer: CustomerRec | None = None
+        for key in keys:
+            cid = st.keys.get(key)
+            if cid is not None:
+                customer = st.customers[cid]
+                break
+        if customer is None:
+            st.seq += 1
+            expert = self.table.expert_for(keys) if keys else None
+            if expert is not None:
+                cid = f"expert:{expert.id}"
+            elif keys:
+                cid = f"c{st.seq}"
+            else:
+                # Nobody to recognise (withheld number): a customer for this contact only.
+                cid = f"anon:{event.contact_id}"
+            customer = st.customers.get(cid) or CustomerRec(id=cid)
+            st.customers[cid] = customer
+        for key in keys:
+            if key not in st.keys:
+                st.keys[key] = customer.id
+                customer.keys.append(key)
+        return customer
+
+    def _view(self, customer: CustomerRec, event: ContactEvent) -> CustomerView:
+        expert = self.table.expert_for(customer.keys) if customer.keys else None
+        return CustomerView(
+            id=customer.id,
+            known=bool(customer.history) or expert is not None,
+            expert=expert is not None,
+            expert_level=expert.level if expert is not None else 0,
+            vip=customer.vip,
+            contacts=len(customer.history),
+        )
+
+    def _customer_view(self, contact: ContactRec) -> CustomerView:
+        customer = self._state.customers[contact.customer_id]
+        return self._view(customer, contact.event)
+
+    def _remember(self, customer: CustomerRec, contact: ContactRec, now: float) -> None:
+        customer.history.append(
+            HistoryItem(
+                contact_id=contact.id,
+                channel=contact.channel,
+                source=contact.event.source,
+                at=now,
+                subject=contact.event.subject,
+                queue=contact.queue,
+            )
+        )
+        limit = max(self._defaults.history_length, 1)
+        if len(customer.history) > limit:
+            del customer.history[: len(customer.history) - limit]
+
+    def _update_history(self, contact: ContactRec, **changes: Any) -> None:
+        customer = self._state.customers.get(contact.customer_id)
+        if customer is None:
+            return
+        for item in reversed(customer.history):
+            if item.contact_id == contact.id:
+                for name, value in changes.items():
+                    setattr(item, name, value)
+                return
+
+    def _finish(self, contact: ContactRec, outcome: str, now: float) -> None:
+        st = self._state
+        assert contact.state in FINAL_CONTACT_STATES
+        st.contacts.pop(contact.id, None)
+        if outcome != "done":
+            self._update_history(contact, outcome=outcome)
+        customer = st.customers.get(contact.customer_id)
+        if customer is not None and not customer.keys:
+            del st.customers[customer.id]
+        st.finished[contact.id] = [contact.state, contact.queue or None, contact.agent_id]
+        if len(st.finished) > FINISHED_LIMIT:
+            del st.finished[next(iter(st.finished))]
+
+    def _event(self, kind: str, contact: ContactRec, now: float, **extra: Any) -> EventCmd:
+        data: dict[str, Any] = {
+            "at": now,
+            "contact_id": contact.id,
+            "channel": contact.channel,
+            "source": contact.event.source,
+            "queue": contact.queue or None,
+            "priority": contact.priority,
+            "expert": contact.expert,
+            "customer_id": contact.customer_id,
+        }
+        data.update(extra)
+        return EventCmd(type=kind, data=data)
+
+
+def _has_skills(have: dict[str, int], need: dict[str, int]) -> bool:
+    return all(have.get(skill, 0) >= level for skill, level in need.items())
+
+
+def _history(customer: CustomerRec, exclude: str) -> list[dict[str, Any]]:
+    """The customer's other contacts, most recent first, as plain dicts for the offer."""
+    return [
+        msgspec.structs.asdict(item)
+        for item in reversed(customer.history)
+        if item.contact_id != exclude
+    ]

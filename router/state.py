@@ -1,0 +1,122 @@
+"""The engine's mutable state records, and the snapshot that holds them.
+
+These are deliberately *not* frozen: the engine updates contacts and agents in place on the hot
+path, and a copy per change would cost more than the whole routing decision. They are msgspec
+Structs so a snapshot is one ``msgspec.json.encode`` of :class:`EngineState`. The indexes the
+engine builds for speed (heaps, eligibility lists, timers) are derived from these records and
+rebuilt on restore, so they are not part of the snapshot.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from router.model import ContactEvent
+from rules.schema import Escalation
+
+
+class HistoryItem(msgspec.Struct, kw_only=True):
+    """One contact in a customer's history, updated as the contact moves on."""
+
+    contact_id: str
+    channel: str
+    source: str
+    at: float
+    subject: str | None = None
+    queue: str | None = None
+    agent_id: str | None = None
+    outcome: str = "open"
+
+
+class CustomerRec(msgspec.Struct, kw_only=True):
+    """A customer: identity keys resolved to one id, recent contacts, preferred agent."""
+
+    id: str
+    keys: list[str] = msgspec.field(default_factory=list)
+    history: list[HistoryItem] = msgspec.field(default_factory=list)
+    last_agent: str | None = None
+    last_agent_at: float = 0.0
+    vip: bool = False
+
+
+class ContactRec(msgspec.Struct, kw_only=True):
+    """A contact the engine is handling (not yet finished)."""
+
+    id: str
+    event: ContactEvent
+    channel: str
+    customer_id: str
+    expert: bool
+    state: str
+    rule: str
+    queue: str
+    priority: int
+    arrived_at: float
+    #: extra skill requirements from the rule or an escalation step (on top of the queue's).
+    extra_skills: dict[str, int] = msgspec.field(default_factory=dict)
+    escalate: tuple[Escalation, ...] = ()
+    next_step: int = 0
+    queue_entered_at: float = 0.0
+    #: heap tie-break and lazy-deletion token: entries with another token are stale.
+    seq: int = 0
+    token: int = 0
+    offer_id: str | None = None
+    agent_id: str | None = None
+    #: agent id -> time until which this contact is not offered to that agent again.
+    excluded: dict[str, float] = msgspec.field(default_factory=dict)
+    crowd: bool = False
+    crowd_until: float = 0.0
+    assigned_at: float = 0.0
+    wrap_until: float = 0.0
+
+
+class OfferRec(msgspec.Struct, kw_only=True):
+    """A reservation of one contact for one agent, with its expiry."""
+
+    id: str
+    contact_id: str
+    agent_id: str
+    expires_at: float
+
+
+class AgentRec(msgspec.Struct, kw_only=True):
+    """An agent's live state. Busy is derived from ``load``; capacity is reserved at offer."""
+
+    id: str
+    state: str = "offline"
+    reason: str | None = None
+    load: dict[str, int] = msgspec.field(default_factory=dict)
+    budget_used: int = 0
+    idle_since: float = 0.0
+    missed: int = 0
+    last_offer_seq: int = 0
+    offers: list[str] = msgspec.field(default_factory=list)
+    contacts: list[str] = msgspec.field(default_factory=list)
+
+
+class QueueCounters(msgspec.Struct, kw_only=True):
+    """Running totals per queue since start (for statistics and metrics)."""
+
+    entered: int = 0
+    answered: int = 0
+    answered_in_sla: int = 0
+    abandoned: int = 0
+    overflowed: int = 0
+
+
+class EngineState(msgspec.Struct, kw_only=True):
+    """Everything a snapshot holds."""
+
+    seq: int = 0
+    contacts: dict[str, ContactRec] = msgspec.field(default_factory=dict)
+    offers: dict[str, OfferRec] = msgspec.field(default_factory=dict)
+    agents: dict[str, AgentRec] = msgspec.field(default_factory=dict)
+    customers: dict[str, CustomerRec] = msgspec.field(default_factory=dict)
+    keys: dict[str, str] = msgspec.field(default_factory=dict)
+    counters: dict[str, QueueCounters] = msgspec.field(default_factory=dict)
+    #: a bounded record of finished contacts for status look-ups: id -> (state, queue, agent).
+    finished: dict[str, list[str | None]] = msgspec.field(default_factory=dict)
+
+
+STATE_ENCODER = msgspec.json.Encoder()
+STATE_DECODER = msgspec.json.Decoder(EngineState)
