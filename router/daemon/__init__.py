@@ -1,0 +1,1 @@
+"""The daemon: the I/O edge around the pure engine (MQTT, Redis, HTTP, SMTP, metrics)."""

@@ -1,0 +1,334 @@
+"""The journal: every accepted input, in order, in a Redis Stream — written before the ack.
+
+Ingress (MQTT, HTTP, SMTP) appends :class:`JournalEntry` values and acknowledges its sender only
+after the append returned; the router consumes the stream in order and feeds the engine with
+``now = entry.at``, so replaying the stream from a snapshot rebuilds exactly the same state.
+Inputs that cannot be decoded go to the dead-letter stream instead, with their reason, and are
+acknowledged too (redelivering them would change nothing).
+
+Keys (all under the configured ``key_prefix``): ``journal`` (stream), ``deadletter`` (stream),
+``snapshot`` (hash: data, last_id, at), ``published`` (id of the last entry whose commands the
+router published), ``lease`` (the routing lease, see :mod:`router.daemon.lease`).
+
+Snapshot and published-mark writes are fenced by the lease token: a router that lost its lease
+cannot overwrite the state of the one that took over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+
+from router.messages import AgentCommand
+from router.model import ContactEvent
+
+DEADLETTER_MAXLEN = 100_000
+
+
+class JournalUnavailable(Exception):
+    """Redis could not durably take the write (or read); the input must not be acknowledged."""
+
+
+class ContactEntry(msgspec.Struct, frozen=True, kw_only=True, tag="contact", tag_field="t"):
+    """A normalised contact event, stamped with the time ingress received it."""
+
+    event: ContactEvent
+    at: float
+
+
+class AgentEntry(msgspec.Struct, frozen=True, kw_only=True, tag="agent", tag_field="t"):
+    """An agent command; ``cmd.agent_id`` is already the one from the MQTT topic."""
+
+    cmd: AgentCommand
+    at: float
+
+
+class TickEntry(msgspec.Struct, frozen=True, kw_only=True, tag="tick", tag_field="t"):
+    """Time passed: the router appends one when the engine's next deadline is due."""
+
+    at: float
+
+
+JournalEntry = ContactEntry | AgentEntry | TickEntry
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER: msgspec.json.Decoder[JournalEntry] = msgspec.json.Decoder(JournalEntry)
+_FIELD = b"e"
+
+
+def encode_entry(entry: JournalEntry) -> bytes:
+    """The bytes stored in the stream for one entry."""
+    return _ENCODER.encode(entry)
+
+
+def decode_entry(data: bytes) -> JournalEntry:
+    """The entry stored as ``data``; raises msgspec.DecodeError if it is not one."""
+    return _DECODER.decode(data)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The Redis keys of one Stellwerk installation (one key prefix)."""
+
+    prefix: str
+
+    @property
+    def journal(self) -> str:
+        return f"{self.prefix}journal"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}deadletter"
+
+    @property
+    def snapshot(self) -> str:
+        return f"{self.prefix}snapshot"
+
+    @property
+    def published(self) -> str:
+        return f"{self.prefix}published"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.prefix}lease"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved engine state and the id of the last journal entry it includes."""
+
+    data: bytes
+    last_id: str
+    at: float
+
+
+def connect_redis(url: str, *, timeout: float = 5.0) -> aioredis.Redis:
+    """A Redis client that fails fast (one quick retry) so ingress can answer 503 promptly.
+
+    Longer outages are handled by the callers' own back-off, not by blocking inside a request.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 2.0),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), 1),
+        health_check_interval=0,
+    )
+
+
+# Only the lease holder may write the snapshot or the published mark (ARGV[1] is its token).
+_FENCED_HSET = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'data', ARGV[2], 'last_id', ARGV[3], 'at', ARGV[4])
+return 1
+"""
+_FENCED_SET = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def _id_ms(entry_id: str) -> int:
+    return int(entry_id.partition("-")[0])
+
+
+class Journal:
+    """The journal, dead-letter stream and snapshots of one installation."""
+
+    def __init__(self, client: aioredis.Redis, key_prefix: str) -> None:
+        self.redis = client
+        self.keys = Keys(key_prefix)
+        self._fenced_hset = client.register_script(_FENCED_HSET)
+        self._fenced_set = client.register_script(_FENCED_SET)
+
+    # ---- ingress ------------------------------------------------------------------------
+
+    async def append(self, entry: JournalEntry) -> str:
+        """Append one entry; its stream id. Raises JournalUnavailable when Redis is down."""
+        try:
+            entry_id = await self.redis.xadd(self.keys.journal, {_FIELD: encode_entry(entry)})
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def append_many(self, entries: Sequence[JournalEntry]) -> list[str]:
+        """Append several entries in one round trip, in order (all or an exception)."""
+        if not entries:
+            return []
+        try:
+            # MULTI/EXEC: a batch lands whole or not at all, so a retry does not half-duplicate.
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for entry in entries:
+                    pipe.xadd(self.keys.journal, {_FIELD: encode_entry(entry)})
+                ids = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    async def dead_letter(
+        self,
+        source: str,
+        reason: str,
+        detail: str,
+        body: bytes,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Keep a rejected input with its reason for inspection (bounded stream)."""
+        fields: dict[Any, Any] = {
+            b"source": source,
+            b"reason": reason,
+            b"detail": detail,
+            b"body": body,
+            b"headers": _ENCODER.encode(dict(headers or {})),
+            b"at": repr(time.time()),
+        }
+        try:
+            entry_id = await self.redis.xadd(
+                self.keys.deadletter, fields, maxlen=DEADLETTER_MAXLEN, approximate=True
+            )
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
+        """The oldest ``count`` dead letters (for tests and operators), decoded."""
+        rows = await self.redis.xrange(self.keys.deadletter, count=count)
+        out: list[dict[str, Any]] = []
+        for entry_id, fields in rows:
+            item: dict[str, Any] = {"id": entry_id.decode()}
+            for k, v in fields.items():
+                key = k.decode()
+                item[key] = v if key == "body" else v.decode("utf-8", "replace")
+            out.append(item)
+        return out
+
+    # ---- router -------------------------------------------------------------------------
+
+    async def read_after(
+        self, last_id: str, block_ms: int | None, count: int
+    ) -> list[tuple[str, JournalEntry | None]]:
+        """Entries after ``last_id`` (oldest first), waiting up to ``block_ms`` for the first.
+
+        An entry that does not decode (written by a foreign tool, or corrupt) comes back as
+        ``(id, None)`` so the router can skip it and report it instead of stopping.
+        """
+        try:
+            reply = await self.redis.xread(
+                {self.keys.journal: last_id}, count=count, block=block_ms
+            )
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        out: list[tuple[str, JournalEntry | None]] = []
+        for _stream, rows in reply or ():
+            for entry_id, fields in rows:
+                raw = fields.get(_FIELD)
+                entry: JournalEntry | None = None
+                if raw is not None:
+                    try:
+                        entry = decode_entry(raw)
+                    except msgspec.DecodeError:
+                        entry = None
+                out.append((entry_id.decode(), entry))
+        return out
+
+    async def last_id(self) -> str:
+        """The id of the newest entry in the journal, ``"0-0"`` when empty."""
+        try:
+            rows = await self.redis.xrevrange(self.keys.journal, count=1)
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return rows[0][0].decode() if rows else "0-0"
+
+    async def lag(self, after_id: str, cap: int = 10_000) -> tuple[int, float]:
+        """(entries after ``after_id`` up to ``cap``, age in seconds of the oldest of them)."""
+        start = "(" + after_id if after_id != "0-0" else "-"
+        try:
+            rows = await self.redis.xrange(self.keys.journal, min=start, count=cap)
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        if not rows:
+            return 0, 0.0
+        age = max(0.0, time.time() - _id_ms(rows[0][0].decode()) / 1000.0)
+        return len(rows), age
+
+    async def save_snapshot(
+        self, engine_bytes: bytes, last_id: str, *, lease_token: str | None = None
+    ) -> bool:
+        """Save the engine state covering the journal up to ``last_id``.
+
+        With ``lease_token`` the write happens only while that token holds the lease; returns
+        False when it does not (the caller lost the lease and must stop routing).
+        """
+        try:
+            done = await self._fenced_hset(
+                keys=[self.keys.snapshot, self.keys.lease],
+                args=[lease_token or "", engine_bytes, last_id, repr(time.time())],
+            )
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return bool(done)
+
+    async def load_snapshot(self) -> Snapshot | None:
+        """The last saved snapshot, or None when there is none yet."""
+        try:
+            fields = await self.redis.hgetall(self.keys.snapshot)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        if not fields or b"data" not in fields:
+            return None
+        return Snapshot(
+            data=fields[b"data"],
+            last_id=fields.get(b"last_id", b"0-0").decode(),
+            at=float(fields.get(b"at", b"0")),
+        )
+
+    async def set_published(self, last_id: str, *, lease_token: str | None = None) -> bool:
+        """Record that the commands of every entry up to ``last_id`` were published."""
+        try:
+            done = await self._fenced_set(
+                keys=[self.keys.published, self.keys.lease], args=[lease_token or "", last_id]
+            )
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return bool(done)
+
+    async def published(self) -> str:
+        """The id up to which commands were published, ``"0-0"`` if never."""
+        try:
+            value = await self.redis.get(self.keys.published)
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return value.decode() if value else "0-0"
+
+    async def trim(self, covered_id: str, retention: float) -> int:
+        """Drop entries covered by a snapshot (``<= covered_id``) and older than ``retention`` s.
+
+        Never drops anything newer than the snapshot, so a restart can always replay the tail.
+        Returns how many entries were removed (approximate trimming: Redis frees whole nodes).
+        """
+        keep_from_ms = int((time.time() - retention) * 1000)
+        min_id = min(_id_ms(covered_id), keep_from_ms)
+        if min_id <= 0:
+            return 0
+        try:
+            removed = await self.redis.xtrim(self.keys.journal, minid=str(min_id), approximate=True)
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return int(removed)
+
+    async def ping(self) -> bool:
+        """Whether Redis answers."""
+        try:
+            return bool(await self.redis.ping())  # type: ignore[misc]
+        except (RedisError, OSError):
+            return False

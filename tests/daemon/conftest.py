@@ -1,0 +1,239 @@
+"""Shared fixtures of the daemon tests: the real Redis and Mosquitto, one namespace per test.
+
+Every test gets its own Redis key prefix and MQTT topic prefix (``names``), and everything under
+the key prefix is deleted afterwards, so tests can run in any order and next to a live daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+import redis.asyncio as aioredis
+
+from router.daemon.journal import Journal, connect_redis
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+MQTT_HOST = "127.0.0.1"
+MQTT_PORT = 1883
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Names:
+    """One test's namespace."""
+
+    key_prefix: str
+    topic_prefix: str
+    tag: str
+
+
+@pytest.fixture
+def names() -> Names:
+    tag = uuid.uuid4().hex[:10]
+    return Names(key_prefix=f"stwtest:{tag}:", topic_prefix=f"stwtest/{tag}", tag=tag)
+
+
+@pytest.fixture
+async def redis_client(names: Names) -> AsyncIterator[aioredis.Redis]:
+    client = connect_redis(REDIS_URL)
+    try:
+        yield client
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{names.key_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture
+async def journal(redis_client: aioredis.Redis, names: Names) -> Journal:
+    return Journal(redis_client, names.key_prefix)
+
+
+# ---- MQTT ----------------------------------------------------------------------------------
+
+
+@dataclass
+class MqttProbe:
+    """A test's MQTT client: publishes like a peer system, records what the daemon publishes."""
+
+    client: aiomqtt.Client
+    prefix: str
+    received: list[tuple[str, Any]] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def publish(self, topic: str, payload: bytes | str | dict[str, Any]) -> None:
+        """Publish (QoS 1) under the test's prefix; dicts are sent as JSON."""
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        await self.client.publish(f"{self.prefix}/{topic}", payload, qos=1)
+
+    async def agent(self, agent_id: str, **cmd: Any) -> None:
+        """Send an agent command (``op=...``) on the agent's cmd topic."""
+        await self.publish(f"agents/{agent_id}/cmd", cmd)
+
+    def seen(self, topic: str, **match: Any) -> list[Any]:
+        """Payloads received on ``topic`` (relative) whose fields include ``match``."""
+        full = f"{self.prefix}/{topic}"
+        return [
+            p
+            for t, p in self.received
+            if t == full and isinstance(p, dict) and all(p.get(k) == v for k, v in match.items())
+        ]
+
+    async def wait_for(
+        self, topic: str, timeout: float = 5.0, count: int = 1, **match: Any
+    ) -> list[Any]:
+        """Wait until ``count`` matching payloads arrived on ``topic``; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.seen(topic, **match)
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                recent = [(t, p) for t, p in self.received[-10:]]
+                raise AssertionError(
+                    f"no {count}x {topic} {match} within {timeout}s; last seen: {recent}"
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def _pump(self) -> None:
+        async for message in self.client.messages:
+            raw = message.payload
+            try:
+                payload: Any = json.loads(raw) if isinstance(raw, bytes | str) else raw
+            except ValueError:
+                payload = raw
+            self.received.append((str(message.topic), payload))
+            self._changed.set()
+
+
+@pytest.fixture
+async def mqtt_probe(names: Names) -> AsyncIterator[MqttProbe]:
+    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, identifier=f"probe-{names.tag}") as client:
+        await client.subscribe(f"{names.topic_prefix}/agents/+/offers", qos=1)
+        await client.subscribe(f"{names.topic_prefix}/events/#", qos=1)
+        probe = MqttProbe(client=client, prefix=names.topic_prefix)
+        task = asyncio.create_task(probe._pump(), name="mqtt-probe")
+        try:
+            yield probe
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await task
+
+
+# ---- the daemon as a subprocess -------------------------------------------------------------
+
+
+@dataclass
+class DaemonProcess:
+    """``stellwerk run`` in a child process, configured through env overrides."""
+
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "run"],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush, snapshot or release anything."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait for the graceful exit; the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return int(self.proc.returncode)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                item = json.loads(line)
+                if isinstance(item, dict):
+                    out.append(item)
+        return out
+
+
+@pytest.fixture
+def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
+    """Env for a daemon in this test's namespace; keyword arguments add STELLWERK_* overrides."""
+
+    def make(routing: Path, node: str = "a", **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STELLWERK_")}
+        env.update(
+            STELLWERK_ROUTING=str(routing),
+            STELLWERK_REDIS_URL=REDIS_URL,
+            STELLWERK_MQTT_URL=f"mqtt://{MQTT_HOST}:{MQTT_PORT}",
+            STELLWERK_MQTT_CLIENT_ID=f"stw-{names.tag}-{node}",
+            STELLWERK_MQTT_SHARE_GROUP=f"g{names.tag}",
+            STELLWERK_KEY_PREFIX=names.key_prefix,
+            STELLWERK_TOPIC_PREFIX=names.topic_prefix,
+            STELLWERK_HTTP_ADDR="",
+            STELLWERK_SMTP_ADDR="",
+            STELLWERK_LOG_FORMAT="json",
+            STELLWERK_ROUTER_NODE_ID=node,
+            STELLWERK_ROUTER_LEASE_TTL="1.0",
+            STELLWERK_ROUTER_SNAPSHOT_INTERVAL="0.5",
+        )
+        env.update({f"STELLWERK_{k.upper()}": v for k, v in extra.items()})
+        return env
+
+    return make
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[[dict[str, str], str], DaemonProcess]]:
+    """Start daemons as subprocesses; every one still running is stopped after the test."""
+    started: list[DaemonProcess] = []
+
+    def start(env: dict[str, str], name: str = "a") -> DaemonProcess:
+        d = DaemonProcess(env=env, log_path=tmp_path / f"daemon-{name}.log")
+        d.start()
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait(5)

@@ -1,0 +1,129 @@
+"""Settings: defaults, the example file, env overrides and located errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.daemon.config import ENV_NAMES, SettingsError, load_settings, parse_addr
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "stellwerk.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_shipped_example_is_valid_and_points_at_the_shipped_routing_file() -> None:
+    loaded = load_settings(REPO / "config" / "stellwerk.yaml", env={})
+    assert loaded.settings.topic_prefix == "stellwerk"
+    assert Path(loaded.settings.routing).resolve() == (REPO / "config" / "routing.yaml").resolve()
+
+
+def test_every_setting_named_in_the_spec_has_its_env_variable() -> None:
+    for name in (
+        "STELLWERK_MQTT_URL",
+        "STELLWERK_REDIS_URL",
+        "STELLWERK_HTTP_ADDR",
+        "STELLWERK_SMTP_ADDR",
+        "STELLWERK_TOPIC_PREFIX",
+        "STELLWERK_ROUTING",
+        "STELLWERK_KEY_PREFIX",
+        "STELLWERK_ADMIN_TOKEN",
+        "STELLWERK_LOG_FORMAT",
+    ):
+        assert name in ENV_NAMES
+
+
+def test_env_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "topic_prefix: fromfile\nmqtt:\n  keepalive: 10\n")
+    loaded = load_settings(
+        path,
+        env={
+            "STELLWERK_TOPIC_PREFIX": "fromenv",
+            "STELLWERK_MQTT_KEEPALIVE": "25",
+            "STELLWERK_ROUTER_LEASE_TTL": "1.5",
+            "STELLWERK_SECRET_TWILIO_VOICE": "tok",
+            "STELLWERK_SOURCES_PUBLIC_URLS": '{"twilio-voice": "https://x/v1/webhooks/twilio-voice"}',
+            "STELLWERK_ROUTING": "elsewhere.yaml",
+            "STELLWERK_NOT_A_SETTING": "1",
+        },
+    )
+    s = loaded.settings
+    assert s.topic_prefix == "fromenv"
+    assert s.mqtt.keepalive == 25
+    assert s.router.lease_ttl == 1.5
+    assert s.decode_config().secrets == {"twilio-voice": "tok"}
+    assert s.sources.public_urls["twilio-voice"].startswith("https://")
+    # An env path is relative to the working directory, a file path to the file.
+    assert s.routing == "elsewhere.yaml"
+    assert loaded.unknown_env == ("STELLWERK_NOT_A_SETTING",)
+    assert "STELLWERK_TOPIC_PREFIX" in loaded.env_overrides
+
+
+def test_relative_routing_path_is_relative_to_the_file(tmp_path: Path) -> None:
+    loaded = load_settings(write(tmp_path, "routing: rules/r.yaml\n"), env={})
+    assert Path(loaded.settings.routing) == tmp_path / "rules" / "r.yaml"
+
+
+def test_mqtt_url_carries_host_port_and_credentials() -> None:
+    s = load_settings(None, env={"STELLWERK_MQTT_URL": "mqtts://u%40x:p%3Aw@broker:9999"}).settings
+    assert (s.mqtt.host, s.mqtt.port, s.mqtt.tls) == ("broker", 9999, True)
+    assert s.mqtt.credentials == ("u@x", "p:w")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("mqtt:\n  url: mqtt://x\n  urll: 3\n", ":3:3: mqtt.urll: Object contains unknown field"),
+        ("http:\n  addr: nowhere\n", ":2:9: http.addr: 'nowhere' is not host:port"),
+        ("log:\n  format: xml\n", ":2:11: log.format: Invalid enum value 'xml'"),
+        ("router:\n  lease_ttl: fast\n", ":2:14: router.lease_ttl: Expected `float`"),
+        ("topic_prefix: a/#\n", ":1:15: topic_prefix: must be non-empty"),
+        ("mqtt: [1, 2]\n", ":1:7: mqtt: Expected `object`, got `array`"),
+        ("a: [unclosed\n", ":2:1: not valid YAML"),
+        ("- 1\n", ":1:1: expected a mapping"),
+    ],
+)
+def test_file_errors_are_located(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env={})
+    (problem,) = info.value.problems
+    assert problem.startswith(str(path) + expected.split(":")[0] + ":") or expected in problem, (
+        problem
+    )
+    assert expected in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"STELLWERK_MQTT_KEEPALIVE": "often"}, "STELLWERK_MQTT_KEEPALIVE: Expected `int`"),
+        ({"STELLWERK_HTTP_ADDR": "8080"}, "STELLWERK_HTTP_ADDR: '8080' is not host:port"),
+        ({"STELLWERK_SOURCES_SECRETS": "nope"}, "STELLWERK_SOURCES_SECRETS: expected a JSON"),
+        ({"STELLWERK_MQTT_URL": "http://x"}, "STELLWERK_MQTT_URL: 'http://x' is not mqtt://"),
+    ],
+)
+def test_env_errors_name_the_variable(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(None, env=env)
+    assert expected in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"nope\.yaml: cannot read"):
+        load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_parse_addr() -> None:
+    assert parse_addr("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_addr("[::1]:25") == ("::1", 25)
+    assert parse_addr(":2525") == ("0.0.0.0", 2525)
+    with pytest.raises(ValueError):
+        parse_addr("localhost")
+    with pytest.raises(ValueError):
+        parse_addr("h:99999")

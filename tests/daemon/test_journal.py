@@ -1,0 +1,170 @@
+"""The journal against the real Redis: order, durability signals, snapshots, fencing, trimming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.daemon.journal import (
+    AgentEntry,
+    ContactEntry,
+    Journal,
+    JournalUnavailable,
+    TickEntry,
+    connect_redis,
+    decode_entry,
+    encode_entry,
+)
+from router.messages import Accept, Login
+from router.model import ContactEvent, Sender
+
+pytestmark = pytest.mark.integration
+
+
+def call(n: int, kind: str = "new") -> ContactEvent:
+    return ContactEvent(
+        kind=kind,  # type: ignore[arg-type]
+        contact_id=f"asterisk-ari:{n}",
+        channel="phone",
+        source="asterisk-ari",
+        external_id=str(n),
+        sender=Sender(phone="+4930123456"),
+        text="Grüße aus Köln",
+    )
+
+
+async def test_entries_come_back_in_order_and_identical(journal: Journal) -> None:
+    entries = [
+        ContactEntry(event=call(1), at=100.0),
+        AgentEntry(cmd=Login(agent_id="a1"), at=100.5),
+        AgentEntry(cmd=Accept(agent_id="a1", offer_id="o1"), at=101.0),
+        TickEntry(at=102.0),
+        ContactEntry(event=call(1, "end"), at=103.0),
+    ]
+    ids = [await journal.append(entries[0])]
+    ids += await journal.append_many(entries[1:])
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    got = await journal.read_after("0-0", block_ms=None, count=100)
+    assert [i for i, _ in got] == ids
+    assert [e for _, e in got] == entries
+    # Reading after an id resumes exactly there.
+    tail = await journal.read_after(ids[2], block_ms=None, count=100)
+    assert [e for _, e in tail] == entries[3:]
+    assert await journal.last_id() == ids[-1]
+
+
+async def test_blocking_read_wakes_up_on_append(journal: Journal) -> None:
+    reader = asyncio.create_task(journal.read_after("$", block_ms=3000, count=10))
+    await asyncio.sleep(0.1)
+    await journal.append(TickEntry(at=1.0))
+    got = await asyncio.wait_for(reader, 2)
+    assert [e for _, e in got] == [TickEntry(at=1.0)]
+
+
+async def test_a_foreign_entry_is_reported_not_fatal(journal: Journal) -> None:
+    await journal.redis.xadd(journal.keys.journal, {b"e": b"{not json"})
+    good = await journal.append(TickEntry(at=5.0))
+    got = await journal.read_after("0-0", block_ms=None, count=10)
+    assert got[0][1] is None
+    assert got[1] == (good, TickEntry(at=5.0))
+
+
+async def test_dead_letters_keep_reason_body_and_headers(journal: Journal) -> None:
+    await journal.dead_letter(
+        "twilio-voice",
+        "bad_signature",
+        "HMAC mismatch",
+        b"\xff\x00raw",
+        {"x-twilio-signature": "abc"},
+    )
+    (item,) = await journal.dead_letters()
+    assert item["source"] == "twilio-voice"
+    assert item["reason"] == "bad_signature"
+    assert item["detail"] == "HMAC mismatch"
+    assert item["body"] == b"\xff\x00raw"
+    assert '"x-twilio-signature":"abc"' in item["headers"]
+
+
+async def test_snapshot_round_trip_and_lease_fencing(journal: Journal) -> None:
+    assert await journal.load_snapshot() is None
+    await journal.redis.set(journal.keys.lease, "token-a")
+    assert await journal.save_snapshot(b"state-1", "5-0", lease_token="token-a")
+    snap = await journal.load_snapshot()
+    assert snap is not None and (snap.data, snap.last_id) == (b"state-1", "5-0")
+    # A router whose lease was taken over cannot overwrite the new holder's state.
+    await journal.redis.set(journal.keys.lease, "token-b")
+    assert not await journal.save_snapshot(b"stale", "9-0", lease_token="token-a")
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.data == b"state-1"
+    assert not await journal.set_published("9-0", lease_token="token-a")
+    assert await journal.published() == "0-0"
+    assert await journal.set_published("9-0", lease_token="token-b")
+    assert await journal.published() == "9-0"
+
+
+async def test_trim_never_drops_what_the_snapshot_does_not_cover(journal: Journal) -> None:
+    ids = await journal.append_many([TickEntry(at=float(i)) for i in range(300)])
+    # retention 0: everything covered may go, but nothing after the covered id.
+    covered = ids[149]
+    await journal.trim(covered, retention=0.0)
+    left = await journal.read_after("0-0", block_ms=None, count=1000)
+    left_ids = [i for i, _ in left]
+    assert set(ids[150:]) <= set(left_ids)
+    # Long retention keeps everything, covered or not.
+    await journal.trim(ids[-1], retention=3600.0)
+    assert len(await journal.read_after("0-0", block_ms=None, count=1000)) == len(left)
+
+
+async def test_redis_down_raises_journal_unavailable() -> None:
+    # Nothing listens on port 1: every write must fail loudly, never pretend success.
+    client = connect_redis("redis://127.0.0.1:1/0", timeout=0.5)
+    journal = Journal(client, "stwtest:down:")
+    try:
+        with pytest.raises(JournalUnavailable):
+            await journal.append(TickEntry(at=1.0))
+        with pytest.raises(JournalUnavailable):
+            await journal.append_many([TickEntry(at=1.0)])
+        with pytest.raises(JournalUnavailable):
+            await journal.dead_letter("x", "not_json", "", b"", {})
+        with pytest.raises(JournalUnavailable):
+            await journal.load_snapshot()
+        assert not await journal.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_lag_counts_unapplied_entries(journal: Journal, redis_client: aioredis.Redis) -> None:
+    ids = await journal.append_many([TickEntry(at=float(i)) for i in range(5)])
+    assert (await journal.lag(ids[1]))[0] == 3
+    assert await journal.lag(ids[-1]) == (0, 0.0)
+
+
+texts = st.text(max_size=50)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    text=texts,
+    tags=st.lists(st.text(min_size=1, max_size=8), max_size=3).map(tuple),
+    attrs=st.dictionaries(st.text(max_size=8), texts, max_size=3),
+    at=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+def test_every_entry_survives_encoding(
+    text: str, tags: tuple[str, ...], attrs: dict[str, str], at: float
+) -> None:
+    event = ContactEvent(
+        kind="update",
+        contact_id="chatwoot:1",
+        channel="chat",
+        source="chatwoot",
+        external_id="1",
+        text=text,
+        tags=tags,
+        attributes=attrs,
+    )
+    entry = ContactEntry(event=event, at=at)
+    assert decode_entry(encode_entry(entry)) == entry
