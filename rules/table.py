@@ -1,0 +1,259 @@
+"""The routing table: validated rules, indexed for the hot path, plus experts by identity key.
+
+``decide`` evaluates only the rules that can match an event's channel, source and dialled number
+(``to``): each rule's top-level ``and`` conjuncts are searched for guards such as
+``channel == "phone"`` or ``to in ["+4930...", ...]``, and the candidate list for every
+combination of values seen is computed once and cached. Candidates keep their file order, so the
+first matching candidate is the first matching rule, exactly as a linear scan would find it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from typing import Any
+
+import msgspec
+
+from router.model import ContactEvent
+from rules.decision import CustomerView, Decision
+from rules.expr import Condition, LocalTime, Seen, explain_tree, guards
+from rules.identity import sender_keys
+from rules.schema import Expert, RoutingFile, Rule
+
+WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def make_local_time(tz: tzinfo) -> LocalTime:
+    """``now -> (hour, minute, weekday)`` in ``tz``, caching the last second asked for.
+
+    The engine asks about the same second many times in a row; converting through zoneinfo
+    costs more than the rest of a decision.
+    """
+    last_second: int | None = None
+    last: tuple[int, int, str] = (0, 0, "mon")
+
+    def local_time(now: float) -> tuple[int, int, str]:
+        nonlocal last_second, last
+        second = int(now // 1)
+        if second != last_second:
+            dt = datetime.fromtimestamp(second, tz)
+            last = (dt.hour, dt.minute, WEEKDAY_NAMES[dt.weekday()])
+            last_second = second
+        return last
+
+    return local_time
+
+
+class RuleTrace(msgspec.Struct, frozen=True, kw_only=True):
+    """How one rule fared: matched or not, and the sub-conditions that decided it."""
+
+    rule: str
+    matched: bool
+    condition: str | None = None
+    why: tuple[Seen, ...] = ()
+
+
+class Explanation(msgspec.Struct, frozen=True, kw_only=True):
+    """The decision for one contact, the clock and customer it saw, and every rule tried."""
+
+    decision: Decision
+    at: str
+    hour: int
+    minute: int
+    weekday: str
+    customer: CustomerView
+    trace: tuple[RuleTrace, ...]
+
+
+Predicate = Callable[[ContactEvent, CustomerView, float], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """A rule with its compiled condition (None: always holds) and its precomputed decision."""
+
+    rule: Rule
+    condition: Condition | None
+    decision: Decision
+    guards: dict[str, frozenset[str]]
+
+
+def _decision(rule: Rule) -> Decision:
+    return Decision(
+        rule=rule.name,
+        queue=rule.queue,
+        priority=rule.priority,
+        skills=dict(rule.skills),
+        tags=rule.tags,
+        attributes=dict(rule.attributes),
+        escalate=rule.escalate,
+        crowd_first=rule.crowd_first,
+        reject=rule.reject,
+    )
+
+
+_Candidates = tuple[tuple[Predicate | None, Decision], ...]
+_Key = tuple[str | None, str | None, str | None]
+
+
+class RoutingTable:
+    """A validated routing file, ready to route: build it with :func:`rules.load.load_routing`.
+
+    ``decide`` is pure and cheap (a dict look-up plus the candidate rules' closures); the
+    decisions it returns are shared, precomputed objects and must not be mutated.
+    """
+
+    file: RoutingFile
+    experts: tuple[Expert, ...]
+
+    def __init__(
+        self,
+        file: RoutingFile,
+        experts: Sequence[Expert],
+        conditions: Sequence[Condition | None],
+        tz: tzinfo,
+    ) -> None:
+        if len(conditions) != len(file.rules):
+            raise ValueError("one condition per rule")
+        self.file = file
+        self.experts = tuple(experts)
+        self.tz = tz
+        self.local_time = make_local_time(tz)
+        self.rules: tuple[CompiledRule, ...] = tuple(
+            CompiledRule(
+                rule=rule,
+                condition=cond,
+                decision=_decision(rule),
+                guards=guards(cond.tree) if cond is not None else {},
+            )
+            for rule, cond in zip(file.rules, conditions, strict=True)
+        )
+        values: dict[str, set[str]] = {"channel": set(), "source": set(), "to": set()}
+        for compiled in self.rules:
+            for name, allowed in compiled.guards.items():
+                values[name] |= allowed
+        self._channels = frozenset(values["channel"])
+        self._sources = frozenset(values["source"])
+        self._tos = frozenset(values["to"])
+        self._cache: dict[_Key, _Candidates] = {}
+        self._by_key: dict[str, Expert] = {}
+        for expert in self.experts:
+            for key in expert_keys(expert):
+                self._by_key.setdefault(key, expert)
+
+    # --- experts ---------------------------------------------------------------------------
+
+    def expert_for(self, keys: Iterable[str]) -> Expert | None:
+        """The first expert any of ``keys`` (``"phone:+49..."``, ``"email:..."``...) belongs to."""
+        for key in keys:
+            expert = self._by_key.get(key)
+            if expert is not None:
+                return expert
+        return None
+
+    def identity_keys(self, event: ContactEvent) -> tuple[str, ...]:
+        """The sender's identity keys, normalised like the experts' keys."""
+        return sender_keys(event.sender)
+
+    def customer_view(self, event: ContactEvent) -> CustomerView:
+        """What the routing file alone knows of the sender: whether it is a crowd expert.
+
+        The engine builds a fuller view from its customer history; this one is for ``explain``
+        and for callers without history. An expert's customer id is the expert's id.
+        """
+        expert = self.expert_for(self.identity_keys(event))
+        if expert is None:
+            return CustomerView()
+        return CustomerView(id=expert.id, known=True, expert=True, expert_level=expert.level)
+
+    # --- deciding --------------------------------------------------------------------------
+
+    def _candidates(self, key: _Key) -> _Candidates:
+        channel, source, to = key
+        seen = {"channel": channel, "source": source, "to": to}
+        found = []
+        for compiled in self.rules:
+            if all(seen[name] in allowed for name, allowed in compiled.guards.items()):
+                cond = compiled.condition
+                found.append((cond.predicate if cond is not None else None, compiled.decision))
+        candidates = tuple(found)
+        self._cache[key] = candidates
+        return candidates
+
+    def decide(self, event: ContactEvent, customer: CustomerView, now: float) -> Decision:
+        """The decision of the first rule whose condition holds (the default rule at the end)."""
+        channel: str | None = event.channel
+        if channel not in self._channels:
+            channel = None
+        source: str | None = event.source
+        if source not in self._sources:
+            source = None
+        to: str | None = event.to or ""
+        if to not in self._tos:
+            to = None
+        key = (channel, source, to)
+        candidates = self._cache.get(key)
+        if candidates is None:
+            candidates = self._candidates(key)
+        for predicate, decision in candidates:
+            if predicate is None or predicate(event, customer, now):
+                return decision
+        raise LookupError("no rule matched and there is no default rule")
+
+    def decide_linear(self, event: ContactEvent, customer: CustomerView, now: float) -> Decision:
+        """``decide`` without the index: every rule in order (what the index must agree with)."""
+        for compiled in self.rules:
+            cond = compiled.condition
+            if cond is None or cond.predicate(event, customer, now):
+                return compiled.decision
+        raise LookupError("no rule matched and there is no default rule")
+
+    def explain(self, event: ContactEvent, customer: CustomerView, now: float) -> Explanation:
+        """The decision plus, for every rule up to the one that matched, why it did or did not.
+
+        Rules are evaluated in file order without the index, so rules the index would have
+        skipped are shown failing on their channel/source/to condition.
+        """
+        trace: list[RuleTrace] = []
+        decision: Decision | None = None
+        for compiled in self.rules:
+            cond = compiled.condition
+            why: list[Seen] = []
+            if cond is None:
+                matched = True
+            else:
+                matched, why = explain_tree(cond, self.local_time, event, customer, now)
+            trace.append(
+                RuleTrace(
+                    rule=compiled.rule.name,
+                    matched=matched,
+                    condition=cond.text if cond is not None else None,
+                    why=tuple(why),
+                )
+            )
+            if matched:
+                decision = compiled.decision
+                break
+        if decision is None:
+            raise LookupError("no rule matched and there is no default rule")
+        hour, minute, weekday = self.local_time(now)
+        return Explanation(
+            decision=decision,
+            at=datetime.fromtimestamp(now, self.tz).isoformat(),
+            hour=hour,
+            minute=minute,
+            weekday=weekday,
+            customer=customer,
+            trace=tuple(trace),
+        )
+
+
+def expert_keys(expert: Expert) -> tuple[str, ...]:
+    """An expert's identity keys (already normalised by the loader)."""
+    return (
+        *(f"phone:{p}" for p in expert.phones),
+        *(f"email:{e}" for e in expert.emails),
+        *(f"handle:{h}" for h in expert.handles),
+    )
