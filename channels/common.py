@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -105,7 +106,11 @@ def parse_timestamp(value: Any, source: str) -> float:
     if isinstance(value, bool) or value is None:
         raise Rejected(source, "bad_timestamp", f"no usable timestamp: {value!r}")
     if isinstance(value, int | float):
-        return _epoch_from_number(float(value), source)
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer beyond float range (msgspec keeps big ints)
+            raise Rejected(source, "bad_timestamp", "epoch number out of range") from None
+        return _epoch_from_number(number, source)
     if not isinstance(value, str) or not value.strip():
         raise Rejected(source, "bad_timestamp", f"no usable timestamp: {value!r}")
     text = value.strip()
@@ -129,7 +134,7 @@ _SECONDS_LIMIT = 95_617_584_000.0  # 5000-01-01 in epoch seconds
 
 
 def _epoch_from_number(number: float, source: str) -> float:
-    if number != number or number < 0:  # NaN or negative
+    if not math.isfinite(number) or number < 0:  # NaN, infinity ("inf", "1e999") or negative
         raise Rejected(source, "bad_timestamp", f"not a usable epoch: {number!r}")
     while number > _SECONDS_LIMIT:
         number /= 1000.0
