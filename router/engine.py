@@ -144,7 +144,7 @@ class Engine:
         self._waiting: dict[str, int] = dict.fromkeys(self._queues, 0)
         for contact in st.contacts.values():
             if contact.state == "queued":
-                self._push_contact(contact)
+                self._push_contact(contact, restoring=True)
             self._schedule_contact_timers(contact)
             if contact.state == "wrap_up":
                 self._timer(contact.wrap_until, _T_WRAP, contact.id)
@@ -190,9 +190,11 @@ class Engine:
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest time at which a timer is due, or None. May be a timer that turns out
-        stale when it fires; firing it then does nothing."""
-        return self._timers[0][0] if self._timers else None
+        """The earliest time at which a timer is due, or None when nothing is pending."""
+        timers = self._timers
+        while timers and not self._live(timers[0][0], timers[0][2], timers[0][3]):
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
 
     def reload(self, table: RoutingTable, now: float) -> list[Command]:
         """Swap the routing table. Queued contacts stay; those whose queue vanished are routed
@@ -455,8 +457,9 @@ class Engine:
         self._push_contact(contact)
         self._dispatch_contact(contact, now, out)
 
-    def _push_contact(self, contact: ContactRec) -> None:
-        contact.token += 1
+    def _push_contact(self, contact: ContactRec, restoring: bool = False) -> None:
+        if not restoring:
+            contact.token += 1
         key = contact.arrived_at - contact.priority * self._queues[contact.queue].weight
         pair = (contact.queue, contact.channel)
         heapq.heappush(
@@ -925,57 +928,71 @@ class Engine:
             for until in contact.excluded.values():
                 self._timer(until, _T_RETRY, contact.id)
 
+    def _live(self, at: float, kind: int, ref: str) -> bool:
+        """Is this timer still wanted? Timers are never removed when their reason goes away
+        (an offer accepted, a contact moved); they are recognised as stale here instead."""
+        st = self._state
+        if kind == _T_OFFER:
+            offer = st.offers.get(ref)
+            return offer is not None and offer.expires_at == at
+        contact = st.contacts.get(ref)
+        if contact is None:
+            return False
+        if kind == _T_WRAP:
+            return contact.state == "wrap_up" and contact.wrap_until == at
+        if kind == _T_CROWD:
+            return contact.state == "crowd_window" and contact.crowd_until == at
+        if kind == _T_STEP:
+            return (
+                contact.state in ("queued", "offered")
+                and contact.next_step < len(contact.escalate)
+                and contact.arrived_at + contact.escalate[contact.next_step].after == at
+            )
+        if kind == _T_MAX_WAIT:
+            queue = self._queues.get(contact.queue)
+            return (
+                contact.state == "queued"
+                and queue is not None
+                and queue.overflow is not None
+                and queue.max_wait is not None
+                and contact.queue_entered_at + queue.max_wait == at
+            )
+        return contact.state == "queued" and at in contact.excluded.values()
+
     def _fire_timers(self, now: float, out: list[Command]) -> None:
         timers = self._timers
         st = self._state
         while timers and timers[0][0] <= now:
             at, _, kind, ref = heapq.heappop(timers)
+            if not self._live(at, kind, ref):
+                continue
             if kind == _T_OFFER:
-                offer = st.offers.get(ref)
-                if offer is not None and offer.expires_at <= at:
-                    self._expire_offer(offer, at, out)
+                self._expire_offer(st.offers[ref], at, out)
                 continue
-            contact = st.contacts.get(ref)
-            if contact is None:
-                continue
+            contact = st.contacts[ref]
             if kind == _T_WRAP:
-                if contact.state == "wrap_up" and contact.wrap_until <= at:
-                    self._release(st.agents[contact.agent_id or ""], contact, at, out)
+                self._release(st.agents[contact.agent_id or ""], contact, at, out)
             elif kind == _T_CROWD:
-                if contact.state == "crowd_window":
-                    out.append(self._event("contact.crowd_window_ended", contact, at))
-                    self._enter_queue(contact, contact.queue, at, out, first=True)
+                out.append(self._event("contact.crowd_window_ended", contact, at))
+                self._enter_queue(contact, contact.queue, at, out, first=True)
             elif kind == _T_STEP:
                 self._escalate(contact, at, out)
             elif kind == _T_MAX_WAIT:
-                queue = self._queues.get(contact.queue)
-                if (
-                    contact.state == "queued"
-                    and queue is not None
-                    and queue.overflow is not None
-                    and queue.max_wait is not None
-                    and at - contact.queue_entered_at >= queue.max_wait
-                ):
-                    st.counters[contact.queue].overflowed += 1
-                    out.append(
-                        self._event(
-                            "contact.overflowed", contact, at, reason="max_wait", to=queue.overflow
-                        )
-                    )
-                    self._enter_queue(contact, queue.overflow, at, out)
-            elif kind == _T_RETRY:
+                overflow = self._queues[contact.queue].overflow
+                assert overflow is not None
+                st.counters[contact.queue].overflowed += 1
+                out.append(
+                    self._event("contact.overflowed", contact, at, reason="max_wait", to=overflow)
+                )
+                self._enter_queue(contact, overflow, at, out)
+            else:  # _T_RETRY: an exclusion ended, the agent may take it now
                 for agent_id, until in list(contact.excluded.items()):
                     if until <= at:
                         del contact.excluded[agent_id]
-                if contact.state == "queued":
-                    self._dispatch_contact(contact, at, out)
+                self._dispatch_contact(contact, at, out)
 
     def _escalate(self, contact: ContactRec, now: float, out: list[Command]) -> None:
-        if contact.state not in ("queued", "offered") or contact.next_step >= len(contact.escalate):
-            return
         step = contact.escalate[contact.next_step]
-        if now < contact.arrived_at + step.after:
-            return  # a stale timer from before a restore
         contact.next_step += 1
         self._schedule_step(contact)
         if step.skills is not None:

@@ -73,7 +73,5 @@ def login_all(eng: Engine, ids: list[str], now: float = 0.0) -> list[Command]:
 
 def accept_and_complete(eng: Engine, offer: OfferCmd, now: float, handled: float) -> list[Any]:
     out: list[Command] = eng.handle(Accept(agent_id=offer.agent_id, offer_id=offer.offer_id), now)
-    out += eng.handle(
-        Complete(agent_id=offer.agent_id, contact_id=offer.contact_id), now + handled
-    )
+    out += eng.handle(Complete(agent_id=offer.agent_id, contact_id=offer.contact_id), now + handled)
     return out
