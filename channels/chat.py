@@ -284,6 +284,12 @@ def _check_chatwoot_signature(body: bytes, headers: Headers, secret: str) -> Non
         raise Rejected(CHATWOOT, "bad_signature", "signature does not match the body")
 
 
+def _chatwoot_id(value: Any, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise Rejected(CHATWOOT, "missing_field", f"{name} is missing or not a string or int")
+    return str(value)
+
+
 def _chatwoot_sender(contact: Any, fallback: Any, config: DecodeConfig) -> Sender:
     """The customer, from conversation.meta.sender (has email/phone) or the message sender."""
     person = contact if isinstance(contact, dict) else fallback
@@ -305,8 +311,12 @@ def _chatwoot_message(payload: dict[str, Any], config: DecodeConfig) -> list[Con
     sender_type = opt_str(payload, "sender", "type")
     if sender_type is not None and sender_type.lower() != "contact":
         return []
-    conversation_id = field(payload, "conversation", "id", source=CHATWOOT, kind=(str, int))
-    external_id = str(conversation_id)
+    # Chatwoot's webhook data puts the per-account display id in "id"; older docs show only
+    # "display_id". Both name the number agents see in the dashboard.
+    conversation_id = opt(payload, "conversation", "id")
+    if conversation_id is None:
+        conversation_id = opt(payload, "conversation", "display_id")
+    external_id = _chatwoot_id(conversation_id, "conversation.id")
     attributes = {}
     for key, path in (
         ("message_id", ("id",)),
@@ -363,8 +373,10 @@ def _chatwoot_attachments(items: Any) -> tuple[Attachment, ...]:
 def _chatwoot_conversation(
     payload: dict[str, Any], config: DecodeConfig, kind: str
 ) -> ContactEvent:
-    conversation_id = field(payload, "id", source=CHATWOOT, kind=(str, int))
-    external_id = str(conversation_id)
+    conversation_id = payload.get("id")
+    if conversation_id is None:
+        conversation_id = payload.get("display_id")
+    external_id = _chatwoot_id(conversation_id, "id")
     first_words = next(
         (
             opt_str(m, "content")

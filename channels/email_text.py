@@ -113,7 +113,8 @@ def trim_reply(text: str) -> str:
     with ``>``. If nothing would remain (a mail that is only a quote), the text is returned
     untrimmed: losing the whole message is worse than keeping a quote.
     """
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
     kept = [line for line in lines[: _cut_index(lines)] if not line.lstrip().startswith(">")]
     trimmed = "\n".join(kept).strip()
     # Squeeze the blank lines that removed quotes leave behind.

@@ -197,6 +197,17 @@ def test_chatwoot_signature_over_timestamp_and_body() -> None:
         decode_chatwoot(body.replace(b'"hi"', b'"ho"'), good, config)
 
 
+def test_chatwoot_display_id_names_the_conversation_when_id_is_absent() -> None:
+    payload = json.loads((SAMPLES / "chatwoot-message-created.json").read_bytes())
+    del payload["conversation"]["id"]
+    payload["conversation"]["display_id"] = 42
+    assert decode_chatwoot(json.dumps(payload).encode(), {}, CONFIG)[0].contact_id == "chatwoot:42"
+    del payload["conversation"]["display_id"]
+    with pytest.raises(Rejected) as caught:
+        decode_chatwoot(json.dumps(payload).encode(), {}, CONFIG)
+    assert caught.value.reason == "missing_field"
+
+
 def test_chatwoot_without_event_is_missing_field() -> None:
     with pytest.raises(Rejected) as caught:
         decode_chatwoot(b'{"id": 1}', {}, CONFIG)

@@ -204,6 +204,11 @@ def test_trim_keeps_a_mail_that_is_only_a_quote() -> None:
     assert trim_reply("> only quoted\n> text") == "> only quoted\n> text"
 
 
+def test_crlf_mail_that_is_only_a_quote_keeps_it_with_plain_newlines() -> None:
+    body = HEADERS + b"\r\n> line one\r\n> line two\r\n"
+    assert decode_email(body, {}, CONFIG)[0].text == "> line one\n> line two"
+
+
 def test_trim_keeps_ordinary_double_dash_prose() -> None:
     assert trim_reply("Preis -- wie besprochen -- ok") == "Preis -- wie besprochen -- ok"
 
