@@ -1,0 +1,455 @@
+"""Prometheus metrics of the daemon (DESIGN.md section 5), all prefixed ``stellwerk_``.
+
+One :class:`Metrics` object owns its own :class:`~prometheus_client.CollectorRegistry` (never the
+process-wide default one), so every daemon, and every test, has metrics of its own. The router
+feeds it the engine's commands (:meth:`Metrics.observe_commands`) and refreshes the queue and
+agent gauges from the engine's read-only views (:meth:`Metrics.refresh`); the transports count
+rejected inputs (:meth:`Metrics.observe_rejected`). Nothing here touches the engine's state.
+
+Label values come from the routing file (queues, rules), from fixed sets (channels, sources,
+states, outcomes) or from the decoders' reason slugs, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from router.messages import CancelOfferCmd, Command, EventCmd, OfferCmd, RefusedCmd
+from router.model import ContactEvent
+
+__all__ = ["CONTENT_TYPE_LATEST", "EngineView", "Metrics"]
+
+# Contact-centre waits: seconds to an hour; the SLA thresholds people use (10, 20, 30, 60 s)
+# are bucket edges so a service level can also be read off the histogram.
+WAIT_BUCKETS = (
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    180.0,
+    300.0,
+    600.0,
+    1200.0,
+    1800.0,
+    3600.0,
+)
+# A routing decision is microseconds of CPU when all is well; the top buckets catch GC pauses.
+DECISION_BUCKETS = (
+    0.00002,
+    0.00005,
+    0.0001,
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+)
+AGENT_STATES = ("offline", "available", "away", "wrap_up", "not_responding")
+UNKNOWN = "unknown"
+
+
+class EngineView(Protocol):
+    """What :meth:`Metrics.refresh` reads of the engine (``router.engine.Engine`` has it)."""
+
+    def queue_stats(self, now: float) -> list[dict[str, Any]]:
+        """Per queue: ``name``, ``waiting``, ``oldest_wait``, ``agents_ready`` ..."""
+        ...
+
+    def agent_list(self) -> list[dict[str, Any]]:
+        """Per agent: ``id``, ``state`` ..."""
+        ...
+
+
+def _label(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    if value is None or value == "":
+        return UNKNOWN
+    return str(value)
+
+
+def _seconds(data: Mapping[str, Any], key: str) -> float | None:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return max(0.0, float(value))
+
+
+class Metrics:
+    """Every metric of the daemon, registered in :attr:`registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # ---- contacts ----
+        self.contacts_received = Counter(
+            "stellwerk_contacts_received",
+            "Contact events accepted into the journal, by channel, source and kind.",
+            ["channel", "source", "kind"],
+            registry=r,
+        )
+        self.contacts_routed = Counter(
+            "stellwerk_contacts_routed",
+            "Contacts a routing decision put into a queue.",
+            ["queue", "channel"],
+            registry=r,
+        )
+        self.contacts_assigned = Counter(
+            "stellwerk_contacts_assigned",
+            "Contacts an agent accepted.",
+            ["queue", "channel"],
+            registry=r,
+        )
+        self.contacts_completed = Counter(
+            "stellwerk_contacts_completed",
+            "Assigned contacts an agent completed.",
+            ["queue"],
+            registry=r,
+        )
+        self.contacts_abandoned = Counter(
+            "stellwerk_contacts_abandoned",
+            "Contacts that ended upstream while queued or offered (caller hung up, chat closed).",
+            ["queue", "channel"],
+            registry=r,
+        )
+        self.contacts_answered_by_crowd = Counter(
+            "stellwerk_contacts_answered_by_crowd",
+            "Community contacts withdrawn because a crowd member answered first.",
+            ["queue", "channel"],
+            registry=r,
+        )
+        self.contacts_rejected = Counter(
+            "stellwerk_contacts_rejected",
+            "Contacts the router refused: a rule's reject reason (spam ...) or queue_full.",
+            ["reason"],
+            registry=r,
+        )
+        self.contacts_crowd_first = Counter(
+            "stellwerk_contacts_crowd_first",
+            "Contacts that first wait for the crowd (community) before they are queued.",
+            ["channel"],
+            registry=r,
+        )
+        self.contacts_escalated = Counter(
+            "stellwerk_contacts_escalated",
+            "Escalation steps taken (skills widened, priority raised or queue changed).",
+            ["queue"],
+            registry=r,
+        )
+        self.contacts_overflowed = Counter(
+            "stellwerk_contacts_overflowed",
+            "Contacts moved to an overflow queue (max wait or max length reached).",
+            ["queue"],
+            registry=r,
+        )
+        self.rule_hits = Counter(
+            "stellwerk_rule_hits",
+            "Routing decisions per rule that decided them.",
+            ["rule"],
+            registry=r,
+        )
+        self.wait_seconds = Histogram(
+            "stellwerk_wait_seconds",
+            "Time from arrival to the end of waiting: outcome=assigned (answered) or abandoned.",
+            ["queue", "channel", "outcome"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.handle_seconds = Histogram(
+            "stellwerk_handle_seconds",
+            "Time an agent held a contact, from accept to complete.",
+            ["queue"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        # ---- experts ----
+        self.expert_contacts = Counter(
+            "stellwerk_expert_contacts",
+            "Contacts from recognised crowd experts, by how they ended their wait.",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.expert_wait_seconds = Histogram(
+            "stellwerk_expert_wait_seconds",
+            "Wait of crowd experts' contacts until answered or abandoned.",
+            ["channel", "outcome"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        # ---- queues (gauges, refreshed from engine.queue_stats) ----
+        self.queue_waiting = Gauge(
+            "stellwerk_queue_waiting", "Contacts waiting in the queue.", ["queue"], registry=r
+        )
+        self.queue_oldest_wait = Gauge(
+            "stellwerk_queue_oldest_wait_seconds",
+            "Wait of the longest-waiting contact in the queue (0 when empty).",
+            ["queue"],
+            registry=r,
+        )
+        self.queue_agents_ready = Gauge(
+            "stellwerk_queue_agents_ready",
+            "Agents who could take a contact of the queue right now.",
+            ["queue"],
+            registry=r,
+        )
+        self.service_level = Gauge(
+            "stellwerk_service_level_ratio",
+            "Share of the queue's contacts answered within its SLA seconds, as the engine counts "
+            "it (answered within / (answered + abandoned)); absent until a contact closed.",
+            ["queue"],
+            registry=r,
+        )
+        self.sla_seconds = Gauge(
+            "stellwerk_queue_sla_seconds",
+            "The queue's SLA threshold in seconds (from the routing file).",
+            ["queue"],
+            registry=r,
+        )
+        self.sla_target = Gauge(
+            "stellwerk_queue_sla_target_ratio",
+            "The queue's SLA target share (from the routing file), for alerting.",
+            ["queue"],
+            registry=r,
+        )
+        # ---- offers and agents ----
+        self.offers = Counter(
+            "stellwerk_offers",
+            "Offers made and how they ended: offered, accepted, rejected, expired.",
+            ["outcome"],
+            registry=r,
+        )
+        self.offers_cancelled = Counter(
+            "stellwerk_offers_cancelled",
+            "Offers withdrawn from an agent, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.agents = Gauge(
+            "stellwerk_agents",
+            "Agents by state (from the engine's agent list).",
+            ["state"],
+            registry=r,
+        )
+        self.agents_busy = Gauge(
+            "stellwerk_agents_busy",
+            "Agents holding an offer or a contact (busy is derived from capacity in use).",
+            registry=r,
+        )
+        self.agent_commands_refused = Counter(
+            "stellwerk_agent_commands_refused",
+            "Agent commands the engine refused (not your offer, unknown agent ...).",
+            ["reason"],
+            registry=r,
+        )
+        # ---- the daemon itself ----
+        self.decision_seconds = Histogram(
+            "stellwerk_routing_decision_seconds",
+            "Time the engine took to handle one journal entry (CPU time of the decision).",
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.rejected_inputs = Counter(
+            "stellwerk_rejected_inputs",
+            "Inputs refused at ingress and kept in the dead-letter stream.",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.ingress = Counter(
+            "stellwerk_ingress_deliveries",
+            "Deliveries per transport and outcome (accepted, rejected, unavailable).",
+            ["transport", "outcome"],
+            registry=r,
+        )
+        self.journal_lag_entries = Gauge(
+            "stellwerk_journal_lag_entries",
+            "Journal entries appended but not yet applied by the router.",
+            registry=r,
+        )
+        self.journal_lag_seconds = Gauge(
+            "stellwerk_journal_lag_seconds",
+            "Age of the oldest journal entry not yet applied by the router (0 when caught up).",
+            registry=r,
+        )
+        self.up = Gauge(
+            "stellwerk_connected",
+            "1 when the daemon's connection to the peer (redis, mqtt) is up.",
+            ["peer"],
+            registry=r,
+        )
+        self.lease_held = Gauge(
+            "stellwerk_routing_lease_held",
+            "1 while this daemon holds the routing lease and routes.",
+            registry=r,
+        )
+        self.rules_reloads = Counter(
+            "stellwerk_rules_reloads",
+            "Routing-file reloads by result (ok, refused).",
+            ["result"],
+            registry=r,
+        )
+        self._queues: set[str] = set()
+
+    # ---- updates -----------------------------------------------------------------------
+
+    def observe_received(self, event: ContactEvent) -> None:
+        """Count one contact event accepted into the journal."""
+        self.contacts_received.labels(event.channel, event.source, event.kind).inc()
+
+    def observe_rejected(self, source: str, reason: str) -> None:
+        """Count one input refused at ingress (it went to the dead-letter stream)."""
+        self.rejected_inputs.labels(source or UNKNOWN, reason or UNKNOWN).inc()
+
+    def observe_ingress(self, transport: str, outcome: str) -> None:
+        """Count one delivery on ``transport`` (mqtt, http, smtp): accepted/rejected/unavailable."""
+        self.ingress.labels(transport, outcome).inc()
+
+    def observe_decision(self, seconds: float) -> None:
+        """Record how long one ``engine.handle`` call took."""
+        self.decision_seconds.observe(seconds)
+
+    def set_journal_lag(self, entries: int, seconds: float) -> None:
+        """Set how far the router is behind the journal."""
+        self.journal_lag_entries.set(max(0, entries))
+        self.journal_lag_seconds.set(max(0.0, seconds))
+
+    def set_status(self, *, redis: bool, mqtt: bool, lease: bool) -> None:
+        """Set the connection and lease gauges."""
+        self.up.labels("redis").set(1 if redis else 0)
+        self.up.labels("mqtt").set(1 if mqtt else 0)
+        self.lease_held.set(1 if lease else 0)
+
+    def observe_reload(self, ok: bool) -> None:
+        """Count one routing-file reload attempt."""
+        self.rules_reloads.labels("ok" if ok else "refused").inc()
+
+    def observe_commands(self, cmds: Iterable[Command]) -> None:
+        """Update the counters from the engine's output for one input."""
+        for cmd in cmds:
+            if isinstance(cmd, EventCmd):
+                self._observe_event(cmd.type, cmd.data)
+            elif isinstance(cmd, OfferCmd):
+                self.offers.labels("offered").inc()
+            elif isinstance(cmd, CancelOfferCmd):
+                self.offers_cancelled.labels(cmd.reason or UNKNOWN).inc()
+            elif isinstance(cmd, RefusedCmd):
+                self.agent_commands_refused.labels(cmd.reason or UNKNOWN).inc()
+
+    def _observe_event(self, kind: str, data: Mapping[str, Any]) -> None:
+        queue, channel = _label(data, "queue"), _label(data, "channel")
+        if kind == "contact.queued":
+            # A contact re-queued after a rejected or expired offer was routed once already.
+            if data.get("first", True):
+                self.contacts_routed.labels(queue, channel).inc()
+                if data.get("rule"):
+                    self.rule_hits.labels(str(data["rule"])).inc()
+        elif kind == "contact.assigned":
+            self.contacts_assigned.labels(queue, channel).inc()
+            self.offers.labels("accepted").inc()
+            self._observe_wait(data, queue, channel, "assigned")
+        elif kind == "contact.abandoned":
+            self.contacts_abandoned.labels(queue, channel).inc()
+            self._observe_wait(data, queue, channel, "abandoned")
+        elif kind == "contact.completed":
+            self.contacts_completed.labels(queue).inc()
+            handled = _seconds(data, "handled")
+            if handled is not None:
+                self.handle_seconds.labels(queue).observe(handled)
+        elif kind == "contact.answered_by_crowd":
+            self.contacts_answered_by_crowd.labels(queue, channel).inc()
+        elif kind == "contact.rejected":
+            self.contacts_rejected.labels(_label(data, "reason")).inc()
+        elif kind == "contact.crowd_window":
+            self.contacts_crowd_first.labels(channel).inc()
+        elif kind == "contact.escalated":
+            self.contacts_escalated.labels(queue).inc()
+        elif kind == "contact.overflowed":
+            self.contacts_overflowed.labels(queue).inc()
+        elif kind == "contact.offer_expired":
+            self.offers.labels("expired").inc()
+        elif kind == "contact.offer_rejected":
+            self.offers.labels("rejected").inc()
+
+    def _observe_wait(
+        self, data: Mapping[str, Any], queue: str, channel: str, outcome: str
+    ) -> None:
+        waited = _seconds(data, "waited")
+        if waited is None:
+            return
+        self.wait_seconds.labels(queue, channel, outcome).observe(waited)
+        if data.get("expert") is True:
+            self.expert_contacts.labels(channel, outcome).inc()
+            self.expert_wait_seconds.labels(channel, outcome).observe(waited)
+
+    def refresh(self, engine: EngineView, now: float) -> None:
+        """Refresh the queue and agent gauges from the engine's read-only views."""
+        seen: set[str] = set()
+        for stats in engine.queue_stats(now):
+            name = str(stats.get("name", UNKNOWN))
+            seen.add(name)
+            self.queue_waiting.labels(name).set(_number(stats, "waiting"))
+            self.queue_oldest_wait.labels(name).set(_number(stats, "oldest_wait"))
+            self.queue_agents_ready.labels(name).set(_number(stats, "agents_ready"))
+            level = stats.get("service_level")
+            if isinstance(level, int | float) and not isinstance(level, bool):
+                self.service_level.labels(name).set(float(level))
+            else:
+                self._remove(self.service_level, name)
+            if "sla_seconds" in stats:
+                self.sla_seconds.labels(name).set(_number(stats, "sla_seconds"))
+            if "sla_percent" in stats:
+                self.sla_target.labels(name).set(_number(stats, "sla_percent") / 100.0)
+        # Queues dropped by a reload must not keep exporting their last value for ever.
+        for gone in self._queues - seen:
+            for gauge in (
+                self.queue_waiting,
+                self.queue_oldest_wait,
+                self.queue_agents_ready,
+                self.service_level,
+                self.sla_seconds,
+                self.sla_target,
+            ):
+                self._remove(gauge, gone)
+        self._queues = seen
+        by_state = dict.fromkeys(AGENT_STATES, 0)
+        busy = 0
+        for agent in engine.agent_list():
+            state = str(agent.get("state", UNKNOWN))
+            by_state[state] = by_state.get(state, 0) + 1
+            busy += 1 if agent.get("busy") else 0
+        for state, count in by_state.items():
+            self.agents.labels(state).set(count)
+        self.agents_busy.set(busy)
+
+    @staticmethod
+    def _remove(gauge: Gauge, label: str) -> None:
+        with contextlib.suppress(KeyError):
+            gauge.remove(label)
+
+    # ---- exposition ----------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (``CONTENT_TYPE_LATEST``)."""
+        return generate_latest(self.registry)
+
+
+def _number(stats: Mapping[str, Any], key: str) -> float:
+    value = stats.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value)

@@ -1,0 +1,392 @@
+"""The daemon's metrics: what an operator sees on /metrics after the engine did things."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.daemon.metrics import Metrics
+from router.engine import Engine
+from router.messages import (
+    Accept,
+    CancelOfferCmd,
+    Command,
+    EventCmd,
+    Login,
+    OfferCmd,
+    RefusedCmd,
+)
+from router.model import ContactEvent, Sender
+from rules.load import parse_routing
+
+ROUTING = """
+version: 1
+defaults: {offer_timeout: 10, wrap_up: 5}
+skills: [de]
+queues:
+  support: {skills: {de: 1}, channels: [phone, chat], sla: {seconds: 20, percent: 80}}
+agents:
+  - {id: a1, skills: {de: 3}}
+  - {id: a2, skills: {de: 3}}
+experts:
+  - {id: x1, phones: ["+491711111111"]}
+rules:
+  - {name: expert, when: customer.expert, queue: support, priority: 100}
+  - {name: default, default: true, queue: support}
+"""
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    """The value of one sample in the text exposition (what Prometheus would scrape)."""
+    text = metrics.exposition().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
+def contact(cid: str = "asterisk-ari:1", channel: Any = "phone") -> ContactEvent:
+    return ContactEvent(
+        kind="new", contact_id=cid, channel=channel, source="asterisk-ari", external_id=cid
+    )
+
+
+def offer(n: int) -> OfferCmd:
+    return OfferCmd(
+        offer_id=f"o{n}",
+        agent_id="a1",
+        contact_id="asterisk-ari:1",
+        queue="support",
+        expires_at=100.0,
+        contact=contact(),
+        customer_id="c1",
+    )
+
+
+def test_a_call_lifecycle_shows_up_in_counters_and_histograms() -> None:
+    m = Metrics()
+    m.observe_received(contact())
+    cmds: list[Command] = [
+        EventCmd(
+            type="contact.queued",
+            data={
+                "at": 1.0,
+                "queue": "support",
+                "channel": "phone",
+                "rule": "phone-default",
+                "contact_id": "x",
+            },
+        ),
+        offer(1),
+        EventCmd(type="contact.offer_expired", data={"at": 21.0, "contact_id": "x"}),
+        CancelOfferCmd(offer_id="o1", agent_id="a1", contact_id="x", reason="expired"),
+        offer(2),
+        EventCmd(
+            type="contact.assigned",
+            data={
+                "at": 25.0,
+                "queue": "support",
+                "channel": "phone",
+                "waited": 24.0,
+                "expert": False,
+                "priority": 0,
+            },
+        ),
+        EventCmd(
+            type="contact.completed",
+            data={"at": 85.0, "queue": "support", "handled": 60.0, "agent_id": "a1"},
+        ),
+    ]
+    m.observe_commands(cmds)
+    assert (
+        sample(
+            m,
+            "stellwerk_contacts_received_total",
+            channel="phone",
+            source="asterisk-ari",
+            kind="new",
+        )
+        == 1
+    )
+    assert sample(m, "stellwerk_contacts_routed_total", queue="support", channel="phone") == 1
+    assert sample(m, "stellwerk_rule_hits_total", rule="phone-default") == 1
+    assert sample(m, "stellwerk_offers_total", outcome="offered") == 2
+    assert sample(m, "stellwerk_offers_total", outcome="expired") == 1
+    assert sample(m, "stellwerk_offers_total", outcome="accepted") == 1
+    assert sample(m, "stellwerk_offers_cancelled_total", reason="expired") == 1
+    assert sample(m, "stellwerk_contacts_assigned_total", queue="support", channel="phone") == 1
+    assert sample(m, "stellwerk_contacts_completed_total", queue="support") == 1
+    # 24 s lands in the 30 s bucket, not in the 20 s one
+    assert (
+        sample(
+            m,
+            "stellwerk_wait_seconds_bucket",
+            queue="support",
+            channel="phone",
+            outcome="assigned",
+            le="20.0",
+        )
+        == 0
+    )
+    assert (
+        sample(
+            m,
+            "stellwerk_wait_seconds_bucket",
+            queue="support",
+            channel="phone",
+            outcome="assigned",
+            le="30.0",
+        )
+        == 1
+    )
+    assert sample(m, "stellwerk_handle_seconds_sum", queue="support") == 60.0
+
+
+def test_expert_contacts_and_their_waits_are_counted_apart() -> None:
+    m = Metrics()
+    m.observe_commands(
+        [
+            EventCmd(
+                type="contact.assigned",
+                data={"queue": "second-level", "channel": "phone", "waited": 3.0, "expert": True},
+            ),
+            EventCmd(
+                type="contact.assigned",
+                data={"queue": "support", "channel": "phone", "waited": 300.0, "expert": False},
+            ),
+            EventCmd(
+                type="contact.abandoned",
+                data={"queue": "second-level", "channel": "email", "waited": 50.0, "expert": True},
+            ),
+        ]
+    )
+    assert sample(m, "stellwerk_expert_contacts_total", channel="phone", outcome="assigned") == 1
+    assert sample(m, "stellwerk_expert_contacts_total", channel="email", outcome="abandoned") == 1
+    assert sample(m, "stellwerk_expert_wait_seconds_sum", channel="phone", outcome="assigned") == 3
+    assert (
+        sample(m, "stellwerk_contacts_abandoned_total", queue="second-level", channel="email") == 1
+    )
+
+
+def test_refused_agent_commands_and_rejected_inputs_are_counted_by_reason() -> None:
+    m = Metrics()
+    m.observe_commands(
+        [
+            RefusedCmd(agent_id="a2", reason="not_your_offer", detail="o1 belongs to a1"),
+            RefusedCmd(agent_id="zz", reason="unknown_agent"),
+            RefusedCmd(agent_id="a2", reason="not_your_offer"),
+        ]
+    )
+    m.observe_rejected("discourse", "bad_signature")
+    m.observe_rejected("discourse", "bad_signature")
+    m.observe_rejected("asterisk-ari", "not_json")
+    assert sample(m, "stellwerk_agent_commands_refused_total", reason="not_your_offer") == 2
+    assert sample(m, "stellwerk_agent_commands_refused_total", reason="unknown_agent") == 1
+    assert (
+        sample(m, "stellwerk_rejected_inputs_total", source="discourse", reason="bad_signature")
+        == 2
+    )
+    assert (
+        sample(m, "stellwerk_rejected_inputs_total", source="asterisk-ari", reason="not_json") == 1
+    )
+
+
+TWO_QUEUES = ROUTING.replace(
+    "queues:\n", "queues:\n  billing: {skills: {de: 1}, channels: [chat]}\n"
+).replace("agents:\n", "agents:\n  - {id: a3, skills: {de: 1}}\n")
+
+
+def test_refresh_follows_the_engine_and_forgets_queues_dropped_by_a_reload() -> None:
+    engine = Engine(parse_routing(TWO_QUEUES))
+    m = Metrics()
+    engine.handle(Login(agent_id="a1"), 0.0)
+    engine.handle(Login(agent_id="a2", state="away", reason="break"), 0.0)
+    m.refresh(engine, 1.0)
+    assert sample(m, "stellwerk_queue_agents_ready", queue="billing") == 1
+    assert sample(m, "stellwerk_queue_sla_seconds", queue="billing") == 20  # the default SLA
+    assert sample(m, "stellwerk_agents", state="available") == 1
+    assert sample(m, "stellwerk_agents", state="away") == 1
+    assert sample(m, "stellwerk_agents", state="offline") == 1
+    assert sample(m, "stellwerk_agents", state="not_responding") == 0
+    engine.reload(parse_routing(ROUTING), 2.0)
+    m.refresh(engine, 2.0)
+    assert sample(m, "stellwerk_queue_agents_ready", queue="billing") is None
+    assert sample(m, "stellwerk_queue_sla_seconds", queue="billing") is None
+    assert sample(m, "stellwerk_queue_agents_ready", queue="support") == 1
+
+
+def test_each_metrics_object_has_its_own_registry() -> None:
+    a, b = Metrics(), Metrics()
+    a.observe_rejected("x", "not_json")
+    assert sample(a, "stellwerk_rejected_inputs_total", source="x", reason="not_json") == 1
+    assert sample(b, "stellwerk_rejected_inputs_total", source="x", reason="not_json") is None
+
+
+def _busy_metrics() -> Metrics:
+    m = Metrics()
+    m.observe_received(contact("email:1", "email"))
+    m.observe_commands(
+        [
+            EventCmd(
+                type="contact.queued", data={"queue": "support", "channel": "email", "rule": "r"}
+            ),
+            EventCmd(
+                type="contact.assigned",
+                data={"queue": "support", "channel": "email", "waited": 12.0, "expert": True},
+            ),
+            RefusedCmd(agent_id="a", reason="not_your_offer"),
+        ]
+    )
+    m.observe_rejected("discourse", "bad_signature")
+    m.observe_decision(0.00012)
+    m.set_journal_lag(3, 0.25)
+    m.set_status(redis=True, mqtt=False, lease=True)
+    engine = Engine(parse_routing(ROUTING))
+    for cmds in (engine.handle(call("1"), 0.0), engine.handle(call("1", "end"), 4.0)):
+        m.observe_commands(cmds)
+    m.refresh(engine, 5.0)
+    return m
+
+
+def test_exposition_is_valid_for_the_prometheus_parser() -> None:
+    families = {
+        f.name for f in text_string_to_metric_families(_busy_metrics().exposition().decode())
+    }
+    for name in (
+        "stellwerk_contacts_received",
+        "stellwerk_wait_seconds",
+        "stellwerk_routing_decision_seconds",
+        "stellwerk_journal_lag_entries",
+        "stellwerk_service_level_ratio",
+        "stellwerk_agents",
+    ):
+        assert name in families
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_exposition_passes_promtool_check_metrics() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=_busy_metrics().exposition(),
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+waits = st.floats(min_value=0, max_value=5000, allow_nan=False)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["contact.assigned", "contact.abandoned"]), waits)))
+def test_every_wait_lands_in_exactly_one_histogram_series(events: list[tuple[str, float]]) -> None:
+    m = Metrics()
+    m.observe_commands(
+        EventCmd(type=k, data={"queue": "q", "channel": "chat", "waited": w}) for k, w in events
+    )
+    for outcome, kind in (("assigned", "contact.assigned"), ("abandoned", "contact.abandoned")):
+        mine = [w for k, w in events if k == kind]
+        count = sample(
+            m, "stellwerk_wait_seconds_count", queue="q", channel="chat", outcome=outcome
+        )
+        assert (count or 0) == len(mine)
+        if mine:
+            total = sample(
+                m, "stellwerk_wait_seconds_sum", queue="q", channel="chat", outcome=outcome
+            )
+            assert total == pytest.approx(sum(mine))
+            # the +Inf bucket holds everything, the 20 s bucket exactly the short waits
+            assert sample(
+                m,
+                "stellwerk_wait_seconds_bucket",
+                queue="q",
+                channel="chat",
+                outcome=outcome,
+                le="20.0",
+            ) == sum(1 for w in mine if w <= 20)
+
+
+def call(cid: str, kind: Any = "new", phone: str = "+4930123456") -> ContactEvent:
+    return ContactEvent(
+        kind=kind,
+        contact_id=f"asterisk-ari:{cid}",
+        channel="phone",
+        source="asterisk-ari",
+        external_id=cid,
+        sender=Sender(phone=phone),
+        end_reason="hangup" if kind == "end" else None,
+    )
+
+
+def test_the_real_engine_feeds_counters_gauges_and_service_level() -> None:
+    engine = Engine(parse_routing(ROUTING))
+    m = Metrics()
+
+    def feed(message: Any, now: float) -> list[Command]:
+        cmds = engine.handle(message, now)
+        m.observe_commands(cmds)
+        return cmds
+
+    feed(call("1"), 0.0)
+    assert sample(m, "stellwerk_contacts_routed_total", queue="support", channel="phone") == 1
+    assert sample(m, "stellwerk_rule_hits_total", rule="default") == 1
+    m.refresh(engine, 30.0)
+    assert sample(m, "stellwerk_queue_waiting", queue="support") == 1
+    assert sample(m, "stellwerk_queue_oldest_wait_seconds", queue="support") == 30
+    assert sample(m, "stellwerk_agents", state="offline") == 2
+    assert sample(m, "stellwerk_service_level_ratio", queue="support") is None  # nothing closed
+
+    offers = [c for c in feed(Login(agent_id="a1"), 30.0) if isinstance(c, OfferCmd)]
+    assert sample(m, "stellwerk_offers_total", outcome="offered") == 1
+    feed(Accept(agent_id="a1", offer_id=offers[0].offer_id), 32.0)
+    feed(call("1", "end"), 92.0)
+    m.refresh(engine, 93.0)
+    assert sample(m, "stellwerk_contacts_assigned_total", queue="support", channel="phone") == 1
+    assert (
+        sample(
+            m, "stellwerk_wait_seconds_sum", queue="support", channel="phone", outcome="assigned"
+        )
+        == 32
+    )
+    assert sample(m, "stellwerk_contacts_completed_total", queue="support") == 1
+    assert sample(m, "stellwerk_handle_seconds_sum", queue="support") == 60
+    assert sample(m, "stellwerk_queue_waiting", queue="support") == 0
+    # answered after 32 s against a 20 s target
+    assert sample(m, "stellwerk_service_level_ratio", queue="support") == 0
+    assert sample(m, "stellwerk_queue_sla_target_ratio", queue="support") == 0.8
+
+    # a1 is in wrap-up until 97; an expert calls and a2 logs in and takes it at once
+    feed(call("2", phone="+491711111111"), 94.0)
+    offers = [c for c in feed(Login(agent_id="a2"), 95.0) if isinstance(c, OfferCmd)]
+    assert [o.agent_id for o in offers] == ["a2"]
+    # a1 cannot take a2's offer
+    feed(Accept(agent_id="a1", offer_id=offers[0].offer_id), 96.0)
+    assert sample(m, "stellwerk_agent_commands_refused_total", reason="not_your_offer") == 1
+    feed(Accept(agent_id="a2", offer_id=offers[0].offer_id), 96.0)
+    assert sample(m, "stellwerk_rule_hits_total", rule="expert") == 1
+    assert sample(m, "stellwerk_expert_contacts_total", channel="phone", outcome="assigned") == 1
+    assert sample(m, "stellwerk_expert_wait_seconds_sum", channel="phone", outcome="assigned") == 2
+    m.refresh(engine, 96.5)
+    assert sample(m, "stellwerk_service_level_ratio", queue="support") == 0.5
+    assert sample(m, "stellwerk_agents_busy") == 2
+
+
+def test_a_hang_up_while_queued_counts_as_abandoned_with_its_wait() -> None:
+    engine = Engine(parse_routing(ROUTING))
+    m = Metrics()
+    m.observe_commands(engine.handle(call("9"), 10.0))
+    m.observe_commands(engine.handle(call("9", "end"), 55.0))
+    assert sample(m, "stellwerk_contacts_abandoned_total", queue="support", channel="phone") == 1
+    assert (
+        sample(
+            m, "stellwerk_wait_seconds_sum", queue="support", channel="phone", outcome="abandoned"
+        )
+        == 45
+    )
