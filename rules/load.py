@@ -295,7 +295,9 @@ def _compose(src: _Source, problems: list[Problem]) -> yaml.Node | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         index = mark.index if mark is not None else 0
-        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        what = exc.problem or "cannot parse"
+        if exc.context and exc.context_mark is not None:
+            what += f" ({exc.context} at line {exc.context_mark.line + 1})"
         problems.append(src.problem(index, f"bad YAML: {what}"))
         return None
     except yaml.YAMLError as exc:
@@ -452,9 +454,11 @@ def _check(
     for channel, cost in cap.cost.items():
         if not 0 < cost <= cap.budget:
             c.at(cap.cost, channel, f"cost of {channel} must be between 1 and the budget")
-    served = {ch for q in file.queues.values() for ch in q.channels}
+    # A channel that is served or staffed needs a cost; report each missing one once.
+    used = {ch for q in file.queues.values() for ch in q.channels}
+    used |= {ch for a in file.agents for ch, limit in a.capacity.items() if limit > 0}
     for channel in CHANNELS:
-        if channel in served and channel not in cap.cost:
+        if channel in used and channel not in cap.cost:
             c.at(cap, "cost", f"capacity cost missing for channel {channel!r}")
 
     d = file.defaults
@@ -523,8 +527,6 @@ def _check_agents(c: _Checker, file: RoutingFile, declared: set[str]) -> None:
         for channel, limit in agent.capacity.items():
             if limit < 0:
                 c.at(agent.capacity, channel, "capacity must not be negative")
-            elif limit > 0 and channel not in file.capacity.cost:
-                c.at(agent.capacity, channel, f"capacity cost missing for channel {channel!r}")
         if agent.budget is not None and agent.budget <= 0:
             c.at(agent, "budget", "budget must be positive")
 
