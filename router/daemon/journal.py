@@ -7,8 +7,9 @@ Inputs that cannot be decoded go to the dead-letter stream instead, with their r
 acknowledged too (redelivering them would change nothing).
 
 Keys (all under the configured ``key_prefix``): ``journal`` (stream), ``deadletter`` (stream),
-``snapshot`` (hash: data, last_id, at), ``published`` (id of the last entry whose commands the
-router published), ``lease`` (the routing lease, see :mod:`router.daemon.lease`).
+``snapshot`` (hash: data, last_id, at, now), ``published`` (id of the last entry whose commands
+the router published), ``lease`` (the routing lease, see :mod:`router.daemon.lease`), ``poison``
+(ids of entries the engine failed on; skipped by every replay).
 
 Snapshot and published-mark writes are fenced by the lease token: a router that lost its lease
 cannot overwrite the state of the one that took over.
@@ -100,14 +101,20 @@ class Keys:
     def lease(self) -> str:
         return f"{self.prefix}lease"
 
+    @property
+    def poison(self) -> str:
+        return f"{self.prefix}poison"
+
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A saved engine state and the id of the last journal entry it includes."""
+    """A saved engine state, the id of the last journal entry it includes, and the engine time
+    (``now``) of that entry; ``at`` is the wall-clock time the snapshot was written."""
 
     data: bytes
     last_id: str
     at: float
+    now: float = 0.0
 
 
 def connect_redis(url: str, *, timeout: float = 5.0) -> aioredis.Redis:
@@ -128,7 +135,7 @@ def connect_redis(url: str, *, timeout: float = 5.0) -> aioredis.Redis:
 # Only the lease holder may write the snapshot or the published mark (ARGV[1] is its token).
 _FENCED_HSET = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'data', ARGV[2], 'last_id', ARGV[3], 'at', ARGV[4])
+redis.call('HSET', KEYS[1], 'data', ARGV[2], 'last_id', ARGV[3], 'at', ARGV[4], 'now', ARGV[5])
 return 1
 """
 _FENCED_SET = """
@@ -262,7 +269,12 @@ class Journal:
         return len(rows), age
 
     async def save_snapshot(
-        self, engine_bytes: bytes, last_id: str, *, lease_token: str | None = None
+        self,
+        engine_bytes: bytes,
+        last_id: str,
+        *,
+        now: float = 0.0,
+        lease_token: str | None = None,
     ) -> bool:
         """Save the engine state covering the journal up to ``last_id``.
 
@@ -272,7 +284,7 @@ class Journal:
         try:
             done = await self._fenced_hset(
                 keys=[self.keys.snapshot, self.keys.lease],
-                args=[lease_token or "", engine_bytes, last_id, repr(time.time())],
+                args=[lease_token or "", engine_bytes, last_id, repr(time.time()), repr(now)],
             )
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
@@ -290,6 +302,7 @@ class Journal:
             data=fields[b"data"],
             last_id=fields.get(b"last_id", b"0-0").decode(),
             at=float(fields.get(b"at", b"0")),
+            now=float(fields.get(b"now", b"0")),
         )
 
     async def set_published(self, last_id: str, *, lease_token: str | None = None) -> bool:

@@ -237,3 +237,108 @@ def daemons(tmp_path: Path) -> Iterator[Callable[[dict[str, str], str], DaemonPr
         if d.proc is not None and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait(5)
+
+
+# ---- routing files, payloads, the daemon in-process -----------------------------------------
+
+SAMPLES = REPO / "tests" / "fixtures" / "samples"
+EXPERT_PHONE = "+4930111111"
+
+
+def write_routing(
+    path: Path,
+    agents: tuple[str, ...] = ("anna",),
+    *,
+    offer_timeout: float = 1.0,
+    wrap_up: float = 0.3,
+) -> Path:
+    """A small routing file: a support queue, an expert desk (weight 10), one expert."""
+    agent_lines = "\n".join(
+        f"  - {{id: {a}, skills: {{support: 3, second_level: 2}}, "
+        f"capacity: {{phone: 1, chat: 3, email: 5, social: 5}}}}"
+        for a in agents
+    )
+    path.write_text(
+        f"""version: 1
+defaults:
+  offer_timeout: {offer_timeout}
+  wrap_up: {wrap_up}
+  reject_cooldown: 60
+skills: [support, second_level]
+queues:
+  support:
+    skills: {{support: 1}}
+  expert_desk:
+    skills: {{second_level: 1}}
+    weight: 10
+agents:
+{agent_lines}
+experts:
+  - {{id: x-heinz, name: Heinz, phones: ["{EXPERT_PHONE}"]}}
+rules:
+  - name: crowd_expert
+    when: customer.expert
+    queue: expert_desk
+    priority: 100
+  - name: default
+    default: true
+    queue: support
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def ari(event: str, channel_id: str, caller: str = "030 5550100") -> bytes:
+    """A real ARI event (StasisStart / StasisEnd sample) for another channel and caller."""
+    name = {"StasisStart": "asterisk-ari-stasis-start", "StasisEnd": "asterisk-ari-stasis-end"}
+    data = json.loads((SAMPLES / "phone" / f"{name[event]}.json").read_bytes())
+    data["channel"]["id"] = channel_id
+    data["channel"]["caller"]["number"] = caller
+    return json.dumps(data).encode()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def start_daemon(
+    daemon_env: Callable[..., dict[str, str]],
+) -> AsyncIterator[Callable[..., Any]]:
+    """Run ``Daemon`` in this event loop; returns once it routes. Stopped after the test."""
+    from router.daemon.config import load_settings
+    from router.daemon.main import Daemon
+    from rules.load import load_routing
+
+    running: list[tuple[Any, asyncio.Task[None]]] = []
+
+    async def start(routing: Path, node: str = "a", **extra: str) -> Any:
+        env = daemon_env(routing, node, **extra)
+        daemon = Daemon(load_settings(None, env=env), load_routing(routing), handle_signals=False)
+        task = asyncio.create_task(daemon.run(), name=f"daemon-{node}")
+        running.append((daemon, task))
+        await wait_until(
+            lambda: task.done() or (daemon.state.view is not None and daemon.state.mqtt_ok),
+            10,
+            "the daemon to route",
+        )
+        if task.done():
+            task.result()
+        return daemon
+
+    yield start
+    for daemon, _ in running:
+        daemon.stopping.set()
+    for _, task in running:
+        await asyncio.wait_for(task, 15)

@@ -1,0 +1,336 @@
+"""MQTT: ingress with acknowledgement after the journal write, and the publisher of commands.
+
+Ingress subscribes (QoS 1, persistent session, shared subscription ``$share/{group}/...``) to
+``{prefix}/in/{channel}/{source}`` (native payloads) and ``{prefix}/agents/{agent_id}/cmd``
+(agent commands). aiomqtt 2.5 has no manual-ack switch of its own, so we turn on paho-mqtt's
+(``manual_ack_set(True)`` on the wrapped client, before connecting) and send each PUBACK with
+``ack(mid, qos)`` only after the journal append returned. A payload the decoder rejects is in the
+dead-letter stream and is acknowledged too; only an unreachable Redis withholds the PUBACK: the
+batch is retried with back-off while the connection lasts, and if the daemon dies meanwhile the
+broker redelivers the message to the session (or to another member of the share group).
+
+The publisher is a second connection (clean session) that sends offers, cancels, refusals and
+events with QoS 1 and waits for the broker's PUBACK, reconnecting with capped, jittered back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import msgspec
+import structlog
+from redis.backoff import ExponentialWithJitterBackoff
+
+from router.daemon.config import MqttSettings, Settings
+from router.daemon.intake import Intake
+from router.daemon.journal import JournalUnavailable
+from router.daemon.metrics import Metrics
+from router.messages import CancelOfferCmd, Command, EventCmd, OfferCmd, RefusedCmd
+
+log = structlog.get_logger("stellwerk.mqtt")
+
+_ENCODE = msgspec.json.Encoder().encode
+MAX_BATCH = 256
+Message = tuple[str, bytes]
+"""(topic, payload) to publish."""
+
+
+def backoff() -> ExponentialWithJitterBackoff:
+    """Capped (10 s), fully jittered exponential back-off for reconnects and retries."""
+    return ExponentialWithJitterBackoff(cap=10.0, base=0.1)
+
+
+def make_client(
+    mqtt: MqttSettings, identifier: str, *, persistent: bool, manual_ack: bool = False
+) -> aiomqtt.Client:
+    """An aiomqtt client from the settings (not yet connected)."""
+    user, password = mqtt.credentials
+    client = aiomqtt.Client(
+        mqtt.host,
+        mqtt.port,
+        username=user,
+        password=password,
+        identifier=identifier,
+        clean_session=not persistent,
+        keepalive=mqtt.keepalive,
+        max_inflight_messages=mqtt.max_inflight,
+        tls_context=ssl.create_default_context() if mqtt.tls else None,
+        timeout=10.0,
+    )
+    if manual_ack:
+        # Must be set before CONNACK: a persistent session delivers its backlog at once.
+        client._client.manual_ack_set(True)
+    return client
+
+
+# ---- commands -> messages ------------------------------------------------------------------
+
+
+def command_messages(cmd: Command, prefix: str) -> list[Message]:
+    """The MQTT messages that carry out one engine command."""
+    if isinstance(cmd, OfferCmd | CancelOfferCmd | RefusedCmd):
+        kind = (
+            "offer"
+            if isinstance(cmd, OfferCmd)
+            else "cancel"
+            if isinstance(cmd, CancelOfferCmd)
+            else "refused"
+        )
+        body: dict[str, Any] = {"type": kind, **msgspec.structs.asdict(cmd)}
+        if cmd.agent_id is None:
+            return [(f"{prefix}/events/agent.refused", _ENCODE(body))]
+        return [(f"{prefix}/agents/{cmd.agent_id}/offers", _ENCODE(body))]
+    if isinstance(cmd, EventCmd):
+        return [(f"{prefix}/events/{cmd.type}", _ENCODE({"type": cmd.type, **cmd.data}))]
+    return []
+
+
+def refused_message(prefix: str, agent_id: str, reason: str, detail: str) -> Message:
+    """Tell an agent desktop that its command was refused (bad JSON, unknown op...)."""
+    body = {"type": "refused", "agent_id": agent_id, "reason": reason, "detail": detail}
+    return f"{prefix}/agents/{agent_id}/offers", _ENCODE(body)
+
+
+# ---- publisher -----------------------------------------------------------------------------
+
+
+class Publisher:
+    """QoS 1 publishing over its own connection; ``publish_many`` returns once all are PUBACKed.
+
+    While the broker is unreachable, publishing waits (and retries) rather than dropping: an
+    offer the agent never saw would strand its contact until the offer expired.
+    """
+
+    def __init__(self, settings: Settings, *, on_status: Callable[[bool], None] | None = None):
+        self.settings = settings
+        self._client: aiomqtt.Client | None = None
+        self._ready = asyncio.Event()
+        self._on_status = on_status
+        self._identifier = f"{settings.mqtt.identifier()}-pub"
+
+    @property
+    def connected(self) -> bool:
+        """Whether the publishing connection is up."""
+        return self._ready.is_set()
+
+    async def run(self) -> None:
+        """Keep the connection up until cancelled."""
+        delays = backoff()
+        failures = 0
+        while True:
+            client = make_client(self.settings.mqtt, self._identifier, persistent=False)
+            try:
+                async with client:
+                    failures = 0
+                    self._client = client
+                    self._ready.set()
+                    self._status(True)
+                    log.info("mqtt.publisher.connected", client_id=self._identifier)
+                    # Nothing is subscribed: the iterator only ends (raising) when the link drops.
+                    async for _ in client.messages:
+                        pass
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt.publisher.disconnected", error=str(exc))
+            finally:
+                self._ready.clear()
+                self._client = None
+                self._status(False)
+            failures += 1
+            await asyncio.sleep(delays.compute(failures))
+
+    def _status(self, up: bool) -> None:
+        if self._on_status is not None:
+            self._on_status(up)
+
+    async def publish_many(self, messages: Sequence[Message]) -> None:
+        """Publish all (QoS 1), concurrently; retry the ones that failed until all are acked."""
+        pending = list(messages)
+        delays = backoff()
+        failures = 0
+        while pending:
+            await self._ready.wait()
+            client = self._client
+            if client is None:
+                continue
+            results = await asyncio.gather(
+                *(client.publish(t, p, qos=1) for t, p in pending), return_exceptions=True
+            )
+            failed = []
+            for msg, res in zip(pending, results, strict=True):
+                if isinstance(res, BaseException):
+                    if not isinstance(res, aiomqtt.MqttError | RuntimeError):
+                        raise res
+                    failed.append(msg)
+            if failed:
+                failures += 1
+                log.warning("mqtt.publish.retry", failed=len(failed), attempt=failures)
+                await asyncio.sleep(delays.compute(failures))
+            pending = failed
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish one message (QoS 1), waiting for the connection if need be."""
+        await self.publish_many([(topic, payload)])
+
+
+# ---- ingress -------------------------------------------------------------------------------
+
+
+class Ingress:
+    """Consumes the ingress and agent-command topics into the journal (see module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        intake: Intake,
+        publisher: Publisher,
+        *,
+        metrics: Metrics | None = None,
+        on_status: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.intake = intake
+        self.publisher = publisher
+        self.metrics = metrics
+        self._on_status = on_status
+        self.prefix = settings.topic_prefix
+        group = settings.mqtt.share_group
+        self.topics = (
+            f"$share/{group}/{self.prefix}/in/+/+",
+            f"$share/{group}/{self.prefix}/agents/+/cmd",
+        )
+        self._stopping = asyncio.Event()
+        self.connected = False
+
+    def stop(self) -> None:
+        """Stop taking new messages (the batch in hand is still journaled and acknowledged)."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Connect, subscribe and consume until :meth:`stop` or cancellation."""
+        delays = backoff()
+        failures = 0
+        identifier = self.settings.mqtt.identifier()
+        while not self._stopping.is_set():
+            client = make_client(self.settings.mqtt, identifier, persistent=True, manual_ack=True)
+            try:
+                async with client:
+                    for topic in self.topics:
+                        await client.subscribe(topic, qos=1)
+                    failures = 0
+                    self._status(True)
+                    log.info("mqtt.ingress.connected", client_id=identifier, topics=self.topics)
+                    await self._consume(client)
+                    return
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt.ingress.disconnected", error=str(exc))
+            finally:
+                self._status(False)
+            failures += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delays.compute(failures))
+
+    def _status(self, up: bool) -> None:
+        self.connected = up
+        if self._on_status is not None:
+            self._on_status(up)
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        messages = client.messages.__aiter__()
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(messages.__anext__())
+                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await nxt
+                    return
+                batch = [nxt.result()]
+                # Whatever else is already queued goes into the same journal round trip.
+                while len(batch) < MAX_BATCH and len(client.messages) > 0:
+                    batch.append(await messages.__anext__())
+                await self._handle_batch(client, batch)
+        finally:
+            stop.cancel()
+
+    async def _handle_batch(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
+        stages = _Batch.split(self.prefix, batch)
+        delays = backoff()
+        failures = 0
+        while True:
+            try:
+                await self._journal(stages)
+                break
+            except JournalUnavailable as exc:
+                # No PUBACK: the messages stay the broker's until Redis takes them.
+                failures += 1
+                if self.metrics is not None:
+                    self.metrics.observe_ingress("mqtt", "unavailable")
+                log.warning("mqtt.ingress.journal_down", error=str(exc), held=len(batch))
+                await asyncio.sleep(delays.compute(failures))
+        for message in batch:
+            client._client.ack(message.mid, message.qos)
+        if self.metrics is not None:
+            for ok in stages.outcomes:
+                self.metrics.observe_ingress("mqtt", "accepted" if ok else "rejected")
+        if stages.refusals:
+            await self.publisher.publish_many(stages.refusals)
+
+    async def _journal(self, stages: _Batch) -> None:
+        # Each stage is marked done once written, so a retry after a Redis failure does not
+        # journal the earlier stages twice.
+        if stages.deliveries:
+            results = await self.intake.accept_many(stages.deliveries)
+            stages.outcomes.extend(r.ok for r in results)
+            stages.deliveries = []
+        if stages.commands:
+            cmd_results = await self.intake.accept_agent_commands(stages.commands)
+            for (agent_id, _), res in zip(stages.commands, cmd_results, strict=True):
+                stages.outcomes.append(res.ok)
+                if not res.ok:
+                    stages.refusals.append(
+                        refused_message(self.prefix, agent_id, res.reason or "", res.detail)
+                    )
+            stages.commands = []
+        while stages.strays:
+            topic, payload = stages.strays[0]
+            await self.intake.journal.dead_letter(
+                "mqtt", "unknown_topic", topic, payload, {"mqtt-topic": topic}
+            )
+            stages.outcomes.append(False)
+            stages.strays.pop(0)
+
+
+@dataclass
+class _Batch:
+    """One batch of ingress messages sorted by kind, with what has been journaled so far."""
+
+    deliveries: list[tuple[str, bytes, Mapping[str, str]]] = field(default_factory=list)
+    commands: list[tuple[str, bytes]] = field(default_factory=list)
+    strays: list[tuple[str, bytes]] = field(default_factory=list)
+    outcomes: list[bool] = field(default_factory=list)
+    refusals: list[Message] = field(default_factory=list)
+
+    @classmethod
+    def split(cls, prefix: str, batch: Iterable[aiomqtt.Message]) -> _Batch:
+        out = cls()
+        for message in batch:
+            topic = message.topic.value
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            parts = topic[len(prefix) + 1 :].split("/")
+            if len(parts) == 3 and parts[0] == "in":
+                out.deliveries.append(
+                    (parts[2], payload, {"mqtt-topic": topic, "channel": parts[1]})
+                )
+            elif len(parts) == 3 and parts[0] == "agents" and parts[2] == "cmd":
+                out.commands.append((parts[1], payload))
+            else:
+                out.strays.append((topic, payload))
+        return out

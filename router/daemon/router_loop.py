@@ -1,0 +1,456 @@
+"""The router task: lease -> restore snapshot -> replay the journal tail -> route live.
+
+Only the lease holder routes. On taking the lease it restores the last snapshot and replays the
+journal after it; commands of replayed entries up to the ``published`` mark were already carried
+out by the previous holder and are not sent again, later ones are. It then re-publishes every
+outstanding offer (agent desktops de-duplicate by ``offer_id``), so an offer made just before a
+crash is never lost. Live, it reads the journal in order, applies each entry with
+``now = entry.at`` (never going back in time), publishes the commands (QoS 1, PUBACKed), records
+the published mark, and snapshots every ``snapshot_every`` entries or ``snapshot_interval``
+seconds, after publishing, so a snapshot never covers an entry whose commands were not sent.
+
+Timers: when ``engine.next_deadline()`` is due the router appends a tick entry to the journal and
+fires the timers when it reads the tick back, so a replay fires them at the same place.
+
+An entry the engine fails on (a bug, not bad input: bad input never gets this far) is recorded in
+the ``poison`` set and the dead-letter stream, and routing restarts from the snapshot without it,
+so the daemon keeps routing and replays stay deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from router.daemon.http import AppState
+from router.daemon.journal import (
+    AgentEntry,
+    ContactEntry,
+    Journal,
+    JournalEntry,
+    JournalUnavailable,
+    TickEntry,
+    encode_entry,
+)
+from router.daemon.lease import Lease
+from router.daemon.metrics import Metrics
+from router.daemon.mqtt import Message, Publisher, backoff, command_messages
+from router.engine import Engine
+from router.messages import Command, EventCmd, OfferCmd, RefusedCmd, Tick
+from rules.load import RoutingFileError, load_routing
+from rules.table import RoutingTable
+
+log = structlog.get_logger("stellwerk.router")
+
+# An idle XREAD returns at least this often, so reloads and shutdown are never kept waiting.
+MAX_BLOCK_MS = 250
+# Decision events get one canonical info line each; the rest go to debug (they are on MQTT).
+_DECISIONS = frozenset(
+    {
+        "contact.queued",
+        "contact.offered",
+        "contact.rejected",
+        "contact.abandoned",
+        "contact.overflowed",
+        "contact.escalated",
+        "contact.answered_by_crowd",
+        "agent.state",
+    }
+)
+_LOG_FIELDS = (
+    "contact_id",
+    "channel",
+    "source",
+    "queue",
+    "rule",
+    "priority",
+    "expert",
+    "agent_id",
+    "offer_id",
+    "waited",
+    "reason",
+    "to",
+    "state",
+    "previous",
+)
+
+
+class _LostLease(Exception):
+    """A fenced write was refused: another daemon routes now."""
+
+
+class _Poisoned(Exception):
+    """The engine raised on an entry; routing restarts without it."""
+
+    def __init__(self, entry_id: str) -> None:
+        self.entry_id = entry_id
+        super().__init__(entry_id)
+
+
+@dataclass
+class RouterOptions:
+    """How the router loop behaves (from :class:`~router.daemon.config.RouterSettings`)."""
+
+    topic_prefix: str
+    routing_path: str
+    batch: int = 512
+    snapshot_every: int = 5000
+    snapshot_interval: float = 10.0
+    journal_retention: float = 3600.0
+
+
+@dataclass
+class _Run:
+    """The state of one routing session (one lease tenure)."""
+
+    engine: Engine
+    last_id: str
+    now: float
+    published: str
+    since_snapshot: int = 0
+    snapshot_at: float = field(default_factory=time.monotonic)
+    tick_pending: bool = False
+    poison: set[str] = field(default_factory=set)
+
+
+class Router:
+    """Routes while this daemon holds the lease; a standby otherwise."""
+
+    def __init__(
+        self,
+        options: RouterOptions,
+        journal: Journal,
+        lease: Lease,
+        publisher: Publisher,
+        table: RoutingTable,
+        *,
+        metrics: Metrics | None = None,
+        state: AppState | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options
+        self.journal = journal
+        self.lease = lease
+        self.publisher = publisher
+        self.table = table
+        self.metrics = metrics
+        self.state = state if state is not None else AppState()
+        self._clock = clock
+        self._reloads: asyncio.Queue[asyncio.Future[list[str]]] = asyncio.Queue()
+        self._run: _Run | None = None
+
+    # ---- the outer loop: lease tenure -------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Route whenever we hold the lease, until ``stopping`` is set (then hand over)."""
+        delays = backoff()
+        failures = 0
+        while not stopping.is_set():
+            if not await self.lease.wait_acquire(stopping):
+                break
+            log.info("lease.acquired", node=self.lease.node_id)
+            self._set_lease(True)
+            route = asyncio.create_task(self._route(stopping), name="router.route")
+            keep = asyncio.create_task(self.lease.keep(), name="router.lease")
+            try:
+                done, _ = await asyncio.wait({route, keep}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (route, keep):
+                    task.cancel()
+                for task in (route, keep):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                self._set_lease(False)
+                self._run = None
+            if keep in done:
+                log.error("router.stopped", reason="lease_lost")
+                continue
+            exc = route.exception()
+            if exc is None:
+                break  # stopping: the final snapshot was written, the lease released
+            if isinstance(exc, _LostLease):
+                log.error("router.stopped", reason="lease_taken_over")
+                continue
+            if isinstance(exc, _Poisoned):
+                await self.lease.release()
+                continue
+            if isinstance(exc, JournalUnavailable):
+                # Redis went away: give the lease back (it may expire anyway) and start over
+                # from the snapshot once it is back.
+                failures += 1
+                log.warning("router.redis_down", error=str(exc))
+                await self.lease.release()
+                await asyncio.sleep(delays.compute(failures))
+                continue
+            raise exc
+        self.state.reload = None
+
+    def _set_lease(self, held: bool) -> None:
+        self.state.lease_held = held
+        if not held:
+            self.state.view = None
+            self.state.reload = None
+        if self.metrics is not None:
+            self.metrics.lease_held.set(1 if held else 0)
+
+    # ---- one tenure -----------------------------------------------------------------------------
+
+    async def _route(self, stopping: asyncio.Event) -> None:
+        run = await self._restore()
+        self._run = run
+        self.state.view = run.engine
+        self.state.reload = self.reload
+        log.info("router.routing", last_id=run.last_id)
+        last_refresh = 0.0
+        while not stopping.is_set():
+            await self._serve_reloads(run)
+            block = self._block_ms(run)
+            rows = await self.journal.read_after(run.last_id, block, self.options.batch)
+            if rows:
+                await self._apply_batch(run, rows, live=True)
+            await self._maybe_tick(run)
+            await self._maybe_snapshot(run)
+            if time.monotonic() - last_refresh >= 1.0:
+                last_refresh = time.monotonic()
+                await self._refresh_metrics(run)
+        # Graceful hand-over: everything in the journal is applied, published and snapshotted.
+        while rows := await self.journal.read_after(run.last_id, None, self.options.batch):
+            await self._apply_batch(run, rows, live=True)
+        await self._snapshot(run)
+        await self.lease.release()
+        log.info("router.handed_over", last_id=run.last_id)
+
+    async def _restore(self) -> _Run:
+        snap = await self.journal.load_snapshot()
+        if snap is not None:
+            engine = Engine.restore(self.table, snap.data)
+            run = _Run(engine=engine, last_id=snap.last_id, now=snap.now, published="0-0")
+        else:
+            run = _Run(engine=Engine(self.table), last_id="0-0", now=0.0, published="0-0")
+        run.published = await self.journal.published()
+        run.poison = await self._poisoned()
+        replayed = 0
+        while rows := await self.journal.read_after(run.last_id, None, self.options.batch):
+            replayed += len(rows)
+            await self._apply_batch(run, rows, live=False)
+        offers = _outstanding_offers(run.engine)
+        if offers:
+            await self.publisher.publish_many(
+                [m for cmd in offers for m in command_messages(cmd, self.options.topic_prefix)]
+            )
+        await self._snapshot(run)
+        log.info(
+            "router.restored",
+            snapshot=snap.last_id if snap else None,
+            replayed=replayed,
+            offers_republished=len(offers),
+            contacts=len(run.engine.state.contacts),
+        )
+        return run
+
+    def _block_ms(self, run: _Run) -> int:
+        deadline = run.engine.next_deadline()
+        if deadline is None or run.tick_pending:
+            return MAX_BLOCK_MS
+        wait = deadline - self._clock()
+        return max(1, min(MAX_BLOCK_MS, int(wait * 1000) + 1))
+
+    async def _apply_batch(
+        self, run: _Run, rows: list[tuple[str, JournalEntry | None]], *, live: bool
+    ) -> None:
+        poison = run.poison
+        out: list[Message] = []
+        prefix = self.options.topic_prefix
+        for entry_id, entry in rows:
+            if entry is None or entry_id in poison:
+                log.error("journal.entry_skipped", id=entry_id, poisoned=entry_id in poison)
+                run.last_id = entry_id
+                continue
+            if isinstance(entry, TickEntry):
+                run.tick_pending = False
+            run.now = max(run.now, entry.at)
+            started = time.perf_counter()
+            try:
+                cmds = run.engine.handle(_engine_input(entry), run.now)
+            except Exception as exc:
+                await self._poison(run, entry_id, entry, exc, out)
+                raise _Poisoned(entry_id) from exc
+            if self.metrics is not None:
+                self.metrics.observe_decision(time.perf_counter() - started)
+            run.last_id = entry_id
+            run.since_snapshot += 1
+            if _id_after(entry_id, run.published):
+                if self.metrics is not None:
+                    self.metrics.observe_commands(cmds)
+                for cmd in cmds:
+                    _log_command(cmd)
+                    out.extend(command_messages(cmd, prefix))
+        if out:
+            if live and not self.lease.held:
+                raise _LostLease()
+            await self.publisher.publish_many(out)
+        if _id_after(run.last_id, run.published):
+            if not await self.journal.set_published(run.last_id, lease_token=self.lease.token):
+                raise _LostLease()
+            run.published = run.last_id
+
+    async def _poison(
+        self, run: _Run, entry_id: str, entry: JournalEntry, exc: Exception, out: list[Message]
+    ) -> None:
+        log.exception("router.engine_failed", id=entry_id, entry_type=type(entry).__name__)
+        # What the entries before it decided still goes out, and is marked as sent.
+        if out:
+            await self.publisher.publish_many(out)
+        if _id_after(run.last_id, run.published):
+            await self.journal.set_published(run.last_id, lease_token=self.lease.token)
+        await self.journal.redis.sadd(self.journal.keys.poison, entry_id)  # type: ignore[misc]
+        await self.journal.dead_letter(
+            "journal", "engine_error", f"{type(exc).__name__}: {exc}", encode_entry(entry), {}
+        )
+
+    async def _poisoned(self) -> set[str]:
+        members = await self.journal.redis.smembers(self.journal.keys.poison)  # type: ignore[misc]
+        return {m.decode() for m in members}
+
+    async def _maybe_tick(self, run: _Run) -> None:
+        deadline = run.engine.next_deadline()
+        if deadline is None or run.tick_pending:
+            return
+        now = self._clock()
+        if now >= deadline:
+            await self.journal.append(TickEntry(at=max(now, run.now)))
+            run.tick_pending = True
+
+    async def _maybe_snapshot(self, run: _Run) -> None:
+        if run.since_snapshot == 0:
+            return
+        due = run.since_snapshot >= self.options.snapshot_every or (
+            time.monotonic() - run.snapshot_at >= self.options.snapshot_interval
+        )
+        if due:
+            await self._snapshot(run)
+
+    async def _snapshot(self, run: _Run) -> None:
+        data = run.engine.snapshot()
+        ok = await self.journal.save_snapshot(
+            data, run.last_id, now=run.now, lease_token=self.lease.token
+        )
+        if not ok:
+            raise _LostLease()
+        run.since_snapshot = 0
+        run.snapshot_at = time.monotonic()
+        if run.last_id != "0-0":
+            await self.journal.trim(run.last_id, self.options.journal_retention)
+        log.debug("router.snapshot", last_id=run.last_id, size=len(data))
+
+    async def _refresh_metrics(self, run: _Run) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.refresh(run.engine, self._clock())
+        entries, age = await self.journal.lag(run.last_id)
+        self.metrics.set_journal_lag(entries, age)
+
+    # ---- reloads ------------------------------------------------------------------------------
+
+    async def reload(self) -> list[str]:
+        """Reload the routing file; its problems (then the running rules stay), or [] when the
+        new rules are in force. Applied by the routing loop between batches."""
+        if self._run is None:
+            return self._load_table()
+        fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        await self._reloads.put(fut)
+        return await fut
+
+    def _load_table(self) -> list[str]:
+        """Load and validate the file; on success it becomes the table for the next tenure."""
+        try:
+            table = load_routing(self.options.routing_path)
+        except RoutingFileError as exc:
+            problems = [str(p) for p in exc.problems]
+            log.error("rules.reload_refused", path=self.options.routing_path, problems=problems)
+            if self.metrics is not None:
+                self.metrics.observe_reload(False)
+            return problems
+        self.table = table
+        if self.metrics is not None:
+            self.metrics.observe_reload(True)
+        log.info("rules.reloaded", path=self.options.routing_path)
+        return []
+
+    async def _serve_reloads(self, run: _Run) -> None:
+        while not self._reloads.empty():
+            fut = self._reloads.get_nowait()
+            try:
+                problems = self._load_table()
+                if not problems:
+                    cmds = run.engine.reload(self.table, max(run.now, self._clock()))
+                    if self.metrics is not None:
+                        self.metrics.observe_commands(cmds)
+                    msgs = [m for c in cmds for m in command_messages(c, self.options.topic_prefix)]
+                    if msgs:
+                        await self.publisher.publish_many(msgs)
+                    # A replay must not apply earlier entries under the new rules: snapshot now.
+                    await self._snapshot(run)
+            except BaseException as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+                raise
+            if not fut.done():
+                fut.set_result(problems)
+
+
+def _engine_input(entry: JournalEntry) -> Any:
+    if isinstance(entry, ContactEntry):
+        return entry.event
+    if isinstance(entry, AgentEntry):
+        return entry.cmd
+    return Tick()
+
+
+def _id_after(a: str, b: str) -> bool:
+    """Whether stream id ``a`` is after ``b``."""
+    ams, _, aseq = a.partition("-")
+    bms, _, bseq = b.partition("-")
+    return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))
+
+
+def _outstanding_offers(engine: Engine) -> list[OfferCmd]:
+    """Every pending offer as the command that made it (history is not repeated)."""
+    made = getattr(engine, "outstanding_offers", None)
+    if callable(made):
+        return list(made())
+    st = engine.state
+    offers = []
+    for offer in st.offers.values():
+        contact = st.contacts.get(offer.contact_id)
+        if contact is None:
+            continue
+        offers.append(
+            OfferCmd(
+                offer_id=offer.id,
+                agent_id=offer.agent_id,
+                contact_id=contact.id,
+                queue=contact.queue,
+                expires_at=offer.expires_at,
+                contact=contact.event,
+                customer_id=contact.customer_id,
+            )
+        )
+    return offers
+
+
+def _log_command(cmd: Command) -> None:
+    if isinstance(cmd, EventCmd):
+        fields = {k: cmd.data[k] for k in _LOG_FIELDS if k in cmd.data}
+        if cmd.type in _DECISIONS:
+            log.info(cmd.type, **fields)
+        else:
+            log.debug(cmd.type, **fields)
+    elif isinstance(cmd, RefusedCmd):
+        log.warning("agent.refused", agent_id=cmd.agent_id, reason=cmd.reason, detail=cmd.detail)
