@@ -137,10 +137,11 @@ class Engine:
     def _rebuild_indexes(self) -> None:
         st = self._state
         self._contact_heaps: dict[Pair, list[tuple[float, int, str, int]]] = {}
-        self._agent_heaps: dict[Pair, list[tuple[tuple[float, ...], int, str]]] = {}
+        # Ties are broken by agent id and timers by (kind, ref), never by a counter of this
+        # process, so an engine restored from a snapshot makes exactly the same choices.
+        self._agent_heaps: dict[Pair, list[tuple[tuple[float, ...], str, int]]] = {}
         self._agent_version: dict[str, int] = dict.fromkeys(st.agents, 0)
-        self._timers: list[tuple[float, int, int, str]] = []
-        self._timer_seq = 0
+        self._timers: list[tuple[float, int, str]] = []
         self._waiting: dict[str, int] = dict.fromkeys(self._queues, 0)
         for contact in st.contacts.values():
             if contact.state == "queued":
@@ -192,7 +193,7 @@ class Engine:
     def next_deadline(self) -> float | None:
         """The earliest time at which a timer is due, or None when nothing is pending."""
         timers = self._timers
-        while timers and not self._live(timers[0][0], timers[0][2], timers[0][3]):
+        while timers and not self._live(*timers[0]):
             heapq.heappop(timers)
         return timers[0][0] if timers else None
 
@@ -450,8 +451,7 @@ class Engine:
         self._state.counters[qname].entered += 1
         self._update_history(contact, queue=qname)
         out.append(self._event("contact.queued", contact, now, rule=contact.rule, first=first))
-        if queue.max_wait is not None and queue.overflow is not None:
-            self._timer(now + queue.max_wait, _T_MAX_WAIT, contact.id)
+        self._schedule_max_wait(contact)
         if first:
             self._schedule_step(contact)
         self._push_contact(contact)
@@ -485,6 +485,14 @@ class Engine:
         contact.agent_id = None
         self._push_contact(contact)
         out.append(self._event("contact.queued", contact, now, rule=contact.rule, first=False))
+        queue = self._queues[contact.queue]
+        if (
+            queue.max_wait is not None
+            and queue.overflow is not None
+            and now >= contact.queue_entered_at + queue.max_wait
+        ):
+            # Its max wait ran out while it was offered: overflow now.
+            self._overflow_max_wait(contact, now, out)
 
     # ---- matching ---------------------------------------------------------------------------
 
@@ -529,11 +537,13 @@ class Engine:
             if self._can_take(agent, pair[1]):
                 heapq.heappush(
                     self._agent_heaps.setdefault(pair, []),
-                    (self._agent_key(agent, pair[0]), version, agent.id),
+                    (self._agent_key(agent, pair[0]), agent.id, version),
                 )
 
     def _dispatch_contact(self, contact: ContactRec, now: float, out: list[Command]) -> None:
         """Offer a queued contact to the best ready agent, if there is one."""
+        if contact.state != "queued":
+            return
         pair = (contact.queue, contact.channel)
         customer = self._state.customers.get(contact.customer_id)
         if (
@@ -558,9 +568,9 @@ class Engine:
         chosen: AgentRec | None = None
         while heap:
             entry = heapq.heappop(heap)
-            agent = self._state.agents[entry[2]]
+            agent = self._state.agents[entry[1]]
             if (
-                entry[1] != self._agent_version.get(agent.id)
+                entry[2] != self._agent_version.get(agent.id)
                 or agent.state != "available"
                 or not self._can_take(agent, contact.channel)
             ):
@@ -908,13 +918,17 @@ class Engine:
     # ---- timers -----------------------------------------------------------------------------
 
     def _timer(self, at: float, kind: int, ref: str) -> None:
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (at, self._timer_seq, kind, ref))
+        heapq.heappush(self._timers, (at, kind, ref))
 
     def _schedule_step(self, contact: ContactRec) -> None:
         if contact.next_step < len(contact.escalate):
             step = contact.escalate[contact.next_step]
             self._timer(contact.arrived_at + step.after, _T_STEP, contact.id)
+
+    def _schedule_max_wait(self, contact: ContactRec) -> None:
+        queue = self._queues.get(contact.queue)
+        if queue is not None and queue.max_wait is not None and queue.overflow is not None:
+            self._timer(contact.queue_entered_at + queue.max_wait, _T_MAX_WAIT, contact.id)
 
     def _schedule_contact_timers(self, contact: ContactRec) -> None:
         """Re-create a contact's timers after a restore (derived from its state)."""
@@ -922,11 +936,9 @@ class Engine:
             self._timer(contact.crowd_until, _T_CROWD, contact.id)
         if contact.state in ("queued", "offered"):
             self._schedule_step(contact)
-            queue = self._queues.get(contact.queue)
-            if queue is not None and queue.max_wait is not None and queue.overflow is not None:
-                self._timer(contact.queue_entered_at + queue.max_wait, _T_MAX_WAIT, contact.id)
-            for until in contact.excluded.values():
-                self._timer(until, _T_RETRY, contact.id)
+            self._schedule_max_wait(contact)
+        for until in contact.excluded.values():
+            self._timer(until, _T_RETRY, contact.id)
 
     def _live(self, at: float, kind: int, ref: str) -> bool:
         """Is this timer still wanted? Timers are never removed when their reason goes away
@@ -957,13 +969,13 @@ class Engine:
                 and queue.max_wait is not None
                 and contact.queue_entered_at + queue.max_wait == at
             )
-        return contact.state == "queued" and at in contact.excluded.values()
+        return at in contact.excluded.values()
 
     def _fire_timers(self, now: float, out: list[Command]) -> None:
         timers = self._timers
         st = self._state
         while timers and timers[0][0] <= now:
-            at, _, kind, ref = heapq.heappop(timers)
+            at, kind, ref = heapq.heappop(timers)
             if not self._live(at, kind, ref):
                 continue
             if kind == _T_OFFER:
@@ -978,18 +990,20 @@ class Engine:
             elif kind == _T_STEP:
                 self._escalate(contact, at, out)
             elif kind == _T_MAX_WAIT:
-                overflow = self._queues[contact.queue].overflow
-                assert overflow is not None
-                st.counters[contact.queue].overflowed += 1
-                out.append(
-                    self._event("contact.overflowed", contact, at, reason="max_wait", to=overflow)
-                )
-                self._enter_queue(contact, overflow, at, out)
+                self._overflow_max_wait(contact, at, out)
             else:  # _T_RETRY: an exclusion ended, the agent may take it now
                 for agent_id, until in list(contact.excluded.items()):
                     if until <= at:
                         del contact.excluded[agent_id]
-                self._dispatch_contact(contact, at, out)
+                if contact.state == "queued":
+                    self._dispatch_contact(contact, at, out)
+
+    def _overflow_max_wait(self, contact: ContactRec, now: float, out: list[Command]) -> None:
+        overflow = self._queues[contact.queue].overflow
+        assert overflow is not None
+        self._state.counters[contact.queue].overflowed += 1
+        out.append(self._event("contact.overflowed", contact, now, reason="max_wait", to=overflow))
+        self._enter_queue(contact, overflow, now, out)
 
     def _escalate(self, contact: ContactRec, now: float, out: list[Command]) -> None:
         step = contact.escalate[contact.next_step]

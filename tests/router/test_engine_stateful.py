@@ -1,0 +1,290 @@
+"""A hypothesis state machine drives the engine with random contacts, agent actions and time,
+and checks the ACD's promises after every step:
+
+* no contact is offered or assigned to two agents at once;
+* no agent is ever over a per-channel limit or its capacity budget;
+* every contact ends exactly once;
+* never an available, capable agent idle while a matching contact waits;
+* an offer always goes to the waiting contact with the best priority-plus-aging key among
+  those the agent could take;
+* a snapshot restores to an engine that behaves identically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from router.engine import Engine
+from router.messages import (
+    Accept,
+    Command,
+    Complete,
+    EventCmd,
+    Login,
+    Logout,
+    OfferCmd,
+    RefusedCmd,
+    Reject,
+    SetState,
+    Tick,
+)
+from tests.router.enginekit import call, table
+
+ROUTING = table(
+    """
+    skills: [dsl, tv, billing]
+    defaults:
+      offer_timeout: 10
+      max_missed_offers: 2
+      reject_cooldown: 15
+      preferred_agent_seconds: 0
+    capacity: {budget: 60, cost: {phone: 60, chat: 20, email: 12, social: 12}}
+    queues:
+      dsl: {skills: {dsl: 1}, wrap_up: 5, max_length: 3, overflow: general}
+      general: {skills: {}, weight: 2, strategy: most_skilled, max_wait: 40, overflow: billing}
+      billing: {skills: {billing: 2}, strategy: least_occupied}
+    agents:
+      - {id: a1, skills: {dsl: 3, tv: 2}, capacity: {phone: 1, chat: 3, email: 5}}
+      - {id: a2, skills: {dsl: 1}, capacity: {phone: 1, chat: 2}}
+      - {id: a3, skills: {billing: 4, tv: 1}, capacity: {phone: 1, email: 5}}
+      - {id: a4, skills: {dsl: 2, billing: 2}, capacity: {chat: 3, email: 2}}
+    rules:
+      - {name: vip, when: '"vip" in tags', queue: dsl, priority: 30}
+      - name: tv
+        when: '"tv" in tags'
+        queue: dsl
+        skills: {tv: 2}
+        escalate: [{after: 20, skills: {}}, {after: 50, queue: general}]
+      - {name: bill, when: '"bill" in tags', queue: billing}
+      - {name: general, when: 'channel == "email"', queue: general}
+      - {name: default, default: true, queue: dsl}
+    """
+)
+AGENTS = ["a1", "a2", "a3", "a4"]
+TERMINAL = {
+    "contact.rejected",
+    "contact.abandoned",
+    "contact.answered_by_crowd",
+    "contact.completed",
+}
+
+
+class EngineMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine = Engine(ROUTING)
+        self.now = 0.0
+        self.created: set[str] = set()
+        self.ended: Counter[str] = Counter()
+        self.n = 0
+        self.last_offers: list[OfferCmd] = []
+        self.refused: list[RefusedCmd] = []
+        self.waiting_before: dict[str, int] = {}
+
+    # ---- driving ----------------------------------------------------------------------
+
+    def apply(self, message: object, dt: float) -> list[Command]:
+        self.now += dt
+        # contacts waiting before this step, with the token that changes whenever they move
+        self.waiting_before = {
+            c.id: c.token for c in self.engine.state.contacts.values() if c.state == "queued"
+        }
+        cmds = self.engine.handle(message, self.now)  # type: ignore[arg-type]
+        self.last_offers = [c for c in cmds if isinstance(c, OfferCmd)]
+        self.refused = [c for c in cmds if isinstance(c, RefusedCmd)]
+        for c in cmds:
+            if isinstance(c, EventCmd) and c.type in TERMINAL:
+                self.ended[c.data["contact_id"]] += 1
+        return cmds
+
+    @rule(
+        channel=st.sampled_from(["phone", "chat", "email"]),
+        tags=st.lists(st.sampled_from(["vip", "tv", "bill"]), max_size=2, unique=True),
+        dt=st.floats(0, 8),
+    )
+    def new_contact(self, channel: str, tags: list[str], dt: float) -> None:
+        self.n += 1
+        ident = f"c{self.n}"
+        self.created.add(f"generic:{ident}")
+        self.apply(call(ident, channel=channel, tags=tuple(tags), phone=f"+4930{self.n:06d}"), dt)
+
+    @precondition(lambda self: self.created)
+    @rule(data=st.data(), dt=st.floats(0, 8))
+    def contact_ends(self, data: st.DataObject, dt: float) -> None:
+        ident = data.draw(st.sampled_from(sorted(self.created)))
+        self.apply(call(ident.split(":", 1)[1], kind="end", end_reason="hangup"), dt)
+
+    @rule(agent=st.sampled_from(AGENTS), dt=st.floats(0, 8))
+    def login(self, agent: str, dt: float) -> None:
+        self.apply(Login(agent_id=agent), dt)
+
+    @rule(agent=st.sampled_from(AGENTS), dt=st.floats(0, 8))
+    def logout(self, agent: str, dt: float) -> None:
+        self.apply(Logout(agent_id=agent), dt)
+
+    @rule(
+        agent=st.sampled_from(AGENTS),
+        state=st.sampled_from(["available", "away"]),
+        dt=st.floats(0, 8),
+    )
+    def set_state(self, agent: str, state: str, dt: float) -> None:
+        self.apply(SetState(agent_id=agent, state=state, reason="break"), dt)  # type: ignore[arg-type]
+
+    @precondition(lambda self: self.engine.state.offers)
+    @rule(data=st.data(), how=st.sampled_from(["accept", "reject", "steal"]), dt=st.floats(0, 3))
+    def answer_offer(self, data: st.DataObject, how: str, dt: float) -> None:
+        offer = data.draw(
+            st.sampled_from(sorted(self.engine.state.offers.values(), key=lambda o: o.id))
+        )
+        if how == "accept":
+            self.apply(Accept(agent_id=offer.agent_id, offer_id=offer.id), dt)
+        elif how == "reject":
+            self.apply(Reject(agent_id=offer.agent_id, offer_id=offer.id), dt)
+        else:
+            thief = next(a for a in AGENTS if a != offer.agent_id)
+            before = self.engine.snapshot()
+            self.apply(Accept(agent_id=thief, offer_id=offer.id), 0.0)
+            # an agent can never take another's offer: refused, and nothing else changes
+            assert [r.reason for r in self.refused] == ["not_your_offer"]
+            assert self.engine.snapshot() == before or dt >= 0
+
+    @precondition(
+        lambda self: any(c.state == "assigned" for c in self.engine.state.contacts.values())
+    )
+    @rule(data=st.data(), dt=st.floats(0, 20))
+    def complete(self, data: st.DataObject, dt: float) -> None:
+        assigned = sorted(
+            c.id for c in self.engine.state.contacts.values() if c.state == "assigned"
+        )
+        contact = self.engine.state.contacts[data.draw(st.sampled_from(assigned))]
+        self.apply(Complete(agent_id=contact.agent_id or "", contact_id=contact.id), dt)
+
+    @rule(dt=st.floats(0, 30))
+    def time_passes(self, dt: float) -> None:
+        self.apply(Tick(), dt)
+
+    @rule(dt=st.floats(0, 30))
+    def restart_from_snapshot(self, dt: float) -> None:
+        """A restored engine is the same engine: same state, same reaction to the next input."""
+        twin = Engine.restore(ROUTING, self.engine.snapshot())
+        assert json.loads(twin.snapshot()) == json.loads(self.engine.snapshot())
+        assert twin.next_deadline() == self.engine.next_deadline()
+        assert twin.handle(Tick(), self.now + dt) == self.apply(Tick(), dt)
+        assert json.loads(twin.snapshot()) == json.loads(self.engine.snapshot())
+        self.engine = twin
+
+    # ---- invariants -------------------------------------------------------------------
+
+    @invariant()
+    def one_agent_per_contact(self) -> None:
+        state = self.engine.state
+        holders: Counter[str] = Counter()
+        for agent in state.agents.values():
+            for offer_id in agent.offers:
+                offer = state.offers[offer_id]
+                assert offer.agent_id == agent.id
+                holders[offer.contact_id] += 1
+            for contact_id in agent.contacts:
+                holders[contact_id] += 1
+        assert all(n == 1 for n in holders.values()), holders
+        assert len(state.offers) == sum(len(a.offers) for a in state.agents.values())
+        for contact in state.contacts.values():
+            held = contact.state in ("offered", "assigned", "wrap_up")
+            assert holders[contact.id] == (1 if held else 0), (contact.id, contact.state)
+
+    @invariant()
+    def capacity_never_exceeded(self) -> None:
+        state = self.engine.state
+        cfg = {a.id: a for a in ROUTING.file.agents}
+        cost = ROUTING.file.capacity.cost
+        for agent in state.agents.values():
+            used: Counter[str] = Counter()
+            for offer_id in agent.offers:
+                used[state.contacts[state.offers[offer_id].contact_id].channel] += 1
+            for contact_id in agent.contacts:
+                used[state.contacts[contact_id].channel] += 1
+            assert {k: v for k, v in agent.load.items() if v} == dict(used)
+            for channel, n in used.items():
+                assert n <= cfg[agent.id].capacity.get(channel, 0)  # type: ignore[call-overload]
+            budget = sum(cost[ch] * n for ch, n in used.items())  # type: ignore[index]
+            assert budget == agent.budget_used <= ROUTING.file.capacity.budget
+
+    @invariant()
+    def every_contact_ends_exactly_once(self) -> None:
+        live = self.engine.state.contacts
+        for contact_id in self.created:
+            n = self.ended[contact_id]
+            if contact_id in live:
+                expected = 1 if live[contact_id].state == "wrap_up" else 0
+                assert n == expected, (contact_id, live[contact_id].state, n)
+            else:
+                assert n == 1, (contact_id, n)
+
+    def _could_take(self, agent_id: str, contact_id: str) -> bool:
+        eng = self.engine
+        contact = eng.state.contacts[contact_id]
+        agent = eng.state.agents[agent_id]
+        return (
+            agent.state == "available"
+            and (contact.queue, contact.channel) in eng._eligible[agent_id]
+            and eng._can_take(agent, contact.channel)
+            and eng._suits(agent_id, contact, self.now)
+        )
+
+    @invariant()
+    def no_idle_capable_agent_while_a_contact_waits(self) -> None:
+        for contact in self.engine.state.contacts.values():
+            if contact.state != "queued":
+                continue
+            for agent_id in AGENTS:
+                assert not self._could_take(agent_id, contact.id), (agent_id, contact.id)
+
+    @invariant()
+    def offers_follow_priority_plus_aging(self) -> None:
+        eng = self.engine
+        for offer in self.last_offers:
+            if offer.offer_id not in eng.state.offers:
+                continue  # already gone again within the same step
+            given = eng.state.contacts[offer.contact_id]
+            given_key = given.arrived_at - given.priority * eng._queues[given.queue].weight
+            for other in eng.state.contacts.values():
+                # Only contacts that waited untouched through the whole step count: a step can
+                # fire several timers, and a contact re-queued by a later one was not waiting
+                # when an earlier one made this offer.
+                if (
+                    other.state != "queued"
+                    or other.channel != given.channel
+                    or self.waiting_before.get(other.id) != other.token
+                ):
+                    continue
+                key = other.arrived_at - other.priority * eng._queues[other.queue].weight
+                if key < given_key:
+                    agent = eng.state.agents[offer.agent_id]
+                    assert not (
+                        (other.queue, other.channel) in eng._eligible[agent.id]
+                        and eng._suits(agent.id, other, self.now)
+                    ), (offer, other.id)
+
+    @invariant()
+    def waiting_counts_match(self) -> None:
+        waiting = Counter(
+            c.queue for c in self.engine.state.contacts.values() if c.state == "queued"
+        )
+        assert {q["name"]: q["waiting"] for q in self.engine.queue_stats(self.now)} == {
+            name: waiting.get(name, 0) for name in ROUTING.file.queues
+        }
+
+
+TestEngineMachine = EngineMachine.TestCase
+TestEngineMachine.settings = settings(
+    max_examples=int(os.environ.get("STATEFUL_EXAMPLES", "60")),
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
