@@ -223,6 +223,24 @@ def test_html_to_text_drops_hidden_content_and_decodes_entities() -> None:
     assert html_to_text(html) == "A&B\n\neins\n\nzwei"
 
 
+def test_a_large_html_head_does_not_hide_the_body() -> None:
+    html = "<html><head><style>" + "p{margin:0}" * 10_000 + "</style></head>"
+    assert html_to_text(html + "<BODY><p>Kündigung bitte</p></BODY></html>") == "Kündigung bitte"
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize("html", ["<a" * 200_000, "<!--" * 100_000, "<![CDATA[" * 50_000])
+def test_pathological_html_is_read_in_bounded_time(html: str) -> None:
+    # unbounded, html.parser needs minutes for these (its time is quadratic in them)
+    assert isinstance(html_to_text(html), str)
+
+
+@pytest.mark.timeout(15)
+def test_pathological_attribution_lines_are_trimmed_in_bounded_time() -> None:
+    text = "Hallo\n" + ("am" + " schrieb" * 40 + "\n") * 5000 + "am " + " schrieb" * 20_000
+    assert trim_reply(text).startswith("Hallo\nam schrieb")
+
+
 # ------------------------------------------------------------------ robustness
 
 
