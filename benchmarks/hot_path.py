@@ -1,0 +1,224 @@
+"""Routing decisions per second on one core: 1,000 rules, 200 queues, 5,000 agents.
+
+A *decision* is one ``Engine.handle(ContactEvent(kind="new"), now)`` call: identity look-up,
+rule choice (through the rule index), queue, agent choice and the offer. A *cycle* adds what
+keeps the pool alive: the agent accepts the offer and, so that capacity frees up again, the
+oldest assigned contact is completed (which drains any backlog into new offers, accepted too).
+The pool is first filled to ``--load`` of its contacts so agent choice works on a busy pool.
+
+    .venv/bin/python benchmarks/hot_path.py [--seconds 10 | --decisions N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from router.engine import Engine
+from router.messages import Accept, Command, Complete, EventCmd, Login, OfferCmd
+from router.model import Channel, ContactEvent, Sender
+from rules.load import parse_routing
+
+N_SKILLS = 60
+N_QUEUES = 200
+N_RULES = 1000
+N_UNGUARDED = 20
+N_AGENTS = 5000
+N_EXPERTS = 200
+TARGET = 100_000
+
+
+def routing_yaml(seed: int = 1) -> str:
+    """A large routing file: skills, queues with skill needs, indexed rules, agents, experts."""
+    rng = random.Random(seed)
+    skills = [f"s{i:02d}" for i in range(N_SKILLS)]
+    out = [
+        "version: 1",
+        "timezone: Europe/Berlin",
+        "defaults: {offer_timeout: 3600, wrap_up: 0}",
+        f"skills: [{', '.join(skills)}]",
+        "queues:",
+    ]
+    for q in range(N_QUEUES):
+        need = rng.sample(skills[:N_SKILLS], 1)[0]
+        out.append(f"  q{q:03d}: {{skills: {{{need}: 1}}, sla: {{seconds: 30, percent: 80}}}}")
+    out.append("agents:")
+    for a in range(N_AGENTS):
+        own = rng.sample(skills, 6)
+        levels = ", ".join(f"{s}: {rng.randint(1, 5)}" for s in own)
+        out.append(
+            f"  - {{id: a{a:05d}, skills: {{{levels}}},"
+            " capacity: {phone: 1, chat: 3, email: 5, social: 5}}"
+        )
+    out.append("experts:")
+    for e in range(N_EXPERTS):
+        out.append(f"  - {{id: x{e:03d}, level: 2, phones: ['+49170{e:07d}']}}")
+    out.append("rules:")
+    # Unguarded rules every contact goes through (spam filter, keyword and tag routing).
+    for r in range(N_UNGUARDED):
+        cond = f'text ~ "(?i)stichwort{r}\\\\b"' if r % 2 else f'"tag{r}" in tags'
+        out.append(f"  - {{name: free{r}, when: '{cond}', queue: q{r % N_QUEUES:03d}}}")
+    out.append(
+        "  - {name: experts, when: 'customer.expert and channel == \"phone\"',"
+        " queue: q199, priority: 50}"
+    )
+    # Rules guarded by the dialled number or mailbox (and a channel): the index finds them.
+    for r in range(N_RULES - N_UNGUARDED - 2):
+        queue = f"q{r % N_QUEUES:03d}"
+        if r % 3 == 0:
+            cond = f'channel == "email" and to == "service{r}@example.com"'
+        elif r % 3 == 1:
+            cond = f'channel == "chat" and to == "inbox{r}"'
+        else:
+            cond = f'to == "+49800{r:07d}" and hour >= 0'
+        out.append(f"  - {{name: r{r}, when: '{cond}', queue: {queue}}}")
+    out.append("  - {name: default, default: true, queue: q000}")
+    return "\n".join(out) + "\n"
+
+
+def contact(n: int, rng: random.Random) -> ContactEvent:
+    """One new contact hitting one of the guarded rules (a few from experts)."""
+    r = rng.randrange(N_RULES - N_UNGUARDED - 2)
+    kind = r % 3
+    channel: Channel
+    if kind == 0:
+        channel, to, sender = "email", f"service{r}@example.com", Sender(email=f"c{n}@example.org")
+    elif kind == 1:
+        channel, to, sender = "chat", f"inbox{r}", Sender(handle=f"rocketchat:c{n}")
+    else:
+        channel, to = "phone", f"+49800{r:07d}"
+        sender = Sender(phone=f"+49170{rng.randrange(N_EXPERTS):07d}" if n % 50 == 0 else None)
+        if sender.phone is None:
+            sender = Sender(phone=f"+4930{n:09d}")
+    return ContactEvent(
+        kind="new",
+        contact_id=f"generic:b{n}",
+        channel=channel,
+        source="generic",
+        external_id=f"b{n}",
+        sender=sender,
+        to=to,
+        subject="Frage zu meinem Anschluss",
+        text="Guten Tag, mein Router blinkt rot seit gestern. Was kann ich tun?",
+        occurred_at=0.0,
+    )
+
+
+class Pool:
+    """Plays the agents: accepts every offer, remembers assignments oldest first."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.assigned: collections.deque[tuple[str, str]] = collections.deque()
+        self.offers = 0
+
+    def settle(self, commands: list[Command], now: float) -> None:
+        """Accept every offer in ``commands`` (and in what the accepts return)."""
+        todo = commands
+        while todo:
+            more: list[Command] = []
+            for cmd in todo:
+                if isinstance(cmd, OfferCmd):
+                    self.offers += 1
+                    more += self.engine.handle(
+                        Accept(agent_id=cmd.agent_id, offer_id=cmd.offer_id), now
+                    )
+                elif isinstance(cmd, EventCmd) and cmd.type == "contact.assigned":
+                    self.assigned.append((cmd.data["agent_id"], cmd.data["contact_id"]))
+            todo = more
+
+    def complete_oldest(self, now: float) -> None:
+        agent_id, contact_id = self.assigned.popleft()
+        self.settle(
+            self.engine.handle(Complete(agent_id=agent_id, contact_id=contact_id), now), now
+        )
+
+
+def run(seconds: float | None, decisions: int | None, load: float, seed: int) -> dict[str, Any]:
+    """Build the engine, fill the pool, then time decisions; returns the figures."""
+    build_started = time.perf_counter()
+    table = parse_routing(routing_yaml(seed), "<benchmark>")
+    engine = Engine(table)
+    build_s = time.perf_counter() - build_started
+    now = 1_767_600_000.0  # 2026-01-05 08:00 UTC+1, a Monday morning
+    for a in range(N_AGENTS):
+        engine.handle(Login(agent_id=f"a{a:05d}"), now)
+    pool = Pool(engine)
+    rng = random.Random(seed)
+    n = 0
+    # Warm up: fill the agents to ``load`` of a one-contact-each pool; this also fills the
+    # rule index's cache and the customer table as a running daemon would have them.
+    while len(pool.assigned) < int(N_AGENTS * load):
+        n += 1
+        now += 0.001
+        pool.settle(engine.handle(contact(n, rng), now), now)
+    latencies: list[int] = []
+    offered_at_once = 0
+    gc.collect()
+    started = time.perf_counter()
+    deadline = started + seconds if seconds is not None else None
+    limit = decisions if decisions is not None else sys.maxsize
+    clock = time.perf_counter_ns
+    while len(latencies) < limit:
+        n += 1
+        now += 0.001
+        event = contact(n, rng)
+        t0 = clock()
+        commands = engine.handle(event, now)
+        latencies.append(clock() - t0)
+        offered_at_once += any(isinstance(c, OfferCmd) for c in commands)
+        pool.settle(commands, now)
+        pool.complete_oldest(now)
+        if deadline is not None and len(latencies) % 1000 == 0 and time.perf_counter() > deadline:
+            break
+    elapsed = time.perf_counter() - started
+    total_ns = sum(latencies)
+    quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "rules": N_RULES,
+        "queues": N_QUEUES,
+        "agents": N_AGENTS,
+        "decisions": len(latencies),
+        "decisions_per_s": round(len(latencies) / (total_ns / 1e9)),
+        "p50_us": round(quantiles[49] / 1000, 2),
+        "p99_us": round(quantiles[98] / 1000, 2),
+        "max_us": round(max(latencies) / 1000, 2),
+        "cycle_per_s": round(len(latencies) / elapsed),
+        "offered_at_once": round(offered_at_once / len(latencies), 3),
+        "build_seconds": round(build_s, 2),
+        "target_decisions_per_s": TARGET,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bound = parser.add_mutually_exclusive_group()
+    bound.add_argument("--seconds", type=float, help="run for this long (default 10)")
+    bound.add_argument("--decisions", type=int, help="run this many decisions")
+    parser.add_argument("--load", type=float, default=0.8, help="busy share of the pool (0.8)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    seconds = args.seconds if args.seconds is not None or args.decisions else 10.0
+    result = run(seconds, args.decisions, args.load, args.seed)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""``stellwerk simulate``: the real engine on virtual time, reported per queue.
+
+Two forms:
+
+- ``stellwerk simulate [--routing FILE] [--scenario FILE] [--hours H] [--seed S] [--json]`` plays
+  a scenario (arrival streams, handle times, agent behaviour) against a routing file.
+- ``stellwerk simulate erlang --agents N --calls-per-interval C --aht-seconds A ...`` builds one
+  queue with N identical agents — the M/M/c system of Erlang C — and prints the measured figures
+  next to Erlang C's predictions, as a check of the engine and of the simulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from router import erlang
+from router.simulation import (
+    AgentBehaviour,
+    Distribution,
+    HandleTimes,
+    Report,
+    Scenario,
+    ScenarioError,
+    Stream,
+    parse_scenario,
+    simulate,
+    with_agent_count,
+)
+from rules.load import RoutingFileError, build_table, load_routing, parse_routing
+
+ERLANG_QUEUE = "erlang"
+_ERLANG_OPTIONS = (
+    "agents",
+    "calls_per_interval",
+    "interval_seconds",
+    "aht_seconds",
+    "target_seconds",
+)
+
+
+class UsageError(Exception):
+    """Arguments that do not fit together; exit code 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``stellwerk simulate`` and ``stellwerk simulate erlang``."""
+    parser.add_argument(
+        "mode",
+        nargs="?",
+        choices=["erlang"],
+        help="'erlang': one M/M/c queue, compared with Erlang C's predictions",
+    )
+    parser.add_argument("--routing", default="config/routing.yaml", help="routing file")
+    parser.add_argument(
+        "--scenario", default="config/scenario.yaml", help="scenario file (streams, handle times)"
+    )
+    parser.add_argument("--hours", type=_positive, help="simulated hours (overrides the scenario)")
+    parser.add_argument("--seed", type=int, help="random seed (overrides the scenario)")
+    parser.add_argument("--agents", type=_count, help="number of agents (erlang: required)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    group = parser.add_argument_group("erlang mode")
+    group.add_argument("--calls-per-interval", type=_non_negative, help="arrivals per interval")
+    group.add_argument(
+        "--interval-seconds", type=_positive, help="interval length in seconds (default 1800)"
+    )
+    group.add_argument("--aht-seconds", type=_positive, help="mean handle time in seconds")
+    group.add_argument(
+        "--target-seconds", type=_non_negative, help="service level target in seconds (default 20)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen form; 0 on success, 1 for unreadable or invalid files, 2 for bad usage."""
+    progress = _progress_bar(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        if args.mode == "erlang":
+            result = run_erlang(args, progress)
+            if args.json:
+                print(msgspec.json.encode(result).decode())
+            else:
+                print(format_erlang(result))
+            return 0
+        report, scenario = run_scenario(args, progress)
+    except UsageError as exc:
+        print(f"stellwerk simulate: {exc}", file=sys.stderr)
+        return 2
+    except (ScenarioError, OSError) as exc:
+        print(f"stellwerk simulate: {exc}", file=sys.stderr)
+        return 1
+    except RoutingFileError as exc:
+        print(f"stellwerk simulate: {args.routing} does not validate:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    finally:
+        if progress is not None:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+    if args.json:
+        print(msgspec.json.encode(report).decode())
+    else:
+        print(format_report(report, scenario))
+    return 0
+
+
+# ---- the scenario form ---------------------------------------------------------------------
+
+
+def run_scenario(
+    args: argparse.Namespace, progress: Callable[[float], None] | None
+) -> tuple[Report, Scenario]:
+    """Load routing and scenario files, apply the command-line overrides, simulate."""
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in _ERLANG_OPTIONS[1:]
+        if getattr(args, name) is not None
+    ]
+    if given:
+        raise UsageError(f"{', '.join(given)} only apply to 'stellwerk simulate erlang'")
+    scenario = parse_scenario(Path(args.scenario).read_bytes(), args.scenario)
+    overrides: dict[str, Any] = {}
+    if args.hours is not None:
+        overrides["hours"] = args.hours
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.agents is not None:
+        overrides["agents"] = msgspec.structs.replace(scenario.agents, count=args.agents)
+    scenario = msgspec.structs.replace(scenario, **overrides)
+    table = load_routing(args.routing)
+    if scenario.agents.count is not None:
+        routing = with_agent_count(table.file, scenario.agents.count)
+        table = build_table(routing, Path(args.routing).parent)
+    return simulate(table, scenario, progress), scenario
+
+
+def format_report(report: Report, scenario: Scenario) -> str:
+    """The report as an aligned table for people."""
+    start = datetime.fromtimestamp(scenario.start_epoch(), ZoneInfo(scenario.timezone))
+    lines = [
+        f"{report.hours:g} simulated hours from {start:%a %Y-%m-%d %H:%M} {scenario.timezone}, "
+        f"seed {report.seed}: {report.arrivals} contacts, {report.agents} agents",
+        "",
+    ]
+    header = (
+        "queue",
+        "offered",
+        "answered",
+        "abandoned",
+        "waiting",
+        "SL",
+        "target",
+        "ASA",
+        "max wait",
+        "P(wait)",
+        "occupancy",
+    )
+    rows = [header]
+    for q in report.queues:
+        rows.append(
+            (
+                q.queue,
+                str(q.offered),
+                str(q.answered),
+                str(q.abandoned),
+                str(q.waiting_at_end),
+                _pct(q.service_level),
+                f"{q.sla_target * 100:g}/{q.sla_seconds:g}s",
+                _secs(q.asa_seconds),
+                _secs(q.max_wait_seconds),
+                _pct(q.p_wait),
+                _pct(q.occupancy),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    ex = report.experts
+    lines += [
+        "",
+        f"crowd experts: {ex.contacts} contacts, {ex.answered} answered, {ex.abandoned} abandoned,"
+        f" mean wait {_secs(ex.mean_wait_seconds)}, max wait {_secs(ex.max_wait_seconds)},"
+        f" SL {_pct(ex.service_level)}",
+        f"agent occupancy overall: {_pct(report.occupancy)}; rejected contacts: {report.rejected};"
+        f" refused agent commands: {report.refused}",
+    ]
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+# ---- the Erlang C form ---------------------------------------------------------------------
+
+
+class ErlangResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Measured figures of the simulated M/M/c queue next to Erlang C's predictions."""
+
+    agents: int
+    calls_per_interval: float
+    interval_seconds: float
+    aht_seconds: float
+    target_seconds: float
+    hours: float
+    seed: int
+    traffic_erlang: float
+    offered: int
+    answered: int
+    waiting_at_end: int
+    service_level: float | None
+    asa_seconds: float | None
+    p_wait: float | None
+    occupancy: float
+    erlang_service_level: float
+    erlang_asa_seconds: float | None
+    erlang_p_wait: float
+    erlang_occupancy: float
+
+
+def erlang_routing_yaml(agents: int, target_seconds: float) -> str:
+    """A routing file with one phone queue and ``agents`` identical single-call agents.
+
+    No wrap-up; offers are accepted at once, so the (long) offer timeout never fires.
+    """
+    lines = [
+        "version: 1",
+        "timezone: UTC",
+        "defaults: {offer_timeout: 3600, wrap_up: 0}",
+        "skills: [general]",
+        "queues:",
+        f"  {ERLANG_QUEUE}:",
+        "    skills: {general: 1}",
+        "    channels: [phone]",
+        f"    sla: {{seconds: {target_seconds!r}, percent: 80}}",
+        "agents:",
+    ]
+    lines += [
+        f"  - {{id: a{i:04d}, skills: {{general: 1}},"
+        " capacity: {phone: 1, chat: 0, email: 0, social: 0}}"
+        for i in range(1, agents + 1)
+    ]
+    lines += ["rules:", f"  - {{name: everything, queue: {ERLANG_QUEUE}, default: true}}"]
+    return "\n".join(lines) + "\n"
+
+
+def erlang_scenario(
+    calls_per_interval: float,
+    interval_seconds: float,
+    aht_seconds: float,
+    hours: float,
+    seed: int,
+) -> Scenario:
+    """Poisson arrivals, exponential handle times, nobody hangs up, offers accepted at once."""
+    return Scenario(
+        hours=hours,
+        seed=seed,
+        streams=(
+            Stream(
+                name="calls",
+                channel="phone",
+                rate_per_hour=calls_per_interval * 3600.0 / interval_seconds,
+            ),
+        ),
+        handle_time=HandleTimes(default=Distribution(mean=aht_seconds)),
+        agents=AgentBehaviour(accept_delay=0.0),
+    )
+
+
+def simulate_erlang(
+    *,
+    agents: int,
+    calls_per_interval: float,
+    aht_seconds: float,
+    interval_seconds: float = 1800.0,
+    target_seconds: float = 20.0,
+    hours: float = 8.0,
+    seed: int = 1,
+    progress: Callable[[float], None] | None = None,
+) -> ErlangResult:
+    """Simulate the M/M/c queue on the real engine and compare it with Erlang C."""
+    table = parse_routing(erlang_routing_yaml(agents, target_seconds), "<erlang>")
+    scenario = erlang_scenario(calls_per_interval, interval_seconds, aht_seconds, hours, seed)
+    report = simulate(table, scenario, progress)
+    (queue,) = report.queues
+    predicted = erlang.predict(
+        agents, calls_per_interval, interval_seconds, aht_seconds, target_seconds
+    )
+    return ErlangResult(
+        agents=agents,
+        calls_per_interval=calls_per_interval,
+        interval_seconds=interval_seconds,
+        aht_seconds=aht_seconds,
+        target_seconds=target_seconds,
+        hours=hours,
+        seed=seed,
+        traffic_erlang=predicted.traffic,
+        offered=queue.offered,
+        answered=queue.answered,
+        waiting_at_end=queue.waiting_at_end,
+        service_level=queue.service_level,
+        asa_seconds=queue.asa_seconds,
+        p_wait=queue.p_wait,
+        occupancy=report.occupancy,
+        erlang_service_level=predicted.service_level,
+        # JSON has no infinity: an unstable queue's ASA is reported as null.
+        erlang_asa_seconds=None if math.isinf(predicted.asa_seconds) else predicted.asa_seconds,
+        erlang_p_wait=predicted.p_wait,
+        erlang_occupancy=predicted.occupancy,
+    )
+
+
+def run_erlang(args: argparse.Namespace, progress: Callable[[float], None] | None) -> ErlangResult:
+    """The ``erlang`` form's arguments → :func:`simulate_erlang`."""
+    missing = [
+        f"--{name.replace('_', '-')}"
+        for name in ("agents", "calls_per_interval", "aht_seconds")
+        if getattr(args, name) is None
+    ]
+    if missing:
+        raise UsageError(f"'simulate erlang' needs {', '.join(missing)}")
+    if args.agents < 1:
+        raise UsageError("--agents must be at least 1")
+    return simulate_erlang(
+        agents=args.agents,
+        calls_per_interval=args.calls_per_interval,
+        aht_seconds=args.aht_seconds,
+        interval_seconds=args.interval_seconds or 1800.0,
+        target_seconds=20.0 if args.target_seconds is None else args.target_seconds,
+        hours=8.0 if args.hours is None else args.hours,
+        seed=1 if args.seed is None else args.seed,
+        progress=progress,
+    )
+
+
+def format_erlang(result: ErlangResult) -> str:
+    """Measured against predicted, side by side."""
+    rows = [
+        ("", "simulated", "Erlang C"),
+        ("service level", _pct(result.service_level), _pct(result.erlang_service_level)),
+        ("ASA", _secs(result.asa_seconds), _secs(result.erlang_asa_seconds)),
+        ("P(wait)", _pct(result.p_wait), _pct(result.erlang_p_wait)),
+        ("occupancy", _pct(result.occupancy), _pct(result.erlang_occupancy)),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    head = (
+        f"M/M/{result.agents}: {result.traffic_erlang:.2f} Erlang "
+        f"({result.calls_per_interval:g} calls per {result.interval_seconds:g}s, "
+        f"AHT {result.aht_seconds:g}s), target {result.target_seconds:g}s, "
+        f"{result.hours:g} h, seed {result.seed}: {result.offered} offered, "
+        f"{result.answered} answered"
+    )
+    body = [
+        "  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2])])
+        for r in rows
+    ]
+    return "\n".join([head, "", *body])
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+
+def _progress_bar(stream: TextIO) -> Callable[[float], None]:
+    def show(fraction: float) -> None:
+        filled = int(fraction * 40)
+        stream.write(f"\rsimulating [{'#' * filled}{'.' * (40 - filled)}] {fraction * 100:3.0f}%")
+        stream.flush()
+
+    return show
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text}")
+    return value
