@@ -23,6 +23,7 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from typing import Any
 
 import msgspec
@@ -32,8 +33,6 @@ from rules.decision import CustomerView
 
 # A compiled predicate or value getter: (event, customer, now) -> value.
 Getter = Callable[[ContactEvent, CustomerView, float], Any]
-# Local time of an epoch: (hour, minute, weekday) in the routing file's timezone.
-LocalTime = Callable[[float], tuple[int, int, str]]
 
 WEEKDAYS: tuple[str, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 KINDS: tuple[str, ...] = ("new", "update", "end")
@@ -583,6 +582,46 @@ _GETTERS: dict[str, Getter] = {
 }
 
 
+class LocalClock:
+    """Local time of an epoch in one timezone: ``clock(now) -> (hour, minute, weekday)``.
+
+    Remembers the last second asked for: the engine asks about the same second many times in
+    a row, and a zoneinfo conversion costs more than the rest of a decision. ``hour``,
+    ``minute`` and ``weekday`` are field getters with the predicate signature, so a condition
+    on the clock costs one call.
+    """
+
+    __slots__ = ("_last", "_second", "tz")
+
+    def __init__(self, tz: tzinfo) -> None:
+        self.tz = tz
+        self._second: int | None = None
+        self._last: tuple[int, int, str] = (0, 0, "mon")
+
+    def __call__(self, now: float) -> tuple[int, int, str]:
+        second = int(now // 1)
+        if second != self._second:
+            dt = datetime.fromtimestamp(second, self.tz)
+            self._last = (dt.hour, dt.minute, WEEKDAYS[dt.weekday()])
+            self._second = second
+        return self._last
+
+    def hour(self, e: ContactEvent, c: CustomerView, n: float) -> Any:
+        """The local hour (0-23)."""
+        return (self._last if int(n // 1) == self._second else self(n))[0]
+
+    def minute(self, e: ContactEvent, c: CustomerView, n: float) -> Any:
+        """The local minute (0-59)."""
+        return (self._last if int(n // 1) == self._second else self(n))[1]
+
+    def weekday(self, e: ContactEvent, c: CustomerView, n: float) -> Any:
+        """The local weekday, ``mon`` .. ``sun``."""
+        return (self._last if int(n // 1) == self._second else self(n))[2]
+
+
+LocalTime = LocalClock
+
+
 def field_getter(name: str, local_time: LocalTime) -> Getter:
     """The getter of a (type-checked) field name."""
     if name.startswith("attributes."):
@@ -592,13 +631,12 @@ def field_getter(name: str, local_time: LocalTime) -> Getter:
             return e.attributes.get(key, "")
 
         return attribute
-    if name in ("hour", "minute", "weekday"):
-        index = ("hour", "minute", "weekday").index(name)
-
-        def clock(e: ContactEvent, c: CustomerView, n: float) -> Any:
-            return local_time(n)[index]
-
-        return clock
+    if name == "hour":
+        return local_time.hour
+    if name == "minute":
+        return local_time.minute
+    if name == "weekday":
+        return local_time.weekday
     return _GETTERS[name]
 
 
@@ -715,24 +753,52 @@ def _compile_compare(node: Compare, local_time: LocalTime) -> Getter:
         return matches
     compare = _OPERATORS[op]
     if isinstance(right_node, Literal):
-        value = right_node.value
-        if op == "==":
-
-            def eq_const(e: ContactEvent, c: CustomerView, n: float) -> Any:
-                return left(e, c, n) == value
-
-            return eq_const
-
-        def cmp_const(e: ContactEvent, c: CustomerView, n: float) -> Any:
-            return compare(left(e, c, n), value)
-
-        return cmp_const
+        return _compare_const(op, left, right_node.value)
     right = _compile(right_node, local_time)
 
     def cmp(e: ContactEvent, c: CustomerView, n: float) -> Any:
         return compare(left(e, c, n), right(e, c, n))
 
     return cmp
+
+
+def _compare_const(op: str, left: Getter, value: Any) -> Getter:
+    # One closure per operator: calling operator.xx from a generic closure costs a call more.
+    if op == "==":
+
+        def eq(e: ContactEvent, c: CustomerView, n: float) -> Any:
+            return left(e, c, n) == value
+
+        return eq
+    if op == "!=":
+
+        def ne(e: ContactEvent, c: CustomerView, n: float) -> Any:
+            return left(e, c, n) != value
+
+        return ne
+    if op == "<":
+
+        def lt(e: ContactEvent, c: CustomerView, n: float) -> Any:
+            return left(e, c, n) < value
+
+        return lt
+    if op == "<=":
+
+        def le(e: ContactEvent, c: CustomerView, n: float) -> Any:
+            return left(e, c, n) <= value
+
+        return le
+    if op == ">":
+
+        def gt(e: ContactEvent, c: CustomerView, n: float) -> Any:
+            return left(e, c, n) > value
+
+        return gt
+
+    def ge(e: ContactEvent, c: CustomerView, n: float) -> Any:
+        return left(e, c, n) >= value
+
+    return ge
 
 
 @dataclass(frozen=True, slots=True)
@@ -756,28 +822,73 @@ def compile_condition(text: str, local_time: LocalTime) -> Condition:
 INDEXED_FIELDS: tuple[str, ...] = ("channel", "source", "to")
 
 
+def _guard(node: Node) -> tuple[str, frozenset[str]] | None:
+    if not isinstance(node, Compare):
+        return None
+    if node.op == "==":
+        for a, b in ((node.left, node.right), (node.right, node.left)):
+            if (
+                isinstance(a, Field)
+                and a.name in INDEXED_FIELDS
+                and isinstance(b, Literal)
+                and isinstance(b.value, str)
+            ):
+                return a.name, frozenset({b.value})
+    elif (
+        node.op == "in"
+        and isinstance(node.left, Field)
+        and node.left.name in INDEXED_FIELDS
+        and isinstance(node.right, ListLit)
+    ):
+        return node.left.name, frozenset(str(item.value) for item in node.right.items)
+    elif (
+        node.op == "in"
+        and isinstance(node.left, Literal)
+        and isinstance(node.left.value, str)
+        and isinstance(node.right, Field)
+        and node.right.name == "tags"
+    ):
+        return "tags", frozenset({node.left.value})
+    return None
+
+
+def _conjuncts(tree: Node) -> tuple[Node, ...]:
+    return tree.items if isinstance(tree, BoolOp) and tree.op == "and" else (tree,)
+
+
 def guards(tree: Node) -> dict[str, frozenset[str]]:
     """Equality/membership guards on indexed fields among the top-level ``and`` conjuncts.
 
     A rule with guard ``{"channel": {"chat", "email"}}`` cannot match an event whose channel is
-    anything else; two guards on the same field intersect.
+    anything else; two guards on the same field intersect. ``tags`` is different: its set
+    holds the tags an event must *all* carry (from conjuncts like ``"billing" in tags``).
     """
-    conjuncts = tree.items if isinstance(tree, BoolOp) and tree.op == "and" else (tree,)
     found: dict[str, frozenset[str]] = {}
-    for node in conjuncts:
-        if not isinstance(node, Compare):
-            continue
-        field, values = None, None
-        if node.op == "==":
-            for a, b in ((node.left, node.right), (node.right, node.left)):
-                if isinstance(a, Field) and isinstance(b, Literal) and isinstance(b.value, str):
-                    field, values = a.name, frozenset({b.value})
-        elif node.op == "in" and isinstance(node.left, Field) and isinstance(node.right, ListLit):
-            field = node.left.name
-            values = frozenset(str(item.value) for item in node.right.items)
-        if field in INDEXED_FIELDS and values is not None:
-            found[field] = found[field] & values if field in found else values
+    for node in _conjuncts(tree):
+        guard = _guard(node)
+        if guard is not None:
+            field, values = guard
+            if field not in found:
+                found[field] = values
+            elif field == "tags":
+                found[field] = found[field] | values
+            else:
+                found[field] = found[field] & values
     return found
+
+
+def residual_predicate(tree: Node, local_time: LocalTime) -> Getter | None:
+    """The predicate without its guards (None: nothing left), for rules the index selected.
+
+    The index only offers a rule for events that satisfy all its guards, so evaluating them
+    again would be wasted work on the hot path.
+    """
+    rest = [node for node in _conjuncts(tree) if _guard(node) is None]
+    if not rest:
+        return None
+    if len(rest) == 1:
+        return _compile(rest[0], local_time)
+    return _compile(BoolOp("and", tuple(rest), rest[0].start, rest[-1].end), local_time)
 
 
 # --- tracing for explain -------------------------------------------------------------------

@@ -18,32 +18,14 @@ import msgspec
 
 from router.model import ContactEvent
 from rules.decision import CustomerView, Decision
-from rules.expr import Condition, LocalTime, Seen, explain_tree, guards
+from rules.expr import Condition, LocalClock, Seen, explain_tree, guards, residual_predicate
 from rules.identity import sender_keys
 from rules.schema import Expert, RoutingFile, Rule
 
-WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
-
-def make_local_time(tz: tzinfo) -> LocalTime:
-    """``now -> (hour, minute, weekday)`` in ``tz``, caching the last second asked for.
-
-    The engine asks about the same second many times in a row; converting through zoneinfo
-    costs more than the rest of a decision.
-    """
-    last_second: int | None = None
-    last: tuple[int, int, str] = (0, 0, "mon")
-
-    def local_time(now: float) -> tuple[int, int, str]:
-        nonlocal last_second, last
-        second = int(now // 1)
-        if second != last_second:
-            dt = datetime.fromtimestamp(second, tz)
-            last = (dt.hour, dt.minute, WEEKDAY_NAMES[dt.weekday()])
-            last_second = second
-        return last
-
-    return local_time
+def make_local_time(tz: tzinfo) -> LocalClock:
+    """The clock conditions use for ``hour``, ``minute`` and ``weekday`` in ``tz``."""
+    return LocalClock(tz)
 
 
 class RuleTrace(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,6 +60,7 @@ class CompiledRule:
     condition: Condition | None
     decision: Decision
     guards: dict[str, frozenset[str]]
+    residual: Predicate | None  # the condition without its guards (the index checked them)
 
 
 def _decision(rule: Rule) -> Decision:
@@ -95,7 +78,8 @@ def _decision(rule: Rule) -> Decision:
 
 
 _Candidates = tuple[tuple[Predicate | None, Decision], ...]
-_Key = tuple[str | None, str | None, str | None]
+_Key = tuple[str | None, str | None, str | None, frozenset[str]]
+_NO_TAGS: frozenset[str] = frozenset()
 
 
 class RoutingTable:
@@ -127,16 +111,23 @@ class RoutingTable:
                 condition=cond,
                 decision=_decision(rule),
                 guards=guards(cond.tree) if cond is not None else {},
+                residual=residual_predicate(cond.tree, self.local_time) if cond else None,
             )
             for rule, cond in zip(file.rules, conditions, strict=True)
         )
-        values: dict[str, set[str]] = {"channel": set(), "source": set(), "to": set()}
+        values: dict[str, set[str]] = {
+            "channel": set(),
+            "source": set(),
+            "to": set(),
+            "tags": set(),
+        }
         for compiled in self.rules:
             for name, allowed in compiled.guards.items():
                 values[name] |= allowed
         self._channels = frozenset(values["channel"])
         self._sources = frozenset(values["source"])
         self._tos = frozenset(values["to"])
+        self._tags = frozenset(values["tags"])
         self._cache: dict[_Key, _Candidates] = {}
         self._by_key: dict[str, Expert] = {}
         for expert in self.experts:
@@ -171,13 +162,15 @@ class RoutingTable:
     # --- deciding --------------------------------------------------------------------------
 
     def _candidates(self, key: _Key) -> _Candidates:
-        channel, source, to = key
+        channel, source, to, tags = key
         seen = {"channel": channel, "source": source, "to": to}
         found = []
         for compiled in self.rules:
-            if all(seen[name] in allowed for name, allowed in compiled.guards.items()):
-                cond = compiled.condition
-                found.append((cond.predicate if cond is not None else None, compiled.decision))
+            if all(
+                allowed <= tags if name == "tags" else seen[name] in allowed
+                for name, allowed in compiled.guards.items()
+            ):
+                found.append((compiled.residual, compiled.decision))
         candidates = tuple(found)
         self._cache[key] = candidates
         return candidates
@@ -193,7 +186,9 @@ class RoutingTable:
         to: str | None = event.to or ""
         if to not in self._tos:
             to = None
-        key = (channel, source, to)
+        # Only the tags some rule asks for are part of the key, so the cache stays small.
+        tags = self._tags.intersection(event.tags) if event.tags else _NO_TAGS
+        key = (channel, source, to, tags)
         candidates = self._cache.get(key)
         if candidates is None:
             candidates = self._candidates(key)

@@ -41,6 +41,9 @@ extra = st.sampled_from(
         "hour >= 12",
         'text ~ "(?i)rechnung"',
         '"urgent" in tags',
+        '"billing" in tags',
+        'not "billing" in tags',
+        '"billing" in tags and "urgent" in tags',
         "customer.contacts > 1",
     ]
 )
@@ -68,7 +71,7 @@ events = st.builds(
     external_id=st.just("1"),
     to=st.none() | st.sampled_from(TOS),
     text=st.sampled_from([None, "Meine Rechnung", "hallo"]),
-    tags=st.sampled_from([(), ("urgent",)]),
+    tags=st.sampled_from([(), ("urgent",), ("billing", "x"), ("billing", "urgent")]),
 )
 customers = st.builds(
     CustomerView,
@@ -109,5 +112,5 @@ def test_index_skips_rules_guarded_on_other_channels() -> None:
     assert table.decide(chat, CustomerView(), 0).rule == "r1"
     assert table.decide(phone, CustomerView(), 0).rule == "r0"
     # The chat event's candidates exclude the phone rule: the index really narrows the scan.
-    candidates = table._cache[("chat", None, None)]
+    candidates = table._cache[("chat", None, None, frozenset())]
     assert [d.rule for _, d in candidates] == ["r1", "default"]
