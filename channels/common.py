@@ -137,7 +137,7 @@ def parse_timestamp(value: Any, source: str) -> float:
     except ValueError:
         try:
             parsed = parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             raise Rejected(source, "bad_timestamp", f"unrecognised timestamp {text!r}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
