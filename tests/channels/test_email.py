@@ -244,6 +244,30 @@ def test_pathological_attribution_lines_are_trimmed_in_bounded_time() -> None:
 # ------------------------------------------------------------------ robustness
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    "body",
+    [
+        # the legacy address parser recursed once per "(" and raised RecursionError
+        b"From: " + b"(" * 20_000 + b"\r\nSubject: x\r\n\r\nb",
+        # these took 18 s, 20 s and 10 s in the standard library's header parser, unbounded
+        b"From: a@b\r\nSubject: " + b"=?utf-8?q?a?= " * 20_000 + b"\r\n\r\nb",
+        b"From: a@b\r\nContent-Type: text/plain; " + b"a=b; " * 20_000 + b"\r\n\r\nb",
+        b"From: a@b\r\nTo: " + b"\\\\" * 20_000 + b"\r\n\r\nb",
+    ],
+    ids=["from-parens", "subject-encoded-words", "content-type-params", "to-backslashes"],
+)
+def test_hostile_headers_decode_in_bounded_time(body: bytes) -> None:
+    [event] = decode_email(body, {}, CONFIG)
+    assert event.kind == "new"
+
+
+def test_long_to_list_keeps_the_first_address() -> None:
+    to = b", ".join(b"person%d@example.org" % i for i in range(2000))
+    body = b"From: a@b.example\r\nTo: First <First@Example.org>, " + to + b"\r\n\r\nhi\r\n"
+    assert decode_email(body, {}, CONFIG)[0].to == "first@example.org"
+
+
 def _decodes_or_rejects(body: bytes) -> None:
     try:
         events = decode_email(body, {}, CONFIG)
