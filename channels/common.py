@@ -28,8 +28,9 @@ def load_json_object(body: bytes, source: str) -> dict[str, Any]:
     """Parse ``body`` as a JSON object, or reject it (``not_json`` / ``bad_shape``)."""
     try:
         value = _JSON.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 inside a string.
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 inside a string,
+        # and RecursionError for deeply nested arrays/objects ("[" * 100_000).
         raise Rejected(source, "not_json", str(exc)) from None
     if not isinstance(value, dict):
         raise Rejected(source, "bad_shape", f"expected a JSON object, got {type(value).__name__}")

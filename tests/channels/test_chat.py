@@ -341,6 +341,13 @@ DECODERS: list[tuple[Decode, Path]] = [
 ALL_DECODERS = [decode_rocketchat, decode_chatwoot, decode_whatsapp, decode_messenger]
 
 
+@pytest.mark.parametrize("decode", ALL_DECODERS)
+def test_deeply_nested_json_is_rejected_not_a_recursion_error(decode: Decode) -> None:
+    with pytest.raises(Rejected) as caught:
+        decode(b"[" * 100_000, {}, CONFIG)
+    assert caught.value.reason == "not_json"
+
+
 def _decodes_or_rejects(decode: Decode, body: bytes) -> None:
     try:
         events = decode(body, {}, CONFIG)
