@@ -217,6 +217,7 @@ def tokenize(text: str) -> list[Token]:
 
 # --- parser --------------------------------------------------------------------------------
 
+MAX_NESTING = 64
 _CMP_OPS = frozenset({"==", "!=", "<", "<=", ">", ">=", "~"})
 
 
@@ -224,6 +225,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = tokenize(text)
         self.i = 0
+        self.depth = 0
 
     @property
     def tok(self) -> Token:
@@ -273,10 +275,19 @@ class _Parser:
             return items[0]
         return BoolOp("and", tuple(items), items[0].start, items[-1].end)
 
+    def _nest(self, start: int) -> None:
+        # Bounded nesting keeps the recursive parser, checker and compiler off Python's
+        # recursion limit whatever the file says.
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise ExprError(f"condition nested more than {MAX_NESTING} levels deep", start)
+
     def _unary(self) -> Node:
         if self._is("kw", "not"):
             start = self._next().start
+            self._nest(start)
             operand = self._unary()
+            self.depth -= 1
             return Not(operand, start, operand.end)
         return self._comparison()
 
@@ -303,8 +314,9 @@ class _Parser:
     def _primary(self) -> Node:
         tok = self.tok
         if tok.kind == "op" and tok.text == "(":
-            self._next()
+            self._nest(self._next().start)
             inner = self._or()
+            self.depth -= 1
             if not self._is("op", ")"):
                 raise self._unexpected("')'")
             self._next()
@@ -950,6 +962,12 @@ def explain_tree(
             return not result, seen
         result = bool(value(node))
         values = {f.name: _shown(value(f)) for f in _fields_in(node)}
+        if result and isinstance(node, Compare) and node.op == "~":
+            # Show what the pattern found: that is usually the whole reason.
+            assert isinstance(node.right, Literal) and isinstance(node.right.value, str)
+            found = re.search(node.right.value, value(node.left))
+            if found is not None:
+                values["matched"] = found.group()
         return result, [Seen(condition=text[node.start : node.end], result=result, values=values)]
 
     return why(cond.tree)

@@ -56,6 +56,11 @@ def test_valid_minimal_file_loads() -> None:
         ("when: subject", "subject", "expected a condition, got subject (str); compare it"),
         ("when: hour < 8 < 9", "< 9", "chained comparison; combine comparisons with 'and'"),
         ("when: weekday in ['sat', 'sonntag']", "'sonntag'", "weekday is never 'sonntag'"),
+        (
+            "when: " + "(" * 70 + "customer.vip" + ")" * 70,
+            "((((((customer",
+            "condition nested more",
+        ),
         # a single-quoted YAML scalar (the quote shifts everything by one)
         ('when: \'"a" in tags and hour == "x"\'', '"x"', "type mismatch"),
         # a double-quoted YAML scalar with escaped quotes inside

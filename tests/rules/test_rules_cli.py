@@ -122,6 +122,7 @@ def test_explain_a_billing_post_in_the_community_as_json() -> None:
     }
     assert decisive[1]["condition"].startswith('text ~ "(?i)rechnung|vertrag|iban')
     assert decisive[1]["result"] is True
+    assert decisive[1]["values"]["matched"] == "Rechnung"
     assert data["trace"][1]["why"] == [
         {"condition": "customer.expert", "result": False, "values": {"customer.expert": False}}
     ]
