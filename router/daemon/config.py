@@ -53,15 +53,23 @@ def parse_addr(addr: str) -> tuple[str, int]:
 class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The MQTT broker connection.
 
-    ``client_id`` must be stable across restarts (the broker keeps the persistent session and the
-    unacknowledged ingress messages under it) and unique per daemon. Unset, it is
-    ``stellwerk-{hostname}``. ``share_group`` names the shared subscription (``$share/...``)
-    through which several daemons split the ingress.
+    ``ingress`` says who consumes the ingress and agent-command topics:
+
+    - ``leader`` (default): only the daemon holding the routing lease, under the installation's
+      one ``client_id`` (default ``stellwerk-router``). The broker keeps that persistent session
+      (and every message not yet acknowledged) while nobody is connected, and a standby that
+      takes the lease resumes it, so nothing waits for a dead daemon to come back.
+    - ``shared``: every daemon consumes through the shared subscription ``$share/{share_group}``
+      with a persistent session of its own (``client_id`` unique per daemon, default
+      ``stellwerk-{hostname}``). More ingest capacity, but brokers such as Mosquitto keep
+      handing a dead member's share of the messages to its offline session, where they wait
+      until a daemon with that ``client_id`` connects again.
     """
 
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: str | None = None
+    ingress: Literal["leader", "shared"] = "leader"
     client_id: str | None = None
     share_group: str = "stellwerk"
     keepalive: int = 30
@@ -103,8 +111,12 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         return user, password
 
     def identifier(self) -> str:
-        """The MQTT client id to use (stable across restarts of the same host)."""
-        return self.client_id or f"stellwerk-{socket.gethostname()}"
+        """The ingress session's MQTT client id (stable across restarts)."""
+        if self.client_id:
+            return self.client_id
+        if self.ingress == "leader":
+            return "stellwerk-router"
+        return f"stellwerk-{socket.gethostname()}"
 
 
 class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(Daemon(loaded, table).run())
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         return 130
+    except Exception:
+        # A bug, not bad input (that never gets this far): log it as one JSON line, exit 1.
+        log.exception("daemon.crashed")
+        return 1
     return 0
 
 
@@ -164,8 +168,12 @@ class Daemon:
         journal = Journal(redis, s.key_prefix)
         intake = Intake(journal, s.decode_config(), metrics=metrics)
 
+        leader = s.mqtt.ingress == "leader"
+
         def mqtt_status(_: bool) -> None:
-            state.mqtt_ok = publisher.connected and ingress.connected
+            # A leader-mode standby does not consume ingress; its publisher is what matters.
+            consuming = ingress.connected or (leader and not state.lease_held)
+            state.mqtt_ok = publisher.connected and consuming
             metrics.set_status(redis=state.redis_ok, mqtt=state.mqtt_ok, lease=state.lease_held)
 
         publisher = Publisher(s, on_status=mqtt_status)
@@ -186,6 +194,8 @@ class Daemon:
             self.table,
             metrics=metrics,
             state=state,
+            ingress=ingress if leader else None,
+            on_lease=mqtt_status,
         )
         self.router = router
         runner: web.AppRunner | None = None
@@ -194,7 +204,9 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 pub_task = tg.create_task(publisher.run(), name="mqtt-publisher")
-                ingress_task = tg.create_task(ingress.run(), name="mqtt-ingress")
+                ingress_task = tg.create_task(
+                    ingress.run() if not leader else asyncio.sleep(0), name="mqtt-ingress"
+                )
                 router_task = tg.create_task(router.run(router_stop), name="router")
                 watch_task = tg.create_task(
                     self._watch_redis(journal, state, metrics), name="redis-watch"

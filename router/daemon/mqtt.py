@@ -1,13 +1,14 @@
 """MQTT: ingress with acknowledgement after the journal write, and the publisher of commands.
 
-Ingress subscribes (QoS 1, persistent session, shared subscription ``$share/{group}/...``) to
+Ingress subscribes (QoS 1, persistent session, subscription ``$share/{group}/...``) to
 ``{prefix}/in/{channel}/{source}`` (native payloads) and ``{prefix}/agents/{agent_id}/cmd``
 (agent commands). aiomqtt 2.5 has no manual-ack switch of its own, so we turn on paho-mqtt's
 (``manual_ack_set(True)`` on the wrapped client, before connecting) and send each PUBACK with
 ``ack(mid, qos)`` only after the journal append returned. A payload the decoder rejects is in the
 dead-letter stream and is acknowledged too; only an unreachable Redis withholds the PUBACK: the
 batch is retried with back-off while the connection lasts, and if the daemon dies meanwhile the
-broker redelivers the message to the session (or to another member of the share group).
+broker redelivers the message to the session when it is resumed (see ``MqttSettings.ingress``:
+by default the lease holder consumes, and a standby taking over resumes the same session).
 
 The publisher is a second connection (clean session) that sends offers, cancels, refusals and
 events with QoS 1 and waits for the broker's PUBACK, reconnecting with capped, jittered back-off.
@@ -112,7 +113,8 @@ class Publisher:
         self._client: aiomqtt.Client | None = None
         self._ready = asyncio.Event()
         self._on_status = on_status
-        self._identifier = f"{settings.mqtt.identifier()}-pub"
+        # Unique per daemon (several share one ingress client id in leader mode).
+        self._identifier = f"{settings.mqtt.identifier()}-pub-{settings.node_id()}"
 
     @property
     def connected(self) -> bool:
@@ -213,6 +215,7 @@ class Ingress:
 
     async def run(self) -> None:
         """Connect, subscribe and consume until :meth:`stop` or cancellation."""
+        self._stopping.clear()
         delays = backoff()
         failures = 0
         identifier = self.settings.mqtt.identifier()

@@ -20,7 +20,6 @@ so the daemon keeps routing and replays stay deterministic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from router.daemon.journal import (
 )
 from router.daemon.lease import Lease
 from router.daemon.metrics import Metrics
-from router.daemon.mqtt import Message, Publisher, backoff, command_messages
+from router.daemon.mqtt import Ingress, Message, Publisher, backoff, command_messages
 from router.engine import Engine
 from router.messages import Command, EventCmd, OfferCmd, RefusedCmd, Tick
 from rules.load import RoutingFileError, load_routing
@@ -132,6 +131,8 @@ class Router:
         *,
         metrics: Metrics | None = None,
         state: AppState | None = None,
+        ingress: Ingress | None = None,
+        on_lease: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.options = options
@@ -141,6 +142,8 @@ class Router:
         self.table = table
         self.metrics = metrics
         self.state = state if state is not None else AppState()
+        self.ingress = ingress
+        self._on_lease = on_lease
         self._clock = clock
         self._reloads: asyncio.Queue[asyncio.Future[list[str]]] = asyncio.Queue()
         self._run: _Run | None = None
@@ -158,20 +161,28 @@ class Router:
             self._set_lease(True)
             route = asyncio.create_task(self._route(stopping), name="router.route")
             keep = asyncio.create_task(self.lease.keep(), name="router.lease")
+            # Leader ingress: the lease holder resumes the one persistent ingress session.
+            ingress = (
+                asyncio.create_task(self.ingress.run(), name="mqtt-ingress")
+                if self.ingress is not None
+                else None
+            )
             try:
                 done, _ = await asyncio.wait({route, keep}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (route, keep):
+                if ingress is not None and self.ingress is not None:
+                    self.ingress.stop()
+                tasks = [t for t in (route, keep, ingress) if t is not None]
+                for task in tasks:
                     task.cancel()
-                for task in (route, keep):
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                # Their outcome is looked at below; here they only have to be finished.
+                await asyncio.gather(*tasks, return_exceptions=True)
                 self._set_lease(False)
                 self._run = None
             if keep in done:
                 log.error("router.stopped", reason="lease_lost")
                 continue
-            exc = route.exception()
+            exc = route.exception() if not route.cancelled() else None
             if exc is None:
                 break  # stopping: the final snapshot was written, the lease released
             if isinstance(exc, _LostLease):
@@ -196,8 +207,8 @@ class Router:
         if not held:
             self.state.view = None
             self.state.reload = None
-        if self.metrics is not None:
-            self.metrics.lease_held.set(1 if held else 0)
+        if self._on_lease is not None:
+            self._on_lease(held)
 
     # ---- one tenure -----------------------------------------------------------------------------
 

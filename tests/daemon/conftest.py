@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,8 @@ def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
             STELLWERK_ROUTING=str(routing),
             STELLWERK_REDIS_URL=REDIS_URL,
             STELLWERK_MQTT_URL=f"mqtt://{MQTT_HOST}:{MQTT_PORT}",
-            STELLWERK_MQTT_CLIENT_ID=f"stw-{names.tag}-{node}",
+            # Leader ingress: every daemon of the installation resumes the same session.
+            STELLWERK_MQTT_CLIENT_ID=f"stw-{names.tag}",
             STELLWERK_MQTT_SHARE_GROUP=f"g{names.tag}",
             STELLWERK_KEY_PREFIX=names.key_prefix,
             STELLWERK_TOPIC_PREFIX=names.topic_prefix,
@@ -221,8 +222,17 @@ def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
     return make
 
 
+async def drop_session(client_id: str) -> None:
+    """Make the broker forget a persistent session a test created (clean-session connect)."""
+    with contextlib.suppress(aiomqtt.MqttError):
+        async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, identifier=client_id, clean_session=True):
+            pass
+
+
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[[dict[str, str], str], DaemonProcess]]:
+async def daemons(
+    tmp_path: Path, names: Names, redis_client: aioredis.Redis
+) -> AsyncIterator[Callable[[dict[str, str], str], DaemonProcess]]:
     """Start daemons as subprocesses; every one still running is stopped after the test."""
     started: list[DaemonProcess] = []
 
@@ -237,6 +247,7 @@ def daemons(tmp_path: Path) -> Iterator[Callable[[dict[str, str], str], DaemonPr
         if d.proc is not None and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait(5)
+    await drop_session(f"stw-{names.tag}")
 
 
 # ---- routing files, payloads, the daemon in-process -----------------------------------------
@@ -289,12 +300,13 @@ rules:
     return path
 
 
-def ari(event: str, channel_id: str, caller: str = "030 5550100") -> bytes:
-    """A real ARI event (StasisStart / StasisEnd sample) for another channel and caller."""
+def ari(event: str, channel_id: str, caller: str = "030 5550100", exten: str = "1000") -> bytes:
+    """A real ARI event (StasisStart / StasisEnd sample) for another channel, caller, number."""
     name = {"StasisStart": "asterisk-ari-stasis-start", "StasisEnd": "asterisk-ari-stasis-end"}
     data = json.loads((SAMPLES / "phone" / f"{name[event]}.json").read_bytes())
     data["channel"]["id"] = channel_id
     data["channel"]["caller"]["number"] = caller
+    data["channel"]["dialplan"]["exten"] = exten
     return json.dumps(data).encode()
 
 
@@ -315,8 +327,10 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: s
 @pytest.fixture
 async def start_daemon(
     daemon_env: Callable[..., dict[str, str]],
+    redis_client: aioredis.Redis,
 ) -> AsyncIterator[Callable[..., Any]]:
-    """Run ``Daemon`` in this event loop; returns once it routes. Stopped after the test."""
+    """Run ``Daemon`` in this event loop; returns once it routes. Stopped after the test
+    (before the test's Redis keys are deleted, hence the ``redis_client`` dependency)."""
     from router.daemon.config import load_settings
     from router.daemon.main import Daemon
     from rules.load import load_routing
@@ -342,3 +356,5 @@ async def start_daemon(
         daemon.stopping.set()
     for _, task in running:
         await asyncio.wait_for(task, 15)
+    if running:
+        await drop_session(running[0][0].settings.mqtt.identifier())

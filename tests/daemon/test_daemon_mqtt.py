@@ -1,0 +1,97 @@
+"""MQTT ingress acknowledges a message only once Redis has it (PUBACK after the journal write)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from router.daemon.config import Settings, load_settings
+from router.daemon.intake import Intake
+from router.daemon.journal import ContactEntry, Journal, connect_redis
+from router.daemon.metrics import Metrics
+from router.daemon.mqtt import Ingress, Publisher
+from tests.daemon.conftest import MqttProbe, Names, ari, drop_session, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def settings_for(names: Names) -> Settings:
+    return load_settings(
+        None,
+        env={
+            "STELLWERK_TOPIC_PREFIX": names.topic_prefix,
+            "STELLWERK_KEY_PREFIX": names.key_prefix,
+            "STELLWERK_MQTT_CLIENT_ID": f"stw-{names.tag}",
+            "STELLWERK_MQTT_SHARE_GROUP": f"g{names.tag}",
+        },
+    ).settings
+
+
+class Running:
+    """An Ingress task over a given journal; stopping it closes the connection without acks."""
+
+    def __init__(self, settings: Settings, journal: Journal, publisher: Publisher) -> None:
+        self.metrics = Metrics(CollectorRegistry())
+        intake = Intake(journal, settings.decode_config(), metrics=self.metrics)
+        self.ingress = Ingress(settings, intake, publisher, metrics=self.metrics)
+        self.task = asyncio.create_task(self.ingress.run())
+
+    def count(self, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "stellwerk_ingress_deliveries_total", {"transport": "mqtt", "outcome": outcome}
+        )
+        return value or 0.0
+
+    async def kill(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def test_no_puback_while_redis_is_down_then_redelivered_and_journaled(
+    names: Names, journal: Journal, mqtt_probe: MqttProbe
+) -> None:
+    settings = settings_for(names)
+    publisher = Publisher(settings)
+    pub_task = asyncio.create_task(publisher.run())
+    down = Journal(connect_redis("redis://127.0.0.1:1/0", timeout=0.3), names.key_prefix)
+    try:
+        first = Running(settings, down, publisher)
+        await wait_until(lambda: first.ingress.connected, 5, "ingress connected")
+        await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", "ack-1"))
+        await mqtt_probe.publish("in/phone/asterisk-ari", b"not json")
+        await wait_until(lambda: first.count("unavailable") >= 2, 5, "failed journal writes")
+        assert first.count("accepted") == 0
+        # The daemon dies while Redis is away: nothing was acknowledged to the broker.
+        await first.kill()
+
+        second = Running(settings, journal, publisher)
+        rows = await wait_until(
+            lambda: journal.read_after("0-0", None, 10), 5, "the redelivered call journaled"
+        )
+        ((_, entry),) = rows
+        assert isinstance(entry, ContactEntry)
+        assert entry.event.contact_id == "asterisk-ari:ack-1"
+        # The bad payload was redelivered too, and is now in the dead-letter stream.
+        dead = await wait_until(journal.dead_letters, 5, "the dead letter")
+        assert [d["reason"] for d in dead] == ["not_json"]
+        await wait_until(lambda: second.count("rejected") == 1, 5, "rejection counted")
+        await second.kill()
+
+        # Both were acknowledged this time (the rejected one too): nothing comes back.
+        third = Running(settings, journal, publisher)
+        await wait_until(lambda: third.ingress.connected, 5, "third ingress connected")
+        await asyncio.sleep(0.5)
+        assert len(await journal.read_after("0-0", None, 10)) == 1
+        assert len(await journal.dead_letters()) == 1
+        assert third.count("accepted") + third.count("rejected") == 0
+        await third.kill()
+    finally:
+        pub_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pub_task
+        await down.redis.aclose()
+        await drop_session(f"stw-{names.tag}")

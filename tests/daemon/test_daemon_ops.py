@@ -1,0 +1,87 @@
+"""Operating the daemon: start-up refusals, rules reload (SIGHUP), graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon.conftest import REPO, MqttProbe, ari, wait_until, write_routing
+
+pytestmark = pytest.mark.integration
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STELLWERK_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "router.cli", "run", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_bad_settings_refuse_to_start_with_a_located_error(tmp_path: Path) -> None:
+    config = tmp_path / "stellwerk.yaml"
+    config.write_text("mqtt:\n  url: mqtt://127.0.0.1:1883\n  keepalive: soon\n")
+    result = run_cli("--config", str(config))
+    assert result.returncode == 2
+    assert f"{config}:3:14: mqtt.keepalive: Expected `int`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_routing_file_that_fails_check_refuses_to_start(tmp_path: Path) -> None:
+    routing = tmp_path / "r.yaml"
+    routing.write_text("queues:\n  support: {}\nrules:\n  - {name: x, queue: nowhere}\n")
+    result = run_cli(env={"STELLWERK_ROUTING": str(routing)})
+    assert result.returncode == 1
+    assert f"{routing}:" in result.stderr and "nowhere" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_reload_refuses_a_broken_file_and_applies_a_good_one(
+    tmp_path: Path, mqtt_probe: MqttProbe, start_daemon: Callable[..., Any]
+) -> None:
+    routing = write_routing(tmp_path / "r.yaml", ("anna",))
+    daemon = await start_daemon(routing)
+    good = routing.read_text()
+    routing.write_text(good.replace("queue: support", "queue: no_such_queue"))
+    assert daemon.state.reload is not None
+    problems = await daemon.state.reload()
+    assert problems and all(p.startswith(f"{routing}:") for p in problems)
+    assert any("no_such_queue" in p for p in problems)
+    # The running rules stay: calls still go to support.
+    await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", "r-1"))
+    (queued,) = await mqtt_probe.wait_for("events/contact.queued")
+    assert queued["queue"] == "support"
+
+    # A good file: a new queue and a rule for it; SIGHUP's path (the flag) applies it.
+    routing.write_text(
+        good.replace(
+            "  - name: default\n",
+            "  - name: vip\n    when: 'to == \"2000\"'\n    queue: vip\n  - name: default\n",
+        ).replace("queues:\n", "queues:\n  vip:\n    skills: {support: 1}\n")
+    )
+    daemon.reload_requested.set()
+    await wait_until(
+        lambda: daemon.metrics.registry.get_sample_value(
+            "stellwerk_rules_reloads_total", {"result": "ok"}
+        ),
+        5,
+        "the reload",
+    )
+    await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", "r-2", exten="2000"))
+    (vip,) = await mqtt_probe.wait_for("events/contact.queued", contact_id="asterisk-ari:r-2")
+    assert (vip["queue"], vip["rule"]) == ("vip", "vip")
+    refused = daemon.metrics.registry.get_sample_value(
+        "stellwerk_rules_reloads_total", {"result": "refused"}
+    )
+    assert refused == 1.0
