@@ -203,3 +203,12 @@ def test_missing_file_is_a_problem_not_a_traceback(tmp_path: Path) -> None:
     assert problem == Problem(
         str(tmp_path / "nope.yaml"), 1, 1, "cannot read: No such file or directory"
     )
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_error_in_a_multiline_plain_scalar(newline: str) -> None:
+    text = with_rule(
+        '- name: a\n  when: channel == "phone"\n    and  hour == "x"\n  queue: dsl\n'
+    ).replace("\n", newline)
+    (problem,) = problems(text)
+    assert problem.startswith('r.yaml:8:20: type mismatch: hour (int) == "x"'), problem
