@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -80,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen form; 0 on success, 1 for unreadable or invalid files, 2 for bad usage."""
-    progress = _progress_bar(sys.stderr) if sys.stderr.isatty() else None
+    progress = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     try:
         if args.mode == "erlang":
             result = run_erlang(args, progress)
@@ -103,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         if progress is not None:
-            sys.stderr.write("\r" + " " * 60 + "\r")
-            sys.stderr.flush()
+            progress.clear()
     if args.json:
         print(msgspec.json.encode(report).decode())
     else:
@@ -375,13 +375,27 @@ def format_erlang(result: ErlangResult) -> str:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def _progress_bar(stream: TextIO) -> Callable[[float], None]:
-    def show(fraction: float) -> None:
-        filled = int(fraction * 40)
-        stream.write(f"\rsimulating [{'#' * filled}{'.' * (40 - filled)}] {fraction * 100:3.0f}%")
-        stream.flush()
+class _ProgressBar:
+    """A one-line ``\r`` progress bar, shown only once a run has taken half a second."""
 
-    return show
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.started = time.monotonic()
+        self.shown = False
+
+    def __call__(self, fraction: float) -> None:
+        if not self.shown and time.monotonic() - self.started < 0.5:
+            return
+        self.shown = True
+        filled = int(fraction * 40)
+        bar = "#" * filled + "." * (40 - filled)
+        self.stream.write(f"\rsimulating [{bar}] {fraction * 100:3.0f}%")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * 60 + "\r")
+            self.stream.flush()
 
 
 def _positive(text: str) -> float:
