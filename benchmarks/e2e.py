@@ -1,0 +1,221 @@
+"""End-to-end throughput of the daemon: MQTT ARI ingress -> journal -> routing -> offer delivery.
+
+Starts ``stellwerk run`` as a subprocess against the local Redis and Mosquitto (its own key and
+topic prefix, a generated routing file with ``--agents`` phone agents, wrap-up 0), or uses a
+running daemon (``--use-running`` with ``--topic-prefix`` and ``--routing``). Then, for each rate
+in ``--rates``, it drives the daemon for ``--duration`` seconds with Asterisk StasisStart events
+over MQTT; simulated agents accept each offer at once and the caller hangs up at once (so every
+contact costs the daemon three journal entries: the call, the accept, the hang-up, and about
+seven MQTT messages out). Per rate it reports contacts/s sent and offered, ingress->offer latency
+percentiles (send time to the offer arriving at the agent, matched by contact id) and the number
+of contacts lost (accepted by the broker, never seen by the router).
+
+    .venv/bin/python benchmarks/e2e.py                       # 200,500,1000,2000,5000 /s, 10 s each
+    .venv/bin/python benchmarks/e2e.py --rates 1000 --duration 30 --json
+
+The DESIGN target is >= 5,000 contacts/s with p99 < 50 ms and zero loss; the figures measured on
+the 2-core development box are in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from router.loadgen import LoadGen, Profile, Report, Target  # noqa: E402
+
+
+def routing_file(agents: int) -> str:
+    """One phone queue, ``agents`` agents, no wrap-up: the daemon, not the staffing, limits."""
+    lines = [
+        "version: 1",
+        "defaults: {offer_timeout: 30, wrap_up: 0}",
+        "skills: [de]",
+        "queues:",
+        "  hotline: {skills: {de: 1}, channels: [phone], sla: {seconds: 20, percent: 80}}",
+        "agents:",
+    ]
+    lines += [
+        f"  - {{id: e{i:04d}, skills: {{de: 3}}, capacity: {{phone: 1}}}}" for i in range(agents)
+    ]
+    lines += ["rules:", "  - {name: default, default: true, queue: hotline}"]
+    return "\n".join(lines) + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"e2e: the daemon did not become ready at {url} within {timeout:.0f} s")
+
+
+def metric(url: str, name: str) -> float | None:
+    """One unlabelled sample from the daemon's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+async def one_rate(target: Target, rate: float, duration: float, grace: float) -> Report:
+    profile = Profile(
+        rate=rate,
+        duration=duration,
+        mix={"phone": 1.0},
+        handle_time=0.0,
+        think_time=0.0,
+        after_call_work=0.0,
+        ready_after_wrap_up=False,
+        patience=0.0,
+        grace=grace,
+        progress=sys.stderr.isatty(),
+        max_in_flight=5000,
+        # Offers carry the latency; agents start on contact.assigned; the others tell "still
+        # queued" from "lost".
+        event_types=(
+            "contact.queued",
+            "contact.assigned",
+            "contact.abandoned",
+            "contact.rejected",
+        ),
+    )
+    return await LoadGen(target, profile).run()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="200,500,1000,2000,5000", help="contacts/s, comma list")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    parser.add_argument("--agents", type=int, default=400, help="phone agents")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds for stragglers")
+    parser.add_argument("--use-running", action="store_true", help="do not start a daemon")
+    parser.add_argument("--http-url", default=None, help="with --use-running: its HTTP URL")
+    parser.add_argument("--topic-prefix", default=None, help="with --use-running")
+    parser.add_argument("--routing", default=None, help="with --use-running: its routing file")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--keep-log", action="store_true", help="keep the daemon's log file")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+
+    tmp = Path(tempfile.mkdtemp(prefix="stellwerk-e2e-"))
+    run = uuid.uuid4().hex[:8]
+    daemon: subprocess.Popen[bytes] | None = None
+    if args.use_running:
+        if not (args.topic_prefix and args.routing and args.http_url):
+            parser.error("--use-running needs --topic-prefix, --routing and --http-url")
+        from router.loadgen import agent_ids
+
+        prefix, http_url = args.topic_prefix, args.http_url.rstrip("/")
+        agents = agent_ids(Path(args.routing))
+    else:
+        routing = tmp / "routing.yaml"
+        routing.write_text(routing_file(args.agents))
+        prefix = f"e2e-{run}"
+        port = free_port()
+        http_url = f"http://127.0.0.1:{port}"
+        env = dict(
+            os.environ,
+            STELLWERK_ROUTING=str(routing),
+            STELLWERK_KEY_PREFIX=f"{prefix}:",
+            STELLWERK_TOPIC_PREFIX=prefix,
+            STELLWERK_HTTP_ADDR=f"127.0.0.1:{port}",
+            STELLWERK_SMTP_ADDR="",
+            STELLWERK_MQTT_CLIENT_ID=f"{prefix}-daemon",
+            STELLWERK_LOG_FORMAT="json",
+        )
+        log_path = tmp / "daemon.log"
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        agents = [f"e{i:04d}" for i in range(args.agents)]
+    results = []
+    try:
+        wait_ready(http_url)
+        target = Target(prefix=prefix, agents=agents, http_url=http_url)
+        for rate in rates:
+            report = asyncio.run(one_rate(target, rate, args.duration, args.grace))
+            lag = metric(http_url, "stellwerk_journal_lag_entries")
+            results.append({"rate": rate, **asdict(report), "journal_lag_after": lag})
+            if not args.json:
+                lat = report.latency_ms
+                print(
+                    f"rate {rate:>6.0f}/s: sent {report.sent} ({report.contacts_per_second:.0f}/s)"
+                    f", offered {report.offered} ({report.offers_per_second:.0f}/s)"
+                    f", lost {report.lost}, still waiting {report.still_waiting}"
+                    + (
+                        f", offer latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms"
+                        f" p99 {lat['p99']:.1f} ms max {lat['max']:.1f} ms"
+                        if lat
+                        else ""
+                    )
+                    + (
+                        f" (ingress->queued p50 {report.routing_latency_ms['p50']:.1f} ms"
+                        f" p99 {report.routing_latency_ms['p99']:.1f} ms)"
+                        if report.routing_latency_ms
+                        else ""
+                    ),
+                    flush=True,
+                )
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+            if args.keep_log:
+                print(f"daemon log: {tmp / 'daemon.log'}", file=sys.stderr)
+            _cleanup_redis(prefix)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _cleanup_redis(prefix: str) -> None:
+    """Drop the run's keys (journal, snapshot, dead letters, lease) from the shared Redis."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ.get("STELLWERK_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""``stellwerk loadgen``: its payloads are what the real platforms send, its options are checked,
+and a short run against a real daemon (real Redis, Mosquitto, HTTP and SMTP) loses nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import test_utils
+from hypothesis import given
+from hypothesis import strategies as st
+
+from channels.base import DecodeConfig
+from channels.registry import decode
+from router.loadgen import (
+    LoadGen,
+    LoadgenError,
+    Profile,
+    Target,
+    agent_ids,
+    ari_event,
+    discourse_post,
+    email_message,
+    parse_mix,
+    percentiles,
+    rocketchat_message,
+    webhook_headers,
+    whatsapp_message,
+)
+from tests.daemon.conftest import REPO, Names, write_routing
+
+SECRETS = {"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse": "disc-secret"}
+CONFIG = DecodeConfig(secrets=SECRETS)
+
+
+def decoded(source: str, body: bytes) -> list[Any]:
+    return decode(
+        source,
+        body,
+        {k.lower(): v for k, v in webhook_headers(source, body, SECRETS).items()},
+        CONFIG,
+    )
+
+
+def test_ari_calls_start_and_end_the_same_contact() -> None:
+    start = decode(
+        "asterisk-ari",
+        ari_event("StasisStart", "lg1.7", "+4915112345678", "+498003322002", 1.7e9),
+        {},
+        CONFIG,
+    )
+    end = decode("asterisk-ari", ari_event("StasisEnd", "lg1.7", "", "", 1.7e9 + 60), {}, CONFIG)
+    assert [(e.kind, e.contact_id) for e in start + end] == [
+        ("new", "asterisk-ari:lg1.7"),
+        ("end", "asterisk-ari:lg1.7"),
+    ]
+    assert start[0].to == "+498003322002"  # the hotline number the routing rules match
+    assert start[0].sender.phone == "+4915112345678"
+
+
+def test_signed_webhooks_pass_the_real_signature_checks() -> None:
+    [chat] = decoded("rocketchat", rocketchat_message("room9", "gast-9", "Hallo", 1.7e9))
+    assert (chat.contact_id, chat.text) == ("rocketchat:room9", "Hallo")
+    [wa] = decoded("whatsapp", whatsapp_message("4916012345", "Rechnung?", 1.7e9))
+    assert (wa.contact_id, wa.channel) == ("whatsapp:4916012345", "chat")
+    [post] = decoded("discourse", discourse_post(4711, 1, "kunde1", "Meine Rechnung", 1.7e9))
+    assert (post.kind, post.contact_id, post.channel) == ("new", "discourse:4711", "social")
+    # the crowd's answer is an update of the same thread by someone else
+    [reply] = decoded("discourse", discourse_post(4711, 2, "pate_heinz", "So geht's", 1.7e9))
+    assert (reply.kind, reply.contact_id) == ("update", "discourse:4711")
+    assert reply.sender.handle != post.sender.handle
+
+
+def test_emails_are_threads_keyed_by_their_message_id() -> None:
+    raw = email_message("lg-1-5@loadgen.test", "kunde5@example.de", "DSL Störung", 1.7e9)
+    [mail] = decode("email", raw, {}, CONFIG)
+    assert mail.contact_id == "email:lg-1-5@loadgen.test"
+    assert (mail.subject, mail.sender.email) == ("DSL Störung", "kunde5@example.de")
+
+
+def test_mix_is_normalised_and_checked() -> None:
+    assert parse_mix("phone=3,chat=1") == {"phone": 0.75, "chat": 0.25}
+    assert parse_mix("phone=1,email=0") == {"phone": 1.0}
+    for bad in ("fax=1", "phone", "phone=x", "phone=0", "phone=-1"):
+        with pytest.raises(LoadgenError):
+            parse_mix(bad)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e4, allow_nan=False), min_size=1))
+def test_percentiles_are_ordered_members_of_the_sample(values: list[float]) -> None:
+    p = percentiles(values)
+    assert p["p50"] <= p["p90"] <= p["p99"] <= p["max"] == max(values)
+    assert all(v in values for v in p.values())
+
+
+def test_percentiles_use_the_nearest_rank() -> None:
+    p = percentiles([float(v) for v in range(1, 101)])
+    assert (p["p50"], p["p90"], p["p99"], p["max"]) == (50.0, 90.0, 99.0, 100.0)
+    assert percentiles([]) == {}
+
+
+def test_agent_ids_come_from_the_routing_file(tmp_path: Path) -> None:
+    assert agent_ids(write_routing(tmp_path / "r.yaml", ("anna", "ben"))) == ["anna", "ben"]
+    assert agent_ids(REPO / "config" / "routing.yaml")[:2] == ["a01", "a02"]
+    (tmp_path / "none.yaml").write_text("queues: {}\n")
+    with pytest.raises(LoadgenError, match="no agents"):
+        agent_ids(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rate", "0"], "--rate and --duration must be > 0"),
+        (["--mix", "fax=1"], "--mix"),
+        (["--routing", "/nonexistent/routing.yaml"], "cannot read routing file"),
+        (["--smtp-addr", "nowhere"], "--smtp-addr"),
+    ],
+)
+def test_bad_options_give_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "loadgen",
+            "--config",
+            str(REPO / "config" / "stellwerk.yaml"),
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.integration
+async def test_a_short_run_against_a_real_daemon_loses_nothing(
+    tmp_path: Path, names: Names, start_daemon: Callable[..., Any]
+) -> None:
+    agents = ("anna", "ben", "cem", "doris", "emil", "fatma")
+    routing = write_routing(tmp_path / "routing.yaml", agents, offer_timeout=5.0, wrap_up=5.0)
+    http_port, smtp_port = test_utils.unused_port(), test_utils.unused_port()
+    secrets = '{"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse": "d"}'
+    daemon = await start_daemon(
+        routing,
+        http_addr=f"127.0.0.1:{http_port}",
+        smtp_addr=f"127.0.0.1:{smtp_port}",
+        sources_secrets=secrets,
+    )
+    target = Target(
+        http_url=f"http://127.0.0.1:{http_port}",
+        smtp_port=smtp_port,
+        prefix=names.topic_prefix,
+        secrets={"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse": "d"},
+        agents=list(agents),
+    )
+    profile = Profile(
+        rate=15.0,
+        duration=2.0,
+        mix=parse_mix("phone=40,email=20,chat=25,social=15"),
+        handle_time=0.2,
+        think_time=0.05,
+        after_call_work=0.05,
+        patience=0.0,
+        grace=8.0,
+        seed=7,
+        progress=False,
+        crowd_share=0.0,
+    )
+    report = await LoadGen(target, profile).run()
+    assert report.sent == 30  # 2 s at 15/s
+    assert report.refused == 0 and report.accepted == report.sent
+    assert report.lost == 0
+    # every contact reached an agent: the write_routing file has no crowd-first rule
+    assert report.offered == report.sent
+    assert set(report.by_channel) == {"phone", "email", "chat", "social"}
+    assert report.latency_ms["p99"] >= report.latency_ms["p50"] > 0
+    assert report.routing_latency_ms["p50"] > 0
+    assert report.agent_refusals == 0
+    assert "LOST 0" in report.text()
+
+    # the run wound down: every simulated agent logged out again
+    async def all_offline() -> bool:
+        return all(a["state"] == "offline" for a in daemon.state.view.agent_list())
+
+    from tests.daemon.conftest import wait_until
+
+    await wait_until(all_offline, 5, "the agents to log out")
