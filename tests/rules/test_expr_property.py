@@ -7,6 +7,7 @@ evaluates the same tree directly over field values computed the obvious way.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Any
@@ -207,7 +208,9 @@ def render(tree: Tree, parent: int = 0) -> str:
 
 
 def environment(event: ContactEvent, customer: CustomerView, now: float) -> dict[str, Any]:
-    local = datetime.fromtimestamp(now, TZ)
+    # Whole seconds: datetime rounds a float to microseconds, which can carry 23:59:59.9999998
+    # over to the next day; the clock fields of that instant are those of its whole second.
+    local = datetime.fromtimestamp(math.floor(now), TZ)
     env: dict[str, Any] = {
         "kind": event.kind,
         "channel": event.channel,
@@ -330,3 +333,11 @@ def test_explain_trace_agrees_with_predicate(
     result, why = explain_tree(condition, local_time, event, customer, now)
     assert result is bool(condition.predicate(event, customer, now))
     assert why, "every verdict has at least one reason"
+
+
+def test_clock_fields_in_the_files_timezone() -> None:
+    clock = make_local_time(TZ)
+    assert clock(1774747800.0) == (3, 30, "sun")  # 2026-03-29 01:30 UTC: summer time began
+    assert clock(1774744200.0) == (1, 30, "sun")  # an hour earlier: still winter time
+    # A hair before 00:00 UTC on New Year is still 00:59:59 in Berlin, not 01:00.
+    assert clock(1798761599.9999998) == (0, 59, "fri")
