@@ -183,7 +183,8 @@ def _x_post(
     attributes = {"post_id": post_id}
     _put(attributes, "in_reply_to_user_id", opt(post, "in_reply_to_user_id"))
     _put(attributes, "username", opt(user, "username"))
-    for ref in opt(post, "referenced_tweets") or ():
+    references = opt(post, "referenced_tweets")
+    for ref in references if isinstance(references, list) else ():
         if opt(ref, "type") == "replied_to":
             _put(attributes, "replied_to_post_id", opt(ref, "id"))
     text = opt_str(post, "text")

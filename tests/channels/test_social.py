@@ -296,3 +296,10 @@ def test_x_text_is_always_bounded(text: str, limit: int) -> None:
     body = json.dumps({"data": _x_root(text=text)}).encode()
     [event] = decode_x(body, {}, DecodeConfig(max_text=limit))
     assert event.text is None or 0 < len(event.text) <= limit
+
+
+def test_x_malformed_references_are_ignored_not_a_crash() -> None:
+    body = json.dumps({"data": _x_root(id="43", referenced_tweets=1)}).encode()
+    [event] = decode_x(body, {}, CONFIG)
+    assert event.kind == "update"
+    assert "replied_to_post_id" not in event.attributes
