@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -390,3 +394,44 @@ def test_a_hang_up_while_queued_counts_as_abandoned_with_its_wait() -> None:
         )
         == 45
     )
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+
+
+def _known_series() -> set[str]:
+    names = set()
+    for family in Metrics().registry.collect():
+        names.add(family.name)
+        names.update(family.name + s for s in ("_total", "_bucket", "_sum", "_count"))
+    return names
+
+
+def _referenced(text: str) -> set[str]:
+    return set(re.findall(r"\bstellwerk_[a-z_]+", text)) - {"stellwerk_"}
+
+
+def test_dashboard_and_alerts_only_use_metrics_that_exist() -> None:
+    dashboard = json.loads((CONFIG_DIR / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    alerts = yaml.safe_load((CONFIG_DIR / "prometheus-alerts.yaml").read_text())
+    exprs += [r["expr"] for g in alerts["groups"] for r in g["rules"]]
+    used = set().union(*(_referenced(e) for e in exprs))
+    assert used, "no stellwerk_ metric referenced at all"
+    assert used - _known_series() == set()
+    # every panel has a unique id and a query; every alert has a summary
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    assert all(p.get("targets") for p in dashboard["panels"] if p["type"] != "row")
+    assert all(r["annotations"]["summary"] for g in alerts["groups"] for r in g["rules"])
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_alert_rules_pass_promtool() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(CONFIG_DIR / "prometheus-alerts.yaml")],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
