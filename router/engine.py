@@ -164,6 +164,7 @@ class Engine:
         """
         out: list[Command] = []
         self._fire_timers(now, out)
+        self._state.clock = max(self._state.clock, now)
         if isinstance(message, ContactEvent):
             self._on_contact_event(message, now, out)
         elif isinstance(message, Tick):
@@ -316,7 +317,7 @@ class Engine:
     def _on_contact_event(self, event: ContactEvent, now: float, out: list[Command]) -> None:
         contact = self._state.contacts.get(event.contact_id)
         if contact is None:
-            if event.kind == "end" or event.contact_id in self._state.finished:
+            if event.kind == "end" or not self._reopens(event):
                 # The end of something never routed, or a late event of a finished contact.
                 return
             self._on_new(event, now, out)
@@ -324,6 +325,22 @@ class Engine:
             self._on_end(contact, event.end_reason or "ended", now, out)
         else:
             self._on_update(contact, event, now, out)
+
+    def _reopens(self, event: ContactEvent) -> bool:
+        """Does an event about a finished contact start it again?
+
+        Chat conversations (a WhatsApp number, a Messenger user) and mail threads keep their id
+        for ever, so the customer writing again after the contact was completed is new work.
+        A call id is never reused, so late call events are dropped; in a community thread only
+        the asker reopens it, so more crowd replies after the answer stay with the crowd.
+        """
+        done = self._state.finished.get(event.contact_id)
+        if done is None:
+            return True
+        if event.channel == "phone":
+            return False
+        keys = self.table.identity_keys(event)
+        return bool(keys) and any(self._state.keys.get(k) == done[3] for k in keys)
 
     def _on_new(self, event: ContactEvent, now: float, out: list[Command]) -> None:
         st = self._state
@@ -493,6 +510,10 @@ class Engine:
         ):
             # Its max wait ran out while it was offered: overflow now.
             self._overflow_max_wait(contact, now, out)
+            return
+        # Timers pruned while it was with an agent are wanted again.
+        self._schedule_step(contact)
+        self._schedule_max_wait(contact)
 
     # ---- matching ---------------------------------------------------------------------------
 
@@ -975,9 +996,11 @@ class Engine:
         timers = self._timers
         st = self._state
         while timers and timers[0][0] <= now:
-            at, kind, ref = heapq.heappop(timers)
-            if not self._live(at, kind, ref):
+            due, kind, ref = heapq.heappop(timers)
+            if not self._live(due, kind, ref):
                 continue
+            # A timer that came due while its contact was with an agent fires now, not in the past.
+            at = max(due, st.clock)
             if kind == _T_OFFER:
                 self._expire_offer(st.offers[ref], at, out)
                 continue
@@ -1113,7 +1136,13 @@ class Engine:
         customer = st.customers.get(contact.customer_id)
         if customer is not None and not customer.keys:
             del st.customers[customer.id]
-        st.finished[contact.id] = [contact.state, contact.queue or None, contact.agent_id]
+        st.finished.pop(contact.id, None)  # a reopened contact moves to the newest end
+        st.finished[contact.id] = [
+            contact.state,
+            contact.queue or None,
+            contact.agent_id,
+            contact.customer_id,
+        ]
         if len(st.finished) > FINISHED_LIMIT:
             del st.finished[next(iter(st.finished))]
 
@@ -1136,10 +1165,15 @@ def _has_skills(have: dict[str, int], need: dict[str, int]) -> bool:
     return all(have.get(skill, 0) >= level for skill, level in need.items())
 
 
-def _history(customer: CustomerRec, exclude: str) -> list[dict[str, Any]]:
-    """The customer's other contacts, most recent first, as plain dicts for the offer."""
-    return [
-        msgspec.structs.asdict(item)
-        for item in reversed(customer.history)
-        if item.contact_id != exclude
-    ]
+def _history(customer: CustomerRec, current: str) -> list[dict[str, Any]]:
+    """The customer's other contacts, most recent first, as plain dicts for the offer.
+
+    Only the latest entry with the current contact's id is the contact itself; earlier ones
+    are the same conversation's completed rounds (a chat reopened days later) and are history.
+    """
+    items = list(reversed(customer.history))
+    for i, item in enumerate(items):
+        if item.contact_id == current:
+            del items[i]
+            break
+    return [msgspec.structs.asdict(item) for item in items]

@@ -108,13 +108,15 @@ class EngineState(msgspec.Struct, kw_only=True):
     """Everything a snapshot holds."""
 
     seq: int = 0
+    #: the latest ``now`` the engine was given.
+    clock: float = 0.0
     contacts: dict[str, ContactRec] = msgspec.field(default_factory=dict)
     offers: dict[str, OfferRec] = msgspec.field(default_factory=dict)
     agents: dict[str, AgentRec] = msgspec.field(default_factory=dict)
     customers: dict[str, CustomerRec] = msgspec.field(default_factory=dict)
     keys: dict[str, str] = msgspec.field(default_factory=dict)
     counters: dict[str, QueueCounters] = msgspec.field(default_factory=dict)
-    #: a bounded record of finished contacts for status look-ups: id -> (state, queue, agent).
+    #: a bounded record of finished contacts: id -> [state, queue, agent, customer id].
     finished: dict[str, list[str | None]] = msgspec.field(default_factory=dict)
 
 

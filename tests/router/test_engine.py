@@ -521,3 +521,29 @@ def test_complete_of_someone_elses_contact_is_refused() -> None:
     other = "a2" if offer.agent_id == "a1" else "a1"
     cmds = eng.handle(Complete(agent_id=other, contact_id="generic:c"), 3.0)
     assert [c.reason for c in cmds if isinstance(c, RefusedCmd)] == ["not_your_contact"]
+
+
+def test_a_chat_customer_writing_again_after_completion_is_new_work() -> None:
+    eng = one_queue()
+    login_all(eng, ["a1"])
+    chat = dict(channel="chat", source="whatsapp", phone="+4915112345678")
+    (offer,) = offers(eng.handle(call("4915112345678", **chat), 0.0))  # type: ignore[arg-type]
+    accept_and_complete(eng, offer, 1.0, 60.0)
+    cmds = eng.handle(call("4915112345678", kind="update", **chat), 500.0)  # type: ignore[arg-type]
+    (again,) = offers(cmds)
+    assert again.contact_id == "whatsapp:4915112345678"
+    assert [h["outcome"] for h in again.history] == ["completed"]
+
+
+def test_late_events_of_a_finished_call_or_crowd_replies_do_not_reopen() -> None:
+    eng = one_queue()
+    login_all(eng, ["a1"])
+    (offer,) = offers(eng.handle(call("c", phone="+4930123"), 0.0))
+    accept_and_complete(eng, offer, 1.0, 60.0)
+    assert eng.handle(call("c", phone="+4930123", kind="update"), 100.0) == []
+    crowd = engine(CROWD)
+    crowd.handle(post("t1", "asker"), 0.0)  # type: ignore[arg-type]
+    crowd.handle(post("t1", "champion", "update"), 10.0)  # type: ignore[arg-type]
+    assert crowd.handle(post("t1", "another", "update"), 20.0) == []  # type: ignore[arg-type]
+    reopened = crowd.handle(post("t1", "asker", "update"), 30.0)  # type: ignore[arg-type]
+    assert events(reopened, "contact.crowd_window")
