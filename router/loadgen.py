@@ -322,9 +322,15 @@ class Report:
             f"  still waiting {self.still_waiting} (queued or waiting for the crowd), "
             f"LOST {self.lost}",
         ]
+        if self.routing_latency_ms:
+            lines.append(
+                "  ingress->routed latency ms (decision published): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in self.routing_latency_ms.items())
+            )
         if lat:
             lines.append(
-                "  ingress->offer latency ms: " + ", ".join(f"{k} {v:.1f}" for k, v in lat.items())
+                "  ingress->offer latency ms (includes waiting for a free agent): "
+                + ", ".join(f"{k} {v:.1f}" for k, v in lat.items())
             )
         for channel, counts in sorted(self.by_channel.items()):
             lines.append(

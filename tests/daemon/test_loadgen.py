@@ -188,6 +188,7 @@ async def test_a_short_run_against_a_real_daemon_loses_nothing(
     assert report.routing_latency_ms["p50"] > 0
     assert report.agent_refusals == 0
     assert "LOST 0" in report.text()
+    assert "ingress->routed latency" in report.text()
 
     # the run wound down: every simulated agent logged out again
     async def all_offline() -> bool:
