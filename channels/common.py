@@ -40,10 +40,16 @@ def load_json_object(body: bytes, source: str) -> dict[str, Any]:
 def field(obj: Any, *path: str | int, source: str, kind: type | tuple[type, ...] = str) -> Any:
     """``obj[path[0]][path[1]]...`` of type ``kind``, or reject with ``missing_field``.
 
-    Use for the fields an event cannot do without; use :func:`opt` for the others.
+    Use for the fields an event cannot do without; use :func:`opt` for the others. An empty
+    string counts as missing: a required id or text that is empty identifies nothing.
     """
     value = opt(obj, *path)
-    if value is None or not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+    if (
+        value is None
+        or value == ""
+        or not isinstance(value, kind)
+        or (isinstance(value, bool) and kind is int)
+    ):
         dotted = ".".join(str(p) for p in path)
         raise Rejected(source, "missing_field", f"{dotted} is missing or not a {_kind_name(kind)}")
     return value
@@ -88,7 +94,10 @@ def to_e164(raw: str | None, region: str) -> str | None:
     """The number in E.164 where it parses as a possible number, else the input as given.
 
     Real systems send ``pchero``, ``test123``, ``<unknown>`` or nothing as caller ids; those are
-    kept verbatim (empty becomes None) so that nothing the source said is lost.
+    kept verbatim (empty becomes None) so that nothing the source said is lost. Short numbers
+    with neither a country code nor the region's trunk prefix (``1001``, ``3400001``) are
+    internal extensions, not national numbers, and are kept as given too: turning them into
+    ``+491001`` would make an extension look like a customer's (or an expert's) number.
     """
     if raw is None:
         return None
@@ -96,6 +105,16 @@ def to_e164(raw: str | None, region: str) -> str | None:
     if not text:
         return None
     return _e164(text, region)
+
+
+_MIN_BARE_DIGITS = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _trunk_prefix(region: str) -> str:
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
+    prefix = metadata.national_prefix if metadata is not None else None
+    return prefix or "\x00"  # no trunk prefix: nothing starts with this
 
 
 # Parsing is most of a call event's decode time, and every event of a call (create, answer,
@@ -107,6 +126,14 @@ def _e164(text: str, region: str) -> str:
     except phonenumbers.NumberParseException:
         return text
     if not phonenumbers.is_possible_number(number):
+        return text
+    digits = "".join(ch for ch in text if ch.isdigit())
+    if (
+        not text.startswith("+")
+        and not digits.startswith("00")
+        and len(digits) < _MIN_BARE_DIGITS
+        and not digits.startswith(_trunk_prefix(region))
+    ):
         return text
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 

@@ -164,7 +164,7 @@ def test_ari_hangup_request_ends_the_call_and_keeps_the_q850_cause() -> None:
             source="asterisk-ari",
             external_id="1586480923.6171",
             thread_id="1586480923.6171",
-            sender=Sender(phone="+493400001"),
+            sender=Sender(phone="3400001"),
             to="011441332323027",
             language="en",
             attributes={
@@ -204,7 +204,7 @@ def test_ari_state_change_updates_the_call_with_its_new_state() -> None:
     event = only(decode_asterisk_ari(extra("asterisk-ari-channel-state-change.json"), {}, CONFIG))
     assert (event.kind, event.contact_id) == ("update", "asterisk-ari:1473681228.6")
     assert event.attributes["state"] == "Up"
-    assert event.sender == Sender(phone="+491001", name="1001")
+    assert event.sender == Sender(phone="1001", name="1001")
     assert event.occurred_at == epoch(2016, 9, 12, 11, 53, 52, 110000)  # +0200 offset
 
 
@@ -286,6 +286,9 @@ def test_ari_event_without_timestamp_leaves_stamping_to_the_daemon() -> None:
         ("0049 2473 001403", "DE", "+492473001403"),
         ("pchero", "DE", "pchero"),
         ("<unknown>", "DE", "<unknown>"),
+        ("1001", "DE", "1001"),  # an internal extension, not +491001
+        ("3400001", "DE", "3400001"),  # no trunk prefix, too short to be a national number
+        ("030 1234567", "DE", "+49301234567"),
         ("", "DE", None),
         ("   ", "DE", None),
     ],
@@ -368,7 +371,7 @@ def test_freeswitch_hangup_complete_ends_the_call_with_its_cause() -> None:
             source="freeswitch",
             external_id="e3133bf7-dcde-4daf-9663-9a79ffcef5ad",
             thread_id="e3133bf7-dcde-4daf-9663-9a79ffcef5ad",
-            sender=Sender(phone="+491001", name="1001"),
+            sender=Sender(phone="1001", name="1001"),
             to="1003",
             attributes={
                 "event": "CHANNEL_HANGUP_COMPLETE",
