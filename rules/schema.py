@@ -3,7 +3,7 @@
 A routing file (``config/routing.yaml``) declares skills, the capacity model, queues, agents,
 crowd experts and the ordered rules. Structural validation happens here when msgspec converts
 the YAML; semantic validation (queue and skill references, expressions, the default rule) is in
-:mod:`rules.validate`.
+:mod:`rules.load`.
 """
 
 from __future__ import annotations
