@@ -57,6 +57,25 @@ def routing_file(agents: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+BROKER_CONF = """listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+max_inflight_messages 1000
+max_queued_messages 1000000
+set_tcp_nodelay true
+"""
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"e2e: nothing listens on 127.0.0.1:{port}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,9 +133,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="200,500,1000,2000,5000", help="contacts/s, comma list")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
-    parser.add_argument("--agents", type=int, default=400, help="phone agents")
+    parser.add_argument("--agents", type=int, default=1000, help="phone agents")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds for stragglers")
     parser.add_argument("--use-running", action="store_true", help="do not start a daemon")
+    parser.add_argument(
+        "--own-broker",
+        action="store_true",
+        help="start a Mosquitto of its own with production settings (no 20-message in-flight "
+        "window, no 1000-message queue cap, TCP_NODELAY) instead of using 127.0.0.1:1883",
+    )
     parser.add_argument("--http-url", default=None, help="with --use-running: its HTTP URL")
     parser.add_argument("--topic-prefix", default=None, help="with --use-running")
     parser.add_argument("--routing", default=None, help="with --use-running: its routing file")
@@ -128,6 +153,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="stellwerk-e2e-"))
     run = uuid.uuid4().hex[:8]
     daemon: subprocess.Popen[bytes] | None = None
+    broker: subprocess.Popen[bytes] | None = None
+    mqtt_port = 1883
+    if args.own_broker:
+        mqtt_port = free_port()
+        conf = tmp / "mosquitto.conf"
+        conf.write_text(BROKER_CONF.format(port=mqtt_port))
+        broker = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)],
+            stdout=(tmp / "mosquitto.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_port(mqtt_port)
     if args.use_running:
         if not (args.topic_prefix and args.routing and args.http_url):
             parser.error("--use-running needs --topic-prefix, --routing and --http-url")
@@ -149,6 +186,7 @@ def main() -> int:
             STELLWERK_HTTP_ADDR=f"127.0.0.1:{port}",
             STELLWERK_SMTP_ADDR="",
             STELLWERK_MQTT_CLIENT_ID=f"{prefix}-daemon",
+            STELLWERK_MQTT_URL=f"mqtt://127.0.0.1:{mqtt_port}",
             STELLWERK_LOG_FORMAT="json",
         )
         log_path = tmp / "daemon.log"
@@ -163,7 +201,7 @@ def main() -> int:
     results = []
     try:
         wait_ready(http_url)
-        target = Target(prefix=prefix, agents=agents, http_url=http_url)
+        target = Target(prefix=prefix, agents=agents, http_url=http_url, mqtt_port=mqtt_port)
         for rate in rates:
             report = asyncio.run(one_rate(target, rate, args.duration, args.grace))
             lag = metric(http_url, "stellwerk_journal_lag_entries")
@@ -199,6 +237,9 @@ def main() -> int:
             if args.keep_log:
                 print(f"daemon log: {tmp / 'daemon.log'}", file=sys.stderr)
             _cleanup_redis(prefix)
+        if broker is not None:
+            broker.terminate()
+            broker.wait(10)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
