@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint types unit services bench clean
+.PHONY: demo simulate test lint types unit services bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The live demo: daemon on local Redis + Mosquitto, one minute of loadgen, the report.
 demo: $(STAMP)
-	$(BIN)/stellwerk simulate --routing config/routing.yaml --hours 2 --seed 7
+	./scripts/demo.sh
+
+# The same routing on virtual time: a simulated contact-centre day, per-queue report.
+simulate: $(STAMP)
+	$(BIN)/stellwerk simulate --routing config/routing.yaml --hours 8 --seed 7
 
 services:
 	./scripts/services.sh
