@@ -118,6 +118,7 @@ def test_agent_ids_come_from_the_routing_file(tmp_path: Path) -> None:
         (["--mix", "fax=1"], "--mix"),
         (["--routing", "/nonexistent/routing.yaml"], "cannot read routing file"),
         (["--smtp-addr", "nowhere"], "--smtp-addr"),
+        (["--mqtt-url", "mqtt://127.0.0.1:1", "--duration", "1"], "cannot reach the MQTT broker"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_2(args: list[str], message: str) -> None:
