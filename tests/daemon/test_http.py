@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -306,3 +307,10 @@ async def test_start_http_serves_on_a_real_port(journal: Journal) -> None:
     finally:
         await runner.cleanup()
     assert len(await journal_entries(journal)) == 1
+
+
+async def test_oversized_webhook_is_413_in_json(api: Api) -> None:
+    big = io.BytesIO(b"x" * (4 * 1024 * 1024 + 1))
+    async with api.client.post("/v1/webhooks/discourse", data=big) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"] == "request_entity_too_large"
