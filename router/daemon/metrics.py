@@ -107,7 +107,7 @@ class Metrics:
         self.contacts_routed = Counter(
             "stellwerk_contacts_routed",
             "Contacts a routing decision put into a queue.",
-            ["queue", "channel"],
+            ["queue", "channel", "source"],
             registry=r,
         )
         self.contacts_assigned = Counter(
@@ -125,13 +125,13 @@ class Metrics:
         self.contacts_abandoned = Counter(
             "stellwerk_contacts_abandoned",
             "Contacts that ended upstream while queued or offered (caller hung up, chat closed).",
-            ["queue", "channel"],
+            ["queue", "channel", "source"],
             registry=r,
         )
         self.contacts_answered_by_crowd = Counter(
             "stellwerk_contacts_answered_by_crowd",
             "Community contacts withdrawn because a crowd member answered first.",
-            ["queue", "channel"],
+            ["queue", "channel", "source"],
             registry=r,
         )
         self.contacts_rejected = Counter(
@@ -352,10 +352,11 @@ class Metrics:
 
     def _observe_event(self, kind: str, data: Mapping[str, Any]) -> None:
         queue, channel = _label(data, "queue"), _label(data, "channel")
+        source = _label(data, "source")
         if kind == "contact.queued":
             # A contact re-queued after a rejected or expired offer was routed once already.
             if data.get("first", True):
-                self.contacts_routed.labels(queue, channel).inc()
+                self.contacts_routed.labels(queue, channel, source).inc()
                 if data.get("rule"):
                     self.rule_hits.labels(str(data["rule"])).inc()
         elif kind == "contact.assigned":
@@ -363,7 +364,7 @@ class Metrics:
             self.offers.labels("accepted").inc()
             self._observe_wait(data, queue, channel, "assigned")
         elif kind == "contact.abandoned":
-            self.contacts_abandoned.labels(queue, channel).inc()
+            self.contacts_abandoned.labels(queue, channel, source).inc()
             self._observe_wait(data, queue, channel, "abandoned")
         elif kind == "contact.completed":
             self.contacts_completed.labels(queue).inc()
@@ -371,7 +372,7 @@ class Metrics:
             if handled is not None:
                 self.handle_seconds.labels(queue).observe(handled)
         elif kind == "contact.answered_by_crowd":
-            self.contacts_answered_by_crowd.labels(queue, channel).inc()
+            self.contacts_answered_by_crowd.labels(queue, channel, source).inc()
         elif kind == "contact.rejected":
             self.contacts_rejected.labels(_label(data, "reason")).inc()
         elif kind == "contact.crowd_window":

@@ -339,7 +339,16 @@ def test_the_real_engine_feeds_counters_gauges_and_service_level() -> None:
         return cmds
 
     feed(call("1"), 0.0)
-    assert sample(m, "stellwerk_contacts_routed_total", queue="support", channel="phone") == 1
+    assert (
+        sample(
+            m,
+            "stellwerk_contacts_routed_total",
+            queue="support",
+            channel="phone",
+            source="asterisk-ari",
+        )
+        == 1
+    )
     assert sample(m, "stellwerk_rule_hits_total", rule="default") == 1
     m.refresh(engine, 30.0)
     assert sample(m, "stellwerk_queue_waiting", queue="support") == 1
