@@ -31,6 +31,7 @@ from router.simulation import (
     Report,
     Scenario,
     ScenarioError,
+    SimulationError,
     Stream,
     parse_scenario,
     simulate,
@@ -102,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
+    except SimulationError as exc:
+        print(f"stellwerk simulate: engine contract broken: {exc}", file=sys.stderr)
+        return 3
     finally:
         if progress is not None:
             progress.clear()

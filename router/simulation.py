@@ -192,6 +192,10 @@ class ScenarioError(Exception):
     """A scenario file that cannot be read or does not validate."""
 
 
+class SimulationError(Exception):
+    """The engine broke its contract (a timer that never fires): a bug, not bad input."""
+
+
 def parse_scenario(text: str | bytes, name: str = "<scenario>") -> Scenario:
     """Decode a scenario from YAML; raise :class:`ScenarioError` with a readable reason."""
     try:
@@ -386,6 +390,12 @@ class _Sim:
             "email": [Sender(email=m, name=e.name) for e in experts for m in e.emails],
             "handle": [Sender(handle=h, name=e.name) for e in experts for h in e.handles],
         }
+        # Checked now rather than at the first expert's arrival, hours into the run.
+        self.experts_for = {
+            stream.name: self.expert_candidates(stream)
+            for stream in scenario.streams
+            if any(t.expert for t in stream.contacts)
+        }
 
     # -- plumbing
 
@@ -410,13 +420,15 @@ class _Sim:
             due = self.heap[0][0] if self.heap else math.inf
             deadline = self.engine.next_deadline()
             if deadline is not None and deadline <= due and deadline <= self.end:
+                # The engine fires due timers inside every handle(), so a deadline in the past,
+                # or one a tick does not move on, breaks its contract: say so, do not spin.
                 if deadline < now:
-                    raise RuntimeError(f"engine deadline {deadline} is before now {now}")
+                    raise SimulationError(f"engine deadline {deadline} is before now {now}")
                 now = deadline
                 self.feed(Tick(), now)
                 after = self.engine.next_deadline()
                 if after is not None and after <= now:
-                    raise RuntimeError(f"engine deadline {after} did not advance after a tick")
+                    raise SimulationError(f"engine deadline {after} did not advance after a tick")
                 continue
             if due > self.end:
                 break
@@ -492,7 +504,7 @@ class _Sim:
         contact_id = f"{stream.source}:{external_id}"
         sender = template.sender
         if template.expert:
-            sender = self.expert_sender(stream)
+            sender = rng.choice(self.experts_for[stream.name])
         if sender is None:
             sender = _fresh_sender(stream, self.arrivals)
         event = ContactEvent(
@@ -519,8 +531,8 @@ class _Sim:
             self.push(now + stream.crowd_delay.sample(self.rng_crowd), _CROWD, contact_id)
         self.feed(event, now)
 
-    def expert_sender(self, stream: Stream) -> Sender | None:
-        """A random expert with an identity key fitting the stream (a handle of its source)."""
+    def expert_candidates(self, stream: Stream) -> list[Sender]:
+        """Experts with an identity key fitting the stream (for chat/social: its source)."""
         if stream.channel in ("phone", "email"):
             candidates = self.expert_keys[stream.channel]
         else:
@@ -533,7 +545,7 @@ class _Sim:
                 f"stream {stream.name}: expert contacts, but no crowd expert has an identity"
                 f" key for {stream.channel} from {stream.source}"
             )
-        return self.rng_contacts.choice(candidates)
+        return candidates
 
     # -- agents and statistics, from the engine's commands
 

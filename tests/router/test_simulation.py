@@ -239,6 +239,29 @@ def test_crowd_answers_keep_posts_away_from_agents(table: RoutingTable) -> None:
     assert desk.offered == desk.answered == 0
 
 
+def test_expert_contacts_use_the_experts_identity_for_the_channel(table: RoutingTable) -> None:
+    # Thomas Graf is known by his Rocket.Chat handle: an expert chat from Rocket.Chat is his.
+    chats = Scenario(
+        hours=1.0,
+        streams=(
+            Stream(
+                name="expert_chats",
+                channel="chat",
+                source="rocketchat",
+                rate_per_hour=10,
+                contacts=(Template(to="webchat", text="Frage zu DSL", expert=True),),
+            ),
+        ),
+    )
+    report = simulate(table, chats)
+    assert report.arrivals > 3
+    assert report.experts.contacts == report.arrivals
+    # Nobody in the crowd is known on Chatwoot: refused before the run, with the reason.
+    chatwoot = _with(chats, streams=(msgspec.structs.replace(chats.streams[0], source="chatwoot"),))
+    with pytest.raises(ScenarioError, match="no crowd expert has an identity key for chat"):
+        simulate(table, chatwoot)
+
+
 def test_lognormal_handle_times_have_the_configured_mean() -> None:
     import random
 
