@@ -64,6 +64,10 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
       ``stellwerk-{hostname}``). More ingest capacity, but brokers such as Mosquitto keep
       handing a dead member's share of the messages to its offline session, where they wait
       until a daemon with that ``client_id`` connects again.
+
+    ``protocol`` is MQTT ``5`` (default) or ``311`` (3.1.1). ``session_expiry`` (seconds, MQTT 5)
+    is how long the broker keeps the ingress session, and the messages queued in it, while no
+    daemon is connected. ``max_inflight`` bounds unacknowledged messages in each direction.
     """
 
     url: str = "mqtt://127.0.0.1:1883"
@@ -72,6 +76,8 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     ingress: Literal["leader", "shared"] = "leader"
     client_id: str | None = None
     share_group: str = "stellwerk"
+    protocol: Literal[5, 311] = 5
+    session_expiry: int = 7 * 24 * 3600
     keepalive: int = 30
     max_inflight: int = 1000
 
@@ -83,8 +89,8 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError(f"url: {self.url!r} has a bad port")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.share_group):
             raise ValueError(f"share_group: {self.share_group!r} may hold only A-Z a-z 0-9 _ . -")
-        if self.keepalive < 1 or self.max_inflight < 1:
-            raise ValueError("keepalive and max_inflight must be at least 1")
+        if self.keepalive < 1 or self.max_inflight < 1 or self.session_expiry < 1:
+            raise ValueError("keepalive, max_inflight and session_expiry must be at least 1")
 
     @property
     def host(self) -> str:
