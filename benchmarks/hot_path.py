@@ -9,15 +9,18 @@ one, so that many stay open: at 0.8 most agents are busy and every new contact i
 once (the full decision path); above the pool's capacity (e.g. ``--load 3``) a steady backlog
 waits, new contacts are queued and each completion offers the best waiting one instead.
 
-    .venv/bin/python benchmarks/hot_path.py [--seconds 10 | --decisions N] [--json]
+    .venv/bin/python benchmarks/hot_path.py [--seconds 10 | --decisions N] [--load 0.8]
+        [--json] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import gc
 import json
+import pstats
 import random
 import statistics
 import sys
@@ -147,7 +150,13 @@ class Pool:
         )
 
 
-def run(seconds: float | None, decisions: int | None, load: float, seed: int) -> dict[str, Any]:
+def run(
+    seconds: float | None,
+    decisions: int | None,
+    load: float,
+    seed: int,
+    profiler: cProfile.Profile | None = None,
+) -> dict[str, Any]:
     """Build the engine, fill the pool, then time decisions; returns the figures."""
     build_started = time.perf_counter()
     table = parse_routing(routing_yaml(seed), "<benchmark>")
@@ -181,11 +190,15 @@ def run(seconds: float | None, decisions: int | None, load: float, seed: int) ->
         n += 1
         now += 0.001
         event = contact(n, rng)
+        if profiler is not None:
+            profiler.enable()
         c0 = cpu()
         t0 = clock()
         commands = engine.handle(event, now)
         latencies.append(clock() - t0)
         cpu_ns += cpu() - c0
+        if profiler is not None:
+            profiler.disable()
         offered_at_once += any(isinstance(c, OfferCmd) for c in commands)
         pool.settle(commands, now)
         pool.complete_oldest(now)
@@ -225,9 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", type=float, default=0.8, help="busy share of the pool (0.8)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the decisions; top costs on stderr"
+    )
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None or args.decisions else 10.0
-    result = run(seconds, args.decisions, args.load, args.seed)
+    profiler = cProfile.Profile() if args.profile else None
+    result = run(seconds, args.decisions, args.load, args.seed, profiler)
+    if profiler is not None:
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        stats.sort_stats("tottime").print_stats(20)
     if args.json:
         print(json.dumps(result))
     else:
