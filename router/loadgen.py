@@ -503,7 +503,11 @@ class LoadGen:
     def __init__(self, target: Target, profile: Profile) -> None:
         self.t = target
         self.p = profile
-        self.rng = random.Random(profile.seed)
+        # Traffic (channels, callers, texts) is drawn per contact from its own generator, so
+        # a seed gives the same contacts whatever order the network answers in; the agents'
+        # think and handle times come from another.
+        self.traffic = random.Random(profile.seed)
+        self.rng = random.Random(None if profile.seed is None else profile.seed + 1)
         self.run_id = uuid.uuid4().hex[:8]
         self.tracks: dict[str, Track] = {}
         self.latencies: list[float] = []
@@ -570,7 +574,8 @@ class LoadGen:
     def _start_contact(self) -> None:
         self.seq += 1
         n = self.seq
-        r = self.rng.random()
+        plan = random.Random(self.traffic.getrandbits(64))
+        r = plan.random()
         acc = 0.0
         channel = next(iter(self.p.mix))
         for name, share in self.p.mix.items():
@@ -580,30 +585,30 @@ class LoadGen:
                 break
         self.sent += 1
         self._sending += 1  # until the send is answered (counted here: the task starts later)
-        self._spawn(self._send_contact(channel, n))
+        self._spawn(self._send_contact(channel, n, plan))
 
-    async def _send_contact(self, channel: str, n: int) -> None:
+    async def _send_contact(self, channel: str, n: int, plan: random.Random) -> None:
         try:
-            await self._send(channel, n)
+            await self._send(channel, n, plan)
         finally:
             self._sending -= 1
 
-    async def _send(self, channel: str, n: int) -> None:
+    async def _send(self, channel: str, n: int, plan: random.Random) -> None:
         now = time.time()
         sent_at = time.perf_counter()
         if channel == "phone":
             channel_id = f"lg{self.run_id}.{n}"
             cid = f"asterisk-ari:{channel_id}"
             track = self.tracks[cid] = Track(channel, sent_at)
-            caller = f"+49151{self.rng.randrange(10**7, 10**8)}"
-            exten = self.rng.choice(HOTLINES)
+            caller = f"+49151{plan.randrange(10**7, 10**8)}"
+            exten = plan.choice(HOTLINES)
             ok = await self._publish(
                 f"{self.t.prefix}/in/phone/asterisk-ari",
                 ari_event("StasisStart", channel_id, caller, exten, now),
             )
             track.accepted = ok
             if ok and self.p.patience > 0:
-                patience = self.rng.expovariate(1.0 / self.p.patience)
+                patience = plan.expovariate(1.0 / self.p.patience)
                 track.hangup = self._later(patience, self._hang_up, cid, channel_id, False)
         elif channel == "email":
             message_id = f"lg-{self.run_id}-{n}@loadgen.stellwerk.test"
@@ -612,28 +617,28 @@ class LoadGen:
             raw = email_message(
                 message_id,
                 f"kunde{n}@example.de",
-                self.rng.choice(EMAIL_SUBJECTS),
+                plan.choice(EMAIL_SUBJECTS),
                 now,
             )
             track.accepted = await self._send_mail(raw)
         elif channel == "chat":
-            if self.rng.random() < 0.5:
+            if plan.random() < 0.5:
                 room = f"lg{self.run_id}r{n}"
                 cid = f"rocketchat:{room}"
                 track = self.tracks[cid] = Track(channel, sent_at)
-                body = rocketchat_message(room, f"gast-{n}", self.rng.choice(CHAT_TEXTS), now)
+                body = rocketchat_message(room, f"gast-{n}", plan.choice(CHAT_TEXTS), now)
                 track.accepted = await self._webhook("rocketchat", body)
             else:
                 wa_id = f"49160{int(self.run_id, 16) % 10**6:06d}{n:07d}"
                 cid = f"whatsapp:{wa_id}"
                 track = self.tracks[cid] = Track(channel, sent_at)
-                body = whatsapp_message(wa_id, self.rng.choice(CHAT_TEXTS), now)
+                body = whatsapp_message(wa_id, plan.choice(CHAT_TEXTS), now)
                 track.accepted = await self._webhook("whatsapp", body)
         else:
             topic_id = (int(self.run_id, 16) % 10**5) * 10**6 + n
             cid = f"discourse:{topic_id}"
             track = self.tracks[cid] = Track(channel, sent_at)
-            crowd = self.rng.random() < self.p.crowd_share
+            crowd = plan.random() < self.p.crowd_share
             track.crowd = crowd
             question = (
                 "Wie richte ich das WLAN am neuen Router ein?"
@@ -641,9 +646,9 @@ class LoadGen:
                 else "Meine Rechnung ist doppelt abgebucht worden, IBAN stimmt nicht"
             )
             track.accepted = await self._discourse(topic_id, 1, f"kunde{n}", question)
-            if track.accepted and crowd and self.rng.random() < self.p.crowd_answer_share:
+            if track.accepted and crowd and plan.random() < self.p.crowd_answer_share:
                 self._later(
-                    self.rng.uniform(1.0, 5.0),
+                    plan.uniform(1.0, 5.0),
                     self._discourse,
                     topic_id,
                     2,

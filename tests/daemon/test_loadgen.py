@@ -184,7 +184,9 @@ async def test_a_short_run_against_a_real_daemon_loses_nothing(
     assert report.lost == 0
     # every contact reached an agent: the write_routing file has no crowd-first rule
     assert report.offered == report.sent
-    assert set(report.by_channel) == {"phone", "email", "chat", "social"}
+    # the seed fixes the traffic, whatever order the network answers in
+    sent = {channel: counts["sent"] for channel, counts in report.by_channel.items()}
+    assert sent == {"chat": 12, "email": 9, "phone": 7, "social": 2}
     assert report.latency_ms["p99"] >= report.latency_ms["p50"] > 0
     assert report.routing_latency_ms["p50"] > 0
     assert report.agent_refusals == 0
