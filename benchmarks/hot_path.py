@@ -25,6 +25,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +36,25 @@ from router.messages import Accept, Command, Complete, EventCmd, Login, OfferCmd
 from router.model import Channel, ContactEvent, Sender
 from rules.load import parse_routing
 
-N_SKILLS = 60
-N_QUEUES = 200
-N_RULES = 1000
-N_UNGUARDED = 20
-N_AGENTS = 5000
-N_EXPERTS = 200
 TARGET = 100_000
 
 
-def routing_yaml(seed: int = 1) -> str:
+@dataclass(frozen=True)
+class Size:
+    """How big the generated centre is (the defaults are the benchmark's)."""
+
+    skills: int = 60
+    queues: int = 200
+    rules: int = 1000
+    unguarded: int = 20
+    agents: int = 5000
+    experts: int = 200
+
+
+def routing_yaml(size: Size, seed: int = 1) -> str:
     """A large routing file: skills, queues with skill needs, indexed rules, agents, experts."""
     rng = random.Random(seed)
-    skills = [f"s{i:02d}" for i in range(N_SKILLS)]
+    skills = [f"s{i:02d}" for i in range(size.skills)]
     out = [
         "version: 1",
         "timezone: Europe/Berlin",
@@ -55,11 +62,11 @@ def routing_yaml(seed: int = 1) -> str:
         f"skills: [{', '.join(skills)}]",
         "queues:",
     ]
-    for q in range(N_QUEUES):
-        need = rng.sample(skills[:N_SKILLS], 1)[0]
+    for q in range(size.queues):
+        need = rng.sample(skills, 1)[0]
         out.append(f"  q{q:03d}: {{skills: {{{need}: 1}}, sla: {{seconds: 30, percent: 80}}}}")
     out.append("agents:")
-    for a in range(N_AGENTS):
+    for a in range(size.agents):
         own = rng.sample(skills, 6)
         levels = ", ".join(f"{s}: {rng.randint(1, 5)}" for s in own)
         out.append(
@@ -67,20 +74,20 @@ def routing_yaml(seed: int = 1) -> str:
             " capacity: {phone: 1, chat: 3, email: 5, social: 5}}"
         )
     out.append("experts:")
-    for e in range(N_EXPERTS):
+    for e in range(size.experts):
         out.append(f"  - {{id: x{e:03d}, level: 2, phones: ['+49170{e:07d}']}}")
     out.append("rules:")
     # Unguarded rules every contact goes through (spam filter, keyword and tag routing).
-    for r in range(N_UNGUARDED):
+    for r in range(size.unguarded):
         cond = f'text ~ "(?i)stichwort{r}\\\\b"' if r % 2 else f'"tag{r}" in tags'
-        out.append(f"  - {{name: free{r}, when: '{cond}', queue: q{r % N_QUEUES:03d}}}")
+        out.append(f"  - {{name: free{r}, when: '{cond}', queue: q{r % size.queues:03d}}}")
     out.append(
         "  - {name: experts, when: 'customer.expert and channel == \"phone\"',"
-        " queue: q199, priority: 50}"
+        f" queue: q{size.queues - 1:03d}, priority: 50}}"
     )
     # Rules guarded by the dialled number or mailbox (and a channel): the index finds them.
-    for r in range(N_RULES - N_UNGUARDED - 2):
-        queue = f"q{r % N_QUEUES:03d}"
+    for r in range(size.rules - size.unguarded - 2):
+        queue = f"q{r % size.queues:03d}"
         if r % 3 == 0:
             cond = f'channel == "email" and to == "service{r}@example.com"'
         elif r % 3 == 1:
@@ -92,9 +99,9 @@ def routing_yaml(seed: int = 1) -> str:
     return "\n".join(out) + "\n"
 
 
-def contact(n: int, rng: random.Random) -> ContactEvent:
+def contact(size: Size, n: int, rng: random.Random) -> ContactEvent:
     """One new contact hitting one of the guarded rules (a few from experts)."""
-    r = rng.randrange(N_RULES - N_UNGUARDED - 2)
+    r = rng.randrange(size.rules - size.unguarded - 2)
     kind = r % 3
     channel: Channel
     if kind == 0:
@@ -103,7 +110,7 @@ def contact(n: int, rng: random.Random) -> ContactEvent:
         channel, to, sender = "chat", f"inbox{r}", Sender(handle=f"rocketchat:c{n}")
     else:
         channel, to = "phone", f"+49800{r:07d}"
-        sender = Sender(phone=f"+49170{rng.randrange(N_EXPERTS):07d}" if n % 50 == 0 else None)
+        sender = Sender(phone=f"+49170{rng.randrange(size.experts):07d}" if n % 50 == 0 else None)
         if sender.phone is None:
             sender = Sender(phone=f"+4930{n:09d}")
     return ContactEvent(
@@ -156,24 +163,25 @@ def run(
     load: float,
     seed: int,
     profiler: cProfile.Profile | None = None,
+    size: Size = Size(),
 ) -> dict[str, Any]:
     """Build the engine, fill the pool, then time decisions; returns the figures."""
     build_started = time.perf_counter()
-    table = parse_routing(routing_yaml(seed), "<benchmark>")
+    table = parse_routing(routing_yaml(size, seed), "<benchmark>")
     engine = Engine(table)
     build_s = time.perf_counter() - build_started
     now = 1_767_600_000.0  # 2026-01-05 08:00 UTC+1, a Monday morning
-    for a in range(N_AGENTS):
+    for a in range(size.agents):
         engine.handle(Login(agent_id=f"a{a:05d}"), now)
     pool = Pool(engine)
     rng = random.Random(seed)
     n = 0
     # Warm up: open ``load`` x agents contacts; this also fills the rule index's cache and the
     # customer table as a running daemon would have them.
-    while n < int(N_AGENTS * load):
+    while n < int(size.agents * load):
         n += 1
         now += 0.001
-        pool.settle(engine.handle(contact(n, rng), now), now)
+        pool.settle(engine.handle(contact(size, n, rng), now), now)
     if not pool.assigned:
         raise SystemExit("no contact was assigned during warm-up: nothing to complete")
     latencies: list[int] = []
@@ -189,7 +197,7 @@ def run(
     while len(latencies) < limit:
         n += 1
         now += 0.001
-        event = contact(n, rng)
+        event = contact(size, n, rng)
         if profiler is not None:
             profiler.enable()
         c0 = cpu()
@@ -209,9 +217,9 @@ def run(
     total_ns = sum(latencies)
     quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
     return {
-        "rules": N_RULES,
-        "queues": N_QUEUES,
-        "agents": N_AGENTS,
+        "rules": size.rules,
+        "queues": size.queues,
+        "agents": size.agents,
         "decisions": len(latencies),
         "decisions_per_s": round(len(latencies) / (total_ns / 1e9)),
         "p50_us": round(quantiles[49] / 1000, 2),
@@ -223,7 +231,7 @@ def run(
         "decisions_per_cpu_s": round(len(latencies) / (cpu_ns / 1e9)),
         "cycle_per_cpu_s": round(len(latencies) / cpu_elapsed),
         "offered_at_once": round(offered_at_once / len(latencies), 3),
-        "open_contacts": int(N_AGENTS * load),
+        "open_contacts": int(size.agents * load),
         "waiting": sum(q["waiting"] for q in engine.queue_stats(now)),
         "build_seconds": round(build_s, 2),
         "target_decisions_per_s": TARGET,
@@ -237,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     bound.add_argument("--decisions", type=int, help="run this many decisions")
     parser.add_argument("--load", type=float, default=0.8, help="busy share of the pool (0.8)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--agents", type=int, default=Size.agents, help="agents (5000)")
+    parser.add_argument("--queues", type=int, default=Size.queues, help="queues (200)")
+    parser.add_argument("--rules", type=int, default=Size.rules, help="rules (1000)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the decisions; top costs on stderr"
@@ -244,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None or args.decisions else 10.0
     profiler = cProfile.Profile() if args.profile else None
-    result = run(seconds, args.decisions, args.load, args.seed, profiler)
+    size = Size(agents=args.agents, queues=args.queues, rules=max(args.rules, Size.unguarded + 3))
+    result = run(seconds, args.decisions, args.load, args.seed, profiler, size)
     if profiler is not None:
         stats = pstats.Stats(profiler, stream=sys.stderr)
         stats.sort_stats("tottime").print_stats(20)

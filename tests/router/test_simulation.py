@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import msgspec
@@ -374,3 +376,17 @@ def test_cli_errors_are_one_clear_line(
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_hot_path_benchmark_still_drives_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small centre, so the benchmark cannot rot unnoticed when the engine's API moves on.
+    spec = importlib.util.spec_from_file_location("hot_path", ROOT / "benchmarks" / "hot_path.py")
+    assert spec is not None and spec.loader is not None
+    hot_path = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "hot_path", hot_path)  # dataclasses look their module up
+    spec.loader.exec_module(hot_path)
+    size = hot_path.Size(agents=200, queues=10, rules=60)
+    result = hot_path.run(None, 300, 0.5, 1, None, size)
+    assert result["decisions"] == 300
+    assert result["offered_at_once"] > 0.5
+    assert result["decisions_per_s"] > 0 and result["p50_us"] <= result["p99_us"]
