@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from router.daemon.journal import Journal
 from tests.daemon.conftest import REPO, MqttProbe, ari, wait_until, write_routing
 
 pytestmark = pytest.mark.integration
@@ -85,3 +86,37 @@ async def test_reload_refuses_a_broken_file_and_applies_a_good_one(
         "stellwerk_rules_reloads_total", {"result": "refused"}
     )
     assert refused == 1.0
+
+
+async def test_an_entry_the_engine_fails_on_is_set_aside_and_routing_goes_on(
+    tmp_path: Path,
+    mqtt_probe: MqttProbe,
+    start_daemon: Callable[..., Any],
+    journal: Journal,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from router.engine import Engine
+
+    real_handle = Engine.handle
+
+    def buggy(self: Engine, message: Any, now: float) -> Any:
+        if getattr(message, "contact_id", "") == "asterisk-ari:boom":
+            raise RuntimeError("engine bug")
+        return real_handle(self, message, now)
+
+    monkeypatch.setattr(Engine, "handle", buggy)
+    daemon = await start_daemon(write_routing(tmp_path / "r.yaml", ("anna",)))
+    await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", "before"))
+    await mqtt_probe.wait_for("events/contact.queued", contact_id="asterisk-ari:before")
+    await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", "boom"))
+    await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", "after"))
+    await mqtt_probe.wait_for("events/contact.queued", contact_id="asterisk-ari:after")
+    dead = await journal.dead_letters()
+    assert [(d["source"], d["reason"]) for d in dead] == [("journal", "engine_error")]
+    assert b"asterisk-ari:boom" in dead[0]["body"]
+    assert len(await journal.redis.smembers(journal.keys.poison)) == 1
+    # Nothing was routed twice by the restart from the snapshot, and "before" is still queued.
+    assert len(mqtt_probe.seen("events/contact.queued", contact_id="asterisk-ari:before")) == 1
+    info = daemon.state.view.contact_info("asterisk-ari:before")
+    assert info is not None and info["state"] == "queued"
+    assert daemon.state.view.contact_info("asterisk-ari:boom") is None
