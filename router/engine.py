@@ -128,6 +128,7 @@ class Engine:
         self._skill_score: dict[tuple[str, str], int] = {}
         self._queue_channels = {name: frozenset(q.channels) for name, q in self._queues.items()}
         self._queue_size: dict[str, int] = dict.fromkeys(self._queues, 0)
+        self._basis_len: dict[str, int] = {}
         for agent in cfg.agents:
             pairs: set[Pair] = set()
             queues: list[str] = []
@@ -145,6 +146,12 @@ class Engine:
                 )
             self._eligible[agent.id] = frozenset(pairs)
             self._agent_queues[agent.id] = queues
+            # The sort keys of longest_idle and most_skilled depend on (busy, idle_since) only;
+            # least_occupied adds the budget in use, round_robin the last offer.
+            strategies = {self._queues[q].strategy for q in queues}
+            self._basis_len[agent.id] = (
+                5 if "round_robin" in strategies else 4 if "least_occupied" in strategies else 3
+            )
 
     def _rebuild_indexes(self) -> None:
         st = self._state
@@ -157,6 +164,8 @@ class Engine:
             name: [] for name in self._queues
         }
         self._agent_version: dict[str, int] = dict.fromkeys(st.agents, 0)
+        # What an agent's heap entries were computed from; None: it has none.
+        self._agent_basis: dict[str, tuple[object, ...] | None] = {}
         self._timers: list[tuple[float, int, str]] = []
         self._waiting: dict[str, int] = dict.fromkeys(self._queues, 0)
         for contact in st.contacts.values():
@@ -360,7 +369,7 @@ class Engine:
 
     def _on_new(self, event: ContactEvent, now: float, out: list[Command]) -> None:
         st = self._state
-        customer = self._resolve_customer(event)
+        customer = self._resolve_customer(event, now)
         view = self._view(customer, event)
         decision = self.table.decide(event, view, now)
         arrived = now
@@ -570,11 +579,23 @@ class Engine:
         Older heap entries of the agent become stale (their version no longer matches) and are
         dropped when they surface, or when a heap grows to twice its agents (compaction).
         """
+        ready = (
+            frozenset(ch for ch in self._caps[agent.id][0] if self._can_take(agent, ch))
+            if agent.state == "available"
+            else frozenset()
+        )
+        basis = (
+            ready,
+            agent.budget_used > 0,
+            agent.idle_since,
+            agent.budget_used,
+            agent.last_offer_seq,
+        )
+        if ready and self._agent_basis.get(agent.id) == basis[: self._basis_len[agent.id]]:
+            return  # same readiness, same keys: the entries in the heaps are still right
+        self._agent_basis[agent.id] = basis[: self._basis_len[agent.id]] if ready else None
         version = self._agent_version.get(agent.id, 0) + 1
         self._agent_version[agent.id] = version
-        if agent.state != "available":
-            return
-        ready = {ch for ch in self._caps[agent.id][0] if self._can_take(agent, ch)}
         if not ready:
             return
         keys: dict[str, tuple[float, ...]] = {}
@@ -1102,9 +1123,15 @@ class Engine:
 
     # ---- customers and history --------------------------------------------------------------
 
-    def _resolve_customer(self, event: ContactEvent) -> CustomerRec:
-        """Find or create the customer behind an event's identity keys; link its keys."""
+    def _resolve_customer(self, event: ContactEvent, now: float) -> CustomerRec:
+        """Find or create the customer behind an event's identity keys; link its keys.
+
+        Customers are kept in order of their last contact; the least recent ones with nothing
+        open are forgotten after ``customer_retention`` seconds, so a daemon that runs for
+        months keeps its memory and snapshots bounded.
+        """
         st = self._state
+        self._forget_customers(now)
         keys = self.table.identity_keys(event)
         customer: CustomerRec | None = None
         for key in keys:
@@ -1123,12 +1150,28 @@ class Engine:
                 # Nobody to recognise (withheld number): a customer for this contact only.
                 cid = f"anon:{event.contact_id}"
             customer = st.customers.get(cid) or CustomerRec(id=cid)
-            st.customers[cid] = customer
+        # Move to the most recent end.
+        st.customers.pop(customer.id, None)
+        st.customers[customer.id] = customer
+        customer.last_seen = now
+        customer.open += 1
         for key in keys:
             if key not in st.keys:
                 st.keys[key] = customer.id
                 customer.keys.append(key)
         return customer
+
+    def _forget_customers(self, now: float) -> None:
+        customers = self._state.customers
+        horizon = now - self._defaults.customer_retention
+        for _ in range(2):  # a little on every contact: no pause, and it keeps up
+            oldest = next(iter(customers.values()), None)
+            if oldest is None or oldest.open > 0 or oldest.last_seen >= horizon:
+                return
+            del customers[oldest.id]
+            for key in oldest.keys:
+                if self._state.keys.get(key) == oldest.id:
+                    del self._state.keys[key]
 
     def _view(self, customer: CustomerRec, event: ContactEvent) -> CustomerView:
         expert = self.table.expert_for(customer.keys) if customer.keys else None
@@ -1177,8 +1220,10 @@ class Engine:
         if outcome != "done":
             self._update_history(contact, outcome=outcome)
         customer = st.customers.get(contact.customer_id)
-        if customer is not None and not customer.keys:
-            del st.customers[customer.id]
+        if customer is not None:
+            customer.open -= 1
+            if not customer.keys:
+                del st.customers[customer.id]
         st.finished.pop(contact.id, None)  # a reopened contact moves to the newest end
         st.finished[contact.id] = [
             contact.state,

@@ -37,6 +37,9 @@ class CustomerRec(msgspec.Struct, kw_only=True):
     last_agent: str | None = None
     last_agent_at: float = 0.0
     vip: bool = False
+    last_seen: float = 0.0
+    #: contacts of this customer the engine is still handling.
+    open: int = 0
 
 
 class ContactRec(msgspec.Struct, kw_only=True):

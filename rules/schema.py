@@ -47,6 +47,8 @@ class Defaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     preferred_agent_seconds: float = 3600.0
     wrap_up: float = 0.0
     history_length: int = 10
+    #: how long a customer with nothing open is remembered after their last contact.
+    customer_retention: float = 30 * 86400.0
 
 
 class Queue(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

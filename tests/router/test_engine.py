@@ -547,3 +547,25 @@ def test_late_events_of_a_finished_call_or_crowd_replies_do_not_reopen() -> None
     assert crowd.handle(post("t1", "another", "update"), 20.0) == []  # type: ignore[arg-type]
     reopened = crowd.handle(post("t1", "asker", "update"), 30.0)  # type: ignore[arg-type]
     assert events(reopened, "contact.crowd_window")
+
+
+def test_customers_with_nothing_open_are_forgotten_after_the_retention() -> None:
+    eng = engine(
+        """
+        skills: [s]
+        defaults: {customer_retention: 1000}
+        queues: {q: {skills: {s: 1}}}
+        agents: [{id: a, skills: {s: 1}}]
+        rules: [{name: d, default: true, queue: q}]
+        """
+    )
+    login_all(eng, ["a"])
+    (offer,) = offers(eng.handle(call("first", phone="+4930111"), 0.0))
+    accept_and_complete(eng, offer, 0.0, 10.0)
+    eng.handle(call("open", phone="+4930222"), 20.0)  # still queued behind nobody: stays open
+    eng.handle(call("x", kind="end", end_reason="hangup"), 20.0)
+    eng.handle(call("later", phone="+4930333"), 5000.0)
+    remembered = {k for c in eng.state.customers.values() for k in c.keys}
+    assert "phone:+4930111" not in remembered  # nothing open, last seen long ago
+    assert "phone:+4930222" in remembered  # its contact is still being handled
+    assert "phone:+4930333" in remembered
