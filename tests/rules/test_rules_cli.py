@@ -74,10 +74,9 @@ def test_check_reports_bad_yaml_with_its_position(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"{broken}:3:14: bad YAML: mapping values are not allowed")
     broken.write_text("queues:\n  general: [\nrules: 1\n", encoding="utf-8")
     result = stellwerk("check", broken)
-    assert result.stderr == (
-        f"{broken}:4:1: bad YAML: expected ',' or ']', but got '<stream end>'"
-        " (while parsing a flow sequence at line 2)\n"
-    )
+    assert result.stderr.startswith(f"{broken}:4:1: bad YAML: ")
+    assert "',' or ']'" in result.stderr
+    assert result.stderr.endswith(" (while parsing a flow sequence at line 2)\n")
 
 
 def test_check_of_a_missing_file_fails_without_a_traceback(tmp_path: Path) -> None:
