@@ -48,6 +48,7 @@ class Lease:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._valid_until = 0.0
+        self._failing = False
 
     @property
     def held(self) -> bool:
@@ -60,8 +61,11 @@ class Lease:
         try:
             ok = await self.redis.set(self.key, self.token, nx=True, px=int(self.ttl * 1000))
         except (RedisError, OSError) as exc:
-            log.warning("lease.acquire_failed", error=str(exc))
+            if not self._failing:  # once per outage, not once per poll
+                log.warning("lease.acquire_failed", error=str(exc))
+            self._failing = True
             return False
+        self._failing = False
         if ok:
             self._valid_until = started + self.ttl
             return True

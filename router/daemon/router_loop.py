@@ -364,7 +364,8 @@ class Router:
         if self.metrics is None:
             return
         self.metrics.refresh(run.engine, self._clock())
-        entries, age = await self.journal.lag(run.last_id)
+        # Capped: counting a long backlog would cost most exactly when the router is behind.
+        entries, age = await self.journal.lag(run.last_id, cap=1000)
         self.metrics.set_journal_lag(entries, age)
 
     # ---- reloads ------------------------------------------------------------------------------

@@ -120,3 +120,36 @@ async def test_an_entry_the_engine_fails_on_is_set_aside_and_routing_goes_on(
     info = daemon.state.view.contact_info("asterisk-ari:before")
     assert info is not None and info["state"] == "queued"
     assert daemon.state.view.contact_info("asterisk-ari:boom") is None
+
+
+@pytest.mark.parametrize(
+    ("peer", "override"),
+    [
+        ("redis", {"redis_url": "redis://127.0.0.1:1/0"}),
+        ("mqtt", {"mqtt_url": "mqtt://127.0.0.1:1"}),
+    ],
+)
+async def test_the_daemon_waits_for_an_unreachable_peer_instead_of_crashing(
+    tmp_path: Path,
+    daemon_env: Callable[..., dict[str, str]],
+    peer: str,
+    override: dict[str, str],
+) -> None:
+    import asyncio
+
+    from router.daemon.config import load_settings
+    from router.daemon.main import Daemon
+    from rules.load import load_routing
+
+    routing = write_routing(tmp_path / "r.yaml")
+    env = daemon_env(routing, **override)
+    daemon = Daemon(load_settings(None, env=env), load_routing(routing), handle_signals=False)
+    task = asyncio.create_task(daemon.run())
+    await asyncio.sleep(1.5)
+    assert not task.done(), task.result()
+    if peer == "redis":
+        assert not daemon.state.redis_ok and not daemon.state.lease_held
+    else:
+        assert daemon.state.redis_ok and not daemon.state.mqtt_ok
+    daemon.stopping.set()
+    await asyncio.wait_for(task, 15)
