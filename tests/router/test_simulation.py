@@ -157,9 +157,10 @@ def test_an_expert_bypasses_a_long_first_level_queue(table: RoutingTable) -> Non
 
 
 def test_experts_wait_only_for_an_expert_desk_agent(table: RoutingTable) -> None:
-    # Three experts within six minutes: the expert desk has three agents, two of whom are also
-    # DSL agents busy with the flood, so later experts wait for one to finish a call - but
-    # never behind the DSL backlog: while an expert waits, no desk agent takes other work.
+    # Three experts within six minutes of a DSL flood. Three of the desk's agents also take
+    # DSL calls and are busy with the flood; two only serve the desk, so the experts are
+    # answered within the desk's target - and never behind the DSL backlog: while an expert
+    # waits, no desk agent takes other work.
     desk_agents = {a.id for a in table.file.agents if a.skills.get("second_level", 0) >= 3}
     calls = (120.0, 300.0, 480.0)
     scenario = _dsl_flood(calls)
@@ -173,7 +174,8 @@ def test_experts_wait_only_for_an_expert_desk_agent(table: RoutingTable) -> None
     report = simulate(table, scenario, observe=observe)
     answered = [t for t, _, expert in assignments if expert]
     assert len(answered) == report.experts.answered == 3
-    assert report.experts.max_wait_seconds > 60  # the flood does keep the desk agents busy
+    desk = next(q for q in report.queues if q.queue == "expert_desk")
+    assert report.experts.max_wait_seconds < desk.sla_seconds
     for arrived, taken in zip(calls, answered, strict=True):
         meanwhile = [
             (t, agent)
@@ -213,8 +215,9 @@ def test_agent_count_adds_copies_of_the_routing_file_agents(table: RoutingTable)
     more = with_agent_count(table.file, 45)
     ids = [a.id for a in more.agents]
     assert len(ids) == len(set(ids)) == 45
-    assert ids[:20] == [a.id for a in table.file.agents]
-    assert more.agents[20].skills == table.file.agents[0].skills
+    n = len(table.file.agents)
+    assert ids[:n] == [a.id for a in table.file.agents]
+    assert more.agents[n].skills == table.file.agents[0].skills
     assert len(with_agent_count(table.file, 5).agents) == 5
 
 

@@ -24,7 +24,7 @@ def test_check_accepts_the_example_routing_file() -> None:
     result = stellwerk("check", ROUTING)
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
-        f"{ROUTING}: ok: 20 rules, 13 queues, 20 agents, 11 experts, 8 skills\n"
+        f"{ROUTING}: ok: 20 rules, 13 queues, 22 agents, 11 experts, 8 skills\n"
     )
     assert result.stderr == ""
 
