@@ -24,9 +24,8 @@ if ! port_open 6379; then
     --dir /tmp/stellwerk-redis --logfile /tmp/stellwerk-redis/redis.log
 fi
 if ! port_open 1883; then
-  conf=/tmp/stellwerk-mosquitto.conf
-  printf 'listener 1883 127.0.0.1\nallow_anonymous true\npersistence false\n' > "$conf"
-  mosquitto -d -c "$conf"
+  # Our recommended broker settings (TCP_NODELAY, a deep queue for offline sessions).
+  mosquitto -d -c "$(pwd)/config/mosquitto.conf"
 fi
 for port in 6379 1883; do
   for _ in $(seq 50); do port_open "$port" && break; sleep 0.1; done
