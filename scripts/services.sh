@@ -3,6 +3,7 @@
 # tests and the demo: start them when they are not running, install the Debian packages when
 # they are missing and we are allowed to (root). Never touches a server that already answers.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
