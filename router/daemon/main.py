@@ -157,6 +157,8 @@ class Daemon:
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
         s = self.settings
+        # Every log line of this daemon names it (several may log into one place).
+        structlog.contextvars.bind_contextvars(node=s.node_id())
         log.info(
             "daemon.starting",
             config=str(self.loaded.path) if self.loaded.path else None,

@@ -179,6 +179,11 @@ class Router:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self._set_lease(False)
                 self._run = None
+                # A reload asked for during this tenure must not wait for the next one.
+                while not self._reloads.empty():
+                    fut = self._reloads.get_nowait()
+                    if not fut.done():
+                        fut.set_result(["not applied: this daemon stopped routing"])
             if keep in done:
                 log.error("router.stopped", reason="lease_lost")
                 continue
