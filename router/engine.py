@@ -45,6 +45,7 @@ Semantics (DESIGN.md section 4), with the decisions taken where it is silent:
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -57,13 +58,16 @@ from router.messages import (
     Complete,
     EngineInput,
     EventCmd,
+    LinkKeys,
     Login,
     Logout,
     OfferCmd,
     RefusedCmd,
     Reject,
+    RemoveExpert,
     SetState,
     Tick,
+    UpsertExpert,
 )
 from router.model import ContactEvent
 from router.state import (
@@ -73,14 +77,17 @@ from router.state import (
     ContactRec,
     CustomerRec,
     EngineState,
+    ExpertRec,
     HistoryItem,
     OfferRec,
     QueueCounters,
 )
 from rules.decision import CustomerView
+from rules.identity import email_key, handle_key, phone_key
 from rules.schema import Agent as AgentCfg
+from rules.schema import Expert
 from rules.schema import Queue as QueueCfg
-from rules.table import RoutingTable
+from rules.table import RoutingTable, expert_keys
 
 #: how many finished contacts are remembered for status look-ups.
 FINISHED_LIMIT = 10_000
@@ -121,6 +128,7 @@ class Engine:
             st.agents.setdefault(agent_id, AgentRec(id=agent_id))
         for name in self._queues:
             st.counters.setdefault(name, QueueCounters())
+        self._sync_file_experts(table)
         # Which queues, and (queue, channel) pairs, each agent can serve, from its skills and
         # capacities; computed once per routing table, used on every match.
         self._eligible: dict[str, frozenset[Pair]] = {}
@@ -194,6 +202,12 @@ class Engine:
             self._on_contact_event(message, now, out)
         elif isinstance(message, Tick):
             pass
+        elif isinstance(message, LinkKeys):
+            self._link_keys(message.keys, now, out)
+        elif isinstance(message, UpsertExpert):
+            self._upsert_expert(message.expert, now, out)
+        elif isinstance(message, RemoveExpert):
+            self._remove_expert(message.expert_id, now, out)
         else:
             agent = self._state.agents.get(message.agent_id)
             if agent is None or message.agent_id not in self._agent_cfg:
@@ -341,6 +355,24 @@ class Engine:
 
     def _on_contact_event(self, event: ContactEvent, now: float, out: list[Command]) -> None:
         contact = self._state.contacts.get(event.contact_id)
+        expert = self._expert_for(self.table.identity_keys(event))
+        if expert is not None:
+            expert.last_seen = now
+            if (
+                event.channel == "social"
+                and event.kind == "update"
+                and self._is_answer(expert, event)
+            ):
+                expert.answers += 1
+                expert.last_answer = now
+                out.append(
+                    EventCmd(
+                        type="expert.answered",
+                        data={"at": now, "expert_id": expert.id, "contact_id": event.contact_id},
+                    )
+                )
+                if contact is None:
+                    return  # an expert's reply in a thread we are not handling: not a question
         if contact is None:
             if event.kind == "end" or not self._reopens(event):
                 # The end of something never routed, or a late event of a finished contact.
@@ -350,6 +382,21 @@ class Engine:
             self._on_end(contact, event.end_reason or "ended", now, out)
         else:
             self._on_update(contact, event, now, out)
+
+    def _is_answer(self, expert: ExpertRec, event: ContactEvent) -> bool:
+        """Is an expert's reply in a community thread an answer, i.e. not in their own thread?
+
+        A thread we never saw (started before Stellwerk, or by someone who never wrote to us)
+        is taken as someone else's: experts rarely reply to nobody.
+        """
+        contact = self._state.contacts.get(event.contact_id)
+        if contact is not None:
+            return contact.expert_id != expert.id
+        done = self._state.finished.get(event.contact_id)
+        if done is None:
+            return True
+        own = {self._state.keys.get(k) for k in expert.keys}
+        return done[3] not in own
 
     def _reopens(self, event: ContactEvent) -> bool:
         """Does an event about a finished contact start it again?
@@ -370,6 +417,9 @@ class Engine:
     def _on_new(self, event: ContactEvent, now: float, out: list[Command]) -> None:
         st = self._state
         customer = self._resolve_customer(event, now)
+        expert = self._expert_for(customer.keys)
+        if expert is not None:
+            expert.contacts += 1
         view = self._view(customer, event)
         decision = self.table.decide(event, view, now)
         arrived = now
@@ -380,6 +430,7 @@ class Engine:
             channel=event.channel,
             customer_id=customer.id,
             expert=view.expert,
+            expert_id=expert.id if expert is not None else None,
             state="received",
             rule=decision.rule,
             queue=decision.queue or "",
@@ -413,9 +464,11 @@ class Engine:
         if not contact.crowd or contact.state not in ("crowd_window", "queued", "offered"):
             return
         asker = set(self._state.customers[contact.customer_id].keys)
-        keys = set(self.table.identity_keys(event))
-        if not keys or keys & asker:
+        keys = self.table.identity_keys(event)
+        if not keys or asker.intersection(keys):
             return  # the asker writing again: still the same contact
+        if event.attributes.get("staff") == "true":
+            return  # the company's own staff in the thread is not the crowd
         freed = None
         if contact.state == "offered":
             freed = self._withdraw_offer(contact, "answered_by_crowd", now, out, requeue=False)
@@ -428,6 +481,7 @@ class Engine:
                 contact,
                 now,
                 by=event.sender.handle or event.sender.email or event.sender.phone,
+                by_expert=getattr(self._expert_for(keys), "id", None),
                 waited=now - contact.arrived_at,
             )
         )
@@ -449,6 +503,9 @@ class Engine:
         elif state == "queued":
             self._leave_queue(contact)
         contact.state = contact_transition(contact.id, contact.state, "abandoned")
+        expert = self._state.experts.get(contact.expert_id or "")
+        if expert is not None:
+            expert.abandoned += 1
         if contact.queue in self._state.counters and state != "crowd_window":
             self._state.counters[contact.queue].abandoned += 1
         out.append(
@@ -820,6 +877,11 @@ class Engine:
         waited = now - contact.arrived_at
         counters = self._state.counters[contact.queue]
         counters.answered += 1
+        expert = self._state.experts.get(contact.expert_id or "")
+        if expert is not None:
+            expert.answered += 1
+            expert.wait_total += waited
+            expert.wait_max = max(expert.wait_max, waited)
         if waited <= self._queues[contact.queue].sla.seconds:
             counters.answered_in_sla += 1
         self._update_history(contact, agent_id=agent.id, outcome="assigned")
@@ -1121,7 +1183,176 @@ class Engine:
             self._push_contact(contact)
             self._dispatch_contact(contact, now, out)
 
+    # ---- crowd experts ----------------------------------------------------------------------
+
+    def _sync_file_experts(self, table: RoutingTable) -> None:
+        """Take the routing file's experts; runtime (admin API) edits keep precedence."""
+        experts = self._state.experts
+        in_file = set()
+        for expert in table.experts:
+            in_file.add(expert.id)
+            rec = experts.get(expert.id)
+            if rec is None:
+                rec = experts[expert.id] = ExpertRec(id=expert.id)
+            elif rec.origin != "file":
+                continue
+            rec.name, rec.level = expert.name, expert.level
+            rec.skills, rec.keys = list(expert.skills), list(expert_keys(expert))
+            rec.removed = False
+        for rec in experts.values():
+            if rec.origin == "file" and rec.id not in in_file:
+                rec.removed = True  # gone from the file: keep its record, stop recognising it
+        self._index_experts()
+
+    def _index_experts(self) -> None:
+        self._expert_keys: dict[str, str] = {}
+        for rec in self._state.experts.values():
+            if not rec.removed:
+                for key in rec.keys:
+                    self._expert_keys.setdefault(key, rec.id)
+
+    def _expert_for(self, keys: Iterable[str]) -> ExpertRec | None:
+        for key in keys:
+            expert_id = self._expert_keys.get(key)
+            if expert_id is not None:
+                return self._state.experts[expert_id]
+        return None
+
+    def _upsert_expert(self, expert: Expert, now: float, out: list[Command]) -> None:
+        keys = [phone_key(p) for p in expert.phones] + [email_key(e) for e in expert.emails]
+        keys += [k for h in expert.handles if (k := handle_key(h)) is not None]
+        rec = self._state.experts.get(expert.id) or ExpertRec(id=expert.id)
+        self._state.experts[expert.id] = rec
+        rec.name, rec.level, rec.skills, rec.keys = (
+            expert.name,
+            expert.level,
+            list(expert.skills),
+            keys,
+        )
+        rec.origin, rec.removed = "api", False
+        self._index_experts()
+        out.append(
+            EventCmd(type="expert.updated", data={"at": now, "expert_id": rec.id, "keys": keys})
+        )
+
+    def _remove_expert(self, expert_id: str, now: float, out: list[Command]) -> None:
+        rec = self._state.experts.get(expert_id)
+        if rec is None or rec.removed:
+            out.append(RefusedCmd(agent_id=None, reason="unknown_expert", detail=expert_id))
+            return
+        rec.origin, rec.removed = "api", True
+        self._index_experts()
+        out.append(EventCmd(type="expert.removed", data={"at": now, "expert_id": expert_id}))
+
+    def experts_report(self, now: float) -> dict[str, Any]:
+        """The crowd's health as a community manager needs it: who was active when, who never
+        answered, answers per expert, and the waits and outcomes of the experts' own contacts."""
+        day, week = now - 86_400.0, now - 7 * 86_400.0
+        rows = []
+        summary = {"experts": 0, "active_day": 0, "active_week": 0, "inactive": 0, "never_seen": 0}
+        summary["never_answered"] = 0
+        for rec in self._state.experts.values():
+            if rec.removed:
+                continue
+            if rec.last_seen is None:
+                activity = "never_seen"
+            elif rec.last_seen >= day:
+                activity = "active_day"
+            elif rec.last_seen >= week:
+                activity = "active_week"
+            else:
+                activity = "inactive"
+            summary["experts"] += 1
+            summary[activity] += 1
+            summary["never_answered"] += rec.answers == 0
+            rows.append(
+                {
+                    "id": rec.id,
+                    "name": rec.name,
+                    "level": rec.level,
+                    "skills": rec.skills,
+                    "origin": rec.origin,
+                    "activity": activity,
+                    "last_seen": rec.last_seen,
+                    "answers": rec.answers,
+                    "last_answer": rec.last_answer,
+                    "contacts": rec.contacts,
+                    "answered": rec.answered,
+                    "abandoned": rec.abandoned,
+                    "mean_wait": rec.wait_total / rec.answered if rec.answered else None,
+                    "max_wait": rec.wait_max if rec.answered else None,
+                }
+            )
+        return {"summary": summary, "experts": rows}
+
     # ---- customers and history --------------------------------------------------------------
+
+    def _link_keys(self, raw_keys: tuple[str, ...], now: float, out: list[Command]) -> None:
+        """Merge the customers behind ``raw_keys`` into one, and bind every key to it."""
+        keys = []
+        for raw in raw_keys:
+            key = _normalise_key(raw)
+            if key is None:
+                out.append(RefusedCmd(agent_id=None, reason="bad_identity_key", detail=raw))
+                return
+            keys.append(key)
+        st = self._state
+        found = list(dict.fromkeys(st.keys[k] for k in keys if k in st.keys))
+        # An expert's record is the one to keep: their id is what the reports know.
+        found.sort(key=lambda cid: not cid.startswith("expert:"))
+        if found:
+            target = st.customers[found[0]]
+        else:
+            st.seq += 1
+            target = st.customers[f"c{st.seq}"] = CustomerRec(id=f"c{st.seq}", last_seen=now)
+        for cid in found[1:]:
+            other = st.customers.pop(cid)
+            target.history = sorted(target.history + other.history, key=lambda h: h.at)
+            del target.history[: max(0, len(target.history) - self._defaults.history_length)]
+            target.open += other.open
+            target.vip = target.vip or other.vip
+            target.last_seen = max(target.last_seen, other.last_seen)
+            if other.last_agent is not None and other.last_agent_at > target.last_agent_at:
+                target.last_agent, target.last_agent_at = other.last_agent, other.last_agent_at
+            for key in other.keys:
+                st.keys[key] = target.id
+                target.keys.append(key)
+            for contact in st.contacts.values():
+                if contact.customer_id == cid:
+                    contact.customer_id = target.id
+        for key in keys:
+            if st.keys.get(key) != target.id:
+                st.keys[key] = target.id
+                target.keys.append(key)
+        out.append(
+            EventCmd(
+                type="customer.linked",
+                data={
+                    "at": now,
+                    "customer_id": target.id,
+                    "keys": target.keys,
+                    "merged": found[1:],
+                },
+            )
+        )
+
+    def customer_info(self, ref: str) -> dict[str, Any] | None:
+        """A customer by id or by identity key: keys, whether an expert, recent contacts."""
+        st = self._state
+        key = _normalise_key(ref) if ":" in ref else None
+        customer = st.customers.get(ref) or st.customers.get(st.keys.get(key or "", ""))
+        if customer is None:
+            return None
+        expert = self._expert_for(customer.keys)
+        return {
+            "customer_id": customer.id,
+            "keys": list(customer.keys),
+            "expert_id": expert.id if expert is not None else None,
+            "vip": customer.vip,
+            "open": customer.open,
+            "last_agent": customer.last_agent,
+            "history": [msgspec.structs.asdict(h) for h in reversed(customer.history)],
+        }
 
     def _resolve_customer(self, event: ContactEvent, now: float) -> CustomerRec:
         """Find or create the customer behind an event's identity keys; link its keys.
@@ -1141,7 +1372,7 @@ class Engine:
                 break
         if customer is None:
             st.seq += 1
-            expert = self.table.expert_for(keys) if keys else None
+            expert = self._expert_for(keys)
             if expert is not None:
                 cid = f"expert:{expert.id}"
             elif keys:
@@ -1174,7 +1405,7 @@ class Engine:
                     del self._state.keys[key]
 
     def _view(self, customer: CustomerRec, event: ContactEvent) -> CustomerView:
-        expert = self.table.expert_for(customer.keys) if customer.keys else None
+        expert = self._expert_for(customer.keys)
         return CustomerView(
             id=customer.id,
             known=bool(customer.history) or expert is not None,
@@ -1247,6 +1478,20 @@ class Engine:
         }
         data.update(extra)
         return EventCmd(type=kind, data=data)
+
+
+def _normalise_key(raw: str) -> str | None:
+    """``phone:030 123456`` -> ``phone:+4930123456`` and so on; None for an unknown kind."""
+    kind, _, value = raw.partition(":")
+    if not value.strip():
+        return None
+    if kind == "phone":
+        return phone_key(value)
+    if kind == "email":
+        return email_key(value)
+    if kind == "handle":
+        return handle_key(value)
+    return None
 
 
 def _has_skills(have: dict[str, int], need: dict[str, int]) -> bool:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from router.model import ContactEvent
+from rules.schema import Expert
 
 
 class Login(msgspec.Struct, frozen=True, kw_only=True, tag="login", tag_field="op"):
@@ -66,11 +67,46 @@ AgentCommand = Login | SetState | Accept | Reject | Complete | Logout
 AGENT_COMMAND_DECODER: msgspec.json.Decoder[AgentCommand] = msgspec.json.Decoder(AgentCommand)
 
 
+class LinkKeys(msgspec.Struct, frozen=True, kw_only=True, tag="link_keys", tag_field="op"):
+    """Admin: these identity keys (``phone:+49...``, ``email:...``, ``handle:source:user``) are
+    one customer; customers found under them are merged."""
+
+    keys: tuple[str, ...]
+
+
+class UpsertExpert(msgspec.Struct, frozen=True, kw_only=True, tag="upsert_expert", tag_field="op"):
+    """Admin: add or change a crowd expert at runtime (wins over the routing file's entry)."""
+
+    expert: Expert
+
+
+class RemoveExpert(msgspec.Struct, frozen=True, kw_only=True, tag="remove_expert", tag_field="op"):
+    """Admin: a crowd expert is no longer one (also one from the routing file)."""
+
+    expert_id: str
+
+
+AdminCommand = LinkKeys | UpsertExpert | RemoveExpert
+ADMIN_COMMAND_DECODER: msgspec.json.Decoder[AdminCommand] = msgspec.json.Decoder(AdminCommand)
+
+
 class Tick(msgspec.Struct, frozen=True, kw_only=True, tag="tick", tag_field="op"):
     """Time has passed: fire every timer due at ``now`` (offer expiry, escalation, wrap-up...)."""
 
 
-EngineInput = ContactEvent | Login | SetState | Accept | Reject | Complete | Logout | Tick
+EngineInput = (
+    ContactEvent
+    | Login
+    | SetState
+    | Accept
+    | Reject
+    | Complete
+    | Logout
+    | Tick
+    | LinkKeys
+    | UpsertExpert
+    | RemoveExpert
+)
 
 
 # ---- outputs -------------------------------------------------------------------------------

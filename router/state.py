@@ -67,6 +67,8 @@ class ContactRec(msgspec.Struct, kw_only=True):
     agent_id: str | None = None
     #: agent id -> time until which this contact is not offered to that agent again.
     excluded: dict[str, float] = msgspec.field(default_factory=dict)
+    #: the crowd expert this contact comes from, if any.
+    expert_id: str | None = None
     crowd: bool = False
     crowd_until: float = 0.0
     assigned_at: float = 0.0
@@ -97,6 +99,32 @@ class AgentRec(msgspec.Struct, kw_only=True):
     contacts: list[str] = msgspec.field(default_factory=list)
 
 
+class ExpertRec(msgspec.Struct, kw_only=True):
+    """A crowd expert: who they are (from the routing file or the admin API) and how active.
+
+    ``answers`` counts their posts in community threads that are not their own; the
+    ``contacts``/``answered``/``abandoned``/``wait_*`` fields are about their own contacts to
+    the company (which the rules send to the expert desk).
+    """
+
+    id: str
+    name: str = ""
+    level: int = 1
+    skills: list[str] = msgspec.field(default_factory=list)
+    keys: list[str] = msgspec.field(default_factory=list)
+    #: "file" (the routing or experts file) or "api" (edited at runtime, wins over the file).
+    origin: str = "file"
+    removed: bool = False
+    last_seen: float | None = None
+    answers: int = 0
+    last_answer: float | None = None
+    contacts: int = 0
+    answered: int = 0
+    abandoned: int = 0
+    wait_total: float = 0.0
+    wait_max: float = 0.0
+
+
 class QueueCounters(msgspec.Struct, kw_only=True):
     """Running totals per queue since start (for statistics and metrics)."""
 
@@ -119,6 +147,7 @@ class EngineState(msgspec.Struct, kw_only=True):
     customers: dict[str, CustomerRec] = msgspec.field(default_factory=dict)
     keys: dict[str, str] = msgspec.field(default_factory=dict)
     counters: dict[str, QueueCounters] = msgspec.field(default_factory=dict)
+    experts: dict[str, ExpertRec] = msgspec.field(default_factory=dict)
     #: a bounded record of finished contacts: id -> [state, queue, agent, customer id].
     finished: dict[str, list[str | None]] = msgspec.field(default_factory=dict)
 
