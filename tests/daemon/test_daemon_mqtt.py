@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -95,3 +96,42 @@ async def test_no_puback_while_redis_is_down_then_redelivered_and_journaled(
             await pub_task
         await down.redis.aclose()
         await drop_session(f"stw-{names.tag}")
+
+
+def test_commands_become_messages_on_the_right_topics() -> None:
+    from router.daemon.mqtt import command_messages
+    from router.messages import CancelOfferCmd, EventCmd, OfferCmd, RefusedCmd
+    from router.model import ContactEvent
+
+    contact = ContactEvent(
+        kind="new",
+        contact_id="asterisk-ari:1",
+        channel="phone",
+        source="asterisk-ari",
+        external_id="1",
+    )
+    offer = OfferCmd(
+        offer_id="o1",
+        agent_id="anna",
+        contact_id="asterisk-ari:1",
+        queue="support",
+        expires_at=100.0,
+        contact=contact,
+        customer_id="c1",
+    )
+    ((topic, body),) = command_messages(offer, "p")
+    assert topic == "p/agents/anna/offers"
+    data = json.loads(body)
+    assert (data["type"], data["offer_id"], data["contact"]["channel"]) == ("offer", "o1", "phone")
+    cancel = CancelOfferCmd(offer_id="o1", agent_id="anna", contact_id="x", reason="expired")
+    ((topic, body),) = command_messages(cancel, "p")
+    assert topic == "p/agents/anna/offers" and json.loads(body)["type"] == "cancel"
+    ((topic, body),) = command_messages(EventCmd(type="contact.queued", data={"at": 1.0}), "p")
+    assert topic == "p/events/contact.queued"
+    assert json.loads(body) == {"type": "contact.queued", "at": 1.0}
+    ((topic, body),) = command_messages(RefusedCmd(agent_id="bert", reason="not_your_offer"), "p")
+    assert topic == "p/agents/bert/offers"
+    assert json.loads(body)["reason"] == "not_your_offer"
+    # A refusal with nobody to tell goes to the event stream, not into the void.
+    ((topic, _),) = command_messages(RefusedCmd(agent_id=None, reason="x"), "p")
+    assert topic == "p/events/agent.refused"
