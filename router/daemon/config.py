@@ -233,9 +233,34 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             public_urls=dict(self.sources.public_urls),
         )
 
+    def redacted(self) -> Settings:
+        """A copy fit for printing: tokens, passwords and secrets replaced by ``***``."""
+        hide = "***"
+        return msgspec.structs.replace(
+            self,
+            admin_token=hide if self.admin_token else None,
+            mqtt=msgspec.structs.replace(
+                self.mqtt,
+                url=_redact_url(self.mqtt.url),
+                password=hide if self.mqtt.password else None,
+            ),
+            redis=msgspec.structs.replace(self.redis, url=_redact_url(self.redis.url)),
+            sources=msgspec.structs.replace(
+                self.sources, secrets=dict.fromkeys(self.sources.secrets, hide)
+            ),
+        )
+
     def node_id(self) -> str:
         """This daemon's name in the routing lease."""
         return self.router.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 @dataclass(frozen=True)

@@ -121,10 +121,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"stellwerk run: {routing_problem}", file=sys.stderr)
         return 1
     if args.check_config:
-        shown = msgspec.structs.replace(
-            settings, admin_token="***" if settings.admin_token else None
-        )
-        print(msgspec.json.format(msgspec.json.encode(shown)).decode())
+        print(msgspec.json.format(msgspec.json.encode(settings.redacted())).decode())
         return 0
     try:
         asyncio.run(Daemon(loaded, table).run())

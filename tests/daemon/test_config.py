@@ -127,3 +127,22 @@ def test_parse_addr() -> None:
         parse_addr("localhost")
     with pytest.raises(ValueError):
         parse_addr("h:99999")
+
+
+def test_redacted_settings_hide_every_secret() -> None:
+    s = load_settings(
+        None,
+        env={
+            "STELLWERK_MQTT_URL": "mqtt://user:pa55@broker:1883",
+            "STELLWERK_MQTT_PASSWORD": "mqttpw",
+            "STELLWERK_REDIS_URL": "redis://:redispw@127.0.0.1:6379/0",
+            "STELLWERK_ADMIN_TOKEN": "admintok",
+            "STELLWERK_SECRET_DISCOURSE": "discsecret",
+        },
+    ).settings
+    shown = str(s.redacted())
+    for secret in ("pa55", "mqttpw", "redispw", "admintok", "discsecret"):
+        assert secret not in shown
+    assert "mqtt://user:***@broker:1883" in shown and "discourse" in shown
+    # The real settings are untouched.
+    assert s.mqtt.credentials == ("user", "mqttpw")
