@@ -30,6 +30,7 @@ import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from redis.backoff import ExponentialWithJitterBackoff
 
 from router.daemon.config import MqttSettings, Settings
@@ -250,7 +251,7 @@ class Ingress:
             try:
                 async with client:
                     for topic in self.topics:
-                        await client.subscribe(topic, qos=1)
+                        await self._subscribe(client, topic)
                     failures = 0
                     self._status(True)
                     log.info("mqtt.ingress.connected", client_id=identifier, topics=self.topics)
@@ -263,6 +264,15 @@ class Ingress:
             failures += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delays.compute(failures))
+
+    async def _subscribe(self, client: aiomqtt.Client, topic: str) -> None:
+        # A retained message on an ingress topic would be journaled again at every
+        # (re)subscription; MQTT 5 can say "never send retained", 3.1.1 gets them dead-lettered.
+        if self.settings.mqtt.protocol == 5:
+            options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            await client.subscribe(topic, options=options)
+        else:
+            await client.subscribe(topic, qos=1)
 
     def _status(self, up: bool) -> None:
         self.connected = up
@@ -336,7 +346,11 @@ class Ingress:
         while stages.strays:
             topic, payload = stages.strays[0]
             await self.intake.journal.dead_letter(
-                "mqtt", "unknown_topic", topic, payload, {"mqtt-topic": topic}
+                "mqtt",
+                "unroutable",
+                f"retained or unknown topic {topic}",
+                payload,
+                {"mqtt-topic": topic},
             )
             stages.outcomes.append(False)
             stages.strays.pop(0)
@@ -359,7 +373,9 @@ class _Batch:
             topic = message.topic.value
             payload = message.payload if isinstance(message.payload, bytes) else b""
             parts = topic[len(prefix) + 1 :].split("/")
-            if len(parts) == 3 and parts[0] == "in":
+            if message.retain:
+                out.strays.append((topic, payload))
+            elif len(parts) == 3 and parts[0] == "in":
                 out.deliveries.append(
                     (parts[2], payload, {"mqtt-topic": topic, "channel": parts[1]})
                 )

@@ -135,3 +135,34 @@ def test_commands_become_messages_on_the_right_topics() -> None:
     # A refusal with nobody to tell goes to the event stream, not into the void.
     ((topic, _),) = command_messages(RefusedCmd(agent_id=None, reason="x"), "p")
     assert topic == "p/events/agent.refused"
+
+
+async def test_a_retained_ingress_message_is_not_journaled_again_on_every_subscribe(
+    names: Names, journal: Journal, mqtt_probe: MqttProbe
+) -> None:
+    settings = settings_for(names)
+    publisher = Publisher(settings)
+    pub_task = asyncio.create_task(publisher.run())
+    topic = f"{names.topic_prefix}/in/phone/asterisk-ari"
+    await mqtt_probe.client.publish(topic, ari("StasisStart", "stale"), qos=1, retain=True)
+    try:
+        for _ in range(2):  # two (re)subscriptions
+            running = Running(settings, journal, publisher)
+            await wait_until(lambda r=running: r.ingress.connected, 5, "ingress connected")
+            await running.kill()
+        running = Running(settings, journal, publisher)
+        await wait_until(lambda: running.ingress.connected, 5, "ingress connected")
+        await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", "fresh"))
+        rows = await wait_until(lambda: journal.read_after("0-0", None, 10), 5, "a journal entry")
+        await asyncio.sleep(0.2)
+        rows = await journal.read_after("0-0", None, 10)
+        assert [e.event.contact_id for _, e in rows if isinstance(e, ContactEntry)] == [
+            "asterisk-ari:fresh"
+        ]
+        await running.kill()
+    finally:
+        await mqtt_probe.client.publish(topic, b"", qos=1, retain=True)  # clear it
+        pub_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pub_task
+        await drop_session(f"stw-{names.tag}")
