@@ -116,7 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--after-call-work", type=float, default=1.0, help="seconds of wrap-up kept (1)"
     )
     parser.add_argument(
-        "--patience", type=float, default=120.0, help="mean seconds a caller waits (120)"
+        "--patience",
+        type=float,
+        default=120.0,
+        help="mean seconds a caller waits before hanging up (120; 0: never)",
     )
     parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds to wait for stragglers (10)"

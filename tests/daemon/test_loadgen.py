@@ -3,9 +3,11 @@ and a short run against a real daemon (real Redis, Mosquitto, HTTP and SMTP) los
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,8 @@ async def test_a_short_run_against_a_real_daemon_loses_nothing(
     assert report.agent_refusals == 0
     assert "LOST 0" in report.text()
     assert "ingress->routed latency" in report.text()
+    as_json = json.loads(json.dumps(asdict(report)))  # what --json prints
+    assert as_json["lost"] == 0 and as_json["latency_ms"]["p50"] > 0
 
     # the run wound down: every simulated agent logged out again
     async def all_offline() -> bool:
