@@ -56,14 +56,14 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     ``ingress`` says who consumes the ingress and agent-command topics:
 
     - ``leader`` (default): only the daemon holding the routing lease, under the installation's
-      one ``client_id`` (default ``stellwerk-router``). The broker keeps that persistent session
-      (and every message not yet acknowledged) while nobody is connected, and a standby that
-      takes the lease resumes it, so nothing waits for a dead daemon to come back.
+      one ``client_id`` (default ``stellwerk-router-{topic_prefix}``). The broker keeps that
+      persistent session (and every message not yet acknowledged) while nobody is connected,
+      and a standby that takes the lease resumes it, so nothing waits for a dead daemon.
     - ``shared``: every daemon consumes through the shared subscription ``$share/{share_group}``
       with a persistent session of its own (``client_id`` unique per daemon, default
-      ``stellwerk-{hostname}``). More ingest capacity, but brokers such as Mosquitto keep
-      handing a dead member's share of the messages to its offline session, where they wait
-      until a daemon with that ``client_id`` connects again.
+      ``stellwerk-{topic_prefix}-{hostname}``). More ingest capacity, but brokers such as
+      Mosquitto keep handing a dead member's share of the messages to its offline session,
+      where they wait until a daemon with that ``client_id`` connects again.
 
     ``protocol`` is MQTT ``5`` (default) or ``311`` (3.1.1). ``session_expiry`` (seconds, MQTT 5)
     is how long the broker keeps the ingress session, and the messages queued in it, while no
@@ -116,13 +116,18 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         password = self.password or (unquote(parts.password) if parts.password else None)
         return user, password
 
-    def identifier(self) -> str:
-        """The ingress session's MQTT client id (stable across restarts)."""
+    def identifier(self, topic_prefix: str = "stellwerk") -> str:
+        """The ingress session's MQTT client id (stable across restarts).
+
+        The default names the topic prefix, so two installations on one broker (say the demo
+        and a test daemon) never take each other's session over.
+        """
         if self.client_id:
             return self.client_id
+        scope = re.sub(r"[^A-Za-z0-9_.-]+", "-", topic_prefix).strip("-")
         if self.ingress == "leader":
-            return "stellwerk-router"
-        return f"stellwerk-{socket.gethostname()}"
+            return f"stellwerk-router-{scope}"
+        return f"stellwerk-{scope}-{socket.gethostname()}"
 
 
 class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -141,7 +141,8 @@ class Publisher:
         self._ready = asyncio.Event()
         self._on_status = on_status
         # Unique per daemon (several share one ingress client id in leader mode).
-        self._identifier = f"{settings.mqtt.identifier()}-pub-{settings.node_id()}"
+        ingress_id = settings.mqtt.identifier(settings.topic_prefix)
+        self._identifier = f"{ingress_id}-pub-{settings.node_id()}"
 
     @property
     def connected(self) -> bool:
@@ -245,7 +246,7 @@ class Ingress:
         self._stopping.clear()
         delays = backoff()
         failures = 0
-        identifier = self.settings.mqtt.identifier()
+        identifier = self.settings.mqtt.identifier(self.settings.topic_prefix)
         while not self._stopping.is_set():
             client = make_client(self.settings.mqtt, identifier, persistent=True, manual_ack=True)
             try:

@@ -357,4 +357,5 @@ async def start_daemon(
     for _, task in running:
         await asyncio.wait_for(task, 15)
     if running:
-        await drop_session(running[0][0].settings.mqtt.identifier())
+        settings = running[0][0].settings
+        await drop_session(settings.mqtt.identifier(settings.topic_prefix))

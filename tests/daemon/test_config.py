@@ -146,3 +146,14 @@ def test_redacted_settings_hide_every_secret() -> None:
     assert "mqtt://user:***@broker:1883" in shown and "discourse" in shown
     # The real settings are untouched.
     assert s.mqtt.credentials == ("user", "mqttpw")
+
+
+def test_default_ingress_client_id_is_stable_and_scoped_to_the_installation() -> None:
+    leader = load_settings(None, env={}).settings
+    assert leader.mqtt.identifier(leader.topic_prefix) == "stellwerk-router-stellwerk"
+    other = load_settings(None, env={"STELLWERK_TOPIC_PREFIX": "demo/eu"}).settings
+    assert other.mqtt.identifier(other.topic_prefix) == "stellwerk-router-demo-eu"
+    shared = load_settings(None, env={"STELLWERK_MQTT_INGRESS": "shared"}).settings
+    assert shared.mqtt.identifier("p").startswith("stellwerk-p-")
+    fixed = load_settings(None, env={"STELLWERK_MQTT_CLIENT_ID": "mine"}).settings
+    assert fixed.mqtt.identifier("p") == "mine"
