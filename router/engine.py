@@ -322,6 +322,28 @@ class Engine:
             for a in self._state.agents.values()
         ]
 
+    def outstanding_offers(self) -> list[OfferCmd]:
+        """Every pending offer as the command that made it (history included), for a daemon
+        that restarted and must make sure each agent has seen its offers."""
+        st = self._state
+        result = []
+        for offer in st.offers.values():
+            contact = st.contacts[offer.contact_id]
+            customer = st.customers.get(contact.customer_id)
+            result.append(
+                OfferCmd(
+                    offer_id=offer.id,
+                    agent_id=offer.agent_id,
+                    contact_id=contact.id,
+                    queue=contact.queue,
+                    expires_at=offer.expires_at,
+                    contact=contact.event,
+                    customer_id=contact.customer_id,
+                    history=tuple(_history(customer, contact.id)) if customer else (),
+                )
+            )
+        return result
+
     def contact_info(self, contact_id: str) -> dict[str, Any] | None:
         """A contact's state, queue, agent, wait and the customer's history; None if unknown."""
         contact = self._state.contacts.get(contact_id)

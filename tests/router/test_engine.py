@@ -569,3 +569,14 @@ def test_customers_with_nothing_open_are_forgotten_after_the_retention() -> None
     assert "phone:+4930111" not in remembered  # nothing open, last seen long ago
     assert "phone:+4930222" in remembered  # its contact is still being handled
     assert "phone:+4930333" in remembered
+
+
+def test_outstanding_offers_repeat_the_offers_made() -> None:
+    eng = one_queue()
+    login_all(eng, ["a1", "a2"])
+    made = offers(eng.handle(call("c1", phone="+4930111"), 1.0))
+    made += offers(eng.handle(call("c2", phone="+4930222"), 2.0))
+    restored = Engine.restore(eng.table, eng.snapshot())
+    assert sorted(restored.outstanding_offers(), key=lambda o: o.offer_id) == sorted(
+        made, key=lambda o: o.offer_id
+    )
