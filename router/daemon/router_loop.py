@@ -41,7 +41,7 @@ from router.daemon.lease import Lease
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Ingress, Message, Publisher, backoff, command_messages
 from router.engine import Engine
-from router.messages import Command, EventCmd, OfferCmd, RefusedCmd, Tick
+from router.messages import Command, EventCmd, RefusedCmd, Tick
 from rules.load import RoutingFileError, load_routing
 from rules.table import RoutingTable
 
@@ -255,7 +255,7 @@ class Router:
         while rows := await self.journal.read_after(run.last_id, None, self.options.batch):
             replayed += len(rows)
             await self._apply_batch(run, rows, live=False)
-        offers = _outstanding_offers(run.engine)
+        offers = run.engine.outstanding_offers()
         if offers:
             await self.publisher.publish_many(
                 [m for cmd in offers for m in command_messages(cmd, self.options.topic_prefix)]
@@ -435,31 +435,6 @@ def _id_after(a: str, b: str) -> bool:
     ams, _, aseq = a.partition("-")
     bms, _, bseq = b.partition("-")
     return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))
-
-
-def _outstanding_offers(engine: Engine) -> list[OfferCmd]:
-    """Every pending offer as the command that made it (history is not repeated)."""
-    made = getattr(engine, "outstanding_offers", None)
-    if callable(made):
-        return list(made())
-    st = engine.state
-    offers = []
-    for offer in st.offers.values():
-        contact = st.contacts.get(offer.contact_id)
-        if contact is None:
-            continue
-        offers.append(
-            OfferCmd(
-                offer_id=offer.id,
-                agent_id=offer.agent_id,
-                contact_id=contact.id,
-                queue=contact.queue,
-                expires_at=offer.expires_at,
-                contact=contact.event,
-                customer_id=contact.customer_id,
-            )
-        )
-    return offers
 
 
 def _log_command(cmd: Command) -> None:
