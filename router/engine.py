@@ -1496,6 +1496,8 @@ class Engine:
             "queue": contact.queue or None,
             "priority": contact.priority,
             "expert": contact.expert,
+            "expert_id": contact.expert_id,
+            "crowd": contact.crowd,
             "customer_id": contact.customer_id,
         }
         data.update(extra)
