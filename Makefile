@@ -6,8 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo simulate test lint types unit services bench clean
 
+# Debian ships venv separately (python3-venv); install it when missing and we are root.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { [ "$$(id -u)" = 0 ] && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv \
+		&& rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
