@@ -45,11 +45,10 @@ Semantics (DESIGN.md section 4), with the decisions taken where it is silent:
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
 from typing import Any
 
-import msgspec
-
+from router.customers import CustomerDirectory, history
+from router.experts import ExpertRegistry
 from router.lifecycle import FINAL_CONTACT_STATES, agent_transition, contact_transition
 from router.messages import (
     Accept,
@@ -77,17 +76,13 @@ from router.state import (
     ContactRec,
     CustomerRec,
     EngineState,
-    ExpertRec,
-    HistoryItem,
     OfferRec,
     QueueCounters,
 )
 from rules.decision import CustomerView
-from rules.identity import email_key, handle_key, phone_key
 from rules.schema import Agent as AgentCfg
-from rules.schema import Expert
 from rules.schema import Queue as QueueCfg
-from rules.table import RoutingTable, expert_keys
+from rules.table import RoutingTable
 
 #: how many finished contacts are remembered for status look-ups.
 FINISHED_LIMIT = 10_000
@@ -103,6 +98,8 @@ class Engine:
 
     def __init__(self, table: RoutingTable, state: EngineState | None = None) -> None:
         self._state = state if state is not None else EngineState()
+        self._experts = ExpertRegistry(self._state)
+        self._customers = CustomerDirectory(self._state)
         self._configure(table)
         self._rebuild_indexes()
 
@@ -128,7 +125,7 @@ class Engine:
             st.agents.setdefault(agent_id, AgentRec(id=agent_id))
         for name in self._queues:
             st.counters.setdefault(name, QueueCounters())
-        self._sync_file_experts(table)
+        self._experts.sync_file(table)
         # Which queues, and (queue, channel) pairs, each agent can serve, from its skills and
         # capacities; computed once per routing table, used on every match.
         self._eligible: dict[str, frozenset[Pair]] = {}
@@ -203,11 +200,11 @@ class Engine:
         elif isinstance(message, Tick):
             pass
         elif isinstance(message, LinkKeys):
-            self._link_keys(message.keys, now, out)
+            out.append(self._customers.link(message.keys, now, self._defaults.history_length))
         elif isinstance(message, UpsertExpert):
-            self._upsert_expert(message.expert, now, out)
+            out.append(self._experts.upsert(message.expert, now))
         elif isinstance(message, RemoveExpert):
-            self._remove_expert(message.expert_id, now, out)
+            out.append(self._experts.remove(message.expert_id, now))
         else:
             agent = self._state.agents.get(message.agent_id)
             if agent is None or message.agent_id not in self._agent_cfg:
@@ -339,7 +336,7 @@ class Engine:
                     expires_at=offer.expires_at,
                     contact=contact.event,
                     customer_id=contact.customer_id,
-                    history=tuple(_history(customer, contact.id)) if customer else (),
+                    history=tuple(history(customer, contact.id)) if customer else (),
                 )
             )
         return result
@@ -370,20 +367,28 @@ class Engine:
             "arrived_at": contact.arrived_at,
             "customer_id": contact.customer_id,
             "expert": contact.expert,
-            "history": _history(customer, contact.id) if customer else [],
+            "history": history(customer, contact.id) if customer else [],
         }
+
+    def experts_report(self, now: float) -> dict[str, Any]:
+        """The crowd's health: see :meth:`router.experts.ExpertRegistry.report`."""
+        return self._experts.report(now)
+
+    def customer_info(self, ref: str) -> dict[str, Any] | None:
+        """A customer by id or identity key, with keys, expert id and recent contacts."""
+        return self._customers.info(ref, self._experts.find)
 
     # ---- contact events ---------------------------------------------------------------------
 
     def _on_contact_event(self, event: ContactEvent, now: float, out: list[Command]) -> None:
         contact = self._state.contacts.get(event.contact_id)
-        expert = self._expert_for(self.table.identity_keys(event))
+        expert = self._experts.find(self.table.identity_keys(event))
         if expert is not None:
             expert.last_seen = now
             if (
                 event.channel == "social"
                 and event.kind == "update"
-                and self._is_answer(expert, event)
+                and self._experts.is_answer(expert, event)
             ):
                 expert.answers += 1
                 expert.last_answer = now
@@ -405,21 +410,6 @@ class Engine:
         else:
             self._on_update(contact, event, now, out)
 
-    def _is_answer(self, expert: ExpertRec, event: ContactEvent) -> bool:
-        """Is an expert's reply in a community thread an answer, i.e. not in their own thread?
-
-        A thread we never saw (started before Stellwerk, or by someone who never wrote to us)
-        is taken as someone else's: experts rarely reply to nobody.
-        """
-        contact = self._state.contacts.get(event.contact_id)
-        if contact is not None:
-            return contact.expert_id != expert.id
-        done = self._state.finished.get(event.contact_id)
-        if done is None:
-            return True
-        own = {self._state.keys.get(k) for k in expert.keys}
-        return done[3] not in own
-
     def _reopens(self, event: ContactEvent) -> bool:
         """Does an event about a finished contact start it again?
 
@@ -438,11 +428,18 @@ class Engine:
 
     def _on_new(self, event: ContactEvent, now: float, out: list[Command]) -> None:
         st = self._state
-        customer = self._resolve_customer(event, now)
-        expert = self._expert_for(customer.keys)
+        keys = self.table.identity_keys(event)
+        customer = self._customers.resolve(
+            event.contact_id,
+            keys,
+            self._experts.find(keys),
+            now,
+            self._defaults.customer_retention,
+        )
+        expert = self._experts.find(customer.keys)
         if expert is not None:
             expert.contacts += 1
-        view = self._view(customer, event)
+        view = self._view(customer)
         decision = self.table.decide(event, view, now)
         arrived = now
         st.seq += 1
@@ -470,7 +467,7 @@ class Engine:
             self._finish(contact, "rejected", now)
             return
         st.contacts[contact.id] = contact
-        self._remember(customer, contact, now)
+        self._customers.remember(contact, now, self._defaults.history_length)
         if decision.crowd_first:
             contact.state = contact_transition(contact.id, "received", "crowd_window")
             contact.crowd = True
@@ -503,7 +500,7 @@ class Engine:
                 contact,
                 now,
                 by=event.sender.handle or event.sender.email or event.sender.phone,
-                by_expert=getattr(self._expert_for(keys), "id", None),
+                by_expert=getattr(self._experts.find(keys), "id", None),
                 waited=now - contact.arrived_at,
             )
         )
@@ -570,7 +567,7 @@ class Engine:
         contact.queue = qname
         contact.queue_entered_at = now
         self._state.counters[qname].entered += 1
-        self._update_history(contact, queue=qname)
+        self._customers.update_history(contact, queue=qname)
         out.append(self._event("contact.queued", contact, now, rule=contact.rule, first=first))
         self._schedule_max_wait(contact)
         if first:
@@ -829,7 +826,7 @@ class Engine:
                 expires_at=expires,
                 contact=contact.event,
                 customer_id=contact.customer_id,
-                history=tuple(_history(customer, contact.id)) if customer else (),
+                history=tuple(history(customer, contact.id)) if customer else (),
             )
         )
         out.append(
@@ -906,7 +903,7 @@ class Engine:
             expert.wait_max = max(expert.wait_max, waited)
         if waited <= self._queues[contact.queue].sla.seconds:
             counters.answered_in_sla += 1
-        self._update_history(contact, agent_id=agent.id, outcome="assigned")
+        self._customers.update_history(contact, agent_id=agent.id, outcome="assigned")
         out.append(self._event("contact.assigned", contact, now, agent_id=agent.id, waited=waited))
 
     def _on_reject(self, agent: AgentRec, msg: Reject, now: float, out: list[Command]) -> None:
@@ -978,7 +975,7 @@ class Engine:
         if customer is not None:
             customer.last_agent = agent.id
             customer.last_agent_at = now
-        self._update_history(contact, outcome=outcome)
+        self._customers.update_history(contact, outcome=outcome)
         if wrap > 0:
             contact.state = contact_transition(contact.id, contact.state, "wrap_up")
             contact.wrap_until = now + wrap
@@ -1075,7 +1072,7 @@ class Engine:
                 self._finish(contact, "done", now)
             else:
                 # Nothing stays with an absent agent: open work goes back, keeping its wait.
-                self._update_history(contact, outcome="requeued")
+                self._customers.update_history(contact, outcome="requeued")
                 self._requeue(contact, now, out)
                 requeued.append(contact)
         self._set_agent_state(agent, "offline", None, now, out)
@@ -1205,229 +1202,8 @@ class Engine:
             self._push_contact(contact)
             self._dispatch_contact(contact, now, out)
 
-    # ---- crowd experts ----------------------------------------------------------------------
-
-    def _sync_file_experts(self, table: RoutingTable) -> None:
-        """Take the routing file's experts; runtime (admin API) edits keep precedence."""
-        experts = self._state.experts
-        in_file = set()
-        for expert in table.experts:
-            in_file.add(expert.id)
-            rec = experts.get(expert.id)
-            if rec is None:
-                rec = experts[expert.id] = ExpertRec(id=expert.id)
-            elif rec.origin != "file":
-                continue
-            rec.name, rec.level = expert.name, expert.level
-            rec.skills, rec.keys = list(expert.skills), list(expert_keys(expert))
-            rec.removed = False
-        for rec in experts.values():
-            if rec.origin == "file" and rec.id not in in_file:
-                rec.removed = True  # gone from the file: keep its record, stop recognising it
-        self._index_experts()
-
-    def _index_experts(self) -> None:
-        self._expert_keys: dict[str, str] = {}
-        for rec in self._state.experts.values():
-            if not rec.removed:
-                for key in rec.keys:
-                    self._expert_keys.setdefault(key, rec.id)
-
-    def _expert_for(self, keys: Iterable[str]) -> ExpertRec | None:
-        for key in keys:
-            expert_id = self._expert_keys.get(key)
-            if expert_id is not None:
-                return self._state.experts[expert_id]
-        return None
-
-    def _upsert_expert(self, expert: Expert, now: float, out: list[Command]) -> None:
-        keys = [phone_key(p) for p in expert.phones] + [email_key(e) for e in expert.emails]
-        keys += [k for h in expert.handles if (k := handle_key(h)) is not None]
-        rec = self._state.experts.get(expert.id) or ExpertRec(id=expert.id)
-        self._state.experts[expert.id] = rec
-        rec.name, rec.level, rec.skills, rec.keys = (
-            expert.name,
-            expert.level,
-            list(expert.skills),
-            keys,
-        )
-        rec.origin, rec.removed = "api", False
-        self._index_experts()
-        out.append(
-            EventCmd(type="expert.updated", data={"at": now, "expert_id": rec.id, "keys": keys})
-        )
-
-    def _remove_expert(self, expert_id: str, now: float, out: list[Command]) -> None:
-        rec = self._state.experts.get(expert_id)
-        if rec is None or rec.removed:
-            out.append(RefusedCmd(agent_id=None, reason="unknown_expert", detail=expert_id))
-            return
-        rec.origin, rec.removed = "api", True
-        self._index_experts()
-        out.append(EventCmd(type="expert.removed", data={"at": now, "expert_id": expert_id}))
-
-    def experts_report(self, now: float) -> dict[str, Any]:
-        """The crowd's health as a community manager needs it: who was active when, who never
-        answered, answers per expert, and the waits and outcomes of the experts' own contacts."""
-        day, week = now - 86_400.0, now - 7 * 86_400.0
-        rows = []
-        summary = {"experts": 0, "active_day": 0, "active_week": 0, "inactive": 0, "never_seen": 0}
-        summary["never_answered"] = 0
-        for rec in self._state.experts.values():
-            if rec.removed:
-                continue
-            if rec.last_seen is None:
-                activity = "never_seen"
-            elif rec.last_seen >= day:
-                activity = "active_day"
-            elif rec.last_seen >= week:
-                activity = "active_week"
-            else:
-                activity = "inactive"
-            summary["experts"] += 1
-            summary[activity] += 1
-            summary["never_answered"] += rec.answers == 0
-            rows.append(
-                {
-                    "id": rec.id,
-                    "name": rec.name,
-                    "level": rec.level,
-                    "skills": rec.skills,
-                    "origin": rec.origin,
-                    "activity": activity,
-                    "last_seen": rec.last_seen,
-                    "answers": rec.answers,
-                    "last_answer": rec.last_answer,
-                    "contacts": rec.contacts,
-                    "answered": rec.answered,
-                    "abandoned": rec.abandoned,
-                    "mean_wait": rec.wait_total / rec.answered if rec.answered else None,
-                    "max_wait": rec.wait_max if rec.answered else None,
-                }
-            )
-        return {"summary": summary, "experts": rows}
-
-    # ---- customers and history --------------------------------------------------------------
-
-    def _link_keys(self, raw_keys: tuple[str, ...], now: float, out: list[Command]) -> None:
-        """Merge the customers behind ``raw_keys`` into one, and bind every key to it."""
-        keys = []
-        for raw in raw_keys:
-            key = _normalise_key(raw)
-            if key is None:
-                out.append(RefusedCmd(agent_id=None, reason="bad_identity_key", detail=raw))
-                return
-            keys.append(key)
-        st = self._state
-        found = list(dict.fromkeys(st.keys[k] for k in keys if k in st.keys))
-        # An expert's record is the one to keep: their id is what the reports know.
-        found.sort(key=lambda cid: not cid.startswith("expert:"))
-        if found:
-            target = st.customers[found[0]]
-        else:
-            st.seq += 1
-            target = st.customers[f"c{st.seq}"] = CustomerRec(id=f"c{st.seq}", last_seen=now)
-        for cid in found[1:]:
-            other = st.customers.pop(cid)
-            target.history = sorted(target.history + other.history, key=lambda h: h.at)
-            del target.history[: max(0, len(target.history) - self._defaults.history_length)]
-            target.open += other.open
-            target.vip = target.vip or other.vip
-            target.last_seen = max(target.last_seen, other.last_seen)
-            if other.last_agent is not None and other.last_agent_at > target.last_agent_at:
-                target.last_agent, target.last_agent_at = other.last_agent, other.last_agent_at
-            for key in other.keys:
-                st.keys[key] = target.id
-                target.keys.append(key)
-            for contact in st.contacts.values():
-                if contact.customer_id == cid:
-                    contact.customer_id = target.id
-        for key in keys:
-            if st.keys.get(key) != target.id:
-                st.keys[key] = target.id
-                target.keys.append(key)
-        out.append(
-            EventCmd(
-                type="customer.linked",
-                data={
-                    "at": now,
-                    "customer_id": target.id,
-                    "keys": target.keys,
-                    "merged": found[1:],
-                },
-            )
-        )
-
-    def customer_info(self, ref: str) -> dict[str, Any] | None:
-        """A customer by id or by identity key: keys, whether an expert, recent contacts."""
-        st = self._state
-        key = _normalise_key(ref) if ":" in ref else None
-        customer = st.customers.get(ref) or st.customers.get(st.keys.get(key or "", ""))
-        if customer is None:
-            return None
-        expert = self._expert_for(customer.keys)
-        return {
-            "customer_id": customer.id,
-            "keys": list(customer.keys),
-            "expert_id": expert.id if expert is not None else None,
-            "vip": customer.vip,
-            "open": customer.open,
-            "last_agent": customer.last_agent,
-            "history": [msgspec.structs.asdict(h) for h in reversed(customer.history)],
-        }
-
-    def _resolve_customer(self, event: ContactEvent, now: float) -> CustomerRec:
-        """Find or create the customer behind an event's identity keys; link its keys.
-
-        Customers are kept in order of their last contact; the least recent ones with nothing
-        open are forgotten after ``customer_retention`` seconds, so a daemon that runs for
-        months keeps its memory and snapshots bounded.
-        """
-        st = self._state
-        self._forget_customers(now)
-        keys = self.table.identity_keys(event)
-        customer: CustomerRec | None = None
-        for key in keys:
-            cid = st.keys.get(key)
-            if cid is not None:
-                customer = st.customers[cid]
-                break
-        if customer is None:
-            st.seq += 1
-            expert = self._expert_for(keys)
-            if expert is not None:
-                cid = f"expert:{expert.id}"
-            elif keys:
-                cid = f"c{st.seq}"
-            else:
-                # Nobody to recognise (withheld number): a customer for this contact only.
-                cid = f"anon:{event.contact_id}"
-            customer = st.customers.get(cid) or CustomerRec(id=cid)
-        # Move to the most recent end.
-        st.customers.pop(customer.id, None)
-        st.customers[customer.id] = customer
-        customer.last_seen = now
-        customer.open += 1
-        for key in keys:
-            if key not in st.keys:
-                st.keys[key] = customer.id
-                customer.keys.append(key)
-        return customer
-
-    def _forget_customers(self, now: float) -> None:
-        customers = self._state.customers
-        horizon = now - self._defaults.customer_retention
-        for _ in range(2):  # a little on every contact: no pause, and it keeps up
-            oldest = next(iter(customers.values()), None)
-            if oldest is None or oldest.open > 0 or oldest.last_seen >= horizon:
-                return
-            del customers[oldest.id]
-            for key in oldest.keys:
-                if self._state.keys.get(key) == oldest.id:
-                    del self._state.keys[key]
-
-    def _view(self, customer: CustomerRec, event: ContactEvent) -> CustomerView:
-        expert = self._expert_for(customer.keys)
+    def _view(self, customer: CustomerRec) -> CustomerView:
+        expert = self._experts.find(customer.keys)
         return CustomerView(
             id=customer.id,
             known=bool(customer.history) or expert is not None,
@@ -1438,45 +1214,15 @@ class Engine:
         )
 
     def _customer_view(self, contact: ContactRec) -> CustomerView:
-        customer = self._state.customers[contact.customer_id]
-        return self._view(customer, contact.event)
-
-    def _remember(self, customer: CustomerRec, contact: ContactRec, now: float) -> None:
-        customer.history.append(
-            HistoryItem(
-                contact_id=contact.id,
-                channel=contact.channel,
-                source=contact.event.source,
-                at=now,
-                subject=contact.event.subject,
-                queue=contact.queue,
-            )
-        )
-        limit = max(self._defaults.history_length, 1)
-        if len(customer.history) > limit:
-            del customer.history[: len(customer.history) - limit]
-
-    def _update_history(self, contact: ContactRec, **changes: Any) -> None:
-        customer = self._state.customers.get(contact.customer_id)
-        if customer is None:
-            return
-        for item in reversed(customer.history):
-            if item.contact_id == contact.id:
-                for name, value in changes.items():
-                    setattr(item, name, value)
-                return
+        return self._view(self._state.customers[contact.customer_id])
 
     def _finish(self, contact: ContactRec, outcome: str, now: float) -> None:
         st = self._state
         assert contact.state in FINAL_CONTACT_STATES
         st.contacts.pop(contact.id, None)
         if outcome != "done":
-            self._update_history(contact, outcome=outcome)
-        customer = st.customers.get(contact.customer_id)
-        if customer is not None:
-            customer.open -= 1
-            if not customer.keys:
-                del st.customers[customer.id]
+            self._customers.update_history(contact, outcome=outcome)
+        self._customers.closed(contact)
         st.finished.pop(contact.id, None)  # a reopened contact moves to the newest end
         st.finished[contact.id] = [
             contact.state,
@@ -1504,33 +1250,5 @@ class Engine:
         return EventCmd(type=kind, data=data)
 
 
-def _normalise_key(raw: str) -> str | None:
-    """``phone:030 123456`` -> ``phone:+4930123456`` and so on; None for an unknown kind."""
-    kind, _, value = raw.partition(":")
-    if not value.strip():
-        return None
-    if kind == "phone":
-        return phone_key(value)
-    if kind == "email":
-        return email_key(value)
-    if kind == "handle":
-        return handle_key(value)
-    return None
-
-
 def _has_skills(have: dict[str, int], need: dict[str, int]) -> bool:
     return all(have.get(skill, 0) >= level for skill, level in need.items())
-
-
-def _history(customer: CustomerRec, current: str) -> list[dict[str, Any]]:
-    """The customer's other contacts, most recent first, as plain dicts for the offer.
-
-    Only the latest entry with the current contact's id is the contact itself; earlier ones
-    are the same conversation's completed rounds (a chat reopened days later) and are history.
-    """
-    items = list(reversed(customer.history))
-    for i, item in enumerate(items):
-        if item.contact_id == current:
-            del items[i]
-            break
-    return [msgspec.structs.asdict(item) for item in items]

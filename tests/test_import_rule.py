@@ -24,7 +24,15 @@ IO_LIBRARIES = {
     "subprocess",
 }
 # The engine and its data: time comes in as an argument, and a replay must be deterministic.
-ENGINE_MODULES = ["engine.py", "lifecycle.py", "state.py", "messages.py", "model.py"]
+ENGINE_MODULES = [
+    "engine.py",
+    "lifecycle.py",
+    "state.py",
+    "messages.py",
+    "model.py",
+    "customers.py",
+    "experts.py",
+]
 NOT_IN_ENGINE = IO_LIBRARIES | {"time", "random", "datetime", "uuid", "os"}
 EDGE = {"daemon", "loadgen.py"}
 
