@@ -76,6 +76,7 @@ from router.state import (
     ContactRec,
     CustomerRec,
     EngineState,
+    ExpertRec,
     OfferRec,
     QueueCounters,
 )
@@ -382,7 +383,8 @@ class Engine:
 
     def _on_contact_event(self, event: ContactEvent, now: float, out: list[Command]) -> None:
         contact = self._state.contacts.get(event.contact_id)
-        expert = self._experts.find(self.table.identity_keys(event))
+        keys = self.table.identity_keys(event)
+        expert = self._experts.find(keys)
         if expert is not None:
             expert.last_seen = now
             if (
@@ -401,16 +403,16 @@ class Engine:
                 if contact is None:
                     return  # an expert's reply in a thread we are not handling: not a question
         if contact is None:
-            if event.kind == "end" or not self._reopens(event):
+            if event.kind == "end" or not self._reopens(event, keys):
                 # The end of something never routed, or a late event of a finished contact.
                 return
-            self._on_new(event, now, out)
+            self._on_new(event, keys, now, out)
         elif event.kind == "end":
             self._on_end(contact, event.end_reason or "ended", now, out)
         else:
-            self._on_update(contact, event, now, out)
+            self._on_update(contact, event, keys, now, out)
 
-    def _reopens(self, event: ContactEvent) -> bool:
+    def _reopens(self, event: ContactEvent, keys: tuple[str, ...]) -> bool:
         """Does an event about a finished contact start it again?
 
         Chat conversations (a WhatsApp number, a Messenger user) and mail threads keep their id
@@ -423,12 +425,12 @@ class Engine:
             return True
         if event.channel == "phone":
             return False
-        keys = self.table.identity_keys(event)
         return bool(keys) and any(self._state.keys.get(k) == done[3] for k in keys)
 
-    def _on_new(self, event: ContactEvent, now: float, out: list[Command]) -> None:
+    def _on_new(
+        self, event: ContactEvent, keys: tuple[str, ...], now: float, out: list[Command]
+    ) -> None:
         st = self._state
-        keys = self.table.identity_keys(event)
         customer = self._customers.resolve(
             event.contact_id,
             keys,
@@ -439,7 +441,7 @@ class Engine:
         expert = self._experts.find(customer.keys)
         if expert is not None:
             expert.contacts += 1
-        view = self._view(customer)
+        view = self._view(customer, expert)
         decision = self.table.decide(event, view, now)
         arrived = now
         st.seq += 1
@@ -478,12 +480,16 @@ class Engine:
         self._enter_queue(contact, contact.queue, now, out, first=True)
 
     def _on_update(
-        self, contact: ContactRec, event: ContactEvent, now: float, out: list[Command]
+        self,
+        contact: ContactRec,
+        event: ContactEvent,
+        keys: tuple[str, ...],
+        now: float,
+        out: list[Command],
     ) -> None:
         if not contact.crowd or contact.state not in ("crowd_window", "queued", "offered"):
             return
         asker = set(self._state.customers[contact.customer_id].keys)
-        keys = self.table.identity_keys(event)
         if not keys or asker.intersection(keys):
             return  # the asker writing again: still the same contact
         if event.attributes.get("staff") == "true":
@@ -510,7 +516,7 @@ class Engine:
 
     def _on_end(self, contact: ContactRec, reason: str, now: float, out: list[Command]) -> None:
         state = contact.state
-        if state in ("assigned",):
+        if state == "assigned":
             agent = self._state.agents[contact.agent_id or ""]
             self._complete(agent, contact, f"ended:{reason}", now, out)
             return
@@ -1202,8 +1208,7 @@ class Engine:
             self._push_contact(contact)
             self._dispatch_contact(contact, now, out)
 
-    def _view(self, customer: CustomerRec) -> CustomerView:
-        expert = self._experts.find(customer.keys)
+    def _view(self, customer: CustomerRec, expert: ExpertRec | None) -> CustomerView:
         return CustomerView(
             id=customer.id,
             known=bool(customer.history) or expert is not None,
@@ -1214,7 +1219,8 @@ class Engine:
         )
 
     def _customer_view(self, contact: ContactRec) -> CustomerView:
-        return self._view(self._state.customers[contact.customer_id])
+        customer = self._state.customers[contact.customer_id]
+        return self._view(customer, self._experts.find(customer.keys))
 
     def _finish(self, contact: ContactRec, outcome: str, now: float) -> None:
         st = self._state
