@@ -15,6 +15,15 @@ Routes (DESIGN.md section 5):
   through the read-only :class:`RouterView`; 503 ``not_routing`` on a standby.
 - ``POST /v1/rules/reload`` — needs ``Authorization: Bearer <admin_token>``; a routing file that
   fails validation is refused with its problems (422) and the running rules stay.
+- The crowd (docs/crowd.md): ``GET /v1/experts`` (the experts report; 503 on a standby),
+  ``PUT /v1/experts/{id}`` (an expert as JSON: ``name``, ``level``, ``skills``, ``phones``,
+  ``emails``, ``handles``; the id comes from the path), ``DELETE /v1/experts/{id}``,
+  ``POST /v1/customers/link`` (``{"keys": ["phone:+49...", "email:..."]}``) and
+  ``GET /v1/customers/{ref}`` (a customer id or an identity key, URL-encoded). Changes need the
+  bearer token and are journaled like every other input (``202`` once in the journal; the
+  router applies them in order, so they survive restarts and replays). The customer read needs
+  the token as well: it is personal data (keys, contact history). The experts report is as
+  public as ``/v1/queues``.
 
 Every error answer is JSON ``{"error": slug, "detail": sentence}``.
 """
@@ -25,7 +34,7 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 import structlog
@@ -35,6 +44,9 @@ from router.daemon.config import Settings, parse_addr
 from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
 from router.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
+from router.messages import AdminCommand, LinkKeys, RemoveExpert, UpsertExpert
+from rules.identity import normalize_handle
+from rules.schema import Expert
 
 log = structlog.get_logger("stellwerk.http")
 
@@ -59,6 +71,57 @@ class RouterView(Protocol):
     def contact_info(self, contact_id: str) -> dict[str, Any] | None:
         """One contact's state, or None when the engine does not know it."""
         ...
+
+
+class CrowdView(Protocol):
+    """The crowd read views of the engine (``Engine`` has them; optional on a RouterView)."""
+
+    def experts_report(self, now: float) -> dict[str, Any]:
+        """``{"summary": {...}, "experts": [...]}``."""
+        ...
+
+    def customer_info(self, ref: str) -> dict[str, Any] | None:
+        """One customer by id or identity key, or None."""
+        ...
+
+
+class ExpertBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The body of ``PUT /v1/experts/{id}``: an expert without its id (the path has it)."""
+
+    name: str = ""
+    level: Annotated[int, msgspec.Meta(ge=1, le=9)] = 1
+    skills: tuple[str, ...] = ()
+    phones: tuple[str, ...] = ()
+    emails: tuple[str, ...] = ()
+    handles: tuple[str, ...] = ()
+
+
+class LinkBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The body of ``POST /v1/customers/link``."""
+
+    keys: tuple[str, ...]
+
+
+_EXPERT_BODY = msgspec.json.Decoder(ExpertBody)
+_LINK_BODY = msgspec.json.Decoder(LinkBody)
+_KEY_KINDS = ("phone", "email", "handle")
+MAX_EXPERT_ID = 200
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` is not an identity key the engine can link, or None when it is one."""
+    kind, sep, value = key.partition(":")
+    if not sep or kind not in _KEY_KINDS:
+        return f"{key!r}: an identity key is phone:..., email:... or handle:source:user"
+    if not value.strip():
+        return f"{key!r}: the {kind} is empty"
+    if kind == "phone" and sum(c.isdigit() for c in value) < 3:
+        return f"{key!r}: not a phone number"
+    if kind == "email" and "@" not in value:
+        return f"{key!r}: not an e-mail address"
+    if kind == "handle" and normalize_handle(value) is None:
+        return f"{key!r}: a handle is source:user, e.g. handle:discourse:alice"
+    return None
 
 
 ReloadFn = Callable[[], Awaitable[list[str]]]
@@ -199,6 +262,97 @@ class _Handlers:
         log.info("rules_reloaded", via="http")
         return _reply(200, {"reloaded": True})
 
+    # ---- the crowd: experts and customers ------------------------------------------------------
+
+    def _crowd(self) -> CrowdView | web.Response:
+        view = self.state.view
+        if view is None:
+            return _error(503, "not_routing", "this daemon does not hold the routing lease")
+        if not hasattr(view, "experts_report") or not hasattr(view, "customer_info"):
+            return _error(501, "not_supported", "this router has no crowd views")
+        return view  # type: ignore[return-value]
+
+    async def experts(self, request: web.Request) -> web.Response:
+        view = self._crowd()
+        if isinstance(view, web.Response):
+            return view
+        return _reply(200, view.experts_report(time.time()))
+
+    async def put_expert(self, request: web.Request) -> web.Response:
+        denied = self._authorise(request)
+        if denied is not None:
+            return denied
+        expert_id = request.match_info["expert_id"].strip()
+        if not expert_id or len(expert_id) > MAX_EXPERT_ID:
+            return _error(400, "bad_expert", f"an expert id is 1 to {MAX_EXPERT_ID} characters")
+        try:
+            body = _EXPERT_BODY.decode(await request.read())
+        except msgspec.DecodeError as exc:
+            return _error(400, "bad_expert", str(exc))
+        problems = [key_problem(f"handle:{h}") for h in body.handles]
+        problems += [key_problem(f"email:{e}") for e in body.emails]
+        problems += [key_problem(f"phone:{p}") for p in body.phones]
+        found = [p for p in problems if p is not None]
+        if found:
+            return _error(400, "bad_expert", "; ".join(found))
+        expert = Expert(id=expert_id, **msgspec.structs.asdict(body))
+        return await self._journal_admin(UpsertExpert(expert=expert), expert_id=expert_id)
+
+    async def delete_expert(self, request: web.Request) -> web.Response:
+        denied = self._authorise(request)
+        if denied is not None:
+            return denied
+        expert_id = request.match_info["expert_id"]
+        view = self.state.view
+        # The router would refuse it too (admin.refused), but the caller deserves to know now.
+        if view is not None and hasattr(view, "experts_report"):
+            report = view.experts_report(time.time())
+            if not any(row.get("id") == expert_id for row in report.get("experts", ())):
+                return _error(404, "unknown_expert", f"no expert {expert_id!r}")
+        return await self._journal_admin(RemoveExpert(expert_id=expert_id), expert_id=expert_id)
+
+    async def link_customers(self, request: web.Request) -> web.Response:
+        denied = self._authorise(request)
+        if denied is not None:
+            return denied
+        try:
+            body = _LINK_BODY.decode(await request.read())
+        except msgspec.DecodeError as exc:
+            return _error(400, "bad_link", f'expected {{"keys": ["phone:...", ...]}}: {exc}')
+        if len(body.keys) < 2:
+            return _error(400, "bad_link", "linking needs at least two identity keys")
+        found = [p for key in body.keys if (p := key_problem(key)) is not None]
+        if found:
+            return _error(400, "bad_identity_key", "; ".join(found))
+        return await self._journal_admin(LinkKeys(keys=body.keys), keys=list(body.keys))
+
+    async def customer(self, request: web.Request) -> web.Response:
+        denied = self._authorise(request)
+        if denied is not None:
+            return denied
+        view = self._crowd()
+        if isinstance(view, web.Response):
+            return view
+        ref = request.match_info["ref"]
+        info = view.customer_info(ref)
+        if info is None:
+            return _error(404, "unknown_customer", f"no customer {ref!r}")
+        return _reply(200, info)
+
+    async def _journal_admin(self, cmd: AdminCommand, **about: Any) -> web.Response:
+        try:
+            entry_id = await self.intake.accept_admin(cmd)
+        except JournalUnavailable as exc:
+            return _error(
+                503,
+                "journal_unavailable",
+                str(exc) or "the journal is unreachable; retry",
+                {"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        op = msgspec.to_builtins(cmd)["op"]
+        log.info("admin.accepted", op=op, journal_id=entry_id, **about)
+        return _reply(202, {"accepted": True, "op": op, "journal_id": entry_id, **about})
+
     def _authorise(self, request: web.Request) -> web.Response | None:
         if not self.admin_token:
             return _error(403, "admin_disabled", "no admin_token is configured")
@@ -250,6 +404,11 @@ def make_app(
             web.get("/v1/agents", h.agents),
             web.get("/v1/contacts/{contact_id}", h.contact),
             web.post("/v1/rules/reload", h.reload),
+            web.get("/v1/experts", h.experts),
+            web.put("/v1/experts/{expert_id}", h.put_expert),
+            web.delete("/v1/experts/{expert_id}", h.delete_expert),
+            web.post("/v1/customers/link", h.link_customers),
+            web.get("/v1/customers/{ref}", h.customer),
         ]
     )
     return app

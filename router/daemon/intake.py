@@ -9,7 +9,8 @@ propagates: Redis is down, nothing was kept, the transport must NOT acknowledge 
 SMTP 451, no PUBACK).
 
 Agent commands from MQTT take the same route (:meth:`Intake.accept_agent_command`), so the
-router replays them like everything else; the agent id always comes from the topic.
+router replays them like everything else; the agent id always comes from the topic. Admin
+API changes (experts, identity links; :meth:`Intake.accept_admin`) are journaled too.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import msgspec
 import structlog
 
 from channels.base import DecodeConfig, Rejected
-from router.daemon.journal import AgentEntry, ContactEntry, Journal, JournalEntry
+from router.daemon.journal import AdminEntry, AgentEntry, ContactEntry, Journal, JournalEntry
 from router.daemon.metrics import Metrics
-from router.messages import AGENT_COMMAND_DECODER
+from router.messages import AGENT_COMMAND_DECODER, AdminCommand
 from router.model import ContactEvent
 
 log = structlog.get_logger("stellwerk.intake")
@@ -156,6 +157,13 @@ class Intake:
             entries.append(AgentEntry(cmd=msgspec.structs.replace(cmd, agent_id=agent_id), at=at))
         ids = iter(await self.journal.append_many(entries))
         return [r or IntakeResult(accepted=1, ids=(next(ids),)) for r in results]
+
+    async def accept_admin(self, cmd: AdminCommand) -> str:
+        """Journal one admin command (already validated by the HTTP API); its journal id.
+
+        Raises JournalUnavailable like every other intake path: the API then answers 503.
+        """
+        return await self.journal.append(AdminEntry(cmd=cmd, at=self._clock()))
 
     async def _reject(
         self, source: str, reason: str, detail: str, body: bytes, headers: Mapping[str, str]

@@ -28,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
-from router.messages import AgentCommand
+from router.messages import AdminCommand, AgentCommand
 from router.model import ContactEvent
 
 DEADLETTER_MAXLEN = 100_000
@@ -52,13 +52,24 @@ class AgentEntry(msgspec.Struct, frozen=True, kw_only=True, tag="agent", tag_fie
     at: float
 
 
+class AdminEntry(msgspec.Struct, frozen=True, kw_only=True, tag="admin", tag_field="t"):
+    """An admin API change (link identity keys, add/change/remove a crowd expert).
+
+    Journaled like everything else so that customers and experts are rebuilt by replay and
+    kept in the snapshot: the journal and snapshot in Redis are where they are stored.
+    """
+
+    cmd: AdminCommand
+    at: float
+
+
 class TickEntry(msgspec.Struct, frozen=True, kw_only=True, tag="tick", tag_field="t"):
     """Time passed: the router appends one when the engine's next deadline is due."""
 
     at: float
 
 
-JournalEntry = ContactEntry | AgentEntry | TickEntry
+JournalEntry = ContactEntry | AgentEntry | AdminEntry | TickEntry
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER: msgspec.json.Decoder[JournalEntry] = msgspec.json.Decoder(JournalEntry)

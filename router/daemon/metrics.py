@@ -62,6 +62,7 @@ DECISION_BUCKETS = (
     0.25,
 )
 AGENT_STATES = ("offline", "available", "away", "wrap_up", "not_responding")
+EXPERT_ACTIVITY = ("active_day", "active_week", "inactive", "never_seen")
 UNKNOWN = "unknown"
 
 
@@ -190,6 +191,45 @@ class Metrics:
             "Wait of crowd experts' contacts until answered or abandoned.",
             ["channel", "outcome"],
             buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        # ---- the crowd: backstop outcomes, answers, the experts' activity ----
+        self.crowd_outcomes = Counter(
+            "stellwerk_crowd_outcomes",
+            "How crowd-first (community) contacts ended: answered_by_crowd, assigned (an agent "
+            "took it after the crowd window) or abandoned (the asker closed or deleted it).",
+            ["channel", "source", "outcome"],
+            registry=r,
+        )
+        self.crowd_answers = Counter(
+            "stellwerk_crowd_answers",
+            "Crowd-first contacts answered by the crowd, by who answered: a registered expert "
+            "or another community member.",
+            ["by"],
+            registry=r,
+        )
+        self.expert_answers = Counter(
+            "stellwerk_expert_answers",
+            "Answers by registered experts in community threads not their own (also in threads "
+            "the router never routed).",
+            registry=r,
+        )
+        self.experts = Gauge(
+            "stellwerk_experts",
+            "Registered crowd experts by activity: active_day, active_week (but not the last "
+            "day), inactive (longer) and never_seen (from the experts report).",
+            ["activity"],
+            registry=r,
+        )
+        self.experts_never_answered = Gauge(
+            "stellwerk_experts_never_answered",
+            "Registered crowd experts who never answered a community question.",
+            registry=r,
+        )
+        self.admin_commands_refused = Counter(
+            "stellwerk_admin_commands_refused",
+            "Admin API commands the engine refused (unknown_expert, bad_identity_key).",
+            ["reason"],
             registry=r,
         )
         # ---- queues (gauges, refreshed from engine.queue_stats) ----
@@ -348,7 +388,12 @@ class Metrics:
             elif isinstance(cmd, CancelOfferCmd):
                 self.offers_cancelled.labels(cmd.reason or UNKNOWN).inc()
             elif isinstance(cmd, RefusedCmd):
-                self.agent_commands_refused.labels(cmd.reason or UNKNOWN).inc()
+                refused = (
+                    self.admin_commands_refused
+                    if cmd.agent_id is None
+                    else self.agent_commands_refused
+                )
+                refused.labels(cmd.reason or UNKNOWN).inc()
 
     def _observe_event(self, kind: str, data: Mapping[str, Any]) -> None:
         queue, channel = _label(data, "queue"), _label(data, "channel")
@@ -363,9 +408,13 @@ class Metrics:
             self.contacts_assigned.labels(queue, channel).inc()
             self.offers.labels("accepted").inc()
             self._observe_wait(data, queue, channel, "assigned")
+            if data.get("crowd") is True:
+                self.crowd_outcomes.labels(channel, source, "assigned").inc()
         elif kind == "contact.abandoned":
             self.contacts_abandoned.labels(queue, channel, source).inc()
             self._observe_wait(data, queue, channel, "abandoned")
+            if data.get("crowd") is True:
+                self.crowd_outcomes.labels(channel, source, "abandoned").inc()
         elif kind == "contact.completed":
             self.contacts_completed.labels(queue).inc()
             handled = _seconds(data, "handled")
@@ -373,6 +422,10 @@ class Metrics:
                 self.handle_seconds.labels(queue).observe(handled)
         elif kind == "contact.answered_by_crowd":
             self.contacts_answered_by_crowd.labels(queue, channel, source).inc()
+            self.crowd_outcomes.labels(channel, source, "answered_by_crowd").inc()
+            self.crowd_answers.labels("expert" if data.get("by_expert") else "member").inc()
+        elif kind == "expert.answered":
+            self.expert_answers.inc()
         elif kind == "contact.rejected":
             self.contacts_rejected.labels(_label(data, "reason")).inc()
         elif kind == "contact.crowd_window":
@@ -436,6 +489,13 @@ class Metrics:
         for state, count in by_state.items():
             self.agents.labels(state).set(count)
         self.agents_busy.set(busy)
+        # Optional in the protocol: views without a crowd (test doubles) leave the gauges alone.
+        report = getattr(engine, "experts_report", None)
+        if report is not None:
+            summary = report(now).get("summary", {})
+            for activity in EXPERT_ACTIVITY:
+                self.experts.labels(activity).set(_number(summary, activity))
+            self.experts_never_answered.set(_number(summary, "never_answered"))
 
     @staticmethod
     def _remove(gauge: Gauge, label: str) -> None:

@@ -112,7 +112,9 @@ def command_messages(cmd: Command, prefix: str) -> list[Message]:
         )
         body: dict[str, Any] = {"type": kind, **msgspec.structs.asdict(cmd)}
         if cmd.agent_id is None:
-            return [(f"{prefix}/events/agent.refused", _ENCODE(body))]
+            # An admin command the engine refused (unknown expert, bad identity key): there is
+            # no agent to tell, and agents' topics must not carry it.
+            return [(f"{prefix}/events/admin.refused", _ENCODE(body))]
         return [(f"{prefix}/agents/{cmd.agent_id}/offers", _ENCODE(body))]
     if isinstance(cmd, EventCmd):
         return [(f"{prefix}/events/{cmd.type}", _ENCODE({"type": cmd.type, **cmd.data}))]

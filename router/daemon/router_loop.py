@@ -29,6 +29,7 @@ import structlog
 
 from router.daemon.http import AppState
 from router.daemon.journal import (
+    AdminEntry,
     AgentEntry,
     ContactEntry,
     Journal,
@@ -60,6 +61,10 @@ _DECISIONS = frozenset(
         "contact.escalated",
         "contact.answered_by_crowd",
         "agent.state",
+        "expert.answered",
+        "expert.updated",
+        "expert.removed",
+        "customer.linked",
     }
 )
 _LOG_FIELDS = (
@@ -70,6 +75,8 @@ _LOG_FIELDS = (
     "rule",
     "priority",
     "expert",
+    "expert_id",
+    "by_expert",
     "agent_id",
     "offer_id",
     "waited",
@@ -425,7 +432,7 @@ class Router:
 def _engine_input(entry: JournalEntry) -> Any:
     if isinstance(entry, ContactEntry):
         return entry.event
-    if isinstance(entry, AgentEntry):
+    if isinstance(entry, AgentEntry | AdminEntry):
         return entry.cmd
     return Tick()
 
@@ -445,4 +452,9 @@ def _log_command(cmd: Command) -> None:
         else:
             log.debug(cmd.type, **fields)
     elif isinstance(cmd, RefusedCmd):
-        log.warning("agent.refused", agent_id=cmd.agent_id, reason=cmd.reason, detail=cmd.detail)
+        if cmd.agent_id is None:
+            log.warning("admin.refused", reason=cmd.reason, detail=cmd.detail)
+        else:
+            log.warning(
+                "agent.refused", agent_id=cmd.agent_id, reason=cmd.reason, detail=cmd.detail
+            )

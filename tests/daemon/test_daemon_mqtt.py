@@ -132,9 +132,10 @@ def test_commands_become_messages_on_the_right_topics() -> None:
     ((topic, body),) = command_messages(RefusedCmd(agent_id="bert", reason="not_your_offer"), "p")
     assert topic == "p/agents/bert/offers"
     assert json.loads(body)["reason"] == "not_your_offer"
-    # A refusal with nobody to tell goes to the event stream, not into the void.
-    ((topic, _),) = command_messages(RefusedCmd(agent_id=None, reason="x"), "p")
-    assert topic == "p/events/agent.refused"
+    # An admin refusal (no agent) goes to the event stream, never to an agent's topic.
+    ((topic, body),) = command_messages(RefusedCmd(agent_id=None, reason="unknown_expert"), "p")
+    assert topic == "p/events/admin.refused"
+    assert json.loads(body)["reason"] == "unknown_expert"
 
 
 async def test_a_retained_ingress_message_is_not_journaled_again_on_every_subscribe(

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.daemon.journal import (
+    AdminEntry,
     AgentEntry,
     ContactEntry,
     Journal,
@@ -27,9 +28,20 @@ from router.daemon.journal import (
 from router.daemon.lease import Lease
 from router.daemon.router_loop import Router, RouterOptions
 from router.engine import Engine
-from router.messages import Accept, Complete, Login, Logout, Reject, Tick
+from router.messages import (
+    Accept,
+    Complete,
+    LinkKeys,
+    Login,
+    Logout,
+    Reject,
+    RemoveExpert,
+    Tick,
+    UpsertExpert,
+)
 from router.model import ContactEvent, Sender
 from rules.load import load_routing
+from rules.schema import Expert
 from tests.daemon.conftest import REDIS_URL, write_routing
 
 pytestmark = pytest.mark.integration
@@ -65,6 +77,11 @@ step = st.one_of(
     st.tuples(st.just("reject"), st.sampled_from(AGENTS), st.integers(1, 12)),
     st.tuples(st.just("complete"), st.sampled_from(AGENTS), st.integers(0, 5)),
     st.tuples(st.just("tick"), st.none(), st.none()),
+    # Admin changes (journaled by the HTTP API): callers become experts, stop being one, and
+    # two callers turn out to be one customer.
+    st.tuples(st.just("upsert"), st.integers(0, 5), st.integers(1, 3)),
+    st.tuples(st.just("remove"), st.integers(0, 5), st.none()),
+    st.tuples(st.just("link"), st.integers(0, 5), st.integers(0, 5)),
 )
 
 
@@ -85,6 +102,14 @@ def entries_of(steps: list[tuple[Any, Any, Any]], gaps: list[float]) -> list[Jou
             out.append(AgentEntry(cmd=Reject(agent_id=a, offer_id=f"o{b}"), at=at))
         elif kind == "complete":
             out.append(AgentEntry(cmd=Complete(agent_id=a, contact_id=f"asterisk-ari:{b}"), at=at))
+        elif kind == "upsert":
+            expert = Expert(id=f"x{a}", level=b, phones=(f"+49301111{a:02d}",))
+            out.append(AdminEntry(cmd=UpsertExpert(expert=expert), at=at))
+        elif kind == "remove":
+            out.append(AdminEntry(cmd=RemoveExpert(expert_id=f"x{a}"), at=at))
+        elif kind == "link":
+            keys = (f"phone:+49301111{a:02d}", f"phone:+49301111{b:02d}")
+            out.append(AdminEntry(cmd=LinkKeys(keys=keys), at=at))
         else:
             out.append(TickEntry(at=at))
     return out
@@ -98,7 +123,7 @@ def apply_directly(engine: Engine, entries: list[JournalEntry]) -> float:
             entry.event
             if isinstance(entry, ContactEntry)
             else entry.cmd
-            if isinstance(entry, AgentEntry)
+            if isinstance(entry, AgentEntry | AdminEntry)
             else Tick()
         )
         engine.handle(msg, now)

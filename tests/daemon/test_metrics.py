@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import given
@@ -25,6 +26,7 @@ from router.messages import (
     Login,
     OfferCmd,
     RefusedCmd,
+    Tick,
 )
 from router.model import ContactEvent, Sender
 from rules.load import parse_routing
@@ -444,3 +446,71 @@ def test_alert_rules_pass_promtool() -> None:
         timeout=30,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+CROWD_ROUTING = """
+version: 1
+defaults: {offer_timeout: 10, wrap_up: 0}
+skills: [community]
+queues:
+  community_desk: {skills: {community: 1}, channels: [social]}
+agents:
+  - {id: a1, skills: {community: 3}, capacity: {social: 5}}
+experts:
+  - {id: x-champ, handles: ["discourse:champ"]}
+  - {id: x-quiet, handles: ["discourse:quiet"]}
+rules:
+  - {name: crowd, when: channel == "social", queue: community_desk, crowd_first: 60}
+  - {name: default, default: true, queue: community_desk}
+"""
+
+
+def post(topic: int, user: str, kind: Any = "update") -> ContactEvent:
+    return ContactEvent(
+        kind=kind,
+        contact_id=f"discourse:{topic}",
+        channel="social",
+        source="discourse",
+        external_id=str(topic),
+        sender=Sender(handle=f"discourse:{user}"),
+    )
+
+
+def test_crowd_outcomes_answers_and_expert_activity_are_exported() -> None:
+    engine = Engine(parse_routing(CROWD_ROUTING, "crowd.yaml"))
+    metrics = Metrics()
+    t = 1_000_000.0
+
+    def feed(message: Any, now: float) -> list[Command]:
+        cmds = engine.handle(message, now)
+        metrics.observe_commands(cmds)
+        return cmds
+
+    feed(Login(agent_id="a1"), t)
+    feed(post(1, "asker1", "new"), t)  # answered by the champion
+    feed(post(1, "champ"), t + 5)
+    feed(post(2, "asker2", "new"), t)  # answered by another member
+    feed(post(2, "neighbour"), t + 7)
+    feed(post(3, "asker3", "new"), t)  # nobody answers: an agent takes it after the window
+    cmds = feed(Tick(), t + 61)
+    (offer_cmd,) = [c for c in cmds if isinstance(c, OfferCmd)]
+    feed(Accept(agent_id="a1", offer_id=offer_cmd.offer_id), t + 62)
+    feed(post(4, "asker4", "new"), t)  # the asker deletes it during the window
+    feed(msgspec.structs.replace(post(4, "asker4"), kind="end"), t + 3)
+    metrics.refresh(engine, t + 100)
+    outcome = "stellwerk_crowd_outcomes_total"
+    assert sample(metrics, outcome, outcome="answered_by_crowd", source="discourse") == 2.0
+    assert sample(metrics, outcome, outcome="assigned", channel="social") == 1.0
+    assert sample(metrics, outcome, outcome="abandoned", channel="social") == 1.0
+    assert sample(metrics, "stellwerk_crowd_answers_total", by="expert") == 1.0
+    assert sample(metrics, "stellwerk_crowd_answers_total", by="member") == 1.0
+    assert sample(metrics, "stellwerk_expert_answers_total") == 1.0
+    # The champion was active a moment ago; the other expert was never seen.
+    assert sample(metrics, "stellwerk_experts", activity="active_day") == 1.0
+    assert sample(metrics, "stellwerk_experts", activity="never_seen") == 1.0
+    assert sample(metrics, "stellwerk_experts", activity="inactive") == 0.0
+    assert sample(metrics, "stellwerk_experts_never_answered") == 1.0
+    # An admin refusal is not an agent's refused command.
+    metrics.observe_commands([RefusedCmd(agent_id=None, reason="unknown_expert")])
+    assert sample(metrics, "stellwerk_admin_commands_refused_total", reason="unknown_expert")
+    assert sample(metrics, "stellwerk_agent_commands_refused_total") is None
