@@ -1,4 +1,4 @@
-"""How fast ``RoutingTable.decide`` is: ``.venv/bin/python tests/rules/bench_decide.py``.
+"""How fast ``RoutingTable.decide`` is: ``.venv/bin/python benchmarks/decide.py``.
 
 Two tables: the example ``config/routing.yaml`` and a synthetic one with 1,000 rules (hotline
 numbers, mailboxes, keyword rules per channel, time-of-day rules, expert rules), each fed a mix
@@ -19,7 +19,7 @@ from rules.decision import CustomerView
 from rules.load import load_routing, parse_routing
 from rules.table import RoutingTable
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["rechnung", "router", "vertrag", "sim", "tv", "störung", "hallo", "danke", "iban"]
 SOURCES = {
     "phone": ["asterisk-ari", "twilio-voice"],
