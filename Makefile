@@ -40,6 +40,7 @@ test: $(STAMP) services lint types unit
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/hot_path.py
+	$(BIN)/python benchmarks/decide.py
 	$(BIN)/python benchmarks/decode.py
 
 clean:
