@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo simulate test lint types unit services bench clean
+.PHONY: demo simulate crowd-example test lint types unit services bench clean
 
 # Debian ships venv separately (python3-venv); install it when missing and we are root.
 $(STAMP): pyproject.toml
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 # The live demo: daemon on local Redis + Mosquitto, one minute of loadgen, the report.
 demo: $(STAMP)
 	./scripts/demo.sh
+
+# The crowd service live: a champion answers, an unanswered topic reaches the desk, the report.
+crowd-example: $(STAMP)
+	./scripts/crowd-example.sh
 
 # The same routing on virtual time: a simulated contact-centre day, per-queue report.
 simulate: $(STAMP)
