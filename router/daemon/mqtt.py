@@ -1,6 +1,6 @@
 """MQTT: ingress with acknowledgement after the journal write, and the publisher of commands.
 
-Ingress subscribes (QoS 1, persistent session, subscription ``$share/{group}/...``) to
+Ingress subscribes (QoS 1, persistent session; ``$share/{group}/...`` in shared mode) to
 ``{prefix}/in/{channel}/{source}`` (native payloads) and ``{prefix}/agents/{agent_id}/cmd``
 (agent commands). aiomqtt 2.5 has no manual-ack switch of its own, so we turn on paho-mqtt's
 (``manual_ack_set(True)`` on the wrapped client, before connecting) and send each PUBACK with
@@ -231,11 +231,13 @@ class Ingress:
         self.metrics = metrics
         self._on_status = on_status
         self.prefix = settings.topic_prefix
-        group = settings.mqtt.share_group
-        self.topics = (
-            f"$share/{group}/{self.prefix}/in/+/+",
-            f"$share/{group}/{self.prefix}/agents/+/cmd",
-        )
+        topics = (f"{self.prefix}/in/+/+", f"{self.prefix}/agents/+/cmd")
+        if settings.mqtt.ingress == "shared":
+            topics = tuple(f"$share/{settings.mqtt.share_group}/{t}" for t in topics)
+        # In leader mode one session consumes everything: a plain subscription, which the
+        # broker restores from its persistence after a restart ($share ones it does not), so
+        # calls published before the daemon reconnects wait in the session instead of vanishing.
+        self.topics = topics
         self._stopping = asyncio.Event()
         self.connected = False
 
