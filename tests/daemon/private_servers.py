@@ -100,11 +100,22 @@ class _Server:
         """SIGKILL: no chance to save anything beyond what is already on disk."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs; its connections stay open and nothing answers."""
+        assert self.proc is not None and self.proc.poll() is None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def _signal(self, sig: signal.Signals) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+            self.proc.send_signal(signal.SIGCONT)  # a paused server must see the SIGTERM
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
