@@ -231,13 +231,14 @@ class Ingress:
         self.metrics = metrics
         self._on_status = on_status
         self.prefix = settings.topic_prefix
-        topics = (f"{self.prefix}/in/+/+", f"{self.prefix}/agents/+/cmd")
-        if settings.mqtt.ingress == "shared":
-            topics = tuple(f"$share/{settings.mqtt.share_group}/{t}" for t in topics)
+        plain: tuple[str, ...] = (f"{self.prefix}/in/+/+", f"{self.prefix}/agents/+/cmd")
+        shared: tuple[str, ...] = tuple(f"$share/{settings.mqtt.share_group}/{t}" for t in plain)
         # In leader mode one session consumes everything: a plain subscription, which the
         # broker restores from its persistence after a restart ($share ones it does not), so
         # calls published before the daemon reconnects wait in the session instead of vanishing.
-        self.topics = topics
+        leader = settings.mqtt.ingress != "shared"
+        self.topics = plain if leader else shared
+        self._stale_topics = shared if leader else plain
         self._stopping = asyncio.Event()
         self.connected = False
 
@@ -257,6 +258,9 @@ class Ingress:
                 async with client:
                     for topic in self.topics:
                         await self._subscribe(client, topic)
+                    # The persistent session may still hold the other mode's subscriptions
+                    # (the ingress mode was changed): each message would arrive twice.
+                    await client.unsubscribe(list(self._stale_topics))
                     failures = 0
                     self._status(True)
                     log.info("mqtt.ingress.connected", client_id=identifier, topics=self.topics)

@@ -167,3 +167,43 @@ async def test_a_retained_ingress_message_is_not_journaled_again_on_every_subscr
         with contextlib.suppress(asyncio.CancelledError):
             await pub_task
         await drop_session(f"stw-{names.tag}")
+
+
+async def test_switching_the_ingress_mode_does_not_deliver_every_call_twice(
+    names: Names, journal: Journal, mqtt_probe: MqttProbe
+) -> None:
+    # A session left by a daemon in "shared" mode still holds the $share subscriptions when the
+    # daemon comes back in "leader" mode (or the other way round); unless they are dropped, a
+    # call matches both and is journaled twice.
+    shared = load_settings(
+        None,
+        env={
+            "STELLWERK_TOPIC_PREFIX": names.topic_prefix,
+            "STELLWERK_KEY_PREFIX": names.key_prefix,
+            "STELLWERK_MQTT_CLIENT_ID": f"stw-{names.tag}",
+            "STELLWERK_MQTT_SHARE_GROUP": f"g{names.tag}",
+            "STELLWERK_MQTT_INGRESS": "shared",
+        },
+    ).settings
+    leader = settings_for(names)
+    publisher = Publisher(leader)
+    pub_task = asyncio.create_task(publisher.run())
+    try:
+        before = Running(shared, journal, publisher)
+        await wait_until(lambda: before.ingress.connected, 5, "shared ingress connected")
+        await before.kill()
+        after = Running(leader, journal, publisher)
+        await wait_until(lambda: after.ingress.connected, 5, "leader ingress connected")
+        await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", "once"))
+        await wait_until(lambda: journal.read_after("0-0", None, 10), 5, "a journal entry")
+        await asyncio.sleep(0.3)  # time for a duplicate to arrive, if one would
+        rows = await journal.read_after("0-0", None, 10)
+        assert [e.event.contact_id for _, e in rows if isinstance(e, ContactEntry)] == [
+            "asterisk-ari:once"
+        ]
+        await after.kill()
+    finally:
+        pub_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pub_task
+        await drop_session(f"stw-{names.tag}")
