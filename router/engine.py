@@ -880,7 +880,9 @@ class Engine:
     ) -> tuple[OfferRec, ContactRec] | None:
         offer = self._state.offers.get(offer_id)
         if offer is None:
-            out.append(RefusedCmd(agent_id=agent.id, reason="unknown_offer", detail=offer_id))
+            if not any(self._state.contacts[c].accepted_offer == offer_id for c in agent.contacts):
+                out.append(RefusedCmd(agent_id=agent.id, reason="unknown_offer", detail=offer_id))
+            # else: the agent's own accept, delivered twice (MQTT QoS 1 is at least once)
             return None
         if offer.agent_id != agent.id:
             out.append(RefusedCmd(agent_id=agent.id, reason="not_your_offer", detail=offer_id))
@@ -899,6 +901,7 @@ class Engine:
         contact.state = contact_transition(contact.id, contact.state, "assigned")
         contact.offer_id = None
         contact.assigned_at = now
+        contact.accepted_offer = offer.id
         waited = now - contact.arrived_at
         counters = self._state.counters[contact.queue]
         counters.answered += 1
@@ -954,11 +957,20 @@ class Engine:
     def _on_complete(self, agent: AgentRec, msg: Complete, now: float, out: list[Command]) -> None:
         contact = self._state.contacts.get(msg.contact_id)
         if contact is None or contact.agent_id != agent.id or contact.state != "assigned":
+            if self._completed_by(msg.contact_id, agent.id):
+                return  # a repeated complete, or one after the caller hung up: already done
             out.append(
                 RefusedCmd(agent_id=agent.id, reason="not_your_contact", detail=msg.contact_id)
             )
             return
         self._complete(agent, contact, msg.outcome or "completed", now, out)
+
+    def _completed_by(self, contact_id: str, agent_id: str) -> bool:
+        contact = self._state.contacts.get(contact_id)
+        if contact is not None:
+            return contact.state == "wrap_up" and contact.agent_id == agent_id
+        done = self._state.finished.get(contact_id)
+        return done is not None and done[0] == "done" and done[2] == agent_id
 
     def _complete(
         self, agent: AgentRec, contact: ContactRec, outcome: str, now: float, out: list[Command]

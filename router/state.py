@@ -65,6 +65,8 @@ class ContactRec(msgspec.Struct, kw_only=True):
     token: int = 0
     offer_id: str | None = None
     agent_id: str | None = None
+    #: the offer the agent accepted (a repeated accept of it is not an error).
+    accepted_offer: str | None = None
     #: agent id -> time until which this contact is not offered to that agent again.
     excluded: dict[str, float] = msgspec.field(default_factory=dict)
     #: the crowd expert this contact comes from, if any.

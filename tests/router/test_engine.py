@@ -580,3 +580,18 @@ def test_outstanding_offers_repeat_the_offers_made() -> None:
     assert sorted(restored.outstanding_offers(), key=lambda o: o.offer_id) == sorted(
         made, key=lambda o: o.offer_id
     )
+
+
+def test_repeated_accept_and_complete_are_harmless_not_refused() -> None:
+    # MQTT QoS 1 delivers at least once, and a desktop completes a call the caller ended.
+    eng = one_queue()
+    login_all(eng, ["a1"])
+    (offer,) = offers(eng.handle(call("c"), 0.0))
+    eng.handle(Accept(agent_id="a1", offer_id=offer.offer_id), 1.0)
+    assert eng.handle(Accept(agent_id="a1", offer_id=offer.offer_id), 1.5) == []
+    eng.handle(call("c", kind="end", end_reason="hangup"), 30.0)
+    assert eng.handle(Complete(agent_id="a1", contact_id="generic:c"), 31.0) == []
+    # but another agent's complete of it is still refused
+    eng.handle(Login(agent_id="a2"), 32.0)
+    refused = eng.handle(Complete(agent_id="a2", contact_id="generic:c"), 33.0)
+    assert [c.reason for c in refused if isinstance(c, RefusedCmd)] == ["not_your_contact"]
