@@ -576,3 +576,49 @@ async def test_broker_killed_and_restarted_routing_resumes(
     await peer.wait_for("events/contact.offered", contact_id="asterisk-ari:k-2")
     assert set(peer.offers_by_contact()) == set(calls("k-1", "k-2"))
     assert daemon.alive and not daemon.events("daemon.crashed")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "router/daemon/mqtt.py Publisher.publish_many waits on publishes of a connection that "
+        "is gone: aiomqtt 2.5 does not fail pending QoS 1 publishes on disconnect, so each "
+        "waits for the client timeout (make_client timeout=10.0) before it is retried on the "
+        "new connection; the router awaits publish_many, so an offer in flight when the broker "
+        "died reaches the agent ~10 s after the broker is back and nothing is routed meanwhile"
+    ),
+)
+async def test_offers_in_flight_when_the_broker_dies_are_resent_as_soon_as_it_is_back(
+    redis_server: PrivateRedis,
+    broker: PrivateMosquitto,
+    peer: Peer,
+    start_daemon: Callable[..., Any],
+) -> None:
+    daemon = await start_daemon(redis_server, broker)
+    await login_all(peer)
+    # The broker is SIGKILLed below: give its autosave (every 1 s) time to write the peer's
+    # session, which it would otherwise forget (that loss would be the broker's, not ours).
+    await asyncio.sleep(1.5)
+    await peer.disconnect()
+
+    # The broker hangs, so the offer for a chat arriving now is sent but never acknowledged;
+    # then it dies (a watchdog restarts it) and is back at once.
+    broker.pause()
+    body, chat_id = chat("Paket nicht angekommen")
+    status, _, _ = await daemon.post("/v1/webhooks/rocketchat", body)
+    assert status == 202
+    await asyncio.sleep(0.3)
+    broker.kill()
+    broker.start()
+    back = time.monotonic()
+    await peer.connect()
+    await daemon.wait_readyz(5, ready=True)
+    await peer.publish(CALL_TOPIC, ari("StasisStart", "f-1"))
+
+    # The agent gets the offer, and routing goes on, within a few seconds of the broker's
+    # return (the daemon's first reconnect attempts come after at most 0.2 s, 0.4 s, ...).
+    await peer.wait_for("events/contact.offered", timeout=5.0, contact_id=chat_id)
+    await peer.wait_for("events/contact.queued", timeout=5.0, contact_id="asterisk-ari:f-1")
+    assert time.monotonic() - back < 5.0
+    assert chat_id in peer.offers_by_contact()
+    assert daemon.alive and not daemon.events("daemon.crashed")
