@@ -37,39 +37,9 @@ sed -e "s/crowd_first: 1800/crowd_first: $WINDOW/" \
 
 ./scripts/services.sh >/dev/null
 
-# A fresh run: forget the previous run's journal, snapshot and lease (only this prefix).
-"$BIN/python" - <<'EOF'
-import os, redis
-r = redis.Redis.from_url(os.environ.get("STELLWERK_REDIS_URL", "redis://127.0.0.1:6379/0"))
-keys = list(r.scan_iter(match=os.environ["STELLWERK_KEY_PREFIX"] + "*"))
-if keys:
-    r.delete(*keys)
-EOF
-
-"$BIN/stellwerk" run --config config/stellwerk.yaml >"$WORK/daemon.log" 2>&1 &
-DAEMON=$!
-stop_daemon() {
-  if kill -0 "$DAEMON" 2>/dev/null; then
-    kill -TERM "$DAEMON" 2>/dev/null || true
-    wait "$DAEMON" 2>/dev/null || true
-  fi
-}
-trap stop_daemon EXIT
-
-ready=""
-for _ in $(seq 100); do
-  if "$BIN/python" -c "import urllib.request; urllib.request.urlopen('http://$HTTP_ADDR/readyz', timeout=1)" 2>/dev/null; then
-    ready=1
-    break
-  fi
-  if ! kill -0 "$DAEMON" 2>/dev/null; then break; fi
-  sleep 0.2
-done
-if [ -z "$ready" ]; then
-  echo "crowd-example: the daemon did not become ready; its log ($WORK/daemon.log) ends with:" >&2
-  tail -n 20 "$WORK/daemon.log" >&2
-  exit 1
-fi
+source scripts/lib/daemon.sh
+wipe_key_prefix
+start_daemon crowd-example
 echo "crowd-example: daemon ready (pid $DAEMON), HTTP http://$HTTP_ADDR, crowd window ${WINDOW}s,"
 echo "               routing $STELLWERK_ROUTING, log $WORK/daemon.log"
 echo

@@ -29,39 +29,9 @@ export STELLWERK_SOURCES_SECRETS='{"discourse": "demo-discourse-secret", "whatsa
 
 ./scripts/services.sh
 
-# A fresh demo: forget the previous demo's journal, snapshot and lease (only the demo prefix).
-"$BIN/python" - <<'EOF'
-import os, redis
-r = redis.Redis.from_url(os.environ.get("STELLWERK_REDIS_URL", "redis://127.0.0.1:6379/0"))
-keys = list(r.scan_iter(match=os.environ["STELLWERK_KEY_PREFIX"] + "*"))
-if keys:
-    r.delete(*keys)
-EOF
-
-"$BIN/stellwerk" run --config config/stellwerk.yaml >"$WORK/daemon.log" 2>&1 &
-DAEMON=$!
-stop_daemon() {
-  if kill -0 "$DAEMON" 2>/dev/null; then
-    kill -TERM "$DAEMON" 2>/dev/null || true
-    wait "$DAEMON" 2>/dev/null || true
-  fi
-}
-trap stop_daemon EXIT
-
-ready=""
-for _ in $(seq 100); do
-  if "$BIN/python" -c "import urllib.request,sys; urllib.request.urlopen('http://$HTTP_ADDR/readyz', timeout=1)" 2>/dev/null; then
-    ready=1
-    break
-  fi
-  if ! kill -0 "$DAEMON" 2>/dev/null; then break; fi
-  sleep 0.2
-done
-if [ -z "$ready" ]; then
-  echo "demo: the daemon did not become ready; its log ($WORK/daemon.log) ends with:" >&2
-  tail -n 20 "$WORK/daemon.log" >&2
-  exit 1
-fi
+source scripts/lib/daemon.sh
+wipe_key_prefix
+start_daemon demo
 echo "demo: daemon ready (pid $DAEMON), HTTP http://$HTTP_ADDR, SMTP $SMTP_ADDR, log $WORK/daemon.log"
 echo "demo: loadgen for ${DURATION}s at ${RATE} contacts/s with the agents of config/routing.yaml"
 
