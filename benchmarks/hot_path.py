@@ -188,6 +188,7 @@ def run(
     cpu_ns = 0
     offered_at_once = 0
     gc.collect()
+    gc.freeze()  # as the daemon does once it has restored its state
     started = time.perf_counter()
     cpu_started = time.process_time()
     deadline = started + seconds if seconds is not None else None
