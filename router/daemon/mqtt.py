@@ -141,6 +141,8 @@ class Publisher:
         self.settings = settings
         self._client: aiomqtt.Client | None = None
         self._ready = asyncio.Event()
+        # Set when the current connection is gone (a new event per connection).
+        self._lost = asyncio.Event()
         self._on_status = on_status
         # Unique per daemon (several share one ingress client id in leader mode).
         ingress_id = settings.mqtt.identifier(settings.topic_prefix)
@@ -161,6 +163,7 @@ class Publisher:
                 async with client:
                     failures = 0
                     self._client = client
+                    self._lost = asyncio.Event()
                     self._ready.set()
                     self._status(True)
                     log.info("mqtt.publisher.connected", client_id=self._identifier)
@@ -172,6 +175,7 @@ class Publisher:
             finally:
                 self._ready.clear()
                 self._client = None
+                self._lost.set()
                 self._status(False)
             failures += 1
             await asyncio.sleep(delays.compute(failures))
@@ -187,12 +191,34 @@ class Publisher:
         failures = 0
         while pending:
             await self._ready.wait()
-            client = self._client
+            client, lost = self._client, self._lost
             if client is None:
                 continue
-            results = await asyncio.gather(
-                *(client.publish(t, p, qos=1) for t, p in pending), return_exceptions=True
+            batch: asyncio.Future[list[Any]] = asyncio.ensure_future(
+                asyncio.gather(
+                    *(client.publish(t, p, qos=1) for t, p in pending), return_exceptions=True
+                )
             )
+            watch: asyncio.Future[Any] = asyncio.ensure_future(lost.wait())
+            try:
+                await asyncio.wait((batch, watch), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watch.cancel()
+                cut_off = not batch.done()
+                if cut_off:
+                    # (A cancelled gather ends with CancelledError as its exception, not as
+                    # cancelled(): hence the flag.)
+                    batch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await batch
+            if cut_off:
+                # The connection dropped under these publishes. aiomqtt would let each one wait
+                # out its timeout (10 s, with routing stalled); send them all again on the next
+                # connection instead - desktops de-duplicate offers by offer_id.
+                failures += 1
+                log.warning("mqtt.publish.resend", pending=len(pending), attempt=failures)
+                continue
+            results = batch.result()
             failed = []
             for msg, res in zip(pending, results, strict=True):
                 if isinstance(res, BaseException):

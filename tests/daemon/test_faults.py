@@ -578,16 +578,6 @@ async def test_broker_killed_and_restarted_routing_resumes(
     assert daemon.alive and not daemon.events("daemon.crashed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "router/daemon/mqtt.py Publisher.publish_many waits on publishes of a connection that "
-        "is gone: aiomqtt 2.5 does not fail pending QoS 1 publishes on disconnect, so each "
-        "waits for the client timeout (make_client timeout=10.0) before it is retried on the "
-        "new connection; the router awaits publish_many, so an offer in flight when the broker "
-        "died reaches the agent ~10 s after the broker is back and nothing is routed meanwhile"
-    ),
-)
 async def test_offers_in_flight_when_the_broker_dies_are_resent_as_soon_as_it_is_back(
     redis_server: PrivateRedis,
     broker: PrivateMosquitto,
