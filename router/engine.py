@@ -920,9 +920,10 @@ class Engine:
         if found is None:
             return
         _, contact = found
-        self._withdraw_offer(contact, "rejected", now, out, requeue=True)
+        # Excluded before it is re-queued: a re-queue can dispatch at once (an overflow).
         contact.excluded[agent.id] = now + self._defaults.reject_cooldown
         self._timer(now + self._defaults.reject_cooldown, _T_RETRY, contact.id)
+        self._withdraw_offer(contact, "rejected", now, out, requeue=True)
         out.append(
             self._event(
                 "contact.offer_rejected", contact, now, agent_id=agent.id, reason=msg.reason
@@ -933,18 +934,23 @@ class Engine:
 
     def _expire_offer(self, offer: OfferRec, now: float, out: list[Command]) -> None:
         contact = self._state.contacts[offer.contact_id]
-        agent = self._withdraw_offer(contact, "expired", now, out, requeue=True)
+        agent = self._state.agents[offer.agent_id]
         # Not straight back to the agent who just missed it: give it to someone else first.
-        contact.excluded[agent.id] = now + self._offer_timeout(contact.queue)
-        self._timer(contact.excluded[agent.id], _T_RETRY, contact.id)
+        # Exclusion and state change come before the re-queue, which can dispatch at once.
+        until = now + self._offer_timeout(contact.queue)
+        contact.excluded[agent.id] = until
+        self._timer(until, _T_RETRY, contact.id)
         agent.missed += 1
+        stop = agent.missed >= self._defaults.max_missed_offers and agent.state == "available"
+        if stop:
+            self._set_agent_state(agent, "not_responding", "missed_offers", now, out)
+        self._withdraw_offer(contact, "expired", now, out, requeue=True)
         out.append(
             self._event(
                 "contact.offer_expired", contact, now, agent_id=agent.id, missed=agent.missed
             )
         )
-        if agent.missed >= self._defaults.max_missed_offers and agent.state == "available":
-            self._set_agent_state(agent, "not_responding", "missed_offers", now, out)
+        if stop:
             for other in list(agent.offers):
                 other_contact = self._state.contacts[self._state.offers[other].contact_id]
                 self._withdraw_offer(other_contact, "agent_not_responding", now, out, requeue=True)
@@ -1076,6 +1082,10 @@ class Engine:
     def _on_logout(self, agent: AgentRec, now: float, out: list[Command]) -> None:
         if agent.state == "offline":
             return
+        # Offline first: a contact re-queued below may overflow and be dispatched at once,
+        # and must not come straight back to the agent who is leaving.
+        self._set_agent_state(agent, "offline", None, now, out)
+        self._refresh_agent(agent)
         requeued = []
         for offer_id in list(agent.offers):
             contact = self._state.contacts[self._state.offers[offer_id].contact_id]
@@ -1093,8 +1103,6 @@ class Engine:
                 self._customers.update_history(contact, outcome="requeued")
                 self._requeue(contact, now, out)
                 requeued.append(contact)
-        self._set_agent_state(agent, "offline", None, now, out)
-        self._refresh_agent(agent)
         for contact in requeued:
             if contact.state == "queued":
                 self._dispatch_contact(contact, now, out)

@@ -3,6 +3,7 @@ and checks the ACD's promises after every step:
 
 * no contact is offered or assigned to two agents at once;
 * no agent is ever over a per-channel limit or its capacity budget;
+* only available agents hold offers, and an offline agent holds no work;
 * every contact ends exactly once;
 * never an available, capable agent idle while a matching contact waits;
 * an offer always goes to the waiting contact with the best priority-plus-aging key among
@@ -17,6 +18,7 @@ import os
 from collections import Counter
 
 import hypothesis.strategies as st
+import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -26,21 +28,26 @@ from router.messages import (
     Command,
     Complete,
     EventCmd,
+    LinkKeys,
     Login,
     Logout,
     OfferCmd,
     RefusedCmd,
     Reject,
+    RemoveExpert,
     SetState,
     Tick,
+    UpsertExpert,
 )
+from router.model import ContactEvent, Sender
+from rules.schema import Expert
 from tests.router.enginekit import call, table
 
 ROUTING = table(
     """
     skills: [dsl, tv, billing]
     defaults:
-      offer_timeout: 10
+      offer_timeout: 30
       max_missed_offers: 2
       reject_cooldown: 15
       preferred_agent_seconds: 0
@@ -50,11 +57,15 @@ ROUTING = table(
       general: {skills: {}, weight: 2, strategy: most_skilled, max_wait: 40, overflow: billing}
       billing: {skills: {billing: 2}, strategy: least_occupied}
     agents:
-      - {id: a1, skills: {dsl: 3, tv: 2}, capacity: {phone: 1, chat: 3, email: 5}}
+      - {id: a1, skills: {dsl: 3, tv: 2}, capacity: {phone: 1, chat: 3, email: 5, social: 2}}
       - {id: a2, skills: {dsl: 1}, capacity: {phone: 1, chat: 2}}
       - {id: a3, skills: {billing: 4, tv: 1}, capacity: {phone: 1, email: 5}}
-      - {id: a4, skills: {dsl: 2, billing: 2}, capacity: {chat: 3, email: 2}}
+      - {id: a4, skills: {dsl: 2, billing: 2}, capacity: {chat: 3, email: 2, social: 3}}
+    experts:
+      - {id: heinz, handles: ["discourse:heinz"]}
     rules:
+      - {name: expert, when: customer.expert, queue: general, priority: 50}
+      - {name: community, when: 'channel == "social"', queue: general, crowd_first: 30}
       - {name: vip, when: '"vip" in tags', queue: dsl, priority: 30}
       - name: tv
         when: '"tv" in tags'
@@ -75,6 +86,19 @@ TERMINAL = {
 }
 
 
+def post(topic: str, user: str, kind: str = "new", staff: bool = False) -> ContactEvent:
+    return ContactEvent(
+        kind=kind,  # type: ignore[arg-type]
+        contact_id=f"discourse:{topic}",
+        channel="social",
+        source="discourse",
+        external_id=topic,
+        thread_id=topic,
+        sender=Sender(handle=f"discourse:{user}"),
+        attributes={"staff": "true"} if staff else {},
+    )
+
+
 class EngineMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -86,6 +110,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.last_offers: list[OfferCmd] = []
         self.refused: list[RefusedCmd] = []
         self.waiting_before: dict[str, int] = {}
+        self.askers: dict[str, str] = {}
 
     # ---- driving ----------------------------------------------------------------------
 
@@ -114,11 +139,54 @@ class EngineMachine(RuleBasedStateMachine):
         self.created.add(f"generic:{ident}")
         self.apply(call(ident, channel=channel, tags=tuple(tags), phone=f"+4930{self.n:06d}"), dt)
 
+    @rule(user=st.sampled_from(["u0", "u1", "u2", "heinz"]), dt=st.floats(0, 8))
+    def community_question(self, user: str, dt: float) -> None:
+        self.n += 1
+        topic = f"t{self.n}"
+        self.created.add(f"discourse:{topic}")
+        self.askers[topic] = user
+        self.apply(post(topic, user), dt)
+
+    @precondition(lambda self: self.askers)
+    @rule(
+        data=st.data(),
+        user=st.sampled_from(["u0", "u1", "u2", "heinz"]),
+        staff=st.booleans(),
+        dt=st.floats(0, 8),
+    )
+    def community_reply(self, data: st.DataObject, user: str, staff: bool, dt: float) -> None:
+        topic = data.draw(st.sampled_from(sorted(self.askers)))
+        if user == self.askers[topic] and f"discourse:{topic}" not in self.engine.state.contacts:
+            return  # the asker writing in a finished thread reopens it: not modelled here
+        self.apply(post(topic, user, "update", staff=staff), dt)
+
+    @rule(
+        user=st.sampled_from(["u0", "u1", "u2"]),
+        make=st.booleans(),
+        dt=st.floats(0, 8),
+    )
+    def admin_changes_the_crowd(self, user: str, make: bool, dt: float) -> None:
+        if make:
+            self.apply(UpsertExpert(expert=Expert(id=user, handles=(f"discourse:{user}",))), dt)
+        else:
+            self.apply(RemoveExpert(expert_id=user), dt)
+
+    @precondition(lambda self: self.n >= 2)
+    @rule(data=st.data(), dt=st.floats(0, 8))
+    def admin_links_two_callers(self, data: st.DataObject, dt: float) -> None:
+        a, b = data.draw(st.lists(st.integers(1, self.n), min_size=2, max_size=2, unique=True))
+        self.apply(LinkKeys(keys=(f"phone:+4930{a:06d}", f"phone:+4930{b:06d}")), dt)
+
     @precondition(lambda self: self.created)
     @rule(data=st.data(), dt=st.floats(0, 8))
     def contact_ends(self, data: st.DataObject, dt: float) -> None:
         ident = data.draw(st.sampled_from(sorted(self.created)))
-        self.apply(call(ident.split(":", 1)[1], kind="end", end_reason="hangup"), dt)
+        source, ext = ident.split(":", 1)
+        if source == "discourse":
+            end = msgspec.structs.replace(post(ext, self.askers[ext], "end"), end_reason="closed")
+            self.apply(end, dt)
+        else:
+            self.apply(call(ext, kind="end", end_reason="hangup"), dt)
 
     @rule(agent=st.sampled_from(AGENTS), dt=st.floats(0, 8))
     def login(self, agent: str, dt: float) -> None:
@@ -135,6 +203,16 @@ class EngineMachine(RuleBasedStateMachine):
     )
     def set_state(self, agent: str, state: str, dt: float) -> None:
         self.apply(SetState(agent_id=agent, state=state, reason="break"), dt)  # type: ignore[arg-type]
+
+    @precondition(lambda self: self.engine.state.offers)
+    @rule(data=st.data(), dt=st.floats(0, 3))
+    def accept_offer(self, data: st.DataObject, dt: float) -> None:
+        # Accepting is what agents mostly do: a rule of its own, so assignments, completions
+        # and wrap-ups are explored as much as the rarer paths.
+        offer = data.draw(
+            st.sampled_from(sorted(self.engine.state.offers.values(), key=lambda o: o.id))
+        )
+        self.apply(Accept(agent_id=offer.agent_id, offer_id=offer.id), dt)
 
     @precondition(lambda self: self.engine.state.offers)
     @rule(data=st.data(), how=st.sampled_from(["accept", "reject", "steal"]), dt=st.floats(0, 3))
@@ -197,6 +275,14 @@ class EngineMachine(RuleBasedStateMachine):
         for contact in state.contacts.values():
             held = contact.state in ("offered", "assigned", "wrap_up")
             assert holders[contact.id] == (1 if held else 0), (contact.id, contact.state)
+
+    @invariant()
+    def only_available_agents_hold_offers(self) -> None:
+        for agent in self.engine.state.agents.values():
+            if agent.state != "available":
+                assert agent.offers == [], (agent.id, agent.state)
+            if agent.state == "offline":
+                assert agent.contacts == [], agent.id
 
     @invariant()
     def capacity_never_exceeded(self) -> None:
