@@ -369,8 +369,8 @@ class EngineMachine(RuleBasedStateMachine):
 
 TestEngineMachine = EngineMachine.TestCase
 TestEngineMachine.settings = settings(
-    max_examples=int(os.environ.get("STATEFUL_EXAMPLES", "60")),
-    stateful_step_count=30,
+    max_examples=int(os.environ.get("STATEFUL_EXAMPLES", "200")),
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
