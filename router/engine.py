@@ -1,10 +1,11 @@
 """The routing engine: sans-I/O, synchronous, deterministic.
 
 ``Engine.handle(message, now)`` takes one input (a :class:`~router.model.ContactEvent`, an agent
-command or a :class:`~router.messages.Tick`) and the current time, and returns the commands the
-caller must carry out. The engine never reads the clock, never draws random numbers and never
-does I/O, so the daemon, the simulator and journal replay all run the same code and a replay of
-the same inputs with the same times yields the same state.
+command, an admin command or a :class:`~router.messages.Tick`) and the current time, and returns
+the commands the caller must carry out. Customers live in :mod:`router.customers`, crowd experts
+in :mod:`router.experts`; this module routes. The engine never reads the clock, never draws
+random numbers and never does I/O, so the daemon, the simulator and journal replay all run the
+same code and a replay of the same inputs with the same times yields the same state.
 
 Semantics (DESIGN.md section 4), with the decisions taken where it is silent:
 
@@ -35,9 +36,13 @@ Semantics (DESIGN.md section 4), with the decisions taken where it is silent:
   a contact arriving at a queue holding ``max_length`` contacts goes to the overflow queue, or,
   without one, is rejected with reason ``queue_full`` (an event, never a silent drop).
 * **Crowd first.** A rule's ``crowd_first: S`` holds the contact in ``crowd_window`` for S seconds;
-  a reply in its thread from someone other than the asker ends it as ``answered_by_crowd``
-  (also while queued or offered, which withdraws the offer); otherwise it is queued with its wait
-  counted from the original post.
+  a reply in its thread from someone other than the asker (and not from staff) ends it as
+  ``answered_by_crowd`` (also while queued or offered, which withdraws the offer); otherwise it
+  is queued with its wait counted from the original post.
+* **Coming back.** A chat or mail thread whose contact finished reopens when the *customer*
+  writes again; late events of a finished call and further crowd replies do not.
+* **At least once.** MQTT QoS 1 can deliver an agent's command twice: a repeated accept, or a
+  complete after the caller hung up, is a no-op, not a refusal.
 * **Backlog.** Whenever capacity frees up (login, available, complete, wrap-up end, expiry,
   reject) the freed agent is given the best waiting contact at once; no polling.
 """
