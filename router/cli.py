@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "normalize": ("channels.normalize", "turn one native payload into ContactEvent JSON"),
     "simulate": ("router.simulate", "run the engine on virtual time and report per queue"),
     "replay": ("router.daemon.replay", "run a recorded journal against a routing file"),
-    "loadgen": ("router.loadgen", "drive a running daemon with realistic traffic"),
+    "loadgen": ("router.daemon.loadgen", "drive a running daemon with realistic traffic"),
     "experts": ("router.experts_cli", "the crowd's health: experts' activity and waits"),
 }
 

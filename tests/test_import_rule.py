@@ -1,4 +1,4 @@
-"""The routing core is sans-I/O: router/ (but for the daemon and loadgen at its edge) and rules/
+"""The routing core is sans-I/O: router/ (but for router/daemon/, the I/O edge) and rules/
 import no I/O library, and the engine's own modules not even the clock or randomness."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ ENGINE_MODULES = [
     "experts.py",
 ]
 NOT_IN_ENGINE = IO_LIBRARIES | {"time", "random", "datetime", "uuid", "os"}
-EDGE = {"daemon", "loadgen.py"}
+EDGE = {"daemon"}
 
 
 def imported_roots(path: Path) -> set[str]:

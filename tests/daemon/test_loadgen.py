@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from channels.base import DecodeConfig
 from channels.registry import decode
-from router.loadgen import (
+from router.daemon.loadgen import (
     LoadGen,
     LoadgenError,
     Profile,
