@@ -183,8 +183,6 @@ class Engine:
             if contact.state == "queued":
                 self._push_contact(contact, restoring=True)
             self._schedule_contact_timers(contact)
-            if contact.state == "wrap_up":
-                self._timer(contact.wrap_until, _T_WRAP, contact.id)
         for offer in st.offers.values():
             self._timer(offer.expires_at, _T_OFFER, offer.id)
         for agent in st.agents.values():
@@ -639,14 +637,15 @@ class Engine:
         )
 
     def _suits(self, agent_id: str, contact: ContactRec, now: float) -> bool:
-        """Does the agent have the contact's extra skills, and is it not excluded?"""
+        """Does the agent have the contact's extra skills, and is it not excluded?
+
+        The queue's own skills are not checked again: every caller has already found the agent
+        eligible for the contact's (queue, channel) pair, which is computed from them.
+        """
         until = contact.excluded.get(agent_id)
         if until is not None and until > now:
             return False
-        skills = self._agent_cfg[agent_id].skills
-        return _has_skills(skills, contact.extra_skills) and _has_skills(
-            skills, self._queues[contact.queue].skills
-        )
+        return _has_skills(self._agent_cfg[agent_id].skills, contact.extra_skills)
 
     def _agent_key(self, agent: AgentRec, qname: str) -> tuple[float, ...]:
         strategy = self._queues[qname].strategy
@@ -1131,6 +1130,8 @@ class Engine:
         """Re-create a contact's timers after a restore (derived from its state)."""
         if contact.state == "crowd_window":
             self._timer(contact.crowd_until, _T_CROWD, contact.id)
+        if contact.state == "wrap_up":
+            self._timer(contact.wrap_until, _T_WRAP, contact.id)
         if contact.state in ("queued", "offered"):
             self._schedule_step(contact)
             self._schedule_max_wait(contact)
