@@ -416,6 +416,20 @@ def _check_meta_signature(body: bytes, headers: Headers, config: DecodeConfig, s
         check_hmac_sha256_hex(body, secret, header(headers, "X-Hub-Signature-256"), source)
 
 
+def _meta_entries(
+    body: bytes, headers: Headers, config: DecodeConfig, source: str, kind: str
+) -> Iterator[dict[str, Any]]:
+    """The ``entry`` objects of a Meta webhook (WhatsApp, Messenger) after its checks."""
+    _check_meta_signature(body, headers, config, source)
+    payload = load_json_object(body, source)
+    if payload.get("object") != kind:
+        raise Rejected(source, "bad_shape", f"object is not {kind}")
+    entries = payload.get("entry")
+    if not isinstance(entries, list):
+        raise Rejected(source, "missing_field", "entry is missing or not a list")
+    return _dicts(entries)
+
+
 def _placeholder(kind: str, caption: str | None) -> str:
     return caption if caption else f"[{kind}]"
 
@@ -427,15 +441,8 @@ WHATSAPP = "whatsapp"
 
 def decode_whatsapp(body: bytes, headers: Headers, config: DecodeConfig) -> list[ContactEvent]:
     """Decode a WhatsApp Cloud API webhook: one event per customer message, statuses ignored."""
-    _check_meta_signature(body, headers, config, WHATSAPP)
-    payload = load_json_object(body, WHATSAPP)
-    if payload.get("object") != "whatsapp_business_account":
-        raise Rejected(WHATSAPP, "bad_shape", "object is not whatsapp_business_account")
-    entries = payload.get("entry")
-    if not isinstance(entries, list):
-        raise Rejected(WHATSAPP, "missing_field", "entry is missing or not a list")
     events = []
-    for entry in _dicts(entries):
+    for entry in _meta_entries(body, headers, config, WHATSAPP, "whatsapp_business_account"):
         for change in _dicts(entry.get("changes")):
             value = change.get("value")
             if isinstance(value, dict):
@@ -535,15 +542,8 @@ MESSENGER = "messenger"
 
 def decode_messenger(body: bytes, headers: Headers, config: DecodeConfig) -> list[ContactEvent]:
     """Decode a Messenger Platform webhook: one event per user message or postback."""
-    _check_meta_signature(body, headers, config, MESSENGER)
-    payload = load_json_object(body, MESSENGER)
-    if payload.get("object") != "page":
-        raise Rejected(MESSENGER, "bad_shape", "object is not page")
-    entries = payload.get("entry")
-    if not isinstance(entries, list):
-        raise Rejected(MESSENGER, "missing_field", "entry is missing or not a list")
     events = []
-    for entry in _dicts(entries):
+    for entry in _meta_entries(body, headers, config, MESSENGER, "page"):
         for item in _dicts(entry.get("messaging")):
             event = _messenger_item(item, config)
             if event is not None:
