@@ -6,7 +6,6 @@ All of them turn bad input into :class:`~channels.base.Rejected`, never into ano
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import hmac
 import math
@@ -17,9 +16,9 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import msgspec
-import phonenumbers
 
 from channels.base import Rejected
+from rules.identity import normalize_phone
 
 _JSON = msgspec.json.Decoder()
 
@@ -91,51 +90,15 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 def to_e164(raw: str | None, region: str) -> str | None:
-    """The number in E.164 where it parses as a possible number, else the input as given.
+    """The number in E.164 where it parses, else the input as given; empty becomes None.
 
     Real systems send ``pchero``, ``test123``, ``<unknown>`` or nothing as caller ids; those are
-    kept verbatim (empty becomes None) so that nothing the source said is lost. Short numbers
-    with neither a country code nor the region's trunk prefix (``1001``, ``3400001``) are
-    internal extensions, not national numbers, and are kept as given too: turning them into
-    ``+491001`` would make an extension look like a customer's (or an expert's) number.
+    kept verbatim so that nothing the source said is lost. Short extensions stay as given too
+    (see :func:`rules.identity.normalize_phone`, which this is, so callers and experts match).
     """
-    if raw is None:
+    if raw is None or not raw.strip():
         return None
-    text = raw.strip()
-    if not text:
-        return None
-    return _e164(text, region)
-
-
-_MIN_BARE_DIGITS = 8
-
-
-@functools.lru_cache(maxsize=64)
-def _trunk_prefix(region: str) -> str:
-    metadata = phonenumbers.PhoneMetadata.metadata_for_region(region)
-    prefix = metadata.national_prefix if metadata is not None else None
-    return prefix or "\x00"  # no trunk prefix: nothing starts with this
-
-
-# Parsing is most of a call event's decode time, and every event of a call (create, answer,
-# DTMF, hangup) repeats the caller's number; the mapping is pure, so a bounded cache is safe.
-@functools.lru_cache(maxsize=8192)
-def _e164(text: str, region: str) -> str:
-    try:
-        number = phonenumbers.parse(text, region)
-    except phonenumbers.NumberParseException:
-        return text
-    if not phonenumbers.is_possible_number(number):
-        return text
-    digits = "".join(ch for ch in text if ch.isdigit())
-    if (
-        not text.startswith("+")
-        and not digits.startswith("00")
-        and len(digits) < _MIN_BARE_DIGITS
-        and not digits.startswith(_trunk_prefix(region))
-    ):
-        return text
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return normalize_phone(raw, region)
 
 
 def parse_timestamp(value: Any, source: str) -> float:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from channels.base import DecodeConfig
+from channels.common import to_e164
 from router.model import ContactEvent, Sender
 from rules.decision import CustomerView
-from rules.identity import normalize_handle, normalize_phone, sender_keys
+from rules.identity import normalize_handle, normalize_phone, phone_key, sender_keys
 from rules.load import RoutingFileError, load_routing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,3 +161,9 @@ def test_identity_normalisation() -> None:
         "email:a@b.de",
         "handle:x:bob",
     )
+
+
+def test_an_extension_in_the_experts_file_matches_the_extension_a_pbx_sends() -> None:
+    # The adapters keep "1001" as given; the experts file must not turn it into +491001.
+    assert phone_key("1001") == "phone:" + (to_e164("1001", DecodeConfig().default_region) or "")
+    assert phone_key("030 1234567") == "phone:+49301234567"
