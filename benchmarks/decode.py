@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from channels.base import DecodeConfig, Decoder, Headers  # noqa: E402
-from channels.common import _e164  # noqa: E402
 from channels.registry import SOURCES  # noqa: E402
+from rules.identity import _parse_phone  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 TARGETS = {"asterisk-ari": 50_000.0, "freeswitch": 50_000.0}
@@ -62,7 +62,7 @@ def rate(
     decoder: Decoder, body: bytes, headers: Headers, config: DecodeConfig, n: int, cold: bool
 ) -> tuple[float, float]:
     """Deliveries per second decoding ``body`` ``n`` times: by wall clock and by CPU time."""
-    clear = _e164.cache_clear
+    clear = _parse_phone.cache_clear
     decoder(body, headers, config)  # warm the imports' own caches (phonenumbers metadata)
     cpu = time.process_time()
     start = time.perf_counter()
