@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from rules.load import RoutingFileError, load_routing
+from rules.table import RoutingTable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,13 +18,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("routing", metavar="ROUTING.yaml", help="the routing file to validate")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Validate; print the summary or the problems."""
+def load_or_report(path: str, prefix: str = "") -> RoutingTable | None:
+    """The routing table, or None after printing each problem (``file:line:column: message``)
+    on stderr: what every command that takes a routing file does with a bad one."""
     try:
-        table = load_routing(args.routing)
+        return load_routing(path)
     except RoutingFileError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            print(f"{prefix}{problem}", file=sys.stderr)
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate; print the summary or the problems."""
+    table = load_or_report(args.routing)
+    if table is None:
         return 1
     file = table.file
     print(

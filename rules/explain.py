@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from router.model import CONTACT_EVENT_DECODER, ContactEvent
-from rules.load import RoutingFileError, load_routing
+from rules.check import load_or_report
 from rules.table import Explanation
 
 
@@ -90,11 +90,8 @@ def render(explanation: Explanation) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the routing file and the event, decide, and print why."""
-    try:
-        table = load_routing(args.routing)
-    except RoutingFileError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    table = load_or_report(args.routing)
+    if table is None:
         return 1
     try:
         event = _read_event(args.event)

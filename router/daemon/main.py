@@ -37,7 +37,7 @@ from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Ingress, Publisher
 from router.daemon.router_loop import Router, RouterOptions
 from router.daemon.smtp import start_smtp
-from rules.load import RoutingFileError, load_routing
+from rules.check import load_or_report
 from rules.table import RoutingTable
 
 log = structlog.get_logger("stellwerk.daemon")
@@ -114,11 +114,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = loaded.settings
     configure_logging(settings.log)
-    try:
-        table = load_routing(settings.routing)
-    except RoutingFileError as exc:
-        for routing_problem in exc.problems:
-            print(f"stellwerk run: {routing_problem}", file=sys.stderr)
+    table = load_or_report(settings.routing, prefix="stellwerk run: ")
+    if table is None:
         return 1
     if args.check_config:
         print(msgspec.json.format(msgspec.json.encode(settings.redacted())).decode())

@@ -28,7 +28,7 @@ from router.daemon.journal import (
 )
 from router.engine import Engine
 from router.messages import EngineInput, EventCmd, RefusedCmd, Tick
-from rules.load import RoutingFileError, load_routing
+from rules.check import load_or_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Replay and print the report; 1 for an unreadable routing file or journal."""
-    try:
-        table = load_routing(args.routing)
-    except RoutingFileError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    table = load_or_report(args.routing)
+    if table is None:
         return 1
     try:
         entries = (
