@@ -72,10 +72,6 @@ class RouterView(Protocol):
         """One contact's state, or None when the engine does not know it."""
         ...
 
-
-class CrowdView(Protocol):
-    """The crowd read views of the engine (``Engine`` has them; optional on a RouterView)."""
-
     def experts_report(self, now: float) -> dict[str, Any]:
         """``{"summary": {...}, "experts": [...]}``."""
         ...
@@ -264,16 +260,8 @@ class _Handlers:
 
     # ---- the crowd: experts and customers ------------------------------------------------------
 
-    def _crowd(self) -> CrowdView | web.Response:
-        view = self.state.view
-        if view is None:
-            return _error(503, "not_routing", "this daemon does not hold the routing lease")
-        if not hasattr(view, "experts_report") or not hasattr(view, "customer_info"):
-            return _error(501, "not_supported", "this router has no crowd views")
-        return view  # type: ignore[return-value]
-
     async def experts(self, request: web.Request) -> web.Response:
-        view = self._crowd()
+        view = self._view()
         if isinstance(view, web.Response):
             return view
         return _reply(200, view.experts_report(time.time()))
@@ -305,7 +293,7 @@ class _Handlers:
         expert_id = request.match_info["expert_id"]
         view = self.state.view
         # The router would refuse it too (admin.refused), but the caller deserves to know now.
-        if view is not None and hasattr(view, "experts_report"):
+        if view is not None:
             report = view.experts_report(time.time())
             if not any(row.get("id") == expert_id for row in report.get("experts", ())):
                 return _error(404, "unknown_expert", f"no expert {expert_id!r}")
@@ -330,7 +318,7 @@ class _Handlers:
         denied = self._authorise(request)
         if denied is not None:
             return denied
-        view = self._crowd()
+        view = self._view()
         if isinstance(view, web.Response):
             return view
         ref = request.match_info["ref"]

@@ -196,6 +196,12 @@ class View:
             return {"state": "queued", "queue": "support", "waited": 12.5}
         return None
 
+    def experts_report(self, now: float) -> dict[str, Any]:
+        return {"summary": {"experts": 0}, "experts": []}
+
+    def customer_info(self, ref: str) -> dict[str, Any] | None:
+        return None
+
 
 async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
     assert await api.get("/healthz") == (200, {"status": "ok"})
