@@ -36,6 +36,7 @@ from router.daemon.lease import Lease
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Ingress, Publisher
 from router.daemon.router_loop import Router, RouterOptions
+from router.daemon.sinks import CommandSink
 from router.daemon.smtp import start_smtp
 from rules.check import load_or_report
 from rules.table import RoutingTable
@@ -147,6 +148,9 @@ class Daemon:
         self.state = AppState()
         self.metrics = Metrics()
         self.router: Router | None = None
+        # I/O-edge actors besides MQTT that carry out the engine's commands (telephony
+        # connectors, the desk's live feed); see router.daemon.sinks.
+        self.sinks: list[CommandSink] = []
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
@@ -205,6 +209,7 @@ class Daemon:
             state=state,
             ingress=ingress if leader else None,
             on_lease=mqtt_status,
+            sinks=self.sinks,
         )
         self.router = router
         runner: web.AppRunner | None = None

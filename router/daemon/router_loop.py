@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from router.daemon.journal import (
 from router.daemon.lease import Lease
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Ingress, Message, Publisher, backoff, command_messages
+from router.daemon.sinks import CommandSink
 from router.engine import Engine
 from router.messages import Command, EventCmd, RefusedCmd, Tick
 from rules.load import RoutingFileError, load_routing
@@ -142,6 +143,7 @@ class Router:
         ingress: Ingress | None = None,
         on_lease: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.time,
+        sinks: Sequence[CommandSink] = (),
     ) -> None:
         self.options = options
         self.journal = journal
@@ -153,6 +155,7 @@ class Router:
         self.ingress = ingress
         self._on_lease = on_lease
         self._clock = clock
+        self.sinks = tuple(sinks)
         self._reloads: asyncio.Queue[asyncio.Future[list[str]]] = asyncio.Queue()
         self._run: _Run | None = None
 
@@ -256,7 +259,8 @@ class Router:
             engine = Engine.restore(self.table, snap.data)
             run = _Run(engine=engine, last_id=snap.last_id, now=snap.now, published="0-0")
         else:
-            run = _Run(engine=Engine(self.table), last_id="0-0", now=0.0, published="0-0")
+            engine = Engine(self.table)
+            run = _Run(engine=engine, last_id="0-0", now=0.0, published="0-0")
         run.published = await self.journal.published()
         run.poison = await self._poisoned()
         replayed = 0
@@ -269,6 +273,8 @@ class Router:
                 [m for cmd in offers for m in command_messages(cmd, self.options.topic_prefix)]
             )
         await self._snapshot(run)
+        for sink in self.sinks:
+            await sink.restored(engine)
         # The routing table and the restored state live as long as the tenure: move them out of
         # the collector's way, so full collections over them do not pause routing for 100+ ms.
         gc.collect()
@@ -294,6 +300,7 @@ class Router:
     ) -> None:
         poison = run.poison
         out: list[Message] = []
+        carried: list[Command] = []
         prefix = self.options.topic_prefix
         for entry_id, entry in rows:
             if entry is None or entry_id in poison:
@@ -319,10 +326,15 @@ class Router:
                 for cmd in cmds:
                     _log_command(cmd)
                     out.extend(command_messages(cmd, prefix))
+                if self.sinks:
+                    carried.extend(cmds)
         if out:
             if live and not self.lease.held:
                 raise _LostLease()
             await self.publisher.publish_many(out)
+        if carried:
+            for sink in self.sinks:
+                await sink.submit(carried)
         if _id_after(run.last_id, run.published):
             if not await self.journal.set_published(run.last_id, lease_token=self.lease.token):
                 raise _LostLease()
@@ -424,6 +436,8 @@ class Router:
                     msgs = [m for c in cmds for m in command_messages(c, self.options.topic_prefix)]
                     if msgs:
                         await self.publisher.publish_many(msgs)
+                    for sink in self.sinks:
+                        await sink.submit(cmds)
                     # A replay must not apply earlier entries under the new rules: snapshot now.
                     await self._snapshot(run)
             except BaseException as exc:

@@ -205,3 +205,55 @@ def metric_sum(daemon: Any, name: str, **labels: str) -> float:
 async def _when(coro: Any, ok: Callable[[Any], bool]) -> Any:
     value = await coro
     return value if ok(value) else None
+
+
+class RecordingSink:
+    """A command sink as a telephony connector would be one: it sees what the engine decided."""
+
+    def __init__(self) -> None:
+        self.cmds: list[Any] = []
+        self.restores = 0
+
+    async def submit(self, cmds: Any) -> None:
+        self.cmds.extend(cmds)
+
+    async def restored(self, engine: Any) -> None:
+        assert not self.cmds, "restored() comes before the first live command"
+        self.restores += 1
+
+
+async def test_command_sinks_see_every_decision_once_in_order(
+    tmp_path: Path,
+    mqtt_probe: MqttProbe,
+    daemon_env: Callable[..., dict[str, str]],
+    redis_client: Any,
+) -> None:
+    import asyncio
+
+    from router.daemon.config import load_settings
+    from router.daemon.main import Daemon
+    from router.messages import EventCmd, OfferCmd
+    from rules.load import load_routing
+
+    routing = write_routing(tmp_path / "r.yaml", ("anna",))
+    daemon = Daemon(
+        load_settings(None, env=daemon_env(routing)), load_routing(routing), handle_signals=False
+    )
+    sink = RecordingSink()
+    daemon.sinks.append(sink)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: daemon.state.view is not None and daemon.state.mqtt_ok, 10)
+        assert sink.restores == 1
+        await login(mqtt_probe, "anna")
+        await mqtt_probe.publish(CALL_TOPIC, ari("StasisStart", "call-sink.1"))
+        (offer,) = await mqtt_probe.wait_for("agents/anna/offers", type="offer")
+        await wait_until(lambda: any(isinstance(c, OfferCmd) for c in sink.cmds), 5, "the sink")
+        offers = [c for c in sink.cmds if isinstance(c, OfferCmd)]
+        assert [o.offer_id for o in offers] == [offer["offer_id"]]
+        assert offers[0].contact.contact_id == "asterisk-ari:call-sink.1"
+        types = [c.type for c in sink.cmds if isinstance(c, EventCmd)]
+        assert types.index("contact.queued") < types.index("contact.offered")
+    finally:
+        daemon.stopping.set()
+        await asyncio.wait_for(task, 15)
