@@ -110,6 +110,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.last_offers: list[OfferCmd] = []
         self.refused: list[RefusedCmd] = []
         self.waiting_before: dict[str, int] = {}
+        self.excluded_before: dict[str, dict[str, float]] = {}
         self.askers: dict[str, str] = {}
 
     # ---- driving ----------------------------------------------------------------------
@@ -119,6 +120,11 @@ class EngineMachine(RuleBasedStateMachine):
         # contacts waiting before this step, with the token that changes whenever they move
         self.waiting_before = {
             c.id: c.token for c in self.engine.state.contacts.values() if c.state == "queued"
+        }
+        # An exclusion can end within the step (its retry timer drops it), after an offer that
+        # it rightly kept from the agent: judge each offer by the exclusions as they were.
+        self.excluded_before = {
+            c.id: dict(c.excluded) for c in self.engine.state.contacts.values() if c.excluded
         }
         cmds = self.engine.handle(message, self.now)  # type: ignore[arg-type]
         self.last_offers = [c for c in cmds if isinstance(c, OfferCmd)]
@@ -333,12 +339,16 @@ class EngineMachine(RuleBasedStateMachine):
 
     @invariant()
     def offers_follow_priority_plus_aging(self) -> None:
+        # Judged from the routing file, not with the engine's own eligibility helpers.
         eng = self.engine
+        queues = ROUTING.file.queues
         for offer in self.last_offers:
             if offer.offer_id not in eng.state.offers:
                 continue  # already gone again within the same step
             given = eng.state.contacts[offer.contact_id]
-            given_key = given.arrived_at - given.priority * eng._queues[given.queue].weight
+            given_key = given.arrived_at - given.priority * queues[given.queue].weight
+            timeout = queues[offer.queue].offer_timeout or ROUTING.file.defaults.offer_timeout
+            offered_at = offer.expires_at - timeout
             for other in eng.state.contacts.values():
                 # Only contacts that waited untouched through the whole step count: a step can
                 # fire several timers, and a contact re-queued by a later one was not waiting
@@ -349,13 +359,28 @@ class EngineMachine(RuleBasedStateMachine):
                     or self.waiting_before.get(other.id) != other.token
                 ):
                     continue
-                key = other.arrived_at - other.priority * eng._queues[other.queue].weight
+                key = other.arrived_at - other.priority * queues[other.queue].weight
                 if key < given_key:
-                    agent = eng.state.agents[offer.agent_id]
-                    assert not (
-                        (other.queue, other.channel) in eng._eligible[agent.id]
-                        and eng._suits(agent.id, other, self.now)
-                    ), (offer, other.id)
+                    assert not self._file_suits(offer.agent_id, other.id, offered_at), (
+                        offer,
+                        other.id,
+                    )
+
+    def _file_suits(self, agent_id: str, contact_id: str, at: float) -> bool:
+        """Could the routing file's agent serve this waiting contact at time ``at``?"""
+        contact = self.engine.state.contacts[contact_id]
+        agent = next(a for a in ROUTING.file.agents if a.id == agent_id)
+        queue = ROUTING.file.queues[contact.queue]
+        until = self.excluded_before.get(contact_id, {}).get(
+            agent_id, contact.excluded.get(agent_id)
+        )
+        return (
+            contact.channel in queue.channels
+            and agent.capacity.get(contact.channel, 0) > 0  # type: ignore[call-overload]
+            and all(agent.skills.get(s, 0) >= n for s, n in queue.skills.items())
+            and all(agent.skills.get(s, 0) >= n for s, n in contact.extra_skills.items())
+            and not (until is not None and until > at)
+        )
 
     @invariant()
     def waiting_counts_match(self) -> None:
