@@ -33,9 +33,15 @@ class CrowdApi:
     """The app with an Engine as its view; ``apply`` feeds journaled admin entries to it."""
 
     def __init__(
-        self, client: test_utils.TestClient, journal: Journal, engine: Engine, state: AppState
+        self,
+        client: test_utils.TestClient,
+        journal: Journal,
+        engine: Engine,
+        state: AppState,
+        metrics: Metrics,
     ) -> None:
         self.client = client
+        self.metrics = metrics
         self.state = state
         self.journal = journal
         self.engine = engine
@@ -68,7 +74,7 @@ async def crowd(journal: Journal, tmp_path: Path) -> AsyncIterator[CrowdApi]:
     cfg = settings()
     app = make_app(Intake(journal, cfg.decode_config(), metrics=metrics), state, cfg, metrics)
     async with test_utils.TestClient(test_utils.TestServer(app)) as client:
-        yield CrowdApi(client, journal, engine, state)
+        yield CrowdApi(client, journal, engine, state, metrics)
 
 
 async def test_put_expert_is_journaled_and_then_listed_in_the_report(crowd: CrowdApi) -> None:
@@ -84,7 +90,7 @@ async def test_put_expert_is_journaled_and_then_listed_in_the_report(crowd: Crow
     (entry,) = await crowd.apply()
     assert isinstance(entry.cmd, UpsertExpert)
     assert entry.cmd.expert.id == "x-csommer" and entry.cmd.expert.level == 3
-    status, report = await crowd.call("GET", "/v1/experts")
+    status, report = await crowd.call("GET", "/v1/experts", **AUTH)
     assert status == 200
     row = next(r for r in report["experts"] if r["id"] == "x-csommer")
     assert (row["name"], row["level"], row["activity"], row["answers"]) == (
@@ -134,6 +140,7 @@ async def test_changes_need_the_bearer_token(crowd: CrowdApi) -> None:
         ("DELETE", "/v1/experts/x-heinz", None),
         ("POST", "/v1/customers/link", link),
         ("GET", "/v1/customers/c1", None),
+        ("GET", "/v1/experts", None),
     ):
         status, reply = await crowd.call(method, path, body)
         assert (status, reply["error"]) == (401, "unauthorized"), path
@@ -149,7 +156,7 @@ async def test_delete_removes_an_expert_and_an_unknown_one_is_404(crowd: CrowdAp
     assert status == 202
     (entry,) = await crowd.apply()
     assert entry.cmd == RemoveExpert(expert_id="x-heinz")
-    _, report = await crowd.call("GET", "/v1/experts")
+    _, report = await crowd.call("GET", "/v1/experts", **AUTH)
     assert [r["id"] for r in report["experts"]] == []
 
 
@@ -182,7 +189,7 @@ async def test_reads_are_503_on_a_standby_while_changes_are_still_journaled(
     crowd: CrowdApi,
 ) -> None:
     crowd.state.view = None  # a standby: the router runs elsewhere
-    status, reply = await crowd.call("GET", "/v1/experts")
+    status, reply = await crowd.call("GET", "/v1/experts", **AUTH)
     assert (status, reply["error"]) == (503, "not_routing")
     status, reply = await crowd.call("GET", "/v1/customers/c1", **AUTH)
     assert (status, reply["error"]) == (503, "not_routing")
@@ -190,3 +197,22 @@ async def test_reads_are_503_on_a_standby_while_changes_are_still_journaled(
     status, _ = await crowd.call("PUT", "/v1/experts/x-new", {"name": "New"}, **AUTH)
     assert status == 202
     assert len(await crowd.apply()) == 1
+
+
+async def test_an_admin_change_is_audited_once_with_who_and_from_where(
+    crowd: CrowdApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    status, _ = await crowd.call("PUT", "/v1/experts/x-audit", {"name": "A"}, **AUTH)
+    assert status == 202
+    status, _ = await crowd.call("DELETE", "/v1/experts/x-heinz", None, Authorization="Bearer no")
+    assert status == 401
+    out = capsys.readouterr().out
+    changes = [line for line in out.splitlines() if "admin.change" in line]
+    assert len(changes) == 1
+    assert all(f in changes[0] for f in ("op=upsert_expert", "principal=admin_token", "remote="))
+    refusals = [line for line in out.splitlines() if "auth.refused" in line]
+    assert len(refusals) == 1 and "reason=bad_token" in refusals[0]
+    assert ADMIN_TOKEN not in out
+    assert crowd.metrics.admin_changes.labels("upsert_expert")._value.get() == 1
+    assert crowd.metrics.admin_changes.labels("remove_expert")._value.get() == 0
