@@ -184,6 +184,51 @@ class SourceSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     public_urls: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+Role = Literal["admin", "supervisor", "agent"]
+"""An HTTP principal's role (see ``router.daemon.auth``)."""
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class TokenSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One HTTP bearer token, stored as the SHA-256 of the token (lower-case hex), never in clear.
+
+    ``name`` is who it belongs to, for the audit log (``ops-script``, ``agent:a01``, ``wall-1``);
+    ``agent_id`` is required for role ``agent`` (the one agent it may act as and read) and
+    refused for the others.
+    """
+
+    name: str
+    role: Role
+    sha256: str
+    agent_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("name: must not be empty")
+        if not _HEX64.fullmatch(self.sha256):
+            raise ValueError("sha256: must be the 64 lower-case hex digits of the token's SHA-256")
+        if self.role == "agent" and not self.agent_id:
+            raise ValueError("agent_id: a token of role agent needs the agent it speaks for")
+        if self.role != "agent" and self.agent_id is not None:
+            raise ValueError("agent_id: only tokens of role agent name an agent")
+
+
+class AuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """HTTP authentication: bearer tokens with roles (docs/security.md).
+
+    ``tokens`` lists tokens inline (hashes only); ``tokens_file`` names a YAML file with the same
+    list under ``tokens:`` (what ``stellwerk broker-config`` writes), relative to the settings
+    file; it is re-read when it changes, so a rotated token takes effect without a restart.
+    ``metrics``: ``open`` (default) serves ``/metrics`` to anyone, ``supervisor`` wants a
+    supervisor (or admin) token.
+    """
+
+    tokens: tuple[TokenSettings, ...] = ()
+    tokens_file: str | None = None
+    metrics: Literal["open", "supervisor"] = "open"
+
+
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The routing loop: lease, snapshots, journal retention.
 
@@ -216,6 +261,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     topic_prefix: str = "stellwerk"
     key_prefix: str = "stellwerk:"
     admin_token: str | None = None
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
@@ -298,7 +344,7 @@ def _env_names() -> dict[str, tuple[str, ...]]:
 
 
 ENV_NAMES = _env_names()
-_MAP_SETTINGS = {("sources", "secrets"), ("sources", "public_urls")}
+_MAP_SETTINGS = {("sources", "secrets"), ("sources", "public_urls"), ("auth", "tokens")}
 
 
 def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None) -> LoadedSettings:
@@ -350,9 +396,16 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
             try:
                 parsed = json.loads(value)
             except ValueError:
-                problems.append(f"{name}: expected a JSON object")
+                shape = "list" if target == ("auth", "tokens") else "object"
+                problems.append(f"{name}: expected a JSON {shape}")
                 continue
-        elif value == "" and target[-1] in ("admin_token", "client_id", "username", "password"):
+        elif value == "" and target[-1] in (
+            "admin_token",
+            "client_id",
+            "username",
+            "password",
+            "tokens_file",
+        ):
             parsed = None
         if len(target) == 1:
             raw[target[0]] = parsed
@@ -371,6 +424,16 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
         routing = Path(settings.routing)
         if not routing.is_absolute():
             settings = msgspec.structs.replace(settings, routing=str(file_path.parent / routing))
+    tokens_file = settings.auth.tokens_file
+    if (
+        file_path is not None
+        and tokens_file
+        and ("auth", "tokens_file") not in from_env
+        and not Path(tokens_file).is_absolute()
+    ):
+        absolute = str(file_path.parent / tokens_file)
+        auth = msgspec.structs.replace(settings.auth, tokens_file=absolute)
+        settings = msgspec.structs.replace(settings, auth=auth)
     unknown = tuple(
         sorted(
             n

@@ -30,7 +30,6 @@ Every error answer is JSON ``{"error": slug, "detail": sentence}``.
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -40,6 +39,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from router.daemon import auth
+from router.daemon.auth import Authenticator, Principal, principal_of
 from router.daemon.config import Settings, parse_addr
 from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
@@ -160,7 +161,6 @@ class _Handlers:
     ) -> None:
         self.intake = intake
         self.state = state
-        self.admin_token = settings.admin_token
         self.metrics = metrics
 
     async def webhook(self, request: web.Request) -> web.Response:
@@ -228,25 +228,36 @@ class _Handlers:
         return _reply(200, {"agents": view.agent_list()})
 
     async def contact(self, request: web.Request) -> web.Response:
+        # Supervisors (and admins) read every contact, with the customer's history (they may
+        # read customers); an agent only a contact offered or assigned to it, with the same
+        # history its offer carried. Anything else answers 404 like an unknown contact, so an
+        # agent cannot probe which contact ids exist.
+        principal = auth.require(request, ("supervisor", "agent"))
         view = self._view()
         if isinstance(view, web.Response):
             return view
         contact_id = request.match_info["contact_id"]
         info = view.contact_info(contact_id)
+        if principal.role == "agent" and (
+            info is None
+            or info.get("agent_id") != principal.agent_id
+            or info.get("state") not in AGENT_VISIBLE_STATES
+        ):
+            if info is not None:
+                auth.audit_refusal(request, "not_your_contact", principal, contact_id=contact_id)
+            info = None
         if info is None:
             return _error(404, "unknown_contact", f"no contact {contact_id!r}")
         return _reply(200, info)
 
     async def reload(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         reload = self.state.reload
         if reload is None:
             return _error(503, "not_routing", "this daemon does not hold the routing lease")
         problems = await reload()
+        who = _who(request)
         if problems:
-            log.warning("rules_reload_refused", via="http", problems=problems)
+            log.warning("rules_reload_refused", via="http", problems=problems, **who)
             return _reply(
                 422,
                 {
@@ -255,7 +266,8 @@ class _Handlers:
                     "problems": problems,
                 },
             )
-        log.info("rules_reloaded", via="http")
+        log.info("admin.change", op="reload", via="http", **who)
+        self.metrics.observe_admin_change("reload")
         return _reply(200, {"reloaded": True})
 
     # ---- the crowd: experts and customers ------------------------------------------------------
@@ -267,9 +279,6 @@ class _Handlers:
         return _reply(200, view.experts_report(time.time()))
 
     async def put_expert(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         expert_id = request.match_info["expert_id"].strip()
         if not expert_id or len(expert_id) > MAX_EXPERT_ID:
             return _error(400, "bad_expert", f"an expert id is 1 to {MAX_EXPERT_ID} characters")
@@ -284,12 +293,9 @@ class _Handlers:
         if found:
             return _error(400, "bad_expert", "; ".join(found))
         expert = Expert(id=expert_id, **msgspec.structs.asdict(body))
-        return await self._journal_admin(UpsertExpert(expert=expert), expert_id=expert_id)
+        return await self._journal_admin(request, UpsertExpert(expert=expert), expert_id=expert_id)
 
     async def delete_expert(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         expert_id = request.match_info["expert_id"]
         view = self.state.view
         # The router would refuse it too (admin.refused), but the caller deserves to know now.
@@ -297,12 +303,11 @@ class _Handlers:
             report = view.experts_report(time.time())
             if not any(row.get("id") == expert_id for row in report.get("experts", ())):
                 return _error(404, "unknown_expert", f"no expert {expert_id!r}")
-        return await self._journal_admin(RemoveExpert(expert_id=expert_id), expert_id=expert_id)
+        return await self._journal_admin(
+            request, RemoveExpert(expert_id=expert_id), expert_id=expert_id
+        )
 
     async def link_customers(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         try:
             body = _LINK_BODY.decode(await request.read())
         except msgspec.DecodeError as exc:
@@ -312,12 +317,9 @@ class _Handlers:
         found = [p for key in body.keys if (p := key_problem(key)) is not None]
         if found:
             return _error(400, "bad_identity_key", "; ".join(found))
-        return await self._journal_admin(LinkKeys(keys=body.keys), keys=list(body.keys))
+        return await self._journal_admin(request, LinkKeys(keys=body.keys), keys=list(body.keys))
 
     async def customer(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         view = self._view()
         if isinstance(view, web.Response):
             return view
@@ -327,7 +329,9 @@ class _Handlers:
             return _error(404, "unknown_customer", f"no customer {ref!r}")
         return _reply(200, info)
 
-    async def _journal_admin(self, cmd: AdminCommand, **about: Any) -> web.Response:
+    async def _journal_admin(
+        self, request: web.Request, cmd: AdminCommand, **about: Any
+    ) -> web.Response:
         try:
             entry_id = await self.intake.accept_admin(cmd)
         except JournalUnavailable as exc:
@@ -338,23 +342,23 @@ class _Handlers:
                 {"Retry-After": RETRY_AFTER_SECONDS},
             )
         op = msgspec.to_builtins(cmd)["op"]
-        log.info("admin.accepted", op=op, journal_id=entry_id, **about)
+        # The audit line: once per change, who and from where (never the token).
+        log.info("admin.change", op=op, journal_id=entry_id, **_who(request), **about)
+        self.metrics.observe_admin_change(op)
         return _reply(202, {"accepted": True, "op": op, "journal_id": entry_id, **about})
 
-    def _authorise(self, request: web.Request) -> web.Response | None:
-        if not self.admin_token:
-            return _error(403, "admin_disabled", "no admin_token is configured")
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.admin_token.encode()
-        ):
-            return _error(
-                401,
-                "unauthorized",
-                "a valid 'Authorization: Bearer <admin_token>' is needed",
-                {"WWW-Authenticate": 'Bearer realm="stellwerk"'},
-            )
-        return None
+
+AGENT_VISIBLE_STATES = frozenset({"offered", "assigned", "wrap_up"})
+"""Contact states in which the agent holding it may read it."""
+
+
+def _who(request: web.Request) -> dict[str, Any]:
+    principal: Principal | None = principal_of(request)
+    return {
+        "principal": principal.name if principal else None,
+        "role": principal.role if principal else None,
+        "remote": request.remote,
+    }
 
 
 @web.middleware
@@ -365,8 +369,8 @@ async def _json_errors(
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise  # redirects, and our own JSON refusals (router.daemon.auth)
         slug = exc.reason.lower().replace(" ", "_")
         # Keep what the client needs (Allow on a 405); the body and its type are ours now.
         keep = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
@@ -377,28 +381,42 @@ async def _json_errors(
 
 
 def make_app(
-    intake: Intake, state: AppState, settings: Settings, metrics: Metrics
+    intake: Intake,
+    state: AppState,
+    settings: Settings,
+    metrics: Metrics,
+    authenticator: Authenticator | None = None,
 ) -> web.Application:
-    """The aiohttp application; the daemon runs it with :func:`start_http`."""
+    """The aiohttp application; the daemon runs it with :func:`start_http`.
+
+    Every route declares what it needs (``router.daemon.auth``); a route added without a
+    declaration is refused. Other modules add theirs with ``auth.add_routes(app, [...])``.
+    """
     h = _Handlers(intake, state, settings, metrics)
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
-    app.add_routes(
-        [
-            web.post("/v1/webhooks/{source}", h.webhook),
-            web.get("/metrics", h.metrics_page),
-            web.get("/healthz", h.healthz),
-            web.get("/readyz", h.readyz),
-            web.get("/v1/queues", h.queues),
-            web.get("/v1/agents", h.agents),
-            web.get("/v1/contacts/{contact_id}", h.contact),
-            web.post("/v1/rules/reload", h.reload),
-            web.get("/v1/experts", h.experts),
-            web.put("/v1/experts/{expert_id}", h.put_expert),
-            web.delete("/v1/experts/{expert_id}", h.delete_expert),
-            web.post("/v1/customers/link", h.link_customers),
-            web.get("/v1/customers/{ref}", h.customer),
-        ]
+    app = web.Application(
+        client_max_size=MAX_BODY, middlewares=[_json_errors, auth.auth_middleware]
     )
+    app[auth.AUTHENTICATOR_KEY] = authenticator or Authenticator(settings, metrics=metrics)
+    auth.add_routes(
+        app,
+        [
+            (web.post("/v1/webhooks/{source}", h.webhook), "signed"),
+            (web.get("/metrics", h.metrics_page), "metrics"),
+            (web.get("/healthz", h.healthz), "public"),
+            (web.get("/readyz", h.readyz), "public"),
+            (web.get("/v1/queues", h.queues), "supervisor"),
+            (web.get("/v1/agents", h.agents), "supervisor"),
+            # supervisor, or the agent the contact is offered/assigned to (checked in h.contact)
+            (web.get("/v1/contacts/{contact_id}", h.contact), "self"),
+            (web.post("/v1/rules/reload", h.reload), "admin"),
+            (web.get("/v1/experts", h.experts), "supervisor"),
+            (web.put("/v1/experts/{expert_id}", h.put_expert), "admin"),
+            (web.delete("/v1/experts/{expert_id}", h.delete_expert), "admin"),
+            (web.post("/v1/customers/link", h.link_customers), "admin"),
+            (web.get("/v1/customers/{ref}", h.customer), "supervisor"),
+        ],
+    )
+    metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
     return app
 
 

@@ -28,6 +28,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from router.daemon.auth import Authenticator
 from router.daemon.config import LoadedSettings, LogSettings, Settings, SettingsError, load_settings
 from router.daemon.http import AppState, make_app, start_http
 from router.daemon.intake import Intake
@@ -114,6 +115,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"stellwerk run: {problem}", file=sys.stderr)
         return 2
     settings = loaded.settings
+    try:
+        Authenticator(settings)  # a broken tokens file is bad settings: refuse to start
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"stellwerk run: {problem}", file=sys.stderr)
+        return 2
     configure_logging(settings.log)
     table = load_or_report(settings.routing, prefix="stellwerk run: ")
     if table is None:
@@ -227,7 +234,8 @@ class Daemon:
                 )
                 reload_task = tg.create_task(self._reloads(router), name="sighup-reload")
                 if s.http.addr:
-                    runner = await start_http(make_app(intake, state, s, metrics), s.http.addr)
+                    app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics))
+                    runner = await start_http(app, s.http.addr)
                     log.info("http.listening", addr=s.http.addr)
                 if s.smtp.addr:
                     smtp = await start_smtp(
