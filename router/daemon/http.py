@@ -33,13 +33,13 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import msgspec
 import structlog
 from aiohttp import web
 
-from router.daemon import auth
+from router.daemon import auth, desk
 from router.daemon.auth import Authenticator, Principal, principal_of
 from router.daemon.config import Settings, parse_addr
 from router.daemon.intake import Intake
@@ -48,6 +48,9 @@ from router.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from router.messages import AdminCommand, LinkKeys, RemoveExpert, UpsertExpert
 from rules.identity import normalize_handle
 from rules.schema import Expert
+
+if TYPE_CHECKING:
+    from router.daemon.desk import DeskService
 
 log = structlog.get_logger("stellwerk.http")
 
@@ -138,6 +141,8 @@ class AppState:
     lease_held: bool = False
     view: RouterView | None = None
     reload: ReloadFn | None = None
+    #: the agent desktop and wallboard (router.daemon.desk), when the daemon runs them.
+    desk: DeskService | None = None
 
 
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -416,6 +421,7 @@ def make_app(
             (web.get("/v1/customers/{ref}", h.customer), "supervisor"),
         ],
     )
+    desk.register(app, state)  # /desk, /wall and their WebSockets (docs/desk.md)
     metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
     return app
 
