@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +17,11 @@ import aiohttp
 import pytest
 
 from router.daemon.auth import hash_token
-from tests.daemon.conftest import REPO, MqttProbe
+from tests.daemon.conftest import MqttProbe
 from tests.daemon.private_servers import free_port
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-ARTIFACTS = REPO / "artifacts"
 TOKENS = {"anna": "anna-secret-token", "bert": "bert-secret-token", "wall": "wall-secret-token"}
 
 
@@ -71,28 +59,6 @@ def tokens_env() -> str:
     ]
     entries.append({"name": "wall-1", "role": "supervisor", "sha256": hash_token(TOKENS["wall"])})
     return json.dumps(entries)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(
-            f"{CHROMIUM} is missing: install the Debian packages chromium and chromium-driver "
-            "(make test does that when it runs as root)"
-        )
-    playwright_api = pytest.importorskip("playwright.async_api")
-    async with playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-@pytest.fixture
-def artifacts() -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    return ARTIFACTS
 
 
 async def desk_page(browser: Any, base: str, agent: str) -> Any:
