@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 import structlog
 from aiohttp import WSMsgType, web
 
-from router.daemon import auth
+from router.daemon import auth, openapi
 from router.daemon.auth import Principal
 from router.daemon.config import Settings
 from router.daemon.intake import Intake
@@ -257,6 +257,21 @@ class DeskService:
                 (web.get("/v1/desk/ws", self.desk_ws), "self"),
                 (web.get("/v1/wall/ws", self.wall_ws), "self"),
             ],
+        )
+        openapi.document_paths(
+            app,
+            {
+                "/v1/desk/ws": _ws_doc(
+                    "The agent desktop's WebSocket (docs/desk.md): the first message is "
+                    '{"op": "auth", "token": ...} with an agent token; then the agent contract.',
+                    "agent (token in the first message)",
+                ),
+                "/v1/wall/ws": _ws_doc(
+                    "The wallboard's WebSocket (docs/desk.md): the first message is "
+                    '{"op": "auth", "token": ...} with a supervisor token; boards are pushed.',
+                    "supervisor (token in the first message)",
+                ),
+            },
         )
 
     async def _open(
@@ -538,6 +553,17 @@ async def _refuse(ws: web.WebSocketResponse, error: str, detail: str) -> None:
         await ws.close(
             code=4401 if error == "unauthorized" else 4403 if error == "forbidden" else 1013
         )
+
+
+def _ws_doc(description: str, access: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": description.split(" (")[0],
+            "description": description,
+            "x-stellwerk-access": access,
+            "responses": {"101": {"description": "switching to the WebSocket protocol"}},
+        }
+    }
 
 
 def _file(name: str) -> bytes:

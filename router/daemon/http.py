@@ -30,22 +30,30 @@ Every error answer is JSON ``{"error": slug, "detail": sentence}``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
+import limits
 import msgspec
 import structlog
 from aiohttp import web
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 
-from router.daemon import auth, desk
+from router.daemon import auth, desk, openapi
 from router.daemon.auth import Authenticator, Principal, principal_of
 from router.daemon.config import Settings, parse_addr
 from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
 from router.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from router.messages import AdminCommand, LinkKeys, RemoveExpert, UpsertExpert
+from router.model import SOURCES
 from rules.identity import normalize_handle
 from rules.schema import Expert
 
@@ -164,18 +172,30 @@ class _Handlers:
     def __init__(
         self, intake: Intake, state: AppState, settings: Settings, metrics: Metrics
     ) -> None:
+        self.settings = settings
         self.intake = intake
         self.state = state
         self.metrics = metrics
 
     async def webhook(self, request: web.Request) -> web.Response:
         source = request.match_info["source"]
+        sources = self.settings.sources
+        if source in SOURCES:
+            limit = sources.body_limit(source)
+            if (request.content_length or 0) > limit:
+                return _too_large(source, limit)
         body = await request.read()
+        if source in SOURCES and len(body) > sources.body_limit(source):
+            return _too_large(source, sources.body_limit(source))
         # Decoders take lower-cased header names (channels.base); a repeated header keeps its
         # first value, which is the one every signature scheme here uses.
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)
+        if source in SOURCES and source not in sources.unsigned:
+            refused = _unsigned_refusal(request, source, sources.secrets.get(source), body, headers)
+            if refused is not None:
+                return refused
         try:
             outcome = await self.intake.accept(source, body, headers)
         except JournalUnavailable as exc:
@@ -205,6 +225,9 @@ class _Handlers:
         # CONTENT_TYPE_LATEST carries its own charset parameter, so set the header verbatim.
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _reply(200, openapi.served(request.app))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _reply(200, {"status": "ok"})
@@ -353,6 +376,46 @@ class _Handlers:
         return _reply(202, {"accepted": True, "op": op, "journal_id": entry_id, **about})
 
 
+NATIVE_SIGNATURES = frozenset(
+    {"twilio-voice", "rocketchat", "chatwoot", "whatsapp", "messenger", "discourse", "x"}
+)
+"""Sources whose decoder checks the platform's own signature when the source has a secret."""
+SIGNATURE_HEADER = "x-stellwerk-signature"
+"""For the other sources over HTTP: ``sha256=<hex HMAC-SHA256 of the body with the secret>``."""
+
+
+def _too_large(source: str, limit: int) -> web.Response:
+    log.warning("webhook.too_large", source=source, limit=limit)
+    return _error(413, "body_too_large", f"a {source} webhook body may be at most {limit} bytes")
+
+
+def _unsigned_refusal(
+    request: web.Request,
+    source: str,
+    secret: str | None,
+    body: bytes,
+    headers: Mapping[str, str],
+) -> web.Response | None:
+    """401 for a webhook of a source that must be signed but cannot be checked, else None."""
+    if secret is None:
+        auth.audit_refusal(request, "unsigned_source", source=source)
+        return _error(
+            401,
+            "unsigned_source",
+            f"source {source!r} has no signing secret configured; set sources.secrets or mark "
+            "it in sources.unsigned",
+        )
+    if source in NATIVE_SIGNATURES:
+        return None  # the decoder checks the platform's own signature
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(headers.get(SIGNATURE_HEADER, "").encode(), expected.encode()):
+        auth.audit_refusal(request, "bad_signature", source=source)
+        return _error(
+            401, "bad_signature", f"{SIGNATURE_HEADER} must be sha256=<HMAC-SHA256 of the body>"
+        )
+    return None
+
+
 AGENT_VISIBLE_STATES = frozenset({"offered", "assigned", "wrap_up"})
 """Contact states in which the agent holding it may read it."""
 
@@ -385,6 +448,67 @@ async def _json_errors(
         return _error(500, "internal_error", "the daemon failed to handle this request")
 
 
+UNLIMITED_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Monitoring is never rate limited: a scrape must not be refused during a flood."""
+
+
+class RateLimit:
+    """A per-client (remote address) sliding-window limit, from the ``limits`` library."""
+
+    def __init__(self, spec: str) -> None:
+        self.items = limits.parse_many(spec)
+        self.limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
+        # client -> until when its refusals are already logged (one line per flood, not per
+        # refused request; every refusal is still counted)
+        self.logged: dict[str, float] = {}
+
+    def first_refusal(self, client: str, wait: int) -> bool:
+        """Whether this refusal starts a new flood of ``client`` (so it is logged)."""
+        now = time.monotonic()
+        if self.logged.get(client, 0.0) > now:
+            return False
+        if len(self.logged) > 10_000:
+            self.logged = {c: t for c, t in self.logged.items() if t > now}
+        self.logged[client] = now + wait
+        return True
+
+    def retry_after(self, client: str) -> int | None:
+        """None when ``client`` may go on (the hit is counted), else seconds to wait."""
+        refused = [item for item in self.items if not self.limiter.hit(item, client)]
+        if not refused:
+            return None
+        reset = max(self.limiter.get_window_stats(item, client).reset_time for item in refused)
+        return max(1, math.ceil(reset - time.time()))
+
+
+RATE_LIMIT_KEY: web.AppKey[RateLimit] = web.AppKey("stellwerk_rate_limit", RateLimit)
+
+
+@web.middleware
+async def _rate_limit(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    limit = request.app.get(RATE_LIMIT_KEY)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else ""
+    if limit is None or route in UNLIMITED_ROUTES:
+        return await handler(request)
+    client = request.remote or "unknown"
+    wait = limit.retry_after(client)
+    if wait is not None:
+        if limit.first_refusal(client, wait):
+            auth.audit_refusal(request, "rate_limited")
+        else:
+            request.app[auth.AUTHENTICATOR_KEY].count_refused("rate_limited", route)
+        return _error(
+            429,
+            "rate_limited",
+            f"too many requests from this client; retry in {wait} s",
+            {"Retry-After": str(wait)},
+        )
+    return await handler(request)
+
+
 def make_app(
     intake: Intake,
     state: AppState,
@@ -398,16 +522,22 @@ def make_app(
     declaration is refused. Other modules add theirs with ``auth.add_routes(app, [...])``.
     """
     h = _Handlers(intake, state, settings, metrics)
+    sources = settings.sources
+    # The hard cap for any body; webhooks are held to their source's own limit below it.
+    cap = max(MAX_BODY, sources.max_body_default, *sources.max_body.values())
     app = web.Application(
-        client_max_size=MAX_BODY, middlewares=[_json_errors, auth.auth_middleware]
+        client_max_size=cap, middlewares=[_json_errors, _rate_limit, auth.auth_middleware]
     )
     app[auth.AUTHENTICATOR_KEY] = authenticator or Authenticator(settings, metrics=metrics)
+    if settings.http.rate_limit:
+        app[RATE_LIMIT_KEY] = RateLimit(settings.http.rate_limit)
     auth.add_routes(
         app,
         [
             (web.post("/v1/webhooks/{source}", h.webhook), "signed"),
             (web.get("/metrics", h.metrics_page), "metrics"),
             (web.get("/healthz", h.healthz), "public"),
+            (web.get("/v1/openapi.json", h.openapi), "public"),
             (web.get("/readyz", h.readyz), "public"),
             (web.get("/v1/queues", h.queues), "supervisor"),
             (web.get("/v1/agents", h.agents), "supervisor"),
@@ -426,12 +556,23 @@ def make_app(
     return app
 
 
-async def start_http(app: web.Application, addr: str) -> web.AppRunner:
-    """Serve ``app`` on ``addr`` (``host:port``); stop it with ``await runner.cleanup()``."""
+def server_tls(cert: str, key: str) -> ssl.SSLContext:
+    """The HTTPS listener's TLS context (TLS 1.2 or later) from PEM certificate and key files."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def start_http(
+    app: web.Application, addr: str, *, tls: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Serve ``app`` on ``addr`` (``host:port``), HTTPS with ``tls``; stop it with
+    ``await runner.cleanup()``."""
     host, port = parse_addr(addr)
     # No access log: at webhook peak rates it would dwarf the one-line-per-decision log.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()
     return runner

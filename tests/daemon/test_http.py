@@ -323,4 +323,4 @@ async def test_oversized_webhook_is_413_in_json(api: Api) -> None:
     big = io.BytesIO(b"x" * (4 * 1024 * 1024 + 1))
     async with api.client.post("/v1/webhooks/discourse", data=big) as resp:
         assert resp.status == 413
-        assert (await resp.json())["error"] == "request_entity_too_large"
+        assert (await resp.json())["error"] == "body_too_large"
