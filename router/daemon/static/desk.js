@@ -254,7 +254,8 @@ function contactCard(held) {
   if (held.state === "wrap_up") {
     actions = el("div", { class: "actions wrap" },
       el("span", {}, "Wrap-up ", el("strong", { class: "wrapup-countdown" }, timer),
-        held.disposition ? ` · ${desk.dispositions[held.disposition] || held.disposition}` : ""),
+        held.disposition ? ` · ${desk.dispositions[held.disposition] || held.disposition}` : "",
+        held.ended ? ` · the customer ended it (${held.ended.replaceAll("_", " ")})` : ""),
       el("button", { onclick: () => send({ op: "state", state: "available" }) }, "Ready now"));
   } else {
     const select = el("select", { class: "disposition", "aria-label": "disposition" },
