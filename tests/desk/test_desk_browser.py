@@ -266,3 +266,114 @@ async def test_the_desk_socket_refuses_bad_tokens_and_other_roles(
             assert r.status == 200 and "Content-Security-Policy" in r.headers
         async with session.get(f"http://127.0.0.1:{port}/static/../auth.py") as r:
             assert r.status == 404
+
+
+def routing_two_queues(path: Path) -> Path:
+    """Chats (long offers, no wrap-up) and calls (short offers), one missed offer is enough."""
+    path.write_text(
+        """version: 1
+defaults: {offer_timeout: 60, wrap_up: 0, max_missed_offers: 1, reject_cooldown: 60}
+skills: [support]
+away_reasons: {break: Break, training: Training}
+dispositions: {solved: Solved}
+queues:
+  chats: {skills: {support: 1}, channels: [chat]}
+  calls: {skills: {support: 1}, channels: [phone], offer_timeout: 1.5}
+agents:
+  - {id: anna, name: Anna Becker, skills: {support: 3}, capacity: {phone: 1, chat: 3}}
+rules:
+  - {name: calls, when: channel == "phone", queue: calls}
+  - {name: default, default: true, queue: chats}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+async def test_three_chats_at_once_a_calls_details_away_reasons_and_not_responding(
+    tmp_path: Path, start_daemon: Any, mqtt_probe: MqttProbe, browser: Any, artifacts: Path
+) -> None:
+    port = free_port()
+    daemon = await start_daemon(
+        routing_two_queues(tmp_path / "r.yaml"),
+        http_addr=f"127.0.0.1:{port}",
+        auth_tokens=tokens_env(),
+    )
+    base = f"http://127.0.0.1:{port}"
+    anna = await desk_page(browser, base, "anna")
+    await anna.click("#go-available")
+    await anna.wait_for_selector("#agent-state:text('Available')")
+    for n in range(1, 5):
+        await publish(
+            mqtt_probe,
+            "chat",
+            {
+                "kind": "new",
+                "channel": "chat",
+                "id": f"c{n}",
+                "handle": f"guest{n}",
+                "text": f"Frage Nummer {n}",
+            },
+        )
+        await mqtt_probe.wait_for("events/contact.queued", contact_id=f"generic:c{n}")
+        if n <= 3:
+            await anna.click(f"article.offer[data-contact='generic:c{n}'] button.accept")
+            await anna.wait_for_selector(f"article.contact.assigned[data-contact='generic:c{n}']")
+    # Three chats fill her budget: the fourth waits, and no offer for it shows.
+    assert daemon.state.view.contact_info("generic:c4")["state"] == "queued"
+    assert len(await anna.query_selector_all("article.contact.assigned")) == 3
+    assert await anna.query_selector("article.offer") is None
+    await anna.screenshot(path=str(artifacts / "desk-three-chats.png"))
+    # Completing one frees a slot: the fourth is offered at once.
+    await anna.select_option("article.contact[data-contact='generic:c2'] select", "solved")
+    await anna.click("article.contact[data-contact='generic:c2'] button.complete")
+    await anna.wait_for_selector("article.offer[data-contact='generic:c4']")
+    assert await anna.query_selector("article.contact[data-contact='generic:c2']") is None
+
+    # Away needs one of the routing file's reasons; the page offers exactly those.
+    reasons = await anna.eval_on_selector_all("#away-reason option", "os => os.map(o => o.value)")
+    assert reasons == ["break", "training"]
+    refused = await raw_desk_commands(
+        base, TOKENS["anna"], [{"op": "state", "state": "away", "reason": "coffee"}]
+    )
+    assert refused[0]["reason"] == "unknown_away_reason"
+    await anna.select_option("#away-reason", "training")
+    await anna.click("#go-away")
+    await anna.wait_for_selector("#agent-state:text('Away · Training')")
+    # Away withdraws the pending offer; the held chats stay with her.
+    await anna.wait_for_selector("article.offer", state="detached")
+    for n in (1, 3):
+        await anna.select_option(f"article.contact[data-contact='generic:c{n}'] select", "solved")
+        await anna.click(f"article.contact[data-contact='generic:c{n}'] button.complete")
+    await anna.wait_for_selector("article.contact", state="detached")
+    await anna.click("#go-available")
+    await anna.wait_for_selector("article.offer[data-contact='generic:c4']")
+    await anna.click("article.offer[data-contact='generic:c4'] button.reject")
+    await anna.wait_for_selector("article.offer", state="detached")
+
+    # A call: caller, dialled number and IVR arguments. She lets it ring out: not responding.
+    await publish(
+        mqtt_probe,
+        "phone",
+        {
+            "kind": "new",
+            "channel": "phone",
+            "id": "call-1",
+            "from": "+4930123456",
+            "to": "+498003322002",
+            "attributes": {"ivr_choice": "2", "contract": "K-4711"},
+        },
+    )
+    call = await anna.wait_for_selector("article.offer[data-contact='generic:call-1']")
+    text = await call.inner_text()
+    assert "+4930123456" in text and "+498003322002" in text
+    assert "ivr_choice" in text and "K-4711" in text
+    await anna.screenshot(path=str(artifacts / "desk-call.png"))
+    banner = await anna.wait_for_selector("#not-responding", timeout=5000)
+    assert "Go available" in await banner.inner_text()
+    await anna.wait_for_selector("#agent-state:text('Not responding')")
+    await anna.screenshot(path=str(artifacts / "desk-not-responding.png"))
+    await anna.click("#go-available")
+    await anna.wait_for_selector("#agent-state:text('Available')")
+    assert await anna.query_selector("#not-responding") is None
+    assert anna.errors == []

@@ -132,8 +132,11 @@ function handle(msg) {
   render();
 }
 
+let noticeTimer = null;
 function note(text) {
   desk.notice = text;
+  clearTimeout(noticeTimer);
+  noticeTimer = setTimeout(() => { desk.notice = ""; render(); }, 8000);
   render();
 }
 
@@ -311,7 +314,7 @@ function customerBlock(item) {
     el("p", { class: "who" }, el("strong", { text: name }),
       item.expert_id ? el("span", { class: "badge expert", title: item.expert_id },
         `Crowd expert · level ${item.expert_level}`) : null),
-    el("p", { class: "keys muted", text: [who.email, who.phone, who.handle].filter(Boolean).join(" · ") }),
+    el("p", { class: "keys muted", text: [who.email, who.phone, who.handle].filter((k) => k && k !== name).join(" · ") }),
     rows.length
       ? el("div", { class: "scroll" }, el("table", { class: "history" },
         el("caption", { text: "Earlier contacts, all channels" }),
