@@ -41,6 +41,13 @@ Semantics (DESIGN.md section 4), with the decisions taken where it is silent:
   is queued with its wait counted from the original post.
 * **Coming back.** A chat or mail thread whose contact finished reopens when the *customer*
   writes again; late events of a finished call and further crowd replies do not.
+* **Follow-ups.** An ``update`` of a live contact that is not the crowd's answer (the customer
+  writing again, a staff reply, a call's DTMF) emits ``contact.updated`` with who holds it
+  (``agent_id``, ``offer_id``); its body is not kept here (the daemon keeps transcripts).
+* **Away reasons and dispositions.** With ``away_reasons`` in the routing file, ``away`` needs
+  one of them; a ``complete`` may carry one of the ``dispositions`` (``unknown_...`` refusals
+  otherwise). A supervisor's :class:`~router.messages.ReleaseContact` completes an assigned
+  contact as ``released_by_supervisor`` without wrap-up, so a lost hang-up strands nobody.
 * **At least once.** MQTT QoS 1 can deliver an agent's command twice: a repeated accept, or a
   complete after the caller hung up, is a no-op, not a refusal.
 * **Backlog.** Whenever capacity frees up (login, available, complete, wrap-up end, expiry,
