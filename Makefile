@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo simulate crowd-example test lint types unit services bench clean
+.PHONY: demo simulate crowd-example test lint types unit services browser bench clean
 
 # Debian ships venv separately (python3-venv); install it when missing and we are root.
 $(STAMP): pyproject.toml
@@ -30,6 +30,10 @@ simulate: $(STAMP)
 services:
 	./scripts/services.sh
 
+# Debian's chromium for the browser tests of /desk and /wall (installed when missing, as root).
+browser:
+	./scripts/browser.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -40,7 +44,7 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
-test: $(STAMP) services lint types unit
+test: $(STAMP) services browser lint types unit
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/hot_path.py
@@ -48,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis artifacts

@@ -41,6 +41,13 @@ Semantics (DESIGN.md section 4), with the decisions taken where it is silent:
   is queued with its wait counted from the original post.
 * **Coming back.** A chat or mail thread whose contact finished reopens when the *customer*
   writes again; late events of a finished call and further crowd replies do not.
+* **Follow-ups.** An ``update`` of a live contact that is not the crowd's answer (the customer
+  writing again, a staff reply, a call's DTMF) emits ``contact.updated`` with who holds it
+  (``agent_id``, ``offer_id``); its body is not kept here (the daemon keeps transcripts).
+* **Away reasons and dispositions.** With ``away_reasons`` in the routing file, ``away`` needs
+  one of them; a ``complete`` may carry one of the ``dispositions`` (``unknown_...`` refusals
+  otherwise). A supervisor's :class:`~router.messages.ReleaseContact` completes an assigned
+  contact as ``released_by_supervisor`` without wrap-up, so a lost hang-up strands nobody.
 * **At least once.** MQTT QoS 1 can deliver an agent's command twice: a repeated accept, or a
   complete after the caller hung up, is a no-op, not a refusal.
 * **Backlog.** Whenever capacity frees up (login, available, complete, wrap-up end, expiry,
@@ -68,6 +75,7 @@ from router.messages import (
     OfferCmd,
     RefusedCmd,
     Reject,
+    ReleaseContact,
     RemoveExpert,
     SetState,
     Tick,
@@ -86,6 +94,7 @@ from router.state import (
     QueueCounters,
 )
 from rules.decision import CustomerView
+from rules.schema import RELEASED_BY_SUPERVISOR
 from rules.schema import Agent as AgentCfg
 from rules.schema import Queue as QueueCfg
 from rules.table import RoutingTable
@@ -209,6 +218,8 @@ class Engine:
             out.append(self._experts.upsert(message.expert, now))
         elif isinstance(message, RemoveExpert):
             out.append(self._experts.remove(message.expert_id, now))
+        elif isinstance(message, ReleaseContact):
+            self._on_release(message, now, out)
         else:
             agent = self._state.agents.get(message.agent_id)
             if agent is None or message.agent_id not in self._agent_cfg:
@@ -327,23 +338,115 @@ class Engine:
         """Every pending offer as the command that made it (history included), for a daemon
         that restarted and must make sure each agent has seen its offers."""
         st = self._state
-        result = []
-        for offer in st.offers.values():
-            contact = st.contacts[offer.contact_id]
+        return [
+            self._offer_cmd(offer, st.contacts[offer.contact_id]) for offer in st.offers.values()
+        ]
+
+    def _offer_cmd(self, offer: OfferRec, contact: ContactRec) -> OfferCmd:
+        customer = self._state.customers.get(contact.customer_id)
+        expert = self._state.experts.get(contact.expert_id or "")
+        return OfferCmd(
+            offer_id=offer.id,
+            agent_id=offer.agent_id,
+            contact_id=contact.id,
+            queue=contact.queue,
+            expires_at=offer.expires_at,
+            contact=contact.event,
+            customer_id=contact.customer_id,
+            history=tuple(history(customer, contact.id)) if customer else (),
+            rule=contact.rule,
+            priority=contact.priority,
+            expert_id=contact.expert_id,
+            expert_level=expert.level if expert is not None else 0,
+        )
+
+    def agent_work(self, agent_id: str) -> dict[str, Any] | None:
+        """One agent's open work, for a desktop that (re)connects: its state, its pending
+        offers (as the commands that made them) and the contacts it holds (assigned or in
+        wrap-up) with what an offer carries; None for an agent not in the routing file."""
+        st = self._state
+        agent = st.agents.get(agent_id)
+        if agent is None or agent_id not in self._agent_cfg:
+            return None
+        contacts = []
+        for contact_id in agent.contacts:
+            contact = st.contacts[contact_id]
             customer = st.customers.get(contact.customer_id)
-            result.append(
-                OfferCmd(
-                    offer_id=offer.id,
-                    agent_id=offer.agent_id,
-                    contact_id=contact.id,
-                    queue=contact.queue,
-                    expires_at=offer.expires_at,
-                    contact=contact.event,
-                    customer_id=contact.customer_id,
-                    history=tuple(history(customer, contact.id)) if customer else (),
-                )
+            expert = st.experts.get(contact.expert_id or "")
+            contacts.append(
+                {
+                    "contact_id": contact.id,
+                    "state": contact.state,
+                    "queue": contact.queue,
+                    "rule": contact.rule,
+                    "priority": contact.priority,
+                    "channel": contact.channel,
+                    "contact": contact.event,
+                    "customer_id": contact.customer_id,
+                    "history": history(customer, contact.id) if customer else [],
+                    "expert_id": contact.expert_id,
+                    "expert_level": expert.level if expert is not None else 0,
+                    "assigned_at": contact.assigned_at,
+                    "wrap_until": contact.wrap_until if contact.state == "wrap_up" else None,
+                }
             )
-        return result
+        return {
+            "agent_id": agent.id,
+            "name": self._agent_cfg[agent.id].name,
+            "state": agent.state,
+            "reason": agent.reason,
+            "offers": [
+                self._offer_cmd(st.offers[o], st.contacts[st.offers[o].contact_id])
+                for o in agent.offers
+            ],
+            "contacts": contacts,
+        }
+
+    def floor_view(self) -> dict[str, Any]:
+        """What a wallboard needs beyond :meth:`queue_stats`: per queue the agents who serve it
+        by state (``busy``: holding an offer or a contact), the contacts agents hold
+        (``assigned_at`` tells how long), contacts in their crowd window and the crowd experts'
+        own contacts waiting."""
+        st = self._state
+        agents: dict[str, dict[str, int]] = {
+            q: {"busy": 0, "away": 0, "not_responding": 0, "wrap_up": 0, "logged_in": 0}
+            for q in self._queues
+        }
+        for agent in st.agents.values():
+            if agent.state == "offline":
+                continue
+            busy = bool(agent.contacts or agent.offers)
+            for qname in self._agent_queues.get(agent.id, ()):
+                row = agents[qname]
+                row["logged_in"] += 1
+                if agent.state in ("away", "not_responding", "wrap_up"):
+                    row[agent.state] += 1
+                if busy:
+                    row["busy"] += 1
+        held = []
+        crowd_window = 0
+        experts_waiting = 0
+        for contact in st.contacts.values():
+            if contact.state == "assigned":
+                held.append(
+                    {
+                        "contact_id": contact.id,
+                        "agent_id": contact.agent_id,
+                        "queue": contact.queue,
+                        "channel": contact.channel,
+                        "assigned_at": contact.assigned_at,
+                    }
+                )
+            elif contact.state == "crowd_window":
+                crowd_window += 1
+            elif contact.state == "queued" and contact.expert:
+                experts_waiting += 1
+        return {
+            "agents": agents,
+            "held": held,
+            "crowd_window": crowd_window,
+            "experts_waiting": experts_waiting,
+        }
 
     def contact_info(self, contact_id: str) -> dict[str, Any] | None:
         """A contact's state, queue, agent, wait and the customer's history; None if unknown."""
@@ -490,13 +593,37 @@ class Engine:
         now: float,
         out: list[Command],
     ) -> None:
-        if not contact.crowd or contact.state not in ("crowd_window", "queued", "offered"):
+        if (
+            contact.crowd
+            and contact.state in ("crowd_window", "queued", "offered")
+            and keys
+            and not set(self._state.customers[contact.customer_id].keys).intersection(keys)
+            # the company's own staff in the thread is not the crowd
+            and event.attributes.get("staff") != "true"
+        ):
+            self._answered_by_crowd(contact, event, keys, now, out)
             return
-        asker = set(self._state.customers[contact.customer_id].keys)
-        if not keys or asker.intersection(keys):
-            return  # the asker writing again: still the same contact
-        if event.attributes.get("staff") == "true":
-            return  # the company's own staff in the thread is not the crowd
+        # The asker writing again, a staff reply, a call's DTMF: still the same contact. Its
+        # body stays at the edge (the transcript); whoever holds the contact is told.
+        out.append(
+            self._event(
+                "contact.updated",
+                contact,
+                now,
+                state=contact.state,
+                agent_id=contact.agent_id,
+                offer_id=contact.offer_id,
+            )
+        )
+
+    def _answered_by_crowd(
+        self,
+        contact: ContactRec,
+        event: ContactEvent,
+        keys: tuple[str, ...],
+        now: float,
+        out: list[Command],
+    ) -> None:
         freed = None
         if contact.state == "offered":
             freed = self._withdraw_offer(contact, "answered_by_crowd", now, out, requeue=False)
@@ -538,7 +665,12 @@ class Engine:
             self._state.counters[contact.queue].abandoned += 1
         out.append(
             self._event(
-                "contact.abandoned", contact, now, reason=reason, waited=now - contact.arrived_at
+                "contact.abandoned",
+                contact,
+                now,
+                reason=reason,
+                waited=now - contact.arrived_at,
+                from_state=state,
             )
         )
         self._finish(contact, "abandoned", now)
@@ -611,7 +743,11 @@ class Engine:
         contact.offer_id = None
         contact.agent_id = None
         self._push_contact(contact)
-        out.append(self._event("contact.queued", contact, now, rule=contact.rule, first=False))
+        out.append(
+            self._event(
+                "contact.queued", contact, now, rule=contact.rule, first=False, requeued=True
+            )
+        )
         queue = self._queues[contact.queue]
         if (
             queue.max_wait is not None
@@ -826,19 +962,7 @@ class Engine:
         agent.last_offer_seq = st.seq
         self._reserve(agent, contact.channel, +1)
         self._timer(expires, _T_OFFER, offer_id)
-        customer = st.customers.get(contact.customer_id)
-        out.append(
-            OfferCmd(
-                offer_id=offer_id,
-                agent_id=agent.id,
-                contact_id=contact.id,
-                queue=contact.queue,
-                expires_at=expires,
-                contact=contact.event,
-                customer_id=contact.customer_id,
-                history=tuple(history(customer, contact.id)) if customer else (),
-            )
-        )
+        out.append(self._offer_cmd(st.offers[offer_id], contact))
         out.append(
             self._event(
                 "contact.offered",
@@ -973,7 +1097,41 @@ class Engine:
                 RefusedCmd(agent_id=agent.id, reason="not_your_contact", detail=msg.contact_id)
             )
             return
-        self._complete(agent, contact, msg.outcome or "completed", now, out)
+        codes = self.table.file.dispositions
+        if msg.disposition is not None and msg.disposition not in codes:
+            known = ", ".join(codes) or "none are defined in the routing file"
+            out.append(
+                RefusedCmd(
+                    agent_id=agent.id,
+                    reason="unknown_disposition",
+                    detail=f"{msg.disposition!r} is not a disposition (known: {known})",
+                )
+            )
+            return
+        self._complete(
+            agent, contact, msg.outcome or "completed", now, out, disposition=msg.disposition
+        )
+
+    def _on_release(self, msg: ReleaseContact, now: float, out: list[Command]) -> None:
+        contact = self._state.contacts.get(msg.contact_id)
+        if contact is None or contact.state != "assigned" or contact.agent_id is None:
+            out.append(
+                RefusedCmd(
+                    agent_id=None,
+                    reason="not_assigned",
+                    detail=f"contact {msg.contact_id!r} is not held by an agent",
+                )
+            )
+            return
+        self._complete(
+            self._state.agents[contact.agent_id],
+            contact,
+            RELEASED_BY_SUPERVISOR,
+            now,
+            out,
+            disposition=RELEASED_BY_SUPERVISOR,
+            released_by=msg.by,
+        )
 
     def _completed_by(self, contact_id: str, agent_id: str) -> bool:
         contact = self._state.contacts.get(contact_id)
@@ -983,12 +1141,25 @@ class Engine:
         return done is not None and done[0] == "done" and done[2] == agent_id
 
     def _complete(
-        self, agent: AgentRec, contact: ContactRec, outcome: str, now: float, out: list[Command]
+        self,
+        agent: AgentRec,
+        contact: ContactRec,
+        outcome: str,
+        now: float,
+        out: list[Command],
+        *,
+        disposition: str | None = None,
+        released_by: str | None = None,
     ) -> None:
         queue = self._queues.get(contact.queue)
         wrap = self._defaults.wrap_up
         if queue is not None and queue.wrap_up is not None:
             wrap = queue.wrap_up
+        extra: dict[str, Any] = {}
+        if released_by is not None:
+            # Released by a supervisor: the agent did not work it to the end, so no wrap-up.
+            wrap = 0.0
+            extra["released_by"] = released_by
         out.append(
             self._event(
                 "contact.completed",
@@ -997,13 +1168,16 @@ class Engine:
                 agent_id=agent.id,
                 handled=now - contact.assigned_at,
                 outcome=outcome,
+                disposition=disposition,
+                wrap_up=wrap,
+                **extra,
             )
         )
         customer = self._state.customers.get(contact.customer_id)
         if customer is not None:
             customer.last_agent = agent.id
             customer.last_agent_at = now
-        self._customers.update_history(contact, outcome=outcome)
+        self._customers.update_history(contact, outcome=disposition or outcome)
         if wrap > 0:
             contact.state = contact_transition(contact.id, contact.state, "wrap_up")
             contact.wrap_until = now + wrap
@@ -1064,6 +1238,16 @@ class Engine:
     ) -> None:
         if agent.state == new == "available":
             return  # a repeated login or "available": nothing changes
+        reasons = self.table.file.away_reasons
+        if new == "away" and reasons and reason not in reasons:
+            out.append(
+                RefusedCmd(
+                    agent_id=agent.id,
+                    reason="unknown_away_reason",
+                    detail=f"away needs one of the reasons {', '.join(reasons)}; got {reason!r}",
+                )
+            )
+            return
         if agent.state == "wrap_up":
             # Ending wrap-up early ("ready"), or going away from it: the held slots end now.
             self._end_wrap_ups(agent, now, out)

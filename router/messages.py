@@ -55,6 +55,8 @@ class Complete(msgspec.Struct, frozen=True, kw_only=True, tag="complete", tag_fi
     agent_id: str = ""
     contact_id: str
     outcome: str | None = None
+    #: one of the routing file's ``dispositions`` codes (validated by the engine).
+    disposition: str | None = None
 
 
 class Logout(msgspec.Struct, frozen=True, kw_only=True, tag="logout", tag_field="op"):
@@ -86,7 +88,18 @@ class RemoveExpert(msgspec.Struct, frozen=True, kw_only=True, tag="remove_expert
     expert_id: str
 
 
-AdminCommand = LinkKeys | UpsertExpert | RemoveExpert
+class ReleaseContact(
+    msgspec.Struct, frozen=True, kw_only=True, tag="release_contact", tag_field="op"
+):
+    """Supervisor: complete an assigned contact an agent holds (a stuck one, e.g. a call whose
+    hang-up was lost) with disposition ``released_by_supervisor``; the agent's capacity is
+    freed at once, without wrap-up. ``by`` names the supervisor, for the audit trail."""
+
+    contact_id: str
+    by: str = ""
+
+
+AdminCommand = LinkKeys | UpsertExpert | RemoveExpert | ReleaseContact
 ADMIN_COMMAND_DECODER: msgspec.json.Decoder[AdminCommand] = msgspec.json.Decoder(AdminCommand)
 
 
@@ -106,6 +119,7 @@ EngineInput = (
     | LinkKeys
     | UpsertExpert
     | RemoveExpert
+    | ReleaseContact
 )
 
 
@@ -123,6 +137,12 @@ class OfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="offer", tag_field
     contact: ContactEvent
     customer_id: str
     history: tuple[dict[str, Any], ...] = ()
+    #: why it was routed here: the rule that decided and the contact's priority.
+    rule: str = ""
+    priority: int = 0
+    #: the crowd expert the contact comes from (None: not an expert) and their level.
+    expert_id: str | None = None
+    expert_level: int = 0
 
 
 class CancelOfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="cancel", tag_field="cmd"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import csv
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ import yaml
 from router.model import CHANNELS
 from rules.expr import Condition, ExprError, compile_condition
 from rules.identity import normalize_email, normalize_handle, normalize_phone
-from rules.schema import Expert, RoutingFile
+from rules.schema import RELEASED_BY_SUPERVISOR, Expert, RoutingFile
 from rules.table import RoutingTable, make_local_time
 
 MIN_PROFICIENCY, MAX_PROFICIENCY = 1, 5
@@ -473,6 +474,7 @@ def _check(
 
     _check_queues(c, file, declared)
     _check_agents(c, file, declared)
+    _check_codes(c, file)
     ids: set[str] = set()
     for expert in experts:
         if expert.id in ids:
@@ -520,6 +522,35 @@ def _check_queues(c: _Checker, file: RoutingFile, declared: set[str]) -> None:
                     nxt = file.queues[nxt].overflow
                 if nxt == name:
                     c.at(queue, "overflow", "overflow loop: " + " -> ".join([*seen, name]))
+
+
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def _check_codes(c: _Checker, file: RoutingFile) -> None:
+    """Away reasons and dispositions: codes are slugs (they are metric labels), labels set."""
+    for section, codes in (
+        ("away_reasons", file.away_reasons),
+        ("dispositions", file.dispositions),
+    ):
+        for code, label in codes.items():
+            if not _CODE.fullmatch(code):
+                c.at(
+                    codes,
+                    code,
+                    f"{section}: code {code!r} must be a lower-case slug (a-z, 0-9, _; "
+                    "at most 40 characters)",
+                    on_key=True,
+                )
+            if not label.strip():
+                c.at(codes, code, f"{section}: {code!r} needs a label")
+    if RELEASED_BY_SUPERVISOR in file.dispositions:
+        c.at(
+            file.dispositions,
+            RELEASED_BY_SUPERVISOR,
+            f"dispositions: {RELEASED_BY_SUPERVISOR!r} is built in (a supervisor's release)",
+            on_key=True,
+        )
 
 
 def _check_agents(c: _Checker, file: RoutingFile, declared: set[str]) -> None:

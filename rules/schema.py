@@ -14,6 +14,9 @@ import msgspec
 
 from router.model import Channel
 
+#: the disposition of a contact a supervisor released from a stuck agent (always known).
+RELEASED_BY_SUPERVISOR = "released_by_supervisor"
+
 Strategy = Literal["longest_idle", "most_skilled", "least_occupied", "round_robin"]
 
 
@@ -133,4 +136,10 @@ class RoutingFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     agents: tuple[Agent, ...] = ()
     experts: tuple[Expert, ...] = ()
     experts_file: str | None = None
+    #: the reasons an agent may give for ``away`` (code -> label shown on the desk); empty:
+    #: any reason is taken, as before the list existed.
+    away_reasons: dict[str, str] = msgspec.field(default_factory=dict)
+    #: the outcomes an agent may complete a contact with (code -> label); see
+    #: :data:`RELEASED_BY_SUPERVISOR` for the one built in.
+    dispositions: dict[str, str] = msgspec.field(default_factory=dict)
     rules: tuple[Rule, ...] = ()

@@ -34,8 +34,44 @@ export STELLWERK_SOURCES_SECRETS='{"discourse": "demo-discourse-secret", "whatsa
 
 ./scripts/services.sh   # the local Redis (and the shared anonymous test broker, unused here)
 
+# ---- the agent desktop (/desk) and the wallboard (/wall), docs/desk.md ----------------------
+# The demo routing is config/routing.yaml plus one agent, "demo", that loadgen's simulated agents
+# leave alone, so a person can sign in at /desk and take contacts by hand while loadgen runs.
+DESK_AGENT=demo
+DESK_TOKEN=${DEMO_DESK_TOKEN:-demo-desk-token}
+WALL_TOKEN=${DEMO_WALL_TOKEN:-demo-wall-token}
+SIM_AGENTS=$("$BIN/python" - "$WORK/routing.yaml" "$DESK_AGENT" <<'PY'
+import sys
+from pathlib import Path
+import yaml
+out, agent = Path(sys.argv[1]), sys.argv[2]
+data = yaml.safe_load(Path("config/routing.yaml").read_text(encoding="utf-8"))
+data["experts_file"] = str(Path("config", data["experts_file"]).resolve())
+skills = {s: 3 for s in data["skills"]} | {"de": 5, "en": 4}
+# No phone: a person at a laptop takes chats, mails and community posts.
+data["agents"].append({"id": agent, "name": "Demo Agent", "skills": skills,
+                       "capacity": {"phone": 0, "chat": 3, "email": 5, "social": 5}})
+out.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+print(len(data["agents"]) - 1)  # loadgen simulates the agents before it, never this one
+PY
+)
+export STELLWERK_ROUTING="$WORK/routing.yaml"
+STELLWERK_AUTH_TOKENS=$("$BIN/python" - "$DESK_AGENT" "$DESK_TOKEN" "$WALL_TOKEN" <<'PY'
+import json, sys
+from router.daemon.auth import hash_token
+agent, desk, wall = sys.argv[1:4]
+print(json.dumps([
+    {"name": f"agent:{agent}", "role": "agent", "agent_id": agent, "sha256": hash_token(desk)},
+    {"name": "demo-wall", "role": "supervisor", "sha256": hash_token(wall)},
+]))
+PY
+)
+export STELLWERK_AUTH_TOKENS
+DESK_LOADGEN_ARGS=(--routing "$WORK/routing.yaml" --agents "$SIM_AGENTS")
+# ---- end of the desk's part --------------------------------------------------------------
+
 # 1. Credentials: MQTT accounts + ACLs for Mosquitto, HTTP tokens (hashed) for the daemon.
-"$BIN/stellwerk" broker-config --routing config/routing.yaml --out "$WORK/broker" \
+"$BIN/stellwerk" broker-config --routing "$WORK/routing.yaml" --out "$WORK/broker" \
   --topic-prefix "$STELLWERK_TOPIC_PREFIX"
 
 # 2. A private broker with them, configured like config/mosquitto.conf.
@@ -83,10 +119,13 @@ trap cleanup EXIT   # start_daemon set its own trap (daemon only)
 echo "demo: daemon ready (pid $DAEMON), HTTP http://$HTTP_ADDR, SMTP $SMTP_ADDR, log $WORK/daemon.log"
 echo "demo: broker 127.0.0.1:$MQTT_PORT, accounts and ACLs only; secrets in $WORK/broker/credentials.yaml"
 echo "demo: loadgen for ${DURATION}s at ${RATE} contacts/s with the agents of config/routing.yaml"
+echo "demo: wallboard  http://$HTTP_ADDR/wall  (supervisor token: $WALL_TOKEN)"
+echo "demo: agent desk http://$HTTP_ADDR/desk  (agent id: $DESK_AGENT, token: $DESK_TOKEN)"
+echo "demo: sign in, press Go available and take a contact; DEMO_KEEP=1 keeps the daemon afterwards"
 
 status=0
 "$BIN/stellwerk" loadgen --config config/stellwerk.yaml --rate "$RATE" --duration "$DURATION" \
-  --grace 15 --credentials "$WORK/broker/credentials.yaml" || status=$?
+  --grace 15 --credentials "$WORK/broker/credentials.yaml" "${DESK_LOADGEN_ARGS[@]}" || status=$?
 
 echo
 echo "demo: an anonymous MQTT client, and /v1/queues without a token:"

@@ -284,6 +284,36 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     metrics: Literal["open", "supervisor"] = "open"
 
 
+class DeskSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The agent desktop (``/desk``) and the wallboard (``/wall``), docs/desk.md.
+
+    Transcripts (every message of a contact, kept at the edge, not in the engine): at most
+    ``transcript_messages`` per contact, each text cut at ``transcript_chars``; kept
+    ``transcript_ttl`` seconds after the contact finished (``open_ttl`` at most while open).
+    Stuck work: an agent holding a contact longer than ``stuck_factor`` times its queue's usual
+    handle time today (``default_handle_seconds`` until ``min_samples`` contacts of the queue
+    were completed today), and at least ``stuck_min_seconds``, is flagged on the wallboard and
+    in ``stellwerk_contacts_stuck``.
+    """
+
+    transcript_messages: int = 200
+    transcript_chars: int = 20_000
+    transcript_ttl: float = 86_400.0
+    open_ttl: float = 30 * 86_400.0
+    stuck_factor: float = 3.0
+    stuck_min_seconds: float = 600.0
+    default_handle_seconds: float = 300.0
+    min_samples: int = 5
+
+    def __post_init__(self) -> None:
+        if self.transcript_messages < 1 or self.transcript_chars < 100:
+            raise ValueError("transcript_messages must be >= 1 and transcript_chars >= 100")
+        if self.stuck_factor <= 0 or self.stuck_min_seconds < 0 or self.default_handle_seconds <= 0:
+            raise ValueError("stuck_factor and default_handle_seconds must be positive")
+        if self.transcript_ttl <= 0 or self.open_ttl <= 0 or self.min_samples < 1:
+            raise ValueError("transcript_ttl, open_ttl and min_samples must be positive")
+
+
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The routing loop: lease, snapshots, journal retention.
 
@@ -324,6 +354,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     sources: SourceSettings = msgspec.field(default_factory=SourceSettings)
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
+    desk: DeskSettings = msgspec.field(default_factory=DeskSettings)
 
     def __post_init__(self) -> None:
         if not self.topic_prefix or any(c in self.topic_prefix for c in "#+\0"):

@@ -37,7 +37,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import limits
 import msgspec
@@ -46,7 +46,7 @@ from aiohttp import web
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from router.daemon import auth, openapi
+from router.daemon import auth, desk, openapi
 from router.daemon.auth import Authenticator, Principal, principal_of
 from router.daemon.config import Settings, parse_addr
 from router.daemon.intake import Intake
@@ -56,6 +56,9 @@ from router.messages import AdminCommand, LinkKeys, RemoveExpert, UpsertExpert
 from router.model import SOURCES
 from rules.identity import normalize_handle
 from rules.schema import Expert
+
+if TYPE_CHECKING:
+    from router.daemon.desk import DeskService
 
 log = structlog.get_logger("stellwerk.http")
 
@@ -146,6 +149,8 @@ class AppState:
     lease_held: bool = False
     view: RouterView | None = None
     reload: ReloadFn | None = None
+    #: the agent desktop and wallboard (router.daemon.desk), when the daemon runs them.
+    desk: DeskService | None = None
 
 
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -546,6 +551,7 @@ def make_app(
             (web.get("/v1/customers/{ref}", h.customer), "supervisor"),
         ],
     )
+    desk.register(app, state)  # /desk, /wall and their WebSockets (docs/desk.md)
     metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
     return app
 

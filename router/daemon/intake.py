@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from router.model import ContactEvent
 log = structlog.get_logger("stellwerk.intake")
 
 DecodeFn = Callable[[str, bytes, Mapping[str, str], DecodeConfig], list[ContactEvent]]
+EventObserver = Callable[[Sequence[ContactEvent]], Awaitable[None]]
 AGENT_COMMAND_SOURCE = "agent-cmd"
 """The dead-letter/metric ``source`` of agent commands that do not decode."""
 
@@ -81,6 +82,9 @@ class Intake:
         self.metrics = metrics
         self._decode = decode or _registry_decode()
         self._clock = clock
+        #: called with the decoded events of each delivery before they are journaled (the
+        #: desk's transcript store keeps the message bodies there); they must not raise.
+        self.observers: list[EventObserver] = []
 
     async def accept(
         self, source: str, body: bytes, headers: Mapping[str, str] | None = None
@@ -92,6 +96,7 @@ class Intake:
         except Rejected as exc:
             return await self._reject(source, exc.reason, exc.detail, body, hdrs)
         at = self._clock()
+        await self._observe(events)
         entries: list[JournalEntry] = [ContactEntry(event=e, at=at) for e in events]
         ids = await self.journal.append_many(entries)
         self._count(events)
@@ -120,6 +125,7 @@ class Intake:
             spans.append((len(entries), len(events)))
             entries.extend(ContactEntry(event=e, at=at) for e in events)
             accepted_events.extend(events)
+        await self._observe(accepted_events)
         ids = await self.journal.append_many(entries)
         self._count(accepted_events)
         out: list[IntakeResult] = []
@@ -176,6 +182,13 @@ class Intake:
             "input.rejected", source=source, reason=reason, detail=detail[:300], size=len(body)
         )
         return IntakeResult(reason=reason, detail=detail)
+
+    async def _observe(self, events: Sequence[ContactEvent]) -> None:
+        # Before the journal: whoever reads a body when the router announces the event
+        # (contact.updated) finds it already there.
+        if events:
+            for observer in self.observers:
+                await observer(events)
 
     def _count(self, events: Sequence[ContactEvent]) -> None:
         if self.metrics is not None:

@@ -825,6 +825,10 @@ class LoadGen:
             self._last_offer = track.offered_at
             self.offered += 1
             self.latencies.append((track.offered_at - track.sent_at) * 1000.0)
+        if agent_id not in self.t.agents:
+            # Offered to an agent this run does not simulate (a person at the desk during
+            # `make demo`): theirs to accept, never ours to answer for them.
+            return
         think = self.rng.uniform(0.0, self.p.think_time) if self.p.think_time else 0.0
         self._later(think, self._work, agent_id, offer_id, cid)
 

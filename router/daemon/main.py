@@ -30,6 +30,7 @@ from aiohttp import web
 
 from router.daemon.auth import Authenticator
 from router.daemon.config import LoadedSettings, LogSettings, Settings, SettingsError, load_settings
+from router.daemon.desk import DeskService
 from router.daemon.http import AppState, make_app, server_tls, start_http
 from router.daemon.intake import Intake
 from router.daemon.journal import Journal, connect_redis
@@ -190,6 +191,10 @@ class Daemon:
         state = self.state
         journal = Journal(redis, s.key_prefix)
         intake = Intake(journal, s.decode_config(), metrics=metrics)
+        # The agent desktop and the wallboard: transcripts at intake, live feeds as sinks.
+        desk = DeskService(s, intake, redis, metrics, state)
+        state.desk = desk
+        self.sinks.extend(desk.sinks)
 
         leader = s.mqtt.ingress == "leader"
 
@@ -236,6 +241,7 @@ class Daemon:
                     self._watch_redis(journal, state, metrics), name="redis-watch"
                 )
                 reload_task = tg.create_task(self._reloads(router), name="sighup-reload")
+                desk_task = tg.create_task(desk.run(), name="desk")
                 if s.http.addr:
                     app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics))
                     tls = (
@@ -273,7 +279,14 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(router_task), remaining)
                 # 3. Cancel the rest.
-                for task in (ingress_task, router_task, pub_task, watch_task, reload_task):
+                for task in (
+                    ingress_task,
+                    router_task,
+                    pub_task,
+                    watch_task,
+                    reload_task,
+                    desk_task,
+                ):
                     task.cancel()
         finally:
             if runner is not None:

@@ -362,6 +362,20 @@ class Metrics:
         )
         for op in ADMIN_OPS:
             self.admin_changes.labels(op)
+        # ---- the desk and the wallboard ----
+        self.dispositions = Counter(
+            "stellwerk_contacts_dispositions",
+            "Completed contacts by queue and disposition (none: completed without one; "
+            "released_by_supervisor: a stuck contact a supervisor released).",
+            ["queue", "disposition"],
+            registry=r,
+        )
+        self.contacts_stuck = Gauge(
+            "stellwerk_contacts_stuck",
+            "Contacts an agent has held far longer than the queue's usual handle time.",
+            ["queue"],
+            registry=r,
+        )
         self._queues: set[str] = set()
 
     # ---- updates -----------------------------------------------------------------------
@@ -450,6 +464,7 @@ class Metrics:
                 self.crowd_outcomes.labels(channel, source, "abandoned").inc()
         elif kind == "contact.completed":
             self.contacts_completed.labels(queue).inc()
+            self.dispositions.labels(queue, str(data.get("disposition") or "none")).inc()
             handled = _seconds(data, "handled")
             if handled is not None:
                 self.handle_seconds.labels(queue).observe(handled)
@@ -529,6 +544,15 @@ class Metrics:
             for activity in EXPERT_ACTIVITY:
                 self.experts.labels(activity).set(_number(summary, activity))
             self.experts_never_answered.set(_number(summary, "never_answered"))
+
+    def precreate_dispositions(self, queues: Iterable[str], codes: Iterable[str]) -> None:
+        """Export every (queue, disposition) pair at zero, so a rate over them is defined from
+        the start (``none`` and ``released_by_supervisor`` included)."""
+        codes = [*codes, "none", "released_by_supervisor"]
+        for queue in queues:
+            self.contacts_stuck.labels(queue)
+            for code in codes:
+                self.dispositions.labels(queue, code)
 
     @staticmethod
     def _remove(gauge: Gauge, label: str) -> None:

@@ -23,6 +23,7 @@ from router.daemon.loadgen import (
     LoadgenError,
     Profile,
     Target,
+    Track,
     agent_ids,
     ari_event,
     discourse_post,
@@ -204,3 +205,17 @@ async def test_a_short_run_against_a_real_daemon_loses_nothing(
     from tests.daemon.conftest import wait_until
 
     await wait_until(all_offline, 5, "the agents to log out")
+
+
+def test_offers_for_an_agent_loadgen_does_not_simulate_are_left_to_that_agent() -> None:
+    # During `make demo` a person at the desk gets some of loadgen's contacts: loadgen counts
+    # them as offered but never accepts (or completes) them on that person's behalf.
+    gen = LoadGen(Target(agents=["a01"]), Profile(think_time=0.0))
+    scheduled: list[tuple[Any, ...]] = []
+    gen._later = lambda delay, fn, *args: scheduled.append(args)  # type: ignore[method-assign]
+    gen.tracks["c-1"] = Track(channel="chat", sent_at=0.0)
+    gen.tracks["c-2"] = Track(channel="chat", sent_at=0.0)
+    gen._on_offer({"contact_id": "c-1", "agent_id": "demo", "offer_id": "o1"})
+    gen._on_offer({"contact_id": "c-2", "agent_id": "a01", "offer_id": "o2"})
+    assert scheduled == [("a01", "o2", "c-2")]
+    assert gen.offered == 2

@@ -212,3 +212,34 @@ def test_error_in_a_multiline_plain_scalar(newline: str) -> None:
     ).replace("\n", newline)
     (problem,) = problems(text)
     assert problem.startswith('r.yaml:8:20: type mismatch: hour (int) == "x"'), problem
+
+
+def test_away_reasons_and_dispositions_are_checked_where_they_are_written() -> None:
+    text = (
+        HEAD.replace(
+            "rules:\n",
+            "away_reasons: {break: Break, Lunch Time: Lunch}\n"
+            "dispositions: {solved: '', released_by_supervisor: Released}\n"
+            "rules:\n",
+        )
+        + "  - {name: default, default: true, queue: general}\n"
+    )
+    found = problems(text)
+    assert any(p.startswith("r.yaml:5:30: away_reasons: code 'Lunch Time'") for p in found), found
+    assert "r.yaml:6:24: dispositions: 'solved' needs a label" in found, found
+    assert any(
+        p.startswith("r.yaml:6:28: dispositions: 'released_by_supervisor' is built in")
+        for p in found
+    ), found
+
+
+def test_away_reasons_and_dispositions_load() -> None:
+    text = (
+        HEAD.replace(
+            "rules:\n", "away_reasons: {break: Break}\ndispositions: {solved: Solved}\nrules:\n"
+        )
+        + "  - {name: default, default: true, queue: general}\n"
+    )
+    table = parse_routing(text, "r.yaml")
+    assert table.file.away_reasons == {"break": "Break"}
+    assert table.file.dispositions == {"solved": "Solved"}
