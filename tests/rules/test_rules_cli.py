@@ -57,7 +57,8 @@ def test_check_reports_every_problem_of_a_broken_copy(tmp_path: Path) -> None:
         " channels, weight, sla, max_wait, max_length, overflow, wrap_up, offer_timeout,"
         " strategy, description)",
         f"{at('- name: spam')}: no default rule (the last rule needs 'default: true')",
-        f"{at('queue: internationl', 'internationl')}: unknown queue 'internationl'",
+        f"{at('queue: internationl', 'internationl')}: rules[4] (english): unknown queue"
+        " 'internationl' (did you mean 'international'?)",
         f"{at('to == 498003322003', '498003322003')}: type mismatch: to (str) =="
         " 498003322003 (int)",
         f"{at('- name: default', 'default')}: a rule without 'when' must be the default rule"
