@@ -34,6 +34,7 @@ from router.daemon.loadgen import (
     whatsapp_message,
 )
 from tests.daemon.conftest import REPO, Names, write_routing
+from tests.servers import MQTT_HOST, MQTT_PASSWORD, MQTT_PORT, MQTT_USER
 
 SECRETS = {"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse": "disc-secret"}
 CONFIG = DecodeConfig(secrets=SECRETS)
@@ -161,6 +162,10 @@ async def test_a_short_run_against_a_real_daemon_loses_nothing(
         sources_secrets=secrets,
     )
     target = Target(
+        mqtt_host=MQTT_HOST,
+        mqtt_port=MQTT_PORT,
+        mqtt_user=MQTT_USER,
+        mqtt_password=MQTT_PASSWORD,
         http_url=f"http://127.0.0.1:{http_port}",
         smtp_port=smtp_port,
         prefix=names.topic_prefix,
