@@ -30,6 +30,21 @@ export STELLWERK_SOURCES_SECRETS='{"discourse": "demo-discourse-secret", "whatsa
 ./scripts/services.sh
 
 source scripts/lib/daemon.sh
+
+# Leave nothing behind, however the demo ends: stop the daemon, remove the demo's keys and the
+# broker session its ingress keeps (seven days otherwise), so a second run, or another daemon
+# on the same Redis and broker, starts from the same clean state.
+demo_cleanup() {
+  stop_daemon
+  if wipe_key_prefix && drop_broker_session; then
+    echo "demo: removed the Redis keys ${STELLWERK_KEY_PREFIX}* and the broker session $STELLWERK_MQTT_CLIENT_ID"
+  else
+    echo "demo: cleanup failed; remove the keys ${STELLWERK_KEY_PREFIX}* and the broker session $STELLWERK_MQTT_CLIENT_ID by hand" >&2
+  fi
+}
+trap demo_cleanup EXIT
+trap 'exit 130' INT TERM
+
 wipe_key_prefix
 start_daemon demo
 echo "demo: daemon ready (pid $DAEMON), HTTP http://$HTTP_ADDR, SMTP $SMTP_ADDR, log $WORK/daemon.log"
