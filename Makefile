@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo simulate crowd-example test lint types unit services browser bench clean
+.PHONY: demo simulate crowd-example test lint types unit alerts services browser bench clean
 
 # Debian ships venv separately (python3-venv); install it when missing and we are root.
 $(STAMP): pyproject.toml
@@ -44,7 +44,12 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
-test: $(STAMP) services browser lint types unit
+# The alert rules' unit tests (promtool, unpacked from Debian's prometheus package if missing).
+alerts: $(STAMP)
+	./scripts/promtool.sh check rules config/prometheus-alerts.yaml
+	./scripts/promtool.sh test rules config/prometheus-alerts.test.yaml
+
+test: $(STAMP) services browser lint types alerts unit
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/hot_path.py

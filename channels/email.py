@@ -19,6 +19,10 @@ Decisions where the issue is silent:
   mailing list or newsletter, not an auto-reply: it is tagged ``bulk`` (List-Id, when present,
   goes to ``attributes["list_id"]``). Whether any of these is routed, parked or dropped is a
   routing rule's decision, not the decoder's.
+- A text part without a ``charset`` parameter (what swaks and many scripts send with a raw
+  8-bit body), or one declared ``us-ascii`` that is not, or with an unknown charset, is read as
+  UTF-8 when it is valid UTF-8, else as Windows-1252, the bytes Windows-1252 leaves undefined as
+  Latin-1: every byte stays a character, nothing is replaced or dropped.
 - A Date that is missing or does not parse gives ``occurred_at`` 0.0; a mail is not refused
   for a broken date.
 - Input that has none of From, To, Subject, Date, Message-ID is not an email: ``not_email``.
@@ -30,6 +34,7 @@ falls back to the raw value so that bad mail still decodes or is rejected, never
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 from collections.abc import Mapping
@@ -133,8 +138,19 @@ def _header_text(message: Message, name: str) -> str | None:
         text = _raw_header(message, name)
     if text is None:
         return None
-    text = " ".join(text.split())
+    text = " ".join(_unescape(text).split())
     return text or None
+
+
+def _unescape(text: str) -> str:
+    """Undo the parser's surrogate escapes of raw 8-bit header bytes (SMTPUTF8 mail, careless
+    scripts): the bytes are read as undeclared text is, so they neither vanish nor leave lone
+    surrogates that no encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return decode_undeclared(text.encode("utf-8", "surrogateescape"))
+    return text
 
 
 def _raw_header(message: Message, name: str) -> str | None:
@@ -152,7 +168,8 @@ def _first_address(message: Message, name: str) -> tuple[str | None, str | None]
         addresses = getattr(header, "addresses", None) if header is not None else None
         if addresses:
             first = addresses[0]
-            return first.display_name or None, first.addr_spec.lower() or None
+            name, addr = _unescape(first.display_name), _unescape(first.addr_spec)
+            return name or None, addr.lower() or None
     except Exception:
         pass  # fall back to the lenient parse of the raw text below
     text = _header_text(message, name)
@@ -228,20 +245,61 @@ def _body_text(message: Message) -> str | None:
     return content
 
 
-def _part_text(part: Message) -> str | None:
+def _latin1_fallback(exc: UnicodeError) -> tuple[str, int]:
+    # Windows-1252 leaves five bytes undefined; Latin-1 maps them to the C1 controls.
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return exc.object[exc.start : exc.end].decode("latin-1"), exc.end
+
+
+codecs.register_error("stellwerk-latin1", _latin1_fallback)
+_ASCII = frozenset({"us-ascii", "ascii", "ansi_x3.4-1968"})
+
+
+def decode_undeclared(raw: bytes) -> str:
+    """Text of unknown encoding: UTF-8 when it is valid UTF-8, else Windows-1252 (Latin-1 for
+    the bytes it leaves undefined). One character per byte in the fallback, never a loss."""
     try:
-        content = part.get_content()  # type: ignore[attr-defined]
-        if isinstance(content, str):
-            return content
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="stellwerk-latin1")
+
+
+def _declared_charset(part: Message) -> str | None:
+    """The part's charset parameter when it names a codec Python knows, else None."""
+    try:
+        charset = part.get_content_charset()
     except Exception:
-        pass  # unknown charset, broken transfer encoding: decode by hand below
+        return None
+    if not charset:
+        return None
+    try:
+        codecs.lookup(charset)
+    except (LookupError, ValueError):
+        return None
+    return charset
+
+
+def _part_text(part: Message) -> str | None:
+    charset = _declared_charset(part)
+    if charset is not None and charset not in _ASCII:
+        try:
+            content = part.get_content()  # type: ignore[attr-defined]
+            if isinstance(content, str):
+                return content
+        except Exception:
+            pass  # a broken transfer encoding: decode by hand below
     try:
         raw = part.get_payload(decode=True)
     except Exception:
         return None
     if not isinstance(raw, bytes):
         return None
-    return raw.decode("utf-8", errors="replace")
+    if charset is not None and charset not in _ASCII:
+        # Declared, but the content did not decode: keep what is there rather than nothing.
+        return raw.decode(charset, errors="replace")
+    # No charset (or "us-ascii" on 8-bit bytes, or an unknown one): the mail does not say.
+    return decode_undeclared(raw)
 
 
 def _is_attachment(part: Message) -> bool:
@@ -284,7 +342,7 @@ def _safe_filename(part: Message) -> str:
         name = part.get_filename()
     except Exception:
         name = None
-    return bound_text(name, 255) or "unnamed"
+    return bound_text(_unescape(name) if name else None, 255) or "unnamed"
 
 
 def _decoded_size(part: Message) -> int:

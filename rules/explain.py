@@ -2,8 +2,10 @@
 
 The customer is what the routing file knows (crowd experts); ``--at`` sets the clock (ISO 8601;
 without an offset it is local time in the routing file's timezone), default the event's
-``occurred_at``, or now when the event has none. Exit 0, 1 for a bad routing file, 2 for a bad
-event or ``--at``.
+``occurred_at``, or now when the event has none. The input is one ContactEvent or a JSON list
+of them (what ``stellwerk normalize`` prints for a batch); each event of a list is explained in
+turn, headed by its position and contact id (``--json``: a list of explanations). Exit 0, 1 for
+a bad routing file, 2 for a bad event (an empty list included) or ``--at``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from router.model import CONTACT_EVENT_DECODER, ContactEvent
+from router.model import ContactEvent
 from rules.check import load_or_report
 from rules.table import Explanation
 
@@ -25,14 +27,25 @@ from rules.table import Explanation
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The sub-command's arguments."""
     parser.add_argument("routing", metavar="ROUTING.yaml", help="the routing file")
-    parser.add_argument("event", metavar="EVENT.json", help="a ContactEvent as JSON ('-': stdin)")
+    parser.add_argument(
+        "event",
+        metavar="EVENT.json",
+        help="a ContactEvent as JSON, or a list of them as normalize prints ('-': stdin)",
+    )
     parser.add_argument("--at", metavar="ISO8601", help="the time of the decision")
     parser.add_argument("--json", action="store_true", help="print the explanation as JSON")
 
 
-def _read_event(name: str) -> ContactEvent:
+_EVENTS = msgspec.json.Decoder(ContactEvent | list[ContactEvent])
+
+
+def _read_events(name: str) -> tuple[list[ContactEvent], bool]:
+    """The events of the input, and whether it was a list."""
     data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
-    return CONTACT_EVENT_DECODER.decode(data)
+    decoded = _EVENTS.decode(data)
+    if isinstance(decoded, list):
+        return decoded, True
+    return [decoded], False
 
 
 def _value(value: Any) -> str:
@@ -94,27 +107,43 @@ def run(args: argparse.Namespace) -> int:
     if table is None:
         return 1
     try:
-        event = _read_event(args.event)
+        events, is_list = _read_events(args.event)
     except OSError as exc:
         print(f"{args.event}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         print(f"{args.event}: not a ContactEvent: {exc}", file=sys.stderr)
         return 2
+    if not events:
+        print(f"{args.event}: an empty list: no ContactEvent to explain", file=sys.stderr)
+        return 2
+    at: float | None = None
     if args.at is not None:
         try:
-            at = datetime.fromisoformat(args.at)
+            when = datetime.fromisoformat(args.at)
         except ValueError:
             print(f"--at: not an ISO 8601 time: {args.at!r}", file=sys.stderr)
             return 2
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=table.tz)
-        now = at.timestamp()
-    else:
-        now = event.occurred_at or time.time()
-    explanation = table.explain(event, table.customer_view(event), now)
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=table.tz)
+        at = when.timestamp()
+    explanations = [
+        table.explain(
+            event,
+            table.customer_view(event),
+            at if at is not None else event.occurred_at or time.time(),
+        )
+        for event in events
+    ]
     if args.json:
-        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(explanation)) + b"\n")
+        out: Any = explanations if is_list else explanations[0]
+        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(out)) + b"\n")
+    elif not is_list:
+        print(render(explanations[0]))
     else:
-        print(render(explanation))
+        blocks = [
+            f"event {n} of {len(events)}: {event.contact_id}\n{render(explanation)}"
+            for n, (event, explanation) in enumerate(zip(events, explanations, strict=True), 1)
+        ]
+        print("\n\n".join(blocks))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import difflib
 import os
 import re
 import types
@@ -110,6 +111,14 @@ def _join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+def _closest(word: object, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to ``word``, or ``""``."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _clean(message: str) -> str:
     # msgspec appends " - at `$...`"; the position we report says that better.
     return message.split(" - at `", 1)[0]
@@ -184,6 +193,13 @@ class _Converter:
         if pairs is None:
             return _BAD
         fields = {f.encode_name: f for f in msgspec.structs.fields(tp)}
+        # A list item is named by its index; its name (a rule's, an agent's id) says more.
+        label = path
+        if path.endswith("]"):
+            for _, key, value_node in pairs:
+                if key in ("name", "id") and isinstance(value_node, yaml.ScalarNode):
+                    label = f"{path} ({value_node.value})"
+                    break
         out: dict[str, Any] = {}
         keys: dict[str, yaml.Node] = {}
         values: dict[str, yaml.Node] = {}
@@ -191,9 +207,9 @@ class _Converter:
         for key_node, key, value_node in pairs:
             info = fields.get(key) if isinstance(key, str) else None
             if info is None:
-                self.problem(
-                    key_node, f"{path}: unknown field {key!r} (known: {', '.join(fields)})"
-                )
+                close = _closest(key, fields)
+                hint = f"{close[:-1]}; known: " if close else " (known: "
+                self.problem(key_node, f"{label}: unknown field {key!r}{hint}{', '.join(fields)})")
                 continue
             value = self.convert(value_node, info.type, _join(path, key))
             if value is _BAD:
@@ -295,6 +311,32 @@ def _read(path: Path) -> str:
 _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+# `key: "quoted" more`: YAML reads a scalar that starts with a quote up to its closing quote,
+# and anything after it is a syntax error; in a condition that is `when: "vip" in tags`.
+_HALF_QUOTED = re.compile(
+    r"(?P<key>[A-Za-z_][\w.-]*):[ \t]+"
+    r"""(?P<value>(?P<q>["'])[^"'\n]*(?P=q)[ \t]*[^\s,}\]#][^,}\]#\n]*)"""
+)
+
+
+def _quote_hint(text: str, line: int) -> str:
+    """A hint for a value that starts with a quote and goes on after it, near ``line``."""
+    lines = text.splitlines()
+    for n in (line, line - 1):
+        if not 0 <= n < len(lines):
+            continue
+        m = _HALF_QUOTED.search(lines[n])
+        if m is None:
+            continue
+        value = m.group("value").rstrip()
+        quoted = "'" + value.replace("'", "''") + "'"
+        return (
+            f"; the value of {m.group('key')!r} starts with a quote and goes on after it:"
+            f" quote the whole expression, e.g. {m.group('key')}: {quoted}"
+        )
+    return ""
+
+
 def _compose(src: _Source, problems: list[Problem]) -> yaml.Node | None:
     try:
         node = yaml.compose(src.text, Loader=_LOADER)
@@ -304,7 +346,8 @@ def _compose(src: _Source, problems: list[Problem]) -> yaml.Node | None:
         what = exc.problem or "cannot parse"
         if exc.context and exc.context_mark is not None:
             what += f" ({exc.context} at line {exc.context_mark.line + 1})"
-        problems.append(src.problem(index, f"bad YAML: {what}"))
+        hint = _quote_hint(src.text, mark.line if mark is not None else 0)
+        problems.append(src.problem(index, f"bad YAML: {what}{hint}"))
         return None
     except yaml.YAMLError as exc:
         problems.append(src.problem(0, f"bad YAML: {exc}"))
@@ -511,7 +554,8 @@ def _check_queues(c: _Checker, file: RoutingFile, declared: set[str]) -> None:
                 c.at(queue, field, f"{field} must not be negative")
         if queue.overflow is not None:
             if queue.overflow not in file.queues:
-                c.at(queue, "overflow", f"unknown queue {queue.overflow!r}")
+                close = _closest(queue.overflow, file.queues)
+                c.at(queue, "overflow", f"queues.{name}: unknown queue {queue.overflow!r}{close}")
             elif queue.max_wait is None and queue.max_length is None:
                 c.at(queue, "overflow", "overflow needs max_wait or max_length")
             else:
@@ -592,18 +636,25 @@ def _check_rules(c: _Checker, file: RoutingFile, declared: set[str]) -> None:
             c.at(rule, "name", "a rule needs a queue (or reject)")
         if rule.reject is not None and rule.queue is not None:
             c.at(rule, "queue", "a rejecting rule routes to no queue")
+        label = f"rules[{i}] ({rule.name})"
         if rule.queue is not None and rule.queue not in file.queues:
-            c.at(rule, "queue", f"unknown queue {rule.queue!r}")
+            close = _closest(rule.queue, file.queues)
+            c.at(rule, "queue", f"{label}: unknown queue {rule.queue!r}{close}")
         c.skills(rule, "skills", rule.skills, declared)
         if rule.crowd_first is not None and rule.crowd_first < 0:
             c.at(rule, "crowd_first", "crowd_first must not be negative")
         previous = 0.0
-        for step in rule.escalate:
+        for j, step in enumerate(rule.escalate):
             if step.after <= previous:
                 c.at(step, "after", "escalation steps need increasing positive 'after' seconds")
             previous = max(previous, step.after)
             if step.queue is not None and step.queue not in file.queues:
-                c.at(step, "queue", f"unknown queue {step.queue!r}")
+                close = _closest(step.queue, file.queues)
+                c.at(
+                    step,
+                    "queue",
+                    f"{label}.escalate[{j}]: unknown queue {step.queue!r}{close}",
+                )
             if step.skills is not None:
                 c.skills(step, "skills", step.skills, declared)
             if step.skills is None and step.queue is None and step.priority is None:

@@ -107,15 +107,25 @@ export STELLWERK_MQTT_URL="mqtt://127.0.0.1:$MQTT_PORT"
 SUPERVISOR_TOKEN=$("$BIN/python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['http']['supervisor'])" "$WORK/broker/credentials.yaml")
 
 source scripts/lib/daemon.sh
-cleanup() {
+# Leave nothing behind, however the demo ends: stop the daemon and the private broker (its
+# sessions and persistence live in the temp dir; its credentials go, the logs stay) and remove
+# the demo's Redis keys, so a second run, or another daemon on the same Redis, starts
+# from the same clean state.
+demo_cleanup() {
   stop_daemon
   kill -TERM "$BROKER" 2>/dev/null || true
   wait "$BROKER" 2>/dev/null || true
+  if wipe_key_prefix; then
+    echo "demo: removed the Redis keys ${STELLWERK_KEY_PREFIX}* and the demo's credentials; logs in $WORK"
+  else
+    echo "demo: cleanup failed; remove the Redis keys ${STELLWERK_KEY_PREFIX}* by hand" >&2
+  fi
+  rm -rf "$WORK/broker"
 }
-trap cleanup EXIT
+trap demo_cleanup EXIT
+trap 'exit 130' INT TERM
 wipe_key_prefix
 start_daemon demo
-trap cleanup EXIT   # start_daemon set its own trap (daemon only)
 echo "demo: daemon ready (pid $DAEMON), HTTP http://$HTTP_ADDR, SMTP $SMTP_ADDR, log $WORK/daemon.log"
 echo "demo: broker 127.0.0.1:$MQTT_PORT, accounts and ACLs only; secrets in $WORK/broker/credentials.yaml"
 echo "demo: loadgen for ${DURATION}s at ${RATE} contacts/s with the agents of config/routing.yaml"

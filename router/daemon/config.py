@@ -621,3 +621,15 @@ def _find(root: yaml.Node | None, path: list[str]) -> tuple[yaml.Node | None, ya
         else:
             break
     return node, key_node
+
+
+DEFAULT_CONFIG = "config/stellwerk.yaml"
+
+
+def settings_path(explicit: str | None) -> str | None:
+    """The settings file a command reads: ``explicit`` (``--config``), else
+    ``$STELLWERK_CONFIG``, else ``config/stellwerk.yaml`` when it exists, else None (defaults)."""
+    path = explicit or os.environ.get("STELLWERK_CONFIG")
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    return path

@@ -200,7 +200,7 @@ class _Handlers:
             outcome = await self.intake.accept(source, body, headers)
         except JournalUnavailable as exc:
             self.metrics.observe_ingress("http", "unavailable")
-            log.warning("webhook_not_accepted", source=source, reason="journal_unavailable")
+            log.warning("webhook.not_accepted", source=source, reason="journal_unavailable")
             return _error(
                 503,
                 "journal_unavailable",
@@ -282,10 +282,11 @@ class _Handlers:
         reload = self.state.reload
         if reload is None:
             return _error(503, "not_routing", "this daemon does not hold the routing lease")
+        # The router logs the outcome (rules.reloaded / rules.reload_refused), as for SIGHUP.
+        log.info("rules.reload_requested", trigger="http")
         problems = await reload()
         who = _who(request)
         if problems:
-            log.warning("rules_reload_refused", via="http", problems=problems, **who)
             return _reply(
                 422,
                 {
@@ -444,7 +445,7 @@ async def _json_errors(
         keep = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
         return _error(exc.status, slug, exc.text or exc.reason, keep)
     except Exception:
-        log.exception("http_handler_failed", path=request.path, method=request.method)
+        log.exception("http.handler_failed", path=request.path, method=request.method)
         return _error(500, "internal_error", "the daemon failed to handle this request")
 
 

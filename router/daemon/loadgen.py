@@ -14,7 +14,12 @@ Traffic, at ``--rate`` contacts per second for ``--duration`` seconds, mixed by 
 
 Simulated agents (``--agents N``, ids from the routing file) log in over MQTT, accept each offer
 after a short think time, work a random (exponential) handle time, complete (phone: the caller
-hangs up), and end their wrap-up after a short after-call work time.
+hangs up), and end their wrap-up after a short after-call work time. They handle every offer they
+get, also for contacts loadgen did not create (a daemon that already had work): ignored, those
+would be offered and time out again and again and keep the agents from loadgen's own contacts.
+Such contacts are completed by the agent (their caller is not ours to hang up), counted apart
+in the report (``other_contacts``, ``other_offers``) and kept out of its figures, and the report
+warns that they were there: the service the run measured was shared with them.
 
 The report: sent, accepted at ingress, offered, ended, still waiting, lost (accepted but never
 seen by the router in any event within the grace period), contacts/s, and the ingress→offer
@@ -343,6 +348,10 @@ class Report:
     refused_by: dict[str, int]
     agent_refusals: int
     agents: int
+    other_contacts: int = 0
+    """Contacts offered to the simulated agents that loadgen did not create."""
+    other_offers: int = 0
+    """Offers of those contacts (their figures are not in the ones above)."""
 
     def text(self) -> str:
         """The human-readable report."""
@@ -374,6 +383,13 @@ class Report:
             )
         if self.agent_refusals:
             lines.append(f"  agent commands refused by the daemon: {self.agent_refusals}")
+        if self.other_contacts:
+            lines.append(
+                f"  WARNING: the agents also got {self.other_offers} offers of "
+                f"{self.other_contacts} contacts loadgen did not create (the daemon already had "
+                "work); they were handled, and are not in the figures above, but they took "
+                "agent time from loadgen's contacts"
+            )
         return "\n".join(lines)
 
 
@@ -556,6 +572,9 @@ class LoadGen:
         self.seq = 0
         self._sending = 0
         self._assigned: dict[str, asyncio.Future[str | None]] = {}
+        # Contacts offered to our agents that we did not create -> the agent holding one.
+        self.others: dict[str, str | None] = {}
+        self.other_offers = 0
         self._winding_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gate = asyncio.Semaphore(profile.max_in_flight)
@@ -796,6 +815,14 @@ class LoadGen:
             return
         track = self.tracks.get(cid)
         if track is None:
+            if cid in self.others:
+                # Another's contact our agent works on: only its assignment and end matter.
+                if kind == "contact.assigned" and isinstance(body.get("agent_id"), str):
+                    self.others[cid] = body["agent_id"]
+                    self._resolve(cid, body["agent_id"])
+                elif kind in ENDED:
+                    self.others[cid] = None
+                    self._resolve(cid, None)
             return
         track.seen = True
         if kind in ROUTED and track.routed_at is None:
@@ -816,9 +843,17 @@ class LoadGen:
         cid, agent_id, offer_id = body.get("contact_id"), body.get("agent_id"), body.get("offer_id")
         if not (isinstance(cid, str) and isinstance(agent_id, str) and isinstance(offer_id, str)):
             return
+        if self._winding_down:
+            return
         track = self.tracks.get(cid)
-        if track is None or self._winding_down:
-            return  # not ours (another run's leftovers): leave it to expire
+        if track is None:
+            # Work the daemon had before us (or another run's leftovers): handle it like any
+            # offer, so it neither expires over and over nor blocks our contacts; count it apart.
+            self.others.setdefault(cid, None)
+            self.other_offers += 1
+            think = self.rng.uniform(0.0, self.p.think_time) if self.p.think_time else 0.0
+            self._later(think, self._work, agent_id, offer_id, cid)
+            return
         track.seen = True
         if track.offered_at is None:
             track.offered_at = time.perf_counter()
@@ -934,6 +969,8 @@ class LoadGen:
             refused_by=dict(self.refused),
             agent_refusals=self.agent_refusals,
             agents=len(self.t.agents),
+            other_contacts=len(self.others),
+            other_offers=self.other_offers,
         )
 
     # -- main
@@ -1014,6 +1051,10 @@ class LoadGen:
                 ends.append(self._hang_up(cid, cid.partition(":")[2], True))
             elif track.agent is not None:
                 ends.append(self._agent_cmd(track.agent, {"op": "complete", "contact_id": cid}))
+        # Others' contacts our agents still hold: complete them rather than hand them back.
+        for cid, agent in self.others.items():
+            if agent is not None:
+                ends.append(self._agent_cmd(agent, {"op": "complete", "contact_id": cid}))
         await asyncio.gather(*ends)
         for agent_id in self.t.agents:
             await self._agent_cmd(agent_id, {"op": "logout"})

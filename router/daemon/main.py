@@ -155,6 +155,7 @@ class Daemon:
         # Set by run(); tests and tools look at them.
         self.state = AppState()
         self.metrics = Metrics()
+        self.metrics.prime(table)
         self.router: Router | None = None
         # I/O-edge actors besides MQTT that carry out the engine's commands (telephony
         # connectors, the desk's live feed); see router.daemon.sinks.

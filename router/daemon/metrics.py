@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from router.messages import CancelOfferCmd, Command, EventCmd, OfferCmd, RefusedCmd
-from router.model import ContactEvent
+from router.model import CHANNELS, ContactEvent
+
+if TYPE_CHECKING:
+    from rules.table import RoutingTable
 
 __all__ = ["CONTENT_TYPE_LATEST", "EngineView", "Metrics"]
 
@@ -62,6 +65,53 @@ DECISION_BUCKETS = (
     0.25,
 )
 AGENT_STATES = ("offline", "available", "away", "wrap_up", "not_responding")
+# The label values known before anything happens, so that every series exists at 0 from the
+# start: Prometheus' rate() and increase() cannot see the first event of a series that appears
+# at 1 (a first spam mail, a first expert call, a first forged webhook would stay invisible).
+# The channels each source's decoder produces (generic carries any channel).
+SOURCE_CHANNELS: dict[str, tuple[str, ...]] = {
+    "asterisk-ari": ("phone",),
+    "freeswitch": ("phone",),
+    "twilio-voice": ("phone",),
+    "email": ("email",),
+    "rocketchat": ("chat",),
+    "chatwoot": ("chat",),
+    "whatsapp": ("chat",),
+    "messenger": ("chat",),
+    "discourse": ("social",),
+    "x": ("social",),
+    "generic": CHANNELS,
+}
+KINDS = ("new", "update", "end")
+WAIT_OUTCOMES = ("assigned", "abandoned")
+CROWD_OUTCOMES = ("answered_by_crowd", "assigned", "abandoned")
+OFFER_OUTCOMES = ("offered", "accepted", "rejected", "expired")
+# router.engine's reasons: why an offer is withdrawn, why an agent or admin command is refused.
+CANCEL_REASONS = (
+    "answered_by_crowd",
+    "contact_ended",
+    "rejected",
+    "expired",
+    "agent_not_responding",
+    "agent_away",
+    "agent_logout",
+)
+AGENT_REFUSALS = ("unknown_agent", "unknown_offer", "not_your_offer", "not_your_contact")
+ADMIN_REFUSALS = ("unknown_expert", "bad_identity_key")
+# The decoders' and the intake's reasons for refusing an input (channels.base.Rejected).
+INPUT_REASONS = (
+    "bad_signature",
+    "bad_shape",
+    "bad_timestamp",
+    "missing_field",
+    "not_json",
+    "not_email",
+    "unsupported_event",
+)
+AGENT_COMMAND_SOURCE = "agent-cmd"  # router.daemon.intake's name for agent commands
+AGENT_COMMAND_REASONS = ("bad_command", "not_json")
+TRANSPORTS = ("mqtt", "http", "smtp")
+INGRESS_OUTCOMES = ("accepted", "rejected", "unavailable")
 EXPERT_ACTIVITY = ("active_day", "active_week", "inactive", "never_seen")
 UNKNOWN = "unknown"
 ADMIN_OPS = ("reload", "upsert_expert", "remove_expert", "link_keys")
@@ -377,6 +427,66 @@ class Metrics:
             registry=r,
         )
         self._queues: set[str] = set()
+
+    # ---- series at zero ------------------------------------------------------------------
+
+    def prime(self, table: RoutingTable) -> None:
+        """Create every series whose labels are known (queues, rules and reject reasons of
+        ``table``, channels, sources, outcomes, reasons) at 0, so the first event of each is a
+        visible step. Call at start and after every reload: new queues and rules get theirs;
+        existing series keep their counts (``labels()`` of an existing series is a look-up)."""
+        pairs = [(ch, src) for src, chans in SOURCE_CHANNELS.items() for ch in chans]
+        queues = list(table.file.queues)
+        for channel, source in pairs:
+            for kind in KINDS:
+                self.contacts_received.labels(channel, source, kind)
+            for outcome in CROWD_OUTCOMES:
+                self.crowd_outcomes.labels(channel, source, outcome)
+            for queue in queues:
+                self.contacts_routed.labels(queue, channel, source)
+                self.contacts_abandoned.labels(queue, channel, source)
+                self.contacts_answered_by_crowd.labels(queue, channel, source)
+        for queue in queues:
+            self.contacts_completed.labels(queue)
+            self.contacts_escalated.labels(queue)
+            self.contacts_overflowed.labels(queue)
+            self.handle_seconds.labels(queue)
+            for channel in CHANNELS:
+                self.contacts_assigned.labels(queue, channel)
+                for outcome in WAIT_OUTCOMES:
+                    self.wait_seconds.labels(queue, channel, outcome)
+        for channel in CHANNELS:
+            self.contacts_crowd_first.labels(channel)
+            for outcome in WAIT_OUTCOMES:
+                self.expert_contacts.labels(channel, outcome)
+                self.expert_wait_seconds.labels(channel, outcome)
+        rejects = {"queue_full", "no_queue"}
+        for rule in table.file.rules:
+            self.rule_hits.labels(rule.name)
+            if rule.reject is not None:
+                rejects.add(rule.reject)
+        for reason in sorted(rejects):
+            self.contacts_rejected.labels(reason)
+        for by in ("expert", "member"):
+            self.crowd_answers.labels(by)
+        for outcome in OFFER_OUTCOMES:
+            self.offers.labels(outcome)
+        for reason in CANCEL_REASONS:
+            self.offers_cancelled.labels(reason)
+        for reason in AGENT_REFUSALS:
+            self.agent_commands_refused.labels(reason)
+        for reason in ADMIN_REFUSALS:
+            self.admin_commands_refused.labels(reason)
+        for source in SOURCE_CHANNELS:
+            for reason in INPUT_REASONS:
+                self.rejected_inputs.labels(source, reason)
+        for reason in AGENT_COMMAND_REASONS:
+            self.rejected_inputs.labels(AGENT_COMMAND_SOURCE, reason)
+        for transport in TRANSPORTS:
+            for outcome in INGRESS_OUTCOMES:
+                self.ingress.labels(transport, outcome)
+        for result in ("ok", "refused"):
+            self.rules_reloads.labels(result)
 
     # ---- updates -----------------------------------------------------------------------
 

@@ -3,8 +3,15 @@
 The journal holds every input the router applied, with the time it applied it, so replaying it
 through a fresh engine with *another* routing file answers "what would this rule change have
 done to last Monday?" - the same engine, no clock, no I/O but reading the entries. The journal
-comes from Redis (``--key-prefix``; what is there since the last trim) or from a file with one
-entry per line, as stored in the stream (``XRANGE`` output of the ``e`` field, or an export).
+comes from Redis (what is there since the last trim) or from a file with one entry per line, as
+stored in the stream (``XRANGE`` output of the ``e`` field, or an export).
+
+Settings come as for ``stellwerk run``: ``--config`` (default ``$STELLWERK_CONFIG``, else
+``config/stellwerk.yaml`` when it exists), then the ``STELLWERK_*`` variables
+(``STELLWERK_REDIS_URL``, ``STELLWERK_KEY_PREFIX``, ``STELLWERK_ROUTING``), then
+``--redis-url`` and ``--key-prefix``. The routing file argument defaults to the settings'
+``routing``. An empty or missing journal is an error (exit 1): a report of nothing would look
+like a quiet Monday.
 """
 
 from __future__ import annotations
@@ -14,10 +21,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import redis
 
+from router.daemon.config import SettingsError, load_settings, settings_path
 from router.daemon.journal import (
     AdminEntry,
     AgentEntry,
@@ -30,28 +39,63 @@ from router.engine import Engine
 from router.messages import EngineInput, EventCmd, RefusedCmd, Tick
 from rules.check import load_or_report
 
+PROG = "stellwerk replay"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``replay`` options."""
-    parser.add_argument("routing", help="the routing file to replay the journal against")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument(
+        "routing",
+        nargs="?",
+        help="the routing file to replay the journal against (default: the settings' routing)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings file, as for 'stellwerk run' (default: $STELLWERK_CONFIG, else "
+        "config/stellwerk.yaml when it exists); STELLWERK_* variables override it",
+    )
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--file", type=Path, help="a journal export: one entry (JSON) per line")
-    source.add_argument("--key-prefix", help="read the journal from Redis under this key prefix")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    source.add_argument(
+        "--key-prefix",
+        help="read the journal from Redis under this key prefix (default: the "
+        "settings' key_prefix)",
+    )
+    parser.add_argument("--redis-url", help="the Redis server (default: the settings' redis.url)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Replay and print the report; 1 for an unreadable routing file or journal."""
-    table = load_or_report(args.routing)
+    """Replay and print the report; 1 for an unreadable routing file or an unreadable, empty
+    or missing journal, 2 for bad settings."""
+    try:
+        settings = load_settings(settings_path(args.config)).settings
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
+        return 2
+    table = load_or_report(args.routing or settings.routing, prefix=f"{PROG}: ")
     if table is None:
         return 1
+    url = args.redis_url or settings.redis.url
+    prefix = args.key_prefix if args.key_prefix is not None else settings.key_prefix
     try:
-        entries = (
-            _from_file(args.file) if args.file else _from_redis(args.redis_url, args.key_prefix)
-        )
+        entries = _from_file(args.file) if args.file else _from_redis(url, prefix)
     except (OSError, redis.RedisError, ValueError) as exc:
-        print(f"stellwerk replay: cannot read the journal: {exc}", file=sys.stderr)
+        print(f"{PROG}: cannot read the journal: {exc}", file=sys.stderr)
+        return 1
+    if not entries:
+        where = (
+            f"in {args.file}"
+            if args.file
+            else f"under key prefix {prefix!r} at {_redact(url)} (key {Keys(prefix).journal!r})"
+        )
+        print(
+            f"{PROG}: no journal entries {where}; check the key prefix and the Redis URL "
+            "(database number included), or the journal was trimmed",
+            file=sys.stderr,
+        )
         return 1
     report = replay(Engine(table), entries)
     if args.json:
@@ -107,9 +151,19 @@ def _from_file(path: Path) -> list[JournalEntry | None]:
     return entries
 
 
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
 def _from_redis(url: str, prefix: str) -> list[JournalEntry | None]:
     client = redis.Redis.from_url(url)
-    rows: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(Keys(prefix).journal)  # type: ignore[assignment]
+    try:
+        rows: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(Keys(prefix).journal)  # type: ignore[assignment]
+    finally:
+        client.close()
     entries: list[JournalEntry | None] = []
     for _, fields in rows:
         try:

@@ -420,6 +420,7 @@ class Router:
             return problems
         self.table = table
         if self.metrics is not None:
+            self.metrics.prime(table)
             self.metrics.observe_reload(True)
         log.info("rules.reloaded", path=self.options.routing_path)
         return []

@@ -59,7 +59,7 @@ class IntakeHandler:
         except JournalUnavailable:
             self.metrics.observe_ingress("smtp", "unavailable")
             log.warning(
-                "mail_not_accepted", reason="journal_unavailable", peer=headers["x-smtp-peer"]
+                "smtp.not_accepted", reason="journal_unavailable", peer=headers["x-smtp-peer"]
             )
             return "451 4.3.0 Temporary failure: the journal is unavailable, try again later"
         if outcome.reason is not None:

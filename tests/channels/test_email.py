@@ -319,3 +319,91 @@ def test_arbitrary_header_values_never_crash(sender: str, subject: str, refs: st
         f"Date: {clean(subject)}\r\n\r\nbody\r\n"
     ).encode("utf-8", "surrogateescape")
     _decodes_or_rejects(body)
+
+
+# ------------------------------------------------------------------ parts without a charset
+
+UNDECLARED = "Mein DSL ist seit gestern gestört. Grüße, Jürgen Müller – danke!"
+
+
+def undeclared(body: bytes, content_type: str = "text/plain") -> bytes:
+    """A mail as swaks and many scripts send it: 8-bit body, no charset parameter."""
+    return (
+        b"From: Juergen <j@example.org>\r\nTo: support@example.com\r\n"
+        b"Subject: Stoerung\r\nMessage-ID: <u1@example.org>\r\n"
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body + b"\r\n"
+    )
+
+
+def text_of(raw: bytes) -> str:
+    events = decode_email(raw, {}, CONFIG)
+    assert events[0].text is not None
+    return events[0].text
+
+
+def test_a_body_without_charset_is_utf8_when_it_is_valid_utf8() -> None:
+    assert text_of(undeclared(UNDECLARED.encode("utf-8"))) == UNDECLARED
+
+
+def test_a_body_without_charset_that_is_not_utf8_is_windows_1252() -> None:
+    assert text_of(undeclared(UNDECLARED.encode("cp1252"))) == UNDECLARED
+
+
+def test_no_byte_is_dropped_even_where_windows_1252_has_no_character() -> None:
+    # 0x81 and 0x8d are undefined in Windows-1252: Latin-1 keeps them as U+0081 / U+008D.
+    text = text_of(undeclared("Grüße ".encode("cp1252") + b"\x81\x8d ok"))
+    assert text == "Grüße \x81\x8d ok"
+
+
+def test_a_declared_us_ascii_part_with_8bit_bytes_is_not_garbled() -> None:
+    raw = undeclared(UNDECLARED.encode("utf-8"), 'text/plain; charset="us-ascii"')
+    assert text_of(raw) == UNDECLARED
+
+
+def test_a_declared_charset_is_still_obeyed() -> None:
+    text = "Grüße aus Köln, 20 €"
+    raw = undeclared(text.encode("iso-8859-15"), "text/plain; charset=iso-8859-15")
+    assert text_of(raw) == text
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Zl", "Zp"))))
+def test_any_utf8_text_without_charset_comes_through(body: str) -> None:
+    from channels.email import decode_undeclared
+
+    assert decode_undeclared(body.encode("utf-8")) == body
+
+
+@given(st.binary())
+def test_undeclared_bytes_never_lose_a_character(raw: bytes) -> None:
+    from channels.email import decode_undeclared
+
+    # One character per byte for anything not UTF-8: nothing replaced, nothing dropped.
+    text = decode_undeclared(raw)
+    assert "\ufffd" not in text or "\ufffd".encode() in raw
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        assert len(text) == len(raw)
+
+
+def test_raw_8bit_headers_are_decoded_and_the_event_encodes() -> None:
+    """SMTPUTF8 mail (RFC 6532) and careless scripts put raw UTF-8 into headers."""
+    import msgspec
+
+    raw = (
+        "From: Jürgen Müller <j.mueller@example.org>\r\nTo: support@example.com\r\n"
+        "Subject: Störung seit gestern\r\nMessage-ID: <r8@example.org>\r\n"
+        "Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+        "--b\r\nContent-Type: text/plain\r\n\r\nGrüße\r\n"
+        "--b\r\nContent-Type: text/plain\r\n"
+        'Content-Disposition: attachment; filename="Übersicht.txt"\r\n\r\n'
+        "x\r\n--b--\r\n"
+    ).encode()
+    (event,) = decode_email(raw, {}, CONFIG)
+    assert event.sender.name == "Jürgen Müller"
+    assert event.subject == "Störung seit gestern"
+    assert event.attachments[0].filename == "Übersicht.txt"
+    msgspec.json.encode(event)  # no lone surrogates left in any field
+    latin = raw.decode("utf-8").encode("cp1252")
+    (event,) = decode_email(latin, {}, CONFIG)
+    assert event.sender.name == "Jürgen Müller" and event.text == "Grüße"

@@ -1,7 +1,9 @@
 """Shared fixtures of the daemon tests: the real Redis and Mosquitto, one namespace per test.
 
-Every test gets its own Redis key prefix and MQTT topic prefix (``names``), and everything under
-the key prefix is deleted afterwards, so tests can run in any order and next to a live daemon.
+Every test gets its own Redis key prefix and MQTT topic prefix (``names``, under this run's
+prefixes from :mod:`tests.servers`, which also says how to point the suite at other servers),
+and everything under the key prefix is deleted afterwards, failed or not, so tests can run in
+any order and next to a live daemon.
 """
 
 from __future__ import annotations
@@ -25,10 +27,20 @@ import pytest
 import redis.asyncio as aioredis
 
 from router.daemon.journal import Journal, connect_redis
+from tests.servers import (
+    MQTT_HOST,
+    MQTT_PASSWORD,
+    MQTT_PORT,
+    MQTT_URL,
+    MQTT_USER,
+    OWNERS,
+    REDIS_URL,
+)
+from tests.servers import key_prefix as run_key_prefix
+from tests.servers import topic_prefix as run_topic_prefix
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-MQTT_HOST = "127.0.0.1"
-MQTT_PORT = 1883
+__all__ = ["MQTT_HOST", "MQTT_PORT", "MQTT_URL", "REDIS_URL"]
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -42,9 +54,10 @@ class Names:
 
 
 @pytest.fixture
-def names() -> Names:
+def names(request: pytest.FixtureRequest) -> Names:
     tag = uuid.uuid4().hex[:10]
-    return Names(key_prefix=f"stwtest:{tag}:", topic_prefix=f"stwtest/{tag}", tag=tag)
+    OWNERS[tag] = request.node.nodeid
+    return Names(key_prefix=run_key_prefix(tag), topic_prefix=run_topic_prefix(tag), tag=tag)
 
 
 @pytest.fixture
@@ -127,7 +140,13 @@ class MqttProbe:
 
 @pytest.fixture
 async def mqtt_probe(names: Names) -> AsyncIterator[MqttProbe]:
-    async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, identifier=f"probe-{names.tag}") as client:
+    async with aiomqtt.Client(
+        MQTT_HOST,
+        MQTT_PORT,
+        username=MQTT_USER,
+        password=MQTT_PASSWORD,
+        identifier=f"probe-{names.tag}",
+    ) as client:
         await client.subscribe(f"{names.topic_prefix}/agents/+/offers", qos=1)
         await client.subscribe(f"{names.topic_prefix}/events/#", qos=1)
         probe = MqttProbe(client=client, prefix=names.topic_prefix)
@@ -203,7 +222,7 @@ def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
         env.update(
             STELLWERK_ROUTING=str(routing),
             STELLWERK_REDIS_URL=REDIS_URL,
-            STELLWERK_MQTT_URL=f"mqtt://{MQTT_HOST}:{MQTT_PORT}",
+            STELLWERK_MQTT_URL=MQTT_URL,
             # Leader ingress: every daemon of the installation resumes the same session.
             STELLWERK_MQTT_CLIENT_ID=f"stw-{names.tag}",
             STELLWERK_MQTT_SHARE_GROUP=f"g{names.tag}",
@@ -225,7 +244,14 @@ def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
 async def drop_session(client_id: str) -> None:
     """Make the broker forget a persistent session a test created (clean-session connect)."""
     with contextlib.suppress(aiomqtt.MqttError):
-        async with aiomqtt.Client(MQTT_HOST, MQTT_PORT, identifier=client_id, clean_session=True):
+        async with aiomqtt.Client(
+            MQTT_HOST,
+            MQTT_PORT,
+            username=MQTT_USER,
+            password=MQTT_PASSWORD,
+            identifier=client_id,
+            clean_session=True,
+        ):
             pass
 
 

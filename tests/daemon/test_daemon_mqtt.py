@@ -15,6 +15,7 @@ from router.daemon.journal import ContactEntry, Journal, connect_redis
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Ingress, Publisher
 from tests.daemon.conftest import MqttProbe, Names, ari, drop_session, wait_until
+from tests.servers import MQTT_URL, REDIS_URL
 
 pytestmark = pytest.mark.integration
 
@@ -23,6 +24,8 @@ def settings_for(names: Names) -> Settings:
     return load_settings(
         None,
         env={
+            "STELLWERK_MQTT_URL": MQTT_URL,
+            "STELLWERK_REDIS_URL": REDIS_URL,
             "STELLWERK_TOPIC_PREFIX": names.topic_prefix,
             "STELLWERK_KEY_PREFIX": names.key_prefix,
             "STELLWERK_MQTT_CLIENT_ID": f"stw-{names.tag}",
@@ -178,6 +181,8 @@ async def test_switching_the_ingress_mode_does_not_deliver_every_call_twice(
     shared = load_settings(
         None,
         env={
+            "STELLWERK_MQTT_URL": MQTT_URL,
+            "STELLWERK_REDIS_URL": REDIS_URL,
             "STELLWERK_TOPIC_PREFIX": names.topic_prefix,
             "STELLWERK_KEY_PREFIX": names.key_prefix,
             "STELLWERK_MQTT_CLIENT_ID": f"stw-{names.tag}",

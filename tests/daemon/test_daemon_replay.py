@@ -43,6 +43,7 @@ from router.model import ContactEvent, Sender
 from rules.load import load_routing
 from rules.schema import Expert
 from tests.daemon.conftest import REDIS_URL, write_routing
+from tests.servers import key_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +152,7 @@ async def test_any_snapshot_plus_tail_equals_the_live_state(
     table = load_routing(routing)
     entries = entries_of(steps, gaps)
     cut = min(cut, len(entries))
-    prefix = f"stwtest:replay:{uuid.uuid4().hex[:8]}:"
+    prefix = key_prefix(f"replay-{uuid.uuid4().hex[:8]}")
     client = connect_redis(REDIS_URL)
     try:
         journal = Journal(client, prefix)

@@ -257,3 +257,44 @@ async def test_command_sinks_see_every_decision_once_in_order(
     finally:
         daemon.stopping.set()
         await asyncio.wait_for(task, 15)
+
+
+async def test_a_mail_without_charset_arrives_over_smtp_ungarbled_and_matches_keywords(
+    tmp_path: Path, mqtt_probe: MqttProbe, start_daemon: Callable[..., Any]
+) -> None:
+    """What swaks sends by default: a raw UTF-8 body and no charset parameter."""
+    import asyncio
+    import smtplib
+
+    from tests.daemon.private_servers import free_port
+
+    routing = write_routing(tmp_path / "r.yaml", ("anna",))
+    routing.write_text(
+        routing.read_text().replace(
+            "  - name: default\n",
+            '  - name: outage\n    when: text ~ "(?i)gestört"\n    queue: expert_desk\n'
+            "  - name: default\n",
+        )
+    )
+    port = free_port()
+    await start_daemon(routing, smtp_addr=f"127.0.0.1:{port}")
+    await login(mqtt_probe, "anna")
+    text = "Mein DSL ist seit gestern gestört. Grüße, Jürgen Müller"
+    raw = (
+        "From: Jürgen Müller <j.mueller@example.org>\r\nTo: support@example.com\r\n"
+        "Subject: Störung\r\nMessage-ID: <swaks-1@example.org>\r\n\r\n" + text + "\r\n"
+    ).encode("utf-8")
+
+    def send() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo("mta.test")
+            client.mail("j.mueller@example.org")
+            client.rcpt("support@example.com")
+            return client.data(raw)
+
+    code, reply = await asyncio.to_thread(send)
+    assert code == 250, reply
+    (offer,) = await mqtt_probe.wait_for("agents/anna/offers", type="offer")
+    assert offer["contact"]["text"] == text
+    (queued,) = await mqtt_probe.wait_for("events/contact.queued")
+    assert (queued["rule"], queued["queue"]) == ("outage", "expert_desk")

@@ -27,6 +27,7 @@ from router.experts_cli import ago, duration
 from router.messages import Accept, Login, OfferCmd
 from router.model import ContactEvent, Sender
 from rules.load import parse_routing
+from tests.servers import REDIS_URL, key_prefix
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "community-manager-token"
@@ -98,10 +99,13 @@ async def daemon_url() -> AsyncIterator[tuple[str, AppState]]:
         )
     )
     metrics = Metrics()
-    redis = connect_redis("redis://127.0.0.1:6379/0")
+    redis = connect_redis(REDIS_URL)
     state = AppState(view=crowd_engine(time.time()), lease_held=True)
     app = make_app(
-        Intake(Journal(redis, "unused:"), settings.decode_config()), state, settings, metrics
+        Intake(Journal(redis, key_prefix("unused")), settings.decode_config()),
+        state,
+        settings,
+        metrics,
     )
     port = free_port()
     runner: web.AppRunner = await start_http(app, f"127.0.0.1:{port}")

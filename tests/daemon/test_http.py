@@ -22,6 +22,7 @@ from router.daemon.http import AppState, make_app, start_http
 from router.daemon.intake import Intake
 from router.daemon.journal import ContactEntry, Journal, connect_redis
 from router.daemon.metrics import Metrics
+from tests.servers import REDIS_URL, key_prefix
 
 SAMPLES = Path(__file__).parent.parent / "fixtures" / "samples"
 DISCOURSE_SECRET = "discourse-test-secret"
@@ -40,14 +41,14 @@ def settings(admin_token: str | None = ADMIN_TOKEN) -> Settings:
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = connect_redis("redis://127.0.0.1:6379/0")
+    client = connect_redis(REDIS_URL)
     yield client
     await client.aclose()
 
 
 @pytest.fixture
 async def journal(redis_client: aioredis.Redis) -> AsyncIterator[Journal]:
-    prefix = f"test-d2-http-{uuid.uuid4().hex[:12]}:"
+    prefix = key_prefix(f"http-{uuid.uuid4().hex[:12]}")
     yield Journal(redis_client, prefix)
     keys = [k async for k in redis_client.scan_iter(match=f"{prefix}*")]
     if keys:

@@ -35,6 +35,7 @@ from router.daemon.loadgen import (
     whatsapp_message,
 )
 from tests.daemon.conftest import REPO, Names, write_routing
+from tests.servers import MQTT_HOST, MQTT_PASSWORD, MQTT_PORT, MQTT_USER
 
 SECRETS = {"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse": "disc-secret"}
 CONFIG = DecodeConfig(secrets=SECRETS)
@@ -162,6 +163,10 @@ async def test_a_short_run_against_a_real_daemon_loses_nothing(
         sources_secrets=secrets,
     )
     target = Target(
+        mqtt_host=MQTT_HOST,
+        mqtt_port=MQTT_PORT,
+        mqtt_user=MQTT_USER,
+        mqtt_password=MQTT_PASSWORD,
         http_url=f"http://127.0.0.1:{http_port}",
         smtp_port=smtp_port,
         prefix=names.topic_prefix,
@@ -219,3 +224,60 @@ def test_offers_for_an_agent_loadgen_does_not_simulate_are_left_to_that_agent() 
     gen._on_offer({"contact_id": "c-2", "agent_id": "a01", "offer_id": "o2"})
     assert scheduled == [("a01", "o2", "c-2")]
     assert gen.offered == 2
+
+
+async def test_offers_for_contacts_loadgen_did_not_create_are_handled_and_reported_apart(
+    tmp_path: Path, names: Names, start_daemon: Callable[..., Any], mqtt_probe: Any
+) -> None:
+    """A daemon that already has work: its waiting contacts are offered to the simulated agents
+    too. They are handled (not left to time out again and again), and the report keeps them out
+    of loadgen's own figures and says they were there."""
+    from tests.daemon.conftest import ari, wait_until
+
+    agents = ("anna", "ben")
+    routing = write_routing(tmp_path / "routing.yaml", agents, offer_timeout=2.0, wrap_up=0.1)
+    http_port, smtp_port = test_utils.unused_port(), test_utils.unused_port()
+    await start_daemon(
+        routing, http_addr=f"127.0.0.1:{http_port}", smtp_addr=f"127.0.0.1:{smtp_port}"
+    )
+    # Work the daemon had before loadgen came: three calls waiting, nobody logged in.
+    for n in range(3):
+        await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", f"old-{n}"))
+    await mqtt_probe.wait_for("events/contact.queued", count=3)
+    target = Target(
+        mqtt_host=MQTT_HOST,
+        mqtt_port=MQTT_PORT,
+        mqtt_user=MQTT_USER,
+        mqtt_password=MQTT_PASSWORD,
+        http_url=f"http://127.0.0.1:{http_port}",
+        smtp_port=smtp_port,
+        prefix=names.topic_prefix,
+        agents=list(agents),
+    )
+    profile = Profile(
+        rate=4.0,
+        duration=1.0,
+        mix=parse_mix("chat=100"),
+        handle_time=0.05,
+        think_time=0.0,
+        after_call_work=0.0,
+        patience=0.0,
+        grace=8.0,
+        seed=3,
+        progress=False,
+        crowd_share=0.0,
+    )
+    report = await LoadGen(target, profile).run()
+    # Every old call was accepted and completed by a simulated agent, none expired.
+    for n in range(3):
+        cid = f"asterisk-ari:old-{n}"
+        await wait_until(
+            lambda cid=cid: mqtt_probe.seen("events/contact.completed", contact_id=cid),
+            10,
+            f"{cid} completed",
+        )
+    assert mqtt_probe.seen("events/contact.offer_expired") == []
+    # loadgen's own figures are its own contacts only; the others are counted apart.
+    assert report.sent == 4 and report.offered == 4 and report.lost == 0
+    assert report.other_contacts == 3 and report.other_offers >= 3
+    assert "WARNING" in report.text() and "3 contacts loadgen did not create" in report.text()

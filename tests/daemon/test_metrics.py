@@ -48,6 +48,16 @@ rules:
 """
 
 
+def _promtool() -> str | None:
+    """promtool on PATH, or the one ``make alerts`` unpacked into .venv/bin."""
+    local = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "promtool"
+    return shutil.which("promtool") or (str(local) if local.is_file() else None)
+
+
+PROMTOOL = _promtool()
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
+
+
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
     """The value of one sample in the text exposition (what Prometheus would scrape)."""
     text = metrics.exposition().decode()
@@ -276,10 +286,11 @@ def test_exposition_is_valid_for_the_prometheus_parser() -> None:
         assert name in families
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@needs_promtool
 def test_exposition_passes_promtool_check_metrics() -> None:
+    assert PROMTOOL is not None
     result = subprocess.run(
-        ["promtool", "check", "metrics"],
+        [PROMTOOL, "check", "metrics"],
         input=_busy_metrics().exposition(),
         capture_output=True,
         check=False,
@@ -437,13 +448,39 @@ def test_dashboard_and_alerts_only_use_metrics_that_exist() -> None:
     assert all(r["annotations"]["summary"] for g in alerts["groups"] for r in g["rules"])
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+@needs_promtool
 def test_alert_rules_pass_promtool() -> None:
+    assert PROMTOOL is not None
     result = subprocess.run(
-        ["promtool", "check", "rules", str(CONFIG_DIR / "prometheus-alerts.yaml")],
+        [PROMTOOL, "check", "rules", str(CONFIG_DIR / "prometheus-alerts.yaml")],
         capture_output=True,
         check=False,
         timeout=30,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_every_alert_has_a_promtool_unit_test_where_it_fires() -> None:
+    alerts = yaml.safe_load((CONFIG_DIR / "prometheus-alerts.yaml").read_text())
+    names = {r["alert"] for g in alerts["groups"] for r in g["rules"]}
+    tests = yaml.safe_load((CONFIG_DIR / "prometheus-alerts.test.yaml").read_text())
+    firing = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test.get("alert_rule_test", ())
+        if case.get("exp_alerts")
+    }
+    assert names - firing == set()
+
+
+@needs_promtool
+def test_alert_rules_unit_tests_pass() -> None:
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", str(CONFIG_DIR / "prometheus-alerts.test.yaml")],
+        capture_output=True,
+        check=False,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
@@ -514,3 +551,92 @@ def test_crowd_outcomes_answers_and_expert_activity_are_exported() -> None:
     metrics.observe_commands([RefusedCmd(agent_id=None, reason="unknown_expert")])
     assert sample(metrics, "stellwerk_admin_commands_refused_total", reason="unknown_expert")
     assert sample(metrics, "stellwerk_agent_commands_refused_total") is None
+
+
+# ---- series that exist before their first event ----------------------------------------------
+
+PRIMED_ROUTING = """
+version: 1
+skills: [de]
+queues:
+  support: {skills: {de: 1}}
+  billing: {skills: {de: 1}, overflow: support, max_wait: 600}
+agents:
+  - {id: a1, skills: {de: 3}}
+rules:
+  - {name: spam, when: '"spam" in tags', reject: spam}
+  - {name: bills, when: 'text ~ "(?i)rechnung"', queue: billing}
+  - {name: default, default: true, queue: support}
+"""
+
+
+def test_every_known_label_set_is_exported_at_zero_before_its_first_event() -> None:
+    """rate() and increase() only see a first event when the series existed at 0 before it."""
+    m = Metrics()
+    m.prime(parse_routing(PRIMED_ROUTING, "routing.yaml"))
+    zero: list[tuple[str, dict[str, str]]] = [
+        ("stellwerk_contacts_rejected_total", {"reason": "spam"}),
+        ("stellwerk_contacts_rejected_total", {"reason": "queue_full"}),
+        ("stellwerk_contacts_received_total", {"channel": "email", "source": "email"}),
+        ("stellwerk_contacts_routed_total", {"queue": "billing", "source": "discourse"}),
+        ("stellwerk_contacts_abandoned_total", {"queue": "support", "channel": "phone"}),
+        ("stellwerk_contacts_answered_by_crowd_total", {"queue": "support", "source": "x"}),
+        ("stellwerk_rule_hits_total", {"rule": "bills"}),
+        ("stellwerk_expert_contacts_total", {"channel": "phone", "outcome": "assigned"}),
+        ("stellwerk_expert_wait_seconds_bucket", {"channel": "chat", "outcome": "abandoned"}),
+        ("stellwerk_expert_wait_seconds_count", {"channel": "email", "outcome": "assigned"}),
+        ("stellwerk_wait_seconds_count", {"queue": "billing", "outcome": "abandoned"}),
+        ("stellwerk_crowd_outcomes_total", {"source": "discourse", "outcome": "abandoned"}),
+        ("stellwerk_crowd_answers_total", {"by": "member"}),
+        ("stellwerk_offers_total", {"outcome": "expired"}),
+        ("stellwerk_offers_cancelled_total", {"reason": "agent_logout"}),
+        ("stellwerk_agent_commands_refused_total", {"reason": "not_your_offer"}),
+        ("stellwerk_rejected_inputs_total", {"source": "discourse", "reason": "bad_signature"}),
+        ("stellwerk_ingress_deliveries_total", {"transport": "smtp", "outcome": "unavailable"}),
+        ("stellwerk_rules_reloads_total", {"result": "refused"}),
+        ("stellwerk_contacts_overflowed_total", {"queue": "billing"}),
+    ]
+    for name, labels in zero:
+        assert sample(m, name, **labels) == 0.0, (name, labels)
+    # Only combinations that can happen: an ARI call is never an e-mail.
+    received = "stellwerk_contacts_received_total"
+    assert sample(m, received, channel="email", source="asterisk-ari") is None
+    # The first event is then a step from 0 to 1.
+    m.observe_commands([EventCmd(type="contact.rejected", data={"reason": "spam"})])
+    assert sample(m, "stellwerk_contacts_rejected_total", reason="spam") == 1.0
+
+
+def test_priming_again_after_a_reload_adds_the_new_queues_and_keeps_counts() -> None:
+    m = Metrics()
+    m.prime(parse_routing(PRIMED_ROUTING, "routing.yaml"))
+    m.observe_commands([EventCmd(type="contact.rejected", data={"reason": "spam"})])
+    reloaded = PRIMED_ROUTING.replace("queues:\n", "queues:\n  vip: {skills: {de: 1}}\n")
+    m.prime(parse_routing(reloaded, "routing.yaml"))
+    assert sample(m, "stellwerk_contacts_routed_total", queue="vip", channel="phone") == 0.0
+    assert sample(m, "stellwerk_contacts_rejected_total", reason="spam") == 1.0
+
+
+@pytest.mark.integration
+async def test_the_daemon_primes_its_metrics_at_start_and_on_a_reload(
+    tmp_path: Path, start_daemon: Any
+) -> None:
+    from tests.daemon.conftest import write_routing
+
+    routing = write_routing(tmp_path / "routing.yaml")
+    daemon = await start_daemon(routing)
+    assert sample(daemon.metrics, "stellwerk_contacts_routed_total", queue="support") == 0.0
+    assert sample(daemon.metrics, "stellwerk_rule_hits_total", rule="crowd_expert") == 0.0
+    late = "queues:\n  late_shift:\n    skills: {support: 1}\n"
+    routing.write_text(routing.read_text().replace("queues:\n", late))
+    assert await daemon.router.reload() == []
+    assert sample(daemon.metrics, "stellwerk_contacts_routed_total", queue="late_shift") == 0.0
+
+
+def test_the_source_channel_table_names_every_source() -> None:
+    from router.daemon.intake import AGENT_COMMAND_SOURCE
+    from router.daemon.metrics import AGENT_COMMAND_SOURCE as PRIMED
+    from router.daemon.metrics import SOURCE_CHANNELS
+    from router.model import SOURCES
+
+    assert set(SOURCE_CHANNELS) == set(SOURCES)
+    assert PRIMED == AGENT_COMMAND_SOURCE

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -14,7 +17,7 @@ import redis
 from router.daemon.journal import AgentEntry, ContactEntry, Keys, encode_entry
 from router.messages import Accept, Login
 from router.model import ContactEvent, Sender
-from tests.daemon.conftest import Names
+from tests.daemon.conftest import REDIS_URL, Names
 
 STELLWERK = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "stellwerk")
 
@@ -63,9 +66,16 @@ def entered(report: dict[str, Any]) -> dict[str, int]:
     return {q["name"]: q["entered"] for q in report["queues"]}
 
 
-def replay(*args: str) -> subprocess.CompletedProcess[str]:
+def replay(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [STELLWERK, "replay", *args], capture_output=True, text=True, timeout=60, check=False
+        [STELLWERK, "replay", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+        # Away from the checkout, whose config/stellwerk.yaml would be the default settings.
+        cwd=tempfile.gettempdir(),
     )
 
 
@@ -101,7 +111,7 @@ def test_a_bad_line_or_routing_file_is_one_located_error(tmp_path: Path) -> None
 
 @pytest.mark.integration
 def test_the_journal_is_read_from_redis(tmp_path: Path, names: Names) -> None:
-    client = redis.Redis()
+    client = redis.Redis.from_url(REDIS_URL)
     key = Keys(names.key_prefix).journal
     try:
         for raw in journal():
@@ -116,3 +126,63 @@ def test_the_journal_is_read_from_redis(tmp_path: Path, names: Names) -> None:
         assert json.loads(result.stdout)["events"]["contact.queued"] == 2
     finally:
         client.delete(key)
+
+
+def _env(**settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLWERK_")}
+    env.update({f"STELLWERK_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def _other_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+@pytest.mark.integration
+def test_replay_takes_redis_and_key_prefix_from_the_environment_like_run(
+    tmp_path: Path, names: Names
+) -> None:
+    url = _other_db(REDIS_URL, 9)
+    client = redis.Redis.from_url(url)
+    key = Keys(names.key_prefix).journal
+    try:
+        for raw in journal():
+            client.xadd(key, {b"e": raw})
+        r = str(routing(tmp_path / "r.yaml", queue_for_vip="vip"))
+        env = _env(redis_url=url, key_prefix=names.key_prefix)
+        result = replay(r, "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["events"]["contact.queued"] == 2
+        # A settings file works the same way, and the routing file can come from it too.
+        config = tmp_path / "stellwerk.yaml"
+        config.write_text(
+            f"routing: r.yaml\nkey_prefix: '{names.key_prefix}'\nredis: {{url: '{url}'}}\n"
+        )
+        result = replay("--config", str(config), "--json", env=_env())
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["entries"] == 4
+    finally:
+        client.delete(key)
+        client.close()
+
+
+@pytest.mark.integration
+def test_an_empty_or_missing_journal_is_an_error(tmp_path: Path, names: Names) -> None:
+    r = str(routing(tmp_path / "r.yaml", queue_for_vip="vip"))
+    result = replay(r, "--key-prefix", f"{names.key_prefix}nothing:", env=_env(redis_url=REDIS_URL))
+    assert result.returncode == 1
+    assert "no journal entries" in result.stderr and f"{names.key_prefix}nothing:" in result.stderr
+    assert result.stdout == ""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = replay(r, "--file", str(empty))
+    assert result.returncode == 1 and "no journal entries" in result.stderr
+    result = replay(r, "--file", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 1 and "cannot read the journal" in result.stderr
+
+
+def test_bad_settings_are_reported_like_run(tmp_path: Path) -> None:
+    r = str(routing(tmp_path / "r.yaml", queue_for_vip="vip"))
+    result = replay(r, "--key-prefix", "x:", env=_env(redis_url="http://nowhere"))
+    assert result.returncode == 2 and "STELLWERK_REDIS_URL" in result.stderr

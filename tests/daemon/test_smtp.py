@@ -18,6 +18,7 @@ from router.daemon.intake import Intake
 from router.daemon.journal import ContactEntry, Journal, connect_redis
 from router.daemon.metrics import Metrics
 from router.daemon.smtp import start_smtp
+from tests.servers import REDIS_URL, key_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +27,14 @@ SAMPLES = Path(__file__).parent.parent / "fixtures" / "samples"
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = connect_redis("redis://127.0.0.1:6379/0")
+    client = connect_redis(REDIS_URL)
     yield client
     await client.aclose()
 
 
 @pytest.fixture
 async def journal(redis_client: aioredis.Redis) -> AsyncIterator[Journal]:
-    prefix = f"test-d2-smtp-{uuid.uuid4().hex[:12]}:"
+    prefix = key_prefix(f"smtp-{uuid.uuid4().hex[:12]}")
     yield Journal(redis_client, prefix)
     keys = [k async for k in redis_client.scan_iter(match=f"{prefix}*")]
     if keys:

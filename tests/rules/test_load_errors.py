@@ -126,9 +126,9 @@ rules:
         "r.yaml:7:32: overflow loop: b -> a -> b",
         "r.yaml:10:10: duplicate agent id 'a1'",
         "r.yaml:10:27: proficiency 0 of 'de' is outside 1-5",
-        "r.yaml:12:46: unknown queue 'nowhere'",
+        "r.yaml:12:46: rules[0] (r1): unknown queue 'nowhere'",
         "r.yaml:13:12: duplicate rule name 'r1'",
-        "r.yaml:13:83: unknown queue 'gone'",
+        "r.yaml:13:83: rules[1] (r1).escalate[0]: unknown queue 'gone'",
     ]
 
 
@@ -243,3 +243,43 @@ def test_away_reasons_and_dispositions_load() -> None:
     table = parse_routing(text, "r.yaml")
     assert table.file.away_reasons == {"break": "Break"}
     assert table.file.dispositions == {"solved": "Solved"}
+
+
+# --- hints for what people get wrong first ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        '- name: vip\n  when: "vip" in tags\n  queue: dsl\n',
+        '- {name: vip, when: "vip" in tags, queue: dsl}\n',
+    ],
+)
+def test_an_expression_that_starts_with_a_quote_gets_a_hint(rule: str) -> None:
+    (problem,) = problems(with_rule(rule))
+    assert problem.startswith("r.yaml:"), problem
+    assert "quote the whole expression" in problem
+    assert "when: '\"vip\" in tags'" in problem
+
+
+def test_an_unknown_field_names_the_rule_and_the_closest_field() -> None:
+    (problem,) = problems(
+        with_rule("- {name: vip, when: '\"x\" in tags', queue: dsl, priorty: 3}\n")
+    )
+    assert "rules[0] (vip): unknown field 'priorty' (did you mean 'priority'?" in problem
+
+
+def test_an_unknown_queue_names_the_rule_and_the_closest_queue() -> None:
+    text = with_rule(
+        "- {name: vip, when: '\"x\" in tags', queue: generl, escalate: [{after: 60, queue: dls}]}\n"
+    )
+    assert problems(text) == [
+        "r.yaml:6:45: rules[0] (vip): unknown queue 'generl' (did you mean 'general'?)",
+        "r.yaml:6:83: rules[0] (vip).escalate[0]: unknown queue 'dls' (did you mean 'dsl'?)",
+    ]
+
+
+def test_an_unknown_overflow_queue_gets_the_closest_queue() -> None:
+    text = HEAD.replace("overflow: general", "overflow: genral") + TAIL
+    (problem,) = problems(text)
+    assert problem.endswith("queues.dsl: unknown queue 'genral' (did you mean 'general'?)")

@@ -57,7 +57,8 @@ def test_check_reports_every_problem_of_a_broken_copy(tmp_path: Path) -> None:
         " channels, weight, sla, max_wait, max_length, overflow, wrap_up, offer_timeout,"
         " strategy, description)",
         f"{at('- name: spam')}: no default rule (the last rule needs 'default: true')",
-        f"{at('queue: internationl', 'internationl')}: unknown queue 'internationl'",
+        f"{at('queue: internationl', 'internationl')}: rules[4] (english): unknown queue"
+        " 'internationl' (did you mean 'international'?)",
         f"{at('to == 498003322003', '498003322003')}: type mismatch: to (str) =="
         " 498003322003 (int)",
         f"{at('- name: default', 'default')}: a rule without 'when' must be the default rule"
@@ -159,3 +160,46 @@ def test_explain_refuses_a_bad_event_with_exit_2(tmp_path: Path) -> None:
     assert len(missing.stderr.splitlines()) == 1
     bad_at = stellwerk("explain", ROUTING, FIXTURES / "billing-post.json", "--at", "noon")
     assert (bad_at.returncode, bad_at.stderr) == (2, "--at: not an ISO 8601 time: 'noon'\n")
+
+
+def test_explain_takes_the_list_normalize_prints_for_a_batch() -> None:
+    batch = ROOT / "tests" / "fixtures" / "chat" / "messenger-batch.json"
+    normalized = stellwerk("normalize", "--source", "messenger", batch)
+    assert normalized.returncode == 0, normalized.stderr
+    events = json.loads(normalized.stdout)
+    assert isinstance(events, list) and len(events) >= 2
+
+    def explain(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [STELLWERK, "explain", str(ROUTING), "-", *args],
+            input=normalized.stdout,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    text = explain()
+    assert text.returncode == 0, text.stderr
+    # One explanation per event, each headed by the event it explains.
+    assert text.stdout.count("rule:") == len(events)
+    for n, event in enumerate(events, start=1):
+        assert f"event {n} of {len(events)}: {event['contact_id']}" in text.stdout
+    as_json = explain("--json")
+    assert as_json.returncode == 0, as_json.stderr
+    explained = json.loads(as_json.stdout)
+    assert isinstance(explained, list) and len(explained) == len(events)
+    assert all("decision" in e for e in explained)
+
+
+def test_explain_refuses_an_empty_list_or_a_bad_item_by_its_index(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    result = stellwerk("explain", ROUTING, empty)
+    assert result.returncode == 2 and "no ContactEvent" in result.stderr
+    good = json.loads((FIXTURES / "billing-post.json").read_text())
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([good, {"kind": "new", "channel": "fax"}]))
+    result = stellwerk("explain", ROUTING, mixed)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"{mixed}: not a ContactEvent") and "[1]" in result.stderr
