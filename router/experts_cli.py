@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="settings file to take the HTTP address from (default: $STELLWERK_CONFIG, else "
         "config/stellwerk.yaml when it exists)",
     )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="a supervisor (or admin) bearer token (default: $STELLWERK_TOKEN, else "
+        "$STELLWERK_ADMIN_TOKEN); better from the environment than on the command line",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -64,7 +70,12 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``stellwerk experts``."""
     try:
         url = args.url or default_url(args.config)
-        report = fetch_report(url)
+        token = (
+            args.token
+            or os.environ.get("STELLWERK_TOKEN")
+            or os.environ.get("STELLWERK_ADMIN_TOKEN")
+        )
+        report = fetch_report(url, token)
     except ReportError as exc:
         print(f"stellwerk experts: {exc}", file=sys.stderr)
         return 1
@@ -97,10 +108,13 @@ def default_url(config: str | None) -> str:
     return f"http://{host}:{port}"
 
 
-def fetch_report(base_url: str) -> dict[str, Any]:
+def fetch_report(base_url: str, token: str | None = None) -> dict[str, Any]:
     """``GET {base_url}/v1/experts``, decoded; ReportError with a readable reason otherwise."""
     url = base_url.rstrip("/") + "/v1/experts"
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
             body = resp.read()
@@ -110,6 +124,10 @@ def fetch_report(base_url: str) -> dict[str, Any]:
             raise ReportError(
                 f"{base_url} does not route right now ({detail}); ask the daemon that holds "
                 "the routing lease"
+            ) from None
+        if exc.code in (401, 403):
+            raise ReportError(
+                f"{url}: HTTP {exc.code} {detail} (a supervisor token: --token or $STELLWERK_TOKEN)"
             ) from None
         raise ReportError(f"{url}: HTTP {exc.code} {detail}") from None
     except (urllib.error.URLError, OSError) as exc:

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
+import limits
 import msgspec
 import yaml
 
 from channels.base import DecodeConfig
+from router.model import SOURCES
 
 ENV_PREFIX = "STELLWERK_"
 SECRET_ENV_PREFIX = "STELLWERK_SECRET_"
@@ -66,6 +68,9 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
       Mosquitto keep handing a dead member's share of the messages to its offline session,
       where they wait until a daemon with that ``client_id`` connects again.
 
+    TLS: ``mqtts://`` (port 8883 by default) verifies the broker against ``tls_ca`` (a PEM CA
+    bundle; the system's CAs when unset); ``tls_cert`` and ``tls_key`` add a client certificate.
+
     ``protocol`` is MQTT ``5`` (default) or ``311`` (3.1.1). ``session_expiry`` (seconds, MQTT 5)
     is how long the broker keeps the ingress session, and the messages queued in it, while no
     daemon is connected. ``max_inflight`` bounds unacknowledged messages in each direction.
@@ -81,8 +86,13 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     session_expiry: int = 7 * 24 * 3600
     keepalive: int = 30
     max_inflight: int = 1000
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert: tls_cert and tls_key (the client certificate) go together")
         parts = urlsplit(self.url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.hostname:
             raise ValueError(f"url: {self.url!r} is not mqtt://host[:port] or mqtts://host[:port]")
@@ -142,9 +152,19 @@ class RedisSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The HTTP server (webhooks, metrics, health, admin API). ``addr: ""`` turns it off."""
+    """The HTTP server (webhooks, metrics, health, admin API). ``addr: ""`` turns it off.
+
+    ``tls_cert`` and ``tls_key`` (PEM files, both or neither) serve HTTPS instead of HTTP.
+    ``rate_limit`` is the per-client (remote address) limit on webhooks and the ``/v1`` API, in
+    the notation of the ``limits`` library (``"200/second"``, ``"100/second; 3000/minute"``);
+    ``""`` turns it off. Beyond it a client gets 429 with ``Retry-After``. Behind a reverse proxy
+    every request has the proxy's address: limit there instead.
+    """
 
     addr: str = "127.0.0.1:8080"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    rate_limit: str = "200/second"
 
     def __post_init__(self) -> None:
         if self.addr:
@@ -152,6 +172,16 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
                 parse_addr(self.addr)
             except ValueError as exc:
                 raise ValueError(f"addr: {exc}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert: tls_cert and tls_key go together")
+        if self.rate_limit:
+            try:
+                limits.parse_many(self.rate_limit)
+            except ValueError:
+                raise ValueError(
+                    f"rate_limit: {self.rate_limit!r} is not like '200/second' or "
+                    "'100/second; 3000/minute'"
+                ) from None
 
 
 class SmtpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -176,12 +206,82 @@ class LogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 
 class SourceSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What the channel decoders need: signing secrets, public URLs, phone region, text bound."""
+    """What the channel decoders need: signing secrets, public URLs, phone region, text bound.
+
+    A webhook (``POST /v1/webhooks/{source}``) must be signed: with the platform's own scheme
+    where it has one and ``secrets`` holds its secret, else with ``X-Stellwerk-Signature:
+    sha256=<HMAC-SHA256 of the body with the source's secret>``. A source without a secret is
+    refused (401) unless it is listed in ``unsigned`` (logged as a warning at start).
+    ``max_body`` bounds a webhook body per source in bytes (``max_body_default`` for the rest;
+    413 beyond it).
+    """
 
     default_region: str = "DE"
     max_text: int = 4000
     secrets: dict[str, str] = msgspec.field(default_factory=dict)
     public_urls: dict[str, str] = msgspec.field(default_factory=dict)
+    unsigned: tuple[str, ...] = ()
+    max_body: dict[str, int] = msgspec.field(default_factory=dict)
+    max_body_default: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.unsigned) - set(SOURCES))
+        if unknown:
+            raise ValueError(f"unsigned: unknown source(s) {unknown}; known: {list(SOURCES)}")
+        both = sorted(set(self.unsigned) & set(self.secrets))
+        if both:
+            raise ValueError(f"unsigned: {both} also have a secret; a source is one or the other")
+        if self.max_body_default < 1 or any(v < 1 for v in self.max_body.values()):
+            raise ValueError("max_body: limits are at least 1 byte")
+
+    def body_limit(self, source: str) -> int:
+        """The largest webhook body ``source`` may send, in bytes."""
+        return self.max_body.get(source, self.max_body_default)
+
+
+Role = Literal["admin", "supervisor", "agent"]
+"""An HTTP principal's role (see ``router.daemon.auth``)."""
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class TokenSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One HTTP bearer token, stored as the SHA-256 of the token (lower-case hex), never in clear.
+
+    ``name`` is who it belongs to, for the audit log (``ops-script``, ``agent:a01``, ``wall-1``);
+    ``agent_id`` is required for role ``agent`` (the one agent it may act as and read) and
+    refused for the others.
+    """
+
+    name: str
+    role: Role
+    sha256: str
+    agent_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("name: must not be empty")
+        if not _HEX64.fullmatch(self.sha256):
+            raise ValueError("sha256: must be the 64 lower-case hex digits of the token's SHA-256")
+        if self.role == "agent" and not self.agent_id:
+            raise ValueError("agent_id: a token of role agent needs the agent it speaks for")
+        if self.role != "agent" and self.agent_id is not None:
+            raise ValueError("agent_id: only tokens of role agent name an agent")
+
+
+class AuthSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """HTTP authentication: bearer tokens with roles (docs/security.md).
+
+    ``tokens`` lists tokens inline (hashes only); ``tokens_file`` names a YAML file with the same
+    list under ``tokens:`` (what ``stellwerk broker-config`` writes), relative to the settings
+    file; it is re-read when it changes, so a rotated token takes effect without a restart.
+    ``metrics``: ``open`` (default) serves ``/metrics`` to anyone, ``supervisor`` wants a
+    supervisor (or admin) token.
+    """
+
+    tokens: tuple[TokenSettings, ...] = ()
+    tokens_file: str | None = None
+    metrics: Literal["open", "supervisor"] = "open"
 
 
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -314,6 +414,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     topic_prefix: str = "stellwerk"
     key_prefix: str = "stellwerk:"
     admin_token: str | None = None
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
@@ -414,7 +515,13 @@ def _env_names() -> dict[str, tuple[str, ...]]:
 
 
 ENV_NAMES = _env_names()
-_MAP_SETTINGS = {("sources", "secrets"), ("sources", "public_urls")}
+_MAP_SETTINGS = {
+    ("sources", "secrets"),
+    ("sources", "public_urls"),
+    ("sources", "unsigned"),
+    ("sources", "max_body"),
+    ("auth", "tokens"),
+}
 
 
 def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None) -> LoadedSettings:
@@ -466,9 +573,21 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
             try:
                 parsed = json.loads(value)
             except ValueError:
-                problems.append(f"{name}: expected a JSON object")
+                shape = (
+                    "list" if target in (("auth", "tokens"), ("sources", "unsigned")) else "object"
+                )
+                problems.append(f"{name}: expected a JSON {shape}")
                 continue
-        elif value == "" and target[-1] in ("admin_token", "client_id", "username", "password"):
+        elif value == "" and target[-1] in (
+            "admin_token",
+            "client_id",
+            "username",
+            "password",
+            "tokens_file",
+            "tls_ca",
+            "tls_cert",
+            "tls_key",
+        ):
             parsed = None
         if len(target) == 1:
             raw[target[0]] = parsed
@@ -487,6 +606,8 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
         routing = Path(settings.routing)
         if not routing.is_absolute():
             settings = msgspec.structs.replace(settings, routing=str(file_path.parent / routing))
+    if file_path is not None:
+        settings = _relative_to(settings, file_path.parent, from_env)
     unknown = tuple(
         sorted(
             n
@@ -502,6 +623,30 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
         env_overrides=tuple(sorted(from_env.values())),
         unknown_env=unknown,
     )
+
+
+_PATH_SETTINGS = (
+    ("auth", "tokens_file"),
+    ("mqtt", "tls_ca"),
+    ("mqtt", "tls_cert"),
+    ("mqtt", "tls_key"),
+    ("http", "tls_cert"),
+    ("http", "tls_key"),
+)
+
+
+def _relative_to(
+    settings: Settings, base: Path, from_env: Mapping[tuple[str, ...], str]
+) -> Settings:
+    """File paths from the settings file, made relative to its directory (not to the cwd)."""
+    for section_name, name in _PATH_SETTINGS:
+        section = getattr(settings, section_name)
+        value = getattr(section, name)
+        if not value or (section_name, name) in from_env or Path(value).is_absolute():
+            continue
+        section = msgspec.structs.replace(section, **{name: str(base / value)})
+        settings = msgspec.structs.replace(settings, **{section_name: section})
+    return settings
 
 
 def _section(raw: dict[str, Any], name: str) -> dict[str, Any]:

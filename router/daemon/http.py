@@ -34,22 +34,31 @@ Every error answer is JSON ``{"error": slug, "detail": sentence}``.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
+import limits
 import msgspec
 import structlog
 from aiohttp import web
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 
+from router.daemon import auth
+from router.daemon.auth import Authenticator, Principal, principal_of
 from router.daemon.config import Settings, parse_addr
 from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
 from router.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from router.daemon.replies import add_outbound_routes
 from router.messages import AdminCommand, LinkKeys, RemoveExpert, UpsertExpert
+from router.model import SOURCES
 from rules.identity import normalize_handle
 from rules.schema import Expert
 
@@ -163,19 +172,30 @@ class _Handlers:
     def __init__(
         self, intake: Intake, state: AppState, settings: Settings, metrics: Metrics
     ) -> None:
+        self.settings = settings
         self.intake = intake
         self.state = state
-        self.admin_token = settings.admin_token
         self.metrics = metrics
 
     async def webhook(self, request: web.Request) -> web.Response:
         source = request.match_info["source"]
+        sources = self.settings.sources
+        if source in SOURCES:
+            limit = sources.body_limit(source)
+            if (request.content_length or 0) > limit:
+                return _too_large(source, limit)
         body = await request.read()
+        if source in SOURCES and len(body) > sources.body_limit(source):
+            return _too_large(source, sources.body_limit(source))
         # Decoders take lower-cased header names (channels.base); a repeated header keeps its
         # first value, which is the one every signature scheme here uses.
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers.setdefault(name.lower(), value)
+        if source in SOURCES and source not in sources.unsigned:
+            refused = _unsigned_refusal(request, source, sources.secrets.get(source), body, headers)
+            if refused is not None:
+                return refused
         try:
             outcome = await self.intake.accept(source, body, headers)
         except JournalUnavailable as exc:
@@ -233,25 +253,36 @@ class _Handlers:
         return _reply(200, {"agents": view.agent_list()})
 
     async def contact(self, request: web.Request) -> web.Response:
+        # Supervisors (and admins) read every contact, with the customer's history (they may
+        # read customers); an agent only a contact offered or assigned to it, with the same
+        # history its offer carried. Anything else answers 404 like an unknown contact, so an
+        # agent cannot probe which contact ids exist.
+        principal = auth.require(request, ("supervisor", "agent"))
         view = self._view()
         if isinstance(view, web.Response):
             return view
         contact_id = request.match_info["contact_id"]
         info = view.contact_info(contact_id)
+        if principal.role == "agent" and (
+            info is None
+            or info.get("agent_id") != principal.agent_id
+            or info.get("state") not in AGENT_VISIBLE_STATES
+        ):
+            if info is not None:
+                auth.audit_refusal(request, "not_your_contact", principal, contact_id=contact_id)
+            info = None
         if info is None:
             return _error(404, "unknown_contact", f"no contact {contact_id!r}")
         return _reply(200, info)
 
     async def reload(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         reload = self.state.reload
         if reload is None:
             return _error(503, "not_routing", "this daemon does not hold the routing lease")
         problems = await reload()
+        who = _who(request)
         if problems:
-            log.warning("rules_reload_refused", via="http", problems=problems)
+            log.warning("rules_reload_refused", via="http", problems=problems, **who)
             return _reply(
                 422,
                 {
@@ -260,7 +291,8 @@ class _Handlers:
                     "problems": problems,
                 },
             )
-        log.info("rules_reloaded", via="http")
+        log.info("admin.change", op="reload", via="http", **who)
+        self.metrics.observe_admin_change("reload")
         return _reply(200, {"reloaded": True})
 
     # ---- the crowd: experts and customers ------------------------------------------------------
@@ -272,9 +304,6 @@ class _Handlers:
         return _reply(200, view.experts_report(time.time()))
 
     async def put_expert(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         expert_id = request.match_info["expert_id"].strip()
         if not expert_id or len(expert_id) > MAX_EXPERT_ID:
             return _error(400, "bad_expert", f"an expert id is 1 to {MAX_EXPERT_ID} characters")
@@ -289,12 +318,9 @@ class _Handlers:
         if found:
             return _error(400, "bad_expert", "; ".join(found))
         expert = Expert(id=expert_id, **msgspec.structs.asdict(body))
-        return await self._journal_admin(UpsertExpert(expert=expert), expert_id=expert_id)
+        return await self._journal_admin(request, UpsertExpert(expert=expert), expert_id=expert_id)
 
     async def delete_expert(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         expert_id = request.match_info["expert_id"]
         view = self.state.view
         # The router would refuse it too (admin.refused), but the caller deserves to know now.
@@ -302,12 +328,11 @@ class _Handlers:
             report = view.experts_report(time.time())
             if not any(row.get("id") == expert_id for row in report.get("experts", ())):
                 return _error(404, "unknown_expert", f"no expert {expert_id!r}")
-        return await self._journal_admin(RemoveExpert(expert_id=expert_id), expert_id=expert_id)
+        return await self._journal_admin(
+            request, RemoveExpert(expert_id=expert_id), expert_id=expert_id
+        )
 
     async def link_customers(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         try:
             body = _LINK_BODY.decode(await request.read())
         except msgspec.DecodeError as exc:
@@ -317,12 +342,9 @@ class _Handlers:
         found = [p for key in body.keys if (p := key_problem(key)) is not None]
         if found:
             return _error(400, "bad_identity_key", "; ".join(found))
-        return await self._journal_admin(LinkKeys(keys=body.keys), keys=list(body.keys))
+        return await self._journal_admin(request, LinkKeys(keys=body.keys), keys=list(body.keys))
 
     async def customer(self, request: web.Request) -> web.Response:
-        denied = self._authorise(request)
-        if denied is not None:
-            return denied
         view = self._view()
         if isinstance(view, web.Response):
             return view
@@ -332,7 +354,9 @@ class _Handlers:
             return _error(404, "unknown_customer", f"no customer {ref!r}")
         return _reply(200, info)
 
-    async def _journal_admin(self, cmd: AdminCommand, **about: Any) -> web.Response:
+    async def _journal_admin(
+        self, request: web.Request, cmd: AdminCommand, **about: Any
+    ) -> web.Response:
         try:
             entry_id = await self.intake.accept_admin(cmd)
         except JournalUnavailable as exc:
@@ -343,23 +367,63 @@ class _Handlers:
                 {"Retry-After": RETRY_AFTER_SECONDS},
             )
         op = msgspec.to_builtins(cmd)["op"]
-        log.info("admin.accepted", op=op, journal_id=entry_id, **about)
+        # The audit line: once per change, who and from where (never the token).
+        log.info("admin.change", op=op, journal_id=entry_id, **_who(request), **about)
+        self.metrics.observe_admin_change(op)
         return _reply(202, {"accepted": True, "op": op, "journal_id": entry_id, **about})
 
-    def _authorise(self, request: web.Request) -> web.Response | None:
-        if not self.admin_token:
-            return _error(403, "admin_disabled", "no admin_token is configured")
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.admin_token.encode()
-        ):
-            return _error(
-                401,
-                "unauthorized",
-                "a valid 'Authorization: Bearer <admin_token>' is needed",
-                {"WWW-Authenticate": 'Bearer realm="stellwerk"'},
-            )
-        return None
+
+NATIVE_SIGNATURES = frozenset(
+    {"twilio-voice", "rocketchat", "chatwoot", "whatsapp", "messenger", "discourse", "x"}
+)
+"""Sources whose decoder checks the platform's own signature when the source has a secret."""
+SIGNATURE_HEADER = "x-stellwerk-signature"
+"""For the other sources over HTTP: ``sha256=<hex HMAC-SHA256 of the body with the secret>``."""
+
+
+def _too_large(source: str, limit: int) -> web.Response:
+    log.warning("webhook.too_large", source=source, limit=limit)
+    return _error(413, "body_too_large", f"a {source} webhook body may be at most {limit} bytes")
+
+
+def _unsigned_refusal(
+    request: web.Request,
+    source: str,
+    secret: str | None,
+    body: bytes,
+    headers: Mapping[str, str],
+) -> web.Response | None:
+    """401 for a webhook of a source that must be signed but cannot be checked, else None."""
+    if secret is None:
+        auth.audit_refusal(request, "unsigned_source", source=source)
+        return _error(
+            401,
+            "unsigned_source",
+            f"source {source!r} has no signing secret configured; set sources.secrets or mark "
+            "it in sources.unsigned",
+        )
+    if source in NATIVE_SIGNATURES:
+        return None  # the decoder checks the platform's own signature
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(headers.get(SIGNATURE_HEADER, "").encode(), expected.encode()):
+        auth.audit_refusal(request, "bad_signature", source=source)
+        return _error(
+            401, "bad_signature", f"{SIGNATURE_HEADER} must be sha256=<HMAC-SHA256 of the body>"
+        )
+    return None
+
+
+AGENT_VISIBLE_STATES = frozenset({"offered", "assigned", "wrap_up"})
+"""Contact states in which the agent holding it may read it."""
+
+
+def _who(request: web.Request) -> dict[str, Any]:
+    principal: Principal | None = principal_of(request)
+    return {
+        "principal": principal.name if principal else None,
+        "role": principal.role if principal else None,
+        "remote": request.remote,
+    }
 
 
 @web.middleware
@@ -370,8 +434,8 @@ async def _json_errors(
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise  # redirects, and our own JSON refusals (router.daemon.auth)
         slug = exc.reason.lower().replace(" ", "_")
         # Keep what the client needs (Allow on a 405); the body and its type are ours now.
         keep = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
@@ -381,39 +445,130 @@ async def _json_errors(
         return _error(500, "internal_error", "the daemon failed to handle this request")
 
 
+UNLIMITED_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Monitoring is never rate limited: a scrape must not be refused during a flood."""
+
+
+class RateLimit:
+    """A per-client (remote address) sliding-window limit, from the ``limits`` library."""
+
+    def __init__(self, spec: str) -> None:
+        self.items = limits.parse_many(spec)
+        self.limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
+        # client -> until when its refusals are already logged (one line per flood, not per
+        # refused request; every refusal is still counted)
+        self.logged: dict[str, float] = {}
+
+    def first_refusal(self, client: str, wait: int) -> bool:
+        """Whether this refusal starts a new flood of ``client`` (so it is logged)."""
+        now = time.monotonic()
+        if self.logged.get(client, 0.0) > now:
+            return False
+        if len(self.logged) > 10_000:
+            self.logged = {c: t for c, t in self.logged.items() if t > now}
+        self.logged[client] = now + wait
+        return True
+
+    def retry_after(self, client: str) -> int | None:
+        """None when ``client`` may go on (the hit is counted), else seconds to wait."""
+        refused = [item for item in self.items if not self.limiter.hit(item, client)]
+        if not refused:
+            return None
+        reset = max(self.limiter.get_window_stats(item, client).reset_time for item in refused)
+        return max(1, math.ceil(reset - time.time()))
+
+
+RATE_LIMIT_KEY: web.AppKey[RateLimit] = web.AppKey("stellwerk_rate_limit", RateLimit)
+
+
+@web.middleware
+async def _rate_limit(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    limit = request.app.get(RATE_LIMIT_KEY)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else ""
+    if limit is None or route in UNLIMITED_ROUTES:
+        return await handler(request)
+    client = request.remote or "unknown"
+    wait = limit.retry_after(client)
+    if wait is not None:
+        if limit.first_refusal(client, wait):
+            auth.audit_refusal(request, "rate_limited")
+        else:
+            request.app[auth.AUTHENTICATOR_KEY].count_refused("rate_limited", route)
+        return _error(
+            429,
+            "rate_limited",
+            f"too many requests from this client; retry in {wait} s",
+            {"Retry-After": str(wait)},
+        )
+    return await handler(request)
+
+
 def make_app(
-    intake: Intake, state: AppState, settings: Settings, metrics: Metrics
+    intake: Intake,
+    state: AppState,
+    settings: Settings,
+    metrics: Metrics,
+    authenticator: Authenticator | None = None,
 ) -> web.Application:
-    """The aiohttp application; the daemon runs it with :func:`start_http`."""
+    """The aiohttp application; the daemon runs it with :func:`start_http`.
+
+    Every route declares what it needs (``router.daemon.auth``); a route added without a
+    declaration is refused. Other modules add theirs with ``auth.add_routes(app, [...])``.
+    """
     h = _Handlers(intake, state, settings, metrics)
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
-    app.add_routes(
-        [
-            web.post("/v1/webhooks/{source}", h.webhook),
-            web.get("/metrics", h.metrics_page),
-            web.get("/healthz", h.healthz),
-            web.get("/readyz", h.readyz),
-            web.get("/v1/queues", h.queues),
-            web.get("/v1/agents", h.agents),
-            web.get("/v1/contacts/{contact_id}", h.contact),
-            web.post("/v1/rules/reload", h.reload),
-            web.get("/v1/experts", h.experts),
-            web.put("/v1/experts/{expert_id}", h.put_expert),
-            web.delete("/v1/experts/{expert_id}", h.delete_expert),
-            web.post("/v1/customers/link", h.link_customers),
-            web.get("/v1/customers/{ref}", h.customer),
-        ]
+    sources = settings.sources
+    # The hard cap for any body; webhooks are held to their source's own limit below it.
+    cap = max(MAX_BODY, sources.max_body_default, *sources.max_body.values())
+    app = web.Application(
+        client_max_size=cap, middlewares=[_json_errors, _rate_limit, auth.auth_middleware]
     )
-    add_outbound_routes(app, state, h._authorise)
+    app[auth.AUTHENTICATOR_KEY] = authenticator or Authenticator(settings, metrics=metrics)
+    if settings.http.rate_limit:
+        app[RATE_LIMIT_KEY] = RateLimit(settings.http.rate_limit)
+    auth.add_routes(
+        app,
+        [
+            (web.post("/v1/webhooks/{source}", h.webhook), "signed"),
+            (web.get("/metrics", h.metrics_page), "metrics"),
+            (web.get("/healthz", h.healthz), "public"),
+            (web.get("/readyz", h.readyz), "public"),
+            (web.get("/v1/queues", h.queues), "supervisor"),
+            (web.get("/v1/agents", h.agents), "supervisor"),
+            # supervisor, or the agent the contact is offered/assigned to (checked in h.contact)
+            (web.get("/v1/contacts/{contact_id}", h.contact), "self"),
+            (web.post("/v1/rules/reload", h.reload), "admin"),
+            (web.get("/v1/experts", h.experts), "supervisor"),
+            (web.put("/v1/experts/{expert_id}", h.put_expert), "admin"),
+            (web.delete("/v1/experts/{expert_id}", h.delete_expert), "admin"),
+            (web.post("/v1/customers/link", h.link_customers), "admin"),
+            (web.get("/v1/customers/{ref}", h.customer), "supervisor"),
+        ],
+    )
+    add_outbound_routes(app, state)
+    metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
     return app
 
 
-async def start_http(app: web.Application, addr: str) -> web.AppRunner:
-    """Serve ``app`` on ``addr`` (``host:port``); stop it with ``await runner.cleanup()``."""
+def server_tls(cert: str, key: str) -> ssl.SSLContext:
+    """The HTTPS listener's TLS context (TLS 1.2 or later) from PEM certificate and key files."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def start_http(
+    app: web.Application, addr: str, *, tls: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Serve ``app`` on ``addr`` (``host:port``), HTTPS with ``tls``; stop it with
+    ``await runner.cleanup()``."""
     host, port = parse_addr(addr)
     # No access log: at webhook peak rates it would dwarf the one-line-per-decision log.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()
     return runner

@@ -30,8 +30,9 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from router.daemon.auth import Authenticator
 from router.daemon.config import LoadedSettings, LogSettings, Settings, SettingsError, load_settings
-from router.daemon.http import AppState, make_app, start_http
+from router.daemon.http import AppState, make_app, server_tls, start_http
 from router.daemon.intake import Intake
 from router.daemon.journal import Journal, connect_redis
 from router.daemon.lease import Lease
@@ -119,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"stellwerk run: {problem}", file=sys.stderr)
         return 2
     settings = loaded.settings
+    try:
+        Authenticator(settings)  # a broken tokens file is bad settings: refuse to start
+    except SettingsError as exc:
+        for problem in exc.problems:
+            print(f"stellwerk run: {problem}", file=sys.stderr)
+        return 2
     configure_logging(settings.log)
     table = load_or_report(settings.routing, prefix="stellwerk run: ")
     if table is None:
@@ -174,6 +181,9 @@ class Daemon:
         )
         for name in self.loaded.unknown_env:
             log.warning("config.unknown_env", name=name)
+        for source in s.sources.unsigned:
+            # Explicitly allowed, but anyone who can reach the port can inject such contacts.
+            log.warning("webhook.unsigned_source", source=source)
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
@@ -260,11 +270,16 @@ class Daemon:
                     name="outbound",
                 )
                 if s.http.addr:
-                    app = make_app(intake, state, s, metrics)
+                    app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics))
+                    tls = (
+                        server_tls(s.http.tls_cert, s.http.tls_key)
+                        if s.http.tls_cert and s.http.tls_key
+                        else None
+                    )
                     if outbound is not None:
                         app[OUTBOUND] = outbound
-                    runner = await start_http(app, s.http.addr)
-                    log.info("http.listening", addr=s.http.addr)
+                    runner = await start_http(app, s.http.addr, tls=tls)
+                    log.info("http.listening", addr=s.http.addr, https=tls is not None)
                 if s.smtp.addr:
                     smtp = await start_smtp(
                         intake, metrics, s.smtp.addr, max_message_size=s.smtp.max_message_size

@@ -64,6 +64,8 @@ DECISION_BUCKETS = (
 AGENT_STATES = ("offline", "available", "away", "wrap_up", "not_responding")
 EXPERT_ACTIVITY = ("active_day", "active_week", "inactive", "never_seen")
 UNKNOWN = "unknown"
+ADMIN_OPS = ("reload", "upsert_expert", "remove_expert", "link_keys")
+AUTH_REFUSALS = ("no_token", "bad_token", "wrong_role")
 
 
 class EngineView(Protocol):
@@ -343,6 +345,23 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # ---- security: refused authorisations and admin changes (audit) ----
+        self.auth_refused = Counter(
+            "stellwerk_auth_refused",
+            "Requests refused for authentication or authorisation, by reason (no_token, "
+            "bad_token, wrong_role, not_your_contact, unsigned_source, rate_limited, ...) and "
+            "route template.",
+            ["reason", "route"],
+            registry=r,
+        )
+        self.admin_changes = Counter(
+            "stellwerk_admin_changes",
+            "Admin changes accepted (reload, upsert_expert, remove_expert, link_keys).",
+            ["op"],
+            registry=r,
+        )
+        for op in ADMIN_OPS:
+            self.admin_changes.labels(op)
         self._queues: set[str] = set()
 
     # ---- updates -----------------------------------------------------------------------
@@ -373,6 +392,20 @@ class Metrics:
         self.up.labels("redis").set(1 if redis else 0)
         self.up.labels("mqtt").set(1 if mqtt else 0)
         self.lease_held.set(1 if lease else 0)
+
+    def observe_auth_refused(self, reason: str, route: str) -> None:
+        """Count one refused request (``route`` is the route's template, bounded)."""
+        self.auth_refused.labels(reason or UNKNOWN, route or UNKNOWN).inc()
+
+    def precreate_auth(self, routes: Iterable[str]) -> None:
+        """Show the refusal counters of these routes at zero before anything was refused."""
+        for route in routes:
+            for reason in AUTH_REFUSALS:
+                self.auth_refused.labels(reason, route)
+
+    def observe_admin_change(self, op: str) -> None:
+        """Count one accepted admin change."""
+        self.admin_changes.labels(op).inc()
 
     def observe_reload(self, ok: bool) -> None:
         """Count one routing-file reload attempt."""

@@ -52,6 +52,16 @@ def backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(cap=10.0, base=0.1)
 
 
+def client_tls(mqtt: MqttSettings) -> ssl.SSLContext:
+    """TLS for ``mqtts://``: the broker verified against ``tls_ca`` (else the system's CAs),
+    with the client certificate ``tls_cert``/``tls_key`` when set."""
+    context = ssl.create_default_context(cafile=mqtt.tls_ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if mqtt.tls_cert and mqtt.tls_key:
+        context.load_cert_chain(mqtt.tls_cert, mqtt.tls_key)
+    return context
+
+
 def make_client(
     mqtt: MqttSettings, identifier: str, *, persistent: bool, manual_ack: bool = False
 ) -> aiomqtt.Client:
@@ -85,7 +95,7 @@ def make_client(
         max_inflight_messages=mqtt.max_inflight,
         # Bounded concurrency keeps aiomqtt's per-call bookkeeping (linear in pending calls) cheap.
         max_concurrent_outgoing_calls=256,
-        tls_context=ssl.create_default_context() if mqtt.tls else None,
+        tls_context=client_tls(mqtt) if mqtt.tls else None,
         # Neither paho nor aiomqtt turns Nagle off; with delayed ACKs it adds ~40 ms per hop.
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         timeout=10.0,

@@ -12,11 +12,11 @@ on the platforms, all through the outbox (:mod:`router.daemon.outbox`).
   and the engine does not hold: the customer's address, the mail thread's Message-IDs, the
   time of the customer's last message (the WhatsApp/Messenger window), platform ids.
 - The HTTP routes (:func:`add_outbound_routes`): ``POST /v1/contacts/{id}/messages`` with
-  ``{"text": ...}`` queues the assigned agent's reply (``202`` with its key once it is in the
-  outbox; an ``Idempotency-Key`` header makes a retried request queue it once);
-  ``GET /v1/contacts/{id}/messages`` lists the contact's outbound messages and actions with
-  their state (``queued``, ``sending``, ``retrying`` with the last error, ``sent``,
-  ``failed`` with the platform's reason), which is what the desk shows.
+  ``{"text": ...}`` (role ``agent``, only for a contact assigned to that agent) queues the
+  reply: ``202`` with its key once it is in the outbox; an ``Idempotency-Key`` header makes a
+  retried request queue it once. ``GET /v1/contacts/{id}/messages`` lists the contact's
+  outbound messages and actions with their state (``queued``, ``sending``, ``retrying`` with
+  the last error, ``sent``, ``failed`` with the platform's reason): what the desk shows.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -36,6 +36,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from channels.email import reply_message_id
+from router.daemon import auth
 from router.daemon.config import OutboundSettings
 from router.daemon.journal import ContactEntry, Journal, JournalUnavailable
 from router.daemon.outbox import OutboundMessage, Outbox
@@ -370,8 +371,6 @@ class Outbound:
 # ---- HTTP ---------------------------------------------------------------------------------------
 
 OUTBOUND = web.AppKey("outbound", Outbound)
-Authorise = Callable[[web.Request], web.Response | None]
-AgentOf = Callable[[web.Request], Awaitable[str | None]]
 
 
 def _reply(status: int, payload: Any) -> web.Response:
@@ -382,17 +381,16 @@ def _error(status: int, error: str, detail: str) -> web.Response:
     return _reply(status, {"error": error, "detail": detail})
 
 
-def add_outbound_routes(app: web.Application, state: AppState, authorise: Authorise) -> None:
-    """Register the reply routes. ``authorise`` checks the caller (None: allowed).
+def add_outbound_routes(app: web.Application, state: AppState) -> None:
+    """Register the reply routes with their access (:mod:`router.daemon.auth`).
 
-    Until per-agent tokens exist the routes take the admin token, and the reply goes out as
-    the agent the contact is assigned to; the agent is never taken from the request body.
+    Sending needs role ``agent`` and a contact assigned to that very agent (the agent id comes
+    from the token, never from the request); a contact that is not the agent's answers 404 like
+    an unknown one. Reading the outbound list: a supervisor, or the contact's agent.
     """
 
     async def send(request: web.Request) -> web.Response:
-        denied = authorise(request)
-        if denied is not None:
-            return denied
+        principal = auth.require_agent(request)
         outbound = request.app.get(OUTBOUND)
         if outbound is None:
             return _error(503, "not_configured", "outbound messaging is not set up")
@@ -410,15 +408,18 @@ def add_outbound_routes(app: web.Application, state: AppState, authorise: Author
         if request_key is not None and not _IDEMPOTENCY.fullmatch(request_key):
             return _error(400, "bad_idempotency_key", "1-100 of A-Z a-z 0-9 . _ : -")
         info = state.view.contact_info(contact_id)
+        if info is not None and info.get("agent_id") != principal.agent_id:
+            auth.audit_refusal(request, "not_your_contact", principal, contact_id=contact_id)
+            info = None
         if info is None:
             return _error(404, "unknown_contact", f"no contact {contact_id!r}")
-        agent_id = info.get("agent_id")
-        if info.get("state") not in ("assigned", "wrap_up") or not agent_id:
+        if info.get("state") not in ("assigned", "wrap_up"):
             return _error(
                 409, "not_assigned", f"contact {contact_id!r} is {info.get('state')}, not assigned"
             )
+        assert principal.agent_id is not None
         try:
-            msg, added = await outbound.reply(info, str(agent_id), text, request_key)
+            msg, added = await outbound.reply(info, principal.agent_id, text, request_key)
         except Refusal as exc:
             return _error(exc.status, exc.error, exc.detail)
         except JournalUnavailable as exc:
@@ -427,21 +428,27 @@ def add_outbound_routes(app: web.Application, state: AppState, authorise: Author
         return _reply(202, {"key": msg.key, "duplicate": not added, "status": record})
 
     async def listing(request: web.Request) -> web.Response:
-        denied = authorise(request)
-        if denied is not None:
-            return denied
+        principal = auth.require(request, ("supervisor", "agent"))
         outbound = request.app.get(OUTBOUND)
         if outbound is None:
             return _error(503, "not_configured", "outbound messaging is not set up")
+        contact_id = request.match_info["contact_id"]
+        if principal.role == "agent":
+            info = state.view.contact_info(contact_id) if state.view is not None else None
+            if info is None or info.get("agent_id") != principal.agent_id:
+                auth.audit_refusal(request, "not_your_contact", principal, contact_id=contact_id)
+                return _error(404, "unknown_contact", f"no contact {contact_id!r}")
         try:
-            found = await outbound.outbox.for_contact(request.match_info["contact_id"])
+            found = await outbound.outbox.for_contact(contact_id)
         except JournalUnavailable as exc:
             return _error(503, "journal_unavailable", str(exc))
         return _reply(200, {"messages": found})
 
-    app.add_routes(
+    auth.add_routes(
+        app,
         [
-            web.post("/v1/contacts/{contact_id}/messages", send),
-            web.get("/v1/contacts/{contact_id}/messages", listing),
-        ]
+            (web.post("/v1/contacts/{contact_id}/messages", send), "agent"),
+            # a supervisor, or the agent of that contact (checked in the handler)
+            (web.get("/v1/contacts/{contact_id}/messages", listing), "self"),
+        ],
     )

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from router.daemon.config import Settings
+from router.daemon.auth import hash_token
+from router.daemon.config import AuthSettings, Settings, TokenSettings
 from router.daemon.http import AppState, make_app, start_http
 from router.daemon.intake import Intake
 from router.daemon.journal import Journal, connect_redis
@@ -28,6 +29,7 @@ from router.model import ContactEvent, Sender
 from rules.load import parse_routing
 
 REPO = Path(__file__).resolve().parents[2]
+TOKEN = "community-manager-token"
 DAY = 86_400.0
 ROUTING = """
 version: 1
@@ -90,7 +92,11 @@ def free_port() -> int:
 @pytest.fixture
 async def daemon_url() -> AsyncIterator[tuple[str, AppState]]:
     """The daemon's HTTP app on a real port; its journal is never touched by a report."""
-    settings = Settings()
+    settings = Settings(
+        auth=AuthSettings(
+            tokens=(TokenSettings(name="cm", role="supervisor", sha256=hash_token(TOKEN)),)
+        )
+    )
     metrics = Metrics()
     redis = connect_redis("redis://127.0.0.1:6379/0")
     state = AppState(view=crowd_engine(time.time()), lease_held=True)
@@ -124,7 +130,7 @@ async def test_the_report_reads_like_a_community_managers_overview(
     daemon_url: tuple[str, AppState],
 ) -> None:
     url, _ = daemon_url
-    done = await stellwerk("experts", "report", "--url", url)
+    done = await stellwerk("experts", "report", "--url", url, "--token", TOKEN)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     counts = {
@@ -158,7 +164,8 @@ async def test_the_report_reads_like_a_community_managers_overview(
 
 async def test_json_is_the_daemons_report(daemon_url: tuple[str, AppState]) -> None:
     url, _ = daemon_url
-    done = await stellwerk("experts", "report", "--json", "--url", url)
+    env = {"PATH": "/usr/bin:/bin", "STELLWERK_TOKEN": TOKEN}
+    done = await stellwerk("experts", "report", "--json", "--url", url, env=env)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["summary"]["experts"] == 4
@@ -172,7 +179,11 @@ async def test_json_is_the_daemons_report(daemon_url: tuple[str, AppState]) -> N
 
 async def test_the_address_comes_from_the_environment(daemon_url: tuple[str, AppState]) -> None:
     url, _ = daemon_url
-    env = {"PATH": "/usr/bin:/bin", "STELLWERK_HTTP_ADDR": url.removeprefix("http://")}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "STELLWERK_HTTP_ADDR": url.removeprefix("http://"),
+        "STELLWERK_ADMIN_TOKEN": TOKEN,  # operators' one variable; here a supervisor token
+    }
     done = await stellwerk("experts", "report", "--json", env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["summary"]["experts"] == 4
@@ -182,8 +193,11 @@ async def test_a_standby_or_an_unreachable_daemon_is_one_line_and_exit_1(
     daemon_url: tuple[str, AppState],
 ) -> None:
     url, state = daemon_url
-    state.view = None  # a standby
     done = await stellwerk("experts", "report", "--url", url)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "HTTP 401" in done.stderr and "--token" in done.stderr
+    state.view = None  # a standby
+    done = await stellwerk("experts", "report", "--url", url, "--token", TOKEN)
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "does not route" in done.stderr

@@ -84,7 +84,7 @@ async def test_put_expert_is_journaled_and_then_listed_in_the_report(crowd: Crow
     (entry,) = await crowd.apply()
     assert isinstance(entry.cmd, UpsertExpert)
     assert entry.cmd.expert.id == "x-csommer" and entry.cmd.expert.level == 3
-    status, report = await crowd.call("GET", "/v1/experts")
+    status, report = await crowd.call("GET", "/v1/experts", **AUTH)
     assert status == 200
     row = next(r for r in report["experts"] if r["id"] == "x-csommer")
     assert (row["name"], row["level"], row["activity"], row["answers"]) == (
@@ -134,6 +134,7 @@ async def test_changes_need_the_bearer_token(crowd: CrowdApi) -> None:
         ("DELETE", "/v1/experts/x-heinz", None),
         ("POST", "/v1/customers/link", link),
         ("GET", "/v1/customers/c1", None),
+        ("GET", "/v1/experts", None),
     ):
         status, reply = await crowd.call(method, path, body)
         assert (status, reply["error"]) == (401, "unauthorized"), path
@@ -149,7 +150,7 @@ async def test_delete_removes_an_expert_and_an_unknown_one_is_404(crowd: CrowdAp
     assert status == 202
     (entry,) = await crowd.apply()
     assert entry.cmd == RemoveExpert(expert_id="x-heinz")
-    _, report = await crowd.call("GET", "/v1/experts")
+    _, report = await crowd.call("GET", "/v1/experts", **AUTH)
     assert [r["id"] for r in report["experts"]] == []
 
 
@@ -182,7 +183,7 @@ async def test_reads_are_503_on_a_standby_while_changes_are_still_journaled(
     crowd: CrowdApi,
 ) -> None:
     crowd.state.view = None  # a standby: the router runs elsewhere
-    status, reply = await crowd.call("GET", "/v1/experts")
+    status, reply = await crowd.call("GET", "/v1/experts", **AUTH)
     assert (status, reply["error"]) == (503, "not_routing")
     status, reply = await crowd.call("GET", "/v1/customers/c1", **AUTH)
     assert (status, reply["error"]) == (503, "not_routing")

@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from aiosmtpd.controller import Controller
 
+from router.daemon.auth import hash_token
 from tests.daemon.conftest import SAMPLES, MqttProbe, wait_until
 from tests.daemon.private_servers import free_port
 from tests.peers.base import serve
@@ -34,6 +35,16 @@ from tests.peers.rocketchat import RocketchatPeer, Room
 pytestmark = pytest.mark.integration
 
 TOKEN = "outbound-e2e-admin-token"
+#: HTTP tokens: each agent's own (role agent) and a supervisor's.
+TOKENS = {"anna": "tok-anna-e2e", "mod": "tok-mod-e2e", "bert": "tok-bert-e2e"}
+SUPERVISOR = "tok-supervisor-e2e"
+AUTH_TOKENS = json.dumps(
+    [
+        {"name": f"agent:{a}", "role": "agent", "agent_id": a, "sha256": hash_token(t)}
+        for a, t in TOKENS.items()
+    ]
+    + [{"name": "wall", "role": "supervisor", "sha256": hash_token(SUPERVISOR)}]
+)
 DISCOURSE_SECRET = "outbound-e2e-discourse-secret"
 WINDOW = 1.0
 MAILBOX = "support@beispiel-telekom.de"
@@ -88,15 +99,19 @@ class World:
             assert resp.status == 202, await resp.text()
 
     async def api(
-        self, method: str, path: str, body: Any = None, **headers: str
+        self, method: str, path: str, body: Any = None, *, token: str = SUPERVISOR
     ) -> tuple[int, Any]:
         async with self.http.request(
-            method,
-            f"{self.base}{path}",
-            json=body,
-            headers={"Authorization": f"Bearer {TOKEN}", **headers},
+            method, f"{self.base}{path}", json=body, headers={"Authorization": f"Bearer {token}"}
         ) as resp:
             return resp.status, await resp.json()
+
+    async def send(self, agent: str, contact_id: str, text: Any) -> tuple[int, Any]:
+        """The agent's desk sends a reply with the agent's own token."""
+        body = text if isinstance(text, dict) else {"text": text}
+        return await self.api(
+            "POST", f"/v1/contacts/{contact_id}/messages", body, token=TOKENS[agent]
+        )
 
     async def take(self, agent: str, contact_id: str) -> None:
         """The agent accepts its offer for ``contact_id``."""
@@ -221,7 +236,9 @@ async def world(
             http_addr=f"127.0.0.1:{http_port}",
             smtp_addr=f"127.0.0.1:{smtp_port}",
             admin_token=TOKEN,
+            auth_tokens=AUTH_TOKENS,
             secret_discourse=DISCOURSE_SECRET,
+            sources_unsigned=json.dumps(["chatwoot", "rocketchat", "whatsapp"]),
             **outbound_env(urls, relay_port),
         )
         async with aiohttp.ClientSession() as http:
@@ -280,9 +297,7 @@ async def test_chatwoot_assigned_answered_resolved(world: World) -> None:
     await world.take("anna", "chatwoot:42")
     # Accepting in Stellwerk assigns the conversation to anna's Chatwoot user.
     await wait_until(lambda: world.chatwoot.conversations[42].assignee_id == 12, 10, "assigned")
-    status, body = await world.api(
-        "POST", "/v1/contacts/chatwoot:42/messages", {"text": "Bitte einmal neu starten."}
-    )
+    status, body = await world.send("anna", "chatwoot:42", "Bitte einmal neu starten.")
     assert status == 202, body
     assert body["status"]["state"] in ("queued", "sending", "sent")
     await wait_until(lambda: world.chatwoot.conversations[42].messages, 10, "the message")
@@ -312,9 +327,7 @@ async def test_rocketchat_forwarded_answered_closed(world: World) -> None:
     await world.take("anna", "rocketchat:Tc5SyBZHovD4k8BXv")
     room = world.rocketchat.rooms["Tc5SyBZHovD4k8BXv"]
     await wait_until(lambda: room.served_by == "annaRcId00000001", 10, "forwarded")
-    status, body = await world.api(
-        "POST", "/v1/contacts/rocketchat:Tc5SyBZHovD4k8BXv/messages", {"text": "Guten Tag!"}
-    )
+    status, body = await world.send("anna", "rocketchat:Tc5SyBZHovD4k8BXv", "Guten Tag!")
     assert status == 202, body
     await wait_until(lambda: room.messages, 10, "the message")
     assert [m["msg"] for m in room.messages] == ["Guten Tag!"]
@@ -347,9 +360,7 @@ async def test_discourse_question_the_crowd_left_is_answered_as_staff(world: Wor
     # Nobody from the crowd answers: after the window it reaches the community desk.
     await world.take("mod", "discourse:7001")
     answer = "Im Menü WLAN > Mesh den Repeater hinzufügen, dann ist alles verbunden."
-    status, reply = await world.api(
-        "POST", "/v1/contacts/discourse:7001/messages", {"text": answer}
-    )
+    status, reply = await world.send("mod", "discourse:7001", answer)
     assert status == 202, reply
     await wait_until(lambda: len(world.discourse.topics[7001]) == 2, 10, "the staff post")
     post = world.discourse.topics[7001][1]
@@ -384,9 +395,7 @@ async def test_mail_reply_threads_and_the_customers_answer_joins_the_contact(
     )
     contact = f"email:{root}"
     await world.take("anna", contact)
-    status, body = await world.api(
-        "POST", f"/v1/contacts/{contact}/messages", {"text": "Wir prüfen das gern."}
-    )
+    status, body = await world.send("anna", contact, "Wir prüfen das gern.")
     assert status == 202, body
     await wait_until(lambda: world.relay.messages, 10, "the reply at the relay")
     (sent,) = world.relay.messages
@@ -417,9 +426,7 @@ async def test_whatsapp_reply_inside_the_window_and_refused_outside(world: World
     sample = json.loads((SAMPLES / "chat" / "whatsapp-text.json").read_bytes())
     await world.webhook("whatsapp", sample)
     await world.take("anna", "whatsapp:16505551234")
-    status, body = await world.api(
-        "POST", "/v1/contacts/whatsapp:16505551234/messages", {"text": "Ja, auch in Blau."}
-    )
+    status, body = await world.send("anna", "whatsapp:16505551234", "Ja, auch in Blau.")
     assert status == 202, body
     await wait_until(lambda: world.graph.sent, 10, "the WhatsApp reply")
     assert world.graph.sent == [
@@ -427,26 +434,44 @@ async def test_whatsapp_reply_inside_the_window_and_refused_outside(world: World
     ]
     assert world.graph.requests[0].path == "/v21.0/106540352242922/messages"
     await asyncio.sleep(2.2)  # the test's window is 2 s
-    status, body = await world.api(
-        "POST", "/v1/contacts/whatsapp:16505551234/messages", {"text": "Noch da?"}
-    )
+    status, body = await world.send("anna", "whatsapp:16505551234", "Noch da?")
     assert status == 409 and body["error"] == "outside_messaging_window", body
     assert "2 h" not in body["detail"] and "within" in body["detail"]
     assert len(world.graph.sent) == 1
 
 
-async def test_a_reply_needs_an_assigned_contact_and_the_token(world: World) -> None:
+async def test_only_the_assigned_agent_may_answer(world: World) -> None:
     world.chatwoot.conversations[43] = Conversation()
     await world.webhook("chatwoot", chatwoot_message(43, "Hallo"))
     await world.mqtt.wait_for("events/contact.queued", contact_id="chatwoot:43")
-    status, body = await world.api("POST", "/v1/contacts/chatwoot:43/messages", {"text": "Hi"})
-    assert status == 409 and body["error"] == "not_assigned"
-    async with world.http.post(
-        f"{world.base}/v1/contacts/chatwoot:43/messages", json={"text": "Hi"}
-    ) as resp:
-        assert resp.status == 401
-    status, body = await world.api("POST", "/v1/contacts/chatwoot:43/messages", {"txt": "Hi"})
-    assert status == 400 and body["error"] == "bad_message"
-    status, body = await world.api("POST", "/v1/contacts/nope:1/messages", {"text": "Hi"})
+    path = "/v1/contacts/chatwoot:43/messages"
+    async with world.http.post(f"{world.base}{path}", json={"text": "Hi"}) as resp:
+        assert resp.status == 401  # no token
+    status, body = await world.api("POST", path, {"text": "Hi"}, token=SUPERVISOR)
+    assert status == 403  # a supervisor is not an agent
+    status, body = await world.api("POST", path, {"text": "Hi"}, token=TOKEN)
+    assert status == 403  # nor is the admin
+    status, body = await world.send("anna", "chatwoot:43", "Hi")
+    assert status == 404 and body["error"] == "unknown_contact"  # queued: not anna's (yet)
+    await world.login("anna")
+    await world.take("anna", "chatwoot:43")
+    status, body = await world.send("bert", "chatwoot:43", "Hi")
+    assert status == 404 and body["error"] == "unknown_contact"  # not bert's contact
+    status, body = await world.api("GET", path, token=TOKENS["bert"])
     assert status == 404
-    assert world.chatwoot.conversations[43].messages == []
+    status, body = await world.send("anna", "chatwoot:43", {"txt": "Hi"})
+    assert status == 400 and body["error"] == "bad_message"
+    status, body = await world.send("anna", "nope:1", "Hi")
+    assert status == 404
+    # The desk retries a send whose answer it lost: the Idempotency-Key queues it once.
+    for _ in range(2):
+        async with world.http.post(
+            f"{world.base}{path}",
+            json={"text": "Einmal bitte."},
+            headers={"Authorization": f"Bearer {TOKENS['anna']}", "Idempotency-Key": "desk-1"},
+        ) as resp:
+            assert resp.status == 202
+    await world.settled("chatwoot:43", 2)
+    assert [m["content"] for m in world.chatwoot.conversations[43].messages] == ["Einmal bitte."]
+    status, body = await world.api("GET", path, token=TOKENS["anna"])
+    assert status == 200 and len(body["messages"]) == 2  # the assignment and the message
