@@ -405,7 +405,7 @@ async def test_mail_reply_threads_and_the_customers_answer_joins_the_contact(
     assert f"<{root}>" in sent["References"]
     assert sent.get_content().strip() == "Wir prüfen das gern."
     (item,) = await world.settled(contact, 1)
-    assert item["remote_id"] == sent["Message-ID"].strip("<>")
+    assert item["remote_id"] == sent["Message-ID"].strip().strip("<>")
     await world.mqtt.agent("anna", op="complete", contact_id=contact)
     await world.mqtt.wait_for("events/contact.completed", contact_id=contact)
     # Her mail client answers our reply and keeps only In-Reply-To: it joins her contact.
