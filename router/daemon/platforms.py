@@ -14,8 +14,9 @@ take an idempotency key:
   counts as done. ``room.forward`` has no key: a repeat may be refused (then it is shown).
 - **Chatwoot**: no idempotency key, but a message's ``content_attributes`` are kept; Stellwerk
   puts ``stellwerk_key`` there and, before an uncertain re-send, lists the conversation's
-  messages and sends only if none carries the key (exactly once unless the listing itself
-  fails). Assigning and setting the status are idempotent by nature.
+  messages and sends only if none carries the key (exactly once; the listing is Chatwoot's
+  latest page of messages, which holds the message when the re-send follows soon after).
+  Assigning and setting the status are idempotent by nature.
 - **Discourse**: no key. Discourse refuses a post identical to one the same user just made
   ("Body is too similar to what you recently posted", site setting ``unique_posts_mins``);
   after an uncertain attempt that refusal counts as delivered. With that setting at 0 a crash

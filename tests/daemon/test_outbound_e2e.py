@@ -194,6 +194,9 @@ def outbound_env(world_urls: dict[str, str], smtp_relay_port: int) -> dict[str, 
         "outbound_whatsapp": json.dumps(
             {"url": world_urls["graph"], "access_token": "graph-token", "window": 2.0}
         ),
+        "outbound_messenger": json.dumps(
+            {"url": world_urls["graph"], "access_token": "graph-token"}
+        ),
         "outbound_mail": json.dumps(
             {"host": "127.0.0.1", "port": smtp_relay_port, "security": "none", "timeout": 5}
         ),
@@ -238,7 +241,7 @@ async def world(
             admin_token=TOKEN,
             auth_tokens=AUTH_TOKENS,
             secret_discourse=DISCOURSE_SECRET,
-            sources_unsigned=json.dumps(["chatwoot", "rocketchat", "whatsapp"]),
+            sources_unsigned=json.dumps(["chatwoot", "rocketchat", "whatsapp", "messenger"]),
             **outbound_env(urls, relay_port),
         )
         async with aiohttp.ClientSession() as http:
@@ -438,6 +441,24 @@ async def test_whatsapp_reply_inside_the_window_and_refused_outside(world: World
     assert status == 409 and body["error"] == "outside_messaging_window", body
     assert "2 h" not in body["detail"] and "within" in body["detail"]
     assert len(world.graph.sent) == 1
+
+
+async def test_messenger_reply_goes_to_the_send_api(world: World) -> None:
+    await world.login("anna")
+    sample = json.loads((SAMPLES / "chat" / "messenger-quick-reply.json").read_bytes())
+    sample["entry"][0]["messaging"][0]["sender"]["id"] = "6543210987654321"
+    await world.webhook("messenger", sample)
+    await world.take("anna", "messenger:6543210987654321")
+    status, body = await world.send("anna", "messenger:6543210987654321", "Hallo zurück!")
+    assert status == 202, body
+    await wait_until(lambda: world.graph.sent, 10, "the Messenger reply")
+    assert world.graph.sent == [
+        {"product": "messenger", "to": "6543210987654321", "text": "Hallo zurück!"}
+    ]
+    (request,) = world.graph.requests
+    assert (request.path, request.body["messaging_type"]) == ("/v21.0/me/messages", "RESPONSE")
+    (item,) = await world.settled("messenger:6543210987654321", 1)
+    assert item["state"] == "sent" and item["remote_id"].startswith("m_")
 
 
 async def test_only_the_assigned_agent_may_answer(world: World) -> None:
