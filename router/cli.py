@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("router.daemon.replay", "run a recorded journal against a routing file"),
     "loadgen": ("router.daemon.loadgen", "drive a running daemon with realistic traffic"),
     "experts": ("router.experts_cli", "the crowd's health: experts' activity and waits"),
+    "broker-config": (
+        "router.daemon.broker_config",
+        "MQTT accounts + ACLs for Mosquitto and HTTP tokens, from a routing file",
+    ),
 }
 
 

@@ -50,7 +50,7 @@ from aiohttp import web
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from router.daemon import auth
+from router.daemon import auth, openapi
 from router.daemon.auth import Authenticator, Principal, principal_of
 from router.daemon.config import Settings, parse_addr
 from router.daemon.intake import Intake
@@ -225,6 +225,9 @@ class _Handlers:
         # CONTENT_TYPE_LATEST carries its own charset parameter, so set the header verbatim.
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _reply(200, openapi.served(request.app))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _reply(200, {"status": "ok"})
@@ -534,6 +537,7 @@ def make_app(
             (web.post("/v1/webhooks/{source}", h.webhook), "signed"),
             (web.get("/metrics", h.metrics_page), "metrics"),
             (web.get("/healthz", h.healthz), "public"),
+            (web.get("/v1/openapi.json", h.openapi), "public"),
             (web.get("/readyz", h.readyz), "public"),
             (web.get("/v1/queues", h.queues), "supervisor"),
             (web.get("/v1/agents", h.agents), "supervisor"),

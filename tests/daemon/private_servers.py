@@ -192,6 +192,12 @@ class PrivateMosquitto(_Server):
 
     port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
+    auth_conf: str = ""
+    """Extra configuration (``stellwerk broker-config``'s mosquitto-auth.conf): with it, no
+    anonymous access on any listener."""
+    tls_listener: str = ""
+    """A whole TLS ``listener`` block (port, cafile, certfile, keyfile ...), when wanted."""
+    tls_port: int = 0
 
     @property
     def url(self) -> str:
@@ -201,12 +207,22 @@ class PrivateMosquitto(_Server):
         """Start (or restart: same dir, so the persistence file is loaded) and wait for it."""
         ports = [self.port, self.peer_port] if daemon else [self.peer_port]
         listeners = "".join(f"listener {p} {HOST}\n" for p in ports)
+        if self.tls_listener:
+            listeners += self.tls_listener.rstrip("\n") + "\n"
+            ports.append(self.tls_port)
+        anonymous = "false" if self.auth_conf else "true"
+        # The auth conf carries allow_anonymous false itself; drop it so it is not doubled.
+        auth = "".join(
+            line + "\n"
+            for line in self.auth_conf.splitlines()
+            if not line.startswith("allow_anonymous")
+        )
         # Run as root, mosquitto drops to user "mosquitto", who may not write to the tmp dir.
         user = f"user {getpass.getuser()}\n" if os.geteuid() == 0 else ""
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
-            f"""{listeners}{user}allow_anonymous true
-set_tcp_nodelay true
+            f"""{user}allow_anonymous {anonymous}
+{auth}{listeners}set_tcp_nodelay true
 # The default (1000) would make the broker drop QoS 1 messages queued for an offline session.
 max_queued_messages 1000000
 max_queued_bytes 0
