@@ -6,6 +6,10 @@ Decisions where the issue is silent:
   References, else the first in In-Reply-To, else the message's own Message-ID (angle brackets
   stripped). A message with none of these gets ``generated-<sha256 of From, Date, Subject>``,
   so a redelivery of the same message lands on the same contact.
+- Stellwerk's own replies carry a Message-ID that names their thread's root
+  (:func:`reply_message_id`: ``stw.<base32 of the root>.<hash>@domain``). A customer's answer
+  whose References/In-Reply-To start with such an id joins that root's contact, also when the
+  customer's mail client keeps only the reply's id in In-Reply-To and drops References.
 - ``kind`` is ``new`` for a message that answers nothing (no In-Reply-To, no References),
   ``update`` for a reply; the router treats a reply to a thread it does not know as new.
 - Body: the first text/plain part (``EmailMessage.get_body``), else the first text/html part
@@ -34,6 +38,8 @@ falls back to the raw value so that bad mail still decodes or is rejected, never
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import hashlib
 import re
@@ -65,6 +71,28 @@ class _BoundedPolicy(EmailPolicy):
 
 _PARSER = BytesParser(policy=_BoundedPolicy())
 _MSG_ID = re.compile(r"<([^<>\s]+)>")
+_OWN_ID = re.compile(r"stw\.([a-z2-7]+)\.[0-9a-f]{12}@", re.IGNORECASE)
+
+
+def reply_message_id(root: str, key: str, domain: str) -> str:
+    """The Message-ID (without brackets) of a reply in thread ``root``; stable for ``key``."""
+    encoded = base64.b32encode(root.encode("utf-8")).decode().rstrip("=").lower()
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
+    return f"stw.{encoded}.{digest}@{domain}"
+
+
+def thread_of(message_id: str) -> str | None:
+    """The thread root a Message-ID made by :func:`reply_message_id` names, else None."""
+    match = _OWN_ID.match(message_id)
+    if match is None:
+        return None
+    encoded = match.group(1).upper()
+    try:
+        return base64.b32decode(encoded + "=" * (-len(encoded) % 8)).decode("utf-8") or None
+    except (binascii.Error, ValueError):
+        return None
+
+
 # Without at least one of these a parse result is just text with a colon in its first line.
 _CORE_HEADERS = ("from", "to", "subject", "date", "message-id")
 _BULK_PRECEDENCE = frozenset({"bulk", "list", "junk"})
@@ -97,6 +125,7 @@ def decode_email(
         seed = "\n".join((from_addr or "", date_raw or "", subject or ""))
         own_id = "generated-" + hashlib.sha256(seed.encode("utf-8", "replace")).hexdigest()[:32]
     root = references[0] if references else in_reply_to[0] if in_reply_to else own_id
+    root = thread_of(root) or root
 
     attributes = {"message_id": own_id}
     if in_reply_to:

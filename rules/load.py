@@ -27,7 +27,7 @@ import yaml
 from router.model import CHANNELS
 from rules.expr import Condition, ExprError, compile_condition
 from rules.identity import normalize_email, normalize_handle, normalize_phone
-from rules.schema import RELEASED_BY_SUPERVISOR, Expert, RoutingFile
+from rules.schema import RELEASED_BY_SUPERVISOR, Agent, Expert, RoutingFile
 from rules.table import RoutingTable, make_local_time
 
 MIN_PROFICIENCY, MAX_PROFICIENCY = 1, 5
@@ -599,6 +599,7 @@ def _check_codes(c: _Checker, file: RoutingFile) -> None:
 
 def _check_agents(c: _Checker, file: RoutingFile, declared: set[str]) -> None:
     ids: set[str] = set()
+    taken: dict[tuple[str, object], str] = {}
     for agent in file.agents:
         if agent.id in ids:
             c.at(agent, "id", f"duplicate agent id {agent.id!r}")
@@ -609,6 +610,25 @@ def _check_agents(c: _Checker, file: RoutingFile, declared: set[str]) -> None:
                 c.at(agent.capacity, channel, "capacity must not be negative")
         if agent.budget is not None and agent.budget <= 0:
             c.at(agent, "budget", "budget must be positive")
+        _check_accounts(c, agent, taken)
+
+
+def _check_accounts(c: _Checker, agent: Agent, taken: dict[tuple[str, object], str]) -> None:
+    """A platform account belongs to one agent; ids are positive, names non-empty."""
+    accounts = agent.accounts
+    if accounts.chatwoot is not None and accounts.chatwoot <= 0:
+        c.at(accounts, "chatwoot", "a Chatwoot user id is a positive number")
+    for name in ("rocketchat", "discourse"):
+        value = getattr(accounts, name)
+        if value is not None and not value.strip():
+            c.at(accounts, name, f"the {name} account must not be empty")
+    for name in ("chatwoot", "rocketchat", "discourse"):
+        value = getattr(accounts, name)
+        if value is None:
+            continue
+        other = taken.setdefault((name, value), agent.id)
+        if other != agent.id:
+            c.at(accounts, name, f"{name} account {value!r} is already agent {other!r}'s")
 
 
 def _check_rules(c: _Checker, file: RoutingFile, declared: set[str]) -> None:

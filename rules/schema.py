@@ -70,8 +70,24 @@ class Queue(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     description: str = ""
 
 
+class AgentAccounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The agent's own accounts on the platforms Stellwerk acts on for it.
+
+    ``chatwoot``: the agent's numeric user id in Chatwoot (conversations are assigned to it);
+    ``rocketchat``: the agent's Rocket.Chat user id (``_id``, not the user name; rooms are
+    forwarded to it); ``discourse``: the agent's Discourse user name (topic assignment).
+    """
+
+    chatwoot: int | None = None
+    rocketchat: str | None = None
+    discourse: str | None = None
+
+
 class Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """An agent. ``capacity`` is the per-channel limit of simultaneous contacts (0: never)."""
+    """An agent. ``capacity`` is the per-channel limit of simultaneous contacts (0: never).
+
+    ``accounts`` maps the agent to its user on chat and community platforms.
+    """
 
     id: str
     name: str = ""
@@ -80,6 +96,7 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         default_factory=lambda: {"phone": 1, "chat": 3, "email": 5, "social": 5}
     )
     budget: int | None = None
+    accounts: AgentAccounts = msgspec.field(default_factory=AgentAccounts)
 
 
 class Expert(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -339,6 +339,104 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("snapshot_interval must be > 0 and journal_retention >= 0")
 
 
+def _check_url(url: str, name: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name}: {url!r} is not an http:// or https:// URL")
+
+
+class ChatwootSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Chatwoot's API: base ``url``, the ``account_id`` and a user's or bot's access token."""
+
+    url: str
+    account_id: int
+    api_token: str
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_url(self.url, "url")
+
+
+class RocketchatSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Rocket.Chat's REST API: base ``url``, the Stellwerk user's id and personal token."""
+
+    url: str
+    user_id: str
+    auth_token: str
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_url(self.url, "url")
+
+
+class DiscourseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Discourse's API: base ``url``, an API key and the staff account answers are posted as."""
+
+    url: str
+    api_key: str
+    api_username: str
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_url(self.url, "url")
+
+
+class GraphSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Meta's Graph API for WhatsApp or Messenger replies.
+
+    ``access_token``: the system user's (WhatsApp) or the page's (Messenger) token;
+    ``window``: seconds after the customer's last message in which free replies are allowed.
+    """
+
+    access_token: str
+    url: str = "https://graph.facebook.com"
+    version: str = "v21.0"
+    window: float = 24 * 3600.0
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_url(self.url, "url")
+        if not re.fullmatch(r"v\d+\.\d+", self.version):
+            raise ValueError(f"version: {self.version!r} is not a Graph API version like v21.0")
+
+
+class MailSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The SMTP relay replies go out through.
+
+    ``security``: ``starttls`` (port 587), ``tls`` (implicit TLS, port 465) or ``none`` (a relay
+    on the local network). ``mailboxes`` maps a queue to the address its replies come from;
+    otherwise the reply comes from the address the customer wrote to, else ``from_address``.
+    """
+
+    host: str
+    port: int = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str | None = None
+    password: str | None = None
+    from_address: str | None = None
+    mailboxes: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+
+class OutboundSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where Stellwerk acts and answers: one section per platform; absent means not used.
+
+    Each section can come from the environment as JSON, e.g.
+    ``STELLWERK_OUTBOUND_CHATWOOT='{"url": "...", "account_id": 1, "api_token": "..."}'``.
+    """
+
+    mail: MailSettings | None = None
+    chatwoot: ChatwootSettings | None = None
+    rocketchat: RocketchatSettings | None = None
+    discourse: DiscourseSettings | None = None
+    whatsapp: GraphSettings | None = None
+    messenger: GraphSettings | None = None
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything ``stellwerk run`` needs; see ``config/stellwerk.yaml`` for a commented copy."""
 
@@ -355,6 +453,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     sources: SourceSettings = msgspec.field(default_factory=SourceSettings)
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     desk: DeskSettings = msgspec.field(default_factory=DeskSettings)
+    outbound: OutboundSettings = msgspec.field(default_factory=OutboundSettings)
 
     def __post_init__(self) -> None:
         if not self.topic_prefix or any(c in self.topic_prefix for c in "#+\0"):
@@ -386,11 +485,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             sources=msgspec.structs.replace(
                 self.sources, secrets=dict.fromkeys(self.sources.secrets, hide)
             ),
+            outbound=_redact_outbound(self.outbound),
         )
 
     def node_id(self) -> str:
         """This daemon's name in the routing lease."""
         return self.router.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+_SECRET_FIELDS = ("api_token", "auth_token", "api_key", "access_token", "password")
+
+
+def _redact_outbound(outbound: OutboundSettings) -> OutboundSettings:
+    changes: dict[str, Any] = {}
+    for f in msgspec.structs.fields(outbound):
+        section = getattr(outbound, f.name)
+        if section is None:
+            continue
+        hidden = {
+            name: "***" for name in _SECRET_FIELDS if getattr(section, name, None) is not None
+        }
+        changes[f.name] = msgspec.structs.replace(section, **hidden)
+    return msgspec.structs.replace(outbound, **changes)
 
 
 def _redact_url(url: str) -> str:
@@ -484,7 +600,7 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
         if target is None:
             continue
         parsed: Any = value
-        if target in _MAP_SETTINGS:
+        if target in _MAP_SETTINGS or target[0] == "outbound":
             try:
                 parsed = json.loads(value)
             except ValueError:

@@ -25,6 +25,10 @@ Routes (DESIGN.md section 5):
   the token as well: it is personal data (keys, contact history). The experts report is as
   public as ``/v1/queues``.
 
+- Replies (:mod:`router.daemon.replies`): ``POST /v1/contacts/{id}/messages`` queues the
+  assigned agent's answer in the outbox, ``GET /v1/contacts/{id}/messages`` shows the state of
+  the contact's outbound messages.
+
 Every error answer is JSON ``{"error": slug, "detail": sentence}``.
 """
 
@@ -52,6 +56,7 @@ from router.daemon.config import Settings, parse_addr
 from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
 from router.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
+from router.daemon.replies import add_outbound_routes
 from router.messages import AdminCommand, LinkKeys, RemoveExpert, UpsertExpert
 from router.model import SOURCES
 from rules.identity import normalize_handle
@@ -553,6 +558,7 @@ def make_app(
         ],
     )
     desk.register(app, state)  # /desk, /wall and their WebSockets (docs/desk.md)
+    add_outbound_routes(app, state)
     metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
     return app
 

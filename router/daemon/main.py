@@ -1,7 +1,8 @@
 """``stellwerk run``: the routing daemon (DESIGN.md sections 2, 5 and 6).
 
 One asyncio process, one supervising TaskGroup with named tasks: MQTT publisher, MQTT ingress,
-router (lease -> restore -> route), Redis watch, signals; plus the HTTP and SMTP servers. Signal
+router (lease -> restore -> route), Redis watch, signals, outbound (the outbox workers of
+:mod:`router.daemon.outbox`, when a platform is configured); plus the HTTP and SMTP servers. Signal
 handlers only set flags. SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply,
 publish and snapshot what is in the journal and release the lease (bounded by a timeout), cancel
 the rest, close connections. SIGHUP reloads the routing file (a file that fails validation is
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
@@ -37,6 +39,9 @@ from router.daemon.journal import Journal, connect_redis
 from router.daemon.lease import Lease
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Ingress, Publisher
+from router.daemon.outbox import OutboundMetrics, Outbox
+from router.daemon.platforms import destinations
+from router.daemon.replies import OUTBOUND, ConversationFacts, Outbound
 from router.daemon.router_loop import Router, RouterOptions
 from router.daemon.sinks import CommandSink
 from router.daemon.smtp import start_smtp
@@ -208,6 +213,29 @@ class Daemon:
         publisher = Publisher(s, on_status=mqtt_status)
         ingress = Ingress(s, intake, publisher, metrics=metrics, on_status=mqtt_status)
         lease = Lease(redis, journal.keys.lease, s.node_id(), s.router.lease_ttl)
+        outbound_metrics = OutboundMetrics(metrics.registry)
+        session = aiohttp.ClientSession()
+        platforms = destinations(s.outbound, session)
+        outbound: Outbound | None = None
+        if platforms:
+
+            async def notify(record: dict[str, Any]) -> None:
+                # The agent's desk hears how its message fares on its own topic.
+                if record.get("agent_id"):
+                    topic = f"{s.topic_prefix}/agents/{record['agent_id']}/outbound"
+                    await publisher.publish_many([(topic, msgspec.json.encode(record))])
+
+            outbox = Outbox(
+                redis,
+                s.key_prefix,
+                destinations=platforms,
+                metrics=outbound_metrics,
+                node_id=s.node_id(),
+                lease_ttl=s.router.lease_ttl,
+                on_status=notify,
+            )
+            outbound = Outbound(outbox, ConversationFacts(journal), s.outbound)
+            self.sinks.append(outbound.sink)
         router = Router(
             RouterOptions(
                 topic_prefix=s.topic_prefix,
@@ -231,6 +259,7 @@ class Daemon:
         runner: web.AppRunner | None = None
         smtp: asyncio.Server | None = None
         router_stop = asyncio.Event()
+        outbound_stop = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
                 pub_task = tg.create_task(publisher.run(), name="mqtt-publisher")
@@ -243,6 +272,10 @@ class Daemon:
                 )
                 reload_task = tg.create_task(self._reloads(router), name="sighup-reload")
                 desk_task = tg.create_task(desk.run(), name="desk")
+                outbound_task = tg.create_task(
+                    outbound.run(outbound_stop) if outbound is not None else asyncio.sleep(0),
+                    name="outbound",
+                )
                 if s.http.addr:
                     app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics))
                     tls = (
@@ -250,6 +283,8 @@ class Daemon:
                         if s.http.tls_cert and s.http.tls_key
                         else None
                     )
+                    if outbound is not None:
+                        app[OUTBOUND] = outbound
                     runner = await start_http(app, s.http.addr, tls=tls)
                     log.info("http.listening", addr=s.http.addr, https=tls is not None)
                 if s.smtp.addr:
@@ -279,7 +314,10 @@ class Daemon:
                 remaining = max(0.5, SHUTDOWN_TIMEOUT - (time.monotonic() - started))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(router_task), remaining)
-                # 3. Cancel the rest.
+                # 3. Stop sending (what is in flight stays in the outbox), cancel the rest.
+                outbound_stop.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(outbound_task), 2.0)
                 for task in (
                     ingress_task,
                     router_task,
@@ -287,6 +325,7 @@ class Daemon:
                     watch_task,
                     reload_task,
                     desk_task,
+                    outbound_task,
                 ):
                     task.cancel()
         finally:
@@ -294,6 +333,7 @@ class Daemon:
                 await runner.cleanup()
             if smtp is not None:
                 smtp.close()
+            await session.close()
             await redis.aclose()
             if self.handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

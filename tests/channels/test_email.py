@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from channels.base import DecodeConfig, Rejected
-from channels.email import decode_email
+from channels.email import decode_email, reply_message_id, thread_of
 from channels.email_text import html_to_text, trim_reply
 from router.model import Attachment, ContactEvent
 
@@ -407,3 +407,33 @@ def test_raw_8bit_headers_are_decoded_and_the_event_encodes() -> None:
     latin = raw.decode("utf-8").encode("cp1252")
     (event,) = decode_email(latin, {}, CONFIG)
     assert event.sender.name == "Jürgen Müller" and event.text == "Grüße"
+
+
+# ---- Stellwerk's own replies name their thread ------------------------------------------------
+
+_MSG_ID_TEXT = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FFF, exclude_characters="<>"),
+    min_size=1,
+    max_size=120,
+)
+
+
+@given(root=_MSG_ID_TEXT, key=st.text(max_size=50))
+def test_a_reply_message_id_names_its_thread_root(root: str, key: str) -> None:
+    made = reply_message_id(root, key, "beispiel-telekom.de")
+    assert thread_of(made) == root
+    assert made == reply_message_id(root, key, "beispiel-telekom.de")  # stable per key
+    assert not any(c in made for c in "<> \t\r\n")
+
+
+def test_an_answer_to_our_reply_joins_the_root_even_without_references() -> None:
+    ours = reply_message_id("question-1@kunde.example", "reply:email:x:anna:1", "example.net")
+    mail = (
+        "From: kunde@kunde.example\r\nTo: support@example.net\r\nSubject: Re: Frage\r\n"
+        f"Message-ID: <answer-2@kunde.example>\r\nIn-Reply-To: <{ours}>\r\n\r\nDanke!\r\n"
+    ).encode()
+    (event,) = decode_email(mail, {}, CONFIG)
+    assert event.contact_id == "email:question-1@kunde.example"
+    assert event.kind == "update" and event.attributes["in_reply_to"] == ours
+    # Someone else's id that merely looks similar is left alone.
+    assert thread_of("stw.notbase32!.0123456789ab@x") is None

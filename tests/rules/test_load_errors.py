@@ -283,3 +283,38 @@ def test_an_unknown_overflow_queue_gets_the_closest_queue() -> None:
     text = HEAD.replace("overflow: general", "overflow: genral") + TAIL
     (problem,) = problems(text)
     assert problem.endswith("queues.dsl: unknown queue 'genral' (did you mean 'general'?)")
+
+
+# --- agents' platform accounts ------------------------------------------------------------------
+
+
+def with_agents(agents: str) -> str:
+    return HEAD.replace("rules:\n", "agents:\n" + agents + "rules:\n") + TAIL
+
+
+def test_agent_accounts_load() -> None:
+    table = parse_routing(
+        with_agents(
+            "  - {id: anna, skills: {de: 3}, accounts: {chatwoot: 12, rocketchat: u1,"
+            " discourse: anna_s}}\n"
+        )
+    )
+    accounts = table.file.agents[0].accounts
+    assert (accounts.chatwoot, accounts.rocketchat, accounts.discourse) == (12, "u1", "anna_s")
+
+
+def test_agent_account_problems_are_located() -> None:
+    found = problems(
+        with_agents(
+            "  - {id: anna, skills: {de: 3}, accounts: {chatwoot: 12}}\n"
+            "  - {id: bert, skills: {de: 3}, accounts: {chatwoot: 12, rocketchat: ' '}}\n"
+            "  - {id: carl, skills: {de: 3}, accounts: {chatwoot: -1}}\n"
+            "  - {id: dora, skills: {de: 3}, accounts: {chatwot: 3}}\n"
+        )
+    )
+    assert any(p.startswith("r.yaml:7:") and "already agent 'anna''s" in p for p in found)
+    assert any(
+        p.startswith("r.yaml:7:") and "rocketchat account must not be empty" in p for p in found
+    )
+    assert any(p.startswith("r.yaml:8:") and "positive number" in p for p in found)
+    assert any(p.startswith("r.yaml:9:") and "unknown field 'chatwot'" in p for p in found)

@@ -1,0 +1,1 @@
+"""Protocol peers: stand-ins for the platforms Stellwerk talks to, from their API specs."""
