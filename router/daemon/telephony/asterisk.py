@@ -287,6 +287,11 @@ class AsteriskDriver:
                                 await self._receive(msg.data)
                             elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
                                 break
+                        log.info(
+                            "asterisk.socket_closed",
+                            code=ws.close_code,
+                            error=str(ws.exception() or ""),
+                        )
                 except (aiohttp.ClientError, OSError, TimeoutError, AriError, AriDown) as exc:
                     log.warning("asterisk.connect_failed", url=base, error=str(exc))
                 finally:
