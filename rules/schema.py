@@ -54,8 +54,23 @@ class Defaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     customer_retention: float = 30 * 86400.0
 
 
+class Announcement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A recording played to a held caller every ``every`` seconds (``media`` in the PBX's own
+    terms, e.g. Asterisk ``sound:queue-periodic-announce``, a FreeSWITCH file path, a URL)."""
+
+    media: str
+    every: float
+
+
 class Queue(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A skill queue. ``skills`` maps a skill name to the minimum proficiency (1-5) required."""
+    """A skill queue. ``skills`` maps a skill name to the minimum proficiency (1-5) required.
+
+    Telephony: ``phone_offer`` says what an offer of a call means. ``phone`` (default): the
+    offer *is* the agent's phone ringing (answer = accept, busy/declined = reject, no answer =
+    the offer expires). ``desktop``: the agent accepts on the desktop first and is rung then.
+    A held caller hears the PBX's music-on-hold class ``music_class`` and, if set, the
+    ``announcement`` every so often.
+    """
 
     skills: dict[str, int] = msgspec.field(default_factory=dict)
     channels: tuple[Channel, ...] = ("phone", "email", "chat", "social")
@@ -68,6 +83,22 @@ class Queue(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     offer_timeout: float | None = None
     strategy: Strategy = "longest_idle"
     description: str = ""
+    phone_offer: Literal["phone", "desktop"] = "phone"
+    music_class: str = "default"
+    announcement: Announcement | None = None
+
+
+class Endpoints(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An agent's phone, per telephony system (each optional; shapes checked by rules.load).
+
+    ``asterisk``: a channel technology and resource, ``PJSIP/1001``. ``freeswitch``: a dial
+    string, ``user/1001@default`` or ``sofia/internal/1001@pbx.example.com``. ``twilio``:
+    ``client:anna``, an E.164 number ``+4930123456`` or a SIP URI ``sip:anna@example.com``.
+    """
+
+    asterisk: str | None = None
+    freeswitch: str | None = None
+    twilio: str | None = None
 
 
 class AgentAccounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -86,7 +117,8 @@ class AgentAccounts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 class Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """An agent. ``capacity`` is the per-channel limit of simultaneous contacts (0: never).
 
-    ``accounts`` maps the agent to its user on chat and community platforms.
+    ``endpoints`` names the agent's phone on each telephony system; ``accounts`` maps the agent
+    to its user on chat and community platforms.
     """
 
     id: str
@@ -97,6 +129,7 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     )
     budget: int | None = None
     accounts: AgentAccounts = msgspec.field(default_factory=AgentAccounts)
+    endpoints: Endpoints = msgspec.field(default_factory=Endpoints)
 
 
 class Expert(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -2,7 +2,8 @@
 
 One asyncio process, one supervising TaskGroup with named tasks: MQTT publisher, MQTT ingress,
 router (lease -> restore -> route), Redis watch, signals, outbound (the outbox workers of
-:mod:`router.daemon.outbox`, when a platform is configured); plus the HTTP and SMTP servers. Signal
+:mod:`router.daemon.outbox`, when a platform is configured), one ``telephony-<system>``
+task per configured telephony system; plus the HTTP and SMTP servers. Signal
 handlers only set flags. SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply,
 publish and snapshot what is in the journal and release the lease (bounded by a timeout), cancel
 the rest, close connections. SIGHUP reloads the routing file (a file that fails validation is
@@ -45,6 +46,8 @@ from router.daemon.replies import OUTBOUND, ConversationFacts, Outbound
 from router.daemon.router_loop import Router, RouterOptions
 from router.daemon.sinks import CommandSink
 from router.daemon.smtp import start_smtp
+from router.daemon.telephony import build_connectors
+from router.daemon.telephony.connector import TelephonyConnector
 from rules.check import load_or_report
 from rules.table import RoutingTable
 
@@ -165,6 +168,8 @@ class Daemon:
         # I/O-edge actors besides MQTT that carry out the engine's commands (telephony
         # connectors, the desk's live feed); see router.daemon.sinks.
         self.sinks: list[CommandSink] = []
+        # One per configured telephony system (set by run(); also in ``sinks``).
+        self.telephony: list[TelephonyConnector] = []
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
@@ -203,6 +208,9 @@ class Daemon:
         self.sinks.extend(desk.sinks)
 
         leader = s.mqtt.ingress == "leader"
+        # Before the router is built: it takes its sinks when it is made.
+        self.telephony = build_connectors(s, intake, self.table)
+        self.sinks.extend(self.telephony)
 
         def mqtt_status(_: bool) -> None:
             # A leader-mode standby does not consume ingress; its publisher is what matters.
@@ -276,6 +284,7 @@ class Daemon:
                     outbound.run(outbound_stop) if outbound is not None else asyncio.sleep(0),
                     name="outbound",
                 )
+                phone_tasks = [tg.create_task(c.run(), name=c.name) for c in self.telephony]
                 if s.http.addr:
                     app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics))
                     tls = (
@@ -283,6 +292,8 @@ class Daemon:
                         if s.http.tls_cert and s.http.tls_key
                         else None
                     )
+                    for connector in self.telephony:
+                        app.add_routes(connector.http_routes())
                     if outbound is not None:
                         app[OUTBOUND] = outbound
                     runner = await start_http(app, s.http.addr, tls=tls)
@@ -314,7 +325,13 @@ class Daemon:
                 remaining = max(0.5, SHUTDOWN_TIMEOUT - (time.monotonic() - started))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(router_task), remaining)
-                # 3. Stop sending (what is in flight stays in the outbox), cancel the rest.
+                # 3. The telephony connectors carry out what the router handed them, briefly.
+                for connector in self.telephony:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(connector.drain(), 2.0)
+                for task in phone_tasks:
+                    task.cancel()
+                # 4. Stop sending (what is in flight stays in the outbox), cancel the rest.
                 outbound_stop.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(outbound_task), 2.0)

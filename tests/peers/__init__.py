@@ -1,1 +1,2 @@
-"""Protocol peers: stand-ins for the platforms Stellwerk talks to, from their API specs."""
+"""Protocol peers: faithful stand-ins for the PBXs and platforms Stellwerk talks to, from their
+published specs."""
