@@ -393,7 +393,8 @@ def add_outbound_routes(app: web.Application, state: AppState) -> None:
         principal = auth.require_agent(request)
         outbound = request.app.get(OUTBOUND)
         if outbound is None:
-            return _error(503, "not_configured", "outbound messaging is not set up")
+            # Not a passing outage (503 would invite retries): this daemon has no replies.
+            return _error(404, "not_configured", "outbound messaging is not set up")
         if state.view is None:
             return _error(503, "not_routing", "this daemon does not hold the routing lease")
         contact_id = request.match_info["contact_id"]
@@ -431,7 +432,8 @@ def add_outbound_routes(app: web.Application, state: AppState) -> None:
         principal = auth.require(request, ("supervisor", "agent"))
         outbound = request.app.get(OUTBOUND)
         if outbound is None:
-            return _error(503, "not_configured", "outbound messaging is not set up")
+            # Not a passing outage (503 would invite retries): this daemon has no replies.
+            return _error(404, "not_configured", "outbound messaging is not set up")
         contact_id = request.match_info["contact_id"]
         if principal.role == "agent":
             info = state.view.contact_info(contact_id) if state.view is not None else None
