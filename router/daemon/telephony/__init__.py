@@ -1,0 +1,1 @@
+"""Telephony at the I/O edge: the connector core and one driver per PBX."""

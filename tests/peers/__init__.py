@@ -1,0 +1,1 @@
+"""Protocol peers the tests run against: our own descriptions of ARI, ESL and Twilio."""
