@@ -1,0 +1,195 @@
+"""The FreeSWITCH driver against the ESL peer: what it does to calls and what it reports.
+
+The connector's side is a recorder of the driver's reports; the switch side is the ESL peer
+with its real channel state. End-to-end behaviour through Redis and MQTT is in
+test_freeswitch_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from channels.base import DecodeConfig
+from channels.phone import decode_freeswitch
+from router.daemon.telephony.freeswitch import FreeSwitchDriver
+from tests.peers.esl import EslPeer
+
+
+@dataclass
+class Reports:
+    """What the driver told the connector, in order."""
+
+    items: list[tuple[Any, ...]] = field(default_factory=list)
+    bodies: dict[str, bytes] = field(default_factory=dict)
+
+    async def call_arrived(self, call_id: str, body: bytes) -> None:
+        self.bodies[call_id] = body
+        self.items.append(("arrived", call_id))
+
+    async def leg_answered(self, offer_id: str) -> None:
+        self.items.append(("answered", offer_id))
+
+    async def leg_failed(self, offer_id: str, reason: str) -> None:
+        self.items.append(("failed", offer_id, reason))
+
+    async def call_ended(self, call_id: str, body: bytes | None) -> None:
+        self.items.append(("ended", call_id, body is not None))
+
+    async def leg_ended(self, offer_id: str) -> None:
+        self.items.append(("leg_ended", offer_id))
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[EslPeer]:
+    server = EslPeer(password="pw")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(peer: EslPeer) -> AsyncIterator[tuple[FreeSwitchDriver, Reports]]:
+    reports = Reports()
+    driver = FreeSwitchDriver("127.0.0.1", peer.port, "pw", reports, connect_timeout=1.0)
+    task = asyncio.create_task(driver.run())
+    await asyncio.wait_for(driver.connected.wait(), 5)
+    try:
+        yield driver, reports
+    finally:
+        await driver.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def until(peer: EslPeer, predicate: Any, what: str) -> Any:
+    return await peer.wait_for(predicate, 5, what)
+
+
+def stellwerk(**extra: str) -> dict[str, str]:
+    return {"stellwerk": "true", **{f"stellwerk_{k}": v for k, v in extra.items()}}
+
+
+async def test_a_parked_call_is_reported_with_its_variables_and_held(peer: EslPeer) -> None:
+    async with running(peer) as (driver, reports):
+        other = peer.place_call("+4930555099")  # not for Stellwerk: no variable
+        uid = peer.place_call("+4930555010", variables=stellwerk(queue="billing", lang="de"))
+        await until(peer, lambda: ("arrived", uid) in reports.items, "the call reported")
+        [event] = decode_freeswitch(reports.bodies[uid], {}, DecodeConfig())
+        assert event.contact_id == f"freeswitch:{uid}" and event.kind == "new"
+        assert event.attributes["queue"] == "billing" and event.attributes["lang"] == "de"
+        assert event.sender.phone == "+4930555010"
+        await driver.hold(uid, "default")
+        await driver.hold(uid, "default")  # held again (reconciliation): still one stream
+        assert peer.channels[uid].playing == ["local_stream://moh"]
+        await driver.hold(uid, "premium")
+        assert peer.channels[uid].playing == ["local_stream://premium"]
+        assert all(i[1] != other for i in reports.items)
+
+
+async def test_ring_answer_bridge_and_the_agent_hangs_up(peer: EslPeer) -> None:
+    peer.register("user/1001@default")
+    async with running(peer) as (driver, reports):
+        uid = peer.place_call(variables=stellwerk())
+        await until(peer, lambda: reports.items, "arrival")
+        await driver.hold(uid)
+        assert await driver.ring("o7", uid, "user/1001@default", 5.0, "+4930555010")
+        [leg] = await until(peer, lambda: peer.ringing("user/1001@default"), "ringing")
+        assert leg.variables["stellwerk_offer_id"] == "o7"
+        assert leg.variables["stellwerk_call"] == uid
+        assert leg.cid_num == "+4930555010"
+        assert not any(c.startswith("api originate") for c in peer.commands)
+        peer.pick_up(leg.uuid)
+        await until(peer, lambda: ("answered", "o7") in reports.items, "the accept")
+        assert await driver.bridge(uid, "o7")
+        assert peer.channels[uid].other == leg.uuid and peer.channels[uid].playing == []
+        peer.hang_up(leg.uuid)
+        await until(peer, lambda: not peer.channels[uid].alive, "the caller hung up too")
+        await until(peer, lambda: ("ended", uid, True) in reports.items, "the call's end")
+        assert ("leg_ended", "o7") in reports.items
+        assert not any(i[0] == "failed" for i in reports.items)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"), [("busy", "busy"), ("reject", "declined"), (None, "declined")]
+)
+async def test_a_phone_that_cannot_answer_is_reported(
+    peer: EslPeer, behaviour: str | None, reason: str
+) -> None:
+    if behaviour is not None:
+        peer.register("user/1002@default", behaviour)
+    async with running(peer) as (driver, reports):
+        uid = peer.place_call(variables=stellwerk())
+        await until(peer, lambda: reports.items, "arrival")
+        assert await driver.ring("o1", uid, "user/1002@default", 5.0)
+        await until(peer, lambda: ("failed", "o1", reason) in reports.items, reason)
+        await asyncio.sleep(0.1)  # the BACKGROUND_JOB arrives too: still one report
+        assert [i for i in reports.items if i[0] == "failed"] == [("failed", "o1", reason)]
+
+
+async def test_the_switch_gives_up_ringing_shortly_after_the_offer_expires(peer: EslPeer) -> None:
+    peer.register("user/1003@default")
+    async with running(peer) as (driver, reports):
+        uid = peer.place_call(variables=stellwerk())
+        await until(peer, lambda: reports.items, "arrival")
+        # The driver's backstop is the offer timeout plus two seconds.
+        assert await driver.ring("o2", uid, "user/1003@default", 0.1)
+        [leg] = peer.ringing()
+        assert leg.variables["originate_timeout"] == "3"
+
+
+async def test_stop_ring_and_caller_hang_up_stop_the_phone(peer: EslPeer) -> None:
+    peer.register("user/1004@default")
+    peer.register("user/1005@default")
+    async with running(peer) as (driver, reports):
+        uid = peer.place_call(variables=stellwerk())
+        await until(peer, lambda: reports.items, "arrival")
+        await driver.ring("o3", uid, "user/1004@default", 5.0)
+        [leg] = await until(peer, lambda: peer.ringing("user/1004@default"), "ringing")
+        await driver.stop_ring("o3")
+        assert peer.channels[leg.uuid].hangup_cause == "ORIGINATOR_CANCEL"
+        await driver.ring("o4", uid, "user/1005@default", 5.0)
+        [leg2] = await until(peer, lambda: peer.ringing("user/1005@default"), "ringing")
+        peer.hang_up(uid)
+        await until(peer, lambda: not peer.channels[leg2.uuid].alive, "the leg stopped")
+        await until(peer, lambda: ("ended", uid, True) in reports.items, "the call's end")
+        assert not any(i[0] in ("failed", "answered") for i in reports.items)
+
+
+async def test_reconnect_reconciles_what_happened_meanwhile(peer: EslPeer) -> None:
+    peer.register("user/1006@default")
+    async with running(peer) as (driver, reports):
+        kept = peer.place_call("+4930555001", variables=stellwerk())
+        gone = peer.place_call("+4930555002", variables=stellwerk())
+        await until(peer, lambda: len(reports.items) == 2, "two arrivals")
+        sever = asyncio.create_task(peer.sever(1.0))
+        await until(peer, lambda: peer.connections == 0, "the socket cut")
+        new = peer.place_call("+4930555003", variables=stellwerk(queue="sales"))
+        peer.hang_up(gone)
+        assert await driver.ring("o5", kept, "user/1006@default", 5.0) is False  # offline
+        await sever
+        await until(peer, lambda: ("arrived", new) in reports.items, "the missed call")
+        await until(peer, lambda: ("ended", gone, False) in reports.items, "the vanished call")
+        [event] = decode_freeswitch(reports.bodies[new], {}, DecodeConfig())
+        assert event.kind == "new" and event.attributes["queue"] == "sales"
+        assert ("arrived", kept) in reports.items and reports.items.count(("arrived", kept)) == 1
+        assert driver.known_calls() == {kept, new}
+
+
+async def test_an_unknown_agent_leg_is_hung_up(peer: EslPeer) -> None:
+    peer.register("user/1007@default")
+    async with running(peer) as (driver, _):
+        uid = peer.place_call(variables=stellwerk())
+        await driver.ring("o6", uid, "user/1007@default", 5.0)
+        [leg] = await until(peer, lambda: peer.ringing(), "ringing")
+    # A new run of the driver (a restarted daemon) does not know that leg: it goes.
+    async with running(peer) as (driver, reports):
+        await until(peer, lambda: not peer.channels[leg.uuid].alive, "the orphan hung up")
+        assert peer.channels[uid].alive and driver.known_calls() == {uid}
+        assert reports.items == [("arrived", uid)]
