@@ -1,1 +1,1 @@
-"""Protocol peers the tests run against: our own descriptions of ARI, ESL and Twilio."""
+"""Protocol peers: faithful stand-ins for the PBXs and platforms the adapters talk to."""
