@@ -17,7 +17,9 @@ import pytest
 
 from channels.base import DecodeConfig
 from channels.phone import decode_freeswitch
-from router.daemon.telephony.freeswitch import FreeSwitchDriver
+from router.daemon.telephony.connector import HoldSpec
+from router.daemon.telephony.freeswitch import FreeswitchDriver, FreeswitchError
+from rules.schema import Announcement
 from tests.peers.esl import EslPeer
 
 
@@ -28,9 +30,16 @@ class Reports:
     items: list[tuple[Any, ...]] = field(default_factory=list)
     bodies: dict[str, bytes] = field(default_factory=dict)
 
-    async def call_arrived(self, call_id: str, body: bytes) -> None:
-        self.bodies[call_id] = body
+    connects: int = 0
+
+    async def call_arrived(self, call_id: str, payload: bytes) -> bool:
+        self.bodies[call_id] = payload
         self.items.append(("arrived", call_id))
+        return True
+
+    async def call_ended(self, call_id: str, payload: bytes) -> None:
+        self.bodies[f"end:{call_id}"] = payload
+        self.items.append(("ended", call_id))
 
     async def leg_answered(self, offer_id: str) -> None:
         self.items.append(("answered", offer_id))
@@ -38,11 +47,11 @@ class Reports:
     async def leg_failed(self, offer_id: str, reason: str) -> None:
         self.items.append(("failed", offer_id, reason))
 
-    async def call_ended(self, call_id: str, body: bytes | None) -> None:
-        self.items.append(("ended", call_id, body is not None))
+    async def leg_hung_up(self, offer_id: str) -> None:
+        self.items.append(("leg_hung_up", offer_id))
 
-    async def leg_ended(self, offer_id: str) -> None:
-        self.items.append(("leg_ended", offer_id))
+    async def connected(self) -> None:
+        self.connects += 1
 
 
 @pytest.fixture
@@ -56,16 +65,17 @@ async def peer() -> AsyncIterator[EslPeer]:
 
 
 @contextlib.asynccontextmanager
-async def running(peer: EslPeer) -> AsyncIterator[tuple[FreeSwitchDriver, Reports]]:
+async def running(peer: EslPeer) -> AsyncIterator[tuple[FreeswitchDriver, Reports]]:
     reports = Reports()
-    driver = FreeSwitchDriver("127.0.0.1", peer.port, "pw", reports, connect_timeout=1.0)
-    task = asyncio.create_task(driver.run())
-    await asyncio.wait_for(driver.connected.wait(), 5)
+    driver = FreeswitchDriver("127.0.0.1", peer.port, "pw", connect_timeout=1.0)
+    task = asyncio.create_task(driver.run(reports))
+    await peer.wait_for(lambda: reports.connects == 1, 5, "the driver connected")
     try:
         yield driver, reports
     finally:
-        await driver.stop()
-        await asyncio.wait_for(task, 5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def until(peer: EslPeer, predicate: Any, what: str) -> Any:
@@ -85,12 +95,27 @@ async def test_a_parked_call_is_reported_with_its_variables_and_held(peer: EslPe
         assert event.contact_id == f"freeswitch:{uid}" and event.kind == "new"
         assert event.attributes["queue"] == "billing" and event.attributes["lang"] == "de"
         assert event.sender.phone == "+4930555010"
-        await driver.hold(uid, "default")
-        await driver.hold(uid, "default")  # held again (reconciliation): still one stream
+        await driver.hold(uid, HoldSpec())
+        await driver.hold(uid, HoldSpec())  # held again (reconciliation): still one stream
         assert peer.channels[uid].playing == ["local_stream://moh"]
-        await driver.hold(uid, "premium")
+        await driver.hold(uid, HoldSpec(music_class="premium"))
         assert peer.channels[uid].playing == ["local_stream://premium"]
         assert all(i[1] != other for i in reports.items)
+        view = driver.view()
+        assert view is not None and set(view.calls) == {uid} and view.legs == {}
+
+
+async def test_the_announcement_breaks_into_the_music(peer: EslPeer) -> None:
+    async with running(peer) as (driver, reports):
+        uid = peer.place_call(variables=stellwerk())
+        await until(peer, lambda: reports.items, "arrival")
+        spec = HoldSpec(announcement=Announcement(media="/sounds/wait.wav", every=0.2))
+        await driver.hold(uid, spec)
+        await until(
+            peer,
+            lambda: peer.channels[uid].playing == ["/sounds/wait.wav", "local_stream://moh"],
+            "the announcement, then the music again",
+        )
 
 
 async def test_ring_answer_bridge_and_the_agent_hangs_up(peer: EslPeer) -> None:
@@ -98,8 +123,8 @@ async def test_ring_answer_bridge_and_the_agent_hangs_up(peer: EslPeer) -> None:
     async with running(peer) as (driver, reports):
         uid = peer.place_call(variables=stellwerk())
         await until(peer, lambda: reports.items, "arrival")
-        await driver.hold(uid)
-        assert await driver.ring("o7", uid, "user/1001@default", 5.0, "+4930555010")
+        await driver.hold(uid, HoldSpec())
+        await driver.ring("o7", uid, "user/1001@default", 5.0)
         [leg] = await until(peer, lambda: peer.ringing("user/1001@default"), "ringing")
         assert leg.variables["stellwerk_offer_id"] == "o7"
         assert leg.variables["stellwerk_call"] == uid
@@ -107,17 +132,19 @@ async def test_ring_answer_bridge_and_the_agent_hangs_up(peer: EslPeer) -> None:
         assert not any(c.startswith("api originate") for c in peer.commands)
         peer.pick_up(leg.uuid)
         await until(peer, lambda: ("answered", "o7") in reports.items, "the accept")
-        assert await driver.bridge(uid, "o7")
+        view = driver.view()
+        assert view is not None and view.legs["o7"].answered and view.legs["o7"].call_id == uid
+        await driver.bridge(uid, "o7")
         assert peer.channels[uid].other == leg.uuid and peer.channels[uid].playing == []
         peer.hang_up(leg.uuid)
         await until(peer, lambda: not peer.channels[uid].alive, "the caller hung up too")
-        await until(peer, lambda: ("ended", uid, True) in reports.items, "the call's end")
-        assert ("leg_ended", "o7") in reports.items
+        await until(peer, lambda: ("ended", uid) in reports.items, "the call's end")
+        assert ("leg_hung_up", "o7") in reports.items
         assert not any(i[0] == "failed" for i in reports.items)
 
 
 @pytest.mark.parametrize(
-    ("behaviour", "reason"), [("busy", "busy"), ("reject", "declined"), (None, "declined")]
+    ("behaviour", "reason"), [("busy", "busy"), ("reject", "declined"), (None, "failed")]
 )
 async def test_a_phone_that_cannot_answer_is_reported(
     peer: EslPeer, behaviour: str | None, reason: str
@@ -127,7 +154,7 @@ async def test_a_phone_that_cannot_answer_is_reported(
     async with running(peer) as (driver, reports):
         uid = peer.place_call(variables=stellwerk())
         await until(peer, lambda: reports.items, "arrival")
-        assert await driver.ring("o1", uid, "user/1002@default", 5.0)
+        await driver.ring("o1", uid, "user/1002@default", 5.0)
         await until(peer, lambda: ("failed", "o1", reason) in reports.items, reason)
         await asyncio.sleep(0.1)  # the BACKGROUND_JOB arrives too: still one report
         assert [i for i in reports.items if i[0] == "failed"] == [("failed", "o1", reason)]
@@ -138,10 +165,12 @@ async def test_the_switch_gives_up_ringing_shortly_after_the_offer_expires(peer:
     async with running(peer) as (driver, reports):
         uid = peer.place_call(variables=stellwerk())
         await until(peer, lambda: reports.items, "arrival")
-        # The driver's backstop is the offer timeout plus two seconds.
-        assert await driver.ring("o2", uid, "user/1003@default", 0.1)
+        # The connector's ring timeout plus the driver's two-second backstop.
+        await driver.ring("o2", uid, "user/1003@default", 0.4)
         [leg] = peer.ringing()
         assert leg.variables["originate_timeout"] == "3"
+        await driver.ring("o2", uid, "user/1003@default", 0.4)  # repeated: still one phone
+        assert len(peer.ringing()) == 1
 
 
 async def test_stop_ring_and_caller_hang_up_stop_the_phone(peer: EslPeer) -> None:
@@ -158,38 +187,51 @@ async def test_stop_ring_and_caller_hang_up_stop_the_phone(peer: EslPeer) -> Non
         [leg2] = await until(peer, lambda: peer.ringing("user/1005@default"), "ringing")
         peer.hang_up(uid)
         await until(peer, lambda: not peer.channels[leg2.uuid].alive, "the leg stopped")
-        await until(peer, lambda: ("ended", uid, True) in reports.items, "the call's end")
+        await until(peer, lambda: ("ended", uid) in reports.items, "the call's end")
+        [event] = decode_freeswitch(reports.bodies[f"end:{uid}"], {}, DecodeConfig())
+        assert event.kind == "end" and event.attributes["cause"] == "NORMAL_CLEARING"
         assert not any(i[0] in ("failed", "answered") for i in reports.items)
 
 
-async def test_reconnect_reconciles_what_happened_meanwhile(peer: EslPeer) -> None:
+async def test_reconnect_rebuilds_the_picture_of_the_switch(peer: EslPeer) -> None:
     peer.register("user/1006@default")
     async with running(peer) as (driver, reports):
         kept = peer.place_call("+4930555001", variables=stellwerk())
         gone = peer.place_call("+4930555002", variables=stellwerk())
         await until(peer, lambda: len(reports.items) == 2, "two arrivals")
         sever = asyncio.create_task(peer.sever(1.0))
-        await until(peer, lambda: peer.connections == 0, "the socket cut")
+        await until(peer, lambda: driver.view() is None, "the socket cut")
         new = peer.place_call("+4930555003", variables=stellwerk(queue="sales"))
         peer.hang_up(gone)
-        assert await driver.ring("o5", kept, "user/1006@default", 5.0) is False  # offline
+        with pytest.raises(FreeswitchError):
+            await driver.ring("o5", kept, "user/1006@default", 5.0)
         await sever
-        await until(peer, lambda: ("arrived", new) in reports.items, "the missed call")
-        await until(peer, lambda: ("ended", gone, False) in reports.items, "the vanished call")
-        [event] = decode_freeswitch(reports.bodies[new], {}, DecodeConfig())
+        await until(peer, lambda: reports.connects == 2, "the reconnect")
+        view = driver.view()
+        assert view is not None and set(view.calls) == {kept, new}
+        # The missed call's payload journals it as new; the vanished one's as ended.
+        [event] = decode_freeswitch(view.calls[new].payload, {}, DecodeConfig())
         assert event.kind == "new" and event.attributes["queue"] == "sales"
-        assert ("arrived", kept) in reports.items and reports.items.count(("arrived", kept)) == 1
-        assert driver.known_calls() == {kept, new}
+        [end] = decode_freeswitch(driver.ended_payload(gone), {}, DecodeConfig())
+        assert end.kind == "end" and end.contact_id == f"freeswitch:{gone}"
+        assert reports.items == [("arrived", kept), ("arrived", gone)]  # the connector decides
 
 
-async def test_an_unknown_agent_leg_is_hung_up(peer: EslPeer) -> None:
+async def test_an_earlier_runs_agent_leg_is_in_the_view_and_can_be_stopped(
+    peer: EslPeer,
+) -> None:
     peer.register("user/1007@default")
     async with running(peer) as (driver, _):
         uid = peer.place_call(variables=stellwerk())
         await driver.ring("o6", uid, "user/1007@default", 5.0)
         [leg] = await until(peer, lambda: peer.ringing(), "ringing")
-    # A new run of the driver (a restarted daemon) does not know that leg: it goes.
+    # A new run of the driver (a restarted daemon) finds the leg and its offer on the switch.
     async with running(peer) as (driver, reports):
+        view = driver.view()
+        assert view is not None and set(view.calls) == {uid}
+        assert view.legs["o6"].call_id == uid and not view.legs["o6"].answered
+        await driver.stop_ring("o6")
         await until(peer, lambda: not peer.channels[leg.uuid].alive, "the orphan hung up")
-        assert peer.channels[uid].alive and driver.known_calls() == {uid}
-        assert reports.items == [("arrived", uid)]
+        assert peer.channels[uid].alive and reports.items == []
+        view = driver.view()
+        assert view is not None and view.legs == {}

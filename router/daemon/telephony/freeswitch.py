@@ -1,19 +1,24 @@
 """The FreeSWITCH driver: Stellwerk as an event-socket client (inbound mode).
 
-See docs/telephony.md ("Connect FreeSWITCH") for the FreeSWITCH side. In short:
+Implements :class:`~router.daemon.telephony.connector.PbxDriver` over
+:mod:`router.daemon.telephony.esl`. See docs/telephony.md ("Connect FreeSWITCH") for the
+FreeSWITCH side. In short:
 
-- A call is Stellwerk's when the dialplan set the channel variable ``stellwerk=true`` and
-  parked it; its ``CHANNEL_PARK`` is reported (and journaled by the connector) before anything
-  is done to it. Variables ``stellwerk_<name>`` become the contact's attributes (the decoder in
-  channels/phone.py does that).
-- Held calls hear ``uuid_broadcast <uuid> local_stream://<class> aleg``.
+- A call is Stellwerk's when the dialplan set the channel variable ``stellwerk=true`` on an
+  inbound channel and parked it. Its ``CHANNEL_PARK`` event (JSON) is the native payload the
+  connector journals before anything is done to the call; variables ``stellwerk_<name>``
+  become the contact's attributes (channels/phone.py).
+- Held calls hear ``uuid_broadcast <uuid> local_stream://<class> aleg``; an announcement
+  breaks in every so often (``uuid_break``, the recording, the music again).
 - An offer rings the agent with ``bgapi originate {stellwerk_offer_id=...,origination_uuid=...}
-  <endpoint> &park()``; never ``api originate``, which would hold the socket until the phone
-  answers. The leg's uuid is chosen here, so the ringing can be stopped (``uuid_kill``) before
-  the background job reports back.
+  <endpoint> &park()``; never ``api originate``, which would hold the socket (and every event
+  behind it) until the phone answers. The leg's uuid is chosen here, so the ringing can be
+  stopped (``uuid_kill``) before the background job reports back.
 - The leg's ``CHANNEL_ANSWER`` is the accept; ``uuid_bridge`` joins caller and agent.
-- After every (re)connect the driver compares its view with ``show channels as json``
-  (and ``uuid_dump <uuid> json`` for channels it does not know).
+- After every (re)connect the driver rebuilds its picture of the switch from
+  ``show channels as json`` and ``uuid_dump <uuid> json`` (the calls parked for Stellwerk and
+  the agent legs carrying ``stellwerk_offer_id``, whoever rang them) before it tells the
+  connector, which reconciles that picture with the engine's.
 """
 
 from __future__ import annotations
@@ -22,23 +27,37 @@ import asyncio
 import contextlib
 import math
 import re
+import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import structlog
+from aiohttp import web
 
+from router.daemon.config import Settings
 from router.daemon.mqtt import backoff
-from router.daemon.telephony.esl import EslClient, EslError
+from router.daemon.telephony.connector import (
+    HoldSpec,
+    LegFailure,
+    PbxCall,
+    PbxEvents,
+    PbxLeg,
+    PbxView,
+)
+from router.daemon.telephony.esl import EslClient, EslConnectionLost, EslError
 
 log = structlog.get_logger("stellwerk.telephony.freeswitch")
 
 SOURCE = "freeswitch"
-MARKER = "variable_stellwerk"
+MARKER = "stellwerk"
+"""The channel variable (``true``) by which the dialplan hands a call to Stellwerk."""
 OFFER_VARIABLE = "stellwerk_offer_id"
+"""The channel variable that carries the offer id on an agent leg."""
 CALL_VARIABLE = "stellwerk_call"
+"""The channel variable that names the caller's uuid on an agent leg."""
 EVENTS = (
     "CHANNEL_CREATE",
     "CHANNEL_PARK",
@@ -47,56 +66,25 @@ EVENTS = (
     "CHANNEL_HANGUP_COMPLETE",
     "BACKGROUND_JOB",
 )
+RING_BACKSTOP = 2.0
+"""FreeSWITCH gives up ringing this long after the connector's ring timeout, in case the
+connector's own stop never arrives (the socket was down at the time)."""
+
 _TRUE = frozenset({"true", "yes", "on", "1"})
-# What may go into a dial string or a {var=value} list without breaking the command line.
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:@+\-/=]+$")
+# Ids and numbers that go into a command line or a {var=value} list unquoted.
+_SAFE = re.compile(r"[A-Za-z0-9_.:@+\-]+")
 _ENCODE = msgspec.json.Encoder()
-
-FailReason = Literal["busy", "declined", "noanswer"]
-
-
-class FreeSwitchEvents(Protocol):
-    """What the driver reports to the connector."""
-
-    async def call_arrived(self, call_id: str, body: bytes) -> None:
-        """A call parked for Stellwerk; ``body`` is its native event (JSON)."""
-        ...
-
-    async def leg_answered(self, offer_id: str) -> None:
-        """The agent picked up the phone rung for ``offer_id``."""
-        ...
-
-    async def leg_failed(self, offer_id: str, reason: FailReason) -> None:
-        """The phone rung for ``offer_id`` gave up without being answered."""
-        ...
-
-    async def call_ended(self, call_id: str, body: bytes | None) -> None:
-        """The caller's channel is gone; ``body`` its hang-up event, None if it vanished
-        while the socket was down (found by reconciliation)."""
-        ...
-
-    async def leg_ended(self, offer_id: str) -> None:
-        """The agent hung up an answered leg."""
-        ...
+_DECODE = msgspec.json.Decoder()
+# Causes of a phone that rang out or was stopped: the offer's own expiry (RONA) decides.
+_NO_ANSWER_CAUSES = frozenset(
+    {"NO_ANSWER", "NO_USER_RESPONSE", "ALLOTTED_TIMEOUT", "ORIGINATOR_CANCEL", "LOSE_RACE"}
+)
+# Replies that mean "that channel is not there (any more)": the action is already done.
+_GONE = ("-ERR No such channel", "-ERR invalid uuid", "-ERR Invalid uuid")
 
 
-@dataclass
-class _Leg:
-    offer_id: str
-    uuid: str
-    call_id: str
-    answered: bool = False
-    bridged: bool = False
-    cancelled: bool = False
-    finished: bool = False
-
-
-@dataclass
-class _Call:
-    uuid: str
-    music: str | None = None
-    announce: asyncio.Task[None] | None = None
-    legs: set[str] = field(default_factory=set)
+class FreeswitchError(Exception):
+    """FreeSWITCH refused an action, or could not be reached to carry it out."""
 
 
 def music_source(music_class: str) -> str:
@@ -104,331 +92,434 @@ def music_source(music_class: str) -> str:
     return "local_stream://moh" if music_class == "default" else f"local_stream://{music_class}"
 
 
-# Causes of a phone that rang out or was stopped: the offer's own expiry (RONA) decides.
-_NO_ANSWER_CAUSES = frozenset(
-    {"NO_ANSWER", "NO_USER_RESPONSE", "ALLOTTED_TIMEOUT", "ORIGINATOR_CANCEL", "LOSE_RACE"}
-)
+def fail_reason(cause: str) -> LegFailure:
+    """An unanswered leg's hang-up cause as the connector sees it.
 
-
-def fail_reason(cause: str) -> FailReason:
-    """An unanswered leg's hang-up cause as the engine sees it.
-
-    Busy is busy; a phone that rang out is no answer; anything else (declined, not
-    registered, unreachable) cannot be answered and counts as declined, so the call moves on
-    at once instead of waiting for the offer to expire.
+    Busy is busy and a declined call declined; a phone that rang out (or was stopped) is no
+    answer, left to the offer's expiry; anything else (not registered, unreachable, a gateway
+    failure) cannot be answered: failed, so that the call moves on at once.
     """
     if cause == "USER_BUSY":
         return "busy"
+    if cause == "CALL_REJECTED":
+        return "declined"
     if cause in _NO_ANSWER_CAUSES:
         return "noanswer"
-    return "declined"
+    return "failed"
 
 
-class FreeSwitchDriver:
-    """One event-socket connection to one FreeSWITCH, kept up with back-off."""
+def dial_string(endpoint: str, variables: dict[str, str]) -> str:
+    """``endpoint`` with ``variables`` in its leading ``{...}`` block (merged with the
+    routing file's own variables there, which come last and so win)."""
+    ours = ",".join(f"{k}={v}" for k, v in variables.items())
+    if endpoint.startswith("{"):
+        end = endpoint.index("}")
+        theirs = endpoint[1:end]
+        return "{" + ours + ("," + theirs if theirs else "") + "}" + endpoint[end + 1 :]
+    return "{" + ours + "}" + endpoint
+
+
+@dataclass
+class _Call:
+    """A caller's channel handed to Stellwerk, as last seen."""
+
+    uuid: str
+    payload: bytes
+    number: str | None = None
+    announce: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Leg:
+    """An agent leg carrying ``stellwerk_offer_id``."""
+
+    offer_id: str
+    uuid: str
+    call_id: str
+    answered: bool = False
+    bridged: bool = False
+    cancelled: bool = False  # Stellwerk hung it up: its end reports nothing
+    finished: bool = False
+
+
+class FreeswitchDriver:
+    """One event-socket connection to one FreeSWITCH (see the module docstring)."""
+
+    source = SOURCE
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        password: str,
-        events: FreeSwitchEvents,
-        *,
-        connect_timeout: float = 5.0,
-        on_connected: Callable[[], Awaitable[None]] | None = None,
+        self, host: str, port: int, password: str, *, connect_timeout: float = 5.0
     ) -> None:
         self.host = host
         self.port = port
         self._password = password
-        self._events = events
         self._connect_timeout = connect_timeout
-        self._on_connected = on_connected
         self._client: EslClient | None = None
+        self._events: PbxEvents | None = None
         self._calls: dict[str, _Call] = {}
         self._legs: dict[str, _Leg] = {}  # by offer id
         self._leg_uuids: dict[str, str] = {}  # leg uuid -> offer id
-        self._stopping = asyncio.Event()
-        self.connected = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.connects = 0
+        """How many times the driver has connected and synchronised (for tests and logs)."""
 
     # ------------------------------------------------------------------ running
 
-    async def run(self) -> None:
-        """Connect, reconcile, consume events; reconnect with capped jittered back-off."""
+    async def run(self, events: PbxEvents) -> None:
+        """Connect, synchronise, report, consume events; reconnect with capped jittered
+        back-off (reset after each successful connect). Runs until cancelled."""
+        self._events = events
         delays = backoff()
         failures = 0
-        while not self._stopping.is_set():
-            client: EslClient | None = None
-            try:
-                client = await EslClient.connect(
-                    self.host, self.port, self._password, timeout=self._connect_timeout
-                )
-                await client.subscribe(EVENTS)
-                self._client = client
-                failures = 0
-                log.info("freeswitch.connected", host=self.host, port=self.port)
-                await self.reconcile_channels()
-                self.connected.set()
-                if self._on_connected is not None:
-                    await self._on_connected()
-                async for event in client.events():
-                    await self._on_event(event)
-            except EslError as exc:
-                log.warning("freeswitch.disconnected", host=self.host, error=str(exc))
-            finally:
-                self.connected.clear()
-                self._client = None
-                if client is not None:
-                    await client.close()
-            if self._stopping.is_set():
-                break
-            failures += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delays.compute(failures))
+        try:
+            while True:
+                client: EslClient | None = None
+                try:
+                    client = await EslClient.connect(
+                        self.host, self.port, self._password, timeout=self._connect_timeout
+                    )
+                    await client.subscribe(EVENTS)
+                    self._client = client
+                    await self._synchronise(client)
+                    failures = 0
+                    self.connects += 1
+                    log.info("freeswitch.connected", host=self.host, port=self.port)
+                    await events.connected()
+                    async for event in client.events():
+                        await self._on_event(event)
+                except EslError as exc:
+                    log.warning("freeswitch.disconnected", host=self.host, error=str(exc))
+                finally:
+                    self._client = None
+                    if client is not None:
+                        await client.close()
+                failures += 1
+                await asyncio.sleep(delays.compute(failures))
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            for call in self._calls.values():
+                if call.announce is not None:
+                    call.announce.cancel()
 
-    async def stop(self) -> None:
-        """Stop reconnecting and close the connection (calls stay as they are)."""
-        self._stopping.set()
-        client = self._client
-        if client is not None:
-            await client.close()
-        for call in self._calls.values():
-            if call.announce is not None:
-                call.announce.cancel()
+    def view(self) -> PbxView | None:
+        """The Stellwerk calls on the switch and the agent legs; None while disconnected."""
+        if self._client is None:
+            return None
+        return PbxView(
+            calls={uid: PbxCall(call_id=uid, payload=c.payload) for uid, c in self._calls.items()},
+            legs={
+                offer_id: PbxLeg(offer_id=offer_id, call_id=leg.call_id, answered=leg.answered)
+                for offer_id, leg in self._legs.items()
+                if not leg.finished and not leg.cancelled
+            },
+        )
 
-    # ------------------------------------------------------------------ commands
+    def http_routes(self) -> Sequence[web.AbstractRouteDef]:
+        """None: the event socket is a connection Stellwerk opens."""
+        return ()
 
-    async def _api(self, cmd: str) -> str | None:
-        """Run an api command; None when the switch cannot be reached (reconciliation after
-        the reconnect repairs what this command would have done)."""
+    def ended_payload(self, call_id: str) -> bytes:
+        """A CHANNEL_HANGUP_COMPLETE for a call that vanished while the socket was down."""
+        return _ENCODE.encode(
+            {
+                "Event-Name": "CHANNEL_HANGUP_COMPLETE",
+                "Unique-ID": call_id,
+                "Call-Direction": "inbound",
+                "Answer-State": "hangup",
+                "Event-Date-Timestamp": str(int(time.time() * 1_000_000)),
+            }
+        )
+
+    # ------------------------------------------------------------------ actions
+
+    async def _api(self, cmd: str) -> str:
         client = self._client
         if client is None:
-            log.warning("freeswitch.offline", command=cmd.split(" ", 1)[0])
-            return None
+            raise FreeswitchError(f"not connected to FreeSWITCH ({cmd.split(' ', 1)[0]})")
         try:
-            out = await client.api(cmd)
+            return await client.api(cmd)
         except EslError as exc:
-            log.warning("freeswitch.command_lost", command=cmd.split(" ", 1)[0], error=str(exc))
-            return None
-        if out.startswith("-"):
-            log.info("freeswitch.command_refused", command=cmd.split(" ", 1)[0], reply=out.strip())
-        return out
+            raise FreeswitchError(f"{cmd.split(' ', 1)[0]}: {exc}") from exc
 
-    async def hold(self, call_id: str, music_class: str = "default") -> None:
-        """Play the queue's music to a waiting caller (again: what played before is stopped)."""
-        call = self._calls.setdefault(call_id, _Call(uuid=call_id))
-        call.music = music_source(music_class)
-        await self._api(f"uuid_break {call_id} all")
-        await self._api(f"uuid_broadcast {call_id} {call.music} aleg")
+    async def _kill(self, uid: str, cause: str = "NORMAL_CLEARING") -> None:
+        out = await self._api(f"uuid_kill {uid} {cause}")
+        if not out.startswith("+OK") and not out.startswith(_GONE):
+            raise FreeswitchError(f"uuid_kill {uid}: {out.strip()}")
 
-    async def ring(
-        self,
-        offer_id: str,
-        call_id: str,
-        endpoint: str,
-        timeout: float,
-        caller_number: str | None = None,
-    ) -> bool:
-        """Originate the agent's leg for ``offer_id``; False if it could not be started."""
-        if not _SAFE_VALUE.match(endpoint) or not _SAFE_VALUE.match(offer_id):
-            log.error("freeswitch.bad_endpoint", offer_id=offer_id, endpoint=endpoint)
-            return False
-        if offer_id in self._legs:
-            return True  # already ringing: a repeated command is not a second phone call
+    async def hold(self, call_id: str, spec: HoldSpec) -> None:
+        """Play the queue's music to the caller (what played before is stopped first, so a
+        repeated hold is still one stream); start its periodic announcement."""
+        _check_id(call_id)
+        music = music_source(spec.music_class)
+        out = await self._api(f"uuid_break {call_id} all")
+        if out.startswith(_GONE):
+            return  # hung up meanwhile: its end is on the way
+        out = await self._api(f"uuid_broadcast {call_id} {music} aleg")
+        if not out.startswith("+OK") and not out.startswith(_GONE):
+            raise FreeswitchError(f"uuid_broadcast {call_id}: {out.strip()}")
+        call = self._calls.get(call_id)
+        if call is not None:
+            if call.announce is not None:
+                call.announce.cancel()
+                call.announce = None
+            ann = spec.announcement
+            if ann is not None and ann.every > 0:
+                call.announce = self._spawn(
+                    self._announce(call_id, ann.media, ann.every, music),
+                    f"freeswitch-announce-{call_id}",
+                )
+
+    async def _announce(self, call_id: str, media: str, every: float, music: str) -> None:
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(FreeswitchError):
+                # Broadcasts queue up on the channel: the recording, then the music again.
+                await self._api(f"uuid_break {call_id} all")
+                await self._api(f"uuid_broadcast {call_id} {media} aleg")
+                await self._api(f"uuid_broadcast {call_id} {music} aleg")
+
+    async def ring(self, offer_id: str, call_id: str, endpoint: str, timeout: float) -> None:
+        """Originate the agent's leg for ``offer_id`` with ``bgapi`` into ``&park()``."""
+        _check_id(offer_id)
+        _check_id(call_id)
+        if not endpoint or any(c.isspace() for c in endpoint):
+            raise FreeswitchError(f"endpoint {endpoint!r} is not a dial string")
+        existing = self._legs.get(offer_id)
+        if existing is not None and not existing.finished and not existing.cancelled:
+            return  # already ringing: a repeated command is not a second phone call
+        client = self._client
+        if client is None:
+            raise FreeswitchError("not connected to FreeSWITCH (originate)")
         leg = _Leg(offer_id=offer_id, uuid=str(uuidlib.uuid4()), call_id=call_id)
-        self._legs[offer_id] = leg
-        self._leg_uuids[leg.uuid] = offer_id
-        self._calls.setdefault(call_id, _Call(uuid=call_id)).legs.add(offer_id)
-        # The engine's offer expiry decides RONA; FreeSWITCH's own timeout is only a backstop.
         variables = {
             OFFER_VARIABLE: offer_id,
             CALL_VARIABLE: call_id,
             "origination_uuid": leg.uuid,
-            "originate_timeout": str(max(1, math.ceil(timeout)) + 2),
+            "originate_timeout": str(max(1, math.ceil(timeout + RING_BACKSTOP))),
         }
-        if caller_number and _SAFE_VALUE.match(caller_number):
-            variables["origination_caller_id_number"] = caller_number
-        url = "{" + ",".join(f"{k}={v}" for k, v in variables.items()) + "}" + endpoint
-        client = self._client
-        if client is None:
-            self._forget_leg(leg)
-            log.warning("freeswitch.offline", command="originate", offer_id=offer_id)
-            return False
+        call = self._calls.get(call_id)
+        if call is not None and call.number and _SAFE.fullmatch(call.number):
+            variables["origination_caller_id_number"] = call.number
+        # Known before the command goes out, so the leg's first event is never a stranger's.
+        self._legs[offer_id] = leg
+        self._leg_uuids[leg.uuid] = offer_id
         try:
-            job = await client.bgapi(f"originate {url} &park()")
+            job = await client.bgapi(f"originate {dial_string(endpoint, variables)} &park()")
         except EslError as exc:
-            self._forget_leg(leg)
-            log.warning("freeswitch.originate_failed", offer_id=offer_id, error=str(exc))
-            return False
-        asyncio.get_running_loop().create_task(
-            self._job_result(leg, job), name=f"freeswitch-originate-{offer_id}"
-        )
+            self._forget(leg)
+            raise FreeswitchError(f"originate for {offer_id}: {exc}") from exc
+        self._spawn(self._job_result(leg, job), f"freeswitch-originate-{offer_id}")
         log.info("freeswitch.ringing", offer_id=offer_id, endpoint=endpoint, leg=leg.uuid)
-        return True
 
     async def _job_result(self, leg: _Leg, job: asyncio.Future[str]) -> None:
-        try:
+        with contextlib.suppress(EslConnectionLost):
             out = await job
-        except EslError:
-            return  # connection gone: reconciliation decides what becomes of the leg
-        if out.startswith("-ERR") and not leg.finished and not leg.answered:
-            # No channel was ever created (USER_NOT_REGISTERED, ...) or its hang-up event is
-            # already handled; either way the offer gets its answer exactly once.
-            cause = out[4:].strip() or "NORMAL_TEMPORARY_FAILURE"
-            await self._leg_gone(leg, cause)
+            if out.startswith("-ERR") and not leg.finished:
+                # No channel was ever made (USER_NOT_REGISTERED ...), or its hang-up event was
+                # already handled: either way the offer hears about it once.
+                await self._leg_gone(leg, out[4:].strip() or "NORMAL_TEMPORARY_FAILURE")
 
     async def stop_ring(self, offer_id: str) -> None:
-        """Stop the phone rung for ``offer_id`` (no-op once bridged or gone)."""
+        """Hang up the agent leg of ``offer_id`` (ringing, answered or an earlier run's)."""
         leg = self._legs.get(offer_id)
-        if leg is None or leg.bridged:
+        if leg is None or leg.finished:
             return
         leg.cancelled = True
-        await self._api(f"uuid_kill {leg.uuid} ORIGINATOR_CANCEL")
+        await self._kill(leg.uuid, "ORIGINATOR_CANCEL")
 
-    async def bridge(self, call_id: str, offer_id: str) -> bool:
-        """Join caller and the answered agent leg; False if either is gone."""
+    async def bridge(self, call_id: str, offer_id: str) -> None:
+        """``uuid_bridge`` the caller with the answered leg of ``offer_id``."""
         leg = self._legs.get(offer_id)
-        if leg is None or not leg.answered or leg.finished:
-            return False
+        if leg is None or leg.finished:
+            raise FreeswitchError(f"no agent leg for {offer_id}")
+        if leg.bridged:
+            return
         out = await self._api(f"uuid_bridge {call_id} {leg.uuid}")
-        if out is None or not out.startswith("+OK"):
-            return False
+        if not out.startswith("+OK"):
+            raise FreeswitchError(f"uuid_bridge {call_id} {leg.uuid}: {out.strip()}")
         leg.bridged = True
         call = self._calls.get(call_id)
         if call is not None and call.announce is not None:
             call.announce.cancel()
-        return True
+            call.announce = None
 
     async def hangup(self, call_id: str) -> None:
-        """Hang up a caller (and so end what is bridged to it)."""
-        await self._api(f"uuid_kill {call_id}")
+        """Hang up the caller and every agent leg placed for it."""
+        _check_id(call_id)
+        for leg in [leg for leg in self._legs.values() if leg.call_id == call_id]:
+            if not leg.finished:
+                leg.cancelled = True
+                await self._kill(leg.uuid)
+        await self._kill(call_id)
 
     # ------------------------------------------------------------------ events
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         name = event.get("Event-Name")
         uid = str(event.get("Unique-ID", ""))
-        if name == "BACKGROUND_JOB" or not uid:
-            return
+        if not uid or name == "BACKGROUND_JOB":
+            return  # jobs are awaited through their futures
         offer_id = self._leg_uuids.get(uid)
-        if offer_id is not None:
-            await self._on_leg_event(self._legs[offer_id], name, event)
-            return
-        if str(event.get(f"variable_{OFFER_VARIABLE}", "")):
-            # A leg rung by an earlier run of Stellwerk: reconciliation owns those.
-            if name == "CHANNEL_CREATE" or name == "CHANNEL_ANSWER":
-                await self._api(f"uuid_kill {uid} ORIGINATOR_CANCEL")
+        if offer_id is None:
+            offer_id = _text(event, f"variable_{OFFER_VARIABLE}")
+            if offer_id and name != "CHANNEL_HANGUP_COMPLETE" and offer_id not in self._legs:
+                # A leg this run did not ring (an earlier run's, still on its way up): known
+                # from now on, so that the connector can decide on it.
+                self._adopt(offer_id, uid, event)
+        if offer_id is not None and offer_id in self._legs:
+            await self._on_leg_event(self._legs[offer_id], str(name), event)
             return
         if not _is_stellwerk_call(event):
             return
+        events = self._events
         if name == "CHANNEL_PARK" and uid not in self._calls:
-            self._calls[uid] = _Call(uuid=uid)
-            await self._events.call_arrived(uid, _ENCODE.encode(event))
+            payload = _ENCODE.encode(event)
+            self._calls[uid] = _Call(uuid=uid, payload=payload, number=_caller(event))
+            if events is not None:
+                await events.call_arrived(uid, payload)
         elif name == "CHANNEL_HANGUP_COMPLETE" and uid in self._calls:
-            await self._call_gone(uid, _ENCODE.encode(event))
+            await self._call_gone(uid)
+            if events is not None:
+                await events.call_ended(uid, _ENCODE.encode(event))
 
-    async def _on_leg_event(self, leg: _Leg, name: Any, event: dict[str, Any]) -> None:
-        if name == "CHANNEL_CREATE" and leg.cancelled:
-            await self._api(f"uuid_kill {leg.uuid} ORIGINATOR_CANCEL")
-        elif name == "CHANNEL_ANSWER" and not leg.answered:
+    async def _on_leg_event(self, leg: _Leg, name: str, event: dict[str, Any]) -> None:
+        if name == "CHANNEL_ANSWER" and not leg.answered:
             leg.answered = True
             if leg.cancelled:
-                await self._api(f"uuid_kill {leg.uuid} ORIGINATOR_CANCEL")
+                # Picked up in the instant it was stopped: the kill is on its way or failed.
+                with contextlib.suppress(FreeswitchError):
+                    await self._kill(leg.uuid, "ORIGINATOR_CANCEL")
                 return
-            await self._events.leg_answered(leg.offer_id)
+            if self._events is not None:
+                await self._events.leg_answered(leg.offer_id)
+        elif name == "CHANNEL_CREATE" and leg.cancelled:
+            with contextlib.suppress(FreeswitchError):
+                await self._kill(leg.uuid, "ORIGINATOR_CANCEL")
         elif name == "CHANNEL_HANGUP_COMPLETE":
-            await self._leg_gone(leg, str(event.get("Hangup-Cause", "NORMAL_CLEARING")))
+            await self._leg_gone(leg, _text(event, "Hangup-Cause") or "NORMAL_CLEARING")
 
     async def _leg_gone(self, leg: _Leg, cause: str) -> None:
         if leg.finished:
             return
         leg.finished = True
-        self._forget_leg(leg)
-        if leg.bridged or (leg.answered and not leg.cancelled):
+        self._forget(leg)
+        events = self._events
+        if leg.cancelled or events is None:
+            return
+        if leg.answered:
             log.info("freeswitch.agent_hung_up", offer_id=leg.offer_id, cause=cause)
-            await self._events.leg_ended(leg.offer_id)
+            await events.leg_hung_up(leg.offer_id)
             if leg.bridged and leg.call_id in self._calls:
-                # Nobody is left on the line with the caller: end the call for them too.
-                await self.hangup(leg.call_id)
-        elif not leg.cancelled:
-            await self._events.leg_failed(leg.offer_id, fail_reason(cause))
+                # Nobody is left on the line with the caller (FreeSWITCH would leave them
+                # parked in silence): end the call for them too.
+                with contextlib.suppress(FreeswitchError):
+                    await self._kill(leg.call_id)
+        else:
+            await events.leg_failed(leg.offer_id, fail_reason(cause))
 
-    def _forget_leg(self, leg: _Leg) -> None:
-        self._legs.pop(leg.offer_id, None)
-        self._leg_uuids.pop(leg.uuid, None)
-        call = self._calls.get(leg.call_id)
-        if call is not None:
-            call.legs.discard(leg.offer_id)
-
-    async def _call_gone(self, uid: str, body: bytes | None) -> None:
+    async def _call_gone(self, uid: str) -> None:
         call = self._calls.pop(uid, None)
         if call is None:
             return
         if call.announce is not None:
             call.announce.cancel()
-        for offer_id in list(call.legs):
-            leg = self._legs.get(offer_id)
-            if leg is not None and not leg.bridged:
+        for leg in [leg for leg in self._legs.values() if leg.call_id == uid]:
+            # The caller is gone: a ringing phone stops, an agent on the line is freed.
+            if not leg.finished and not leg.cancelled:
                 leg.cancelled = True
-                await self._api(f"uuid_kill {leg.uuid} ORIGINATOR_CANCEL")
-        await self._events.call_ended(uid, body)
+                with contextlib.suppress(FreeswitchError):
+                    await self._kill(leg.uuid, "ORIGINATOR_CANCEL")
 
-    # ------------------------------------------------------------------ reconciliation
+    def _adopt(self, offer_id: str, uid: str, event: dict[str, Any]) -> _Leg:
+        leg = _Leg(
+            offer_id=offer_id,
+            uuid=uid,
+            call_id=_text(event, f"variable_{CALL_VARIABLE}") or "",
+            answered=_text(event, "Answer-State") == "answered",
+        )
+        self._legs[offer_id] = leg
+        self._leg_uuids[uid] = offer_id
+        return leg
 
-    async def reconcile_channels(self) -> None:
-        """Bring the driver's view in line with the switch's after a (re)connect.
+    def _forget(self, leg: _Leg) -> None:
+        if self._legs.get(leg.offer_id) is leg:
+            del self._legs[leg.offer_id]
+        self._leg_uuids.pop(leg.uuid, None)
 
-        Parked Stellwerk calls it did not know are reported as arrived (their ``uuid_dump``
-        is the native payload), calls it knew that are gone are reported as ended, agent legs
-        it does not know (an earlier run's) are hung up, its own legs that vanished are
-        reported as failed or ended.
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ synchronising
+
+    async def _synchronise(self, client: EslClient) -> None:
+        """Rebuild the picture of the switch after a (re)connect (events were missed).
+
+        Channels it did not know are looked at with ``uuid_dump``: a parked Stellwerk call
+        joins the calls (its dump is the native payload the connector journals if the engine
+        does not know it), a leg carrying ``stellwerk_offer_id`` joins the legs (the connector
+        hangs it up if its offer is gone). What it knew and the switch no longer has is
+        dropped; an answered leg of ours that vanished is reported as hung up by the agent.
         """
-        out = await self._api("show channels as json")
-        if out is None:
-            return
+        out = await client.api("show channels as json")
         try:
-            listing = msgspec.json.decode(out.encode())
-        except msgspec.DecodeError:
-            log.error("freeswitch.bad_channel_list", reply=out[:200])
-            return
+            listing = _DECODE.decode(out.encode())
+        except msgspec.DecodeError as exc:
+            raise EslConnectionLost(f"show channels answered {out[:80]!r}") from exc
         rows = listing.get("rows") or [] if isinstance(listing, dict) else []
-        alive = {str(r.get("uuid")) for r in rows if isinstance(r, dict)}
-        for uid in sorted(alive):
-            if uid in self._calls or uid in self._leg_uuids:
-                continue
-            dump = await self._api(f"uuid_dump {uid} json")
-            if dump is None or not dump.startswith("{"):
+        alive = {str(r.get("uuid")) for r in rows if isinstance(r, dict) and r.get("uuid")}
+        for uid in sorted(alive - set(self._calls) - set(self._leg_uuids)):
+            dump = await client.api(f"uuid_dump {uid} json")
+            if not dump.startswith("{"):
                 continue  # gone in the meantime
             try:
-                data = msgspec.json.decode(dump.encode())
+                data = _DECODE.decode(dump.encode())
             except msgspec.DecodeError:
+                log.warning("freeswitch.bad_dump", uuid=uid, reply=dump[:80])
                 continue
             if not isinstance(data, dict):
                 continue
-            if str(data.get(f"variable_{OFFER_VARIABLE}", "")):
-                log.info("freeswitch.orphan_leg", leg=uid)
-                await self._api(f"uuid_kill {uid} ORIGINATOR_CANCEL")
-            elif _is_stellwerk_call(data) and data.get("Answer-State") != "hangup":
-                self._calls[uid] = _Call(uuid=uid)
-                await self._events.call_arrived(uid, dump.encode())
+            offer_id = _text(data, f"variable_{OFFER_VARIABLE}")
+            if offer_id:
+                self._adopt(offer_id, uid, data)
+            elif _is_stellwerk_call(data) and _text(data, "Answer-State") != "hangup":
+                self._calls[uid] = _Call(uuid=uid, payload=dump.encode(), number=_caller(data))
         for uid in [u for u in self._calls if u not in alive]:
-            await self._call_gone(uid, None)
+            await self._call_gone(uid)  # the connector journals its end from the engine's side
         for leg in [leg for leg in self._legs.values() if leg.uuid not in alive]:
-            # Unanswered legs that are not there yet may still be on their way (the originate
-            # job has not created the channel): only answered ones can be known to be gone.
             if leg.answered:
                 await self._leg_gone(leg, "NORMAL_CLEARING")
+            elif leg.cancelled:
+                self._forget(leg)
+            # An unanswered leg not listed may still be on its way (its originate job has not
+            # made the channel yet); its events or its job's answer settle it.
 
-    def known_calls(self) -> set[str]:
-        """The Stellwerk calls the driver knows to be on the switch."""
-        return set(self._calls)
 
-    def ringing_offers(self) -> set[str]:
-        """Offers with a leg ringing or answered."""
-        return set(self._legs)
+def _text(event: dict[str, Any], name: str) -> str | None:
+    value = event.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _caller(event: dict[str, Any]) -> str | None:
+    return _text(event, "Caller-Caller-ID-Number") or _text(event, "Caller-ANI")
 
 
 def _is_stellwerk_call(event: dict[str, Any]) -> bool:
     return (
-        str(event.get("Call-Direction", "")) == "inbound"
-        and str(event.get(MARKER, "")).lower() in _TRUE
+        _text(event, "Call-Direction") == "inbound"
+        and (_text(event, f"variable_{MARKER}") or "").lower() in _TRUE
     )
+
+
+def _check_id(value: str) -> None:
+    if not _SAFE.fullmatch(value):
+        raise FreeswitchError(f"{value!r} cannot go into an event-socket command")
+
+
+def make_driver(settings: Settings) -> FreeswitchDriver:
+    """The driver for ``telephony.freeswitch`` (called by the connector wiring)."""
+    fs = settings.telephony.freeswitch
+    return FreeswitchDriver(fs.host, fs.port, fs.password or "")
