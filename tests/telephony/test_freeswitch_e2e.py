@@ -202,8 +202,17 @@ async def test_sigkill_with_held_calls_and_a_ringing_leg(
     await peer.wait_for(lambda: peer.connections == 0, 5, "the socket closed with the process")
     assert orphan.alive  # still ringing: nobody told the switch
 
+    mark = len(peer.commands)
     daemon = daemons(env, "a2")
     await connected(peer)
+
+    def held_again() -> bool:
+        since = peer.commands[mark:]
+        return all(f"api uuid_broadcast {uid} local_stream://moh aleg" in since for uid in calls)
+
+    # Nobody is left in silence: every waiting caller's music is started again.
+    await peer.wait_for(held_again, 15, "every held call held again")
+    assert all(peer.channels[uid].playing == ["local_stream://moh"] for uid in calls)
     await login(mqtt_probe, "ben")
     # The leg the dead daemon rang is hung up by Stellwerk (not rung out by the switch).
     await peer.wait_for(lambda: not orphan.alive, 15, "the orphaned leg hung up")
@@ -223,7 +232,6 @@ async def test_sigkill_with_held_calls_and_a_ringing_leg(
 
     await wait_until(answer_all, 30, "every held call bridged to an agent")
     for uid in calls:
-        assert peer.channels[uid].playing == [] or not peer.channels[uid].alive
         assigned = mqtt_probe.seen("events/contact.assigned", contact_id=cid(uid))
         assert len(assigned) == 1, (uid, assigned)
     assert daemon.proc is not None and daemon.proc.poll() is None
