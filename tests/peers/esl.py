@@ -534,7 +534,7 @@ class EslPeer:
             return self._err(_usage("uuid_dump"))
         ch = self._live(parts[0])
         if ch is None:
-            return self._err("-ERR No such channel!\n")
+            return self._err("-ERR No Such Channel!\n")  # sic: uuid_dump's own wording
         headers = self._event_headers(ch, "CHANNEL_DATA")
         if len(parts) > 1 and parts[1] == "json":
             return json.dumps(headers, separators=(",", ":"))

@@ -235,3 +235,19 @@ async def test_an_earlier_runs_agent_leg_is_in_the_view_and_can_be_stopped(
         assert peer.channels[uid].alive and reports.items == []
         view = driver.view()
         assert view is not None and view.legs == {}
+
+
+async def test_a_plain_uuid_dump_is_read_like_a_json_one(peer: EslPeer) -> None:
+    """Older FreeSWITCH answers ``uuid_dump <uuid> json`` in plain form; both must work."""
+    from router.daemon.telephony.esl import EslClient
+    from router.daemon.telephony.freeswitch import _dump_fields
+
+    uid = peer.place_call("+4930555077", variables=stellwerk(queue="q1"))
+    client = await EslClient.connect("127.0.0.1", peer.port, "pw")
+    plain = _dump_fields(await client.api(f"uuid_dump {uid}"))
+    as_json = _dump_fields(await client.api(f"uuid_dump {uid} json"))
+    assert plain is not None and as_json is not None
+    assert plain["Unique-ID"] == as_json["Unique-ID"] == uid
+    assert plain["variable_stellwerk_queue"] == as_json["variable_stellwerk_queue"] == "q1"
+    assert _dump_fields(await client.api("uuid_dump nope json")) is None
+    await client.close()

@@ -47,7 +47,12 @@ from router.daemon.telephony.connector import (
     PbxLeg,
     PbxView,
 )
-from router.daemon.telephony.esl import EslClient, EslConnectionLost, EslError
+from router.daemon.telephony.esl import (
+    EslClient,
+    EslConnectionLost,
+    EslError,
+    parse_plain_event,
+)
 
 log = structlog.get_logger("stellwerk.telephony.freeswitch")
 
@@ -80,7 +85,7 @@ _NO_ANSWER_CAUSES = frozenset(
     {"NO_ANSWER", "NO_USER_RESPONSE", "ALLOTTED_TIMEOUT", "ORIGINATOR_CANCEL", "LOSE_RACE"}
 )
 # Replies that mean "that channel is not there (any more)": the action is already done.
-_GONE = ("-ERR No such channel", "-ERR invalid uuid", "-ERR Invalid uuid")
+_GONE = ("-ERR No such channel", "-ERR No Such Channel", "-ERR invalid uuid", "-ERR Invalid uuid")
 
 
 class FreeswitchError(Exception):
@@ -473,15 +478,9 @@ class FreeswitchDriver:
         alive = {str(r.get("uuid")) for r in rows if isinstance(r, dict) and r.get("uuid")}
         for uid in sorted(alive - set(self._calls) - set(self._leg_uuids)):
             dump = await client.api(f"uuid_dump {uid} json")
-            if not dump.startswith("{"):
-                continue  # gone in the meantime
-            try:
-                data = _DECODE.decode(dump.encode())
-            except msgspec.DecodeError:
-                log.warning("freeswitch.bad_dump", uuid=uid, reply=dump[:80])
-                continue
-            if not isinstance(data, dict):
-                continue
+            data = _dump_fields(dump)
+            if data is None:
+                continue  # gone in the meantime (-ERR No Such Channel!)
             offer_id = _text(data, f"variable_{OFFER_VARIABLE}")
             if offer_id:
                 self._adopt(offer_id, uid, data)
@@ -496,6 +495,21 @@ class FreeswitchDriver:
                 self._forget(leg)
             # An unanswered leg not listed may still be on its way (its originate job has not
             # made the channel yet); its events or its job's answer settle it.
+
+
+def _dump_fields(dump: str) -> dict[str, Any] | None:
+    """The headers of a ``uuid_dump`` answer: JSON, or the plain ``Name: value`` lines that
+    FreeSWITCH versions without the json format write instead; None for an error."""
+    if dump.startswith("{"):
+        try:
+            data = _DECODE.decode(dump.encode())
+        except msgspec.DecodeError:
+            log.warning("freeswitch.bad_dump", reply=dump[:80])
+            return None
+        return data if isinstance(data, dict) else None
+    if dump.startswith("Event-Name:"):
+        return dict(parse_plain_event(dump.encode()))
+    return None
 
 
 def _text(event: dict[str, Any], name: str) -> str | None:
