@@ -28,7 +28,10 @@ PHONES = {
 
 
 def routing(
-    path: Path, agents: tuple[str, ...] = ("anna", "ben"), offer_timeout: float = 1.0
+    path: Path,
+    agents: tuple[str, ...] = ("anna", "ben"),
+    offer_timeout: float = 1.0,
+    phone_offer: str = "phone",
 ) -> Path:
     lines = []
     for agent in agents:
@@ -47,6 +50,7 @@ skills: [support, second_level]
 queues:
   support:
     skills: {{support: 1}}
+    phone_offer: {phone_offer}
   expert_desk:
     skills: {{second_level: 1}}
     weight: 10
@@ -275,3 +279,44 @@ async def test_the_event_socket_drops_for_ten_seconds(
     peer.pick_up(leg.uuid)
     assert leg.variables["stellwerk_call"] in (before, during)
     await mqtt_probe.wait_for("events/contact.assigned", agent_id="anna")
+
+
+async def test_a_busy_phone_is_a_reject_and_the_next_agent_rings_at_once(
+    tmp_path: Path, peer: EslPeer, mqtt_probe: MqttProbe, start_daemon: Callable[..., Any]
+) -> None:
+    await start_daemon(routing(tmp_path / "r.yaml", offer_timeout=30.0), **fs_env(peer))
+    await connected(peer)
+    peer.register(PHONES["anna"], "busy")
+    await login(mqtt_probe, "anna", "ben")
+    caller = call(peer, "+4930555061")
+    # Whoever is offered first: anna's phone is busy, so ben's rings long before 30 s.
+    [leg] = await peer.wait_for(lambda: leg_of(peer, caller, "ben"), 10, "ben rings")
+    busy = [c for c in peer.channels.values() if c.dial == PHONES["anna"]]
+    assert [c.hangup_cause for c in busy] == ["USER_BUSY"]  # anna (longest idle) was first
+    peer.pick_up(leg.uuid)
+    await mqtt_probe.wait_for("events/contact.assigned", contact_id=cid(caller), agent_id="ben")
+    await peer.wait_for(lambda: peer.channels[caller].other == leg.uuid, 5, "the bridge")
+
+
+async def test_a_desktop_queue_rings_the_phone_after_the_accept_on_the_desktop(
+    tmp_path: Path, peer: EslPeer, mqtt_probe: MqttProbe, start_daemon: Callable[..., Any]
+) -> None:
+    await start_daemon(
+        routing(tmp_path / "r.yaml", ("anna",), offer_timeout=30.0, phone_offer="desktop"),
+        **fs_env(peer),
+    )
+    await connected(peer)
+    await login(mqtt_probe, "anna")
+    caller = call(peer, "+4930555060")
+    [offer] = await mqtt_probe.wait_for("agents/anna/offers")
+    assert peer.ringing() == []  # a desktop queue: the offer is on the screen, not the phone
+    await mqtt_probe.agent("anna", op="accept", offer_id=offer["offer_id"])
+    await mqtt_probe.wait_for("events/contact.assigned", contact_id=cid(caller))
+    [leg] = await peer.wait_for(lambda: leg_of(peer, caller, "anna"), 5, "anna's phone rings")
+    peer.pick_up(leg.uuid)
+    await peer.wait_for(lambda: peer.channels[caller].other == leg.uuid, 5, "the bridge")
+    # The agent ends the call from the desktop: caller and phone hang up.
+    await mqtt_probe.agent("anna", op="complete", contact_id=cid(caller))
+    await mqtt_probe.wait_for("events/contact.completed", contact_id=cid(caller))
+    await peer.wait_for(lambda: not peer.channels[caller].alive, 5, "the call ended")
+    await peer.wait_for(lambda: not peer.channels[leg.uuid].alive, 5, "the phone hung up")
