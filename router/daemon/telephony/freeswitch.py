@@ -165,6 +165,9 @@ class FreeswitchDriver:
         self._legs: dict[str, _Leg] = {}  # by offer id
         self._leg_uuids: dict[str, str] = {}  # leg uuid -> offer id
         self._tasks: set[asyncio.Task[Any]] = set()
+        # True from the end of a synchronisation to the next disconnect: only then is the
+        # picture complete (a half-built one would make the connector end calls that are up).
+        self._synced = False
         self.connects = 0
         """How many times the driver has connected and synchronised (for tests and logs)."""
 
@@ -186,15 +189,23 @@ class FreeswitchDriver:
                     await client.subscribe(EVENTS)
                     self._client = client
                     await self._synchronise(client)
+                    self._synced = True
                     failures = 0
                     self.connects += 1
                     log.info("freeswitch.connected", host=self.host, port=self.port)
                     await events.connected()
                     async for event in client.events():
-                        await self._on_event(event)
+                        try:
+                            await self._on_event(event)
+                        except FreeswitchError as exc:
+                            log.warning("freeswitch.action_failed", error=str(exc))
+                        except Exception:
+                            # A bug must not take the switch's other calls down with it.
+                            log.exception("freeswitch.event_failed", event=event.get("Event-Name"))
                 except EslError as exc:
                     log.warning("freeswitch.disconnected", host=self.host, error=str(exc))
                 finally:
+                    self._synced = False
                     self._client = None
                     if client is not None:
                         await client.close()
@@ -208,8 +219,9 @@ class FreeswitchDriver:
                     call.announce.cancel()
 
     def view(self) -> PbxView | None:
-        """The Stellwerk calls on the switch and the agent legs; None while disconnected."""
-        if self._client is None:
+        """The Stellwerk calls on the switch and the agent legs; None while disconnected or
+        still synchronising after a connect."""
+        if self._client is None or not self._synced:
             return None
         return PbxView(
             calls={uid: PbxCall(call_id=uid, payload=c.payload) for uid, c in self._calls.items()},
