@@ -17,10 +17,10 @@ speaking the wire protocol:
 - ``bgapi <cmd>`` (optional ``Job-UUID`` header) answers ``+OK Job-UUID: <id>`` with the
   ``Job-UUID`` header at once, and later a ``BACKGROUND_JOB`` event whose body is the output.
 
-API commands (outputs as in mod_commands): ``originate``, ``uuid_bridge``, ``uuid_kill``,
-``uuid_broadcast``, ``uuid_break``, ``uuid_dump``, ``uuid_exists``, ``show channels [as json]``,
-``status``; any other answers ``-ERR <cmd> Command not found!``. Wrong arguments answer
-``-USAGE: ...``; unknown uuids answer the command's own error text.
+API commands (outputs as in mod_commands): ``originate``, ``uuid_answer``, ``uuid_bridge``,
+``uuid_kill``, ``uuid_broadcast``, ``uuid_break``, ``uuid_dump``, ``uuid_exists``,
+``show channels [as json]``, ``status``; any other answers ``-ERR <cmd> Command not found!``.
+Wrong arguments answer ``-USAGE: ...``; unknown uuids answer the command's own error text.
 
 The world around the switch is driven by the test through :class:`EslPeer` methods: callers
 arrive (:meth:`EslPeer.place_call`, the dialplan having answered them, set the Stellwerk
@@ -107,6 +107,7 @@ _USAGE = {
     "uuid_kill": "<uuid> [cause]",
     "uuid_broadcast": "<uuid> <path> [aleg|bleg|holdb|both]",
     "uuid_break": "<uuid> [all]",
+    "uuid_answer": "<uuid>",
     "uuid_dump": "<uuid> [format]",
 }
 
@@ -253,11 +254,14 @@ class EslPeer:
         name: str = "",
         variables: dict[str, str] | None = None,
         context: str = "public",
+        answer: bool = True,
     ) -> str:
         """A caller dials in; the dialplan answers, sets ``variables`` and parks the call.
 
         Events: CHANNEL_CREATE, CHANNEL_ANSWER, CHANNEL_PARK (like ``answer``, ``set``,
-        ``park`` in an extension). Returns the channel's uuid.
+        ``park`` in an extension). With ``answer=False`` the extension has no ``answer``: the
+        call is parked still ringing (``Answer-State: ringing``, as in the fsock capture).
+        Returns the channel's uuid.
         """
         now = _now_us()
         uid = str(uuidlib.uuid4())
@@ -276,8 +280,9 @@ class EslPeer:
         ch.variables.update(variables or {})
         self.channels[uid] = ch
         self._emit(ch, "CHANNEL_CREATE")
-        ch.state, ch.call_state = "CS_EXECUTE", "ACTIVE"
-        self._answer(ch)
+        ch.state, ch.call_state = "CS_EXECUTE", "RINGING"
+        if answer:
+            self._answer(ch)
         ch.application = "park"
         self._emit(ch, "CHANNEL_PARK")
         return uid
@@ -383,6 +388,7 @@ class EslPeer:
             "uuid_kill": self._uuid_kill,
             "uuid_broadcast": self._uuid_broadcast,
             "uuid_break": self._uuid_break,
+            "uuid_answer": self._uuid_answer,
             "uuid_dump": self._uuid_dump,
             "uuid_exists": self._uuid_exists,
             "show": self._show,
@@ -513,6 +519,17 @@ class EslPeer:
         ch.playing.append(parts[1])
         self._changed.set()
         return "+OK Message sent\n"
+
+    def _uuid_answer(self, args: str) -> str:
+        parts = args.split()
+        if not parts:
+            return self._err(_usage("uuid_answer"))
+        ch = self._live(parts[0])
+        if ch is None:
+            return self._err("-ERR No such channel!\n")
+        if ch.answer_state != "answered":
+            self._answer(ch)
+        return "+OK\n"
 
     def _uuid_break(self, args: str) -> str:
         parts = args.split()

@@ -105,6 +105,18 @@ async def test_a_parked_call_is_reported_with_its_variables_and_held(peer: EslPe
         assert view is not None and set(view.calls) == {uid} and view.legs == {}
 
 
+async def test_a_call_parked_unanswered_is_answered_before_the_music(peer: EslPeer) -> None:
+    async with running(peer) as (driver, reports):
+        uid = peer.place_call(variables=stellwerk(), answer=False)
+        await until(peer, lambda: reports.items, "arrival")
+        assert peer.channels[uid].answer_state == "ringing"
+        await driver.hold(uid, HoldSpec())
+        assert peer.channels[uid].answer_state == "answered"
+        assert peer.channels[uid].playing == ["local_stream://moh"]
+        await driver.hold(uid, HoldSpec())
+        assert sum(c == f"api uuid_answer {uid}" for c in peer.commands) == 1
+
+
 async def test_the_announcement_breaks_into_the_music(peer: EslPeer) -> None:
     async with running(peer) as (driver, reports):
         uid = peer.place_call(variables=stellwerk())

@@ -131,6 +131,7 @@ class _Call:
     uuid: str
     payload: bytes
     number: str | None = None
+    answered: bool = True
     announce: asyncio.Task[None] | None = None
 
 
@@ -265,17 +266,25 @@ class FreeswitchDriver:
             raise FreeswitchError(f"uuid_kill {uid}: {out.strip()}")
 
     async def hold(self, call_id: str, spec: HoldSpec) -> None:
-        """Play the queue's music to the caller (what played before is stopped first, so a
-        repeated hold is still one stream); start its periodic announcement."""
+        """Answer the caller if the dialplan parked it unanswered, play the queue's music
+        (what played before is stopped first, so a repeated hold is still one stream) and
+        start its periodic announcement."""
         _check_id(call_id)
         music = music_source(spec.music_class)
+        call = self._calls.get(call_id)
+        if call is not None and not call.answered:
+            out = await self._api(f"uuid_answer {call_id}")
+            if out.startswith(_GONE):
+                return
+            if not out.startswith("+OK"):
+                raise FreeswitchError(f"uuid_answer {call_id}: {out.strip()}")
+            call.answered = True
         out = await self._api(f"uuid_break {call_id} all")
         if out.startswith(_GONE):
             return  # hung up meanwhile: its end is on the way
         out = await self._api(f"uuid_broadcast {call_id} {music} aleg")
         if not out.startswith("+OK") and not out.startswith(_GONE):
             raise FreeswitchError(f"uuid_broadcast {call_id}: {out.strip()}")
-        call = self._calls.get(call_id)
         if call is not None:
             if call.announce is not None:
                 call.announce.cancel()
@@ -392,9 +401,13 @@ class FreeswitchDriver:
         events = self._events
         if name == "CHANNEL_PARK" and uid not in self._calls:
             payload = _ENCODE.encode(event)
-            self._calls[uid] = _Call(uuid=uid, payload=payload, number=_caller(event))
+            self._calls[uid] = _Call(
+                uuid=uid, payload=payload, number=_caller(event), answered=_answered(event)
+            )
             if events is not None:
                 await events.call_arrived(uid, payload)
+        elif name == "CHANNEL_ANSWER" and uid in self._calls:
+            self._calls[uid].answered = True
         elif name == "CHANNEL_HANGUP_COMPLETE" and uid in self._calls:
             await self._call_gone(uid)
             if events is not None:
@@ -497,7 +510,9 @@ class FreeswitchDriver:
             if offer_id:
                 self._adopt(offer_id, uid, data)
             elif _is_stellwerk_call(data) and _text(data, "Answer-State") != "hangup":
-                self._calls[uid] = _Call(uuid=uid, payload=dump.encode(), number=_caller(data))
+                self._calls[uid] = _Call(
+                    uuid=uid, payload=dump.encode(), number=_caller(data), answered=_answered(data)
+                )
         for uid in [u for u in self._calls if u not in alive]:
             await self._call_gone(uid)  # the connector journals its end from the engine's side
         for leg in [leg for leg in self._legs.values() if leg.uuid not in alive]:
@@ -527,6 +542,10 @@ def _dump_fields(dump: str) -> dict[str, Any] | None:
 def _text(event: dict[str, Any], name: str) -> str | None:
     value = event.get(name)
     return value if isinstance(value, str) and value else None
+
+
+def _answered(event: dict[str, Any]) -> bool:
+    return _text(event, "Answer-State") == "answered"
 
 
 def _caller(event: dict[str, Any]) -> str | None:
