@@ -126,7 +126,10 @@ async def test_rona_then_answer_bridge_hangup_and_wrap_up(
     await login(mqtt_probe, "anna", "ben")
     caller = call(peer, "+4930555010")
     [first] = await peer.wait_for(lambda: ringing_for(peer, caller), 10, "the first agent rings")
-    assert peer.channels[caller].playing == ["local_stream://moh"]  # held with music meanwhile
+    # The caller hears music while the phone rings.
+    await peer.wait_for(
+        lambda: peer.channels[caller].playing == ["local_stream://moh"], 5, "hold music"
+    )
     first_agent = next(a for a, d in PHONES.items() if d == first.dial)
     second_agent = "ben" if first_agent == "anna" else "anna"
     # Nobody answers: RONA after the offer timeout stops that phone, the other one rings.
@@ -236,6 +239,8 @@ async def test_sigkill_with_held_calls_and_a_ringing_leg(
 
     await wait_until(answer_all, 30, "every held call bridged to an agent")
     for uid in calls:
+        # Completed after its caller hung up; the assignment was published before that.
+        await mqtt_probe.wait_for("events/contact.completed", contact_id=cid(uid))
         assigned = mqtt_probe.seen("events/contact.assigned", contact_id=cid(uid))
         assert len(assigned) == 1, (uid, assigned)
     assert daemon.proc is not None and daemon.proc.poll() is None
