@@ -195,6 +195,8 @@ class EslPeer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sequence = 1000
         self._changed = asyncio.Event()
+        self._answering = asyncio.Event()
+        self._answering.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -232,6 +234,15 @@ class EslPeer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
+
+    def stall(self) -> None:
+        """Stop answering commands after auth (a hung switch, or a network path that silently
+        drops everything: the socket stays open, nothing comes back)."""
+        self._answering.clear()
+
+    def resume(self) -> None:
+        """Answer again (commands that waited are answered now, in order)."""
+        self._answering.set()
 
     @property
     def connections(self) -> int:
@@ -842,6 +853,7 @@ class EslPeer:
                 await self._disconnect_notice(conn)
                 return False
             return True  # silently ignored before auth, as FreeSWITCH does
+        await self._answering.wait()
         self.commands.append(line)
         if word == "event":
             return await self._event_cmd(conn, rest.split())

@@ -65,9 +65,11 @@ async def peer() -> AsyncIterator[EslPeer]:
 
 
 @contextlib.asynccontextmanager
-async def running(peer: EslPeer) -> AsyncIterator[tuple[FreeswitchDriver, Reports]]:
+async def running(
+    peer: EslPeer, **options: float
+) -> AsyncIterator[tuple[FreeswitchDriver, Reports]]:
     reports = Reports()
-    driver = FreeswitchDriver("127.0.0.1", peer.port, "pw", connect_timeout=1.0)
+    driver = FreeswitchDriver("127.0.0.1", peer.port, "pw", connect_timeout=1.0, **options)
     task = asyncio.create_task(driver.run(reports))
     await peer.wait_for(lambda: reports.connects == 1, 5, "the driver connected")
     try:
@@ -263,3 +265,17 @@ async def test_a_plain_uuid_dump_is_read_like_a_json_one(peer: EslPeer) -> None:
     assert plain["variable_stellwerk_queue"] == as_json["variable_stellwerk_queue"] == "q1"
     assert _dump_fields(await client.api("uuid_dump nope json")) is None
     await client.close()
+
+
+async def test_a_switch_that_stops_answering_is_left_and_reconnected(peer: EslPeer) -> None:
+    async with running(peer, keepalive=0.2, command_timeout=0.5) as (driver, reports):
+        uid = peer.place_call(variables=stellwerk())
+        await until(peer, lambda: reports.items, "arrival")
+        peer.stall()
+        with pytest.raises(FreeswitchError):  # an action does not hang on a silent switch
+            await driver.hold(uid, HoldSpec())
+        await until(peer, lambda: driver.view() is None, "the silent connection given up")
+        peer.resume()
+        await until(peer, lambda: reports.connects >= 2, "a fresh connection")
+        view = driver.view()
+        assert view is not None and set(view.calls) == {uid}

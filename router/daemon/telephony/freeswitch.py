@@ -29,9 +29,9 @@ import math
 import re
 import time
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -55,6 +55,7 @@ from router.daemon.telephony.esl import (
 )
 
 log = structlog.get_logger("stellwerk.telephony.freeswitch")
+T = TypeVar("T")
 
 SOURCE = "freeswitch"
 MARKER = "stellwerk"
@@ -154,12 +155,21 @@ class FreeswitchDriver:
     source = SOURCE
 
     def __init__(
-        self, host: str, port: int, password: str, *, connect_timeout: float = 5.0
+        self,
+        host: str,
+        port: int,
+        password: str,
+        *,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 10.0,
+        keepalive: float = 15.0,
     ) -> None:
         self.host = host
         self.port = port
         self._password = password
         self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._keepalive = keepalive
         self._client: EslClient | None = None
         self._events: PbxEvents | None = None
         self._calls: dict[str, _Call] = {}
@@ -187,24 +197,26 @@ class FreeswitchDriver:
                     client = await EslClient.connect(
                         self.host, self.port, self._password, timeout=self._connect_timeout
                     )
-                    await client.subscribe(EVENTS)
+                    await self._within(client.subscribe(EVENTS), "event json")
                     self._client = client
                     await self._synchronise(client)
                     self._synced = True
                     failures = 0
                     self.connects += 1
                     log.info("freeswitch.connected", host=self.host, port=self.port)
-                    await events.connected()
-                    async for event in client.events():
-                        try:
-                            await self._on_event(event)
-                        except FreeswitchError as exc:
-                            log.warning("freeswitch.action_failed", error=str(exc))
-                        except Exception:
-                            # A bug must not take the switch's other calls down with it.
-                            log.exception("freeswitch.event_failed", event=event.get("Event-Name"))
+                    watchdog = self._spawn(self._watch(client), "freeswitch-keepalive")
+                    try:
+                        await events.connected()
+                        await self._consume(client)
+                    finally:
+                        watchdog.cancel()
                 except EslError as exc:
-                    log.warning("freeswitch.disconnected", host=self.host, error=str(exc))
+                    log.warning(
+                        "freeswitch.disconnected",
+                        host=self.host,
+                        error=str(exc),
+                        kind=type(exc).__name__,
+                    )
                 finally:
                     self._synced = False
                     self._client = None
@@ -218,6 +230,35 @@ class FreeswitchDriver:
             for call in self._calls.values():
                 if call.announce is not None:
                     call.announce.cancel()
+
+    async def _within(self, step: Awaitable[T], what: str) -> T:
+        """A step of connecting: a switch that does not answer in time is a lost connection."""
+        try:
+            return await asyncio.wait_for(step, self._command_timeout)
+        except TimeoutError:
+            raise EslConnectionLost(f"no answer to {what}") from None
+
+    async def _consume(self, client: EslClient) -> None:
+        async for event in client.events():
+            try:
+                await self._on_event(event)
+            except FreeswitchError as exc:
+                log.warning("freeswitch.action_failed", error=str(exc))
+            except Exception:
+                # A bug must not take the switch's other calls down with it.
+                log.exception("freeswitch.event_failed", event=event.get("Event-Name"))
+
+    async def _watch(self, client: EslClient) -> None:
+        """Close a connection that stops answering (a silent network partition gives no
+        reset): ``api status`` every ``keepalive`` seconds must come back in time."""
+        while True:
+            await asyncio.sleep(self._keepalive)
+            try:
+                await asyncio.wait_for(client.api("status"), self._command_timeout)
+            except (EslError, TimeoutError):
+                log.warning("freeswitch.unresponsive", host=self.host)
+                await client.close()
+                return
 
     def view(self) -> PbxView | None:
         """The Stellwerk calls on the switch and the agent legs; None while disconnected or
@@ -256,9 +297,10 @@ class FreeswitchDriver:
         if client is None:
             raise FreeswitchError(f"not connected to FreeSWITCH ({cmd.split(' ', 1)[0]})")
         try:
-            return await client.api(cmd)
-        except EslError as exc:
-            raise FreeswitchError(f"{cmd.split(' ', 1)[0]}: {exc}") from exc
+            # A late reply is still matched to its (abandoned) command: the stream stays in step.
+            return await asyncio.wait_for(client.api(cmd), self._command_timeout)
+        except (EslError, TimeoutError) as exc:
+            raise FreeswitchError(f"{cmd.split(' ', 1)[0]}: {exc or 'no answer'}") from exc
 
     async def _kill(self, uid: str, cause: str = "NORMAL_CLEARING") -> None:
         out = await self._api(f"uuid_kill {uid} {cause}")
@@ -494,7 +536,7 @@ class FreeswitchDriver:
         hangs it up if its offer is gone). What it knew and the switch no longer has is
         dropped; an answered leg of ours that vanished is reported as hung up by the agent.
         """
-        out = await client.api("show channels as json")
+        out = await self._within(client.api("show channels as json"), "show channels")
         try:
             listing = _DECODE.decode(out.encode())
         except msgspec.DecodeError as exc:
@@ -502,7 +544,7 @@ class FreeswitchDriver:
         rows = listing.get("rows") or [] if isinstance(listing, dict) else []
         alive = {str(r.get("uuid")) for r in rows if isinstance(r, dict) and r.get("uuid")}
         for uid in sorted(alive - set(self._calls) - set(self._leg_uuids)):
-            dump = await client.api(f"uuid_dump {uid} json")
+            dump = await self._within(client.api(f"uuid_dump {uid} json"), "uuid_dump")
             data = _dump_fields(dump)
             if data is None:
                 continue  # gone in the meantime (-ERR No Such Channel!)
