@@ -8,8 +8,9 @@ FreeSWITCH ``Unique-ID``, Twilio ``CallSid``), so every event of a call lands on
 - asterisk-ari: StasisStart and ChannelCreated start a call (``new``); ChannelStateChange and
   ChannelDtmfReceived update it; StasisEnd, ChannelHangupRequest and ChannelDestroyed end it
   (``end_reason`` ``hangup``).
-- freeswitch: CHANNEL_CREATE and CHANNEL_PARK start; CHANNEL_ANSWER updates; CHANNEL_HANGUP and
-  CHANNEL_HANGUP_COMPLETE end (``hangup``).
+- freeswitch: CHANNEL_CREATE, CHANNEL_PARK and CHANNEL_DATA (what ``uuid_dump`` reports about a
+  live channel) start; CHANNEL_ANSWER updates; CHANNEL_HANGUP and CHANNEL_HANGUP_COMPLETE end
+  (``hangup``).
 - twilio-voice: ``CallStatus`` ringing or queued starts; in-progress updates; completed ends
   with ``hangup``, busy, failed, no-answer and canceled end with the status as the reason.
 
@@ -150,10 +151,19 @@ def decode_asterisk_ari(
 _FREESWITCH_KINDS: dict[str, Kind] = {
     "CHANNEL_CREATE": "new",
     "CHANNEL_PARK": "new",
+    "CHANNEL_DATA": "new",
     "CHANNEL_ANSWER": "update",
     "CHANNEL_HANGUP": "end",
     "CHANNEL_HANGUP_COMPLETE": "end",
 }
+
+# Channel variables the dialplan sets for Stellwerk: ``stellwerk_<name>`` becomes attribute
+# ``<name>`` (an IVR's choice, the language). ``stellwerk`` itself only marks the call as
+# Stellwerk's, and ``stellwerk_offer_id`` is what Stellwerk puts on the agent legs it rings.
+_FS_VARIABLE_PREFIX = "variable_stellwerk_"
+_FS_RESERVED = frozenset({"offer_id"})
+_FS_MAX_VARIABLES = 32
+_FS_MAX_VALUE = 256
 
 # ESL framing headers: a capture of the raw socket has them in front of the event itself.
 _ESL_EVENT_TYPES = ("text/event-plain", "text/event-json")
@@ -174,7 +184,9 @@ def decode_freeswitch(
     ``attributes`` carries ``event`` (Event-Name), ``direction`` (Call-Direction), ``cause``
     (Hangup-Cause), ``cause_q850`` (variable_hangup_cause_q850), ``answer_state``,
     ``call_state``, ``channel_name``, ``call_uuid`` (Channel-Call-UUID, shared by the legs
-    of one bridged call), ``context`` and ``hostname`` where present.
+    of one bridged call), ``context`` and ``hostname`` where present, plus one attribute per
+    channel variable ``stellwerk_<name>`` set in the dialplan (``<name>`` lower-cased, at most
+    32 of them, values cut to 256 characters; ``stellwerk_offer_id`` is Stellwerk's own).
     """
     fields = _freeswitch_fields(body)
     event_name = fields.get("event-name")
@@ -198,6 +210,14 @@ def decode_freeswitch(
         ("hostname", "freeswitch-hostname"),
     ):
         _put(attributes, key, fields.get(name) or None)
+    extra = 0
+    for name, value in fields.items():
+        if not name.startswith(_FS_VARIABLE_PREFIX) or extra >= _FS_MAX_VARIABLES:
+            continue
+        key = name[len(_FS_VARIABLE_PREFIX) :]
+        if key and key not in _FS_RESERVED and key not in attributes:
+            attributes[key] = value[:_FS_MAX_VALUE]
+            extra += 1
 
     caller = (
         fields.get("caller-caller-id-number")

@@ -420,6 +420,7 @@ def test_freeswitch_answer_updates_the_call_created_before() -> None:
     [
         ("CHANNEL_CREATE", "new"),
         ("CHANNEL_PARK", "new"),
+        ("CHANNEL_DATA", "new"),
         ("CHANNEL_ANSWER", "update"),
         ("CHANNEL_HANGUP", "end"),
         ("CHANNEL_HANGUP_COMPLETE", "end"),
@@ -439,6 +440,24 @@ def test_freeswitch_event_names_map_to_kinds(event_name: str, kind: str) -> None
 def test_freeswitch_other_events_are_ignored_not_rejected(event_name: str) -> None:
     body = sample("freeswitch-channel-create.txt").replace(b"CHANNEL_CREATE", event_name.encode())
     assert decode_freeswitch(body, {}, CONFIG) == []
+
+
+def test_freeswitch_dialplan_variables_for_stellwerk_become_attributes() -> None:
+    event = json.loads(sample("freeswitch-channel-create.json"))
+    event["variable_stellwerk"] = "true"
+    event["variable_stellwerk_queue"] = "billing"
+    event["variable_stellwerk_lang"] = "de"
+    event["variable_stellwerk_offer_id"] = "o-1"
+    event["variable_stellwerk_event"] = "spoofed"  # cannot override the decoder's own keys
+    event["variable_stellwerk_note"] = "x" * 1000
+    attributes = only(decode_freeswitch(json.dumps(event).encode(), {}, CONFIG)).attributes
+    assert attributes["queue"] == "billing" and attributes["lang"] == "de"
+    assert attributes["event"] == "CHANNEL_CREATE"
+    assert len(attributes["note"]) == 256
+    assert "offer_id" not in attributes and "stellwerk" not in attributes
+    many = {f"variable_stellwerk_v{i}": str(i) for i in range(100)}
+    decoded = only(decode_freeswitch(json.dumps({**event, **many}).encode(), {}, CONFIG))
+    assert sum(k.startswith("v") for k in decoded.attributes) <= 32
 
 
 def test_freeswitch_caller_falls_back_to_ani_then_username() -> None:
