@@ -27,6 +27,7 @@ in ``attributes["direction"]`` (FreeSWITCH, Twilio) so that rules can tell outbo
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -65,6 +66,8 @@ def _put(attributes: dict[str, str], key: str, value: str | None) -> None:
 
 # --------------------------------------------------------------------------- Asterisk ARI
 
+_ARG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
 _ARI_KINDS: dict[str, Kind] = {
     "StasisStart": "new",
     "ChannelCreated": "new",
@@ -86,7 +89,9 @@ def decode_asterisk_ari(
     type), ``state`` (channel state), ``dtmf`` and ``duration_ms`` for a digit, ``cause`` (the
     Q.850 code) and ``cause_text`` where the event has them, plus ``channel_name``,
     ``context``, ``application``, ``asterisk_id`` and ``args`` (StasisStart arguments, comma
-    separated) when present. ARI needs no signature: the websocket is authenticated.
+    separated) when present; every StasisStart argument of the form ``key=value`` (as in
+    ``Stasis(stellwerk,queue=billing,lang=de)``) is also an attribute of its own, unless the
+    key is one of the decoder's. ARI needs no signature: the websocket is authenticated.
     """
     event = load_json_object(body, ARI)
     event_type = field(event, "type", source=ARI)
@@ -110,6 +115,13 @@ def decode_asterisk_ari(
     args = opt(event, "args")
     if isinstance(args, list) and args:
         attributes["args"] = ",".join(str(arg) for arg in args)
+        # Stasis(stellwerk,queue=billing,lang=de): each key=value argument is an attribute
+        # the rules can test (attributes.queue == "billing"); the decoder's own keys win.
+        for arg in args:
+            key, sep, value = str(arg).partition("=")
+            key = key.strip()
+            if sep and _ARG_KEY.fullmatch(key) and key not in attributes:
+                attributes[key] = value.strip()
 
     timestamp = opt(event, "timestamp")
     return [

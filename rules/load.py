@@ -23,6 +23,7 @@ import msgspec
 import yaml
 
 from router.model import CHANNELS
+from rules.endpoints import SYSTEMS, endpoint_problem
 from rules.expr import Condition, ExprError, compile_condition
 from rules.identity import normalize_email, normalize_handle, normalize_phone
 from rules.schema import Expert, RoutingFile
@@ -507,6 +508,13 @@ def _check_queues(c: _Checker, file: RoutingFile, declared: set[str]) -> None:
             value = getattr(queue, field)
             if value is not None and value < 0:
                 c.at(queue, field, f"{field} must not be negative")
+        if not queue.music_class.strip():
+            c.at(queue, "music_class", "music_class must not be empty")
+        if queue.announcement is not None:
+            if queue.announcement.every <= 0:
+                c.at(queue.announcement, "every", "announcement every must be positive seconds")
+            if not queue.announcement.media.strip():
+                c.at(queue.announcement, "media", "announcement media must not be empty")
         if queue.overflow is not None:
             if queue.overflow not in file.queues:
                 c.at(queue, "overflow", f"unknown queue {queue.overflow!r}")
@@ -534,6 +542,12 @@ def _check_agents(c: _Checker, file: RoutingFile, declared: set[str]) -> None:
                 c.at(agent.capacity, channel, "capacity must not be negative")
         if agent.budget is not None and agent.budget <= 0:
             c.at(agent, "budget", "budget must be positive")
+        for system in SYSTEMS:
+            value = getattr(agent.endpoints, system)
+            if value is not None:
+                problem = endpoint_problem(system, value)
+                if problem is not None:
+                    c.at(agent.endpoints, system, problem)
 
 
 def _check_rules(c: _Checker, file: RoutingFile, declared: set[str]) -> None:

@@ -51,8 +51,23 @@ class Defaults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     customer_retention: float = 30 * 86400.0
 
 
+class Announcement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A recording played to a held caller every ``every`` seconds (``media`` in the PBX's own
+    terms, e.g. Asterisk ``sound:queue-periodic-announce``, a FreeSWITCH file path, a URL)."""
+
+    media: str
+    every: float
+
+
 class Queue(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A skill queue. ``skills`` maps a skill name to the minimum proficiency (1-5) required."""
+    """A skill queue. ``skills`` maps a skill name to the minimum proficiency (1-5) required.
+
+    Telephony: ``phone_offer`` says what an offer of a call means. ``phone`` (default): the
+    offer *is* the agent's phone ringing (answer = accept, busy/declined = reject, no answer =
+    the offer expires). ``desktop``: the agent accepts on the desktop first and is rung then.
+    A held caller hears the PBX's music-on-hold class ``music_class`` and, if set, the
+    ``announcement`` every so often.
+    """
 
     skills: dict[str, int] = msgspec.field(default_factory=dict)
     channels: tuple[Channel, ...] = ("phone", "email", "chat", "social")
@@ -65,10 +80,27 @@ class Queue(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     offer_timeout: float | None = None
     strategy: Strategy = "longest_idle"
     description: str = ""
+    phone_offer: Literal["phone", "desktop"] = "phone"
+    music_class: str = "default"
+    announcement: Announcement | None = None
+
+
+class Endpoints(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An agent's phone, per telephony system (each optional; shapes checked by rules.load).
+
+    ``asterisk``: a channel technology and resource, ``PJSIP/1001``. ``freeswitch``: a dial
+    string, ``user/1001@default`` or ``sofia/internal/1001@pbx.example.com``. ``twilio``:
+    ``client:anna``, an E.164 number ``+4930123456`` or a SIP URI ``sip:anna@example.com``.
+    """
+
+    asterisk: str | None = None
+    freeswitch: str | None = None
+    twilio: str | None = None
 
 
 class Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """An agent. ``capacity`` is the per-channel limit of simultaneous contacts (0: never)."""
+    """An agent. ``capacity`` is the per-channel limit of simultaneous contacts (0: never);
+    ``endpoints`` names the agent's phone on each telephony system."""
 
     id: str
     name: str = ""
@@ -77,6 +109,7 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
         default_factory=lambda: {"phone": 1, "chat": 3, "email": 5, "social": 5}
     )
     budget: int | None = None
+    endpoints: Endpoints = msgspec.field(default_factory=Endpoints)
 
 
 class Expert(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -209,6 +209,88 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("snapshot_interval must be > 0 and journal_retention >= 0")
 
 
+class AsteriskSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Asterisk's ARI: Stellwerk is the Stasis application ``app``.
+
+    ``url`` (``http://127.0.0.1:8088``) is ARI's HTTP base; Stellwerk opens the events WebSocket
+    there and uses the REST API, as ``username``/``password`` (an ari.conf user). Asterisk's
+    *outbound* WebSocket (ari.conf ``type=outbound_websocket``) connects to the daemon's HTTP
+    listener instead, at ``/v1/telephony/asterisk/ws``, authenticated with HTTP basic auth as
+    ``outbound_username``/``outbound_password`` (websocket_client.conf ``username``/
+    ``password``); REST requests then travel over that socket. Off unless ``url`` or
+    ``outbound_username`` is set.
+    """
+
+    url: str = ""
+    username: str | None = None
+    password: str | None = None
+    app: str = "stellwerk"
+    outbound_username: str | None = None
+    outbound_password: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url and urlsplit(self.url).scheme not in ("http", "https"):
+            raise ValueError(f"url: {self.url!r} is not http://host:port or https://host:port")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.app):
+            raise ValueError(f"app: {self.app!r} may hold only A-Z a-z 0-9 _ . -")
+        if self.outbound_username and not self.outbound_password:
+            raise ValueError("outbound_password: required with outbound_username")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether Stellwerk talks to an Asterisk at all."""
+        return bool(self.url or self.outbound_username)
+
+
+class FreeswitchSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """FreeSWITCH's event socket (inbound mode): Stellwerk connects to ``host``:``port`` and
+    logs in with ``password`` (event_socket.conf.xml). Off unless ``host`` is set."""
+
+    host: str = ""
+    port: int = 8021
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port <= 65535:
+            raise ValueError(f"port: {self.port} is not a TCP port")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether Stellwerk talks to a FreeSWITCH at all."""
+        return bool(self.host)
+
+
+class TwilioSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Twilio Voice: the account, the REST API base (a setting so tests can use a local peer),
+    ``public_url``, the base URL at which Twilio reaches this daemon's HTTP listener (webhooks,
+    hold music), and ``caller_id`` for calls to agents. Off unless ``account_sid`` is set."""
+
+    account_sid: str = ""
+    auth_token: str | None = None
+    api_base: str = "https://api.twilio.com"
+    public_url: str = ""
+    caller_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if urlsplit(self.api_base).scheme not in ("http", "https"):
+            raise ValueError(f"api_base: {self.api_base!r} is not an http(s) URL")
+        if self.public_url and urlsplit(self.public_url).scheme not in ("http", "https"):
+            raise ValueError(f"public_url: {self.public_url!r} is not an http(s) URL")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether Stellwerk talks to Twilio at all."""
+        return bool(self.account_sid)
+
+
+class TelephonySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The telephony systems Stellwerk controls calls on; each is off unless configured."""
+
+    asterisk: AsteriskSettings = msgspec.field(default_factory=AsteriskSettings)
+    freeswitch: FreeswitchSettings = msgspec.field(default_factory=FreeswitchSettings)
+    twilio: TwilioSettings = msgspec.field(default_factory=TwilioSettings)
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything ``stellwerk run`` needs; see ``config/stellwerk.yaml`` for a commented copy."""
 
@@ -223,6 +305,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log: LogSettings = msgspec.field(default_factory=LogSettings)
     sources: SourceSettings = msgspec.field(default_factory=SourceSettings)
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
+    telephony: TelephonySettings = msgspec.field(default_factory=TelephonySettings)
 
     def __post_init__(self) -> None:
         if not self.topic_prefix or any(c in self.topic_prefix for c in "#+\0"):
@@ -254,11 +337,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             sources=msgspec.structs.replace(
                 self.sources, secrets=dict.fromkeys(self.sources.secrets, hide)
             ),
+            telephony=_redact_telephony(self.telephony),
         )
 
     def node_id(self) -> str:
         """This daemon's name in the routing lease."""
         return self.router.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _redact_telephony(t: TelephonySettings) -> TelephonySettings:
+    hide = "***"
+    a, f, w = t.asterisk, t.freeswitch, t.twilio
+    return TelephonySettings(
+        asterisk=msgspec.structs.replace(
+            a,
+            url=_redact_url(a.url),
+            password=hide if a.password else None,
+            outbound_password=hide if a.outbound_password else None,
+        ),
+        freeswitch=msgspec.structs.replace(f, password=hide if f.password else None),
+        twilio=msgspec.structs.replace(w, auth_token=hide if w.auth_token else None),
+    )
 
 
 def _redact_url(url: str) -> str:
@@ -283,21 +382,28 @@ class LoadedSettings:
 
 
 def _env_names() -> dict[str, tuple[str, ...]]:
-    """Env variable name -> path in the settings tree, for every setting."""
+    """Env variable name -> path in the settings tree, for every setting (sections nest:
+    ``telephony.asterisk.url`` -> ``STELLWERK_TELEPHONY_ASTERISK_URL``), plus the short
+    telephony names (``STELLWERK_ASTERISK_URL``)."""
     names: dict[str, tuple[str, ...]] = {}
-    for f in msgspec.structs.fields(Settings):
-        section = (
-            f.type if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct) else None
-        )
-        if section is None:
-            names[ENV_PREFIX + f.name.upper()] = (f.name,)
-            continue
-        for sub in msgspec.structs.fields(section):
-            names[f"{ENV_PREFIX}{f.name.upper()}_{sub.name.upper()}"] = (f.name, sub.name)
+
+    def walk(tp: type[msgspec.Struct], path: tuple[str, ...]) -> None:
+        for f in msgspec.structs.fields(tp):
+            here = (*path, f.name)
+            if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct):
+                walk(f.type, here)
+            else:
+                names[ENV_PREFIX + "_".join(here).upper()] = here
+
+    walk(Settings, ())
+    for path in list(names.values()):
+        if path[0] == "telephony":
+            names.setdefault(ENV_PREFIX + "_".join(path[1:]).upper(), path)
     return names
 
 
 ENV_NAMES = _env_names()
+_NULLABLE = ("admin_token", "client_id", "username", "password", "auth_token", "caller_id")
 _MAP_SETTINGS = {("sources", "secrets"), ("sources", "public_urls")}
 
 
@@ -352,12 +458,14 @@ def load_settings(path: str | Path | None, env: Mapping[str, str] | None = None)
             except ValueError:
                 problems.append(f"{name}: expected a JSON object")
                 continue
-        elif value == "" and target[-1] in ("admin_token", "client_id", "username", "password"):
+        elif value == "" and (
+            target[-1] in _NULLABLE or target[-1].endswith(("_password", "_username"))
+        ):
             parsed = None
-        if len(target) == 1:
-            raw[target[0]] = parsed
-        else:
-            _section(raw, target[0])[target[1]] = parsed
+        node = raw
+        for step in target[:-1]:
+            node = _section(node, step)
+        node[target[-1]] = parsed
         from_env[target] = name
     if problems:
         raise SettingsError(problems)

@@ -1,7 +1,8 @@
 """``stellwerk run``: the routing daemon (DESIGN.md sections 2, 5 and 6).
 
 One asyncio process, one supervising TaskGroup with named tasks: MQTT publisher, MQTT ingress,
-router (lease -> restore -> route), Redis watch, signals; plus the HTTP and SMTP servers. Signal
+router (lease -> restore -> route), Redis watch, signals, one ``telephony-<system>`` task per
+configured telephony system; plus the HTTP and SMTP servers. Signal
 handlers only set flags. SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply,
 publish and snapshot what is in the journal and release the lease (bounded by a timeout), cancel
 the rest, close connections. SIGHUP reloads the routing file (a file that fails validation is
@@ -38,6 +39,8 @@ from router.daemon.mqtt import Ingress, Publisher
 from router.daemon.router_loop import Router, RouterOptions
 from router.daemon.sinks import CommandSink
 from router.daemon.smtp import start_smtp
+from router.daemon.telephony import build_connectors
+from router.daemon.telephony.connector import TelephonyConnector
 from rules.check import load_or_report
 from rules.table import RoutingTable
 
@@ -151,6 +154,8 @@ class Daemon:
         # I/O-edge actors besides MQTT that carry out the engine's commands (telephony
         # connectors, the desk's live feed); see router.daemon.sinks.
         self.sinks: list[CommandSink] = []
+        # One per configured telephony system (set by run(); also in ``sinks``).
+        self.telephony: list[TelephonyConnector] = []
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
@@ -182,6 +187,9 @@ class Daemon:
         intake = Intake(journal, s.decode_config(), metrics=metrics)
 
         leader = s.mqtt.ingress == "leader"
+        # Before the router is built: it takes its sinks when it is made.
+        self.telephony = build_connectors(s, intake, self.table)
+        self.sinks.extend(self.telephony)
 
         def mqtt_status(_: bool) -> None:
             # A leader-mode standby does not consume ingress; its publisher is what matters.
@@ -226,8 +234,12 @@ class Daemon:
                     self._watch_redis(journal, state, metrics), name="redis-watch"
                 )
                 reload_task = tg.create_task(self._reloads(router), name="sighup-reload")
+                phone_tasks = [tg.create_task(c.run(), name=c.name) for c in self.telephony]
                 if s.http.addr:
-                    runner = await start_http(make_app(intake, state, s, metrics), s.http.addr)
+                    app = make_app(intake, state, s, metrics)
+                    for connector in self.telephony:
+                        app.add_routes(connector.http_routes())
+                    runner = await start_http(app, s.http.addr)
                     log.info("http.listening", addr=s.http.addr)
                 if s.smtp.addr:
                     smtp = await start_smtp(
@@ -256,7 +268,13 @@ class Daemon:
                 remaining = max(0.5, SHUTDOWN_TIMEOUT - (time.monotonic() - started))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(router_task), remaining)
-                # 3. Cancel the rest.
+                # 3. The telephony connectors carry out what the router handed them, briefly.
+                for connector in self.telephony:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(connector.drain(), 2.0)
+                for task in phone_tasks:
+                    task.cancel()
+                # 4. Cancel the rest.
                 for task in (ingress_task, router_task, pub_task, watch_task, reload_task):
                     task.cancel()
         finally:

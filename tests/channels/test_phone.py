@@ -214,6 +214,20 @@ def test_ari_stasis_start_keeps_application_args() -> None:
     assert event.attributes["args"] == (
         "cgr_reqtype=*prepaid,cgr_destination=1003,extra1=val1,extra2=val2"
     )
+    # key=value arguments are attributes the rules can test
+    assert event.attributes["cgr_reqtype"] == "*prepaid"
+    assert event.attributes["extra2"] == "val2"
+
+
+def test_ari_stasis_args_never_override_the_decoders_own_attributes() -> None:
+    event = json.loads(extra("asterisk-ari-stasis-start-args.json"))
+    event["args"] = ["queue=billing", "lang = de", "event=forged", "state=Up", "plain", "=x"]
+    decoded = only(decode_asterisk_ari(json.dumps(event).encode(), {}, CONFIG))
+    assert decoded.attributes["queue"] == "billing"
+    assert decoded.attributes["lang"] == "de"
+    assert decoded.attributes["event"] == "StasisStart"
+    assert decoded.attributes["state"] == "Ring"
+    assert "plain" not in decoded.attributes and "" not in decoded.attributes
 
 
 def test_one_call_keeps_one_contact_id_from_start_to_end() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from router.daemon.config import ENV_NAMES, SettingsError, load_settings, parse_addr
@@ -157,3 +158,44 @@ def test_default_ingress_client_id_is_stable_and_scoped_to_the_installation() ->
     assert shared.mqtt.identifier("p").startswith("stellwerk-p-")
     fixed = load_settings(None, env={"STELLWERK_MQTT_CLIENT_ID": "mine"}).settings
     assert fixed.mqtt.identifier("p") == "mine"
+
+
+def test_telephony_settings_have_short_env_names_and_are_redacted() -> None:
+    loaded = load_settings(
+        None,
+        env={
+            "STELLWERK_ASTERISK_URL": "http://ari:s3cr3t@127.0.0.1:8088",
+            "STELLWERK_ASTERISK_USERNAME": "stellwerk",
+            "STELLWERK_ASTERISK_PASSWORD": "pw1",
+            "STELLWERK_ASTERISK_APP": "acd",
+            "STELLWERK_FREESWITCH_HOST": "10.0.0.5",
+            "STELLWERK_FREESWITCH_PORT": "8022",
+            "STELLWERK_FREESWITCH_PASSWORD": "ClueCon",
+            "STELLWERK_TWILIO_ACCOUNT_SID": "ACxxx",
+            "STELLWERK_TELEPHONY_TWILIO_AUTH_TOKEN": "tok",
+            "STELLWERK_TWILIO_PUBLIC_URL": "https://acd.example.com",
+        },
+    )
+    t = loaded.settings.telephony
+    assert (t.asterisk.url, t.asterisk.username, t.asterisk.app) == (
+        "http://ari:s3cr3t@127.0.0.1:8088",
+        "stellwerk",
+        "acd",
+    )
+    assert (t.freeswitch.host, t.freeswitch.port) == ("10.0.0.5", 8022)
+    assert t.twilio.auth_token == "tok" and t.twilio.api_base == "https://api.twilio.com"
+    assert t.asterisk.enabled and t.freeswitch.enabled and t.twilio.enabled
+    shown = msgspec.json.encode(loaded.settings.redacted()).decode()
+    for secret in ("s3cr3t", "pw1", "ClueCon", '"tok"'):
+        assert secret not in shown
+
+
+def test_telephony_is_off_unless_configured_and_bad_values_are_named() -> None:
+    t = load_settings(None, env={}).settings.telephony
+    assert not (t.asterisk.enabled or t.freeswitch.enabled or t.twilio.enabled)
+    with pytest.raises(SettingsError) as info:
+        load_settings(None, env={"STELLWERK_ASTERISK_URL": "ws://pbx:8088"})
+    assert info.value.problems[0].startswith("STELLWERK_ASTERISK_URL: ")
+    with pytest.raises(SettingsError) as info:
+        load_settings(None, env={"STELLWERK_FREESWITCH_PORT": "70000"})
+    assert info.value.problems[0].startswith("STELLWERK_FREESWITCH_PORT: ")

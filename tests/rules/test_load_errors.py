@@ -117,7 +117,8 @@ rules:
         "r.yaml:2:30: capacity cost missing for channel 'chat'",
         "r.yaml:2:30: capacity cost missing for channel 'social'",
         "r.yaml:4:30: queues.general: unknown field 'colour' (known: skills, channels, weight,"
-        " sla, max_wait, max_length, overflow, wrap_up, offer_timeout, strategy, description)",
+        " sla, max_wait, max_length, overflow, wrap_up, offer_timeout, strategy, description,"
+        " phone_offer, music_class, announcement)",
         "r.yaml:5:23: proficiency 7 of 'dsl' is outside 1-5",
         "r.yaml:5:26: unknown skill 'fibre'",
         "r.yaml:5:47: queue 'dsl' serves no channel",

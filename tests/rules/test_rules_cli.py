@@ -55,7 +55,7 @@ def test_check_reports_every_problem_of_a_broken_copy(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         f"{at('colour: blue')}: queues.after_hours: unknown field 'colour' (known: skills,"
         " channels, weight, sla, max_wait, max_length, overflow, wrap_up, offer_timeout,"
-        " strategy, description)",
+        " strategy, description, phone_offer, music_class, announcement)",
         f"{at('- name: spam')}: no default rule (the last rule needs 'default: true')",
         f"{at('queue: internationl', 'internationl')}: unknown queue 'internationl'",
         f"{at('to == 498003322003', '498003322003')}: type mismatch: to (str) =="
