@@ -84,23 +84,24 @@ def hold_twiml(music_url: str | None, redirect_url: str, pause: int = 1) -> str:
     return str(response)
 
 
-def wait_twiml(music_url: str, announcement: str | None) -> str:
-    """The ``waitUrl`` document: the queue's music, with its announcement when one is due.
+def wait_twiml(music_url: str, announcement: str | None = None, *, again: bool = False) -> str:
+    """The ``waitUrl`` document: the queue's music, after its announcement when one is due.
 
-    Without an announcement the music loops for ever (``loop="0"``), so Twilio never asks
-    again. With one, the document plays the announcement and the music once: Twilio requests
-    the document again when it finishes, and the daemon decides from ``QueueTime`` whether the
-    next announcement is due.
+    ``again`` is for queues with announcements: the music plays once and the document ends, so
+    Twilio requests it again and the daemon decides from ``QueueTime`` whether the next
+    announcement is due. Otherwise the music loops for ever (``loop="0"``). An announcement is
+    a media URL (``<Play>``) or text (``<Say>``).
     """
     response = VoiceResponse()
-    if announcement is None:
-        response.play(music_url, loop=0)
-        return str(response)
-    if announcement.startswith(("http://", "https://")):
-        response.play(announcement)
+    if announcement:
+        if announcement.startswith(("http://", "https://")):
+            response.play(announcement)
+        else:
+            response.say(announcement)
+    if again or announcement:
+        response.play(music_url)
     else:
-        response.say(announcement)
-    response.play(music_url)
+        response.play(music_url, loop=0)
     return str(response)
 
 
@@ -140,6 +141,14 @@ def dial_twiml(
 def hangup_twiml() -> str:
     """End the call."""
     response = VoiceResponse()
+    response.hangup()
+    return str(response)
+
+
+def refusal_twiml() -> str:
+    """The answer to a request Stellwerk refuses (bad signature): an apology, then hang up."""
+    response = VoiceResponse()
+    response.say("Sorry, this call cannot be connected.")
     response.hangup()
     return str(response)
 
