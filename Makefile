@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo simulate crowd-example test lint types unit services bench clean
+.PHONY: demo simulate crowd-example phone-example test lint types unit services bench clean
 
 # Debian ships venv separately (python3-venv); install it when missing and we are root.
 $(STAMP): pyproject.toml
@@ -22,6 +22,12 @@ demo: $(STAMP)
 # The crowd service live: a champion answers, an unanswered topic reaches the desk, the report.
 crowd-example: $(STAMP)
 	./scripts/crowd-example.sh
+
+# One morning on the phones: the daemon against a simulated Asterisk (the ARI protocol peer),
+# each call's timeline printed.
+phone-example: $(STAMP)
+	./scripts/services.sh >/dev/null
+	$(BIN)/python scripts/phone_example.py
 
 # The same routing on virtual time: a simulated contact-centre day, per-queue report.
 simulate: $(STAMP)

@@ -181,13 +181,13 @@ async def test_a_call_is_journaled_then_held_rung_accepted_bridged_and_hung_up(w
     assert w.state("c1") is None  # journaled, not yet applied: nothing done to the call yet
     assert d.take() == []
     await w.settle()
-    # Held with the queue's music, and anna's phone rings for the offer (5 s + grace).
+    # Held with the queue's music, and anna's phone rings for the offer (5 s + 5 s grace).
     calls = d.take()
     offer = w.offer("c1")
     assert calls == [
         ("hold", "c1", "default"),
         ("hold", "c1", "jazz"),
-        ("ring", offer, "c1", "PJSIP/1001", 7),
+        ("ring", offer, "c1", "PJSIP/1001", 10),
     ]
     assert w.state("c1") == "offered"
     await w.connector.leg_answered(offer)
@@ -270,7 +270,7 @@ async def test_stasis_args_reach_the_rules_and_desktop_queues_ring_after_the_acc
         "anna", json.dumps({"op": "accept", "offer_id": offer}).encode()
     )
     await w.settle()
-    assert d.take() == [("ring", offer, "c1", "PJSIP/1001", 7)]
+    assert d.take() == [("ring", offer, "c1", "PJSIP/1001", 10)]
     await w.connector.leg_answered(offer)
     await w.settle()
     assert d.take() == [("bridge", "c1", offer)]
@@ -348,4 +348,4 @@ async def test_reconcile_rings_again_an_offer_whose_leg_is_missing(world: Any) -
     d.pbx = PbxView(calls={"c1": PbxCall(call_id="c1", payload=stasis_start("c1"))})
     await w.connector.connected()
     await w.settle()
-    assert d.take() == [("hold", "c1", "jazz"), ("ring", w.offer("c1"), "c1", "PJSIP/1001", 7)]
+    assert d.take() == [("hold", "c1", "jazz"), ("ring", w.offer("c1"), "c1", "PJSIP/1001", 10)]

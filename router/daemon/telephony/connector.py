@@ -62,7 +62,7 @@ LegFailure = Literal["busy", "declined", "noanswer", "failed"]
 """Why an agent leg ended before it was answered."""
 
 #: seconds a leg may ring beyond the offer's expiry: the engine's RONA decides, not the PBX.
-RING_GRACE = 2.0
+RING_GRACE = 5.0
 QUEUE_SIZE = 10_000
 
 _HELD_STATES = frozenset({"received", "crowd_window", "queued", "offered"})
@@ -562,7 +562,7 @@ class TelephonyConnector:
                 and contact.agent_id is not None
             ):
                 self._offers[offer_id] = (contact.agent_id, contact.id)
-                if leg.answered:
+                if leg.answered and leg.call_id in view.calls:
                     bridge.append((leg.call_id, offer_id))
                 continue
             stop.append(offer_id)
