@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from twilio.request_validator import RequestValidator
 
 from tests.daemon.conftest import EXPERT_PHONE, DaemonProcess, MqttProbe, wait_until
 from tests.daemon.private_servers import free_port
@@ -116,6 +118,36 @@ def verbs(xml: str) -> list[ET.Element]:
 def assert_clean(peer: TwilioPeer) -> None:
     assert peer.errors == [], peer.errors
     assert all(doc.root is not None for doc in peer.documents)
+
+
+async def test_unsigned_or_forged_requests_are_refused_and_journal_nothing(
+    running: World, redis_client: Any, names: Any
+) -> None:
+    peer = running.peer
+    base = running.extras["twilio_public_url"]
+    form = {"AccountSid": peer.account_sid, "CallSid": "CA" + "7" * 32, "CallStatus": "ringing"}
+    good, other = RequestValidator(peer.auth_token), RequestValidator("other-token")
+    async with aiohttp.ClientSession() as http:
+        for path in ("/v1/webhooks/twilio-voice", "/v1/telephony/twilio/route"):
+            url = base + path
+            for headers in (
+                {},
+                {"X-Twilio-Signature": other.compute_signature(url, form)},
+                # signed, but for another URL
+                {"X-Twilio-Signature": good.compute_signature(url + "?x=1", form)},
+            ):
+                async with http.post(url, data=form, headers=headers) as resp:
+                    assert resp.status == 401
+                    assert resp.content_type == "text/xml"
+                    assert [v.tag for v in verbs(await resp.text())] == ["Say", "Hangup"]
+        # the same request, signed: accepted and answered with TwiML
+        url = base + "/v1/webhooks/twilio-voice"
+        signed = {"X-Twilio-Signature": good.compute_signature(url, form)}
+        async with http.post(url, data=form, headers=signed) as resp:
+            assert resp.status == 200 and resp.content_type == "text/xml"
+            assert [v.tag for v in verbs(await resp.text())] == ["Enqueue"]
+    entries = await redis_client.xrange(f"{names.key_prefix}journal")
+    assert len(entries) == 1  # only the signed delivery
 
 
 async def test_no_answer_then_the_next_agent_answers_is_bridged_and_completed(

@@ -230,7 +230,9 @@ class TwilioDriver:
         return self._view
 
     def ended_payload(self, call_id: str) -> bytes:
-        """A status-callback body that journals the call as ended."""
+        """A status-callback body that journals the call as ended (reconciliation found it
+        gone from Twilio: the driver forgets it too)."""
+        self._over(call_id)
         return urlencode(
             {
                 "AccountSid": self.account_sid,
