@@ -6,9 +6,9 @@ hand. REST calls go through :class:`twilio.rest.Client` with an
 extension point for the transport. It sends every request on Stellwerk's event loop with
 aiohttp (never blocking it) and addresses it to ``telephony.twilio.api_base`` instead of
 ``https://api.twilio.com``, so tests and a regional or proxied API work the same way. The
-library's bundled ``AsyncTwilioHttpClient`` is not used: it passes timeouts to aiohttp in a
-form newer aiohttp refuses and retries through ``aiohttp-retry`` on its own, while the driver
-already retries with the daemon's capped, jittered back-off.
+library's bundled ``AsyncTwilioHttpClient`` is not used: it authenticates with aiohttp's
+``BasicAuth``, which current aiohttp deprecates, and retries through ``aiohttp-retry`` on its
+own, while the driver already retries with the daemon's capped, jittered back-off.
 """
 
 from __future__ import annotations
