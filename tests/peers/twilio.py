@@ -48,8 +48,9 @@ every request, and it plays Twilio's part in a call:
   - ``<Play>`` (``loop``, 0 = for ever), ``<Say>``, ``<Pause length>``, ``<Redirect method>``,
     ``<Hangup/>``, ``<Leave/>`` (in a wait document).
   - Status callbacks: the number's status callback URL gets ``completed`` (with
-    ``CallDuration``) when the caller's call ends; a dialled noun's ``statusCallback`` gets the
-    events it asked for (``completed`` by default) with the child's ``CallSid`` and
+    ``CallDuration``) when the caller's call ends, and ``answered`` (``in-progress``) when
+    Twilio answers it, if asked for (``status_events``); a dialled noun's ``statusCallback``
+    gets the events it asked for (``completed`` by default) with the child's ``CallSid`` and
     ``ParentCallSid``.
 
 Media takes :attr:`TwilioPeer.play_seconds` per play, so that waits are short in tests.
@@ -297,12 +298,14 @@ class TwilioPeer:
         account_sid: str | None = None,
         auth_token: str | None = None,
         play_seconds: float = 0.3,
+        status_events: frozenset[str] = frozenset({"completed"}),
     ) -> None:
         self.account_sid = account_sid or _sid("AC")
         self.auth_token = auth_token or secrets.token_hex(16)
         self.voice_url = voice_url
         self.status_callback = status_callback
         self.play_seconds = play_seconds
+        self.status_events = status_events
         self.calls: dict[str, Call] = {}
         self.queues: dict[str, Queue] = {}
         self.agents: dict[str, Agent] = {}
@@ -505,6 +508,15 @@ class TwilioPeer:
                     call.status = "in-progress"
                     call.started = time.time()
                     self._note(call, "answered")
+                    if "answered" in self.status_events and self.status_callback:
+                        # a progress callback, racing the TwiML Twilio is about to run
+                        params = self._params(
+                            call,
+                            CallbackSource="call-progress-events",
+                            SequenceNumber=str(next(call.seq)),
+                            Timestamp=_date(time.time()) or "",
+                        )
+                        self._spawn(self._post(self.status_callback, "POST", params))
                 url, method, extra, purpose = await self._run(call, root, url)
             if call.live:
                 await self._end(call, "completed")
@@ -761,7 +773,7 @@ class TwilioPeer:
             try:
                 await coro
             except (aiohttp.ClientError, TimeoutError) as exc:
-                self.errors.append(f"callback failed: {exc!r}")
+                self.errors.append(f"11200 callback failed: {exc!r}")
 
         task = asyncio.create_task(run())
         self._background.add(task)

@@ -491,7 +491,11 @@ class TwilioDriver:
             self._over(sid)
             await events.call_ended(sid, body)
             return _xml(empty_twiml())
-        first = status in ("ringing", "queued")
+        if "CallbackSource" in form or status not in ("ringing", "queued"):
+            # A progress status callback (initiated, ringing, answered): Twilio runs nothing
+            # it is answered with, so it must not stand in for the call's TwiML answer.
+            await events.call_arrived(sid, body)
+            return _xml(empty_twiml())
         state = self._state(sid)
         state.answering += 1
         try:
@@ -499,8 +503,6 @@ class TwilioDriver:
                 if state.hangup:
                     return _xml(hangup_twiml())  # refused (bad payload): hung up
                 return _xml(empty_twiml(), 503)  # not journaled: not answered either
-            if not first:
-                return _xml(empty_twiml())  # a progress callback: nothing to run
             return _xml(await self._decide(state))
         finally:
             state.answering -= 1
