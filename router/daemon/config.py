@@ -498,12 +498,21 @@ class TwilioSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     api_base: str = "https://api.twilio.com"
     public_url: str = ""
     caller_id: str | None = None
+    #: music-on-hold class -> audio URL Twilio plays (``default`` is Twilio's own hold music).
+    music: dict[str, str] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if urlsplit(self.api_base).scheme not in ("http", "https"):
             raise ValueError(f"api_base: {self.api_base!r} is not an http(s) URL")
         if self.public_url and urlsplit(self.public_url).scheme not in ("http", "https"):
             raise ValueError(f"public_url: {self.public_url!r} is not an http(s) URL")
+        if self.account_sid and not (self.auth_token and self.public_url):
+            # Without the token no signature can be checked; without the public URL Twilio
+            # cannot be told where the hold music and the agent dials are.
+            raise ValueError("auth_token and public_url are required with account_sid")
+        for name, url in self.music.items():
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise ValueError(f"music.{name}: {url!r} is not an http(s) URL")
 
     @property
     def enabled(self) -> bool:
@@ -669,6 +678,7 @@ _MAP_SETTINGS = {
     ("sources", "unsigned"),
     ("sources", "max_body"),
     ("auth", "tokens"),
+    ("telephony", "twilio", "music"),
 }
 
 

@@ -77,6 +77,8 @@ class HoldSpec:
 
     music_class: str = "default"
     announcement: Announcement | None = None
+    #: the Stellwerk queue the caller waits in (None until routed; Twilio enqueues by name)
+    queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -321,7 +323,7 @@ class TelephonyConnector:
         cfg = self._tables().file.queues.get(queue or "")
         if cfg is None:
             return HoldSpec()
-        return HoldSpec(music_class=cfg.music_class, announcement=cfg.announcement)
+        return HoldSpec(music_class=cfg.music_class, announcement=cfg.announcement, queue=queue)
 
     def _phone_offer(self, queue: str) -> str:
         cfg = self._tables().file.queues.get(queue)
