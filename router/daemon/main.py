@@ -31,7 +31,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from router.daemon.auth import Authenticator
+from router.daemon.auth import Authenticator, add_routes
 from router.daemon.config import LoadedSettings, LogSettings, Settings, SettingsError, load_settings
 from router.daemon.desk import DeskService
 from router.daemon.http import AppState, make_app, server_tls, start_http
@@ -293,7 +293,9 @@ class Daemon:
                         else None
                     )
                     for connector in self.telephony:
-                        app.add_routes(connector.http_routes())
+                        # They check their callers themselves: Twilio's request signature,
+                        # the credentials of Asterisk's outbound WebSocket.
+                        add_routes(app, [(r, "signed") for r in connector.http_routes()])
                     if outbound is not None:
                         app[OUTBOUND] = outbound
                     runner = await start_http(app, s.http.addr, tls=tls)

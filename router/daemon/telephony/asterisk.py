@@ -351,7 +351,7 @@ class AsteriskDriver:
 
     # ---- outbound WebSocket ------------------------------------------------------------------
 
-    def http_routes(self) -> Sequence[web.AbstractRouteDef]:
+    def http_routes(self) -> Sequence[web.RouteDef]:
         """The route of Asterisk's outbound WebSocket (only when configured)."""
         if not self.settings.outbound_username:
             return []

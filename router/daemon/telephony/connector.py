@@ -181,7 +181,7 @@ class PbxDriver(Protocol):
         """A native payload that journals ``call_id`` as ended (for reconciliation)."""
         ...
 
-    def http_routes(self) -> Sequence[web.AbstractRouteDef]:
+    def http_routes(self) -> Sequence[web.RouteDef]:
         """Routes the system needs on the daemon's HTTP listener (webhooks, sockets)."""
         ...
 
@@ -271,7 +271,7 @@ class TelephonyConnector:
         """Wait until every queued command was carried out (for a graceful shutdown)."""
         await self._idle.wait()
 
-    def http_routes(self) -> Sequence[web.AbstractRouteDef]:
+    def http_routes(self) -> Sequence[web.RouteDef]:
         """The driver's routes for the daemon's HTTP listener."""
         return self.driver.http_routes()
 

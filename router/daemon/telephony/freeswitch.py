@@ -274,7 +274,7 @@ class FreeswitchDriver:
             },
         )
 
-    def http_routes(self) -> Sequence[web.AbstractRouteDef]:
+    def http_routes(self) -> Sequence[web.RouteDef]:
         """None: the event socket is a connection Stellwerk opens."""
         return ()
 

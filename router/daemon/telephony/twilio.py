@@ -316,7 +316,7 @@ class TwilioDriver:
         if not state.answering:
             self._act(state, self._end, "hangup")
 
-    def http_routes(self) -> Sequence[web.AbstractRouteDef]:
+    def http_routes(self) -> Sequence[web.RouteDef]:
         """The voice webhook (TwiML, not the generic 202) and the driver's TwiML routes."""
         return [
             web.post(WEBHOOK, self.voice),
