@@ -238,7 +238,10 @@ async def test_offers_for_contacts_loadgen_did_not_create_are_handled_and_report
     routing = write_routing(tmp_path / "routing.yaml", agents, offer_timeout=2.0, wrap_up=0.1)
     http_port, smtp_port = test_utils.unused_port(), test_utils.unused_port()
     await start_daemon(
-        routing, http_addr=f"127.0.0.1:{http_port}", smtp_addr=f"127.0.0.1:{smtp_port}"
+        routing,
+        http_addr=f"127.0.0.1:{http_port}",
+        smtp_addr=f"127.0.0.1:{smtp_port}",
+        sources_secrets=json.dumps(SECRETS),
     )
     # Work the daemon had before loadgen came: three calls waiting, nobody logged in.
     for n in range(3):
@@ -253,6 +256,7 @@ async def test_offers_for_contacts_loadgen_did_not_create_are_handled_and_report
         smtp_port=smtp_port,
         prefix=names.topic_prefix,
         agents=list(agents),
+        secrets=SECRETS,
     )
     profile = Profile(
         rate=4.0,

@@ -380,7 +380,11 @@ async def test_discourse_question_the_crowd_left_is_answered_as_staff(world: Wor
         'stellwerk_crowd_outcomes_total{channel="social",outcome="assigned",source="discourse"} 1.0'
         in metrics
     )
-    assert 'outcome="answered_by_crowd"' not in metrics
+    # Every crowd outcome's series exists from the start at 0; this one stays there.
+    assert (
+        'stellwerk_crowd_outcomes_total{channel="social",outcome="answered_by_crowd",'
+        'source="discourse"} 0.0' in metrics
+    )
     assert 'stellwerk_outbound_total{destination="discourse",outcome="sent"} 1.0' in metrics
 
 
