@@ -15,6 +15,7 @@ API changes (experts, identity links; :meth:`Intake.accept_admin`) are journaled
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -34,6 +35,8 @@ log = structlog.get_logger("stellwerk.intake")
 
 DecodeFn = Callable[[str, bytes, Mapping[str, str], DecodeConfig], list[ContactEvent]]
 EventObserver = Callable[[Sequence[ContactEvent]], Awaitable[None]]
+OBSERVE_TIMEOUT = 0.5
+"""Seconds the event observers (transcripts) may take per delivery before intake goes on."""
 AGENT_COMMAND_SOURCE = "agent-cmd"
 """The dead-letter/metric ``source`` of agent commands that do not decode."""
 
@@ -185,10 +188,17 @@ class Intake:
 
     async def _observe(self, events: Sequence[ContactEvent]) -> None:
         # Before the journal: whoever reads a body when the router announces the event
-        # (contact.updated) finds it already there.
-        if events:
-            for observer in self.observers:
-                await observer(events)
+        # (contact.updated) finds it already there. Bounded: an observer is a nicety, and with
+        # a hung Redis it would otherwise add its socket timeouts to the journal's before the
+        # sender hears its 503.
+        if not events:
+            return
+        try:
+            async with asyncio.timeout(OBSERVE_TIMEOUT):
+                for observer in self.observers:
+                    await observer(events)
+        except TimeoutError:
+            log.warning("intake.observers_timed_out", events=len(events), after=OBSERVE_TIMEOUT)
 
     def _count(self, events: Sequence[ContactEvent]) -> None:
         if self.metrics is not None:

@@ -140,3 +140,29 @@ async def test_redis_down_propagates_so_nothing_is_acknowledged() -> None:
         )
     finally:
         await client.aclose()
+
+
+async def test_a_hanging_observer_does_not_hold_the_journal_write(journal: Journal) -> None:
+    """The transcript observer writes to Redis before the journal does; when that write hangs
+    (a stalled Redis), intake gives up on it and still journals, instead of adding its socket
+    timeouts to the journal's before the sender gets an answer."""
+    import asyncio
+
+    from router.daemon import intake as intake_module
+
+    intake, _ = make_intake(journal)
+    seen: list[int] = []
+
+    async def hangs(events: object) -> None:
+        seen.append(1)
+        await asyncio.Event().wait()
+
+    intake.observers.append(hangs)
+    body = (SAMPLES / "phone" / "asterisk-ari-stasis-start.json").read_bytes()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await asyncio.wait_for(intake.accept("asterisk-ari", body, {}), 10)
+    assert result.ok and result.accepted == 1 and seen == [1]
+    assert loop.time() - started >= intake_module.OBSERVE_TIMEOUT
+    ((entry_id, _entry),) = await journal.read_after("0-0", None, 10)
+    assert entry_id == result.ids[0]
