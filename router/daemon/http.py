@@ -43,8 +43,8 @@ import limits
 import msgspec
 import structlog
 from aiohttp import web
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from router.daemon import auth, openapi
 from router.daemon.auth import Authenticator, Principal, principal_of
@@ -448,7 +448,10 @@ UNLIMITED_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RateLimit:
-    """A per-client (remote address) sliding-window limit, from the ``limits`` library."""
+    """A per-client (remote address) sliding-window limit, from the ``limits`` library.
+
+    Its asyncio storage: the threaded one starts a timer thread for every expiry round.
+    """
 
     def __init__(self, spec: str) -> None:
         self.items = limits.parse_many(spec)
@@ -467,13 +470,13 @@ class RateLimit:
         self.logged[client] = now + wait
         return True
 
-    def retry_after(self, client: str) -> int | None:
+    async def retry_after(self, client: str) -> int | None:
         """None when ``client`` may go on (the hit is counted), else seconds to wait."""
-        refused = [item for item in self.items if not self.limiter.hit(item, client)]
+        refused = [item for item in self.items if not await self.limiter.hit(item, client)]
         if not refused:
             return None
-        reset = max(self.limiter.get_window_stats(item, client).reset_time for item in refused)
-        return max(1, math.ceil(reset - time.time()))
+        resets = [(await self.limiter.get_window_stats(i, client)).reset_time for i in refused]
+        return max(1, math.ceil(max(resets) - time.time()))
 
 
 RATE_LIMIT_KEY: web.AppKey[RateLimit] = web.AppKey("stellwerk_rate_limit", RateLimit)
@@ -489,7 +492,7 @@ async def _rate_limit(
     if limit is None or route in UNLIMITED_ROUTES:
         return await handler(request)
     client = request.remote or "unknown"
-    wait = limit.retry_after(client)
+    wait = await limit.retry_after(client)
     if wait is not None:
         if limit.first_refusal(client, wait):
             auth.audit_refusal(request, "rate_limited")
