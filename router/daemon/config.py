@@ -406,6 +406,11 @@ class OutboundSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     whatsapp: GraphSettings | None = None
     messenger: GraphSettings | None = None
 
+    @property
+    def configured(self) -> bool:
+        """Whether any platform is set up (else no outbound routes or workers run)."""
+        return any(getattr(self, f.name) is not None for f in msgspec.structs.fields(self))
+
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything ``stellwerk run`` needs; see ``config/stellwerk.yaml`` for a commented copy."""

@@ -551,7 +551,8 @@ def make_app(
             (web.get("/v1/customers/{ref}", h.customer), "supervisor"),
         ],
     )
-    add_outbound_routes(app, state)
+    if settings.outbound.configured:
+        add_outbound_routes(app, state)
     metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
     return app
 

@@ -36,7 +36,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from channels.email import reply_message_id
-from router.daemon import auth
+from router.daemon import auth, openapi
 from router.daemon.config import OutboundSettings
 from router.daemon.journal import ContactEntry, Journal, JournalUnavailable
 from router.daemon.outbox import OutboundMessage, Outbox
@@ -381,6 +381,119 @@ def _error(status: int, error: str, detail: str) -> web.Response:
     return _reply(status, {"error": error, "detail": detail})
 
 
+def _answer(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_OUTBOUND_ITEM = {
+    "type": "object",
+    "description": "state: queued, sending, retrying (error: the last one), sent, failed",
+    "properties": {
+        "key": {"type": "string"},
+        "destination": {"type": "string"},
+        "action": {"type": "string"},
+        "state": {"type": "string"},
+        "attempts": {"type": "integer"},
+        "error": {"type": "string"},
+        "remote_id": {"type": "string"},
+    },
+}
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/contacts/{contact_id}/messages": {
+        "parameters": [
+            {
+                "name": "contact_id",
+                "in": "path",
+                "required": True,
+                "description": "e.g. chatwoot:42 or email:<thread root Message-ID>",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ],
+        "post": {
+            "summary": "The assigned agent's reply, queued in the outbox and sent where the "
+            "conversation lives (mail, Chatwoot, Rocket.Chat, Discourse, WhatsApp, Messenger)",
+            "x-stellwerk-access": "agent",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,100}$"},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["text"],
+                            "additionalProperties": False,
+                            "properties": {"text": {"type": "string", "minLength": 1}},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "202": {
+                    "description": "in the outbox; status says how far it got",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["key", "duplicate"],
+                                "properties": {
+                                    "key": {"type": "string"},
+                                    "duplicate": {"type": "boolean"},
+                                    "status": _OUTBOUND_ITEM,
+                                },
+                            }
+                        }
+                    },
+                },
+                "400": _answer("bad input, with the reason"),
+                "401": _answer("no or an unknown bearer token"),
+                "403": _answer("not an agent's token"),
+                "404": _answer("no such contact, or not this agent's"),
+                "409": _answer("not assigned, or outside the messaging window"),
+                "422": _answer("a channel Stellwerk cannot answer"),
+                "429": _answer("rate limited; see Retry-After"),
+                "503": _answer("not configured, not routing, or Redis unavailable; retry"),
+            },
+        },
+        "get": {
+            "summary": "The contact's outbound messages and platform actions with their state",
+            "x-stellwerk-access": "supervisor or agent",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": {
+                    "description": "oldest first",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "messages": {"type": "array", "items": _OUTBOUND_ITEM}
+                                },
+                            }
+                        }
+                    },
+                },
+                "401": _answer("no or an unknown bearer token"),
+                "403": _answer("the token's role may not do this"),
+                "404": _answer("an agent asking about a contact not its own"),
+                "429": _answer("rate limited; see Retry-After"),
+                "503": _answer("Redis unavailable; retry"),
+            },
+        },
+    }
+}
+
+
 def add_outbound_routes(app: web.Application, state: AppState) -> None:
     """Register the reply routes with their access (:mod:`router.daemon.auth`).
 
@@ -393,7 +506,7 @@ def add_outbound_routes(app: web.Application, state: AppState) -> None:
         principal = auth.require_agent(request)
         outbound = request.app.get(OUTBOUND)
         if outbound is None:
-            return _error(503, "not_configured", "outbound messaging is not set up")
+            return _error(503, "not_configured", "outbound messaging is not running")
         if state.view is None:
             return _error(503, "not_routing", "this daemon does not hold the routing lease")
         contact_id = request.match_info["contact_id"]
@@ -444,6 +557,7 @@ def add_outbound_routes(app: web.Application, state: AppState) -> None:
             return _error(503, "journal_unavailable", str(exc))
         return _reply(200, {"messages": found})
 
+    openapi.document_paths(app, OPENAPI_PATHS)
     auth.add_routes(
         app,
         [
