@@ -5,9 +5,10 @@ on the platforms, all through the outbox (:mod:`router.daemon.outbox`).
   the Chatwoot conversation is assigned to the agent's Chatwoot user and the Rocket.Chat room is
   forwarded to the agent's Rocket.Chat user (``agents[].accounts`` in the routing file); on
   ``contact.completed`` the Chatwoot conversation is resolved and the Rocket.Chat room closed
-  (``room.closeByUser``), unless the platform itself ended it. Idempotency keys are built from
-  the decision (action, contact, engine time), so a decision the router replays after a crash
-  is queued once.
+  (``room.closeByUser``), unless the platform itself ended it; with ``discourse.assign`` the
+  community topic is assigned to the agent's Discourse user (discourse-assign). Idempotency
+  keys are built from the decision (action, contact, engine time), so a decision the router
+  replays after a crash is queued once.
 - :class:`ConversationFacts` follows the journal and keeps, per contact, what a reply needs
   and the engine does not hold: the customer's address, the mail thread's Message-IDs, the
   time of the customer's last message (the WhatsApp/Messenger window), platform ids.
@@ -211,6 +212,17 @@ class PlatformSink:
                 return None  # the room was closed in Rocket.Chat
             else:
                 action, params = "close", {"room_id": external}
+        elif (
+            source == "discourse"
+            and assigned
+            and self.settings.discourse is not None
+            and self.settings.discourse.assign
+        ):
+            user = getattr(self._accounts(agent_id), "discourse", None)
+            if user is None:
+                log.warning("outbound.no_account", platform="discourse", agent_id=agent_id)
+                return None
+            action, params = "assign", {"topic_id": external, "username": str(user)}
         else:
             return None
         return OutboundMessage(

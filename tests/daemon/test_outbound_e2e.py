@@ -59,7 +59,10 @@ agents:
     skills: {{support: 3}}
     capacity: {{phone: 0, chat: 3, email: 5, social: 0}}
     accounts: {{chatwoot: 12, rocketchat: annaRcId00000001}}
-  - {{id: mod, skills: {{community: 3}}, capacity: {{phone: 0, chat: 0, email: 0, social: 5}}}}
+  - id: mod
+    skills: {{community: 3}}
+    capacity: {{phone: 0, chat: 0, email: 0, social: 5}}
+    accounts: {{discourse: mod_user}}
 rules:
   - {{name: community, when: channel == "social", queue: community_desk, crowd_first: {WINDOW}}}
   - {{name: default, default: true, queue: support}}
@@ -189,7 +192,12 @@ def outbound_env(world_urls: dict[str, str], smtp_relay_port: int) -> dict[str, 
             }
         ),
         "outbound_discourse": json.dumps(
-            {"url": world_urls["discourse"], "api_key": "dc-key", "api_username": "support_team"}
+            {
+                "url": world_urls["discourse"],
+                "api_key": "dc-key",
+                "api_username": "support_team",
+                "assign": True,
+            }
         ),
         "outbound_whatsapp": json.dumps(
             {"url": world_urls["graph"], "access_token": "graph-token", "window": 2.0}
@@ -362,6 +370,8 @@ async def test_discourse_question_the_crowd_left_is_answered_as_staff(world: Wor
     await world.mqtt.wait_for("events/contact.crowd_window", contact_id="discourse:7001")
     # Nobody from the crowd answers: after the window it reaches the community desk.
     await world.take("mod", "discourse:7001")
+    # discourse-assign: the topic is the agent's in Discourse too.
+    await wait_until(lambda: world.discourse.assigned.get(7001) == "mod_user", 10, "assigned")
     answer = "Im Menü WLAN > Mesh den Repeater hinzufügen, dann ist alles verbunden."
     status, reply = await world.send("mod", "discourse:7001", answer)
     assert status == 202, reply
@@ -381,7 +391,8 @@ async def test_discourse_question_the_crowd_left_is_answered_as_staff(world: Wor
         in metrics
     )
     assert 'outcome="answered_by_crowd"' not in metrics
-    assert 'stellwerk_outbound_total{destination="discourse",outcome="sent"} 1.0' in metrics
+    # the topic's assignment and the staff post
+    assert 'stellwerk_outbound_total{destination="discourse",outcome="sent"} 2.0' in metrics
 
 
 async def test_mail_reply_threads_and_the_customers_answer_joins_the_contact(
