@@ -214,10 +214,12 @@ class Daemon:
         if platforms:
 
             async def notify(record: dict[str, Any]) -> None:
-                # The agent's desk hears how its message fares on its own topic.
+                # The agent's desk hears how its message fares, on the agent's own topic (the
+                # one its broker account may read), as a message of type "outbound".
                 if record.get("agent_id"):
-                    topic = f"{s.topic_prefix}/agents/{record['agent_id']}/outbound"
-                    await publisher.publish_many([(topic, msgspec.json.encode(record))])
+                    topic = f"{s.topic_prefix}/agents/{record['agent_id']}/offers"
+                    body = msgspec.json.encode({"type": "outbound", **record})
+                    await publisher.publish_many([(topic, body)])
 
             outbox = Outbox(
                 redis,

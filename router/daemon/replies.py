@@ -283,8 +283,12 @@ class Outbound:
             await self.outbox.run(stopping)
         finally:
             follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                await follower
+            # Bounded: redis-py may swallow a cancel that lands in a blocking read; the
+            # follower then stops on its own when ``sending`` is cleared.
+            await asyncio.wait([follower], timeout=2.0)
+            if follower.done() and not follower.cancelled():
+                with contextlib.suppress(RedisError, OSError, JournalUnavailable):
+                    follower.result()
 
     async def reply(
         self, contact: dict[str, Any], agent_id: str, text: str, request_key: str | None

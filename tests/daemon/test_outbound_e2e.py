@@ -318,6 +318,11 @@ async def test_chatwoot_assigned_answered_resolved(world: World) -> None:
         1,
         False,
     )
+    # The desk hears on the agent's own topic that the message went out.
+    (pushed,) = await world.mqtt.wait_for(
+        "agents/anna/offers", type="outbound", action="message", state="sent"
+    )
+    assert pushed["contact_id"] == "chatwoot:42" and pushed["key"] == body["key"]
     await world.mqtt.agent("anna", op="complete", contact_id="chatwoot:42")
     await wait_until(lambda: world.chatwoot.conversations[42].status == "resolved", 10, "resolved")
     items = await world.settled("chatwoot:42", 3)
