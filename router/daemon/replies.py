@@ -131,7 +131,9 @@ class ConversationFacts:
             chain = known.decode().split() if known else [event.external_id]
             if message_id not in chain:
                 chain.append(message_id)
-            await self.redis.hset(key, "references", " ".join(chain[-MAX_REFERENCES:]))  # type: ignore[misc]
+            # The thread's root stays first: it is what the customer's answer is matched on.
+            kept = [chain[0], *chain[1:][-(MAX_REFERENCES - 1) :]]
+            await self.redis.hset(key, "references", " ".join(kept))  # type: ignore[misc]
 
     async def follow(self, active: asyncio.Event) -> None:
         """Read the journal while ``active`` is set (this daemon holds the outbox lease)."""
