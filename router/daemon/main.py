@@ -163,6 +163,9 @@ class Daemon:
         # I/O-edge actors besides MQTT that carry out the engine's commands (telephony
         # connectors, the desk's live feed); see router.daemon.sinks.
         self.sinks: list[CommandSink] = []
+        # Replies and platform actions (router.daemon.replies), when a platform is configured;
+        # the desk registers on ``outbound.watchers`` for the status of its agents' messages.
+        self.outbound: Outbound | None = None
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
@@ -214,8 +217,11 @@ class Daemon:
         if platforms:
 
             async def notify(record: dict[str, Any]) -> None:
-                # The agent's desk hears how its message fares, on the agent's own topic (the
-                # one its broker account may read), as a message of type "outbound".
+                # The agent's desk hears how its message fares: in-process watchers (the web
+                # desk), and MQTT desktops on the agent's own topic (the one its broker account
+                # may read), as a message of type "outbound".
+                if outbound is not None:
+                    await outbound.notify(record)
                 if record.get("agent_id"):
                     topic = f"{s.topic_prefix}/agents/{record['agent_id']}/offers"
                     body = msgspec.json.encode({"type": "outbound", **record})
@@ -232,6 +238,7 @@ class Daemon:
             )
             outbound = Outbound(outbox, ConversationFacts(journal), s.outbound)
             self.sinks.append(outbound.sink)
+        self.outbound = outbound
         router = Router(
             RouterOptions(
                 topic_prefix=s.topic_prefix,

@@ -27,7 +27,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -277,6 +277,16 @@ class Outbound:
         self.settings = settings
         self.sink = PlatformSink(outbox, settings)
         self._clock = clock
+        #: called with every changed status record (the desk's live feed registers here).
+        self.watchers: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
+
+    async def notify(self, record: dict[str, Any]) -> None:
+        """Tell every watcher about a changed status record (a failing one is logged)."""
+        for watcher in list(self.watchers):
+            try:
+                await watcher(record)
+            except Exception as exc:
+                log.warning("outbound.watcher_failed", error=str(exc), key=record.get("key"))
 
     async def run(self, stopping: asyncio.Event) -> None:
         """The outbox workers and the journal follower, while this daemon holds the lease."""

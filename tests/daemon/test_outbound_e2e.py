@@ -94,6 +94,7 @@ class World:
     graph: GraphPeer
     relay: Relay
     webhooks: list[int] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
 
     async def webhook(self, source: str, payload: Any, **headers: str) -> None:
         async with self.http.post(
@@ -242,7 +243,7 @@ async def world(
     http_port, smtp_port = free_port(), free_port()
     async with peers() as (cw, rc, dc, gr, relay, relay_port):
         urls = {"chatwoot": cw.url, "rocketchat": rc.url, "discourse": dc.url, "graph": gr.url}
-        await start_daemon(
+        daemon = await start_daemon(
             routing,
             http_addr=f"127.0.0.1:{http_port}",
             smtp_addr=f"127.0.0.1:{smtp_port}",
@@ -275,6 +276,12 @@ async def world(
                     w.webhooks.append(resp.status)
 
             dc.on_post = echo
+
+            async def watch(record: dict[str, Any]) -> None:
+                w.statuses.append(record)
+
+            # What the desk's live feed registers for (in-process, besides the MQTT push).
+            daemon.outbound.watchers.append(watch)
             yield w
 
 
@@ -323,6 +330,11 @@ async def test_chatwoot_assigned_answered_resolved(world: World) -> None:
         "agents/anna/offers", type="outbound", action="message", state="sent"
     )
     assert pushed["contact_id"] == "chatwoot:42" and pushed["key"] == body["key"]
+    await wait_until(
+        lambda: any(r["key"] == body["key"] and r["state"] == "sent" for r in world.statuses),
+        5,
+        "the in-process status watcher",
+    )
     await world.mqtt.agent("anna", op="complete", contact_id="chatwoot:42")
     await wait_until(lambda: world.chatwoot.conversations[42].status == "resolved", 10, "resolved")
     items = await world.settled("chatwoot:42", 3)
