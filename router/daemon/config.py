@@ -370,11 +370,16 @@ class RocketchatSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
 
 
 class DiscourseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Discourse's API: base ``url``, an API key and the staff account answers are posted as."""
+    """Discourse's API: base ``url``, an API key and the staff account answers are posted as.
+
+    ``assign``: also assign the topic to the agent's Discourse user on accept (needs the
+    discourse-assign plugin and ``accounts.discourse`` in the routing file).
+    """
 
     url: str
     api_key: str
     api_username: str
+    assign: bool = False
     timeout: float = 10.0
 
     def __post_init__(self) -> None:
@@ -435,6 +440,11 @@ class OutboundSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     discourse: DiscourseSettings | None = None
     whatsapp: GraphSettings | None = None
     messenger: GraphSettings | None = None
+
+    @property
+    def configured(self) -> bool:
+        """Whether any platform is set up (else no outbound routes or workers run)."""
+        return any(getattr(self, f.name) is not None for f in msgspec.structs.fields(self))
 
 
 class AsteriskSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -561,7 +561,8 @@ def make_app(
         ],
     )
     desk.register(app, state)  # /desk, /wall and their WebSockets (docs/desk.md)
-    add_outbound_routes(app, state)
+    if settings.outbound.configured:
+        add_outbound_routes(app, state)
     metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
     return app
 

@@ -170,6 +170,9 @@ class Daemon:
         self.sinks: list[CommandSink] = []
         # One per configured telephony system (set by run(); also in ``sinks``).
         self.telephony: list[TelephonyConnector] = []
+        # Replies and platform actions (router.daemon.replies), when a platform is configured;
+        # the desk registers on ``outbound.watchers`` for the status of its agents' messages.
+        self.outbound: Outbound | None = None
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
@@ -228,10 +231,15 @@ class Daemon:
         if platforms:
 
             async def notify(record: dict[str, Any]) -> None:
-                # The agent's desk hears how its message fares on its own topic.
+                # The agent's desk hears how its message fares: in-process watchers (the web
+                # desk), and MQTT desktops on the agent's own topic (the one its broker account
+                # may read), as a message of type "outbound".
+                if outbound is not None:
+                    await outbound.notify(record)
                 if record.get("agent_id"):
-                    topic = f"{s.topic_prefix}/agents/{record['agent_id']}/outbound"
-                    await publisher.publish_many([(topic, msgspec.json.encode(record))])
+                    topic = f"{s.topic_prefix}/agents/{record['agent_id']}/offers"
+                    body = msgspec.json.encode({"type": "outbound", **record})
+                    await publisher.publish_many([(topic, body)])
 
             outbox = Outbox(
                 redis,
@@ -244,6 +252,7 @@ class Daemon:
             )
             outbound = Outbound(outbox, ConversationFacts(journal), s.outbound)
             self.sinks.append(outbound.sink)
+        self.outbound = outbound
         router = Router(
             RouterOptions(
                 topic_prefix=s.topic_prefix,

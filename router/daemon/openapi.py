@@ -199,56 +199,6 @@ def document() -> dict[str, Any]:
                     (401, 403, 404, 503),
                 ),
             },
-            "/v1/contacts/{contact_id}/messages": {
-                "parameters": [_path_param("contact_id", "e.g. chatwoot:24")],
-                "post": _op(
-                    "An agent answers its assigned contact where the conversation lives "
-                    "(mail, Chatwoot, Rocket.Chat, Discourse, WhatsApp, Messenger), through the "
-                    "journaled outbox; an Idempotency-Key header makes a retry safe",
-                    "agent",
-                    {
-                        "202": _json(
-                            {
-                                "type": "object",
-                                "required": ["key", "duplicate"],
-                                "properties": {
-                                    "key": {"type": "string"},
-                                    "duplicate": {"type": "boolean"},
-                                    "status": OBJ,
-                                },
-                            },
-                            "journaled; sent by the outbox",
-                        )
-                    },
-                    (400, 401, 403, 404, 409, 503),
-                    requestBody={
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["text"],
-                                    "properties": {"text": {"type": "string"}},
-                                }
-                            }
-                        },
-                    },
-                ),
-                "get": _op(
-                    "The replies sent or pending for a contact: supervisors any, an agent only "
-                    "its own contact (else 404)",
-                    "supervisor or agent",
-                    _json(
-                        {
-                            "type": "object",
-                            "required": ["messages"],
-                            "properties": {"messages": {"type": "array", "items": OBJ}},
-                        },
-                        "the outbox records",
-                    ),
-                    (401, 403, 404, 503),
-                ),
-            },
             "/v1/rules/reload": {
                 "post": _op(
                     "Reload the routing file",

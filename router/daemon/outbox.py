@@ -67,6 +67,8 @@ CONSUMER = "sender"
 #: how long the outcome of a finished message stays readable (the desk shows it).
 STATUS_TTL = 7 * 86400
 _FIELD = b"m"
+#: how long stopping waits for the workers (an attempt in flight is cut off after this).
+LANE_STOP_TIMEOUT = 3.0
 
 
 class _LeaseLost(Exception):
@@ -316,8 +318,9 @@ class Outbox:
                 return
             log.info("outbox.lease_acquired", node=self.lease.node_id)
             self.sending.set()
+            halt = asyncio.Event()
             lanes = [
-                asyncio.create_task(self._lane(name, dest), name=f"outbox-{name}")
+                asyncio.create_task(self._lane(name, dest, halt), name=f"outbox-{name}")
                 for name, dest in self.destinations.items()
             ]
             keep = asyncio.create_task(self.lease.keep(), name="outbox-lease")
@@ -328,9 +331,16 @@ class Outbox:
                 )
             finally:
                 self.sending.clear()
-                for task in (*lanes, keep, stop):
+                # redis-py can swallow a cancellation that lands in a blocking read, so the
+                # lanes also watch ``halt`` (their reads block for 0.5 s at most).
+                halt.set()
+                tasks = [*lanes, keep, stop]
+                for task in tasks:
                     task.cancel()
-                results = await asyncio.gather(*lanes, keep, stop, return_exceptions=True)
+                _, pending = await asyncio.wait(tasks, timeout=LANE_STOP_TIMEOUT)
+                if pending:
+                    log.warning("outbox.lanes_slow_to_stop", lanes=[t.get_name() for t in pending])
+                results = [t.exception() if not t.cancelled() else None for t in tasks if t.done()]
                 await self.lease.release()
             errors = [
                 r for r in results if isinstance(r, Exception) and not isinstance(r, _LeaseLost)
@@ -345,7 +355,7 @@ class Outbox:
             elif keep in done:
                 log.error("outbox.lease_lost", node=self.lease.node_id)
 
-    async def _lane(self, name: str, dest: Destination) -> None:
+    async def _lane(self, name: str, dest: Destination, halt: asyncio.Event) -> None:
         stream = self.keys.stream(name)
         try:
             await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
@@ -355,7 +365,7 @@ class Outbox:
         # First what an earlier holder (or this daemon before a crash) took and did not
         # confirm, then new entries.
         start = "0"
-        while True:
+        while not halt.is_set():
             reply = await self.redis.xreadgroup(
                 GROUP, CONSUMER, {stream: start}, count=16, block=None if start == "0" else 500
             )
@@ -367,11 +377,19 @@ class Outbox:
                 if not fields:  # deleted while pending: nothing left to do
                     await self.redis.xack(stream, GROUP, entry_id)
                     continue
-                await self._process(name, dest, stream, entry_id, fields)
+                if halt.is_set():
+                    return
+                await self._process(name, dest, stream, entry_id, fields, halt)
             await self._refresh_depth(name)
 
     async def _process(
-        self, name: str, dest: Destination, stream: str, entry_id: Any, fields: Mapping[Any, Any]
+        self,
+        name: str,
+        dest: Destination,
+        stream: str,
+        entry_id: Any,
+        fields: Mapping[Any, Any],
+        halt: asyncio.Event,
     ) -> None:
         raw = fields.get(_FIELD)
         try:
@@ -386,7 +404,7 @@ class Outbox:
         delays = backoff()
         failures = 0
         while True:
-            if not self.lease.held:
+            if not self.lease.held or halt.is_set():
                 raise _LeaseLost  # another daemon may send now: do not race it
             record = await self.redis.hgetall(status_key)  # type: ignore[misc]
             state = _text(record.get(b"state", b"queued"))
@@ -395,10 +413,12 @@ class Outbox:
                 await self._ack(stream, entry_id)
                 return
             uncertain = state == "sending" or record.get(b"uncertain") == b"1"
-            await self.redis.hset(  # type: ignore[misc]
-                status_key, mapping={"state": "sending", "updated_at": repr(self._clock())}
-            )
-            await self.redis.hincrby(status_key, "attempts", 1)  # type: ignore[misc]
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    status_key, mapping={"state": "sending", "updated_at": repr(self._clock())}
+                )
+                pipe.hincrby(status_key, "attempts", 1)
+                await pipe.execute()
             try:
                 remote = await dest.deliver(msg, uncertain=uncertain)
             except Transient as exc:
@@ -426,7 +446,8 @@ class Outbox:
                 )
                 if failures == 1:
                     await self._notify(msg.key)
-                await asyncio.sleep(wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(halt.wait(), wait)
                 continue
             except Permanent as exc:
                 await self._finish(stream, entry_id, status_key, "failed", error=str(exc))

@@ -17,7 +17,9 @@ take an idempotency key:
   messages and sends only if none carries the key (exactly once; the listing is Chatwoot's
   latest page of messages, which holds the message when the re-send follows soon after).
   Assigning and setting the status are idempotent by nature.
-- **Discourse**: no key. Discourse refuses a post identical to one the same user just made
+- **Discourse**: assigning a topic (discourse-assign) to the user it is assigned to already
+  is refused with "already assigned", which counts as done. Posts have no key. Discourse
+  refuses a post identical to one the same user just made
   ("Body is too similar to what you recently posted", site setting ``unique_posts_mins``);
   after an uncertain attempt that refusal counts as delivered. With that setting at 0 a crash
   in the instant between Discourse's answer and our record can post twice (at least once).
@@ -230,6 +232,8 @@ class Discourse(HttpPlatform):
         self.headers = {"Api-Key": settings.api_key, "Api-Username": settings.api_username}
 
     async def deliver(self, msg: OutboundMessage, *, uncertain: bool) -> str:
+        if msg.action == "assign":
+            return await self._assign(msg)
         if msg.action != "message":
             raise Permanent("unsupported", f"discourse cannot {msg.action!r}")
         body = {"topic_id": int(msg.params["topic_id"]), "raw": msg.body}
@@ -242,6 +246,21 @@ class Discourse(HttpPlatform):
                 return ""  # our own earlier attempt got through (see the module docstring)
             raise self.refuse(status, answer)
         return str(answer.get("id", "")) if isinstance(answer, dict) else ""
+
+    async def _assign(self, msg: OutboundMessage) -> str:
+        """discourse-assign: ``PUT /assign/assign`` (target_id, target_type, username)."""
+        body = {
+            "target_id": int(msg.params["topic_id"]),
+            "target_type": "Topic",
+            "username": msg.params["username"],
+        }
+        url = self.settings.url.rstrip("/") + "/assign/assign.json"
+        status, answer = await self.request("PUT", url, self.headers, body)
+        if status >= 300:
+            if status == 400 and "already assigned" in _platform_error(answer):
+                return msg.params["topic_id"]  # the state we want holds already
+            raise self.refuse(status, answer)
+        return msg.params["topic_id"]
 
 
 # Graph API error codes that are worth retrying: throttling and temporary unavailability.

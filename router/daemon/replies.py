@@ -5,9 +5,10 @@ on the platforms, all through the outbox (:mod:`router.daemon.outbox`).
   the Chatwoot conversation is assigned to the agent's Chatwoot user and the Rocket.Chat room is
   forwarded to the agent's Rocket.Chat user (``agents[].accounts`` in the routing file); on
   ``contact.completed`` the Chatwoot conversation is resolved and the Rocket.Chat room closed
-  (``room.closeByUser``), unless the platform itself ended it. Idempotency keys are built from
-  the decision (action, contact, engine time), so a decision the router replays after a crash
-  is queued once.
+  (``room.closeByUser``), unless the platform itself ended it; with ``discourse.assign`` the
+  community topic is assigned to the agent's Discourse user (discourse-assign). Idempotency
+  keys are built from the decision (action, contact, engine time), so a decision the router
+  replays after a crash is queued once.
 - :class:`ConversationFacts` follows the journal and keeps, per contact, what a reply needs
   and the engine does not hold: the customer's address, the mail thread's Message-IDs, the
   time of the customer's last message (the WhatsApp/Messenger window), platform ids.
@@ -26,7 +27,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -36,7 +37,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from channels.email import reply_message_id
-from router.daemon import auth
+from router.daemon import auth, openapi
 from router.daemon.config import OutboundSettings
 from router.daemon.journal import ContactEntry, Journal, JournalUnavailable
 from router.daemon.outbox import OutboundMessage, Outbox
@@ -130,7 +131,9 @@ class ConversationFacts:
             chain = known.decode().split() if known else [event.external_id]
             if message_id not in chain:
                 chain.append(message_id)
-            await self.redis.hset(key, "references", " ".join(chain[-MAX_REFERENCES:]))  # type: ignore[misc]
+            # The thread's root stays first: it is what the customer's answer is matched on.
+            kept = [chain[0], *chain[1:][-(MAX_REFERENCES - 1) :]]
+            await self.redis.hset(key, "references", " ".join(kept))  # type: ignore[misc]
 
     async def follow(self, active: asyncio.Event) -> None:
         """Read the journal while ``active`` is set (this daemon holds the outbox lease)."""
@@ -211,6 +214,17 @@ class PlatformSink:
                 return None  # the room was closed in Rocket.Chat
             else:
                 action, params = "close", {"room_id": external}
+        elif (
+            source == "discourse"
+            and assigned
+            and self.settings.discourse is not None
+            and self.settings.discourse.assign
+        ):
+            user = getattr(self._accounts(agent_id), "discourse", None)
+            if user is None:
+                log.warning("outbound.no_account", platform="discourse", agent_id=agent_id)
+                return None
+            action, params = "assign", {"topic_id": external, "username": str(user)}
         else:
             return None
         return OutboundMessage(
@@ -263,6 +277,16 @@ class Outbound:
         self.settings = settings
         self.sink = PlatformSink(outbox, settings)
         self._clock = clock
+        #: called with every changed status record (the desk's live feed registers here).
+        self.watchers: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
+
+    async def notify(self, record: dict[str, Any]) -> None:
+        """Tell every watcher about a changed status record (a failing one is logged)."""
+        for watcher in list(self.watchers):
+            try:
+                await watcher(record)
+            except Exception as exc:
+                log.warning("outbound.watcher_failed", error=str(exc), key=record.get("key"))
 
     async def run(self, stopping: asyncio.Event) -> None:
         """The outbox workers and the journal follower, while this daemon holds the lease."""
@@ -271,8 +295,12 @@ class Outbound:
             await self.outbox.run(stopping)
         finally:
             follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
-                await follower
+            # Bounded: redis-py may swallow a cancel that lands in a blocking read; the
+            # follower then stops on its own when ``sending`` is cleared.
+            await asyncio.wait([follower], timeout=2.0)
+            if follower.done() and not follower.cancelled():
+                with contextlib.suppress(RedisError, OSError, JournalUnavailable):
+                    follower.result()
 
     async def reply(
         self, contact: dict[str, Any], agent_id: str, text: str, request_key: str | None
@@ -381,6 +409,119 @@ def _error(status: int, error: str, detail: str) -> web.Response:
     return _reply(status, {"error": error, "detail": detail})
 
 
+def _answer(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_OUTBOUND_ITEM = {
+    "type": "object",
+    "description": "state: queued, sending, retrying (error: the last one), sent, failed",
+    "properties": {
+        "key": {"type": "string"},
+        "destination": {"type": "string"},
+        "action": {"type": "string"},
+        "state": {"type": "string"},
+        "attempts": {"type": "integer"},
+        "error": {"type": "string"},
+        "remote_id": {"type": "string"},
+    },
+}
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/contacts/{contact_id}/messages": {
+        "parameters": [
+            {
+                "name": "contact_id",
+                "in": "path",
+                "required": True,
+                "description": "e.g. chatwoot:42 or email:<thread root Message-ID>",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ],
+        "post": {
+            "summary": "The assigned agent's reply, queued in the outbox and sent where the "
+            "conversation lives (mail, Chatwoot, Rocket.Chat, Discourse, WhatsApp, Messenger)",
+            "x-stellwerk-access": "agent",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,100}$"},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["text"],
+                            "additionalProperties": False,
+                            "properties": {"text": {"type": "string", "minLength": 1}},
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "202": {
+                    "description": "in the outbox; status says how far it got",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["key", "duplicate"],
+                                "properties": {
+                                    "key": {"type": "string"},
+                                    "duplicate": {"type": "boolean"},
+                                    "status": _OUTBOUND_ITEM,
+                                },
+                            }
+                        }
+                    },
+                },
+                "400": _answer("bad input, with the reason"),
+                "401": _answer("no or an unknown bearer token"),
+                "403": _answer("not an agent's token"),
+                "404": _answer("no such contact, or not this agent's"),
+                "409": _answer("not assigned, or outside the messaging window"),
+                "422": _answer("a channel Stellwerk cannot answer"),
+                "429": _answer("rate limited; see Retry-After"),
+                "503": _answer("not configured, not routing, or Redis unavailable; retry"),
+            },
+        },
+        "get": {
+            "summary": "The contact's outbound messages and platform actions with their state",
+            "x-stellwerk-access": "supervisor or agent",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": {
+                    "description": "oldest first",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "messages": {"type": "array", "items": _OUTBOUND_ITEM}
+                                },
+                            }
+                        }
+                    },
+                },
+                "401": _answer("no or an unknown bearer token"),
+                "403": _answer("the token's role may not do this"),
+                "404": _answer("an agent asking about a contact not its own"),
+                "429": _answer("rate limited; see Retry-After"),
+                "503": _answer("Redis unavailable; retry"),
+            },
+        },
+    }
+}
+
+
 def add_outbound_routes(app: web.Application, state: AppState) -> None:
     """Register the reply routes with their access (:mod:`router.daemon.auth`).
 
@@ -393,8 +534,7 @@ def add_outbound_routes(app: web.Application, state: AppState) -> None:
         principal = auth.require_agent(request)
         outbound = request.app.get(OUTBOUND)
         if outbound is None:
-            # Not a passing outage (503 would invite retries): this daemon has no replies.
-            return _error(404, "not_configured", "outbound messaging is not set up")
+            return _error(503, "not_configured", "outbound messaging is not running")
         if state.view is None:
             return _error(503, "not_routing", "this daemon does not hold the routing lease")
         contact_id = request.match_info["contact_id"]
@@ -446,6 +586,7 @@ def add_outbound_routes(app: web.Application, state: AppState) -> None:
             return _error(503, "journal_unavailable", str(exc))
         return _reply(200, {"messages": found})
 
+    openapi.document_paths(app, OPENAPI_PATHS)
     auth.add_routes(
         app,
         [

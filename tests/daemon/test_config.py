@@ -199,3 +199,49 @@ def test_telephony_is_off_unless_configured_and_bad_values_are_named() -> None:
     with pytest.raises(SettingsError) as info:
         load_settings(None, env={"STELLWERK_FREESWITCH_PORT": "70000"})
     assert info.value.problems[0].startswith("STELLWERK_FREESWITCH_PORT: ")
+
+
+# ---- outbound platforms -----------------------------------------------------------------------
+
+
+def test_outbound_sections_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "stellwerk.yaml"
+    path.write_text(
+        "outbound:\n"
+        "  mail: {host: smtp.example.net, security: tls, port: 465, password: s3cret}\n"
+        "  discourse: {url: 'https://community.example.net', api_key: k, api_username: staff}\n",
+        encoding="utf-8",
+    )
+    env = {
+        "STELLWERK_OUTBOUND_CHATWOOT": '{"url": "https://chat.example.net", "account_id": 3,'
+        ' "api_token": "cw-secret"}'
+    }
+    s = load_settings(path, env=env).settings
+    assert s.outbound.configured
+    assert (
+        s.outbound.mail and s.outbound.mail.security,
+        s.outbound.chatwoot and s.outbound.chatwoot.account_id,
+    ) == ("tls", 3)
+    shown = s.redacted().outbound
+    assert shown.chatwoot is not None and shown.chatwoot.api_token == "***"
+    assert shown.mail is not None and shown.mail.password == "***"
+    assert shown.discourse is not None and shown.discourse.api_key == "***"
+    assert not load_settings(None, env={}).settings.outbound.configured
+
+
+def test_outbound_problems_are_located(tmp_path: Path) -> None:
+    path = tmp_path / "stellwerk.yaml"
+    path.write_text("outbound:\n  rocketchat: {url: 'ftp://x', user_id: u, auth_token: t}\n")
+    with pytest.raises(SettingsError) as info:
+        load_settings(path, env={})
+    assert info.value.problems[0].startswith(f"{path}:2:")
+    assert "not an http:// or https:// URL" in info.value.problems[0]
+    with pytest.raises(SettingsError) as info:
+        load_settings(
+            None, env={"STELLWERK_OUTBOUND_WHATSAPP": '{"access_token": "t", "version": "21"}'}
+        )
+    assert (
+        info.value.problems
+        == ["STELLWERK_OUTBOUND_WHATSAPP: version: '21' is not a Graph API version like v21.0"]
+        or "Graph API version" in info.value.problems[0]
+    )

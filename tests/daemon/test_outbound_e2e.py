@@ -59,7 +59,10 @@ agents:
     skills: {{support: 3}}
     capacity: {{phone: 0, chat: 3, email: 5, social: 0}}
     accounts: {{chatwoot: 12, rocketchat: annaRcId00000001}}
-  - {{id: mod, skills: {{community: 3}}, capacity: {{phone: 0, chat: 0, email: 0, social: 5}}}}
+  - id: mod
+    skills: {{community: 3}}
+    capacity: {{phone: 0, chat: 0, email: 0, social: 5}}
+    accounts: {{discourse: mod_user}}
 rules:
   - {{name: community, when: channel == "social", queue: community_desk, crowd_first: {WINDOW}}}
   - {{name: default, default: true, queue: support}}
@@ -91,6 +94,7 @@ class World:
     graph: GraphPeer
     relay: Relay
     webhooks: list[int] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
 
     async def webhook(self, source: str, payload: Any, **headers: str) -> None:
         async with self.http.post(
@@ -189,7 +193,12 @@ def outbound_env(world_urls: dict[str, str], smtp_relay_port: int) -> dict[str, 
             }
         ),
         "outbound_discourse": json.dumps(
-            {"url": world_urls["discourse"], "api_key": "dc-key", "api_username": "support_team"}
+            {
+                "url": world_urls["discourse"],
+                "api_key": "dc-key",
+                "api_username": "support_team",
+                "assign": True,
+            }
         ),
         "outbound_whatsapp": json.dumps(
             {"url": world_urls["graph"], "access_token": "graph-token", "window": 2.0}
@@ -234,7 +243,7 @@ async def world(
     http_port, smtp_port = free_port(), free_port()
     async with peers() as (cw, rc, dc, gr, relay, relay_port):
         urls = {"chatwoot": cw.url, "rocketchat": rc.url, "discourse": dc.url, "graph": gr.url}
-        await start_daemon(
+        daemon = await start_daemon(
             routing,
             http_addr=f"127.0.0.1:{http_port}",
             smtp_addr=f"127.0.0.1:{smtp_port}",
@@ -267,6 +276,12 @@ async def world(
                     w.webhooks.append(resp.status)
 
             dc.on_post = echo
+
+            async def watch(record: dict[str, Any]) -> None:
+                w.statuses.append(record)
+
+            # What the desk's live feed registers for (in-process, besides the MQTT push).
+            daemon.outbound.watchers.append(watch)
             yield w
 
 
@@ -309,6 +324,16 @@ async def test_chatwoot_assigned_answered_resolved(world: World) -> None:
         "Bitte einmal neu starten.",
         1,
         False,
+    )
+    # The desk hears on the agent's own topic that the message went out.
+    (pushed,) = await world.mqtt.wait_for(
+        "agents/anna/offers", type="outbound", action="message", state="sent"
+    )
+    assert pushed["contact_id"] == "chatwoot:42" and pushed["key"] == body["key"]
+    await wait_until(
+        lambda: any(r["key"] == body["key"] and r["state"] == "sent" for r in world.statuses),
+        5,
+        "the in-process status watcher",
     )
     await world.mqtt.agent("anna", op="complete", contact_id="chatwoot:42")
     await wait_until(lambda: world.chatwoot.conversations[42].status == "resolved", 10, "resolved")
@@ -362,6 +387,8 @@ async def test_discourse_question_the_crowd_left_is_answered_as_staff(world: Wor
     await world.mqtt.wait_for("events/contact.crowd_window", contact_id="discourse:7001")
     # Nobody from the crowd answers: after the window it reaches the community desk.
     await world.take("mod", "discourse:7001")
+    # discourse-assign: the topic is the agent's in Discourse too.
+    await wait_until(lambda: world.discourse.assigned.get(7001) == "mod_user", 10, "assigned")
     answer = "Im Menü WLAN > Mesh den Repeater hinzufügen, dann ist alles verbunden."
     status, reply = await world.send("mod", "discourse:7001", answer)
     assert status == 202, reply
@@ -385,7 +412,8 @@ async def test_discourse_question_the_crowd_left_is_answered_as_staff(world: Wor
         'stellwerk_crowd_outcomes_total{channel="social",outcome="answered_by_crowd",'
         'source="discourse"} 0.0' in metrics
     )
-    assert 'stellwerk_outbound_total{destination="discourse",outcome="sent"} 1.0' in metrics
+    # the topic's assignment and the staff post
+    assert 'stellwerk_outbound_total{destination="discourse",outcome="sent"} 2.0' in metrics
 
 
 async def test_mail_reply_threads_and_the_customers_answer_joins_the_contact(

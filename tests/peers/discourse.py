@@ -11,6 +11,10 @@ a new post, or a private message"):
   "Body is too similar to what you recently posted". An unknown topic is 404.
 - 200 with the post: ``id``, ``topic_id``, ``post_number``, ``username``, ``raw``, ``staff``...
 - Then Discourse sends its ``post_created`` webhook; the peer calls ``on_post`` with the post.
+- With the discourse-assign plugin: ``PUT /assign/assign`` ``{"target_id": topic,
+  "target_type": "Topic", "username": ...}`` by a staff API user; an unknown user or topic is
+  404, the topic already assigned to that user is 400 ``{"error": "@x is already assigned to
+  this topic"}``; success ``{"success": "OK"}``.
 """
 
 from __future__ import annotations
@@ -31,21 +35,26 @@ MIN_POST_LENGTH = 20
 class DiscoursePeer(Peer):
     api_key: str = "dc-key"
     #: user name -> whether staff (admin or moderator)
-    users: dict[str, bool] = field(default_factory=lambda: {"support_team": True, "kim": False})
+    users: dict[str, bool] = field(
+        default_factory=lambda: {"support_team": True, "kim": False, "mod_user": False}
+    )
     topics: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     on_post: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    #: topic id -> the user name it is assigned to (discourse-assign)
+    assigned: dict[int, str] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(900001))
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.add_routes([web.post("/posts.json", self.create_post)])
+        app.add_routes(
+            [
+                web.post("/posts.json", self.create_post),
+                web.put("/assign/assign.json", self.assign),
+            ]
+        )
         return app
 
-    async def create_post(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        seen = Seen(request.method, request.path, dict(request.headers), body)
-        self.requests.append(seen)
-        self.received.set()
+    def _staff_caller(self, request: web.Request, seen: Seen) -> str:
         user = request.headers.get("Api-Username")
         if request.headers.get("Api-Key") != self.api_key or user not in self.users:
             seen.status = 403
@@ -57,6 +66,42 @@ class DiscoursePeer(Peer):
                     "error_type": "invalid_access",
                 },
             )  # fmt: skip
+        return user
+
+    async def assign(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        seen = Seen(request.method, request.path, dict(request.headers), body)
+        self.requests.append(seen)
+        self.received.set()
+        caller = self._staff_caller(request, seen)
+        if not self.users[caller]:
+            seen.status = 403
+            raise error(403, {"errors": ["You are not permitted"], "error_type": "invalid_access"})
+        body = body if isinstance(body, dict) else {}
+        for name in ("target_id", "target_type"):
+            if name not in body:
+                seen.status = 400
+                raise error(400, {"errors": [f"param is missing or the value is empty: {name}"]})
+        username = body.get("username")
+        if body["target_type"] != "Topic" or body["target_id"] not in self.topics:
+            seen.status = 404
+            raise error(404, {"errors": ["The requested URL or resource could not be found."]})
+        if username not in self.users:
+            seen.status = 404
+            raise error(404, {"errors": ["The requested URL or resource could not be found."]})
+        if self.assigned.get(body["target_id"]) == username:
+            seen.status = 400
+            raise error(400, {"error": f"@{username} is already assigned to this topic"})
+        self.assigned[body["target_id"]] = username
+        seen.status = 200
+        return await self.answer(json_response(200, {"success": "OK"}))
+
+    async def create_post(self, request: web.Request) -> web.Response:
+        body = await read_json(request)
+        seen = Seen(request.method, request.path, dict(request.headers), body)
+        self.requests.append(seen)
+        self.received.set()
+        user = self._staff_caller(request, seen)
         if not isinstance(body, dict) or not isinstance(body.get("raw"), str):
             seen.status = 422
             raise error(422, {"action": "create_post", "errors": ["Body can't be blank"]})
