@@ -391,3 +391,34 @@ async def test_a_call_redis_cannot_take_is_retried_until_journaled(tmp_path: Pat
     finally:
         await client.aclose()
         server.kill()
+
+
+async def test_a_lost_lease_lets_go_of_the_pbx_until_the_next_tenure(journal: Journal) -> None:
+    leading = True
+    w = World(journal)
+    w.connector = TelephonyConnector(
+        "asterisk", w.driver, w.intake, w.table, clock=lambda: w.now, leading=lambda: leading
+    )
+    runs: list[str] = []
+    real_run = w.driver.run
+
+    async def run(events: PbxEvents) -> None:
+        runs.append("start")
+        try:
+            await real_run(events)
+        finally:
+            runs.append("stop")
+
+    w.driver.run = run  # type: ignore[method-assign]
+    task = asyncio.create_task(w.connector.run())
+    try:
+        await w.connector.restored(w.engine)
+        await wait_until(lambda: runs == ["start"], 5, "the driver started")
+        leading = False  # a standby took over
+        await wait_until(lambda: runs == ["start", "stop"], 5, "the driver stopped")
+        leading = True
+        await w.connector.restored(w.engine)  # this daemon routes again
+        await wait_until(lambda: runs == ["start", "stop", "start"], 5, "started again")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -67,6 +67,8 @@ RING_GRACE = 5.0
 QUEUE_SIZE = 10_000
 #: seconds between looks at arrivals the journal could not take.
 RETRY_INTERVAL = 0.5
+#: seconds between looks at whether this daemon still holds the routing lease.
+LEASE_CHECK = 0.25
 
 _HELD_STATES = frozenset({"received", "crowd_window", "queued", "offered"})
 _ACTIVE_STATES = _HELD_STATES | {"assigned"}
@@ -219,6 +221,7 @@ class TelephonyConnector:
         *,
         clock: Callable[[], float] = time.time,
         queue_size: int = QUEUE_SIZE,
+        leading: Callable[[], bool] | None = None,
     ) -> None:
         self.system = system
         self.driver = driver
@@ -234,6 +237,10 @@ class TelephonyConnector:
         # Set by the first restored(): only the lease holder talks to the PBX (a standby on
         # the same Stasis app would take its events away).
         self._tenure = asyncio.Event()
+        # Whether this daemon still holds the routing lease (AppState.lease_held); when it is
+        # lost the driver lets go of the PBX until the next tenure.
+        self._leading = leading
+        self._tenures = 0
         # offer id -> (agent id, contact id) of the legs this connector rang.
         self._offers: dict[str, tuple[str, str]] = {}
         # offer id -> contact id: legs rung for an assignment (desktop offers), bridged on answer.
@@ -260,19 +267,53 @@ class TelephonyConnector:
     async def restored(self, engine: Engine) -> None:
         """A lease tenure began: keep the engine as a read-only view, reconcile with the PBX."""
         self._engine = engine
+        self._tenures += 1
         self._tenure.set()
         await self._enqueue(_Reconcile())
 
     # ---- running --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The driver's connection and the command worker, until cancelled; both start when
-        this daemon first holds the routing lease."""
-        await self._tenure.wait()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.driver.run(self), name=f"{self.name}.driver")
-            tg.create_task(self._worker(), name=f"{self.name}.worker")
-            tg.create_task(self._retry_arrivals(), name=f"{self.name}.retry")
+        """The driver's connection, the command worker and the retries, until cancelled. They
+        run while this daemon holds the routing lease: from each :meth:`restored` until the
+        lease is lost (a standby never connects: it would take the PBX's events away)."""
+        while True:
+            await self._tenure.wait()
+            tenure = self._tenures
+            log.info("telephony.started", system=self.system)
+            tasks = [
+                asyncio.create_task(self.driver.run(self), name=f"{self.name}.driver"),
+                asyncio.create_task(self._worker(), name=f"{self.name}.worker"),
+                asyncio.create_task(self._retry_arrivals(), name=f"{self.name}.retry"),
+            ]
+            watch = asyncio.create_task(self._lease_lost(), name=f"{self.name}.lease")
+            try:
+                done, _ = await asyncio.wait([*tasks, watch], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (*tasks, watch):
+                    task.cancel()
+                await asyncio.gather(*tasks, watch, return_exceptions=True)
+            for task in done:
+                exc = None if task is watch or task.cancelled() else task.exception()
+                if exc is not None:
+                    raise exc
+            log.warning("telephony.stopped", system=self.system, reason="lease_lost")
+            if self._tenures != tenure:
+                continue  # a new tenure began meanwhile: carry on with it
+            self._tenure.clear()
+            self._engine = None
+            while not self._work.empty():
+                self._work.get_nowait()
+                self._work.task_done()
+            self._idle.set()
+
+    async def _lease_lost(self) -> None:
+        leading = self._leading
+        if leading is None:
+            await asyncio.Event().wait()
+            return
+        while leading():
+            await asyncio.sleep(LEASE_CHECK)
 
     async def _retry_arrivals(self) -> None:
         delays = backoff()
