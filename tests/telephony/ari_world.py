@@ -40,10 +40,14 @@ queues:
   support:
     skills: {{support: 1}}
     music_class: support-moh
+    announcement: {{media: "sound:queue-periodic-announce", every: 0.4}}
   expert_desk:
     skills: {{second_level: 1}}
     weight: 10
     music_class: expert-moh
+  callback_desk:
+    skills: {{support: 1}}
+    phone_offer: desktop
 agents:
 {chr(10).join(lines)}
 experts:
@@ -56,6 +60,9 @@ rules:
   - name: by_stasis_arg
     when: attributes.queue == "expert_desk"
     queue: expert_desk
+  - name: desktop_first
+    when: attributes.queue == "callback_desk"
+    queue: callback_desk
   - name: default
     default: true
     queue: support

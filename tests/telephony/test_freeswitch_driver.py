@@ -279,3 +279,30 @@ async def test_a_switch_that_stops_answering_is_left_and_reconnected(peer: EslPe
         await until(peer, lambda: reports.connects >= 2, "a fresh connection")
         view = driver.view()
         assert view is not None and set(view.calls) == {uid}
+
+
+async def test_the_same_driver_runs_again_after_a_lost_lease(peer: EslPeer) -> None:
+    """The connector stops the driver when the routing lease is lost and runs it again with
+    the next tenure: the second run starts from the switch's picture, not the stale one."""
+    reports = Reports()
+    driver = FreeswitchDriver("127.0.0.1", peer.port, "pw", connect_timeout=1.0)
+    first = asyncio.create_task(driver.run(reports))
+    await peer.wait_for(lambda: reports.connects == 1, 5, "the first run")
+    kept = peer.place_call("+4930555081", variables=stellwerk())
+    gone = peer.place_call("+4930555082", variables=stellwerk())
+    await until(peer, lambda: len(reports.items) == 2, "two arrivals")
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+    await until(peer, lambda: peer.connections == 0, "the socket let go")
+    assert driver.view() is None
+    peer.hang_up(gone)
+    second = asyncio.create_task(driver.run(reports))
+    try:
+        await peer.wait_for(lambda: reports.connects == 2, 5, "the second run")
+        view = driver.view()
+        assert view is not None and set(view.calls) == {kept}
+    finally:
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second

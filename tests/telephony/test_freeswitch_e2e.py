@@ -215,11 +215,14 @@ async def test_sigkill_with_held_calls_and_a_ringing_leg(
 
     def held_again() -> bool:
         since = peer.commands[mark:]
-        return all(f"api uuid_broadcast {uid} local_stream://moh aleg" in since for uid in calls)
+        return all(
+            f"api uuid_broadcast {uid} local_stream://moh aleg" in since
+            and peer.channels[uid].playing == ["local_stream://moh"]
+            for uid in calls
+        )
 
     # Nobody is left in silence: every waiting caller's music is started again.
     await peer.wait_for(held_again, 15, "every held call held again")
-    assert all(peer.channels[uid].playing == ["local_stream://moh"] for uid in calls)
     await login(mqtt_probe, "ben")
     # The leg the dead daemon rang is hung up by Stellwerk (not rung out by the switch).
     await peer.wait_for(lambda: not orphan.alive, 15, "the orphaned leg hung up")
