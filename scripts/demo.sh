@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Stellwerk demo: start the daemon against the local Redis and Mosquitto (a demo key and topic
 # prefix of its own, wiped first), drive it with `stellwerk loadgen` for about a minute (calls over
-# MQTT, mail over SMTP, signed chat and community webhooks, 20 simulated agents), print the report
+# MQTT, mail over SMTP, signed chat and community webhooks, 22 simulated agents), print the report
 # and a few live metrics, then stop the daemon (SIGTERM: graceful hand-over).
 #
 #   ./scripts/demo.sh                     # what `make demo` runs

@@ -1,6 +1,6 @@
 """The daemon's HTTP server (aiohttp): webhooks, metrics, health, and the small admin API.
 
-Routes (DESIGN.md section 5):
+Routes (docs/operations.md):
 
 - ``POST /v1/webhooks/{source}`` — the raw body and headers go to the shared
   :class:`~router.daemon.intake.Intake`, which checks

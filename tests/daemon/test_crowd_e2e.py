@@ -1,4 +1,4 @@
-"""The crowd service end to end (issue 5): a real daemon against the real Redis and Mosquitto,
+"""The crowd service end to end: a real daemon against the real Redis and Mosquitto,
 fed the way the world feeds it — Discourse webhooks (the real payload shape, signed) over HTTP,
 Asterisk ARI calls over MQTT, e-mail over SMTP — and watched the way its users watch it: offers
 on the agents' topics, events on ``{prefix}/events/...``, the experts report over HTTP.

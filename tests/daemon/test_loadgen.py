@@ -266,3 +266,22 @@ async def test_offers_for_contacts_loadgen_did_not_create_are_handled_and_report
     assert report.sent == 4 and report.offered == 4 and report.lost == 0
     assert report.other_contacts == 3 and report.other_offers >= 3
     assert "WARNING" in report.text() and "3 contacts loadgen did not create" in report.text()
+
+
+def test_the_first_progress_line_shows_no_rate_from_a_few_microseconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import re
+    import time
+
+    gen = LoadGen(Target(), Profile(rate=5.0, duration=10.0))
+    gen._started = time.perf_counter()
+    gen.sent = 1
+    gen._progress()
+    line = capsys.readouterr().err
+    assert "sent 1" in line
+    assert all(float(r) <= 5.0 for r in re.findall(r"sent \d+ \(([\d.]+)/s\)", line)), line
+    gen._started -= 2.0
+    gen.sent = 10
+    gen._progress()
+    assert re.search(r"sent 10 \(5\.0/s\)", capsys.readouterr().err)
