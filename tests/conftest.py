@@ -14,8 +14,14 @@ import contextlib
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests import servers
+
+# Hypothesis' default 200 ms deadline per example is a wall-clock bound: on a machine busy with
+# other work it fails correct code. Properties are checked, not speed (that is benchmarks/).
+settings.register_profile("stellwerk", deadline=None)
+settings.load_profile("stellwerk")
 
 LEFTOVERS: list[str] = []
 
