@@ -233,7 +233,9 @@ def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
             STELLWERK_SMTP_ADDR="",
             STELLWERK_LOG_FORMAT="json",
             STELLWERK_ROUTER_NODE_ID=node,
-            STELLWERK_ROUTER_LEASE_TTL="1.0",
+            # Short, so a standby takes over quickly; not so short that a renewal late on a
+            # loaded machine loses the lease in the middle of a test.
+            STELLWERK_ROUTER_LEASE_TTL="3.0",
             STELLWERK_ROUTER_SNAPSHOT_INTERVAL="0.5",
         )
         env.update({f"STELLWERK_{k.upper()}": v for k, v in extra.items()})
