@@ -13,7 +13,7 @@ of contacts lost (accepted by the broker, never seen by the router).
     .venv/bin/python benchmarks/e2e.py                       # 200,500,1000,2000,5000 /s, 10 s each
     .venv/bin/python benchmarks/e2e.py --rates 1000 --duration 30 --json
 
-The DESIGN target is >= 5,000 contacts/s with p99 < 50 ms and zero loss; the figures measured on
+The target is >= 5,000 contacts/s with p99 < 50 ms and zero loss; the figures measured on
 the 2-core development box are in docs/operations.md.
 """
 

@@ -1,6 +1,6 @@
 """Chat webhooks → ContactEvents: Rocket.Chat omnichannel, Chatwoot, WhatsApp Cloud API, Messenger.
 
-Decisions where the issue is silent:
+Decisions taken:
 
 - Only what the customer says is input. Messages written by the company's side (Rocket.Chat
   messages carrying an ``agentId``, Chatwoot ``outgoing``/``activity``/``template`` and private

@@ -1,6 +1,6 @@
 """Email: one RFC 5322 message (bytes, as an SMTP server or an MDA delivers it) → ContactEvent.
 
-Decisions where the issue is silent:
+Decisions taken:
 
 - Thread identity: the contact is the thread. Its root is the first Message-ID in
   References, else the first in In-Reply-To, else the message's own Message-ID (angle brackets

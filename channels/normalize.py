@@ -1,10 +1,11 @@
 """``stellwerk normalize``: one native payload in, its ContactEvent(s) out as JSON.
 
 Reads FILE (or standard input when FILE is absent or ``-``), decodes it with the decoder of
-``--source`` and prints the result with the field names of DESIGN.md section 3: one JSON object
-for one event, a JSON list when the delivery holds several, ``[]`` when it holds none (a valid
-delivery such as a receipt or an ignored event type). Exit 0 on success. Bad input exits 2 with
-one line ``stellwerk normalize: <source>: <reason>: <detail>`` on standard error.
+``--source`` and prints the result with the field names of ``router.model.ContactEvent``:
+one JSON object for one event, a JSON list when the delivery holds several, ``[]`` when it
+holds none (a valid delivery such as a receipt or an ignored event type). Exit 0 on success.
+Bad input exits 2 with one line ``stellwerk normalize: <source>: <reason>: <detail>``
+on standard error.
 """
 
 from __future__ import annotations

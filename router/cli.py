@@ -29,7 +29,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
     """Build the parser; only the chosen sub-command's module is imported."""
-    parser = argparse.ArgumentParser(prog="stellwerk", description=__doc__.splitlines()[0])
+    # The docstring's first line, without its reStructuredText literal markup.
+    description = __doc__.splitlines()[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog="stellwerk", description=description)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     module = None

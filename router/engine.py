@@ -7,7 +7,7 @@ in :mod:`router.experts`; this module routes. The engine never reads the clock, 
 random numbers and never does I/O, so the daemon, the simulator and journal replay all run the
 same code and a replay of the same inputs with the same times yields the same state.
 
-Semantics (DESIGN.md section 4), with the decisions taken where it is silent:
+Semantics, with the decisions taken:
 
 * **Queue order.** Each waiting contact has the time-invariant key
   ``arrived_at - priority * queue.weight``; the smallest key is served first, which is the same

@@ -1,6 +1,6 @@
 """The normalised contact event: the one shape every channel adapter emits.
 
-Field names and meanings follow DESIGN.md section 3; this module is the contract between
+Field names and meanings are in docs/architecture.md; this module is the contract between
 ``channels/`` (which produce events) and ``router/`` (which consumes them). It holds data only.
 """
 

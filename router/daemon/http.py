@@ -7,6 +7,8 @@ the agent holding a contact for ``/v1/contacts/{id}``, open for health and ``/me
 token, 403 for the wrong role. Routes other than monitoring are rate limited per client (429 with
 ``Retry-After``). docs/security.md has the whole picture, docs/operations.md the route table.
 
+Routes:
+
 - ``POST /v1/webhooks/{source}`` — the raw body and headers go to the shared
   :class:`~router.daemon.intake.Intake`, which checks the source's signature, decodes, and
   journals the events. A source without a secret is refused (401 ``unsigned_source``) unless

@@ -922,8 +922,10 @@ class LoadGen:
             return
         elapsed = time.perf_counter() - self._started
         lat = percentiles(self.latencies[-2000:])
+        # A rate over the first few milliseconds says nothing (1 sent in 45 µs is 22,000/s).
+        rate = f" ({self.sent / elapsed:.1f}/s)" if elapsed >= 1.0 else ""
         line = (
-            f"\r[{elapsed:6.1f}s] sent {self.sent} ({self.sent / max(elapsed, 1e-9):.1f}/s) "
+            f"\r[{elapsed:6.1f}s] sent {self.sent}{rate} "
             f"offered {self.offered} ended {self.ended} waiting {self._outstanding()} "
             f"refused {sum(self.refused.values())}"
         )
@@ -1063,7 +1065,7 @@ class LoadGen:
         self._started = time.perf_counter()
         total = math.ceil(self.p.duration * self.p.rate - 1e-9)
         end = self._started + self.p.duration
-        next_progress = self._started
+        next_progress = self._started + 1.0
         while True:
             now = time.perf_counter()
             # Contact k is due at k / rate; catch up on whatever is due (the loop ticks at 5 ms).

@@ -1,4 +1,4 @@
-"""``stellwerk run``: the routing daemon (DESIGN.md sections 2, 5 and 6).
+"""``stellwerk run``: the routing daemon (docs/architecture.md, docs/daemon.md).
 
 One asyncio process, one supervising TaskGroup with named tasks: MQTT publisher, MQTT ingress,
 router (lease -> restore -> route), Redis watch, signals, outbound (the outbox workers of

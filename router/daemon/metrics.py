@@ -1,4 +1,4 @@
-"""Prometheus metrics of the daemon (DESIGN.md section 5), all prefixed ``stellwerk_``.
+"""Prometheus metrics of the daemon (docs/operations.md), all prefixed ``stellwerk_``.
 
 One :class:`Metrics` object owns its own :class:`~prometheus_client.CollectorRegistry` (never the
 process-wide default one), so every daemon, and every test, has metrics of its own. The router

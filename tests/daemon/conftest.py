@@ -109,9 +109,10 @@ class MqttProbe:
         ]
 
     async def wait_for(
-        self, topic: str, timeout: float = 5.0, count: int = 1, **match: Any
+        self, topic: str, timeout: float = 20.0, count: int = 1, **match: Any
     ) -> list[Any]:
-        """Wait until ``count`` matching payloads arrived on ``topic``; return them."""
+        """Wait until ``count`` matching payloads arrived on ``topic``; return them. (The
+        timeout is a last guard for a loaded machine; it returns as soon as they are here.)"""
         deadline = time.monotonic() + timeout
         while True:
             found = self.seen(topic, **match)
@@ -232,7 +233,9 @@ def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
             STELLWERK_SMTP_ADDR="",
             STELLWERK_LOG_FORMAT="json",
             STELLWERK_ROUTER_NODE_ID=node,
-            STELLWERK_ROUTER_LEASE_TTL="1.0",
+            # Short, so a standby takes over quickly; not so short that a renewal late on a
+            # loaded machine loses the lease in the middle of a test.
+            STELLWERK_ROUTER_LEASE_TTL="3.0",
             STELLWERK_ROUTER_SNAPSHOT_INTERVAL="0.5",
         )
         env.update({f"STELLWERK_{k.upper()}": v for k, v in extra.items()})
@@ -336,7 +339,7 @@ def ari(event: str, channel_id: str, caller: str = "030 5550100", exten: str = "
     return json.dumps(data).encode()
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
+async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
     """Poll ``predicate`` (sync or async) until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while True:
@@ -385,3 +388,18 @@ async def start_daemon(
     if running:
         settings = running[0][0].settings
         await drop_session(settings.mqtt.identifier(settings.topic_prefix))
+
+
+async def barrier(probe: Any, timeout: float = 30.0) -> None:
+    """Return once the daemon has applied and published everything the test sent before.
+
+    A login for an agent the routing file does not know goes through the broker, the ingress
+    and the journal like any other input, and the router publishes its refusal after the
+    commands of every earlier journal entry: once the refusal is here, so is anything (a
+    duplicate, say) that earlier inputs made the daemon publish. ``probe`` is anything with
+    ``publish(topic, payload)`` and ``wait_for(topic, timeout=..., **match)`` under the test's
+    prefix (:class:`MqttProbe`, the fault tests' peer).
+    """
+    ghost = f"barrier-{uuid.uuid4().hex[:8]}"
+    await probe.publish(f"agents/{ghost}/cmd", {"op": "login"})
+    await probe.wait_for(f"agents/{ghost}/offers", timeout=timeout, type="refused")

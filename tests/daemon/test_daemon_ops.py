@@ -119,7 +119,7 @@ async def test_an_entry_the_engine_fails_on_is_set_aside_and_routing_goes_on(
     # Nothing was routed twice by the restart from the snapshot, and "before" is still queued.
     assert len(mqtt_probe.seen("events/contact.queued", contact_id="asterisk-ari:before")) == 1
     # "after" is published while the restarted tenure replays; its view comes once restored.
-    view = await wait_until(lambda: daemon.state.view, 10, "routing again after the restart")
+    view = await wait_until(lambda: daemon.state.view, 30, "routing again after the restart")
     info = view.contact_info("asterisk-ari:before")
     assert info is not None and info["state"] == "queued"
     assert view.contact_info("asterisk-ari:boom") is None
@@ -185,4 +185,4 @@ async def test_the_daemon_waits_for_an_unreachable_peer_instead_of_crashing(
         else:
             assert daemon.state.redis_ok and not daemon.state.mqtt_ok
         daemon.stopping.set()
-        await asyncio.wait_for(task, 15)
+        await asyncio.wait_for(task, 30)

@@ -6,7 +6,6 @@ the PBX and the agents over MQTT and reads the routing state back from the snaps
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ pytestmark = pytest.mark.integration
 CALL = "in/phone/asterisk-ari"
 
 
-async def wait_log(daemon: DaemonProcess, event: str, timeout: float = 10.0) -> dict[str, Any]:
+async def wait_log(daemon: DaemonProcess, event: str, timeout: float = 30.0) -> dict[str, Any]:
     """The first JSON log line of ``daemon`` with this ``event`` (waits for it)."""
 
     def find() -> dict[str, Any] | None:
@@ -48,7 +47,7 @@ async def routed_state(journal: Journal, routing: Path, after: float) -> EngineS
         snap = await journal.load_snapshot()
         return snap if snap is not None and snap.at > after else None
 
-    snap = await wait_until(newer, 10, "a fresh snapshot")
+    snap = await wait_until(newer, 30, "a fresh snapshot")
     return Engine.restore(load_routing(routing), snap.data).state
 
 
@@ -101,7 +100,7 @@ async def test_sigkill_and_restart_keep_every_queued_contact_offer_and_assignmen
         state = await routed_state(journal, routing, killed_at)
         return state if len(state.contacts) == 27 else None
 
-    state = await wait_until(all_there, 10, "all 27 contacts in the restored engine")
+    state = await wait_until(all_there, 30, "all 27 contacts in the restored engine")
     contacts = state.contacts
     assert contacts["asterisk-ari:c-1"].state == "assigned"
     assert contacts["asterisk-ari:c-1"].agent_id == x
@@ -137,8 +136,9 @@ async def test_a_standby_takes_over_when_the_router_dies(
     await wait_log(active, "router.routing")
     await wait_log(active, "mqtt.ingress.connected")
     standby = daemons(daemon_env(routing, "b"), "b")
-    await wait_log(standby, "daemon.started")
-    await asyncio.sleep(0.3)
+    # The standby is up (Redis and broker connected, polling for the lease) and does not route.
+    await wait_log(standby, "redis.status")
+    await wait_log(standby, "mqtt.publisher.connected")
     holder = await redis_client.get(journal.keys.lease)
     assert holder is not None and holder.decode().startswith("a:")
     assert not any(line.get("event") == "router.routing" for line in standby.log_lines())
@@ -149,9 +149,10 @@ async def test_a_standby_takes_over_when_the_router_dies(
 
     active.kill()
     died = time.monotonic()
-    await wait_log(standby, "router.routing", timeout=10)
+    # About one lease ttl (3 s) on an idle machine; the bound is only a last guard under load.
+    await wait_log(standby, "router.routing", timeout=30)
     took = time.monotonic() - died
-    assert took < 3.0, f"standby took {took:.1f}s to take over (lease ttl 1 s)"
+    assert took < 20.0, f"standby took {took:.1f}s to take over (lease ttl 3 s)"
     holder = await redis_client.get(journal.keys.lease)
     assert holder is not None and holder.decode().startswith("b:")
 

@@ -21,6 +21,8 @@ from router.daemon.journal import (
 )
 from router.messages import Accept, Login
 from router.model import ContactEvent, Sender
+from tests.daemon.conftest import Names, wait_until
+from tests.servers import REDIS_URL
 
 pytestmark = pytest.mark.integration
 
@@ -57,12 +59,31 @@ async def test_entries_come_back_in_order_and_identical(journal: Journal) -> Non
     assert await journal.last_id() == ids[-1]
 
 
-async def test_blocking_read_wakes_up_on_append(journal: Journal) -> None:
-    reader = asyncio.create_task(journal.read_after("$", block_ms=3000, count=10))
-    await asyncio.sleep(0.1)
-    await journal.append(TickEntry(at=1.0))
-    got = await asyncio.wait_for(reader, 2)
-    assert [e for _, e in got] == [TickEntry(at=1.0)]
+async def test_blocking_read_wakes_up_on_append(journal: Journal, names: Names) -> None:
+    # The reader gets a connection of its own with a name, so the test can see in CLIENT LIST
+    # when its XREAD is blocked in Redis: only an append after that is a test of the wake-up
+    # ("$" means "after the newest entry when the XREAD arrives").
+    name = f"stwtest-reader-{names.tag}"
+    client = aioredis.Redis.from_url(REDIS_URL, client_name=name)
+    reader_journal = Journal(client, names.key_prefix)
+    reader = asyncio.create_task(reader_journal.read_after("$", block_ms=30_000, count=10))
+    try:
+
+        async def blocked() -> bool:
+            clients = await journal.redis.client_list()
+            return any(
+                c.get("name") == name and c.get("cmd") == "xread" and "b" in c.get("flags", "")
+                for c in clients
+            )
+
+        await wait_until(blocked, 30, "the XREAD to block in Redis")
+        await journal.append(TickEntry(at=1.0))
+        got = await asyncio.wait_for(reader, 10)
+        assert [e for _, e in got] == [TickEntry(at=1.0)]
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await client.aclose()
 
 
 async def test_a_foreign_entry_is_reported_not_fatal(journal: Journal) -> None:

@@ -349,3 +349,22 @@ async def test_with_broker_config_accounts_every_party_uses_its_own(
     report = await LoadGen(target, profile).run()
     assert report.sent == 10 and report.accepted == 10
     assert report.lost == 0 and report.offered == 10 and report.agent_refusals == 0
+
+
+def test_the_first_progress_line_shows_no_rate_from_a_few_microseconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import re
+    import time
+
+    gen = LoadGen(Target(), Profile(rate=5.0, duration=10.0))
+    gen._started = time.perf_counter()
+    gen.sent = 1
+    gen._progress()
+    line = capsys.readouterr().err
+    assert "sent 1" in line
+    assert all(float(r) <= 5.0 for r in re.findall(r"sent \d+ \(([\d.]+)/s\)", line)), line
+    gen._started -= 2.0
+    gen.sent = 10
+    gen._progress()
+    assert re.search(r"sent 10 \(5\.0/s\)", capsys.readouterr().err)

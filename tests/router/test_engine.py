@@ -1,4 +1,4 @@
-"""Routing semantics of the engine, one behaviour per test (DESIGN.md section 4)."""
+"""Routing semantics of the engine, one behaviour per test (see router/engine.py)."""
 
 from __future__ import annotations
 
