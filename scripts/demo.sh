@@ -3,8 +3,8 @@
 # ACLs and HTTP tokens into a temp dir; a private Mosquitto on a free port runs with them (no
 # anonymous access; the shared broker on 1883 is left alone); the daemon starts against it and the
 # local Redis (a demo key and topic prefix of its own, wiped first); `stellwerk loadgen` drives it
-# for about a minute as a real site would: the telephony bridge, each of the 22 agents and a
-# wallboard with their own accounts (calls over MQTT, mail over SMTP, signed chat and community
+# for about a minute as a real site would: the telephony bridge, 22 simulated agents and a
+# wallboard, each with its own account (calls over MQTT, mail over SMTP, signed chat and community
 # webhooks). It prints the report and a few live metrics, shows an anonymous client and a request
 # without a token being refused, then stops the daemon (SIGTERM: graceful hand-over) and the broker.
 #
