@@ -113,7 +113,7 @@ class CallState:
     hangup: bool = False
     answering: int = 0
     announced: float = 0.0
-    seen: float = field(default_factory=time.monotonic)
+    webhook_at: float = 0.0
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     generation: int = 0
 
@@ -216,7 +216,7 @@ class TwilioDriver:
             state.in_queue, state.queue_sid = name, queue_sid
         # Calls that announced themselves while the lists were read are there too.
         for sid, state in self.calls.items():
-            if sid not in calls and state.seen >= started and sid not in self._ended:
+            if sid not in calls and state.webhook_at >= started and sid not in self._ended:
                 calls[sid] = PbxCall(sid, self._arrival(sid, "", ""))
         self._view = PbxView(calls=calls, legs=legs)
         self._view_at = time.monotonic()
@@ -497,6 +497,7 @@ class TwilioDriver:
             await events.call_arrived(sid, body)
             return _xml(empty_twiml())
         state = self._state(sid)
+        state.webhook_at = time.monotonic()
         state.answering += 1
         try:
             if not await events.call_arrived(sid, body):
