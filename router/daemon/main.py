@@ -188,7 +188,7 @@ class Daemon:
 
         leader = s.mqtt.ingress == "leader"
         # Before the router is built: it takes its sinks when it is made.
-        self.telephony = build_connectors(s, intake, self.table)
+        self.telephony = build_connectors(s, intake, self.table, leading=lambda: state.lease_held)
         self.sinks.extend(self.telephony)
 
         def mqtt_status(_: bool) -> None:

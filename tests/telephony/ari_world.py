@@ -40,6 +40,7 @@ queues:
   support:
     skills: {{support: 1}}
     music_class: support-moh
+    announcement: {{media: "sound:queue-periodic-announce", every: 0.4}}
   expert_desk:
     skills: {{second_level: 1}}
     weight: 10

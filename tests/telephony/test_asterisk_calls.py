@@ -75,6 +75,10 @@ async def test_hang_up_while_held_is_abandoned_and_nothing_rings(
         cid = peer.place_call("+4930555002")  # nobody logged in: the caller waits
         await wait_held(peer, cid, "support-moh")
         await mqtt_probe.wait_for("events/contact.queued", contact_id=contact(cid))
+        # The queue's announcement is played into the caller's holding bridge now and then.
+        hold = peer.bridges[f"stw-hold-{cid}"]
+        await wait_until(lambda: len(hold.plays) >= 2, 5, "the announcement, twice")
+        assert set(hold.plays) == {"sound:queue-periodic-announce"}
         peer.hangup(cid)
         gone = await mqtt_probe.wait_for("events/contact.abandoned", contact_id=contact(cid))
         assert gone[0]["queue"] == "support"

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from channels.base import DecodeConfig
 from router.daemon.intake import Intake
-from router.daemon.journal import AgentEntry, ContactEntry, Journal
+from router.daemon.journal import AgentEntry, ContactEntry, Journal, connect_redis
 from router.daemon.telephony.connector import (
     HoldSpec,
     PbxCall,
@@ -33,6 +33,8 @@ from router.daemon.telephony.connector import (
 from router.engine import Engine
 from router.messages import Login, Tick
 from rules.load import parse_routing
+from tests.daemon.conftest import wait_until
+from tests.daemon.private_servers import REDIS_SERVER, PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -349,3 +351,74 @@ async def test_reconcile_rings_again_an_offer_whose_leg_is_missing(world: Any) -
     await w.connector.connected()
     await w.settle()
     assert d.take() == [("hold", "c1", "jazz"), ("ring", w.offer("c1"), "c1", "PJSIP/1001", 10)]
+
+
+async def test_a_standby_never_talks_to_the_pbx(journal: Journal) -> None:
+    w = World(journal)
+    task = asyncio.create_task(w.connector.run())
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert w.driver.events is None  # no lease tenure: the driver is not even started
+        await w.connector.restored(w.engine)
+        await wait_until(lambda: w.driver.events is not None, 5, "the driver started")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_call_redis_cannot_take_is_retried_until_journaled(tmp_path: Path) -> None:
+    if not REDIS_SERVER.exists():
+        pytest.skip(f"{REDIS_SERVER} is not installed")
+    (tmp_path / "redis").mkdir()
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    client = connect_redis(server.url)
+    try:
+        w = World(Journal(client, "t:"))
+        await w.start()
+        w.driver.pbx = PbxView(calls={"c1": PbxCall(call_id="c1", payload=stasis_start("c1"))})
+        server.stop()
+        assert not await w.connector.call_arrived("c1", stasis_start("c1"))
+        assert w.driver.take() == []  # not journaled: not answered either
+        server.start()
+        await wait_until(lambda: w.journal.read_after("0-0", None, 10), 10, "journaled")
+        await w.settle()
+        assert w.state("c1") == "queued"
+        assert ("hold", "c1", "jazz") in w.driver.take()
+        w.task.cancel()
+        await asyncio.gather(w.task, return_exceptions=True)
+    finally:
+        await client.aclose()
+        server.kill()
+
+
+async def test_a_lost_lease_lets_go_of_the_pbx_until_the_next_tenure(journal: Journal) -> None:
+    leading = True
+    w = World(journal)
+    w.connector = TelephonyConnector(
+        "asterisk", w.driver, w.intake, w.table, clock=lambda: w.now, leading=lambda: leading
+    )
+    runs: list[str] = []
+    real_run = w.driver.run
+
+    async def run(events: PbxEvents) -> None:
+        runs.append("start")
+        try:
+            await real_run(events)
+        finally:
+            runs.append("stop")
+
+    w.driver.run = run  # type: ignore[method-assign]
+    task = asyncio.create_task(w.connector.run())
+    try:
+        await w.connector.restored(w.engine)
+        await wait_until(lambda: runs == ["start"], 5, "the driver started")
+        leading = False  # a standby took over
+        await wait_until(lambda: runs == ["start", "stop"], 5, "the driver stopped")
+        leading = True
+        await w.connector.restored(w.engine)  # this daemon routes again
+        await wait_until(lambda: runs == ["start", "stop", "start"], 5, "started again")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -38,9 +38,14 @@ def configured_systems(settings: Settings) -> list[str]:
 
 
 def build_connectors(
-    settings: Settings, intake: Intake, table: RoutingTable
+    settings: Settings,
+    intake: Intake,
+    table: RoutingTable,
+    *,
+    leading: Callable[[], bool] | None = None,
 ) -> list[TelephonyConnector]:
-    """One connector per configured telephony system whose adapter this build has."""
+    """One connector per configured telephony system whose adapter this build has;
+    ``leading`` says whether this daemon holds the routing lease."""
     out = []
     for system in configured_systems(settings):
         try:
@@ -49,5 +54,5 @@ def build_connectors(
             log.error("telephony.no_adapter", system=system)
             continue
         make: Callable[[Settings], PbxDriver] = module.make_driver
-        out.append(TelephonyConnector(system, make(settings), intake, table))
+        out.append(TelephonyConnector(system, make(settings), intake, table, leading=leading))
     return out

@@ -247,6 +247,11 @@ class AsteriskDriver:
             else:
                 await asyncio.Event().wait()  # the outbound route brings the connection
         finally:
+            # Not routing any more: Asterisk's outbound socket is turned away until next time.
+            self._events = None
+            ws = self._outbound_ws
+            if ws is not None:
+                await ws.close()
             processor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await processor

@@ -49,6 +49,7 @@ from aiohttp import web
 
 from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
+from router.daemon.mqtt import backoff
 from router.messages import CancelOfferCmd, Command, EventCmd, OfferCmd, RefusedCmd
 from rules.schema import Announcement
 from rules.table import RoutingTable
@@ -64,6 +65,10 @@ LegFailure = Literal["busy", "declined", "noanswer", "failed"]
 #: seconds a leg may ring beyond the offer's expiry: the engine's RONA decides, not the PBX.
 RING_GRACE = 5.0
 QUEUE_SIZE = 10_000
+#: seconds between looks at arrivals the journal could not take.
+RETRY_INTERVAL = 0.5
+#: seconds between looks at whether this daemon still holds the routing lease.
+LEASE_CHECK = 0.25
 
 _HELD_STATES = frozenset({"received", "crowd_window", "queued", "offered"})
 _ACTIVE_STATES = _HELD_STATES | {"assigned"}
@@ -218,6 +223,7 @@ class TelephonyConnector:
         *,
         clock: Callable[[], float] = time.time,
         queue_size: int = QUEUE_SIZE,
+        leading: Callable[[], bool] | None = None,
     ) -> None:
         self.system = system
         self.driver = driver
@@ -233,6 +239,10 @@ class TelephonyConnector:
         # Set by the first restored(): only the lease holder talks to the PBX (a standby on
         # the same Stasis app would take its events away).
         self._tenure = asyncio.Event()
+        # Whether this daemon still holds the routing lease (AppState.lease_held); when it is
+        # lost the driver lets go of the PBX until the next tenure.
+        self._leading = leading
+        self._tenures = 0
         # offer id -> (agent id, contact id) of the legs this connector rang.
         self._offers: dict[str, tuple[str, str]] = {}
         # offer id -> contact id: legs rung for an assignment (desktop offers), bridged on answer.
@@ -241,6 +251,11 @@ class TelephonyConnector:
         self._answered: dict[str, str] = {}
         # call id -> what it is held with (so the default hold never replaces the queue's).
         self._held: dict[str, HoldSpec] = {}
+        # call id -> native payload of arrivals and hang-ups the journal could not take (Redis
+        # down): retried until journaled, so no caller waits unanswered for a restart and no
+        # hung-up call stays queued.
+        self._unjournaled: dict[str, bytes] = {}
+        self._unjournaled_ends: dict[str, bytes] = {}
 
     # ---- CommandSink ----------------------------------------------------------------------
 
@@ -254,18 +269,76 @@ class TelephonyConnector:
     async def restored(self, engine: Engine) -> None:
         """A lease tenure began: keep the engine as a read-only view, reconcile with the PBX."""
         self._engine = engine
+        self._tenures += 1
         self._tenure.set()
         await self._enqueue(_Reconcile())
 
     # ---- running --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The driver's connection and the command worker, until cancelled; both start when
-        this daemon first holds the routing lease."""
-        await self._tenure.wait()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.driver.run(self), name=f"{self.name}.driver")
-            tg.create_task(self._worker(), name=f"{self.name}.worker")
+        """The driver's connection, the command worker and the retries, until cancelled. They
+        run while this daemon holds the routing lease: from each :meth:`restored` until the
+        lease is lost (a standby never connects: it would take the PBX's events away)."""
+        while True:
+            await self._tenure.wait()
+            tenure = self._tenures
+            log.info("telephony.started", system=self.system)
+            tasks = [
+                asyncio.create_task(self.driver.run(self), name=f"{self.name}.driver"),
+                asyncio.create_task(self._worker(), name=f"{self.name}.worker"),
+                asyncio.create_task(self._retry_arrivals(), name=f"{self.name}.retry"),
+            ]
+            watch = asyncio.create_task(self._lease_lost(), name=f"{self.name}.lease")
+            try:
+                done, _ = await asyncio.wait([*tasks, watch], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (*tasks, watch):
+                    task.cancel()
+                await asyncio.gather(*tasks, watch, return_exceptions=True)
+            for task in done:
+                exc = None if task is watch or task.cancelled() else task.exception()
+                if exc is not None:
+                    raise exc
+            log.warning("telephony.stopped", system=self.system, reason="lease_lost")
+            if self._tenures != tenure:
+                continue  # a new tenure began meanwhile: carry on with it
+            self._tenure.clear()
+            self._engine = None
+            while not self._work.empty():
+                self._work.get_nowait()
+                self._work.task_done()
+            self._idle.set()
+
+    async def _lease_lost(self) -> None:
+        leading = self._leading
+        if leading is None:
+            await asyncio.Event().wait()
+            return
+        while leading():
+            await asyncio.sleep(LEASE_CHECK)
+
+    async def _retry_arrivals(self) -> None:
+        delays = backoff()
+        failures = 0
+        while True:
+            await asyncio.sleep(delays.compute(failures) if failures else RETRY_INTERVAL)
+            if not self._unjournaled and not self._unjournaled_ends:
+                failures = 0
+                continue
+            view = self.driver.view()
+            ok = True
+            for call_id, payload in list(self._unjournaled.items()):
+                if view is not None and call_id not in view.calls:
+                    # The caller gave up meanwhile: journal the end after the start.
+                    self._unjournaled_ends.setdefault(call_id, self.driver.ended_payload(call_id))
+                ok = await self.call_arrived(call_id, payload)
+                if not ok:
+                    break
+            for call_id, payload in list(self._unjournaled_ends.items()):
+                if not ok or call_id in self._unjournaled:
+                    break
+                ok = await self._journal_end(call_id, payload)
+            failures = 0 if ok else failures + 1
 
     async def drain(self) -> None:
         """Wait until every queued command was carried out (for a graceful shutdown)."""
@@ -429,10 +502,11 @@ class TelephonyConnector:
         try:
             result = await self._intake.accept(self.source, payload)
         except JournalUnavailable:
-            # Not journaled: not answered either. The reconciliation after Redis is back (the
-            # next restore) journals it.
+            # Not journaled: not answered either; retried until Redis takes it.
             log.error("telephony.call_not_journaled", system=self.system, call_id=call_id)
+            self._unjournaled[call_id] = payload
             return False
+        self._unjournaled.pop(call_id, None)
         if not result.ok:
             log.warning("telephony.call_refused", system=self.system, reason=result.reason)
             await self._act("hangup", self.driver.hangup(call_id))
@@ -442,10 +516,20 @@ class TelephonyConnector:
 
     async def call_ended(self, call_id: str, payload: bytes) -> None:
         """Journal the caller's hang-up; the engine's answer cleans up."""
+        if call_id in self._unjournaled:
+            self._unjournaled_ends[call_id] = payload  # after its start, which is retried
+            return
+        await self._journal_end(call_id, payload)
+
+    async def _journal_end(self, call_id: str, payload: bytes) -> bool:
         try:
             await self._intake.accept(self.source, payload)
         except JournalUnavailable:
             log.error("telephony.end_not_journaled", system=self.system, call_id=call_id)
+            self._unjournaled_ends[call_id] = payload
+            return False
+        self._unjournaled_ends.pop(call_id, None)
+        return True
 
     async def leg_answered(self, offer_id: str) -> None:
         """Agent answered: accept the offer (or, for a desktop assignment, bridge now)."""
