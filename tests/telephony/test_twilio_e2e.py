@@ -26,6 +26,7 @@ from tests.peers.twilio import TwilioPeer
 pytestmark = pytest.mark.integration
 
 ANNA, BERT, CLEO = "client:anna", "+4930222222", "sip:cleo@pbx.example.com"
+HOTLINE = "+4930555999"
 
 
 def routing_file(path: Path, offer_timeout: float = 1.0, max_missed: int = 3) -> Path:
@@ -39,6 +40,7 @@ queues:
     skills: {{support: 1}}
     announcement: {{media: "All agents are busy. Please hold.", every: 1}}
   expert_desk: {{skills: {{second_level: 1}}, weight: 10}}
+  hotline: {{skills: {{support: 1}}, phone_offer: desktop}}
 agents:
   - {{id: anna, skills: {{support: 3, second_level: 2}}, endpoints: {{twilio: "{ANNA}"}}}}
   - {{id: bert, skills: {{support: 3, second_level: 2}}, endpoints: {{twilio: "{BERT}"}}}}
@@ -47,6 +49,7 @@ experts:
   - {{id: x-heinz, name: Heinz, phones: ["{EXPERT_PHONE}"]}}
 rules:
   - {{name: crowd_expert, when: customer.expert, queue: expert_desk, priority: 100}}
+  - {{name: hotline, when: 'to == "{HOTLINE}"', queue: hotline}}
   - {{name: default, default: true, queue: support}}
 """,
         encoding="utf-8",
@@ -194,6 +197,26 @@ async def test_no_answer_then_the_next_agent_answers_is_bridged_and_completed(
         assert int(dial.attrib["timeout"]) >= 1
         assert "/v1/telephony/twilio/dialled?offer=" in dial.attrib["action"]
         assert set(dial[0].attrib["statusCallbackEvent"].split()) >= {"answered", "completed"}
+    assert_clean(peer)
+
+
+async def test_desktop_queue_rings_the_agent_after_the_desktop_accept(running: World) -> None:
+    peer, probe = running.peer, running.probe
+    peer.agent(ANNA, "answer", after=0.1)
+    await running.login("anna")
+    sid = peer.incoming("+4930555114", to=HOTLINE)
+    cid = running.contact(sid)
+    (offer,) = await probe.wait_for("events/contact.offered", contact_id=cid, agent_id="anna")
+    await wait_until(lambda: peer.member_of(sid) == "hotline", 5, "the caller in the queue")
+    assert peer.legs() == []  # a desktop offer: the phone does not ring yet
+    await probe.agent("anna", op="accept", offer_id=offer["offer_id"])
+    await probe.wait_for("events/contact.assigned", contact_id=cid, agent_id="anna")
+    await wait_until(lambda: peer.legs(sid, ANNA) and peer.legs(sid, ANNA)[0].started, 5)
+    (leg,) = peer.legs(sid, ANNA)
+    assert f"bridged {leg.sid}" in peer.calls[sid].timeline
+    await peer.hangup(leg.sid)
+    await probe.wait_for("events/contact.completed", contact_id=cid)
+    await wait_until(lambda: not peer.calls[sid].live, 5, "the call to end")
     assert_clean(peer)
 
 
