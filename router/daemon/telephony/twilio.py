@@ -8,9 +8,10 @@ How a call goes (docs/telephony.md has the whole story):
    moment (:data:`DECIDE_WAIT`) for the engine's decision, which normally takes milliseconds,
    and is TwiML: ``<Enqueue>`` into the Twilio queue named after the Stellwerk queue with the
    daemon's ``waitUrl``, or at once the ``<Dial>`` of an agent the engine already offered the
-   call to. Without a decision in time (a slow journal) the caller hears a moment of music and
-   is redirected to ``/v1/telephony/twilio/route``, which asks again. Status callbacks to the
-   same URL (``CallStatus=completed`` ...) journal the end of the call.
+   call to. Without a decision in time (a slow journal) the caller hears the hold music and
+   then a ``<Redirect>`` to ``/v1/telephony/twilio/route``, which asks again; the decision,
+   when it comes, redirects the call at once. Status callbacks to the same URL
+   (``CallStatus=completed`` ...) journal the end of the call.
 2. ``waitUrl`` (``/v1/telephony/twilio/wait?queue=...``): the queue's music, looping; with an
    announcement, the announcement when due (from ``QueueTime``) and the music once, so that
    Twilio asks again after it.
