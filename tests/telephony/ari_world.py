@@ -45,6 +45,9 @@ queues:
     skills: {{second_level: 1}}
     weight: 10
     music_class: expert-moh
+  callback_desk:
+    skills: {{support: 1}}
+    phone_offer: desktop
 agents:
 {chr(10).join(lines)}
 experts:
@@ -57,6 +60,9 @@ rules:
   - name: by_stasis_arg
     when: attributes.queue == "expert_desk"
     queue: expert_desk
+  - name: desktop_first
+    when: attributes.queue == "callback_desk"
+    queue: callback_desk
   - name: default
     default: true
     queue: support

@@ -151,3 +151,26 @@ async def test_busy_agent_is_a_reject_and_the_next_agent_rings_at_once(
         peer.hangup(cid)
         await wait_until(lambda: not peer.channels, 5, "cleaned up")
         assert no_violations(peer)
+
+
+async def test_a_desktop_queue_rings_the_phone_after_the_agent_accepts_on_the_desktop(
+    tmp_path: Path, mqtt_probe: MqttProbe, start_daemon: Callable[..., Any]
+) -> None:
+    async with AriPeer() as peer:
+        routing = write_phone_routing(tmp_path / "routing.yaml", ("anna",), offer_timeout=10)
+        await start_daemon(routing, **asterisk_env(peer))
+        await wait_until(lambda: peer.connected(), 10, "the daemon's events socket")
+        await login(mqtt_probe, "anna")
+        cid = peer.place_call("+4930555301", "queue=callback_desk")
+        (offer,) = await mqtt_probe.wait_for("agents/anna/offers")
+        assert offer["queue"] == "callback_desk"
+        assert peer.ringing("PJSIP/anna") == []  # the desktop offer comes first
+        await mqtt_probe.agent("anna", op="accept", offer_id=offer["offer_id"])
+        leg = await wait_ringing(peer, "PJSIP/anna")
+        peer.answer(leg)
+        await wait_until(lambda: bridged_with(peer, cid) == ["PJSIP/anna"], 5, "bridged")
+        peer.hangup(leg)  # the agent hangs up: completed
+        done = await mqtt_probe.wait_for("events/contact.completed", contact_id=contact(cid))
+        assert done[0]["agent_id"] == "anna"
+        await wait_until(lambda: not peer.channels and not peer.bridges, 5, "cleaned up")
+        assert no_violations(peer)
