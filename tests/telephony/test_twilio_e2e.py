@@ -283,6 +283,12 @@ async def test_busy_agent_rejects_and_the_expert_overtakes_the_queue(running: Wo
     # bert is rung first, for the expert, and is busy: a reject, and anna gets the expert next
     offer = (await probe.wait_for("events/contact.offered", agent_id="bert"))[0]
     assert offer["contact_id"] == running.contact(expert)
+    # the queued expert is dequeued to the dial with a Queue Member update (Url only)
+    dequeued = await wait_until(
+        lambda: [r for r in peer.requests if r[1].endswith(f"/Members/{expert}.json")], 5
+    )
+    assert dequeued[0][0] == "POST" and set(dequeued[0][2]) <= {"Url", "Method"}
+    assert dequeued[0][2]["Url"].endswith("/v1/telephony/twilio/route")
     await wait_until(lambda: peer.legs(expert, BERT) and not peer.legs(expert, BERT)[0].live, 5)
     assert peer.legs(expert, BERT)[0].status == "busy"
     await running.login("anna")

@@ -71,6 +71,7 @@ from router.daemon.telephony.twilio_api import (
     hold_twiml,
     refusal_twiml,
     signature_valid,
+    twilio_queue_name,
     wait_twiml,
 )
 
@@ -269,7 +270,7 @@ class TwilioDriver:
         state.decided.set()
         if state.answering or state.ring is not None or state.hangup:
             return  # an answer on its way says it; a ringing agent is stop_ring's business
-        if state.in_queue == spec.queue:
+        if state.in_queue == twilio_queue_name(spec.queue):
             return
         if call_id in self._legged_calls():
             return  # in a dial Stellwerk placed before a restart: reconciliation decides
@@ -445,7 +446,7 @@ class TwilioDriver:
                 caller_id=self.settings.caller_id,
             )
         if state.queue is not None:
-            state.in_queue = state.queue
+            state.in_queue = twilio_queue_name(state.queue)
             return enqueue_twiml(state.queue, self.url("wait", queue=state.queue))
         return hold_twiml(self._music(None), self.url("route"))
 
@@ -529,7 +530,7 @@ class TwilioDriver:
         form = got[0]
         queue = request.query.get("queue", "")
         state = self._state(form["CallSid"])
-        state.in_queue = queue
+        state.in_queue = twilio_queue_name(queue)
         state.queue_sid = form.get("QueueSid") or state.queue_sid
         spec = self._sounds.get(queue)
         music = self._music(spec)
