@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -131,10 +132,19 @@ async def run(held_calls: int, agents: int) -> dict[str, Any]:
 
                 await mqtt.subscribe(f"{PREFIX}/events/agent.state", qos=1)
                 pumping = asyncio.create_task(pump())
-                for i in range(agents):
-                    body = json.dumps({"op": "login", "state": "away", "reason": "bench"})
-                    await mqtt.publish(f"{PREFIX}/agents/a{i}/cmd", body, qos=1)
-                await until(lambda: len(states) == agents, 30, "all agents logged in")
+                # Logins sent before the daemon's ingress subscribed are lost on a first run
+                # (the broker has no session for it yet): send again until all are seen.
+                body = json.dumps({"op": "login", "state": "away", "reason": "bench"})
+                for _ in range(10):
+                    for i in range(agents):
+                        if f"a{i}" not in states:
+                            await mqtt.publish(f"{PREFIX}/agents/a{i}/cmd", body, qos=1)
+                    with contextlib.suppress(SystemExit):
+                        await until(lambda: len(states) == agents, 3, "all agents logged in")
+                    if len(states) == agents:
+                        break
+                else:
+                    raise SystemExit("benchmark: the agents could not log in")
                 for i in range(held_calls):
                     peer.place_call(f"+4930{i:07d}")
                 await until(lambda: held(peer) == held_calls, 30, "the callers held")

@@ -68,6 +68,11 @@ rules:
 """
 
 
+def ingress_up(log: Path) -> bool:
+    """Whether the daemon (JSON log lines in ``log``) subscribed its MQTT ingress."""
+    return '"mqtt.ingress.connected"' in log.read_text(errors="replace")
+
+
 def wipe() -> None:
     r = redis.Redis.from_url(os.environ.get("STELLWERK_REDIS_URL", "redis://127.0.0.1:6379/0"))
     keys = list(r.scan_iter(match=KEYS + "*"))
@@ -258,6 +263,8 @@ async def main() -> int:
         m = Morning(peer)
         try:
             await m.until("the daemon to connect to the simulated Asterisk", peer.connected, 20)
+            # Agents' logins before the daemon subscribed would be lost on a first run.
+            await m.until("the daemon's MQTT ingress", lambda: ingress_up(work / "daemon.log"), 20)
             m.say(
                 f"Stellwerk connected to the simulated Asterisk at {peer.url} (Stasis app "
                 "'stellwerk')"

@@ -28,6 +28,12 @@ from tests.telephony.ari_world import (
 pytestmark = pytest.mark.integration
 
 
+def ingress_up(daemon: DaemonProcess) -> bool:
+    """Whether the daemon subscribed its MQTT ingress (agent commands before that are lost:
+    the broker has no session for it yet)."""
+    return any(line.get("event") == "mqtt.ingress.connected" for line in daemon.log_lines())
+
+
 async def test_sigkill_with_held_calls_and_a_ringing_phone(
     tmp_path: Path,
     mqtt_probe: MqttProbe,
@@ -35,34 +41,39 @@ async def test_sigkill_with_held_calls_and_a_ringing_phone(
     daemons: Callable[[dict[str, str], str], DaemonProcess],
 ) -> None:
     async with AriPeer() as peer:
+        # A long offer timeout: the phone would ring on for a long time by itself.
         routing = write_phone_routing(
-            tmp_path / "routing.yaml", ("anna", "ben", "carl"), offer_timeout=2.0
+            tmp_path / "routing.yaml", ("anna", "ben", "carl"), offer_timeout=30.0
         )
         env = daemon_env(routing, **asterisk_env(peer))
         first = daemons(env, "first")
         await wait_until(lambda: peer.connected(), 15, "the daemon's events socket")
+        await wait_until(lambda: ingress_up(first), 15, "the daemon's MQTT ingress")
         await login(mqtt_probe, "anna")
         calls = [peer.place_call(f"+4930555{i:03d}") for i in range(3)]
         for cid in calls:
             await wait_held(peer, cid, "support-moh")
         orphan = await wait_ringing(peer, "PJSIP/anna")
         first.kill()
-        # Asterisk keeps every call; anna's phone keeps ringing for an offer that expires
-        # while no daemon is there.
+        # Asterisk keeps every call and anna's phone keeps ringing; meanwhile anna logs out on
+        # her desktop (the broker keeps the command for the daemon), so the offer her phone
+        # rings for no longer exists once the daemon is back.
+        await mqtt_probe.agent("anna", op="logout")
         await asyncio.sleep(0.3)
         assert all(cid in peer.channels for cid in calls) and orphan in peer.channels
         second = daemons(env, "second")
         await wait_until(lambda: peer.connected(), 15, "the restarted daemon's socket")
-        # The orphaned leg is hung up by Stellwerk (not by its own ring timeout).
+        await mqtt_probe.wait_for("events/agent.state", 15, agent_id="anna", state="offline")
+        # The orphaned leg is hung up by Stellwerk (its own ring timeout is 35 s away).
         await wait_until(lambda: orphan not in peer.channels, 10, "the orphaned leg hung up")
         assert ("DELETE", f"/channels/{orphan}", {}) in peer.requests
         assert all(held(peer, cid) == "support-moh" for cid in calls)
+        assert peer.ringing("PJSIP/anna") == []
         # Everybody answers now: each held call gets an agent exactly once.
         for agent in ("anna", "ben", "carl"):
             peer.set_endpoint(f"PJSIP/{agent}", "answer")
-        for leg in list(peer.ringing("PJSIP/anna")):
-            peer.answer(leg)
         await login(mqtt_probe, "ben", "carl")
+        await mqtt_probe.agent("anna", op="login")
         await wait_until(
             lambda: all(len(bridged_with(peer, cid)) == 1 for cid in calls), 15, "all bridged"
         )
