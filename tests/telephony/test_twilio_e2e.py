@@ -26,6 +26,7 @@ from tests.peers.twilio import TwilioPeer
 pytestmark = pytest.mark.integration
 
 ANNA, BERT, CLEO = "client:anna", "+4930222222", "sip:cleo@pbx.example.com"
+HOTLINE = "+4930555999"
 
 
 def routing_file(path: Path, offer_timeout: float = 1.0, max_missed: int = 3) -> Path:
@@ -39,6 +40,7 @@ queues:
     skills: {{support: 1}}
     announcement: {{media: "All agents are busy. Please hold.", every: 1}}
   expert_desk: {{skills: {{second_level: 1}}, weight: 10}}
+  hotline: {{skills: {{support: 1}}, phone_offer: desktop}}
 agents:
   - {{id: anna, skills: {{support: 3, second_level: 2}}, endpoints: {{twilio: "{ANNA}"}}}}
   - {{id: bert, skills: {{support: 3, second_level: 2}}, endpoints: {{twilio: "{BERT}"}}}}
@@ -47,6 +49,7 @@ experts:
   - {{id: x-heinz, name: Heinz, phones: ["{EXPERT_PHONE}"]}}
 rules:
   - {{name: crowd_expert, when: customer.expert, queue: expert_desk, priority: 100}}
+  - {{name: hotline, when: 'to == "{HOTLINE}"', queue: hotline}}
   - {{name: default, default: true, queue: support}}
 """,
         encoding="utf-8",
@@ -197,6 +200,26 @@ async def test_no_answer_then_the_next_agent_answers_is_bridged_and_completed(
     assert_clean(peer)
 
 
+async def test_desktop_queue_rings_the_agent_after_the_desktop_accept(running: World) -> None:
+    peer, probe = running.peer, running.probe
+    peer.agent(ANNA, "answer", after=0.1)
+    await running.login("anna")
+    sid = peer.incoming("+4930555114", to=HOTLINE)
+    cid = running.contact(sid)
+    (offer,) = await probe.wait_for("events/contact.offered", contact_id=cid, agent_id="anna")
+    await wait_until(lambda: peer.member_of(sid) == "hotline", 5, "the caller in the queue")
+    assert peer.legs() == []  # a desktop offer: the phone does not ring yet
+    await probe.agent("anna", op="accept", offer_id=offer["offer_id"])
+    await probe.wait_for("events/contact.assigned", contact_id=cid, agent_id="anna")
+    await wait_until(lambda: peer.legs(sid, ANNA) and peer.legs(sid, ANNA)[0].started, 5)
+    (leg,) = peer.legs(sid, ANNA)
+    assert f"bridged {leg.sid}" in peer.calls[sid].timeline
+    await peer.hangup(leg.sid)
+    await probe.wait_for("events/contact.completed", contact_id=cid)
+    await wait_until(lambda: not peer.calls[sid].live, 5, "the call to end")
+    assert_clean(peer)
+
+
 async def test_caller_hangs_up_while_queued_is_abandoned_and_nothing_rings(
     running: World,
 ) -> None:
@@ -260,6 +283,12 @@ async def test_busy_agent_rejects_and_the_expert_overtakes_the_queue(running: Wo
     # bert is rung first, for the expert, and is busy: a reject, and anna gets the expert next
     offer = (await probe.wait_for("events/contact.offered", agent_id="bert"))[0]
     assert offer["contact_id"] == running.contact(expert)
+    # the queued expert is dequeued to the dial with a Queue Member update (Url only)
+    dequeued = await wait_until(
+        lambda: [r for r in peer.requests if r[1].endswith(f"/Members/{expert}.json")], 5
+    )
+    assert dequeued[0][0] == "POST" and set(dequeued[0][2]) <= {"Url", "Method"}
+    assert dequeued[0][2]["Url"].endswith("/v1/telephony/twilio/route")
     await wait_until(lambda: peer.legs(expert, BERT) and not peer.legs(expert, BERT)[0].live, 5)
     assert peer.legs(expert, BERT)[0].status == "busy"
     await running.login("anna")

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 
 from router.daemon.telephony.twilio_api import (
     TwilioException,
@@ -27,6 +29,7 @@ from router.daemon.telephony.twilio_api import (
     enqueue_twiml,
     hangup_twiml,
     signature_valid,
+    twilio_queue_name,
     wait_twiml,
 )
 from tests.peers.twilio import TwilioPeer, TwimlError, check_twiml, wait_for
@@ -321,3 +324,42 @@ async def test_rest_answers_have_the_api_definitions_fields(
         assert isinstance(ours["queue_time"], str)
         assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000", ours["date_created"])
     await asyncio.sleep(0)
+
+
+# ---- properties of the library-built documents ------------------------------------------------
+
+# what a YAML routing file can name a queue: printable characters (no U+FFFE/U+FFFF), any length
+_names = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\ufffe\uffff"),
+    min_size=1,
+    max_size=100,
+).filter(lambda name: name.strip() == name)
+_endpoints = st.one_of(
+    st.from_regex(r"client:[A-Za-z0-9_.\-]{1,40}", fullmatch=True),
+    st.from_regex(r"\+[1-9][0-9]{6,14}", fullmatch=True),
+    st.from_regex(r"sip:[a-z0-9]{1,12}@[a-z]{1,12}\.example\.com", fullmatch=True),
+)
+
+
+@given(queue=_names, music=st.sampled_from(["https://example.com/a.mp3", "http://x/y?a=1&b=2"]))
+def test_any_queue_name_survives_enqueue_and_wait_documents(queue: str, music: str) -> None:
+    root = check_twiml(enqueue_twiml(queue, "https://acd.example.com/wait?queue=" + queue))
+    enqueue = root.find("Enqueue")
+    assert enqueue is not None and enqueue.text == twilio_queue_name(queue)
+    assert len(enqueue.text) <= 64 and (len(queue) > 64 or enqueue.text == queue)
+    wait = check_twiml(wait_twiml(music, queue, again=True), wait_document=True)
+    assert [v.tag for v in wait] == ["Say", "Play"] and wait[1].text == music
+
+
+@given(endpoint=_endpoints, timeout=st.integers(min_value=1, max_value=600))
+def test_any_endpoint_is_dialled_with_the_right_noun(endpoint: str, timeout: int) -> None:
+    dial = check_twiml(
+        dial_twiml(
+            endpoint, timeout=timeout, action="https://a/d?offer=o1", status_callback="https://a/l"
+        )
+    ).find("Dial")
+    assert dial is not None and dial.attrib["timeout"] == str(timeout)
+    (noun,) = list(dial)
+    expected = {"client": "Client", "sip": "Sip"}.get(endpoint.split(":")[0], "Number")
+    assert noun.tag == expected
+    assert (noun.text or "") == endpoint.removeprefix("client:")

@@ -8,9 +8,10 @@ How a call goes (docs/telephony.md has the whole story):
    moment (:data:`DECIDE_WAIT`) for the engine's decision, which normally takes milliseconds,
    and is TwiML: ``<Enqueue>`` into the Twilio queue named after the Stellwerk queue with the
    daemon's ``waitUrl``, or at once the ``<Dial>`` of an agent the engine already offered the
-   call to. Without a decision in time (a slow journal) the caller hears a moment of music and
-   is redirected to ``/v1/telephony/twilio/route``, which asks again. Status callbacks to the
-   same URL (``CallStatus=completed`` ...) journal the end of the call.
+   call to. Without a decision in time (a slow journal) the caller hears the hold music and
+   then a ``<Redirect>`` to ``/v1/telephony/twilio/route``, which asks again; the decision,
+   when it comes, redirects the call at once. Status callbacks to the same URL
+   (``CallStatus=completed`` ...) journal the end of the call.
 2. ``waitUrl`` (``/v1/telephony/twilio/wait?queue=...``): the queue's music, looping; with an
    announcement, the announcement when due (from ``QueueTime``) and the music once, so that
    Twilio asks again after it.
@@ -70,6 +71,7 @@ from router.daemon.telephony.twilio_api import (
     hold_twiml,
     refusal_twiml,
     signature_valid,
+    twilio_queue_name,
     wait_twiml,
 )
 
@@ -113,7 +115,7 @@ class CallState:
     hangup: bool = False
     answering: int = 0
     announced: float = 0.0
-    seen: float = field(default_factory=time.monotonic)
+    webhook_at: float = 0.0
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     generation: int = 0
 
@@ -216,7 +218,7 @@ class TwilioDriver:
             state.in_queue, state.queue_sid = name, queue_sid
         # Calls that announced themselves while the lists were read are there too.
         for sid, state in self.calls.items():
-            if sid not in calls and state.seen >= started and sid not in self._ended:
+            if sid not in calls and state.webhook_at >= started and sid not in self._ended:
                 calls[sid] = PbxCall(sid, self._arrival(sid, "", ""))
         self._view = PbxView(calls=calls, legs=legs)
         self._view_at = time.monotonic()
@@ -268,7 +270,7 @@ class TwilioDriver:
         state.decided.set()
         if state.answering or state.ring is not None or state.hangup:
             return  # an answer on its way says it; a ringing agent is stop_ring's business
-        if state.in_queue == spec.queue:
+        if state.in_queue == twilio_queue_name(spec.queue):
             return
         if call_id in self._legged_calls():
             return  # in a dial Stellwerk placed before a restart: reconciliation decides
@@ -444,7 +446,7 @@ class TwilioDriver:
                 caller_id=self.settings.caller_id,
             )
         if state.queue is not None:
-            state.in_queue = state.queue
+            state.in_queue = twilio_queue_name(state.queue)
             return enqueue_twiml(state.queue, self.url("wait", queue=state.queue))
         return hold_twiml(self._music(None), self.url("route"))
 
@@ -497,6 +499,7 @@ class TwilioDriver:
             await events.call_arrived(sid, body)
             return _xml(empty_twiml())
         state = self._state(sid)
+        state.webhook_at = time.monotonic()
         state.answering += 1
         try:
             if not await events.call_arrived(sid, body):
@@ -527,7 +530,7 @@ class TwilioDriver:
         form = got[0]
         queue = request.query.get("queue", "")
         state = self._state(form["CallSid"])
-        state.in_queue = queue
+        state.in_queue = twilio_queue_name(queue)
         state.queue_sid = form.get("QueueSid") or state.queue_sid
         spec = self._sounds.get(queue)
         music = self._music(spec)

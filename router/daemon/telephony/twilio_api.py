@@ -14,6 +14,7 @@ own, while the driver already retries with the daemon's capped, jittered back-of
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "hangup_twiml",
     "hold_twiml",
     "signature_valid",
+    "twilio_queue_name",
     "wait_twiml",
 ]
 
@@ -62,6 +64,15 @@ def endpoint_noun(dial: Dial, endpoint: str, **attrs: Any) -> None:
         dial.number(endpoint, **attrs)
 
 
+def twilio_queue_name(queue: str) -> str:
+    """The Twilio queue a Stellwerk queue's callers wait in: its name, which Twilio allows up
+    to 64 characters; a longer one is cut and made unique with a digest of the whole."""
+    if len(queue) <= 64:
+        return queue
+    digest = hashlib.sha1(queue.encode()).hexdigest()[:8]
+    return f"{queue[:55]}~{digest}"
+
+
 def enqueue_twiml(queue: str, wait_url: str) -> str:
     """Put the caller into the Twilio queue ``queue`` with the daemon's hold document.
 
@@ -69,7 +80,7 @@ def enqueue_twiml(queue: str, wait_url: str) -> str:
     update), and the status callback reports a hang-up in the queue.
     """
     response = VoiceResponse()
-    response.enqueue(queue, wait_url=wait_url, wait_url_method="POST")
+    response.enqueue(twilio_queue_name(queue), wait_url=wait_url, wait_url_method="POST")
     return str(response)
 
 
