@@ -350,6 +350,22 @@ class Journal:
             raise JournalUnavailable(str(exc)) from exc
         return int(removed)
 
+    async def add_poisoned(self, entry_id: str) -> None:
+        """Set entry ``entry_id`` aside for good: the engine failed on it, so every replay
+        of the daemon (a restart, a standby taking over) skips it."""
+        try:
+            await self.redis.sadd(self.keys.poison, entry_id)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+
+    async def poisoned(self) -> set[str]:
+        """The ids of the entries set aside with :meth:`add_poisoned`."""
+        try:
+            members = await self.redis.smembers(self.keys.poison)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return {m.decode() for m in members}
+
     async def ping(self) -> bool:
         """Whether Redis answers."""
         try:
