@@ -125,6 +125,9 @@ class _Run:
     snapshot_at: float = field(default_factory=time.monotonic)
     tick_pending: bool = False
     poison: set[str] = field(default_factory=set)
+    # The journal's ``entries-added`` count at ``last_id`` (None: not known yet): the exact
+    # backlog is the journal's count now minus this.
+    position: int | None = None
 
 
 class Router:
@@ -214,6 +217,7 @@ class Router:
     def _end_tenure(self) -> None:
         self.state.view = None
         self.state.reload = None
+        self.state.journal_lag = None
         self._run = None
         # A reload asked for during this tenure must not wait for the next one.
         while not self._reloads.empty():
@@ -262,6 +266,7 @@ class Router:
         while rows := await self.journal.read_after(run.last_id, None, self.options.batch):
             replayed += len(rows)
             await self._apply_batch(run, rows, live=False)
+        run.position = await self.journal.position(run.last_id)
         offers = run.engine.outstanding_offers()
         if offers:
             await self.publisher.publish_many(
@@ -294,6 +299,8 @@ class Router:
         self, run: _Run, rows: list[tuple[str, JournalEntry | None]], *, live: bool
     ) -> None:
         poison = run.poison
+        if run.position is not None:
+            run.position += len(rows)
         out: list[Message] = []
         carried: list[Command] = []
         prefix = self.options.topic_prefix
@@ -384,9 +391,19 @@ class Router:
         if self.metrics is None:
             return
         self.metrics.refresh(run.engine, self._clock())
-        # Capped: counting a long backlog would cost most exactly when the router is behind.
-        entries, age = await self.journal.lag(run.last_id, cap=1000)
+        if run.position is None:
+            run.position = await self.journal.position(run.last_id)
+        # Exact and O(1) once the position is known; the age is that of the oldest entry
+        # not yet applied. (Counting the backlog entry by entry would cost most exactly when
+        # the router is behind.)
+        _, age = await self.journal.lag(run.last_id, cap=1)
+        entries = 0
+        if run.position is not None:
+            entries = max(0, await self.journal.added() - run.position)
+        else:
+            entries, _ = await self.journal.lag(run.last_id, cap=1000)
         self.metrics.set_journal_lag(entries, age)
+        self.state.journal_lag = (entries, age)
 
     # ---- reloads ------------------------------------------------------------------------------
 

@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from router.daemon.journal import Journal, TickEntry
 from tests.daemon.conftest import DaemonProcess, MqttProbe, ari, wait_until, write_routing
-from tests.daemon.private_servers import REDIS_SERVER, PrivateRedis
+from tests.daemon.private_servers import REDIS_SERVER, PrivateRedis, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -186,3 +188,32 @@ async def test_a_redis_outage_after_an_earlier_one_starts_from_a_fresh_back_off(
     redis_server.start()
     await wait_log(d, "router.routing", count=3, timeout=25)
     assert d.stop() == 0
+
+
+async def test_readyz_and_metrics_report_the_journal_lag(
+    tmp_path: Path,
+    start_daemon: Callable[..., Any],
+    journal: Journal,
+) -> None:
+    """The backlog is in the /readyz detail and on /metrics; it falls to 0 once applied."""
+    port = free_port()
+    routing = write_routing(tmp_path / "r.yaml", ("anna",))
+    daemon = await start_daemon(routing, http_addr=f"127.0.0.1:{port}")
+    # A burst straight into the journal (as ingress would write it): 3,000 time ticks.
+    await journal.append_many([TickEntry(at=time.time()) for _ in range(3000)])
+    async with aiohttp.ClientSession() as http:
+        seen: list[dict[str, Any]] = []
+
+        async def caught_up() -> bool:
+            async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                body = await resp.json()
+            seen.append(body["journal_lag"])
+            return body["journal_lag"] == {"entries": 0, "seconds": 0.0}
+
+        await wait_until(caught_up, 15, "the router to catch up")
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            text = await resp.text()
+    assert "stellwerk_journal_lag_entries 0.0" in text
+    # Every reading while routing carries both figures.
+    assert all(set(lag) == {"entries", "seconds"} for lag in seen if lag is not None)
+    assert daemon.state.journal_lag == (0, 0.0)
