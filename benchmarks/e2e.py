@@ -7,8 +7,11 @@ in ``--rates``, it drives the daemon for ``--duration`` seconds with Asterisk St
 over MQTT; simulated agents accept each offer at once and the caller hangs up at once (so every
 contact costs the daemon three journal entries: the call, the accept, the hang-up, and about
 seven MQTT messages out). Per rate it reports contacts/s sent and offered, ingress->offer latency
-percentiles (send time to the offer arriving at the agent, matched by contact id) and the number
-of contacts lost (accepted by the broker, never seen by the router).
+percentiles (send time to the offer arriving at the agent, matched by contact id), the contacts
+``lost`` (accepted by the broker, never seen by the router although its backlog drained) and
+``unconsumed`` (never seen, but the daemon still had a backlog when ``--drain`` ran out). The
+``--json`` output has, per rate, ``rate``, the offered rate (``contacts_per_second``), the
+latency percentiles in ms, ``lost`` and ``unconsumed``.
 
     .venv/bin/python benchmarks/e2e.py                       # 200,500,1000,2000,5000 /s, 10 s each
     .venv/bin/python benchmarks/e2e.py --rates 1000 --duration 30 --json
@@ -31,6 +34,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -104,7 +108,37 @@ def metric(url: str, name: str) -> float | None:
     return None
 
 
-async def one_rate(target: Target, rate: float, duration: float, grace: float) -> Report:
+def ingress_and_lag(url: str) -> tuple[float, float]:
+    """(MQTT deliveries the daemon accepted so far, journal entries it has not applied)."""
+    accepted = lag = 0.0
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("stellwerk_ingress_deliveries_total{") and (
+                'transport="mqtt"' in line and 'outcome="accepted"' in line
+            ):
+                accepted = float(line.split()[-1])
+            elif line.startswith("stellwerk_journal_lag_entries "):
+                lag = float(line.split()[1])
+    return accepted, lag
+
+
+def drain_check(url: str) -> Callable[[], Awaitable[bool]]:
+    """Drained: nothing left in the journal to apply and no MQTT delivery since the last look
+    (so nothing is waiting in the broker session either)."""
+    last: list[float] = [-1.0]
+
+    async def drained() -> bool:
+        accepted, lag = await asyncio.to_thread(ingress_and_lag, url)
+        quiet = accepted == last[0]
+        last[0] = accepted
+        return quiet and lag == 0
+
+    return drained
+
+
+async def one_rate(
+    target: Target, rate: float, duration: float, grace: float, drain: float
+) -> Report:
     profile = Profile(
         rate=rate,
         duration=duration,
@@ -115,6 +149,8 @@ async def one_rate(target: Target, rate: float, duration: float, grace: float) -
         ready_after_wrap_up=False,
         patience=0.0,
         grace=grace,
+        drained=drain_check(target.http_url) if drain > 0 else None,
+        drain=drain,
         progress=sys.stderr.isatty(),
         max_in_flight=5000,
         # Offers carry the latency; agents start on contact.assigned; the others tell "still
@@ -135,6 +171,13 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
     parser.add_argument("--agents", type=int, default=1000, help="phone agents")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds for stragglers")
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=60.0,
+        help="after the grace period, up to this many seconds more for the daemon's backlog "
+        "to drain before an unseen contact counts as lost (0: count at once)",
+    )
     parser.add_argument("--use-running", action="store_true", help="do not start a daemon")
     parser.add_argument(
         "--own-broker",
@@ -203,7 +246,7 @@ def main() -> int:
         wait_ready(http_url)
         target = Target(prefix=prefix, agents=agents, http_url=http_url, mqtt_port=mqtt_port)
         for rate in rates:
-            report = asyncio.run(one_rate(target, rate, args.duration, args.grace))
+            report = asyncio.run(one_rate(target, rate, args.duration, args.grace, args.drain))
             lag = metric(http_url, "stellwerk_journal_lag_entries")
             results.append({"rate": rate, **asdict(report), "journal_lag_after": lag})
             if not args.json:
@@ -211,7 +254,8 @@ def main() -> int:
                 print(
                     f"rate {rate:>6.0f}/s: sent {report.sent} ({report.contacts_per_second:.0f}/s)"
                     f", offered {report.offered} ({report.offers_per_second:.0f}/s)"
-                    f", lost {report.lost}, still waiting {report.still_waiting}"
+                    f", lost {report.lost}, unconsumed {report.unconsumed}"
+                    f", still waiting {report.still_waiting}"
                     + (
                         f", offer latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms"
                         f" p99 {lat['p99']:.1f} ms max {lat['max']:.1f} ms"

@@ -1,16 +1,16 @@
 """``stellwerk run``: the routing daemon (DESIGN.md sections 2, 5 and 6).
 
-One asyncio process, one supervising TaskGroup with named tasks: MQTT publisher, MQTT ingress,
-router (lease -> restore -> route), Redis watch, signals, outbound (the outbox workers of
-:mod:`router.daemon.outbox`, when a platform is configured), one ``telephony-<system>``
-task per configured telephony system; plus the HTTP and SMTP servers. Signal
-handlers only set flags. SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply,
-publish and snapshot what is in the journal and release the lease (bounded by a timeout), cancel
-the rest, close connections. SIGHUP reloads the routing file (a file that fails validation is
-refused with its problems; the running rules stay).
+One asyncio process, one supervising TaskGroup in which every long-running task runs under a
+name, started and stopped in the order documented in docs/daemon.md ("Supervision"):
+mqtt-publisher, lease, router, redis-watch, sighup-reload, desk, outbound, telephony-<system>,
+mqtt-ingress (in leader mode it follows the lease), http, smtp. Signal handlers only set flags.
+SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply, publish and snapshot what
+is in the journal, release the lease (bounded by a timeout), cancel the rest, close
+connections; a second SIGINT exits at once (130). SIGHUP reloads the routing file (a file that
+fails validation is refused with its problems; the running rules stay).
 
 Exit codes: 0 after a graceful shutdown, 1 when the routing file does not validate at start,
-2 for bad settings.
+2 for bad settings, 130 after a second SIGINT.
 """
 
 from __future__ import annotations
