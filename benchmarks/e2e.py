@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -122,6 +123,16 @@ def ingress_and_lag(url: str) -> tuple[float, float]:
     return accepted, lag
 
 
+def received_new(url: str) -> float:
+    """New contacts the daemon journaled so far (``stellwerk_contacts_received_total``)."""
+    total = 0.0
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("stellwerk_contacts_received_total{") and 'kind="new"' in line:
+                total += float(line.split()[-1])
+    return total
+
+
 def drain_check(url: str) -> Callable[[], Awaitable[bool]]:
     """Drained: nothing left in the journal to apply and no MQTT delivery since the last look
     (so nothing is waiting in the broker session either)."""
@@ -190,6 +201,13 @@ def main() -> int:
     parser.add_argument("--routing", default=None, help="with --use-running: its routing file")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep-log", action="store_true", help="keep the daemon's log file")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        default=None,
+        help="run the daemon under cProfile, write the stats to FILE and print the cost per "
+        "contact of each stage (decode, journal append and read, engine, publishing, acks)",
+    )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
 
@@ -233,8 +251,11 @@ def main() -> int:
             STELLWERK_LOG_FORMAT="json",
         )
         log_path = tmp / "daemon.log"
+        profile = (
+            ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
+        )
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "run"],
+            [sys.executable, *profile, "-m", "router.cli", "run"],
             cwd=ROOT,
             env=env,
             stdout=log_path.open("wb"),
@@ -246,15 +267,26 @@ def main() -> int:
         wait_ready(http_url)
         target = Target(prefix=prefix, agents=agents, http_url=http_url, mqtt_port=mqtt_port)
         for rate in rates:
+            before = received_new(http_url)
             report = asyncio.run(one_rate(target, rate, args.duration, args.grace, args.drain))
             lag = metric(http_url, "stellwerk_journal_lag_entries")
-            results.append({"rate": rate, **asdict(report), "journal_lag_after": lag})
+            # The daemon's own count: tells a generator that fell behind from a daemon that did.
+            journaled = received_new(http_url) - before
+            results.append(
+                {
+                    "rate": rate,
+                    **asdict(report),
+                    "journal_lag_after": lag,
+                    "daemon_journaled_calls": journaled,
+                }
+            )
             if not args.json:
                 lat = report.latency_ms
                 print(
                     f"rate {rate:>6.0f}/s: sent {report.sent} ({report.contacts_per_second:.0f}/s)"
                     f", offered {report.offered} ({report.offers_per_second:.0f}/s)"
                     f", lost {report.lost}, unconsumed {report.unconsumed}"
+                    f", journaled by the daemon {journaled:.0f}"
                     f", still waiting {report.still_waiting}"
                     + (
                         f", offer latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms"
@@ -286,7 +318,53 @@ def main() -> int:
             broker.wait(10)
     if args.json:
         print(json.dumps(results, indent=2))
+    if args.profile and daemon is not None:
+        contacts = sum(int(r["sent"]) for r in results)
+        print(f"per-stage cost per contact ({contacts} contacts, cProfile):", file=sys.stderr)
+        for label, micros, share in stage_costs(Path(args.profile), contacts):
+            print(f"  {label:<44} {micros:8.1f} us  {share:6.1%}", file=sys.stderr)
     return 0
+
+
+# (label, module file suffix, function name): the stages of one contact's way through the daemon.
+STAGES = (
+    ("decode (ARI JSON -> contact event)", "channels/registry.py", "decode"),
+    ("journal append (XADD in MULTI, encode)", "router/daemon/journal.py", "append_many"),
+    ("journal read (XREAD, decode entries)", "router/daemon/journal.py", "read_after"),
+    ("engine (Engine.handle)", "router/engine.py", "handle"),
+    ("commands -> MQTT messages (encode)", "router/daemon/mqtt.py", "command_messages"),
+    ("publishing (publish_many, QoS 1 PUBACKs)", "router/daemon/mqtt.py", "publish_many"),
+    ("published mark (fenced SET)", "router/daemon/journal.py", "set_published"),
+    ("ingress PUBACKs (paho ack)", "router/daemon/mqtt.py", "ack"),
+    ("paho socket reads (all connections)", "paho/mqtt/client.py", "loop_read"),
+    ("paho socket writes (all connections)", "paho/mqtt/client.py", "loop_write"),
+    ("metrics (observe_*)", "router/daemon/metrics.py", "observe_commands"),
+    ("decision log lines", "router/daemon/router_loop.py", "_log_command"),
+)
+
+
+def stage_costs(path: Path, contacts: int) -> list[tuple[str, float, float]]:
+    """(stage, CPU microseconds per contact, share of the daemon's profiled time) from a
+    cProfile dump. Coroutine frames count only while they run, not while they wait."""
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    # Without the time the loop sat in select() waiting for something to do.
+    idle = sum(
+        v[3] for (file, _, func), v in raw.items() if func == "select" and "selectors" in file
+    )
+    total = float(stats.total_tt) - idle  # type: ignore[attr-defined]
+    out = []
+    for label, suffix, name in STAGES:
+        cum = sum(
+            v[3] for (file, _, func), v in raw.items() if func == name and file.endswith(suffix)
+        )
+        out.append((label, cum / max(contacts, 1) * 1e6, cum / total if total else 0.0))
+    out.append(
+        ("all of the daemon's busy time (not in select)", total / max(contacts, 1) * 1e6, 1.0)
+    )
+    return out
 
 
 def _cleanup_redis(prefix: str) -> None:
