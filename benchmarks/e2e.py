@@ -133,6 +133,17 @@ def received_new(url: str) -> float:
     return total
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds the process used so far (Linux /proc), None elsewhere."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def drain_check(url: str) -> Callable[[], Awaitable[bool]]:
     """Drained: nothing left in the journal to apply and no MQTT delivery since the last look
     (so nothing is waiting in the broker session either)."""
@@ -268,16 +279,25 @@ def main() -> int:
         target = Target(prefix=prefix, agents=agents, http_url=http_url, mqtt_port=mqtt_port)
         for rate in rates:
             before = received_new(http_url)
+            cpu_before = cpu_seconds(daemon.pid if daemon is not None else None)
             report = asyncio.run(one_rate(target, rate, args.duration, args.grace, args.drain))
             lag = metric(http_url, "stellwerk_journal_lag_entries")
             # The daemon's own count: tells a generator that fell behind from a daemon that did.
             journaled = received_new(http_url) - before
+            cpu_after = cpu_seconds(daemon.pid if daemon is not None else None)
+            cpu_ms = (
+                (cpu_after - cpu_before) * 1000 / max(journaled, 1)
+                if cpu_after is not None and cpu_before is not None
+                else None
+            )
             results.append(
                 {
                     "rate": rate,
                     **asdict(report),
                     "journal_lag_after": lag,
                     "daemon_journaled_calls": journaled,
+                    # The whole run of this rate (sending, grace, drain, wind-down).
+                    "daemon_cpu_ms_per_call": cpu_ms,
                 }
             )
             if not args.json:
@@ -287,7 +307,8 @@ def main() -> int:
                     f", offered {report.offered} ({report.offers_per_second:.0f}/s)"
                     f", lost {report.lost}, unconsumed {report.unconsumed}"
                     f", journaled by the daemon {journaled:.0f}"
-                    f", still waiting {report.still_waiting}"
+                    + (f" ({cpu_ms:.2f} ms daemon CPU per call)" if cpu_ms is not None else "")
+                    + f", still waiting {report.still_waiting}"
                     + (
                         f", offer latency p50 {lat['p50']:.1f} ms p90 {lat['p90']:.1f} ms"
                         f" p99 {lat['p99']:.1f} ms max {lat['max']:.1f} ms"
