@@ -217,3 +217,16 @@ async def test_readyz_and_metrics_report_the_journal_lag(
     # Every reading while routing carries both figures.
     assert all(set(lag) == {"entries", "seconds"} for lag in seen if lag is not None)
     assert daemon.state.journal_lag == (0, 0.0)
+
+
+async def test_the_ingress_client_holds_a_bounded_number_of_received_messages() -> None:
+    """aiomqtt's incoming queue is unbounded by default; the ingress's is bounded above the
+    MQTT 5 Receive Maximum, so no QoS 1 message is ever dropped for want of room."""
+    from router.daemon.config import load_settings
+    from router.daemon.mqtt import AiomqttInternals, incoming_bound, make_client
+
+    mqtt = load_settings(None, env={"STELLWERK_MQTT_MAX_INFLIGHT": "700"}).settings.mqtt
+    ingress = make_client(mqtt, "bound-test", persistent=True, manual_ack=True)
+    publisher = make_client(mqtt, "bound-test-pub", persistent=False)
+    assert AiomqttInternals(ingress)._queue.maxsize == incoming_bound(mqtt) > 700
+    assert AiomqttInternals(publisher)._queue.maxsize == 0  # subscribes to nothing
