@@ -158,6 +158,8 @@ class AppState:
     reload: ReloadFn | None = None
     #: the agent desktop and wallboard (router.daemon.desk), when the daemon runs them.
     desk: DeskService | None = None
+    #: (entries, seconds) the router is behind the journal; None while it does not route.
+    journal_lag: tuple[int, float] | None = None
 
 
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -243,7 +245,11 @@ class _Handlers:
         s = self.state
         checks = {"redis": s.redis_ok, "mqtt": s.mqtt_ok, "lease": s.lease_held}
         ready = all(checks.values())
-        return _reply(200 if ready else 503, {"ready": ready, **checks})
+        lag = None
+        if s.journal_lag is not None:
+            lag = {"entries": s.journal_lag[0], "seconds": round(s.journal_lag[1], 3)}
+        # The backlog is detail, not readiness: a router behind in a burst is still the router.
+        return _reply(200 if ready else 503, {"ready": ready, **checks, "journal_lag": lag})
 
     def _view(self) -> RouterView | web.Response:
         if self.state.view is None:

@@ -26,7 +26,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from router.messages import AdminCommand, AgentCommand
 from router.model import ContactEvent
@@ -279,6 +279,39 @@ class Journal:
         age = max(0.0, time.time() - _id_ms(rows[0][0].decode()) / 1000.0)
         return len(rows), age
 
+    async def added(self) -> int:
+        """How many entries were ever appended to the journal (Redis 7 ``entries-added``;
+        trimming does not lower it). 0 while the journal does not exist."""
+        try:
+            info = await self.redis.xinfo_stream(self.keys.journal)
+        except ResponseError:
+            return 0  # no such key yet
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return int(info.get("entries-added", 0))
+
+    async def position(self, last_id: str, cap: int = 1000) -> int | None:
+        """The ``entries-added`` count at entry ``last_id``: the number of entries appended up
+        to and including it, so that ``added() - position`` is the exact backlog after it.
+
+        Read atomically with the entries after ``last_id`` (MULTI/EXEC); None when more than
+        ``cap`` of them are there already (the caller counts again later).
+        """
+        start = "(" + last_id if last_id != "0-0" else "-"
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.exists(self.keys.journal)
+                pipe.xinfo_stream(self.keys.journal)
+                pipe.xrange(self.keys.journal, min=start, count=cap + 1)
+                exists, info, rows = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        if not exists:
+            return 0
+        if isinstance(info, Exception) or isinstance(rows, Exception) or len(rows) > cap:
+            return None
+        return int(info.get("entries-added", 0)) - len(rows)
+
     async def save_snapshot(
         self,
         engine_bytes: bytes,
@@ -349,6 +382,22 @@ class Journal:
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
         return int(removed)
+
+    async def add_poisoned(self, entry_id: str) -> None:
+        """Set entry ``entry_id`` aside for good: the engine failed on it, so every replay
+        of the daemon (a restart, a standby taking over) skips it."""
+        try:
+            await self.redis.sadd(self.keys.poison, entry_id)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+
+    async def poisoned(self) -> set[str]:
+        """The ids of the entries set aside with :meth:`add_poisoned`."""
+        try:
+            members = await self.redis.smembers(self.keys.poison)  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return {m.decode() for m in members}
 
     async def ping(self) -> bool:
         """Whether Redis answers."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 import structlog
@@ -114,3 +115,91 @@ class Lease:
             if not await self.renew():
                 log.error("lease.lost", node=self.node_id)
                 return
+
+
+class LeaseKeeper:
+    """The one task that holds this daemon's routing lease (``lease`` in the supervisor).
+
+    It takes the lease when it is free, renews it while held and releases it when it stops.
+    Whatever only the lease holder may do follows it: the router and, in leader mode, the MQTT
+    ingress wait for :meth:`tenure` and stop when the tenure's ``lost`` event is set. The router
+    ends a tenure early with :meth:`give_up` (an entry the engine failed on, Redis gone, a fenced
+    write refused); the keeper then releases the lease and, after ``hold_off`` seconds, competes
+    for it again.
+    """
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self._held = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._lost.set()
+        self._give_up = asyncio.Event()
+        self._hold_off = 0.0
+        self._listeners: list[Callable[[bool], None]] = []
+
+    @property
+    def held(self) -> bool:
+        """Whether a tenure is running (the lease is held and not being given up)."""
+        return self._held.is_set()
+
+    def on_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(held)`` when a tenure starts (True) and when it ends (False)."""
+        self._listeners.append(listener)
+
+    async def tenure(self, stopping: asyncio.Event) -> asyncio.Event | None:
+        """Wait until this daemon holds the lease: the event set when this tenure ends, or None
+        when ``stopping`` was set first."""
+        while not stopping.is_set():
+            if self._held.is_set():
+                return self._lost
+            waits = [
+                asyncio.ensure_future(self._held.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        return None
+
+    def give_up(self, hold_off: float = 0.0) -> None:
+        """End the current tenure: release the lease, compete again after ``hold_off`` s."""
+        self._hold_off = max(self._hold_off, hold_off)
+        self._give_up.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Hold the lease whenever possible until ``stopping`` is set; then release it."""
+        while not stopping.is_set():
+            self._give_up.clear()
+            self._hold_off = 0.0
+            if not await self.lease.wait_acquire(stopping):
+                break
+            log.info("lease.acquired", node=self.lease.node_id)
+            self._lost = asyncio.Event()
+            self._held.set()
+            self._notify(True)
+            waits = [
+                asyncio.ensure_future(self.lease.keep()),
+                asyncio.ensure_future(self._give_up.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+                self._held.clear()
+                self._lost.set()
+                self._notify(False)
+            # Only our own token is deleted (a lease lost to another daemon stays theirs).
+            await self.lease.release()
+            log.info("lease.released", node=self.lease.node_id)
+            if self._hold_off > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), self._hold_off)
+
+    def _notify(self, held: bool) -> None:
+        for listener in self._listeners:
+            listener(held)

@@ -44,6 +44,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -178,6 +179,11 @@ class Profile:
     """Share of community posts that do not need personal data (they wait for the crowd)."""
     crowd_answer_share: float = 0.5
     """Share of those that the crowd answers (a reply from another user)."""
+    drained: Callable[[], Awaitable[bool]] | None = None
+    """Asks the daemon whether its backlog is empty (journal applied, ingress idle); with it,
+    the run waits after the grace period until it is (at most ``drain`` s more) before it
+    counts a contact nobody saw as lost rather than as not yet consumed."""
+    drain: float = 60.0
     hang_up: bool = True
     """Phone calls end with StasisEnd after the talk time (else the agent completes)."""
     ready_after_wrap_up: bool = True
@@ -352,6 +358,12 @@ class Report:
     """Contacts offered to the simulated agents that loadgen did not create."""
     other_offers: int = 0
     """Offers of those contacts (their figures are not in the ones above)."""
+    unconsumed: int = 0
+    """Accepted at ingress, never seen by the router, while the daemon still had a backlog
+    when the drain bound ran out (``Profile.drained``): not yet consumed, not lost. Without a
+    ``drained`` check every such contact counts as ``lost``."""
+    drained: bool | None = None
+    """Whether the daemon reported its backlog drained before the report (None: not asked)."""
 
     def text(self) -> str:
         """The human-readable report."""
@@ -576,6 +588,7 @@ class LoadGen:
         self.others: dict[str, str | None] = {}
         self.other_offers = 0
         self._winding_down = False
+        self._drained: bool | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gate = asyncio.Semaphore(profile.max_in_flight)
         self._smtp_pool: asyncio.Queue[smtplib.SMTP | None] = asyncio.Queue()
@@ -937,7 +950,7 @@ class LoadGen:
     def report(self) -> Report:
         """The report of the run (call after :meth:`run`)."""
         by_channel: dict[str, dict[str, int]] = {}
-        still, lost = 0, 0
+        still, lost, unconsumed = 0, 0, 0
         for track in self.tracks.values():
             counts = by_channel.setdefault(
                 track.channel, {"sent": 0, "offered": 0, "ended": 0, "lost": 0}
@@ -948,6 +961,8 @@ class LoadGen:
             if track.accepted and track.offered_at is None and track.ended is None:
                 if track.seen:
                     still += 1
+                elif self._drained is False:
+                    unconsumed += 1
                 else:
                     lost += 1
                     counts["lost"] += 1
@@ -973,6 +988,8 @@ class LoadGen:
             agents=len(self.t.agents),
             other_contacts=len(self.others),
             other_offers=self.other_offers,
+            unconsumed=unconsumed,
+            drained=self._drained,
         )
 
     # -- main
@@ -1091,6 +1108,19 @@ class LoadGen:
                 self._progress()
                 next_progress = time.perf_counter() + 1.0
             await asyncio.sleep(0.05)
+        if self.p.drained is not None:
+            # Past the grace period: let the daemon's backlog drain (bounded) before anything
+            # unseen counts as lost. Drained twice in a row: nothing was in flight between.
+            deadline = time.perf_counter() + self.p.drain
+            quiet = 0
+            while quiet < 2:
+                if self._outstanding() == 0 and self._sending == 0:
+                    break
+                quiet = quiet + 1 if await self.p.drained() else 0
+                if time.perf_counter() >= deadline:
+                    break
+                await asyncio.sleep(0.5)
+            self._drained = quiet >= 2 or (self._outstanding() == 0 and self._sending == 0)
         self._progress(final=True)
 
     async def _close_smtp(self) -> None:

@@ -1,16 +1,16 @@
 """``stellwerk run``: the routing daemon (docs/architecture.md, docs/daemon.md).
 
-One asyncio process, one supervising TaskGroup with named tasks: MQTT publisher, MQTT ingress,
-router (lease -> restore -> route), Redis watch, signals, outbound (the outbox workers of
-:mod:`router.daemon.outbox`, when a platform is configured), one ``telephony-<system>``
-task per configured telephony system; plus the HTTP and SMTP servers. Signal
-handlers only set flags. SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply,
-publish and snapshot what is in the journal and release the lease (bounded by a timeout), cancel
-the rest, close connections. SIGHUP reloads the routing file (a file that fails validation is
-refused with its problems; the running rules stay).
+One asyncio process, one supervising TaskGroup in which every long-running task runs under a
+name, started and stopped in the order documented in docs/daemon.md ("Supervision"):
+mqtt-publisher, lease, router, redis-watch, sighup-reload, desk, outbound, telephony-<system>,
+mqtt-ingress (in leader mode it follows the lease), http, smtp. Signal handlers only set flags.
+SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply, publish and snapshot what
+is in the journal, release the lease (bounded by a timeout), cancel the rest, close
+connections; a second SIGINT exits at once (130). SIGHUP reloads the routing file (a file that
+fails validation is refused with its problems; the running rules stay).
 
 Exit codes: 0 after a graceful shutdown, 1 when the routing file does not validate at start,
-2 for bad settings.
+2 for bad settings, 130 after a second SIGINT.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from router.daemon.desk import DeskService
 from router.daemon.http import AppState, make_app, server_tls, start_http
 from router.daemon.intake import Intake
 from router.daemon.journal import Journal, connect_redis
-from router.daemon.lease import Lease
+from router.daemon.lease import Lease, LeaseKeeper
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Ingress, Publisher
 from router.daemon.outbox import OutboundMetrics, Outbox
@@ -197,7 +197,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         if self.handle_signals:
             loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-            loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
             loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
 
         redis = connect_redis(s.redis.url)
@@ -224,6 +224,15 @@ class Daemon:
         publisher = Publisher(s, on_status=mqtt_status)
         ingress = Ingress(s, intake, publisher, metrics=metrics, on_status=mqtt_status)
         lease = Lease(redis, journal.keys.lease, s.node_id(), s.router.lease_ttl)
+        keeper = LeaseKeeper(lease)
+
+        def lease_changed(held: bool) -> None:
+            state.lease_held = held
+            if not held and leader:
+                ingress.stop()  # the leader-mode ingress follows the lease (_ingress_follows)
+            mqtt_status(held)
+
+        keeper.on_change(lease_changed)
         outbound_metrics = OutboundMetrics(metrics.registry)
         session = aiohttp.ClientSession()
         platforms = destinations(s.outbound, session)
@@ -268,105 +277,180 @@ class Daemon:
             self.table,
             metrics=metrics,
             state=state,
-            ingress=ingress if leader else None,
-            on_lease=mqtt_status,
             sinks=self.sinks,
         )
         self.router = router
-        runner: web.AppRunner | None = None
-        smtp: asyncio.Server | None = None
+        app: web.Application | None = None
+        if s.http.addr:
+            app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics))
+            for connector in self.telephony:
+                # They check their callers themselves: Twilio's request signature,
+                # the credentials of Asterisk's outbound WebSocket.
+                add_routes(app, [(r, "signed") for r in connector.http_routes()])
+            if outbound is not None:
+                app[OUTBOUND] = outbound
+        # One stop event per stage of the shutdown (see docs/daemon.md, "Supervision").
+        intake_stop = asyncio.Event()
         router_stop = asyncio.Event()
+        lease_stop = asyncio.Event()
         outbound_stop = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
-                pub_task = tg.create_task(publisher.run(), name="mqtt-publisher")
-                ingress_task = tg.create_task(
-                    ingress.run() if not leader else asyncio.sleep(0), name="mqtt-ingress"
-                )
-                router_task = tg.create_task(router.run(router_stop), name="router")
-                watch_task = tg.create_task(
-                    self._watch_redis(journal, state, metrics), name="redis-watch"
-                )
-                reload_task = tg.create_task(self._reloads(router), name="sighup-reload")
-                desk_task = tg.create_task(desk.run(), name="desk")
-                outbound_task = tg.create_task(
+                # Start order: what others wait for first (publisher, lease), intake last.
+                task = tg.create_task
+                pub_task = task(publisher.run(), name="mqtt-publisher")
+                lease_task = task(keeper.run(lease_stop), name="lease")
+                router_task = task(router.run(router_stop, keeper), name="router")
+                watch_task = task(self._watch_redis(journal, state, metrics), name="redis-watch")
+                reload_task = task(self._reloads(router), name="sighup-reload")
+                desk_task = task(desk.run(), name="desk")
+                outbound_task = task(
                     outbound.run(outbound_stop) if outbound is not None else asyncio.sleep(0),
                     name="outbound",
                 )
-                phone_tasks = [tg.create_task(c.run(), name=c.name) for c in self.telephony]
-                if s.http.addr:
-                    app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics))
-                    tls = (
-                        server_tls(s.http.tls_cert, s.http.tls_key)
-                        if s.http.tls_cert and s.http.tls_key
-                        else None
-                    )
-                    for connector in self.telephony:
-                        # They check their callers themselves: Twilio's request signature,
-                        # the credentials of Asterisk's outbound WebSocket.
-                        add_routes(app, [(r, "signed") for r in connector.http_routes()])
-                    if outbound is not None:
-                        app[OUTBOUND] = outbound
-                    runner = await start_http(app, s.http.addr, tls=tls)
-                    log.info("http.listening", addr=s.http.addr, https=tls is not None)
-                if s.smtp.addr:
-                    smtp = await start_smtp(
-                        intake, metrics, s.smtp.addr, max_message_size=s.smtp.max_message_size
-                    )
-                    log.info("smtp.listening", addr=s.smtp.addr)
+                phone_tasks = [task(c.run(), name=c.name) for c in self.telephony]
+                ingress_task = task(
+                    self._ingress_follows(keeper, ingress, intake_stop)
+                    if leader
+                    else self._ingress_always(ingress, intake_stop),
+                    name="mqtt-ingress",
+                )
+                http_ready = asyncio.Event()
+                http_task = task(self._http(app, intake_stop, http_ready), name="http")
+                smtp_ready = asyncio.Event()
+                smtp_task = task(self._smtp(intake, intake_stop, smtp_ready), name="smtp")
+                # Listening before "started" (a server that fails to start ends the group).
+                await http_ready.wait()
+                await smtp_ready.wait()
                 log.info("daemon.started")
 
                 await self.stopping.wait()
                 log.info("daemon.stopping")
                 started = time.monotonic()
-                # 1. Stop intake: nothing new is accepted (and so nothing new acknowledged).
+                # 1. Stop intake (MQTT ingress, HTTP, SMTP): nothing new is acknowledged.
+                intake_stop.set()
                 ingress.stop()
-                if runner is not None:
-                    await runner.cleanup()
-                    runner = None
-                if smtp is not None:
-                    smtp.close()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(smtp.wait_closed(), 2.0)
-                    smtp = None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(ingress_task), 2.0)
-                # 2. The router drains the journal, snapshots, releases the lease.
+                    await asyncio.wait_for(
+                        asyncio.gather(
+                            asyncio.shield(ingress_task),
+                            asyncio.shield(http_task),
+                            asyncio.shield(smtp_task),
+                        ),
+                        3.0,
+                    )
+                # 2. The router drains the journal, publishes and snapshots.
                 router_stop.set()
                 remaining = max(0.5, SHUTDOWN_TIMEOUT - (time.monotonic() - started))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(router_task), remaining)
-                # 3. The telephony connectors carry out what the router handed them, briefly.
+                # 3. Release the lease: a standby takes over at once.
+                lease_stop.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(lease_task), 2.0)
+                # 4. The telephony connectors carry out what the router handed them, briefly.
                 for connector in self.telephony:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(connector.drain(), 2.0)
-                for task in phone_tasks:
-                    task.cancel()
-                # 4. Stop sending (what is in flight stays in the outbox), cancel the rest.
+                # 5. Stop sending (what is in flight stays in the outbox).
                 outbound_stop.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(outbound_task), 2.0)
-                for task in (
-                    ingress_task,
-                    router_task,
-                    pub_task,
-                    watch_task,
-                    reload_task,
+                # 6. Cancel the rest, the publisher last of all.
+                for t in (
+                    *phone_tasks,
                     desk_task,
+                    reload_task,
+                    watch_task,
+                    ingress_task,
+                    http_task,
+                    smtp_task,
+                    router_task,
+                    lease_task,
                     outbound_task,
+                    pub_task,
                 ):
-                    task.cancel()
+                    t.cancel()
         finally:
-            if runner is not None:
-                await runner.cleanup()
-            if smtp is not None:
-                smtp.close()
             await session.close()
             await redis.aclose()
             if self.handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             log.info("daemon.stopped")
+
+    def _on_sigint(self) -> None:
+        """First SIGINT: graceful stop. A second one while stopping: exit at once (130), as
+        uvicorn does: whoever presses Ctrl-C twice does not want to wait for the hand-over.
+        Nothing acknowledged is lost (the journal is in Redis); what was not acknowledged is
+        redelivered by the broker or retried by the sender."""
+        if self.stopping.is_set():
+            log.warning("daemon.forced_exit", signal="SIGINT")
+            sys.stderr.flush()
+            os._exit(130)
+        self.stopping.set()
+
+    async def _ingress_always(self, ingress: Ingress, stop: asyncio.Event) -> None:
+        """Shared mode: every daemon consumes its share, from start to shutdown."""
+        await ingress.run()
+
+    async def _ingress_follows(
+        self, keeper: LeaseKeeper, ingress: Ingress, stop: asyncio.Event
+    ) -> None:
+        """Leader mode: consume while this daemon holds the lease, under the installation's one
+        persistent session; stop (the batch in hand is journaled and acknowledged) when the
+        lease is lost, and resume that session on the next tenure."""
+        while not stop.is_set():
+            if await keeper.tenure(stop) is None:
+                return
+            if not keeper.held or stop.is_set():
+                continue  # lost again before this task ran
+            # No await between the check above and run() clearing the stop flag: a loss
+            # from here on calls ingress.stop() and ends this run.
+            log.info("mqtt.ingress.following", held=True)
+            await ingress.run()
+            log.info("mqtt.ingress.following", held=False)
+            if keeper.held and not stop.is_set():
+                await asyncio.sleep(0.1)  # run() returned while still held: do not spin
+
+    async def _http(
+        self, app: web.Application | None, stop: asyncio.Event, ready: asyncio.Event
+    ) -> None:
+        """Serve HTTP until intake stops (webhooks, API, metrics, health)."""
+        s = self.settings
+        if app is None:
+            ready.set()
+            return
+        tls = (
+            server_tls(s.http.tls_cert, s.http.tls_key)
+            if s.http.tls_cert and s.http.tls_key
+            else None
+        )
+        runner = await start_http(app, s.http.addr, tls=tls)
+        log.info("http.listening", addr=s.http.addr, https=tls is not None)
+        ready.set()
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    async def _smtp(self, intake: Intake, stop: asyncio.Event, ready: asyncio.Event) -> None:
+        """Take mail until intake stops."""
+        s = self.settings
+        if not s.smtp.addr:
+            ready.set()
+            return
+        server = await start_smtp(
+            intake, self.metrics, s.smtp.addr, max_message_size=s.smtp.max_message_size
+        )
+        log.info("smtp.listening", addr=s.smtp.addr)
+        ready.set()
+        try:
+            await stop.wait()
+        finally:
+            server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
 
     async def _watch_redis(self, journal: Journal, state: AppState, metrics: Metrics) -> None:
         was: bool | None = None

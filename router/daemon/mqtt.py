@@ -62,6 +62,11 @@ def client_tls(mqtt: MqttSettings) -> ssl.SSLContext:
     return context
 
 
+def incoming_bound(mqtt: MqttSettings) -> int:
+    """How many received messages the ingress client holds in memory at most."""
+    return 2 * mqtt.max_inflight + MAX_BATCH
+
+
 def make_client(
     mqtt: MqttSettings, identifier: str, *, persistent: bool, manual_ack: bool = False
 ) -> aiomqtt.Client:
@@ -99,12 +104,51 @@ def make_client(
         # Neither paho nor aiomqtt turns Nagle off; with delayed ACKs it adds ~40 ms per hop.
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         timeout=10.0,
+        # A bound on aiomqtt's incoming queue (unbounded by default). QoS 1 messages never
+        # reach it: the broker sends at most Receive Maximum (``max_inflight``) unacknowledged
+        # ones, and we acknowledge only after the journal write. The margin is for QoS 0
+        # messages, which aiomqtt discards beyond the bound (at most once, by definition).
+        max_queued_incoming_messages=incoming_bound(mqtt) if manual_ack else None,
     )
     client.pending_calls_threshold = 1_000_000  # many in-flight publishes are normal here
     if manual_ack:
         # Must be set before CONNACK: a persistent session delivers its backlog at once.
-        client._client.manual_ack_set(True)
+        AiomqttInternals(client).enable_manual_ack()
     return client
+
+
+class AiomqttInternals:
+    """The only place that reaches into aiomqtt's private attributes, and why.
+
+    aiomqtt 2.5 has no public API for three things the ingress needs: (1) paho-mqtt's manual
+    acknowledgement (``manual_ack_set``), without which paho PUBACKs a message as soon as it
+    arrives, before the journal holds it; (2) sending that PUBACK (paho's ``ack``); (3) taking
+    the messages that already arrived without awaiting the iterator once per message (the
+    iterator costs a task per message; draining the queue lets one journal round trip take a
+    whole batch). All three go through the wrapped paho client (``_client``) and the incoming
+    queue (``_queue``); an aiomqtt upgrade that renames them breaks here, and only here.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._paho: paho.Client = client._client
+        self._queue: asyncio.Queue[aiomqtt.Message] = client._queue
+
+    def enable_manual_ack(self) -> None:
+        """Let the caller send every PUBACK itself (must be called before connecting)."""
+        self._paho.manual_ack_set(True)
+
+    def ack(self, message: aiomqtt.Message) -> None:
+        """Send the PUBACK of ``message`` (a no-op for QoS 0)."""
+        self._paho.ack(message.mid, message.qos)
+
+    def take_queued(self, batch: list[aiomqtt.Message], limit: int) -> None:
+        """Move messages that already arrived into ``batch``, up to ``limit`` in all."""
+        queue = self._queue
+        while len(batch) < limit:
+            try:
+                batch.append(queue.get_nowait())
+            except asyncio.QueueEmpty:
+                return
 
 
 # ---- commands -> messages ------------------------------------------------------------------
@@ -326,6 +370,7 @@ class Ingress:
 
     async def _consume(self, client: aiomqtt.Client) -> None:
         messages = client.messages.__aiter__()
+        internals = AiomqttInternals(client)
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
@@ -338,18 +383,14 @@ class Ingress:
                     return
                 batch = [nxt.result()]
                 # Whatever else is already queued goes into the same journal round trip.
-                # (Straight from aiomqtt's queue: its iterator costs a task per message.)
-                queue = client._queue
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(queue.get_nowait())
-                    except asyncio.QueueEmpty:
-                        break
-                await self._handle_batch(client, batch)
+                internals.take_queued(batch, MAX_BATCH)
+                await self._handle_batch(internals, batch)
         finally:
             stop.cancel()
 
-    async def _handle_batch(self, client: aiomqtt.Client, batch: list[aiomqtt.Message]) -> None:
+    async def _handle_batch(
+        self, internals: AiomqttInternals, batch: list[aiomqtt.Message]
+    ) -> None:
         stages = _Batch.split(self.prefix, batch)
         delays = backoff()
         failures = 0
@@ -365,7 +406,7 @@ class Ingress:
                 log.warning("mqtt.ingress.journal_down", error=str(exc), held=len(batch))
                 await asyncio.sleep(delays.compute(failures))
         for message in batch:
-            client._client.ack(message.mid, message.qos)
+            internals.ack(message)
         if self.metrics is not None:
             for ok in stages.outcomes:
                 self.metrics.observe_ingress("mqtt", "accepted" if ok else "rejected")

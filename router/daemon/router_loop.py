@@ -39,9 +39,9 @@ from router.daemon.journal import (
     TickEntry,
     encode_entry,
 )
-from router.daemon.lease import Lease
+from router.daemon.lease import Lease, LeaseKeeper
 from router.daemon.metrics import Metrics
-from router.daemon.mqtt import Ingress, Message, Publisher, backoff, command_messages
+from router.daemon.mqtt import Message, Publisher, backoff, command_messages
 from router.daemon.sinks import CommandSink
 from router.engine import Engine
 from router.messages import Command, EventCmd, RefusedCmd, Tick
@@ -125,6 +125,9 @@ class _Run:
     snapshot_at: float = field(default_factory=time.monotonic)
     tick_pending: bool = False
     poison: set[str] = field(default_factory=set)
+    # The journal's ``entries-added`` count at ``last_id`` (None: not known yet): the exact
+    # backlog is the journal's count now minus this.
+    position: int | None = None
 
 
 class Router:
@@ -140,8 +143,6 @@ class Router:
         *,
         metrics: Metrics | None = None,
         state: AppState | None = None,
-        ingress: Ingress | None = None,
-        on_lease: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.time,
         sinks: Sequence[CommandSink] = (),
     ) -> None:
@@ -152,79 +153,77 @@ class Router:
         self.table = table
         self.metrics = metrics
         self.state = state if state is not None else AppState()
-        self.ingress = ingress
-        self._on_lease = on_lease
         self._clock = clock
         self.sinks = tuple(sinks)
         self._reloads: asyncio.Queue[asyncio.Future[list[str]]] = asyncio.Queue()
         self._run: _Run | None = None
+        # Whether the current tenure got as far as routing (resets the failure back-off).
+        self._routed = False
 
     # ---- the outer loop: lease tenure -------------------------------------------------------
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Route whenever we hold the lease, until ``stopping`` is set (then hand over)."""
+    async def run(self, stopping: asyncio.Event, keeper: LeaseKeeper) -> None:
+        """Route during every tenure of ``keeper`` (the lease task), until ``stopping`` is set.
+
+        The lease itself is the keeper's: this loop only follows it. When routing fails it ends
+        the tenure (``keeper.give_up``): at once after a poisoned entry, after a jittered
+        back-off while Redis is away. The back-off counts consecutive failures only: a tenure
+        that restored and routed resets it, so a later outage starts from a short delay again.
+        """
         delays = backoff()
         failures = 0
         while not stopping.is_set():
-            if not await self.lease.wait_acquire(stopping):
+            lost = await keeper.tenure(stopping)
+            if lost is None:
                 break
-            log.info("lease.acquired", node=self.lease.node_id)
-            self._set_lease(True)
+            self._routed = False
             route = asyncio.create_task(self._route(stopping), name="router.route")
-            keep = asyncio.create_task(self.lease.keep(), name="router.lease")
-            # Leader ingress: the lease holder resumes the one persistent ingress session.
-            ingress = (
-                asyncio.create_task(self.ingress.run(), name="mqtt-ingress")
-                if self.ingress is not None
-                else None
-            )
+            watch = asyncio.ensure_future(lost.wait())
             try:
-                done, _ = await asyncio.wait({route, keep}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({route, watch}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if ingress is not None and self.ingress is not None:
-                    self.ingress.stop()
-                tasks = [t for t in (route, keep, ingress) if t is not None]
-                for task in tasks:
-                    task.cancel()
-                # Their outcome is looked at below; here they only have to be finished.
-                await asyncio.gather(*tasks, return_exceptions=True)
-                self._set_lease(False)
-                self._run = None
-                # A reload asked for during this tenure must not wait for the next one.
-                while not self._reloads.empty():
-                    fut = self._reloads.get_nowait()
-                    if not fut.done():
-                        fut.set_result(["not applied: this daemon stopped routing"])
-            if keep in done:
+                watch.cancel()
+                route.cancel()
+                # Its outcome is looked at below; here it only has to be finished.
+                await asyncio.gather(route, return_exceptions=True)
+                self._end_tenure()
+            if self._routed:
+                failures = 0
+            if route.cancelled():  # the tenure ended under it
                 log.error("router.stopped", reason="lease_lost")
                 continue
-            exc = route.exception() if not route.cancelled() else None
+            exc = route.exception()
             if exc is None:
-                break  # stopping: the final snapshot was written, the lease released
+                break  # stopping: the final snapshot was written; the keeper releases the lease
             if isinstance(exc, _LostLease):
                 log.error("router.stopped", reason="lease_taken_over")
-                continue
-            if isinstance(exc, _Poisoned):
-                await self.lease.release()
-                continue
-            if isinstance(exc, JournalUnavailable):
+                keeper.give_up()
+            elif isinstance(exc, _Poisoned):
+                keeper.give_up()
+            elif isinstance(exc, JournalUnavailable):
                 # Redis went away: give the lease back (it may expire anyway) and start over
                 # from the snapshot once it is back.
                 failures += 1
-                log.warning("router.redis_down", error=str(exc))
-                await self.lease.release()
-                await asyncio.sleep(delays.compute(failures))
-                continue
-            raise exc
+                delay = delays.compute(failures)
+                log.warning(
+                    "router.redis_down", error=str(exc), attempt=failures, retry_in=round(delay, 3)
+                )
+                keeper.give_up(hold_off=delay)
+            else:
+                raise exc
+            await lost.wait()
         self.state.reload = None
 
-    def _set_lease(self, held: bool) -> None:
-        self.state.lease_held = held
-        if not held:
-            self.state.view = None
-            self.state.reload = None
-        if self._on_lease is not None:
-            self._on_lease(held)
+    def _end_tenure(self) -> None:
+        self.state.view = None
+        self.state.reload = None
+        self.state.journal_lag = None
+        self._run = None
+        # A reload asked for during this tenure must not wait for the next one.
+        while not self._reloads.empty():
+            fut = self._reloads.get_nowait()
+            if not fut.done():
+                fut.set_result(["not applied: this daemon stopped routing"])
 
     # ---- one tenure -----------------------------------------------------------------------------
 
@@ -233,6 +232,7 @@ class Router:
         self._run = run
         self.state.view = run.engine
         self.state.reload = self.reload
+        self._routed = True
         log.info("router.routing", last_id=run.last_id)
         last_refresh = 0.0
         while not stopping.is_set():
@@ -250,7 +250,6 @@ class Router:
         while rows := await self.journal.read_after(run.last_id, None, self.options.batch):
             await self._apply_batch(run, rows, live=True)
         await self._snapshot(run)
-        await self.lease.release()
         log.info("router.handed_over", last_id=run.last_id)
 
     async def _restore(self) -> _Run:
@@ -262,11 +261,12 @@ class Router:
             engine = Engine(self.table)
             run = _Run(engine=engine, last_id="0-0", now=0.0, published="0-0")
         run.published = await self.journal.published()
-        run.poison = await self._poisoned()
+        run.poison = await self.journal.poisoned()
         replayed = 0
         while rows := await self.journal.read_after(run.last_id, None, self.options.batch):
             replayed += len(rows)
             await self._apply_batch(run, rows, live=False)
+        run.position = await self.journal.position(run.last_id)
         offers = run.engine.outstanding_offers()
         if offers:
             await self.publisher.publish_many(
@@ -299,6 +299,8 @@ class Router:
         self, run: _Run, rows: list[tuple[str, JournalEntry | None]], *, live: bool
     ) -> None:
         poison = run.poison
+        if run.position is not None:
+            run.position += len(rows)
         out: list[Message] = []
         carried: list[Command] = []
         prefix = self.options.topic_prefix
@@ -349,14 +351,10 @@ class Router:
             await self.publisher.publish_many(out)
         if _id_after(run.last_id, run.published):
             await self.journal.set_published(run.last_id, lease_token=self.lease.token)
-        await self.journal.redis.sadd(self.journal.keys.poison, entry_id)  # type: ignore[misc]
+        await self.journal.add_poisoned(entry_id)
         await self.journal.dead_letter(
             "journal", "engine_error", f"{type(exc).__name__}: {exc}", encode_entry(entry), {}
         )
-
-    async def _poisoned(self) -> set[str]:
-        members = await self.journal.redis.smembers(self.journal.keys.poison)  # type: ignore[misc]
-        return {m.decode() for m in members}
 
     async def _maybe_tick(self, run: _Run) -> None:
         deadline = run.engine.next_deadline()
@@ -393,9 +391,19 @@ class Router:
         if self.metrics is None:
             return
         self.metrics.refresh(run.engine, self._clock())
-        # Capped: counting a long backlog would cost most exactly when the router is behind.
-        entries, age = await self.journal.lag(run.last_id, cap=1000)
+        if run.position is None:
+            run.position = await self.journal.position(run.last_id)
+        # Exact and O(1) once the position is known; the age is that of the oldest entry
+        # not yet applied. (Counting the backlog entry by entry would cost most exactly when
+        # the router is behind.)
+        _, age = await self.journal.lag(run.last_id, cap=1)
+        entries = 0
+        if run.position is not None:
+            entries = max(0, await self.journal.added() - run.position)
+        else:
+            entries, _ = await self.journal.lag(run.last_id, cap=1000)
         self.metrics.set_journal_lag(entries, age)
+        self.state.journal_lag = (entries, age)
 
     # ---- reloads ------------------------------------------------------------------------------
 

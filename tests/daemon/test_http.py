@@ -208,13 +208,27 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
     assert await api.get("/healthz") == (200, {"status": "ok"})
     status, reply = await api.get("/readyz")
     assert status == 503
-    assert reply == {"ready": False, "redis": False, "mqtt": False, "lease": False}
+    assert reply == {
+        "ready": False,
+        "redis": False,
+        "mqtt": False,
+        "lease": False,
+        "journal_lag": None,
+    }
     api.state.redis_ok = api.state.mqtt_ok = True
     assert (await api.get("/readyz"))[0] == 503
     api.state.lease_held = True
+    # While routing, the detail carries the backlog: behind, but ready (still the router).
+    api.state.journal_lag = (1200, 2.3456)
     assert await api.get("/readyz") == (
         200,
-        {"ready": True, "redis": True, "mqtt": True, "lease": True},
+        {
+            "ready": True,
+            "redis": True,
+            "mqtt": True,
+            "lease": True,
+            "journal_lag": {"entries": 1200, "seconds": 2.346},
+        },
     )
 
 

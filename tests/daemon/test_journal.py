@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,7 +23,7 @@ from router.daemon.journal import (
 from router.messages import Accept, Login
 from router.model import ContactEvent, Sender
 from tests.daemon.conftest import Names, wait_until
-from tests.servers import REDIS_URL
+from tests.servers import REDIS_URL, key_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -189,3 +190,43 @@ def test_every_entry_survives_encoding(
     )
     entry = ContactEntry(event=event, at=at)
     assert decode_entry(encode_entry(entry)) == entry
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batches=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=6),
+    trim_after=st.integers(min_value=0, max_value=5),
+)
+def test_the_backlog_after_any_entry_is_exact_across_trims(
+    batches: list[int], trim_after: int
+) -> None:
+    """added() - position(id) is the number of entries after id, also after a trim of older
+    entries (the router trims only what its snapshot covers, never what comes after it)."""
+
+    async def check() -> None:
+        client = connect_redis(REDIS_URL)
+        journal = Journal(client, key_prefix(f"lag-{uuid.uuid4().hex[:8]}"))
+        try:
+            assert await journal.added() == 0 and await journal.position("0-0") == 0
+            ids: list[str] = []
+            for n, size in enumerate(batches):
+                ids += await journal.append_many([TickEntry(at=float(i)) for i in range(size)])
+                if n == trim_after:
+                    await client.xtrim(journal.keys.journal, maxlen=3)
+            added = await journal.added()
+            assert added == len(ids)
+            kept = await client.xlen(journal.keys.journal)
+            first = max(0, len(ids) - kept - 1)  # every entry after it is still there
+            for i in sorted({first, (first + len(ids)) // 2, len(ids) - 1}):
+                behind = len(ids) - 1 - i
+                position = await journal.position(ids[i], cap=1000)
+                assert position is not None and added - position == behind
+            if len(ids) - 1 - first > 2:  # more than the cap behind: not counted, None
+                assert await journal.position(ids[first], cap=2) is None
+        finally:
+            keys = [k async for k in client.scan_iter(match=f"{journal.keys.prefix}*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+    asyncio.run(check())
