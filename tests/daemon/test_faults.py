@@ -84,6 +84,9 @@ def broker(tmp_path: Path) -> Iterator[PrivateMosquitto]:
 # ---- the daemon -----------------------------------------------------------------------------
 
 
+ADMIN_TOKEN = "faults-admin-token"
+
+
 class Daemon:
     """A ``stellwerk run`` subprocess and its HTTP API."""
 
@@ -97,7 +100,9 @@ class Daemon:
         return self.process.proc is not None and self.process.proc.poll() is None
 
     async def get(self, path: str) -> tuple[int, Any]:
-        async with self.session.get(self.base + path) as resp:
+        # Reads of contacts need a role; the health routes ignore the token.
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with self.session.get(self.base + path, headers=headers) as resp:
             return resp.status, await resp.json()
 
     async def post(
@@ -153,6 +158,7 @@ async def start_daemon(
             http_addr=f"{HOST}:{http_port}",
             # The chat platform here sends unsigned webhooks: allowed only when marked so.
             sources_unsigned='["rocketchat"]',
+            admin_token=ADMIN_TOKEN,
         )
         process = DaemonProcess(env=env, log_path=tmp_path / "daemon.log")
         process.start()
