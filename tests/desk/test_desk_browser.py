@@ -261,6 +261,18 @@ async def test_the_desk_socket_refuses_bad_tokens_and_other_roles(
                 assert (msg["type"], msg["error"]) == ("error", error)
                 closed = await ws.receive(timeout=5)
                 assert closed.type == aiohttp.WSMsgType.CLOSE
+        # Commands are rate limited per connection (a burst of 20, then 20 a second).
+        async with session.ws_connect(url + "/v1/desk/ws") as ws:
+            await ws.send_str(json.dumps({"op": "auth", "token": TOKENS["anna"]}))
+            for i in range(40):
+                await ws.send_str(json.dumps({"op": "transcript", "contact_id": "x", "ref": i}))
+            reasons = []
+            while len(reasons) < 40:
+                msg = json.loads((await ws.receive(timeout=5)).data)
+                if msg["type"] == "refused":
+                    reasons.append(msg["reason"])
+            assert reasons.count("not_your_contact") >= 20
+            assert 0 < reasons.count("rate_limited") <= 20
         # The pages themselves hold no data and are public.
         async with session.get(f"http://127.0.0.1:{port}/desk") as r:
             assert r.status == 200 and "Content-Security-Policy" in r.headers
