@@ -284,6 +284,7 @@ class DeskService:
                 (web.get("/v1/wall/ws", self.wall_ws), "self"),
             ],
         )
+        app.on_shutdown.append(self._going_away)
         openapi.document_paths(
             app,
             {
@@ -299,6 +300,14 @@ class DeskService:
                 ),
             },
         )
+
+    async def _going_away(self, app: web.Application) -> None:
+        # The server stops: close the sockets now (1001, the pages reconnect) rather than have
+        # the shutdown wait for them.
+        clients = [*self.walls, *(c for cs in self.agents.values() for c in cs)]
+        for client in clients:
+            with contextlib.suppress(ConnectionResetError, RuntimeError):
+                await client.ws.close(code=1001, message=b"the daemon is stopping")
 
     async def _open(
         self, request: web.Request, allowed: tuple[auth.Role, ...]

@@ -389,3 +389,33 @@ async def test_three_chats_at_once_a_calls_details_away_reasons_and_not_respondi
     await anna.wait_for_selector("#agent-state:text('Available')")
     assert await anna.query_selector("#not-responding") is None
     assert anna.errors == []
+
+
+async def test_the_desk_reconnects_after_a_daemon_restart_and_shows_the_open_work(
+    tmp_path: Path, start_daemon: Any, mqtt_probe: MqttProbe, browser: Any
+) -> None:
+    port = free_port()
+    path = routing(tmp_path / "r.yaml")
+    first = await start_daemon(path, http_addr=f"127.0.0.1:{port}", auth_tokens=tokens_env())
+    base = f"http://127.0.0.1:{port}"
+    anna = await desk_page(browser, base, "anna")
+    await anna.click("#go-available")
+    await publish(
+        mqtt_probe,
+        "chat",
+        {"kind": "new", "channel": "chat", "id": "r1", "handle": "guest", "text": "Hallo?"},
+    )
+    await anna.click("article.offer[data-contact='generic:r1'] button.accept")
+    await anna.wait_for_selector("article.contact.assigned[data-contact='generic:r1']")
+    # The daemon goes away (a deploy, a lease moving): the page notices and keeps trying.
+    first.stopping.set()
+    await anna.wait_for_selector("#status:text('reconnecting')", timeout=15000)
+    await start_daemon(path, http_addr=f"127.0.0.1:{port}", auth_tokens=tokens_env())
+    await anna.wait_for_selector("#status:text('live')", timeout=15000)
+    # The snapshot from the new daemon holds her contact; she can finish it.
+    await anna.wait_for_selector("article.contact.assigned[data-contact='generic:r1']")
+    await anna.select_option("article.contact select.disposition", "callback")
+    await anna.click("article.contact button.complete")
+    done = await mqtt_probe.wait_for("events/contact.completed", contact_id="generic:r1")
+    assert done[0]["disposition"] == "callback"
+    assert anna.errors == []
