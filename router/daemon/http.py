@@ -1,29 +1,29 @@
 """The daemon's HTTP server (aiohttp): webhooks, metrics, health, and the small admin API.
 
-Routes (DESIGN.md section 5):
+Every route declares who may call it in :func:`make_app`'s table (``router.daemon.auth``):
+``admin`` for changes, ``supervisor`` for reads (an admin may do what a supervisor may),
+the agent holding a contact for ``/v1/contacts/{id}``, open for health and ``/metrics`` (unless
+``auth.metrics: supervisor``), the source's signature for webhooks. 401 without a valid bearer
+token, 403 for the wrong role. Routes other than monitoring are rate limited per client (429 with
+``Retry-After``). docs/security.md has the whole picture, docs/operations.md the route table.
 
 - ``POST /v1/webhooks/{source}`` — the raw body and headers go to the shared
-  :class:`~router.daemon.intake.Intake`, which checks
-  the source's signature, decodes, and journals the events. ``202 {"accepted": n}`` only after
-  the journal write; ``401`` for a bad signature, ``404`` for an unknown source, ``400`` with
-  the reason for any other rejected payload (it is in the dead-letter stream), ``503`` with
-  ``Retry-After`` when the journal (Redis) is down, so the sender retries and nothing is lost.
-- ``GET /metrics`` (Prometheus text format), ``GET /healthz`` (the process answers),
-  ``GET /readyz`` (200 only when Redis and MQTT are connected and this daemon holds the routing
-  lease; 503 otherwise, with the reason).
-- ``GET /v1/queues``, ``/v1/agents``, ``/v1/contacts/{id}`` — read from the router's engine
-  through the read-only :class:`RouterView`; 503 ``not_routing`` on a standby.
-- ``POST /v1/rules/reload`` — needs ``Authorization: Bearer <admin_token>``; a routing file that
-  fails validation is refused with its problems (422) and the running rules stay.
-- The crowd (docs/crowd.md): ``GET /v1/experts`` (the experts report; 503 on a standby),
-  ``PUT /v1/experts/{id}`` (an expert as JSON: ``name``, ``level``, ``skills``, ``phones``,
-  ``emails``, ``handles``; the id comes from the path), ``DELETE /v1/experts/{id}``,
-  ``POST /v1/customers/link`` (``{"keys": ["phone:+49...", "email:..."]}``) and
-  ``GET /v1/customers/{ref}`` (a customer id or an identity key, URL-encoded). Changes need the
-  bearer token and are journaled like every other input (``202`` once in the journal; the
-  router applies them in order, so they survive restarts and replays). The customer read needs
-  the token as well: it is personal data (keys, contact history). The experts report is as
-  public as ``/v1/queues``.
+  :class:`~router.daemon.intake.Intake`, which checks the source's signature, decodes, and
+  journals the events. A source without a secret is refused (401 ``unsigned_source``) unless
+  listed in ``sources.unsigned``; sources without a native scheme sign with
+  ``X-Stellwerk-Signature``. ``413`` beyond the source's body limit. ``202 {"accepted": n}``
+  only after the journal write; ``401`` for a bad signature, ``404`` for an unknown source,
+  ``400`` with the reason for any other rejected payload (it is in the dead-letter stream),
+  ``503`` with ``Retry-After`` when the journal (Redis) is down, so the sender retries.
+- ``GET /metrics``, ``/healthz``, ``/readyz`` (200 only when Redis and MQTT are connected and
+  this daemon holds the routing lease), ``/v1/openapi.json`` (the OpenAPI document).
+- ``GET /v1/queues``, ``/v1/agents``, ``/v1/contacts/{id}``, ``/v1/experts``,
+  ``/v1/customers/{ref}`` — read from the router's engine through the read-only
+  :class:`RouterView`; 503 ``not_routing`` on a standby.
+- ``POST /v1/rules/reload`` (422 with the problems of a routing file that does not validate; the
+  running rules stay), ``PUT``/``DELETE /v1/experts/{id}``, ``POST /v1/customers/link`` — admin
+  changes, journaled like every other input (``202`` once in the journal) and audited once each
+  (``admin.change``: who, what, from where).
 
 Every error answer is JSON ``{"error": slug, "detail": sentence}``.
 """
@@ -43,8 +43,8 @@ import limits
 import msgspec
 import structlog
 from aiohttp import web
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from router.daemon import auth, desk, openapi
 from router.daemon.auth import Authenticator, Principal, principal_of
@@ -453,7 +453,10 @@ UNLIMITED_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class RateLimit:
-    """A per-client (remote address) sliding-window limit, from the ``limits`` library."""
+    """A per-client (remote address) sliding-window limit, from the ``limits`` library.
+
+    Its asyncio storage: the threaded one starts a timer thread for every expiry round.
+    """
 
     def __init__(self, spec: str) -> None:
         self.items = limits.parse_many(spec)
@@ -472,13 +475,13 @@ class RateLimit:
         self.logged[client] = now + wait
         return True
 
-    def retry_after(self, client: str) -> int | None:
+    async def retry_after(self, client: str) -> int | None:
         """None when ``client`` may go on (the hit is counted), else seconds to wait."""
-        refused = [item for item in self.items if not self.limiter.hit(item, client)]
+        refused = [item for item in self.items if not await self.limiter.hit(item, client)]
         if not refused:
             return None
-        reset = max(self.limiter.get_window_stats(item, client).reset_time for item in refused)
-        return max(1, math.ceil(reset - time.time()))
+        resets = [(await self.limiter.get_window_stats(i, client)).reset_time for i in refused]
+        return max(1, math.ceil(max(resets) - time.time()))
 
 
 RATE_LIMIT_KEY: web.AppKey[RateLimit] = web.AppKey("stellwerk_rate_limit", RateLimit)
@@ -494,7 +497,7 @@ async def _rate_limit(
     if limit is None or route in UNLIMITED_ROUTES:
         return await handler(request)
     client = request.remote or "unknown"
-    wait = limit.retry_after(client)
+    wait = await limit.retry_after(client)
     if wait is not None:
         if limit.first_refusal(client, wait):
             auth.audit_refusal(request, "rate_limited")

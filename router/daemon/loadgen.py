@@ -124,6 +124,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grace", type=float, default=10.0, help="seconds to wait for stragglers (10)"
     )
+    parser.add_argument(
+        "--credentials",
+        metavar="FILE",
+        default=env("STELLWERK_LOADGEN_CREDENTIALS"),
+        help="credentials.yaml of `stellwerk broker-config`: connect as the identities a real "
+        "site has (the asterisk-ari bridge, each agent with its own account, a read-only "
+        "wallboard) instead of one account for everything",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line")
@@ -143,6 +151,8 @@ class Target:
     prefix: str = "stellwerk"
     secrets: dict[str, str] = field(default_factory=dict)
     agents: list[str] = field(default_factory=list)
+    accounts: dict[str, str] = field(default_factory=dict)
+    """MQTT user -> password from broker-config's credentials file; empty: one account."""
 
 
 @dataclass
@@ -248,7 +258,27 @@ def target_from_args(args: argparse.Namespace) -> Target:
             raise LoadgenError("--agents must be >= 0")
         ids = ids[: args.agents]
     target.agents = ids
+    if args.credentials:
+        target.accounts = mqtt_accounts(Path(args.credentials))
+        missing = [a for a in ids if f"agent-{a}" not in target.accounts]
+        if missing or "source-asterisk-ari" not in target.accounts:
+            raise LoadgenError(
+                f"{args.credentials} has no account for the asterisk-ari bridge or agents "
+                f"{missing[:5]}; re-run stellwerk broker-config with this routing file"
+            )
     return target
+
+
+def mqtt_accounts(path: Path) -> dict[str, str]:
+    """The ``mqtt`` section of a broker-config credentials file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise LoadgenError(f"cannot read credentials {path}: {exc}") from None
+    accounts = data.get("mqtt") if isinstance(data, dict) else None
+    if not isinstance(accounts, dict):
+        raise LoadgenError(f"{path} has no mqtt section (is it broker-config's credentials.yaml?)")
+    return {str(k): str(v) for k, v in accounts.items()}
 
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
@@ -531,6 +561,8 @@ class LoadGen:
         self._gate = asyncio.Semaphore(profile.max_in_flight)
         self._smtp_pool: asyncio.Queue[smtplib.SMTP | None] = asyncio.Queue()
         self._pub: aiomqtt.Client | None = None
+        # With broker-config accounts: each agent speaks over its own connection.
+        self._agent_clients: dict[str, aiomqtt.Client] = {}
         self._http: aiohttp.ClientSession | None = None
         self._started = 0.0
         self._last_offer = 0.0
@@ -548,25 +580,35 @@ class LoadGen:
         assert self._loop is not None
         return self._loop.call_later(max(0.0, delay), lambda: self._spawn(coro_fn(*args)))
 
-    async def _publish(self, topic: str, payload: bytes) -> bool:
-        assert self._pub is not None
+    async def _publish(
+        self, topic: str, payload: bytes, client: aiomqtt.Client | None = None
+    ) -> bool:
+        client = client or self._pub
+        assert client is not None
         async with self._gate:
             try:
-                await self._pub.publish(topic, payload, qos=1)
+                await client.publish(topic, payload, qos=1)
                 return True
             except aiomqtt.MqttError:
                 self.refused["mqtt_error"] += 1
                 return False
 
     async def _agent_cmd(self, agent_id: str, body: dict[str, Any]) -> None:
-        await self._publish(f"{self.t.prefix}/agents/{agent_id}/cmd", json.dumps(body).encode())
+        await self._publish(
+            f"{self.t.prefix}/agents/{agent_id}/cmd",
+            json.dumps(body).encode(),
+            self._agent_clients.get(agent_id),
+        )
 
-    def _mqtt_client(self, suffix: str) -> aiomqtt.Client:
+    def _mqtt_client(self, suffix: str, user: str | None = None) -> aiomqtt.Client:
+        username, password = self.t.mqtt_user, self.t.mqtt_password
+        if user is not None:
+            username, password = user, self.t.accounts[user]
         client = aiomqtt.Client(
             self.t.mqtt_host,
             self.t.mqtt_port,
-            username=self.t.mqtt_user,
-            password=self.t.mqtt_password,
+            username=username,
+            password=password,
             identifier=f"stellwerk-loadgen-{self.run_id}-{suffix}",
             max_inflight_messages=self.p.max_in_flight,
             # Real telephony bridges and desktops should not wait ~40 ms for Nagle either.
@@ -902,19 +944,37 @@ class LoadGen:
         for _ in range(4):
             self._smtp_pool.put_nowait(None)
         timeout = aiohttp.ClientTimeout(total=30)
-        async with (
-            self._mqtt_client("sub") as sub,
-            self._mqtt_client("pub") as pub,
-            aiohttp.ClientSession(timeout=timeout) as http,
-        ):
+        accounts = self.t.accounts
+        reader = next((u for u in accounts if u.startswith("reader-")), None)
+        async with contextlib.AsyncExitStack() as stack:
+            if accounts:
+                sub = await stack.enter_async_context(self._mqtt_client("sub", reader))
+                pub = await stack.enter_async_context(
+                    self._mqtt_client("pub", "source-asterisk-ari")
+                )
+            else:
+                sub = await stack.enter_async_context(self._mqtt_client("sub"))
+                pub = await stack.enter_async_context(self._mqtt_client("pub"))
+            http = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
             self._pub, self._http = pub, http
-            await sub.subscribe(f"{self.t.prefix}/agents/+/offers", qos=1)
+            listeners = []
+            if accounts:
+                # Each agent reads its own offers over its own account, as a desktop does.
+                for agent_id in self.t.agents:
+                    client = await stack.enter_async_context(
+                        self._mqtt_client(f"agent-{agent_id}", f"agent-{agent_id}")
+                    )
+                    await client.subscribe(f"{self.t.prefix}/agents/{agent_id}/offers", qos=1)
+                    self._agent_clients[agent_id] = client
+                    listeners.append(asyncio.create_task(self._listen(client)))
+            else:
+                await sub.subscribe(f"{self.t.prefix}/agents/+/offers", qos=1)
             if self.p.event_types is None:
                 await sub.subscribe(f"{self.t.prefix}/events/#", qos=1)
             else:
                 for kind in self.p.event_types:
                     await sub.subscribe(f"{self.t.prefix}/events/{kind}", qos=1)
-            listener = asyncio.create_task(self._listen(sub), name="loadgen-listen")
+            listeners.append(asyncio.create_task(self._listen(sub), name="loadgen-listen"))
             try:
                 for agent_id in self.t.agents:
                     await self._agent_cmd(agent_id, {"op": "login"})
@@ -926,9 +986,11 @@ class LoadGen:
                 for task in list(self._tasks):
                     task.cancel()
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await listener
+                for listener in listeners:
+                    listener.cancel()
+                for listener in listeners:
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await listener
                 await self._close_smtp()
         return report
 

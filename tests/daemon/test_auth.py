@@ -255,3 +255,31 @@ def test_every_route_of_the_daemon_declares_its_access() -> None:
     assert undeclared == []
     assert auth.access_of(app, "POST", "/v1/rules/reload") == "admin"
     assert auth.access_of(app, "GET", "/v1/customers/{ref}") == "supervisor"
+
+
+def test_the_daemon_refuses_to_start_with_a_broken_tokens_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.daemon.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLWERK_")}
+    env["STELLWERK_AUTH_TOKENS_FILE"] = str(tmp_path / "missing.yaml")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "run",
+            "--check-config",
+            "--config",
+            str(REPO / "config" / "stellwerk.yaml"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "missing.yaml: cannot read" in done.stderr and "Traceback" not in done.stderr

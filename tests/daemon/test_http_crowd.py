@@ -33,9 +33,15 @@ class CrowdApi:
     """The app with an Engine as its view; ``apply`` feeds journaled admin entries to it."""
 
     def __init__(
-        self, client: test_utils.TestClient, journal: Journal, engine: Engine, state: AppState
+        self,
+        client: test_utils.TestClient,
+        journal: Journal,
+        engine: Engine,
+        state: AppState,
+        metrics: Metrics,
     ) -> None:
         self.client = client
+        self.metrics = metrics
         self.state = state
         self.journal = journal
         self.engine = engine
@@ -68,7 +74,7 @@ async def crowd(journal: Journal, tmp_path: Path) -> AsyncIterator[CrowdApi]:
     cfg = settings()
     app = make_app(Intake(journal, cfg.decode_config(), metrics=metrics), state, cfg, metrics)
     async with test_utils.TestClient(test_utils.TestServer(app)) as client:
-        yield CrowdApi(client, journal, engine, state)
+        yield CrowdApi(client, journal, engine, state, metrics)
 
 
 async def test_put_expert_is_journaled_and_then_listed_in_the_report(crowd: CrowdApi) -> None:
@@ -191,3 +197,22 @@ async def test_reads_are_503_on_a_standby_while_changes_are_still_journaled(
     status, _ = await crowd.call("PUT", "/v1/experts/x-new", {"name": "New"}, **AUTH)
     assert status == 202
     assert len(await crowd.apply()) == 1
+
+
+async def test_an_admin_change_is_audited_once_with_who_and_from_where(
+    crowd: CrowdApi, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    status, _ = await crowd.call("PUT", "/v1/experts/x-audit", {"name": "A"}, **AUTH)
+    assert status == 202
+    status, _ = await crowd.call("DELETE", "/v1/experts/x-heinz", None, Authorization="Bearer no")
+    assert status == 401
+    out = capsys.readouterr().out
+    changes = [line for line in out.splitlines() if "admin.change" in line]
+    assert len(changes) == 1
+    assert all(f in changes[0] for f in ("op=upsert_expert", "principal=admin_token", "remote="))
+    refusals = [line for line in out.splitlines() if "auth.refused" in line]
+    assert len(refusals) == 1 and "reason=bad_token" in refusals[0]
+    assert ADMIN_TOKEN not in out
+    assert crowd.metrics.admin_changes.labels("upsert_expert")._value.get() == 1
+    assert crowd.metrics.admin_changes.labels("remove_expert")._value.get() == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -219,3 +219,67 @@ def test_offers_for_an_agent_loadgen_does_not_simulate_are_left_to_that_agent() 
     gen._on_offer({"contact_id": "c-2", "agent_id": "a01", "offer_id": "o2"})
     assert scheduled == [("a01", "o2", "c-2")]
     assert gen.offered == 2
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Any]:
+    """A private Mosquitto (started by the test with its auth conf), stopped after the daemon."""
+    from tests.daemon.private_servers import PrivateMosquitto
+
+    brokers: list[PrivateMosquitto] = []
+
+    def start(auth_conf: str) -> PrivateMosquitto:
+        broker = PrivateMosquitto(dir=tmp_path / "mq", auth_conf=auth_conf)
+        broker.dir.mkdir()
+        broker.start()
+        brokers.append(broker)
+        return broker
+
+    yield start
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.mark.integration
+async def test_with_broker_config_accounts_every_party_uses_its_own(
+    tmp_path: Path,
+    names: Names,
+    private_broker: Callable[[str], Any],
+    start_daemon: Callable[..., Any],
+) -> None:
+    """loadgen --credentials against a broker with accounts and ACLs only: calls via the
+    bridge account, each agent over its own, events via a reader; nothing lost."""
+    from router.daemon.broker_config import generate
+    from router.daemon.loadgen import mqtt_accounts
+
+    agents = ("anna", "ben", "cem")
+    routing = write_routing(tmp_path / "routing.yaml", agents, offer_timeout=5.0, wrap_up=5.0)
+    gen = generate(routing, tmp_path / "broker", prefix=names.topic_prefix)
+    broker = private_broker((gen.out / "mosquitto-auth.conf").read_text())
+    await start_daemon(
+        routing,
+        mqtt_url=broker.url,
+        mqtt_username="stellwerk",
+        mqtt_password=gen.mqtt["stellwerk"],
+    )
+    target = Target(
+        mqtt_port=broker.peer_port,
+        prefix=names.topic_prefix,
+        agents=list(agents),
+        accounts=mqtt_accounts(gen.out / "credentials.yaml"),
+    )
+    profile = Profile(
+        rate=10.0,
+        duration=1.0,
+        mix=parse_mix("phone=100"),
+        handle_time=0.1,
+        think_time=0.02,
+        after_call_work=0.05,
+        patience=0.0,
+        grace=8.0,
+        seed=3,
+        progress=False,
+    )
+    report = await LoadGen(target, profile).run()
+    assert report.sent == 10 and report.accepted == 10
+    assert report.lost == 0 and report.offered == 10 and report.agent_refusals == 0

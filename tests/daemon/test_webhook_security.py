@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from router.daemon.config import HttpSettings, Settings, SourceSettings
 from router.daemon.journal import Journal
+from tests.daemon.conftest import write_routing
 from tests.daemon.test_http import (
     ADMIN_TOKEN,
     DISCOURSE_SECRET,
@@ -131,3 +134,16 @@ def test_unsigned_sources_are_checked_in_the_settings() -> None:
         SourceSettings(unsigned=("nope",))
     with pytest.raises(ValueError, match="one or the other"):
         SourceSettings(unsigned=("generic",), secrets={"generic": "s"})
+
+
+async def test_the_daemon_warns_at_start_for_every_unsigned_source(
+    tmp_path: Path, start_daemon: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    routing = write_routing(tmp_path / "routing.yaml")
+    await start_daemon(routing, sources_unsigned='["rocketchat", "generic"]')
+    warned = [
+        line for line in capsys.readouterr().out.splitlines() if "webhook.unsigned_source" in line
+    ]
+    assert len(warned) == 2
+    assert any("source=rocketchat" in w for w in warned)
+    assert any("source=generic" in w for w in warned)
