@@ -37,10 +37,10 @@ export STELLWERK_SOURCES_SECRETS='{"discourse": "demo-discourse-secret", "whatsa
 # ---- the agent desktop (/desk) and the wallboard (/wall), docs/desk.md ----------------------
 # The demo routing is config/routing.yaml plus one agent, "demo", that loadgen's simulated agents
 # leave alone, so a person can sign in at /desk and take contacts by hand while loadgen runs.
+# broker-config below issues its token like every other agent's.
 DESK_AGENT=demo
-DESK_TOKEN=${DEMO_DESK_TOKEN:-demo-desk-token}
-WALL_TOKEN=${DEMO_WALL_TOKEN:-demo-wall-token}
-SIM_AGENTS=$("$BIN/python" - "$WORK/routing.yaml" "$DESK_AGENT" <<'PY'
+ROUTING="$WORK/routing.yaml"
+SIM_AGENTS=$("$BIN/python" - "$ROUTING" "$DESK_AGENT" <<'PY'
 import sys
 from pathlib import Path
 import yaml
@@ -55,23 +55,12 @@ out.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encodi
 print(len(data["agents"]) - 1)  # loadgen simulates the agents before it, never this one
 PY
 )
-export STELLWERK_ROUTING="$WORK/routing.yaml"
-STELLWERK_AUTH_TOKENS=$("$BIN/python" - "$DESK_AGENT" "$DESK_TOKEN" "$WALL_TOKEN" <<'PY'
-import json, sys
-from router.daemon.auth import hash_token
-agent, desk, wall = sys.argv[1:4]
-print(json.dumps([
-    {"name": f"agent:{agent}", "role": "agent", "agent_id": agent, "sha256": hash_token(desk)},
-    {"name": "demo-wall", "role": "supervisor", "sha256": hash_token(wall)},
-]))
-PY
-)
-export STELLWERK_AUTH_TOKENS
-DESK_LOADGEN_ARGS=(--routing "$WORK/routing.yaml" --agents "$SIM_AGENTS")
+export STELLWERK_ROUTING="$ROUTING"
+DESK_LOADGEN_ARGS=(--routing "$ROUTING" --agents "$SIM_AGENTS")
 # ---- end of the desk's part --------------------------------------------------------------
 
 # 1. Credentials: MQTT accounts + ACLs for Mosquitto, HTTP tokens (hashed) for the daemon.
-"$BIN/stellwerk" broker-config --routing "$WORK/routing.yaml" --out "$WORK/broker" \
+"$BIN/stellwerk" broker-config --routing "$ROUTING" --out "$WORK/broker" \
   --topic-prefix "$STELLWERK_TOPIC_PREFIX"
 
 # 2. A private broker with them, configured like config/mosquitto.conf.
@@ -129,7 +118,8 @@ start_daemon demo
 echo "demo: daemon ready (pid $DAEMON), HTTP http://$HTTP_ADDR, SMTP $SMTP_ADDR, log $WORK/daemon.log"
 echo "demo: broker 127.0.0.1:$MQTT_PORT, accounts and ACLs only; secrets in $WORK/broker/credentials.yaml"
 echo "demo: loadgen for ${DURATION}s at ${RATE} contacts/s with the agents of config/routing.yaml"
-echo "demo: wallboard  http://$HTTP_ADDR/wall  (supervisor token: $WALL_TOKEN)"
+DESK_TOKEN=$("$BIN/python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['http']['agent:' + sys.argv[2]])" "$WORK/broker/credentials.yaml" "$DESK_AGENT")
+echo "demo: wallboard  http://$HTTP_ADDR/wall  (supervisor token: $SUPERVISOR_TOKEN)"
 echo "demo: agent desk http://$HTTP_ADDR/desk  (agent id: $DESK_AGENT, token: $DESK_TOKEN)"
 echo "demo: sign in, press Go available and take a contact; DEMO_KEEP=1 keeps the daemon afterwards"
 

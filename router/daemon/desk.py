@@ -153,6 +153,7 @@ class DeskService:
         self.engine: Engine | None = None
         self.agents: dict[str, set[_Client]] = {}
         self.walls: set[_Client] = set()
+        self._finished: list[str] = []
         intake.observers.append(self.transcripts.record)
         self.sinks: list[CommandSink] = [self, self.wall]
 
@@ -201,40 +202,65 @@ class DeskService:
                             else cmd.data["contact_id"],
                         }
                     )
-        if finished:
-            await self.transcripts.finished(finished)
+        # Their TTLs are set by run(), off the routing path.
+        self._finished.extend(finished)
 
     # ---- background work ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Push the board to open wallboards, keep the stuck gauge fresh, and close every
-        connection when this daemon stops routing (they reconnect to the one that routes)."""
+        """Push the board to open wallboards, keep the stuck gauge fresh, close every connection
+        when this daemon stops routing (they reconnect to the one that routes), and save the
+        wallboard's counters and the transcripts' TTLs to Redis, each in its own loop (a slow
+        Redis holds up saving, never the pushes)."""
+        await asyncio.gather(self._pusher(), self._saver())
+
+    async def _pusher(self) -> None:
         last_push = 0.0
         was_routing = False
         while True:
             await asyncio.sleep(PUSH_INTERVAL)
-            engine = self._routing()
-            if engine is None:
-                if was_routing:
-                    self._close_all("this daemon no longer routes")
-                was_routing = False
-                continue
-            was_routing = True
-            now = time.time()
-            due = self.wall.dirty or now - last_push >= 1.0
-            if self.walls and due:
-                board = self.wall.board(engine, now)
-                refusals, self.wall.refusals = self.wall.refusals, []
-                for client in list(self.walls):
-                    client.send(board)
-                    for refusal in refusals:
-                        client.send(refusal)
-                last_push = now
-                self.wall.dirty = False
-            elif now - last_push >= 1.0:
-                self.wall.export_stuck(engine, now)
-                self.wall.refusals.clear()
-                last_push = now
+            last_push, was_routing = self._push(last_push, was_routing)
+
+    async def _saver(self) -> None:
+        try:
+            while True:
+                await asyncio.sleep(PUSH_INTERVAL)
+                await self._save()
+        finally:
+            # Shutting down: what is counted but not saved yet goes to Redis if it can.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._save()), 2.0)
+
+    async def _save(self) -> None:
+        await self.wall.flush()
+        if self._finished:
+            finished, self._finished = self._finished, []
+            await self.transcripts.finished(finished)
+
+    def _push(self, last_push: float, was_routing: bool) -> tuple[float, bool]:
+        """One round of the pusher; returns (when the board last went out, routing now)."""
+        engine = self._routing()
+        if engine is None:
+            if was_routing:
+                self._close_all("this daemon no longer routes")
+            return last_push, False
+        now = time.time()
+        due = self.wall.dirty or now - last_push >= 1.0
+        if self.walls and due:
+            board = self.wall.board(engine, now)
+            refusals, self.wall.refusals = self.wall.refusals, []
+            for client in list(self.walls):
+                client.send(board)
+                for refusal in refusals:
+                    client.send(refusal)
+            self.wall.dirty = False
+            return now, True
+        if now - last_push >= 1.0:
+            # Nobody watching: the stuck gauge (and its alert) stays fresh all the same.
+            self.wall.export_stuck(engine, now)
+            self.wall.refusals.clear()
+            return now, True
+        return last_push, True
 
     def _close_all(self, why: str) -> None:
         for client in [*self.walls, *(c for cs in self.agents.values() for c in cs)]:
@@ -258,6 +284,7 @@ class DeskService:
                 (web.get("/v1/wall/ws", self.wall_ws), "self"),
             ],
         )
+        app.on_shutdown.append(self._going_away)
         openapi.document_paths(
             app,
             {
@@ -273,6 +300,14 @@ class DeskService:
                 ),
             },
         )
+
+    async def _going_away(self, app: web.Application) -> None:
+        # The server stops: close the sockets now (1001, the pages reconnect) rather than have
+        # the shutdown wait for them.
+        clients = [*self.walls, *(c for cs in self.agents.values() for c in cs)]
+        for client in clients:
+            with contextlib.suppress(ConnectionResetError, RuntimeError):
+                await client.ws.close(code=1001, message=b"the daemon is stopping")
 
     async def _open(
         self, request: web.Request, allowed: tuple[auth.Role, ...]
@@ -390,6 +425,16 @@ class DeskService:
             client.send({"type": "refused", "reason": "bad_command", "detail": "send an object"})
             return
         op, ref = body.get("op"), body.get("ref")
+        if not client.allow():
+            client.send(
+                {
+                    "type": "refused",
+                    "reason": "rate_limited",
+                    "detail": "too many commands",
+                    "ref": ref,
+                }
+            )
+            return
         if op == "transcript":
             contact_id = str(body.get("contact_id", ""))
             if self._holds(agent_id, contact_id):
@@ -403,16 +448,6 @@ class DeskService:
                         "ref": ref,
                     }
                 )
-            return
-        if not client.allow():
-            client.send(
-                {
-                    "type": "refused",
-                    "reason": "rate_limited",
-                    "detail": "too many commands",
-                    "ref": ref,
-                }
-            )
             return
         try:
             # The agent id is the authenticated one; intake ignores any in the payload.

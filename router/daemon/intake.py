@@ -85,7 +85,7 @@ class Intake:
         self.metrics = metrics
         self._decode = decode or _registry_decode()
         self._clock = clock
-        #: called with the decoded events of each delivery before they are journaled (the
+        #: called with the decoded events of each delivery while they are journaled (the
         #: desk's transcript store keeps the message bodies there); they must not raise.
         self.observers: list[EventObserver] = []
 
@@ -99,9 +99,8 @@ class Intake:
         except Rejected as exc:
             return await self._reject(source, exc.reason, exc.detail, body, hdrs)
         at = self._clock()
-        await self._observe(events)
         entries: list[JournalEntry] = [ContactEntry(event=e, at=at) for e in events]
-        ids = await self.journal.append_many(entries)
+        ids = await self._append(entries, events)
         self._count(events)
         return IntakeResult(accepted=len(ids), ids=tuple(ids))
 
@@ -128,8 +127,7 @@ class Intake:
             spans.append((len(entries), len(events)))
             entries.extend(ContactEntry(event=e, at=at) for e in events)
             accepted_events.extend(events)
-        await self._observe(accepted_events)
-        ids = await self.journal.append_many(entries)
+        ids = await self._append(entries, accepted_events)
         self._count(accepted_events)
         out: list[IntakeResult] = []
         for result, (start, n) in zip(results, spans, strict=True):
@@ -186,19 +184,28 @@ class Intake:
         )
         return IntakeResult(reason=reason, detail=detail)
 
-    async def _observe(self, events: Sequence[ContactEvent]) -> None:
-        # Before the journal: whoever reads a body when the router announces the event
-        # (contact.updated) finds it already there. Bounded: an observer is a nicety, and with
-        # a hung Redis it would otherwise add its socket timeouts to the journal's before the
-        # sender hears its 503.
-        if not events:
-            return
+    async def _append(
+        self, entries: list[JournalEntry], events: Sequence[ContactEvent]
+    ) -> list[str]:
+        if not events or not self.observers:
+            return await self.journal.append_many(entries)
+        # The observers' writes go out first and side by side with the journal's: whoever
+        # reads a body when the router announces its event (contact.updated) finds it there,
+        # and a slow or hung Redis costs one timeout, not two. Bounded: an observer is a
+        # nicety, the journal write is what the sender waits for.
+        journaled = self.journal.append_many(entries)
+        results = await asyncio.gather(
+            *(self._observe(o, events) for o in self.observers), journaled
+        )
+        ids: list[str] = results[-1]  # type: ignore[assignment]
+        return ids
+
+    async def _observe(self, observer: EventObserver, events: Sequence[ContactEvent]) -> None:
         try:
             async with asyncio.timeout(OBSERVE_TIMEOUT):
-                for observer in self.observers:
-                    await observer(events)
+                await observer(events)
         except TimeoutError:
-            log.warning("intake.observers_timed_out", events=len(events), after=OBSERVE_TIMEOUT)
+            log.warning("intake.observer_timed_out", events=len(events), after=OBSERVE_TIMEOUT)
 
     def _count(self, events: Sequence[ContactEvent]) -> None:
         if self.metrics is not None:

@@ -205,8 +205,11 @@ class Daemon:
         state = self.state
         journal = Journal(redis, s.key_prefix)
         intake = Intake(journal, s.decode_config(), metrics=metrics)
-        # The agent desktop and the wallboard: transcripts at intake, live feeds as sinks.
-        desk = DeskService(s, intake, redis, metrics, state)
+        # The agent desktop and the wallboard: transcripts at intake, live feeds as sinks. Its
+        # own Redis connections: its writes never queue behind, or take a connection from, the
+        # router's journal and published-mark writes.
+        desk_redis = connect_redis(s.redis.url)
+        desk = DeskService(s, intake, desk_redis, metrics, state)
         state.desk = desk
         self.sinks.extend(desk.sinks)
 
@@ -374,6 +377,7 @@ class Daemon:
         finally:
             await session.close()
             await redis.aclose()
+            await desk_redis.aclose()
             if self.handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)

@@ -4,9 +4,10 @@ The engine keeps what routing needs (the contact's first event); what the custom
 that (a follow-up mail, the next chat lines, replies in a community thread) is stored here, one
 Redis list per contact under the daemon's key prefix (``{key_prefix}transcript:{contact_id}``),
 so the agent desktop can show the whole conversation. Intake records each delivery's events
-*before* journaling them, so when the router announces a follow-up (``contact.updated``) its
-body is already here; a delivery that is retried after a journal failure records the same
-message twice, which :func:`dedupe` removes on reading (each message has a content id).
+as it journals them (the transcript write is sent first), so when the router announces a
+follow-up (``contact.updated``) its body is already here; a delivery that is retried after a
+journal failure records the same message twice, which :func:`dedupe` removes on reading (each
+message has a content id).
 
 Bounded: at most ``transcript_messages`` per contact (the oldest dropped), each text cut at
 ``transcript_chars``, the list expiring ``open_ttl`` after its last message and

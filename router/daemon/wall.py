@@ -8,10 +8,10 @@ pushes the board to every open wallboard when something changed.
 **Today.** A day runs from midnight to midnight in the routing file's ``timezone``, in the
 engine's time (each event's ``at``), so a replay or a standby that takes over files every event
 under the same day. The counters are kept per day in Redis (``{key_prefix}wall:day:{date}``, a
-hash, kept eight days) and written in the same batch that carried the events, so a restart or a
-lease take-over keeps today's figures. They count exactly what the engine's running totals
-count (``entered``, ``answered``, ``answered_in_sla``, ``abandoned`` of ``/v1/queues``), only
-from midnight on.
+hash, kept eight days), saved at most a quarter of a second after the events, so a restart or
+a lease take-over keeps today's figures (after a crash, all but that last quarter second).
+They count exactly what the engine's running totals count (``entered``, ``answered``,
+``answered_in_sla``, ``abandoned`` of ``/v1/queues``), only from midnight on.
 
 **Stuck work.** An agent holding a contact (assigned) longer than ``stuck_factor`` times its
 queue's usual handle time (today's mean, or ``default_handle_seconds`` until ``min_samples``
@@ -128,12 +128,15 @@ class WallBoard:
         self.days: dict[str, DayCounters] = {}
         self.tz = ZoneInfo("UTC")
         self.sla: dict[str, float] = {}
+        self._table: object = None
+        self._unsaved: list[tuple[str, str, float]] = []
         #: set on every change; the pusher clears it when it sent the board.
         self.dirty = True
         #: admin refusals (a release of a contact nobody held) to tell the wallboards.
         self.refusals: list[dict[str, Any]] = []
 
     def _configure(self, engine: Engine) -> None:
+        self._table = engine.table
         file = engine.table.file
         self.tz = ZoneInfo(file.timezone)
         self.sla = {name: q.sla.seconds for name, q in file.queues.items()}
@@ -158,6 +161,7 @@ class WallBoard:
         self._configure(engine)
         today = day_of(max(engine.state.clock, 0.0) or dt.datetime.now(dt.UTC).timestamp(), self.tz)
         self.days = {}
+        self._unsaved = []  # counted by the previous tenure's flushes, or lost with it
         counters = self.day(today)
         try:
             raw = await self.redis.hgetall(self.prefix + today)  # type: ignore[misc]
@@ -170,7 +174,7 @@ class WallBoard:
 
     async def submit(self, cmds: Sequence[Command]) -> None:
         """Count the commands' events into today's counters, in Redis and here."""
-        if self.engine is not None and self.engine.table.file.queues.keys() != self.sla.keys():
+        if self.engine is not None and self.engine.table is not self._table:
             self._configure(self.engine)  # the rules were reloaded
         for cmd in cmds:
             if isinstance(cmd, RefusedCmd) and cmd.agent_id is None:
@@ -179,26 +183,31 @@ class WallBoard:
                 )
         deltas = count_events(cmds, self.sla, self.tz)
         self.dirty = True
-        if not deltas:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        touched = set()
         for day, field, delta in deltas:
             self.day(day).add(field, delta)
-            key = self.prefix + day
-            if isinstance(delta, float) and not delta.is_integer():
-                pipe.hincrbyfloat(key, field, delta)
-            else:
-                pipe.hincrbyfloat(key, field, float(delta))
-            touched.add(key)
-        for key in touched:
+        # Saved by flush(), off the routing path: a Redis round trip here would hold up every
+        # batch (and widen the window in which a crash makes the next router redo it).
+        self._unsaved.extend(deltas)
+
+    async def flush(self) -> None:
+        """Save the counts since the last flush to Redis (the desk service calls it often)."""
+        if not self._unsaved:
+            return
+        deltas, self._unsaved = self._unsaved, []
+        pipe = self.redis.pipeline(transaction=False)
+        summed: dict[tuple[str, str], float] = defaultdict(float)
+        for day, field, delta in deltas:
+            summed[(self.prefix + day, field)] += delta
+        for (key, field), delta in summed.items():
+            pipe.hincrbyfloat(key, field, delta)
+        for key in {key for key, _ in summed}:
             pipe.expire(key, DAY_KEEP_SECONDS)
         try:
             await pipe.execute()
         except RedisError as exc:
-            # The figures here are right; Redis catches up with the next batch's increments only
-            # for those. A restart now would show today's counts short by this batch.
-            log.warning("wall.counters_not_saved", error=str(exc))
+            # Kept for the next flush; the figures shown here are right meanwhile.
+            self._unsaved[:0] = deltas
+            log.warning("wall.counters_not_saved", error=str(exc), pending=len(self._unsaved))
 
     # ---- the board --------------------------------------------------------------------------
 

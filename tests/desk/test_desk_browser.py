@@ -261,6 +261,18 @@ async def test_the_desk_socket_refuses_bad_tokens_and_other_roles(
                 assert (msg["type"], msg["error"]) == ("error", error)
                 closed = await ws.receive(timeout=5)
                 assert closed.type == aiohttp.WSMsgType.CLOSE
+        # Commands are rate limited per connection (a burst of 20, then 20 a second).
+        async with session.ws_connect(url + "/v1/desk/ws") as ws:
+            await ws.send_str(json.dumps({"op": "auth", "token": TOKENS["anna"]}))
+            for i in range(40):
+                await ws.send_str(json.dumps({"op": "transcript", "contact_id": "x", "ref": i}))
+            reasons = []
+            while len(reasons) < 40:
+                msg = json.loads((await ws.receive(timeout=5)).data)
+                if msg["type"] == "refused":
+                    reasons.append(msg["reason"])
+            assert reasons.count("not_your_contact") >= 20
+            assert 0 < reasons.count("rate_limited") <= 20
         # The pages themselves hold no data and are public.
         async with session.get(f"http://127.0.0.1:{port}/desk") as r:
             assert r.status == 200 and "Content-Security-Policy" in r.headers
@@ -376,4 +388,34 @@ async def test_three_chats_at_once_a_calls_details_away_reasons_and_not_respondi
     await anna.click("#go-available")
     await anna.wait_for_selector("#agent-state:text('Available')")
     assert await anna.query_selector("#not-responding") is None
+    assert anna.errors == []
+
+
+async def test_the_desk_reconnects_after_a_daemon_restart_and_shows_the_open_work(
+    tmp_path: Path, start_daemon: Any, mqtt_probe: MqttProbe, browser: Any
+) -> None:
+    port = free_port()
+    path = routing(tmp_path / "r.yaml")
+    first = await start_daemon(path, http_addr=f"127.0.0.1:{port}", auth_tokens=tokens_env())
+    base = f"http://127.0.0.1:{port}"
+    anna = await desk_page(browser, base, "anna")
+    await anna.click("#go-available")
+    await publish(
+        mqtt_probe,
+        "chat",
+        {"kind": "new", "channel": "chat", "id": "r1", "handle": "guest", "text": "Hallo?"},
+    )
+    await anna.click("article.offer[data-contact='generic:r1'] button.accept")
+    await anna.wait_for_selector("article.contact.assigned[data-contact='generic:r1']")
+    # The daemon goes away (a deploy, a lease moving): the page notices and keeps trying.
+    first.stopping.set()
+    await anna.wait_for_selector("#status:text('reconnecting')", timeout=15000)
+    await start_daemon(path, http_addr=f"127.0.0.1:{port}", auth_tokens=tokens_env())
+    await anna.wait_for_selector("#status:text('live')", timeout=15000)
+    # The snapshot from the new daemon holds her contact; she can finish it.
+    await anna.wait_for_selector("article.contact.assigned[data-contact='generic:r1']")
+    await anna.select_option("article.contact select.disposition", "callback")
+    await anna.click("article.contact button.complete")
+    done = await mqtt_probe.wait_for("events/contact.completed", contact_id="generic:r1")
+    assert done[0]["disposition"] == "callback"
     assert anna.errors == []
