@@ -61,7 +61,12 @@ from typing import Any
 
 from router.customers import CustomerDirectory, history
 from router.experts import ExpertRegistry
-from router.lifecycle import FINAL_CONTACT_STATES, agent_transition, contact_transition
+from router.lifecycle import (
+    FINAL_CONTACT_STATES,
+    AgentState,
+    agent_transition,
+    contact_transition,
+)
 from router.messages import (
     Accept,
     CancelOfferCmd,
@@ -1211,7 +1216,7 @@ class Engine:
         self._drain_agent(agent, now, out)
 
     def _set_agent_state(
-        self, agent: AgentRec, new: str, reason: str | None, now: float, out: list[Command]
+        self, agent: AgentRec, new: AgentState, reason: str | None, now: float, out: list[Command]
     ) -> None:
         old = agent.state
         agent.state = agent_transition(agent.id, old, new)
@@ -1234,7 +1239,7 @@ class Engine:
         )
 
     def _on_set_state(
-        self, agent: AgentRec, new: str, reason: str | None, now: float, out: list[Command]
+        self, agent: AgentRec, new: AgentState, reason: str | None, now: float, out: list[Command]
     ) -> None:
         if agent.state == new == "available":
             return  # a repeated login or "available": nothing changes
