@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/hot_path.py
 	$(BIN)/python benchmarks/decide.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/state.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis artifacts

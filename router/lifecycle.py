@@ -25,11 +25,11 @@ ContactState = Literal[
 AgentState = Literal["offline", "available", "away", "wrap_up", "not_responding"]
 
 #: Contact states after which a contact is finished and leaves the engine.
-FINAL_CONTACT_STATES: frozenset[str] = frozenset(
+FINAL_CONTACT_STATES: frozenset[ContactState] = frozenset(
     {"done", "abandoned", "answered_by_crowd", "rejected"}
 )
 
-CONTACT_TRANSITIONS: dict[str, frozenset[str]] = {
+CONTACT_TRANSITIONS: dict[ContactState, frozenset[ContactState]] = {
     "received": frozenset({"crowd_window", "queued", "rejected"}),
     # The community backstop: the crowd answers, the asker gives up, or the window ends.
     "crowd_window": frozenset({"queued", "answered_by_crowd", "abandoned"}),
@@ -46,7 +46,7 @@ CONTACT_TRANSITIONS: dict[str, frozenset[str]] = {
     "rejected": frozenset(),
 }
 
-AGENT_TRANSITIONS: dict[str, frozenset[str]] = {
+AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
     "offline": frozenset({"available", "away"}),
     "available": frozenset({"away", "offline", "wrap_up", "not_responding"}),
     # away -> away: a new reason (break, meeting, training ...).
@@ -64,14 +64,14 @@ class IllegalTransition(Exception):
         super().__init__(f"{what} {ident}: illegal transition {old} -> {new}")
 
 
-def contact_transition(contact_id: str, old: str, new: str) -> str:
+def contact_transition(contact_id: str, old: ContactState, new: ContactState) -> ContactState:
     """Return ``new`` if a contact may go from ``old`` to ``new``, else raise."""
     if new not in CONTACT_TRANSITIONS[old]:
         raise IllegalTransition("contact", contact_id, old, new)
     return new
 
 
-def agent_transition(agent_id: str, old: str, new: str) -> str:
+def agent_transition(agent_id: str, old: AgentState, new: AgentState) -> AgentState:
     """Return ``new`` if an agent may go from ``old`` to ``new``, else raise."""
     if new not in AGENT_TRANSITIONS[old]:
         raise IllegalTransition("agent", agent_id, old, new)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
+from router.lifecycle import AgentState, ContactState
 from router.model import ContactEvent
 from rules.schema import Escalation
 
@@ -50,7 +51,7 @@ class ContactRec(msgspec.Struct, kw_only=True):
     channel: str
     customer_id: str
     expert: bool
-    state: str
+    state: ContactState
     rule: str
     queue: str
     priority: int
@@ -90,7 +91,7 @@ class AgentRec(msgspec.Struct, kw_only=True):
     """An agent's live state. Busy is derived from ``load``; capacity is reserved at offer."""
 
     id: str
-    state: str = "offline"
+    state: AgentState = "offline"
     reason: str | None = None
     load: dict[str, int] = msgspec.field(default_factory=dict)
     budget_used: int = 0

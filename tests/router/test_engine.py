@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from router.engine import Engine
@@ -501,6 +502,20 @@ def test_snapshot_restore_keeps_queues_offers_and_assignments() -> None:
     assert a == b
     assert restored.contact_info("generic:c1")["agent_id"] == o1.agent_id  # type: ignore[index]
     assert o2.offer_id not in restored.state.offers
+
+
+def test_a_snapshot_with_a_state_outside_the_lifecycle_is_refused_on_restore() -> None:
+    # The records' states are the lifecycle's literals, so a damaged snapshot fails loudly at
+    # restore instead of leaving a contact or an agent in a state no transition leads out of.
+    eng = one_queue()
+    login_all(eng, ["a1"])
+    eng.handle(call("c1"), 1.0)
+    good = eng.snapshot()
+    assert b'"state":"offered"' in good and b'"state":"available"' in good
+    with pytest.raises(msgspec.ValidationError, match="contacts"):
+        Engine.restore(eng.table, good.replace(b'"state":"offered"', b'"state":"parked"'))
+    with pytest.raises(msgspec.ValidationError, match="agents"):
+        Engine.restore(eng.table, good.replace(b'"state":"available"', b'"state":"lunch"'))
 
 
 def test_illegal_transitions_raise() -> None:
