@@ -345,48 +345,43 @@ def _check_url(url: str, name: str) -> None:
         raise ValueError(f"{name}: {url!r} is not an http:// or https:// URL")
 
 
-class ChatwootSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class _PlatformApi(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What every platform API section has: its base ``url`` (checked) and a request timeout."""
+
+    url: str
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check_url(self.url, "url")
+
+
+class ChatwootSettings(_PlatformApi, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Chatwoot's API: base ``url``, the ``account_id`` and a user's or bot's access token."""
 
-    url: str
     account_id: int
     api_token: str
-    timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        _check_url(self.url, "url")
 
 
-class RocketchatSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class RocketchatSettings(_PlatformApi, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Rocket.Chat's REST API: base ``url``, the Stellwerk user's id and personal token."""
 
-    url: str
     user_id: str
     auth_token: str
-    timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        _check_url(self.url, "url")
 
 
-class DiscourseSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class DiscourseSettings(_PlatformApi, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Discourse's API: base ``url``, an API key and the staff account answers are posted as.
 
     ``assign``: also assign the topic to the agent's Discourse user on accept (needs the
     discourse-assign plugin and ``accounts.discourse`` in the routing file).
     """
 
-    url: str
     api_key: str
     api_username: str
     assign: bool = False
-    timeout: float = 10.0
-
-    def __post_init__(self) -> None:
-        _check_url(self.url, "url")
 
 
-class GraphSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class GraphSettings(_PlatformApi, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Meta's Graph API for WhatsApp or Messenger replies.
 
     ``access_token``: the system user's (WhatsApp) or the page's (Messenger) token;
@@ -397,10 +392,9 @@ class GraphSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     url: str = "https://graph.facebook.com"
     version: str = "v21.0"
     window: float = 24 * 3600.0
-    timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        _check_url(self.url, "url")
+        super().__post_init__()
         if not re.fullmatch(r"v\d+\.\d+", self.version):
             raise ValueError(f"version: {self.version!r} is not a Graph API version like v21.0")
 

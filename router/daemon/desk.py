@@ -45,10 +45,11 @@ from router.daemon.config import Settings
 from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
 from router.daemon.metrics import Metrics
+from router.daemon.mqtt import wire_body
 from router.daemon.sinks import CommandSink
 from router.daemon.transcripts import TranscriptStore, to_builtins
 from router.daemon.wall import WallBoard
-from router.messages import CancelOfferCmd, Command, EventCmd, OfferCmd, ReleaseContact
+from router.messages import Command, EventCmd, OfferCmd, ReleaseContact
 
 if TYPE_CHECKING:
     from router.daemon.http import AppState
@@ -82,20 +83,9 @@ _json = msgspec.json.Encoder()
 
 
 def wire(cmd: Command) -> dict[str, Any]:
-    """A command in the JSON shape MQTT desktops get (``{prefix}/agents/{id}/offers`` for
-    offers, cancels and refusals; ``{prefix}/events/{type}`` for events)."""
-    if isinstance(cmd, EventCmd):
-        return {"type": cmd.type, **cmd.data}
-    kind = (
-        "offer"
-        if isinstance(cmd, OfferCmd)
-        else "cancel"
-        if isinstance(cmd, CancelOfferCmd)
-        else "refused"
-    )
-    body: dict[str, Any] = msgspec.to_builtins(cmd)
-    body.pop("cmd", None)
-    return {"type": kind, **body}
+    """A command in the JSON shape MQTT desktops get, as plain builtins."""
+    body: dict[str, Any] = msgspec.to_builtins(wire_body(cmd))
+    return body
 
 
 class _Client:
@@ -109,6 +99,10 @@ class _Client:
         self.refilled = time.monotonic()
         #: the close code the writer uses when it reaches the end of the outbox.
         self.close_code = 1008
+
+    def refuse(self, reason: str, detail: str, **extra: Any) -> bool:
+        """Queue a ``refused`` message, in the shape MQTT desktops get it."""
+        return self.send({"type": "refused", "reason": reason, "detail": detail, **extra})
 
     def send(self, payload: dict[str, Any]) -> bool:
         """Queue a message; False (and the connection is closed) when the client is too slow."""
@@ -419,35 +413,21 @@ class DeskService:
         try:
             body = json.loads(data)
         except ValueError:
-            client.send({"type": "refused", "reason": "not_json", "detail": "send JSON"})
+            client.refuse("not_json", "send JSON")
             return
         if not isinstance(body, dict):
-            client.send({"type": "refused", "reason": "bad_command", "detail": "send an object"})
+            client.refuse("bad_command", "send an object")
             return
         op, ref = body.get("op"), body.get("ref")
         if not client.allow():
-            client.send(
-                {
-                    "type": "refused",
-                    "reason": "rate_limited",
-                    "detail": "too many commands",
-                    "ref": ref,
-                }
-            )
+            client.refuse("rate_limited", "too many commands", ref=ref)
             return
         if op == "transcript":
             contact_id = str(body.get("contact_id", ""))
             if self._holds(agent_id, contact_id):
                 client.send({"type": "_transcript", "contact_id": contact_id})
             else:
-                client.send(
-                    {
-                        "type": "refused",
-                        "reason": "not_your_contact",
-                        "detail": contact_id,
-                        "ref": ref,
-                    }
-                )
+                client.refuse("not_your_contact", contact_id, ref=ref)
             return
         try:
             # The agent id is the authenticated one; intake ignores any in the payload.
@@ -463,14 +443,7 @@ class DeskService:
             )
             return
         if result.reason is not None:
-            client.send(
-                {
-                    "type": "refused",
-                    "reason": result.reason,
-                    "detail": result.detail[:300],
-                    "ref": ref,
-                }
-            )
+            client.refuse(result.reason, result.detail[:300], ref=ref)
             return
         client.send({"type": "ack", "ref": ref, "op": op})
 
@@ -506,35 +479,15 @@ class DeskService:
         except ValueError:
             body = None
         if not isinstance(body, dict) or body.get("op") != "release":
-            client.send(
-                {
-                    "type": "refused",
-                    "reason": "bad_command",
-                    "detail": 'only {"op": "release", "contact_id": ...}',
-                }
-            )
+            client.refuse("bad_command", 'only {"op": "release", "contact_id": ...}')
             return
         contact_id = body.get("contact_id")
         ref = body.get("ref")
         if not isinstance(contact_id, str) or not contact_id:
-            client.send(
-                {
-                    "type": "refused",
-                    "reason": "bad_command",
-                    "detail": "contact_id missing",
-                    "ref": ref,
-                }
-            )
+            client.refuse("bad_command", "contact_id missing", ref=ref)
             return
         if not client.allow():
-            client.send(
-                {
-                    "type": "refused",
-                    "reason": "rate_limited",
-                    "detail": "too many commands",
-                    "ref": ref,
-                }
-            )
+            client.refuse("rate_limited", "too many commands", ref=ref)
             return
         cmd = ReleaseContact(contact_id=contact_id, by=client.principal.name)
         try:

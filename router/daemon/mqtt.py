@@ -154,24 +154,33 @@ class AiomqttInternals:
 # ---- commands -> messages ------------------------------------------------------------------
 
 
+def wire_body(cmd: Command) -> dict[str, Any]:
+    """The JSON body desktops get for a command: ``{"type": "offer" | "cancel" | "refused",
+    ...}`` on ``{prefix}/agents/{id}/offers``, ``{"type": event type, ...}`` for events. One
+    shape for every desktop transport (MQTT, the desk's WebSocket)."""
+    if isinstance(cmd, EventCmd):
+        return {"type": cmd.type, **cmd.data}
+    kind = (
+        "offer"
+        if isinstance(cmd, OfferCmd)
+        else "cancel"
+        if isinstance(cmd, CancelOfferCmd)
+        else "refused"
+    )
+    return {"type": kind, **msgspec.structs.asdict(cmd)}
+
+
 def command_messages(cmd: Command, prefix: str) -> list[Message]:
     """The MQTT messages that carry out one engine command."""
     if isinstance(cmd, OfferCmd | CancelOfferCmd | RefusedCmd):
-        kind = (
-            "offer"
-            if isinstance(cmd, OfferCmd)
-            else "cancel"
-            if isinstance(cmd, CancelOfferCmd)
-            else "refused"
-        )
-        body: dict[str, Any] = {"type": kind, **msgspec.structs.asdict(cmd)}
+        body = wire_body(cmd)
         if cmd.agent_id is None:
             # An admin command the engine refused (unknown expert, bad identity key): there is
             # no agent to tell, and agents' topics must not carry it.
             return [(f"{prefix}/events/admin.refused", _ENCODE(body))]
         return [(f"{prefix}/agents/{cmd.agent_id}/offers", _ENCODE(body))]
     if isinstance(cmd, EventCmd):
-        return [(f"{prefix}/events/{cmd.type}", _ENCODE({"type": cmd.type, **cmd.data}))]
+        return [(f"{prefix}/events/{cmd.type}", _ENCODE(wire_body(cmd)))]
     return []
 
 
