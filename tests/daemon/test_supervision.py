@@ -102,14 +102,16 @@ async def test_the_leader_ingress_stops_with_the_lease_and_resumes_with_it(
     # The intruder's lease expires; whoever takes it resumes the session and routes c-2.
     await mqtt_probe.wait_for("events/contact.queued", contact_id="asterisk-ari:c-2", timeout=10)
     assert time.monotonic() - lost_at > 1.0  # not before the lease was free again
-    resumed = [
-        d
-        for d in (a, b)
-        if len(events(d, "mqtt.ingress.following", held=True)) == (2 if d is a else 1)
-    ]
+    # The replay of a restore publishes before the router logs that it routes: wait for the log.
+
+    def routing_again() -> list[DaemonProcess] | None:
+        now = [d for d in (a, b) if len(events(d, "router.routing")) == (2 if d is a else 1)]
+        return now or None
+
+    resumed = await wait_until(routing_again, 10, "a daemon routing again")
     assert len(resumed) == 1, (a.log(), b.log())
     holder = resumed[0]
-    assert len(events(holder, "router.routing")) == (2 if holder is a else 1)
+    await wait_log(holder, "mqtt.ingress.following", count=2 if holder is a else 1, held=True)
     # Exactly one daemon consumes: the other is not following the lease.
     other = b if holder is a else a
     assert len(events(other, "mqtt.ingress.following", held=True)) == len(
