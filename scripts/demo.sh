@@ -32,7 +32,7 @@ export STELLWERK_ADMIN_TOKEN="demo-admin-token"
 # Signed webhooks, as in production: the daemon checks and loadgen signs with the same secrets.
 export STELLWERK_SOURCES_SECRETS='{"discourse": "demo-discourse-secret", "whatsapp": "demo-meta-secret", "rocketchat": "demo-rocketchat-token"}'
 
-./scripts/services.sh   # the local Redis (and the shared anonymous test broker, unused here)
+./scripts/services.sh   # the local Redis (and the anonymous loopback broker of the tests, unused here)
 
 # ---- the agent desktop (/desk) and the wallboard (/wall), docs/desk.md ----------------------
 # The demo routing is config/routing.yaml plus one agent, "demo", that loadgen's simulated agents

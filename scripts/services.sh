@@ -25,8 +25,13 @@ if ! port_open 6379; then
     --dir /tmp/stellwerk-redis --logfile /tmp/stellwerk-redis/redis.log
 fi
 if ! port_open 1883; then
-  # Our recommended broker settings (TCP_NODELAY, a deep queue for offline sessions).
-  mosquitto -d -c "$(pwd)/config/mosquitto.conf"
+  # Anonymous on loopback, with the production example's tuning (TCP_NODELAY, a deep queue
+  # for offline sessions, saved every second). config/mosquitto.conf itself needs the accounts
+  # `stellwerk broker-config` writes and refuses anonymous clients.
+  mkdir -p /tmp/stellwerk-mosquitto
+  # Started as root, mosquitto drops to its own user, who must be able to write there.
+  if [ "$(id -u)" = 0 ] && id mosquitto >/dev/null 2>&1; then chown mosquitto: /tmp/stellwerk-mosquitto; fi
+  mosquitto -d -c "$(pwd)/scripts/mosquitto-local.conf"
 fi
 for port in 6379 1883; do
   for _ in $(seq 50); do port_open "$port" && break; sleep 0.1; done
