@@ -264,6 +264,7 @@ class Daemon:
             )
             outbound = Outbound(outbox, ConversationFacts(journal), s.outbound)
             self.sinks.append(outbound.sink)
+            desk.attach(outbound)
         self.outbound = outbound
         router = Router(
             RouterOptions(
