@@ -470,7 +470,8 @@ function conversation(item, messages) {
   const records = desk.outbound.get(item.contact_id) || new Map();
   // Replies the daemon has not taken yet come last, with what keeps them here.
   for (const [key, p] of desk.pending) {
-    if (p.contact_id !== item.contact_id || list.some((m) => m.reply_key === key)) continue;
+    // The daemon's key ends in the page's (reply:{contact}:{agent}:{page's key}).
+    if (p.contact_id !== item.contact_id || list.some((m) => m.reply_key && m.reply_key.endsWith(`:${key}`))) continue;
     list.push({ staff: true, sender: { name: desk.agent.name }, text: p.text, pending: p, reply_key: key });
   }
   return el("ol", { class: "messages" }, list.map((m) => {
