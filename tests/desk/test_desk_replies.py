@@ -9,11 +9,13 @@ the reply box, sends, completes. What the platforms hold at the end is the judge
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import smtplib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -24,25 +26,36 @@ import pytest
 from router.daemon.auth import hash_token
 from tests.daemon.conftest import SAMPLES, MqttProbe, wait_until
 from tests.daemon.private_servers import free_port
-from tests.daemon.test_outbound_e2e import MAILBOX, Relay, chatwoot_message, outbound_env, peers
+from tests.daemon.test_outbound_e2e import (
+    MAILBOX,
+    Relay,
+    chatwoot_message,
+    discourse_post,
+    outbound_env,
+    peers,
+)
 from tests.peers.chatwoot import ChatwootPeer, Conversation
+from tests.peers.discourse import DiscoursePeer
 from tests.peers.graph import GraphPeer
 
 pytestmark = pytest.mark.integration
 
 TOKENS = {"anna": "anna-reply-token"}
+DISCOURSE_SECRET = "desk-replies-discourse-secret"
 ROUTING = """version: 1
 defaults: {offer_timeout: 60, wrap_up: 0}
 skills: [support]
 queues:
   support: {skills: {support: 1}, channels: [chat, email]}
+  community_desk: {skills: {support: 1}, channels: [social]}
 agents:
   - id: anna
     name: Anna Becker
     skills: {support: 3}
-    capacity: {chat: 3, email: 5}
-    accounts: {chatwoot: 12}
+    capacity: {chat: 3, email: 5, social: 1}
+    accounts: {chatwoot: 12, discourse: anna_becker}
 rules:
+  - {name: community, when: channel == "social", queue: community_desk, crowd_first: 0.5}
   - {name: default, default: true, queue: support}
 """
 
@@ -53,13 +66,29 @@ class Desk:
     smtp_port: int
     page: Any
     chatwoot: ChatwootPeer
+    discourse: DiscoursePeer
     graph: GraphPeer
     relay: Relay
     http: aiohttp.ClientSession
+    #: the Discourse posts whose webhook the daemon took
+    echoed: list[int] = field(default_factory=list)
 
     async def webhook(self, source: str, payload: Any) -> None:
         async with self.http.post(
             f"{self.base}/v1/webhooks/{source}", data=json.dumps(payload).encode()
+        ) as resp:
+            assert resp.status == 202, await resp.text()
+
+    async def discourse_webhook(self, body: bytes) -> None:
+        """A signed ``post_created`` delivery, as Discourse sends it."""
+        signature = hmac.new(DISCOURSE_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        async with self.http.post(
+            f"{self.base}/v1/webhooks/discourse",
+            data=body,
+            headers={
+                "X-Discourse-Event": "post_created",
+                "X-Discourse-Event-Signature": f"sha256={signature}",
+            },
         ) as resp:
             assert resp.status == 202, await resp.text()
 
@@ -112,6 +141,7 @@ async def desk(
             smtp_addr=f"127.0.0.1:{smtp_port}",
             auth_tokens=json.dumps(tokens),
             sources_unsigned=json.dumps(["chatwoot", "whatsapp"]),
+            secret_discourse=DISCOURSE_SECRET,
             **env,
         )
         base = f"http://127.0.0.1:{http_port}"
@@ -127,7 +157,19 @@ async def desk(
         await page.click("#go-available")
         await page.wait_for_selector("#agent-state:text('Available')")
         async with aiohttp.ClientSession() as http:
-            yield Desk(base, smtp_port, page, cw, gr, relay, http)
+            desk = Desk(base, smtp_port, page, cw, dc, gr, relay, http)
+
+            async def echo(post: dict[str, Any]) -> None:
+                # Discourse tells Stellwerk about every new post, the staff's own ones too.
+                body = discourse_post(
+                    post["topic_id"], post["post_number"], post["username"], post["raw"],
+                    staff=post["staff"],
+                )  # fmt: skip
+                await desk.discourse_webhook(body)
+                desk.echoed.append(post["post_number"])
+
+            dc.on_post = echo
+            yield desk
         await context.close()
         assert errors == []
 
@@ -258,3 +300,32 @@ async def test_outside_the_whatsapp_window_the_desk_says_why_and_a_generic_chat_
     generic = await desk.accept("generic:g1")
     assert await generic.query_selector("form.reply") is None
     assert await desk.page.query_selector(f"{card} form.reply") is not None
+
+
+async def test_a_community_question_answered_from_the_desk_as_staff_shows_once(
+    desk: Desk,
+) -> None:
+    desk.discourse.topics[7001] = [{"username": "kim", "raw": "Frage"}]
+    desk.discourse.users["anna_becker"] = False  # anna's own Discourse user, not staff
+    await desk.discourse_webhook(
+        discourse_post(7001, 1, "kim", "Wie richte ich Mesh-WLAN ein?", staff=False)
+    )
+    # Nobody from the crowd answers within the window: it reaches the community desk.
+    await desk.accept("discourse:7001")
+    await wait_until(lambda: desk.discourse.assigned.get(7001) == "anna_becker", 10, "assigned")
+    answer = "Im Menü WLAN > Mesh den Repeater hinzufügen."
+    await desk.write("discourse:7001", answer)
+    card = "article.contact[data-contact='discourse:7001']"
+    await desk.page.wait_for_selector(f"{card} li.reply .reply-state.reply-sent")
+    await wait_until(lambda: len(desk.discourse.topics[7001]) == 2, 10, "the staff post")
+    post = desk.discourse.topics[7001][1]
+    assert (post["username"], post["raw"], post["staff"]) == ("support_team", answer, True)
+    # Discourse reports the staff post back (into the transcript, before the daemon's 202); the
+    # thread, read afresh, still shows the answer once, as anna's.
+    await wait_until(lambda: desk.echoed == [2], 10, "the staff post's webhook")
+    await desk.page.reload()
+    await desk.page.wait_for_selector(f"{card} li.reply .reply-state.reply-sent")
+    texts = await desk.page.eval_on_selector_all(
+        f"{card} .messages li", "ls => ls.map(l => l.innerText)"
+    )
+    assert len(texts) == 2 and "Anna Becker" in texts[1] and answer in texts[1]

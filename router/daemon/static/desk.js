@@ -466,7 +466,11 @@ function conversation(item, messages) {
         attrs.map(([k, v]) => el("li", {}, el("code", { text: k }), " = ", v))))] : null);
   }
   // Until the transcript arrives (or when none is kept), the offer's first message.
-  const list = messages && messages.length ? [...messages] : [{ ...c, at: c.occurred_at }];
+  let list = messages && messages.length ? [...messages] : [{ ...c, at: c.occurred_at }];
+  // A platform that reports our own posts back (Discourse's webhook for the staff post) would
+  // show each reply twice: its staff message with a reply's very text is that reply.
+  const replied = new Set(list.filter((m) => m.reply_key).map((m) => (m.text || "").trim()));
+  list = list.filter((m) => m.reply_key || !m.staff || !replied.has((m.text || "").trim()));
   const records = desk.outbound.get(item.contact_id) || new Map();
   // Replies the daemon has not taken yet come last, with what keeps them here.
   for (const [key, p] of desk.pending) {
