@@ -12,8 +12,12 @@ Both pages are static ES modules (``router/daemon/static/``) that open one WebSo
   ``refused``) and the ``{prefix}/events/...`` events about its own work (``agent.state`` of
   itself, ``contact.*`` whose ``agent_id`` is itself), in the same JSON shapes. On connect it
   gets ``hello`` (its name, the routing file's away reasons and dispositions, the server's
-  clock) and ``snapshot`` (its state, offers and held contacts, from the engine), so a reload
-  or reconnect never hides work; ``transcript`` messages carry a contact's conversation.
+  clock, the sources it can answer) and ``snapshot`` (its state, offers and held contacts, from
+  the engine), so a reload or reconnect never hides work; ``transcript`` messages carry a
+  contact's conversation. With replies on (:meth:`DeskService.attach`), an agent's reply joins
+  its contact's transcript as the agent's message, and ``outbound`` messages carry the outbox's
+  status records of the agent's contacts (from ``Outbound.watchers``). The page sends replies
+  to ``POST /v1/contacts/{id}/messages`` with the agent's own token.
 - ``/v1/wall/ws`` for supervisors (role ``supervisor`` or ``admin``): ``board`` messages (see
   :mod:`router.daemon.wall`) pushed when something changed, at most every
   ``PUSH_INTERVAL`` seconds, and at least every second; ``{"op": "release", "contact_id": C}``

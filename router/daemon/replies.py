@@ -18,6 +18,8 @@ on the platforms, all through the outbox (:mod:`router.daemon.outbox`).
   retried request queue it once. ``GET /v1/contacts/{id}/messages`` lists the contact's
   outbound messages and actions with their state (``queued``, ``sending``, ``retrying`` with
   the last error, ``sent``, ``failed`` with the platform's reason): what the desk shows.
+- :class:`Outbound` tells its ``watchers`` about every changed status record and its
+  ``replied`` observers about every newly queued reply (the desk's live feed and transcript).
 """
 
 from __future__ import annotations
