@@ -45,6 +45,7 @@ DISCOURSE_SECRET = "desk-replies-discourse-secret"
 ROUTING = """version: 1
 defaults: {offer_timeout: 60, wrap_up: 0}
 skills: [support]
+away_reasons: {break: Break}
 queues:
   support: {skills: {support: 1}, channels: [chat, email]}
   community_desk: {skills: {support: 1}, channels: [social]}
@@ -242,8 +243,13 @@ async def test_a_mail_answered_from_the_desk_and_the_customers_answer_showing_li
         desk.mail, subject="Rechnung November", text="Warum so hoch?", message_id=root
     )
     await desk.accept(contact)
+    # The relay is busy at first: the reply shows as retrying, with the relay's answer.
+    desk.relay.refusing = "451 4.3.2 Busy, try again later"
     await desk.write(contact, "Wir prüfen das gern.")
     card = f"article.contact[data-contact='{contact}']"
+    retrying = await desk.page.wait_for_selector(f"{card} li.reply:has(.reply-retrying)")
+    assert "451" in await retrying.inner_text() and "Busy" in await retrying.inner_text()
+    desk.relay.refusing = None
     await desk.page.wait_for_selector(f"{card} li.reply .reply-state.reply-sent")
     (sent,) = desk.relay.messages
     assert (sent["From"], sent["To"]) == (MAILBOX, "erika@kunde.example")
@@ -303,7 +309,7 @@ async def test_outside_the_whatsapp_window_the_desk_says_why_and_a_generic_chat_
 
 
 async def test_a_community_question_answered_from_the_desk_as_staff_shows_once(
-    desk: Desk,
+    desk: Desk, artifacts: Path
 ) -> None:
     desk.discourse.topics[7001] = [{"username": "kim", "raw": "Frage"}]
     desk.discourse.users["anna_becker"] = False  # anna's own Discourse user, not staff
@@ -313,9 +319,13 @@ async def test_a_community_question_answered_from_the_desk_as_staff_shows_once(
     # Nobody from the crowd answers within the window: it reaches the community desk.
     await desk.accept("discourse:7001")
     await wait_until(lambda: desk.discourse.assigned.get(7001) == "anna_becker", 10, "assigned")
+    card = "article.contact[data-contact='discourse:7001']"
+    # Too short for Discourse: it refuses, and the desk shows its reason.
+    await desk.write("discourse:7001", "Siehe FAQ.")
+    failed = await desk.page.wait_for_selector(f"{card} li.reply:has(.reply-failed)")
+    assert "too short" in await failed.inner_text()
     answer = "Im Menü WLAN > Mesh den Repeater hinzufügen."
     await desk.write("discourse:7001", answer)
-    card = "article.contact[data-contact='discourse:7001']"
     await desk.page.wait_for_selector(f"{card} li.reply .reply-state.reply-sent")
     await wait_until(lambda: len(desk.discourse.topics[7001]) == 2, 10, "the staff post")
     post = desk.discourse.topics[7001][1]
@@ -328,4 +338,6 @@ async def test_a_community_question_answered_from_the_desk_as_staff_shows_once(
     texts = await desk.page.eval_on_selector_all(
         f"{card} .messages li", "ls => ls.map(l => l.innerText)"
     )
-    assert len(texts) == 2 and "Anna Becker" in texts[1] and answer in texts[1]
+    assert len(texts) == 3 and "Siehe FAQ." in texts[1] and "failed" in texts[1]
+    assert "Anna Becker" in texts[2] and answer in texts[2] and "sent" in texts[2]
+    await desk.page.screenshot(path=str(artifacts / "desk-reply-community.png"))

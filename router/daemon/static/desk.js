@@ -251,14 +251,12 @@ function refuseReply(contactId, text, detail) {
   }
 }
 
+// The badge (the outbox state) and, for retrying and failed, the error to show under the text.
 function replyState(record) {
-  if (!record) return { state: "queued", text: "queued" };
-  const error = record.error ? `: ${record.error}` : "";
-  switch (record.state) {
-    case "retrying": return { state: "retrying", text: `retrying${error}` };
-    case "failed": return { state: "failed", text: `failed${error}` };
-    default: return { state: record.state, text: record.state };
-  }
+  if (!record) return { state: "queued", detail: null };
+  const detail = ["retrying", "failed"].includes(record.state) && record.error
+    ? `${record.state === "failed" ? "Not sent" : "Trying again"}: ${record.error}` : null;
+  return { state: record.state, detail };
 }
 
 // ---- rendering -------------------------------------------------------------------------------
@@ -480,17 +478,20 @@ function conversation(item, messages) {
   }
   return el("ol", { class: "messages" }, list.map((m) => {
     const from = (m.sender && (m.sender.name || m.sender.email || m.sender.handle || m.sender.phone)) || "";
-    let badge = null;
+    let badge = null, detail = null;
     if (m.pending) {
-      badge = el("span", { class: "reply-state reply-unsent", text: m.pending.problem ? `not sent yet: ${m.pending.problem}; trying again` : "sending…" });
+      badge = el("span", { class: "reply-state reply-unsent", text: m.pending.problem ? "not sent yet" : "sending…" });
+      if (m.pending.problem) detail = `Not with Stellwerk yet (${m.pending.problem}); trying again.`;
     } else if (m.reply_key) {
       const shown = replyState(records.get(m.reply_key));
-      badge = el("span", { class: `reply-state reply-${shown.state}`, text: shown.text });
+      badge = el("span", { class: `reply-state reply-${shown.state}`, text: shown.state });
+      detail = shown.detail;
     }
     return el("li", { class: `${m.staff ? "staff" : "customer"}${m.reply_key ? " reply" : ""}`, "data-key": m.reply_key },
       el("div", { class: "meta" }, el("strong", { text: from }), m.at ? [" · ", clock(m.at)] : null,
         m.subject ? el("span", { class: "subject", text: ` · ${m.subject}` }) : null, badge ? " " : null, badge),
       m.text ? el("div", { class: "text", text: m.text }) : null,
+      detail ? el("div", { class: "reply-detail", text: detail }) : null,
       (m.attachments || []).length ? el("ul", { class: "attachments" },
         m.attachments.map((a) => el("li", {}, el("span", { class: "clip", text: "Attachment" }), " ",
           el("strong", { text: a.filename }), ` (${a.content_type}, ${Math.ceil(a.size / 1024)} KB)`))) : null);
