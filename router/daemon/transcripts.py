@@ -7,7 +7,8 @@ so the agent desktop can show the whole conversation. Intake records each delive
 as it journals them (the transcript write is sent first), so when the router announces a
 follow-up (``contact.updated``) its body is already here; a delivery that is retried after a
 journal failure records the same message twice, which :func:`dedupe` removes on reading (each
-message has a content id).
+message has a content id). An agent's reply from the desk (or from forward mode's mail) is
+added by the desk once the outbox took it (:func:`reply_message`), as the agent's message.
 
 Bounded: at most ``transcript_messages`` per contact (the oldest dropped), each text cut at
 ``transcript_chars``, the list expiring ``open_ttl`` after its last message and
