@@ -98,10 +98,11 @@ class ForwardTokens:
         """The token for one forward (the same for the same outbox ``key``)."""
         nonce = _b32(hmac.new(self._secret, b"nonce\n" + key.encode(), hashlib.sha256).digest(), 16)
         try:
-            await self.redis.hset(  # type: ignore[misc]
-                self.prefix + nonce, mapping={"contact_id": contact_id, "agent_id": agent_id}
-            )
-            await self.redis.expire(self.prefix + nonce, int(self.settings.ttl))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                record = {"contact_id": contact_id, "agent_id": agent_id}
+                pipe.hset(self.prefix + nonce, mapping=record)
+                pipe.expire(self.prefix + nonce, int(self.settings.ttl))
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
         return nonce + self._mac(nonce, contact_id, agent_id)
