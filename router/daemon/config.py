@@ -399,6 +399,34 @@ class GraphSettings(_PlatformApi, frozen=True, kw_only=True, forbid_unknown_fiel
             raise ValueError(f"version: {self.version!r} is not a Graph API version like v21.0")
 
 
+class MailForwardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Forward mode: the mail contacts of the agents in ``agents`` (agent id to that agent's
+    own mailbox) are forwarded there, with a ``Reply-To`` of ``reply_address`` plus a token
+    (``desk+TOKEN@domain``; the domain must deliver to the daemon's SMTP listener). The token is
+    signed with ``secret`` (HMAC-SHA256) and valid ``ttl`` seconds; the agent's answer to it goes
+    to the customer as the agent's reply.
+    """
+
+    secret: str
+    reply_address: str
+    agents: dict[str, str] = msgspec.field(default_factory=dict)
+    ttl: float = 30 * 86400.0
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < 16:
+            raise ValueError("secret: at least 16 characters (it signs the reply addresses)")
+        local, at, domain = self.reply_address.partition("@")
+        if not (local and at and domain) or "+" in local:
+            raise ValueError(
+                f"reply_address: {self.reply_address!r} is not local@domain without a '+'"
+            )
+        for agent, mailbox in self.agents.items():
+            if "@" not in mailbox:
+                raise ValueError(f"agents.{agent}: {mailbox!r} is not a mail address")
+        if self.ttl <= 0:
+            raise ValueError("ttl: must be positive")
+
+
 class MailSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The SMTP relay replies go out through.
 
@@ -415,6 +443,8 @@ class MailSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     from_address: str | None = None
     mailboxes: dict[str, str] = msgspec.field(default_factory=dict)
     timeout: float = 30.0
+    #: forward mode for the agents who answer from their own mail client (None: off).
+    forward: MailForwardSettings | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port <= 65535:
@@ -599,9 +629,13 @@ def _redact_outbound(outbound: OutboundSettings) -> OutboundSettings:
         section = getattr(outbound, f.name)
         if section is None:
             continue
-        hidden = {
+        hidden: dict[str, Any] = {
             name: "***" for name in _SECRET_FIELDS if getattr(section, name, None) is not None
         }
+        forward = getattr(section, "forward", None)
+        if forward is not None:
+            # ``replace`` runs the checks: the placeholder has the secret's minimum length.
+            hidden["forward"] = msgspec.structs.replace(forward, secret="*" * 16)
         changes[f.name] = msgspec.structs.replace(section, **hidden)
     return msgspec.structs.replace(outbound, **changes)
 

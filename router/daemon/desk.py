@@ -12,8 +12,12 @@ Both pages are static ES modules (``router/daemon/static/``) that open one WebSo
   ``refused``) and the ``{prefix}/events/...`` events about its own work (``agent.state`` of
   itself, ``contact.*`` whose ``agent_id`` is itself), in the same JSON shapes. On connect it
   gets ``hello`` (its name, the routing file's away reasons and dispositions, the server's
-  clock) and ``snapshot`` (its state, offers and held contacts, from the engine), so a reload
-  or reconnect never hides work; ``transcript`` messages carry a contact's conversation.
+  clock, the sources it can answer) and ``snapshot`` (its state, offers and held contacts, from
+  the engine), so a reload or reconnect never hides work; ``transcript`` messages carry a
+  contact's conversation. With replies on (:meth:`DeskService.attach`), an agent's reply joins
+  its contact's transcript as the agent's message, and ``outbound`` messages carry the outbox's
+  status records of the agent's contacts (from ``Outbound.watchers``). The page sends replies
+  to ``POST /v1/contacts/{id}/messages`` with the agent's own token.
 - ``/v1/wall/ws`` for supervisors (role ``supervisor`` or ``admin``): ``board`` messages (see
   :mod:`router.daemon.wall`) pushed when something changed, at most every
   ``PUSH_INTERVAL`` seconds, and at least every second; ``{"op": "release", "contact_id": C}``
@@ -47,12 +51,14 @@ from router.daemon.journal import JournalUnavailable
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import wire_body
 from router.daemon.sinks import CommandSink
-from router.daemon.transcripts import TranscriptStore, to_builtins
+from router.daemon.transcripts import TranscriptStore, reply_message, to_builtins
 from router.daemon.wall import WallBoard
 from router.messages import Command, EventCmd, OfferCmd, ReleaseContact
 
 if TYPE_CHECKING:
     from router.daemon.http import AppState
+    from router.daemon.outbox import OutboundMessage
+    from router.daemon.replies import Outbound
     from router.engine import Engine
 
 log = structlog.get_logger("stellwerk.desk")
@@ -150,6 +156,42 @@ class DeskService:
         self._finished: list[str] = []
         intake.observers.append(self.transcripts.record)
         self.sinks: list[CommandSink] = [self, self.wall]
+        self.outbound: Outbound | None = None
+
+    def attach(self, outbound: Outbound) -> None:
+        """Replies are on: the desk shows its agents' replies in their threads and how each
+        fares (``outbound`` messages with the outbox's status records, live)."""
+        self.outbound = outbound
+        outbound.watchers.append(self._outbound_changed)
+        outbound.replied.append(self._replied)
+
+    async def _outbound_changed(self, record: dict[str, Any]) -> None:
+        agent_id = record.get("agent_id")
+        for client in list(self.agents.get(agent_id, ())) if isinstance(agent_id, str) else ():
+            client.send({"type": "outbound", **record})
+
+    async def _replied(self, msg: OutboundMessage, contact: dict[str, Any]) -> None:
+        # The agent's reply joins the conversation's transcript, so the thread shows it (after a
+        # reload too) beside what the customer wrote; then the agent's desks get the thread.
+        engine = self.engine
+        agent = (
+            next((a for a in engine.table.file.agents if a.id == msg.agent_id), None)
+            if engine is not None
+            else None
+        )
+        source = msg.contact_id.partition(":")[0]
+        message = reply_message(
+            msg.key,
+            msg.body,
+            msg.created_at,
+            str(contact.get("channel") or ""),
+            source,
+            (agent.name if agent is not None else None) or msg.agent_id or "",
+            self.settings.desk.transcript_chars,
+        )
+        await self.transcripts.add(msg.contact_id, message)
+        for client in list(self.agents.get(msg.agent_id or "", ())):
+            client.send({"type": "_transcript", "contact_id": msg.contact_id})
 
     # ---- the engine's side (CommandSink) -------------------------------------------------------
 
@@ -355,6 +397,8 @@ class DeskService:
                 "name": agent_cfg.name,
                 "away_reasons": dict(file.away_reasons),
                 "dispositions": dict(file.dispositions),
+                # the contact sources the agent can answer from the desk (none: no reply box)
+                "replies": self.outbound.answerable() if self.outbound is not None else [],
                 "server_time": time.time(),
             }
         )

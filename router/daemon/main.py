@@ -34,6 +34,7 @@ from aiohttp import web
 from router.daemon.auth import Authenticator, add_routes
 from router.daemon.config import LoadedSettings, LogSettings, Settings, SettingsError, load_settings
 from router.daemon.desk import DeskService
+from router.daemon.forward import ForwardAnswers, ForwardTokens, MailForward
 from router.daemon.http import AppState, make_app, server_tls, start_http
 from router.daemon.intake import Intake
 from router.daemon.journal import Journal, connect_redis
@@ -173,6 +174,8 @@ class Daemon:
         # Replies and platform actions (router.daemon.replies), when a platform is configured;
         # the desk registers on ``outbound.watchers`` for the status of its agents' messages.
         self.outbound: Outbound | None = None
+        # Forward mode's side of the SMTP listener (router.daemon.forward), when it is on.
+        self._forward: ForwardAnswers | None = None
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
@@ -264,6 +267,14 @@ class Daemon:
             )
             outbound = Outbound(outbox, ConversationFacts(journal), s.outbound)
             self.sinks.append(outbound.sink)
+            desk.attach(outbound)
+            mail = s.outbound.mail
+            if mail is not None and mail.forward is not None:
+                tokens = ForwardTokens(redis, s.key_prefix, mail)
+                self.sinks.append(
+                    MailForward(outbox, outbound.facts, desk.transcripts, tokens, mail)
+                )
+                self._forward = ForwardAnswers(tokens, outbound, state, s.decode_config())
         self.outbound = outbound
         router = Router(
             RouterOptions(
@@ -445,7 +456,11 @@ class Daemon:
             ready.set()
             return
         server = await start_smtp(
-            intake, self.metrics, s.smtp.addr, max_message_size=s.smtp.max_message_size
+            intake,
+            self.metrics,
+            s.smtp.addr,
+            max_message_size=s.smtp.max_message_size,
+            forward=self._forward,
         )
         log.info("smtp.listening", addr=s.smtp.addr)
         ready.set()

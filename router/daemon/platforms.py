@@ -322,7 +322,8 @@ class Graph(HttpPlatform):
 
 
 class Mail:
-    """Replies over an SMTP relay (aiosmtplib), headers prepared by the HTTP route."""
+    """Replies (and forward mode's forwards) over an SMTP relay (aiosmtplib), headers prepared
+    by the reply path (:mod:`router.daemon.replies`, :mod:`router.daemon.forward`)."""
 
     name = "mail"
 
@@ -342,12 +343,14 @@ class Mail:
             mail["In-Reply-To"] = f"<{p['in_reply_to']}>"
         if p.get("references"):
             mail["References"] = " ".join(f"<{i}>" for i in p["references"].split())
+        if p.get("reply_to"):
+            mail["Reply-To"] = p["reply_to"]  # forward mode: the agent's answer comes back
         mail["Auto-Submitted"] = "no"
         mail.set_content(msg.body)
         return mail
 
     async def deliver(self, msg: OutboundMessage, *, uncertain: bool) -> str:
-        if msg.action != "message":
+        if msg.action not in ("message", "forward"):
             raise Permanent("unsupported", f"mail cannot {msg.action!r}")
         s = self.settings
         try:

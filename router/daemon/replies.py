@@ -18,6 +18,8 @@ on the platforms, all through the outbox (:mod:`router.daemon.outbox`).
   retried request queue it once. ``GET /v1/contacts/{id}/messages`` lists the contact's
   outbound messages and actions with their state (``queued``, ``sending``, ``retrying`` with
   the last error, ``sent``, ``failed`` with the platform's reason): what the desk shows.
+- :class:`Outbound` tells its ``watchers`` about every changed status record and its
+  ``replied`` observers about every newly queued reply (the desk's live feed and transcript).
 """
 
 from __future__ import annotations
@@ -279,6 +281,18 @@ class Outbound:
         self._clock = clock
         #: called with every changed status record (the desk's live feed registers here).
         self.watchers: list[Callable[[dict[str, Any]], Awaitable[None]]] = []
+        #: called with each newly queued reply and the engine's info of its contact (the desk
+        #: puts it into the conversation's transcript here).
+        self.replied: list[Callable[[OutboundMessage, dict[str, Any]], Awaitable[None]]] = []
+
+    def answerable(self) -> list[str]:
+        """The contact sources an agent can answer through this daemon (their platform is set
+        up), e.g. ``["email", "chatwoot"]``."""
+        return [
+            source
+            for source, destination in REPLY_DESTINATIONS.items()
+            if getattr(self.settings, destination) is not None
+        ]
 
     async def notify(self, record: dict[str, Any]) -> None:
         """Tell every watcher about a changed status record (a failing one is logged)."""
@@ -343,6 +357,12 @@ class Outbound:
             created_at=now,
         )
         added = await self.outbox.append(msg)
+        if added:
+            for observer in list(self.replied):
+                try:
+                    await observer(msg, contact)
+                except Exception as exc:  # the reply is queued; showing it is a courtesy
+                    log.warning("outbound.reply_observer_failed", key=key, error=str(exc))
         return msg, added
 
     def _graph_params(

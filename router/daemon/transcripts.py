@@ -7,7 +7,8 @@ so the agent desktop can show the whole conversation. Intake records each delive
 as it journals them (the transcript write is sent first), so when the router announces a
 follow-up (``contact.updated``) its body is already here; a delivery that is retried after a
 journal failure records the same message twice, which :func:`dedupe` removes on reading (each
-message has a content id).
+message has a content id). An agent's reply from the desk (or from forward mode's mail) is
+added by the desk once the outbox took it (:func:`reply_message`), as the agent's message.
 
 Bounded: at most ``transcript_messages`` per contact (the oldest dropped), each text cut at
 ``transcript_chars``, the list expiring ``open_ttl`` after its last message and
@@ -47,6 +48,8 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     attachments: tuple[Attachment, ...] = ()
     staff: bool = False
     truncated: bool = False
+    #: an agent's reply from the desk: its outbox key (the desk shows the reply's state by it).
+    reply_key: str | None = None
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -80,6 +83,24 @@ def message_of(event: ContactEvent, max_chars: int, received_at: float) -> Messa
         attachments=event.attachments,
         staff=event.attributes.get("staff") == "true",
         truncated=truncated,
+    )
+
+
+def reply_message(
+    key: str, text: str, at: float, channel: str, source: str, agent: str, max_chars: int
+) -> Message:
+    """The transcript message of an agent's reply (``key``: its outbox key), shown as staff."""
+    return Message(
+        mid=hashlib.sha256(key.encode()).hexdigest()[:16],
+        kind="reply",
+        at=at,
+        channel=channel,
+        source=source,
+        sender=Sender(name=agent),
+        text=text[:max_chars],
+        staff=True,
+        truncated=len(text) > max_chars,
+        reply_key=key,
     )
 
 
@@ -131,6 +152,20 @@ class TranscriptStore:
             await pipe.execute()
         except RedisError as exc:
             log.warning("transcript.not_recorded", messages=n, error=str(exc))
+
+    async def add(self, contact_id: str, message: Message) -> None:
+        """Append one message that did not come through intake (an agent's reply); never
+        raises, like :meth:`record`."""
+        s = self.settings
+        key = self.key(contact_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.rpush(key, _ENCODER.encode(message))
+        pipe.ltrim(key, -s.transcript_messages, -1)
+        pipe.expire(key, int(s.open_ttl))
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            log.warning("transcript.not_recorded", messages=1, error=str(exc))
 
     async def read(self, contact_id: str) -> list[Message]:
         """One contact's messages, oldest first, without repeats; [] when none are kept."""

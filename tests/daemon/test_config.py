@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import msgspec
@@ -245,3 +246,27 @@ def test_outbound_problems_are_located(tmp_path: Path) -> None:
         == ["STELLWERK_OUTBOUND_WHATSAPP: version: '21' is not a Graph API version like v21.0"]
         or "Graph API version" in info.value.problems[0]
     )
+
+
+def test_mail_forward_mode_settings_are_checked_and_their_secret_hidden() -> None:
+    forward = {
+        "secret": "a-secret-of-enough-length",
+        "reply_address": "desk@stellwerk.example.net",
+        "agents": {"a01": "anna@example.net"},
+    }
+    env = {"STELLWERK_OUTBOUND_MAIL": json.dumps({"host": "smtp.example.net", "forward": forward})}
+    s = load_settings(None, env=env).settings
+    assert s.outbound.mail is not None and s.outbound.mail.forward is not None
+    assert s.outbound.mail.forward.agents == {"a01": "anna@example.net"}
+    shown = s.redacted().outbound.mail
+    assert shown is not None and shown.forward is not None and set(shown.forward.secret) == {"*"}
+    for change, problem in [
+        ({"secret": "short"}, "at least 16 characters"),
+        ({"reply_address": "desk+x@stellwerk.example.net"}, "without a '+'"),
+        ({"reply_address": "desk"}, "is not local@domain"),
+        ({"agents": {"a01": "anna"}}, "agents.a01: 'anna' is not a mail address"),
+    ]:
+        bad = {"host": "smtp.example.net", "forward": {**forward, **change}}
+        with pytest.raises(SettingsError) as info:
+            load_settings(None, env={"STELLWERK_OUTBOUND_MAIL": json.dumps(bad)})
+        assert problem in info.value.problems[0], info.value.problems

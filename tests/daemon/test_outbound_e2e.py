@@ -74,8 +74,12 @@ class Relay:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        #: while set, every message is answered with this reply and not kept (a busy relay)
+        self.refusing: str | None = None
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.refusing is not None:
+            return self.refusing
         parsed = message_from_bytes(envelope.content, policy=policy.default)
         assert isinstance(parsed, EmailMessage)
         self.messages.append(parsed)

@@ -1,6 +1,8 @@
 // The agent desktop. Everything shown comes from the daemon over /v1/desk/ws: a snapshot on
 // every (re)connect, then the agent's own offers and events; commands are the agent contract's
 // `op` messages. Nothing about the agent's work is kept in the page between connections.
+// Replies go to POST /v1/contacts/{id}/messages with the agent's own token and an idempotency
+// key; their states come from GET of the same path on every (re)connect and live over the socket.
 import { Connection, clear, clock, duration, el, serverNow, syncClock } from "./common.js";
 
 const $ = (id) => document.getElementById(id);
@@ -18,6 +20,10 @@ const desk = {
   offers: new Map(),      // offer_id -> offer (the MQTT offer shape)
   contacts: new Map(),    // contact_id -> held contact (assigned / wrap_up)
   transcripts: new Map(), // contact_id -> messages
+  replies: new Set(),     // the contact sources the daemon can answer (hello)
+  outbound: new Map(),    // contact_id -> Map(key -> the daemon's status record of a reply)
+  pending: new Map(),     // key -> reply not yet taken by the daemon {contact_id, text, problem}
+  revs: new Map(),        // contact_id -> revision of its replies (re-renders the thread)
   cards: new Map(),       // key -> {root, parts}
   notice: "",
 };
@@ -40,6 +46,7 @@ function signOut(error) {
   if (desk.conn) desk.conn.close();
   desk.conn = null;
   desk.offers.clear(); desk.contacts.clear(); desk.transcripts.clear();
+  desk.outbound.clear(); desk.pending.clear(); desk.revs.clear();
   for (const card of desk.cards.values()) card.root.remove();
   desk.cards.clear();
   desk.agent = { id: null, name: "", state: "offline", reason: null };
@@ -66,6 +73,7 @@ function handle(msg) {
       desk.agent.name = msg.name;
       desk.awayReasons = msg.away_reasons || {};
       desk.dispositions = msg.dispositions || {};
+      desk.replies = new Set(msg.replies || []);
       break;
     case "snapshot":
       syncClock(msg.server_time);
@@ -73,6 +81,12 @@ function handle(msg) {
       desk.agent.reason = msg.reason;
       desk.offers = new Map(msg.offers.map((o) => [o.offer_id, o]));
       desk.contacts = new Map(msg.contacts.map((c) => [c.contact_id, c]));
+      for (const id of desk.contacts.keys()) loadReplies(id);
+      // Connected again: what the daemon did not take yet goes again, under the same key.
+      for (const key of desk.pending.keys()) postReply(key);
+      break;
+    case "outbound":
+      if (msg.action === "message") noteReply(msg);
       break;
     case "offer":
       desk.offers.set(msg.offer_id, msg);
@@ -97,6 +111,7 @@ function handle(msg) {
         desk.contacts.set(msg.contact_id, {
           ...offer, state: "assigned", assigned_at: msg.at, channel: offer.contact.channel,
         });
+        loadReplies(msg.contact_id);
       }
       break;
     }
@@ -151,6 +166,97 @@ function goAvailable() {
 function goAway(reason) {
   const body = { state: "away", reason };
   send(desk.agent.state === "offline" ? { op: "login", ...body } : { op: "state", ...body });
+}
+
+// ---- replies ------------------------------------------------------------------------------
+
+const bump = (contactId) => desk.revs.set(contactId, (desk.revs.get(contactId) || 0) + 1);
+
+function randomKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return `desk-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
+
+function authHeaders() {
+  return { Authorization: `Bearer ${desk.conn ? desk.conn.token : ""}` };
+}
+
+// The daemon's record of a reply; a record older than the one shown does not replace it.
+function noteReply(record) {
+  let known = desk.outbound.get(record.contact_id);
+  if (!known) desk.outbound.set(record.contact_id, (known = new Map()));
+  const shown = known.get(record.key);
+  if (shown && (shown.updated_at || 0) > (record.updated_at || 0)) return;
+  known.set(record.key, record);
+  bump(record.contact_id);
+}
+
+async function loadReplies(contactId) {
+  if (!desk.replies.has(contactId.split(":")[0])) return;
+  try {
+    const resp = await fetch(`/v1/contacts/${encodeURIComponent(contactId)}/messages`, { headers: authHeaders() });
+    if (!resp.ok) return;
+    const body = await resp.json();
+    for (const record of body.messages) if (record.action === "message") noteReply(record);
+    render();
+  } catch { /* offline: the next snapshot loads them again */ }
+}
+
+function sendReply(contactId, text) {
+  const key = randomKey();
+  desk.pending.set(key, { contact_id: contactId, text, problem: null, tries: 0 });
+  bump(contactId);
+  postReply(key);
+  render();
+}
+
+// The daemon says 202 once the reply is in its outbox. No answer (network, 5xx, 429): the
+// reply stays here and goes again, with the same key, so the daemon queues it once.
+async function postReply(key) {
+  const item = desk.pending.get(key);
+  if (!item || item.inFlight) return;
+  item.inFlight = true;
+  let resp = null, body = null;
+  try {
+    resp = await fetch(`/v1/contacts/${encodeURIComponent(item.contact_id)}/messages`, {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json", "Idempotency-Key": key },
+      body: JSON.stringify({ text: item.text }),
+    });
+    body = await resp.json().catch(() => ({}));
+  } catch { resp = null; }
+  item.inFlight = false;
+  if (resp && resp.status === 202) {
+    desk.pending.delete(key);
+    if (body.status) noteReply(body.status);
+  } else if (resp && resp.status !== 429 && resp.status < 500) {
+    // Refused (outside the messaging window, no longer assigned ...): the text goes back into
+    // the box with the daemon's sentence, nothing is lost.
+    desk.pending.delete(key);
+    refuseReply(item.contact_id, item.text, body.detail || body.error || `HTTP ${resp.status}`);
+  } else {
+    item.problem = resp ? (body.detail || body.error || `HTTP ${resp.status}`) : "no connection to Stellwerk";
+    item.tries += 1;
+    setTimeout(() => postReply(key), Math.min(10, 0.5 * 2 ** item.tries) * 1000);
+  }
+  bump(item.contact_id);
+  render();
+}
+
+function refuseReply(contactId, text, detail) {
+  for (const card of desk.cards.values()) {
+    if (!card.reply || card.contactId !== contactId) continue;
+    if (!card.reply.text.value.trim()) card.reply.text.value = text;
+    card.reply.error.textContent = detail;
+  }
+}
+
+// The badge (the outbox state) and, for retrying and failed, the error to show under the text.
+function replyState(record) {
+  if (!record) return { state: "queued", detail: null };
+  const detail = ["retrying", "failed"].includes(record.state) && record.error
+    ? `${record.state === "failed" ? "Not sent" : "Trying again"}: ${record.error}` : null;
+  return { state: record.state, detail };
 }
 
 // ---- rendering -------------------------------------------------------------------------------
@@ -215,8 +321,10 @@ function renderCards() {
       (key.startsWith("offer:") ? $("offers") : $("work")).append(card.root);
     }
     const messages = desk.transcripts.get(item.contact_id);
-    if (messages !== card.messages) {
+    const rev = desk.revs.get(item.contact_id) || 0;
+    if (messages !== card.messages || rev !== card.rev) {
       card.messages = messages;
+      card.rev = rev;
       clear(card.thread).append(conversation(item, messages));
     }
   }
@@ -271,6 +379,8 @@ function contactCard(held) {
     }));
     actions = el("div", { class: "actions" }, select, button);
   }
+  const reply = held.state === "assigned" && desk.replies.has(held.contact_id.split(":")[0])
+    ? replyBox(held.contact_id) : null;
   const channel = held.channel || held.contact.channel;
   const root = el("article", { class: `card contact ${held.state}`, "data-contact": held.contact_id },
     el("header", {},
@@ -279,9 +389,10 @@ function contactCard(held) {
     reasonLine(held),
     customerBlock(held),
     thread,
+    reply && reply.form,
     actions);
   return {
-    root, thread, messages: undefined,
+    root, thread, messages: undefined, reply, contactId: held.contact_id,
     tick: () => {
       // Clamped: a clock a few milliseconds behind the daemon's must not show 31 of 30 s.
       const wrapLeft = Math.min(held.wrap_up ?? Infinity, Math.ceil(held.wrap_until - serverNow()));
@@ -290,6 +401,25 @@ function contactCard(held) {
         : duration(serverNow() - held.assigned_at);
     },
   };
+}
+
+function replyBox(contactId) {
+  const text = el("textarea", { class: "reply-text", rows: 3, "aria-label": "your reply", placeholder: "Write your reply…" });
+  const error = el("p", { class: "reply-error error", role: "alert" });
+  const form = el("form", { class: "reply" }, text,
+    el("div", { class: "reply-actions" }, error, el("button", { type: "submit", class: "send" }, "Send")));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const body = text.value.trim();
+    if (!body) return;
+    text.value = "";
+    error.textContent = "";
+    sendReply(contactId, body);
+  });
+  text.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) form.requestSubmit();
+  });
+  return { form, text, error };
 }
 
 function reasonLine(item) {
@@ -334,13 +464,34 @@ function conversation(item, messages) {
         attrs.map(([k, v]) => el("li", {}, el("code", { text: k }), " = ", v))))] : null);
   }
   // Until the transcript arrives (or when none is kept), the offer's first message.
-  const list = messages && messages.length ? messages : [{ ...c, at: c.occurred_at }];
+  let list = messages && messages.length ? [...messages] : [{ ...c, at: c.occurred_at }];
+  // A platform that reports our own posts back (Discourse's webhook for the staff post) would
+  // show each reply twice: its staff message with a reply's very text is that reply.
+  const replied = new Set(list.filter((m) => m.reply_key).map((m) => (m.text || "").trim()));
+  list = list.filter((m) => m.reply_key || !m.staff || !replied.has((m.text || "").trim()));
+  const records = desk.outbound.get(item.contact_id) || new Map();
+  // Replies the daemon has not taken yet come last, with what keeps them here.
+  for (const [key, p] of desk.pending) {
+    // The daemon's key ends in the page's (reply:{contact}:{agent}:{page's key}).
+    if (p.contact_id !== item.contact_id || list.some((m) => m.reply_key && m.reply_key.endsWith(`:${key}`))) continue;
+    list.push({ staff: true, sender: { name: desk.agent.name }, text: p.text, pending: p, reply_key: key });
+  }
   return el("ol", { class: "messages" }, list.map((m) => {
     const from = (m.sender && (m.sender.name || m.sender.email || m.sender.handle || m.sender.phone)) || "";
-    return el("li", { class: m.staff ? "staff" : "customer" },
-      el("div", { class: "meta" }, el("strong", { text: from }), " · ", clock(m.at),
-        m.subject ? el("span", { class: "subject", text: ` · ${m.subject}` }) : null),
+    let badge = null, detail = null;
+    if (m.pending) {
+      badge = el("span", { class: "reply-state reply-unsent", text: m.pending.problem ? "not sent yet" : "sending…" });
+      if (m.pending.problem) detail = `Not with Stellwerk yet (${m.pending.problem}); trying again.`;
+    } else if (m.reply_key) {
+      const shown = replyState(records.get(m.reply_key));
+      badge = el("span", { class: `reply-state reply-${shown.state}`, text: shown.state });
+      detail = shown.detail;
+    }
+    return el("li", { class: `${m.staff ? "staff" : "customer"}${m.reply_key ? " reply" : ""}`, "data-key": m.reply_key },
+      el("div", { class: "meta" }, el("strong", { text: from }), m.at ? [" · ", clock(m.at)] : null,
+        m.subject ? el("span", { class: "subject", text: ` · ${m.subject}` }) : null, badge ? " " : null, badge),
       m.text ? el("div", { class: "text", text: m.text }) : null,
+      detail ? el("div", { class: "reply-detail", text: detail }) : null,
       (m.attachments || []).length ? el("ul", { class: "attachments" },
         m.attachments.map((a) => el("li", {}, el("span", { class: "clip", text: "Attachment" }), " ",
           el("strong", { text: a.filename }), ` (${a.content_type}, ${Math.ceil(a.size / 1024)} KB)`))) : null);
