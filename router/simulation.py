@@ -38,7 +38,7 @@ from router.messages import (
     Tick,
 )
 from router.model import Channel, ContactEvent, Sender
-from rules.schema import RoutingFile
+from rules.schema import AgentAccounts, Endpoints, RoutingFile
 from rules.table import RoutingTable
 
 # ---- scenario ------------------------------------------------------------------------------
@@ -323,7 +323,11 @@ def _routing_file(table: RoutingTable) -> RoutingFile:
 
 
 def with_agent_count(routing: RoutingFile, count: int) -> RoutingFile:
-    """The routing file with exactly ``count`` agents: the first ``count``, or copies added."""
+    """The routing file with exactly ``count`` agents: the first ``count``, or copies added.
+
+    A copy has the original's skills and capacity but none of its platform accounts or phone
+    endpoints: those belong to one person, and the routing file refuses them twice.
+    """
     agents = list(routing.agents)
     if count <= len(agents) or not agents:
         return msgspec.structs.replace(routing, agents=tuple(agents[:count]))
@@ -333,7 +337,11 @@ def with_agent_count(routing: RoutingFile, count: int) -> RoutingFile:
         for agent in base:
             if len(agents) == count:
                 break
-            agents.append(msgspec.structs.replace(agent, id=f"{agent.id}~{copy}"))
+            agents.append(
+                msgspec.structs.replace(
+                    agent, id=f"{agent.id}~{copy}", accounts=AgentAccounts(), endpoints=Endpoints()
+                )
+            )
         copy += 1
     return msgspec.structs.replace(routing, agents=tuple(agents))
 

@@ -219,6 +219,12 @@ def test_agent_count_adds_copies_of_the_routing_file_agents(table: RoutingTable)
     assert ids[:n] == [a.id for a in table.file.agents]
     assert more.agents[n].skills == table.file.agents[0].skills
     assert len(with_agent_count(table.file, 5).agents) == 5
+    # The copies make a valid routing file: a platform account or phone endpoint is one
+    # person's, so a copy does not carry the original's (a01 has Chatwoot and Rocket.Chat ones).
+    assert table.file.agents[0].accounts.chatwoot is not None
+    copied = build_table(more, ROUTING.parent)
+    assert len(copied.file.agents) == 45
+    assert copied.file.agents[n].accounts.chatwoot is None
 
 
 def test_crowd_answers_keep_posts_away_from_agents(table: RoutingTable) -> None:
