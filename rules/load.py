@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 import yaml
 
-from router.model import CHANNELS
+from channels.contact_event import CHANNELS
 from rules.endpoints import SYSTEMS, endpoint_problem
 from rules.expr import Condition, ExprError, compile_condition
 from rules.identity import normalize_email, normalize_handle, normalize_phone

@@ -23,8 +23,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from router import erlang
-from router.simulation import (
+from router.sim import erlang
+from router.sim.simulation import (
     AgentBehaviour,
     Distribution,
     HandleTimes,

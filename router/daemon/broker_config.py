@@ -160,7 +160,7 @@ def _check_name(what: str, name: str) -> str:
 
 
 def _parse_sources(specs: list[str]) -> list[tuple[str, str]]:
-    from router.model import SOURCES
+    from channels.contact_event import SOURCES
 
     out = []
     for spec in specs:
@@ -178,7 +178,7 @@ def _parse_sources(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def _agent_ids(routing: Path) -> list[str]:
-    from rules.check import load_or_report
+    from router.cli.check import load_or_report
 
     table = load_or_report(str(routing), prefix=f"{PROG}: ")
     if table is None:

@@ -31,6 +31,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from router.cli.check import load_or_report
 from router.daemon.auth import Authenticator, add_routes
 from router.daemon.config import LoadedSettings, LogSettings, Settings, SettingsError, load_settings
 from router.daemon.desk import DeskService
@@ -48,7 +49,6 @@ from router.daemon.sinks import CommandSink
 from router.daemon.smtp import start_smtp
 from router.daemon.telephony import build_connectors
 from router.daemon.telephony.connector import TelephonyConnector
-from rules.check import load_or_report
 from rules.table import RoutingTable
 
 log = structlog.get_logger("stellwerk.daemon")

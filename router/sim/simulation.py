@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from channels.contact_event import Channel, ContactEvent, Sender
 from router.engine import Engine
 from router.messages import (
     Accept,
@@ -37,7 +38,6 @@ from router.messages import (
     RefusedCmd,
     Tick,
 )
-from router.model import Channel, ContactEvent, Sender
 from rules.schema import AgentAccounts, Endpoints, RoutingFile
 from rules.table import RoutingTable
 

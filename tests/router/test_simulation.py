@@ -11,9 +11,9 @@ import msgspec
 import pytest
 
 from router import cli
+from router.cli.simulate import simulate_erlang
 from router.messages import Command, EventCmd
-from router.simulate import simulate_erlang
-from router.simulation import (
+from router.sim.simulation import (
     Distribution,
     HandleTimes,
     Report,
