@@ -785,6 +785,20 @@ def load_routing(path: str | os.PathLike[str]) -> RoutingTable:
     return parse_routing(text, str(path), p.parent)
 
 
+def load_routing_or_problems(
+    path: str | os.PathLike[str],
+) -> tuple[RoutingTable | None, tuple[Problem, ...]]:
+    """The table and no problems, or None and every problem of a file that does not validate.
+
+    Nothing is printed or logged: each caller reports the problems its own way (``stellwerk
+    run`` and the other commands print one ``file:line:column: message`` line each).
+    """
+    try:
+        return load_routing(path), ()
+    except RoutingFileError as exc:
+        return None, tuple(exc.problems)
+
+
 def build_table(file: RoutingFile, base_dir: Path | None = None) -> RoutingTable:
     """Validate and build a table from a :class:`RoutingFile` made in code (tests, tools).
 

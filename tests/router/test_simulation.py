@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from router import cli
-from router.cli.simulate import simulate_erlang
 from router.messages import Command, EventCmd
+from router.sim.erlang_check import simulate_erlang
 from router.sim.simulation import (
     Distribution,
     HandleTimes,
