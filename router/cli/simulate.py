@@ -30,6 +30,7 @@ from router.sim.simulation import (
     ScenarioError,
     SimulationError,
     parse_scenario,
+    scaled,
     simulate,
     with_agent_count,
 )
@@ -63,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hours", type=_positive, help="simulated hours (overrides the scenario)")
     parser.add_argument("--seed", type=int, help="random seed (overrides the scenario)")
     parser.add_argument("--agents", type=_count, help="number of agents (erlang: required)")
+    parser.add_argument(
+        "--scale",
+        type=_positive,
+        metavar="F",
+        help="a centre F times as big: every stream's rate and the number of agents times F"
+        " (--agents, when given, sets the count instead)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     group = parser.add_argument_group("erlang mode")
     group.add_argument("--calls-per-interval", type=_non_negative, help="arrivals per interval")
@@ -126,6 +134,9 @@ def run_scenario(
     if given:
         raise UsageError(f"{', '.join(given)} only apply to 'stellwerk simulate erlang'")
     scenario = parse_scenario(Path(args.scenario).read_bytes(), args.scenario)
+    table = load_routing(args.routing)
+    if args.scale is not None:
+        scenario = scaled(scenario, args.scale, len(table.file.agents))
     overrides: dict[str, Any] = {}
     if args.hours is not None:
         overrides["hours"] = args.hours
@@ -134,7 +145,6 @@ def run_scenario(
     if args.agents is not None:
         overrides["agents"] = msgspec.structs.replace(scenario.agents, count=args.agents)
     scenario = msgspec.structs.replace(scenario, **overrides)
-    table = load_routing(args.routing)
     if scenario.agents.count is not None:
         routing = with_agent_count(table.file, scenario.agents.count)
         table = build_table(routing, Path(args.routing).parent)
@@ -217,6 +227,8 @@ def run_erlang(args: argparse.Namespace, progress: Callable[[float], None] | Non
     ]
     if missing:
         raise UsageError(f"'simulate erlang' needs {', '.join(missing)}")
+    if args.scale is not None:
+        raise UsageError("--scale applies to a scenario, not to 'stellwerk simulate erlang'")
     if args.agents < 1:
         raise UsageError("--agents must be at least 1")
     return simulate_erlang(
