@@ -2,8 +2,9 @@
 
 Two forms:
 
-- ``stellwerk simulate [--routing FILE] [--scenario FILE] [--hours H] [--seed S] [--json]`` plays
-  a scenario (arrival streams, handle times, agent behaviour) against a routing file.
+- ``stellwerk simulate [--routing FILE] [--scenario FILE] [--hours H] [--seed S] [--scale F]
+  [--json]`` plays a scenario (arrival streams, handle times, agent behaviour) against a routing
+  file; ``--scale`` makes the centre F times as big (``router.sim.simulation.scaled``).
 - ``stellwerk simulate erlang --agents N --calls-per-interval C --aht-seconds A ...`` builds one
   queue with N identical agents — the M/M/c system of Erlang C — and prints the measured figures
   next to Erlang C's predictions, as a check of the engine and of the simulator.
