@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from router.model import CHANNELS, ContactEvent, Sender
+from channels.contact_event import CHANNELS, ContactEvent, Sender
 from rules.decision import CustomerView
 from rules.load import load_routing, parse_routing
 from rules.table import RoutingTable

@@ -42,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.daemon.loadgen import LoadGen, Profile, Report, Target  # noqa: E402
+from router.cli.loadgen import LoadGen, Profile, Report, Target  # noqa: E402
 
 
 def routing_file(agents: int) -> str:
@@ -240,7 +240,7 @@ def main() -> int:
     if args.use_running:
         if not (args.topic_prefix and args.routing and args.http_url):
             parser.error("--use-running needs --topic-prefix, --routing and --http-url")
-        from router.daemon.loadgen import agent_ids
+        from router.cli.loadgen import agent_ids
 
         prefix, http_url = args.topic_prefix, args.http_url.rstrip("/")
         agents = agent_ids(Path(args.routing))

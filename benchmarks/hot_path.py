@@ -31,9 +31,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from channels.contact_event import Channel, ContactEvent, Sender
 from router.engine import Engine
 from router.messages import Accept, Command, Complete, EventCmd, Login, OfferCmd
-from router.model import Channel, ContactEvent, Sender
 from rules.load import parse_routing
 
 TARGET = 100_000

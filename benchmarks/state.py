@@ -29,9 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from channels.contact_event import Attachment, ContactEvent, Sender
 from router.engine import Engine
 from router.messages import Tick
-from router.model import Attachment, ContactEvent, Sender
 from rules.load import load_routing
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
-from router.model import ContactEvent
+from channels.contact_event import ContactEvent
 
 
 class Rejected(Exception):

@@ -48,7 +48,7 @@ from channels.common import (
     parse_timestamp,
     to_e164,
 )
-from router.model import Attachment, ContactEvent, Sender
+from channels.contact_event import Attachment, ContactEvent, Sender
 
 Headers = Mapping[str, str]
 

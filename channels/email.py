@@ -53,8 +53,8 @@ from typing import Any
 
 from channels.base import DecodeConfig, Rejected
 from channels.common import bound_text
+from channels.contact_event import Attachment, ContactEvent, Sender
 from channels.email_text import html_to_text, trim_reply
-from router.model import Attachment, ContactEvent, Sender
 
 SOURCE = "email"
 # The standard library's header parser takes time quadratic in some header values (20 000

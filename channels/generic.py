@@ -31,7 +31,7 @@ import msgspec
 
 from channels.base import DecodeConfig, Headers, Rejected
 from channels.common import bound_text, parse_timestamp, to_e164
-from router.model import Attachment, Channel, ContactEvent, Kind, Sender
+from channels.contact_event import Attachment, Channel, ContactEvent, Kind, Sender
 
 GENERIC = "generic"
 

@@ -1,7 +1,7 @@
 """Phone channel decoders: Asterisk ARI events, FreeSWITCH events, Twilio Voice webhooks.
 
-Every decoder turns one delivery into at most one :class:`~router.model.ContactEvent` about one
-call. The call is identified by the switch's own id for the channel (ARI ``channel.id``,
+Every decoder turns one delivery into at most one :class:`~channels.contact_event.ContactEvent`
+about one call. The call is identified by the switch's own id for the channel (ARI ``channel.id``,
 FreeSWITCH ``Unique-ID``, Twilio ``CallSid``), so every event of a call lands on the same
 ``contact_id``. What starts, updates and ends a call:
 
@@ -44,7 +44,7 @@ from channels.common import (
     parse_timestamp,
     to_e164,
 )
-from router.model import ContactEvent, Kind, Sender
+from channels.contact_event import ContactEvent, Kind, Sender
 
 ARI = "asterisk-ari"
 FREESWITCH = "freeswitch"

@@ -1,18 +1,18 @@
 """Every decoder by source name, and one entry point that picks the right one.
 
 Transports (MQTT ingress, HTTP webhooks, SMTP, the ``normalize`` CLI) look a source up here; the
-keys are exactly ``router.model.SOURCES``, checked by a test.
+keys are exactly ``channels.contact_event.SOURCES``, checked by a test.
 """
 
 from __future__ import annotations
 
 from channels.base import DecodeConfig, Decoder, Headers, Rejected
 from channels.chat import decode_chatwoot, decode_messenger, decode_rocketchat, decode_whatsapp
+from channels.contact_event import ContactEvent
 from channels.email import decode_email
 from channels.generic import decode_generic
 from channels.phone import decode_asterisk_ari, decode_freeswitch, decode_twilio_voice
 from channels.social import decode_discourse, decode_x
-from router.model import ContactEvent
 
 SOURCES: dict[str, Decoder] = {
     "asterisk-ari": decode_asterisk_ari,

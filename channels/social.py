@@ -50,7 +50,7 @@ from channels.common import (
     opt_str,
     parse_timestamp,
 )
-from router.model import ContactEvent, Sender
+from channels.contact_event import ContactEvent, Sender
 
 DISCOURSE = "discourse"
 X = "x"

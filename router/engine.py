@@ -59,6 +59,7 @@ from __future__ import annotations
 import heapq
 from typing import Any
 
+from channels.contact_event import ContactEvent
 from router.customers import CustomerDirectory, history
 from router.experts import ExpertRegistry
 from router.lifecycle import (
@@ -86,7 +87,6 @@ from router.messages import (
     Tick,
     UpsertExpert,
 )
-from router.model import ContactEvent
 from router.state import (
     STATE_DECODER,
     STATE_ENCODER,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from channels.contact_event import ContactEvent
 from router.messages import Command, EventCmd, RefusedCmd
-from router.model import ContactEvent
 from router.state import EngineState, ExpertRec
 from rules.identity import email_key, handle_key, phone_key
 from rules.schema import Expert

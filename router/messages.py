@@ -1,8 +1,8 @@
 """The engine's inputs (besides ContactEvent) and its outputs (commands).
 
 The engine is sans-I/O: ``Engine.handle(message, now)`` takes one of the inputs below or a
-:class:`~router.model.ContactEvent` and returns a list of commands for the caller to carry out
-(publish an offer, cancel one, publish an event). Agent commands arrive on
+:class:`~channels.contact_event.ContactEvent` and returns a list of commands for the caller to
+carry out (publish an offer, cancel one, publish an event). Agent commands arrive on
 ``{prefix}/agents/{agent_id}/cmd`` as JSON with an ``op`` field; :data:`AGENT_COMMAND_DECODER`
 decodes them (the daemon fills ``agent_id`` from the topic, never from the payload, so an agent
 cannot speak for another).
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from router.model import ContactEvent
+from channels.contact_event import ContactEvent
 from rules.schema import Expert
 
 

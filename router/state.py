@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import msgspec
 
+from channels.contact_event import ContactEvent
 from router.lifecycle import AgentState, ContactState
-from router.model import ContactEvent
 from rules.schema import Escalation
 
 

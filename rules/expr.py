@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from router.model import CHANNELS, ContactEvent
+from channels.contact_event import CHANNELS, ContactEvent
 from rules.decision import CustomerView
 
 # A compiled predicate or value getter: (event, customer, now) -> value.

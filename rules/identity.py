@@ -13,7 +13,7 @@ import re
 
 import phonenumbers
 
-from router.model import Sender
+from channels.contact_event import Sender
 
 DEFAULT_REGION = "DE"
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 import yaml
 
-from router.model import CHANNELS
+from channels.contact_event import CHANNELS
 from rules.endpoints import SYSTEMS, endpoint_problem
 from rules.expr import Condition, ExprError, compile_condition
 from rules.identity import normalize_email, normalize_handle, normalize_phone
@@ -783,6 +783,20 @@ def load_routing(path: str | os.PathLike[str]) -> RoutingTable:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise RoutingFileError([Problem(str(path), 1, 1, f"cannot read: {reason}")]) from None
     return parse_routing(text, str(path), p.parent)
+
+
+def load_routing_or_problems(
+    path: str | os.PathLike[str],
+) -> tuple[RoutingTable | None, tuple[Problem, ...]]:
+    """The table and no problems, or None and every problem of a file that does not validate.
+
+    Nothing is printed or logged: each caller reports the problems its own way (``stellwerk
+    run`` and the other commands print one ``file:line:column: message`` line each).
+    """
+    try:
+        return load_routing(path), ()
+    except RoutingFileError as exc:
+        return None, tuple(exc.problems)
 
 
 def build_table(file: RoutingFile, base_dir: Path | None = None) -> RoutingTable:

@@ -12,7 +12,7 @@ from typing import Literal
 
 import msgspec
 
-from router.model import Channel
+from channels.contact_event import Channel
 
 #: the disposition of a contact a supervisor released from a stuck agent (always known).
 RELEASED_BY_SUPERVISOR = "released_by_supervisor"

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from router.model import ContactEvent
+from channels.contact_event import ContactEvent
 from rules.decision import CustomerView, Decision
 from rules.expr import Condition, LocalClock, Seen, explain_tree, guards, residual_predicate
 from rules.identity import sender_keys

@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from router.daemon.auth import hash_token
+from rules.load import load_routing_or_problems
 
 PROG = "stellwerk broker-config"
 ITERATIONS = 101
@@ -160,7 +161,7 @@ def _check_name(what: str, name: str) -> str:
 
 
 def _parse_sources(specs: list[str]) -> list[tuple[str, str]]:
-    from router.model import SOURCES
+    from channels.contact_event import SOURCES
 
     out = []
     for spec in specs:
@@ -178,11 +179,10 @@ def _parse_sources(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def _agent_ids(routing: Path) -> list[str]:
-    from rules.check import load_or_report
-
-    table = load_or_report(str(routing), prefix=f"{PROG}: ")
+    table, problems = load_routing_or_problems(routing)
     if table is None:
-        raise BrokerConfigError(f"{routing} does not validate (problems above)")
+        lines = "".join(f"\n  {problem}" for problem in problems)
+        raise BrokerConfigError(f"{routing} does not validate:{lines}")
     return [_check_name("agent id", a.id) for a in table.file.agents]
 
 

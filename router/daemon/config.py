@@ -29,7 +29,7 @@ import msgspec
 import yaml
 
 from channels.base import DecodeConfig
-from router.model import SOURCES
+from channels.contact_event import SOURCES
 
 ENV_PREFIX = "STELLWERK_"
 SECRET_ENV_PREFIX = "STELLWERK_SECRET_"

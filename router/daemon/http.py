@@ -52,6 +52,7 @@ from aiohttp import web
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
+from channels.contact_event import SOURCES
 from router.daemon import auth, desk, openapi
 from router.daemon.auth import Authenticator, Principal, principal_of
 from router.daemon.config import Settings, parse_addr
@@ -60,7 +61,6 @@ from router.daemon.journal import JournalUnavailable
 from router.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from router.daemon.replies import add_outbound_routes
 from router.messages import AdminCommand, LinkKeys, RemoveExpert, UpsertExpert
-from router.model import SOURCES
 from rules.identity import normalize_handle
 from rules.schema import Expert
 

@@ -26,10 +26,10 @@ import msgspec
 import structlog
 
 from channels.base import DecodeConfig, Rejected
+from channels.contact_event import ContactEvent
 from router.daemon.journal import AdminEntry, AgentEntry, ContactEntry, Journal, JournalEntry
 from router.daemon.metrics import Metrics
 from router.messages import AGENT_COMMAND_DECODER, AdminCommand
-from router.model import ContactEvent
 
 log = structlog.get_logger("stellwerk.intake")
 

@@ -28,8 +28,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from channels.contact_event import ContactEvent
 from router.messages import AdminCommand, AgentCommand
-from router.model import ContactEvent
 
 DEADLETTER_MAXLEN = 100_000
 

@@ -49,7 +49,7 @@ from router.daemon.sinks import CommandSink
 from router.daemon.smtp import start_smtp
 from router.daemon.telephony import build_connectors
 from router.daemon.telephony.connector import TelephonyConnector
-from rules.check import load_or_report
+from rules.load import load_routing_or_problems
 from rules.table import RoutingTable
 
 log = structlog.get_logger("stellwerk.daemon")
@@ -132,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"stellwerk run: {problem}", file=sys.stderr)
         return 2
     configure_logging(settings.log)
-    table = load_or_report(settings.routing, prefix="stellwerk run: ")
+    table, problems = load_routing_or_problems(settings.routing)
     if table is None:
+        for routing_problem in problems:
+            print(f"stellwerk run: {routing_problem}", file=sys.stderr)
         return 1
     if args.check_config:
         print(msgspec.json.format(msgspec.json.encode(settings.redacted())).decode())

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from channels.contact_event import CHANNELS, ContactEvent
 from router.messages import CancelOfferCmd, Command, EventCmd, OfferCmd, RefusedCmd
-from router.model import CHANNELS, ContactEvent
 
 if TYPE_CHECKING:
     from rules.table import RoutingTable

@@ -38,13 +38,13 @@ import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from channels.contact_event import ContactEvent
 from channels.email import reply_message_id
 from router.daemon import auth, openapi
 from router.daemon.config import OutboundSettings
 from router.daemon.journal import ContactEntry, Journal, JournalUnavailable
 from router.daemon.outbox import OutboundMessage, Outbox
 from router.messages import Command, EventCmd
-from router.model import ContactEvent
 
 if TYPE_CHECKING:
     from router.daemon.http import AppState

@@ -27,8 +27,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from channels.contact_event import Attachment, ContactEvent, Sender
 from router.daemon.config import DeskSettings
-from router.model import Attachment, ContactEvent, Sender
 
 log = structlog.get_logger("stellwerk.transcripts")
 

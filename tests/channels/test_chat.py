@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from channels.base import DecodeConfig, Rejected
 from channels.chat import decode_chatwoot, decode_messenger, decode_rocketchat, decode_whatsapp
-from router.model import Attachment, ContactEvent
+from channels.contact_event import Attachment, ContactEvent
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SAMPLES = FIXTURES / "samples" / "chat"

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from channels.base import DecodeConfig, Rejected
+from channels.contact_event import Attachment, ContactEvent
 from channels.email import decode_email, reply_message_id, thread_of
 from channels.email_text import html_to_text, trim_reply
-from router.model import Attachment, ContactEvent
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SAMPLES = FIXTURES / "samples" / "email"

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from channels.base import DecodeConfig, Rejected
+from channels.contact_event import ContactEvent
 from channels.registry import SOURCES, decode
-from router.model import ContactEvent
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MANIFEST: dict[str, list[dict[str, Any]]] = {

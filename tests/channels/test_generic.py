@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from channels.base import DecodeConfig, Rejected
+from channels.contact_event import Attachment, ContactEvent
 from channels.generic import decode_generic
-from router.model import Attachment, ContactEvent
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "generic"
 CONFIG = DecodeConfig()

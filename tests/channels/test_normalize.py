@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from channels import normalize as cli
 from channels import registry
 from channels.base import DecodeConfig
-from router.model import CONTACT_EVENT_DECODER, CONTACT_EVENTS_DECODER
+from channels.contact_event import CONTACT_EVENT_DECODER, CONTACT_EVENTS_DECODER
+from router.cli import normalize as cli
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SAMPLES = FIXTURES / "samples"

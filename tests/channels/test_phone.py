@@ -24,13 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from channels.base import DecodeConfig, Decoder, Rejected
+from channels.contact_event import CONTACT_EVENT_DECODER, JSON_ENCODER, ContactEvent, Sender
 from channels.phone import (
     decode_asterisk_ari,
     decode_freeswitch,
     decode_twilio_voice,
     twilio_signature,
 )
-from router.model import CONTACT_EVENT_DECODER, JSON_ENCODER, ContactEvent, Sender
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SAMPLES = FIXTURES / "samples" / "phone"

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from channels.base import DecodeConfig, Rejected
+from channels.contact_event import CHANNELS, ContactEvent
+from channels.contact_event import SOURCES as MODEL_SOURCES
 from channels.registry import SOURCES, decode, decoder_for
 from channels.social import decode_discourse
-from router.model import CHANNELS, ContactEvent
-from router.model import SOURCES as MODEL_SOURCES
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MANIFEST: dict[str, list[dict[str, Any]]] = {

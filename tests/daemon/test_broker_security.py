@@ -25,7 +25,7 @@ import pytest
 import yaml
 from aiohttp import test_utils
 
-from router.daemon.broker_config import Generated, generate, mosquitto_verify
+from router.daemon.broker_config import BrokerConfigError, Generated, generate, mosquitto_verify
 from tests.daemon.conftest import REPO, Names, ari, wait_until, write_routing
 from tests.daemon.private_servers import HOST, MOSQUITTO, PrivateMosquitto
 
@@ -275,3 +275,14 @@ async def test_identities_can_only_do_what_their_acl_grants(
     )
     assert a01.topics() <= {f"{p}/agents/a01/offers"}
     assert all(t == f"{p}/agents/a04/offers" for t in a04.topics())
+
+
+def test_a_routing_file_that_does_not_validate_is_refused_with_its_problems(
+    tmp_path: Path,
+) -> None:
+    routing = tmp_path / "r.yaml"
+    routing.write_text("queues:\n  support: {}\nrules:\n  - {name: x, queue: nowhere}\n")
+    with pytest.raises(BrokerConfigError) as info:
+        generate(routing, tmp_path / "out")
+    assert f"{routing}:4:" in str(info.value) and "nowhere" in str(info.value)
+    assert not (tmp_path / "out").exists()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from channels.contact_event import ContactEvent, Sender
 from router.daemon.journal import Journal
 from router.daemon.replies import MAX_REFERENCES, ConversationFacts
-from router.model import ContactEvent, Sender
 
 pytestmark = pytest.mark.integration
 

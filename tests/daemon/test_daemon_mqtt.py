@@ -120,9 +120,9 @@ async def test_no_puback_while_redis_is_down_then_redelivered_and_journaled(
 
 
 def test_commands_become_messages_on_the_right_topics() -> None:
+    from channels.contact_event import ContactEvent
     from router.daemon.mqtt import command_messages
     from router.messages import CancelOfferCmd, EventCmd, OfferCmd, RefusedCmd
-    from router.model import ContactEvent
 
     contact = ContactEvent(
         kind="new",

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from channels.contact_event import ContactEvent, Sender
 from router.daemon.journal import (
     AdminEntry,
     AgentEntry,
@@ -39,7 +40,6 @@ from router.messages import (
     Tick,
     UpsertExpert,
 )
-from router.model import ContactEvent, Sender
 from rules.load import load_routing
 from rules.schema import Expert
 from tests.daemon.conftest import REDIS_URL, write_routing

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from channels.contact_event import ContactEvent, Sender
+from router.cli.experts import ago, duration
 from router.daemon.auth import hash_token
 from router.daemon.config import AuthSettings, Settings, TokenSettings
 from router.daemon.http import AppState, make_app, start_http
@@ -23,9 +25,7 @@ from router.daemon.intake import Intake
 from router.daemon.journal import Journal, connect_redis
 from router.daemon.metrics import Metrics
 from router.engine import Engine
-from router.experts_cli import ago, duration
 from router.messages import Accept, Login, OfferCmd
-from router.model import ContactEvent, Sender
 from rules.load import parse_routing
 from tests.servers import REDIS_URL, key_prefix
 

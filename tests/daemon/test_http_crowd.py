@@ -13,13 +13,13 @@ from urllib.parse import quote
 import pytest
 from aiohttp import test_utils
 
+from channels.contact_event import ContactEvent, Sender
 from router.daemon.http import AppState, make_app
 from router.daemon.intake import Intake
 from router.daemon.journal import AdminEntry, Journal
 from router.daemon.metrics import Metrics
 from router.engine import Engine
 from router.messages import LinkKeys, RemoveExpert, UpsertExpert
-from router.model import ContactEvent, Sender
 from rules.load import load_routing
 from tests.daemon.conftest import write_routing
 from tests.daemon.test_http import ADMIN_TOKEN, settings

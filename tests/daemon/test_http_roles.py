@@ -24,6 +24,7 @@ from aiohttp import test_utils
 from hypothesis import HealthCheck, given, settings
 from openapi_spec_validator import validate
 
+from channels.contact_event import ContactEvent, Sender
 from router.daemon import auth, openapi
 from router.daemon.auth import hash_token
 from router.daemon.config import (
@@ -39,7 +40,6 @@ from router.daemon.journal import Journal, connect_redis
 from router.daemon.metrics import Metrics
 from router.engine import Engine
 from router.messages import Login, OfferCmd
-from router.model import ContactEvent, Sender
 from rules.load import load_routing
 from tests.daemon.conftest import write_routing
 

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from channels.contact_event import ContactEvent, Sender
 from router.daemon.journal import (
     AgentEntry,
     ContactEntry,
@@ -21,7 +22,6 @@ from router.daemon.journal import (
     encode_entry,
 )
 from router.messages import Accept, Login
-from router.model import ContactEvent, Sender
 from tests.daemon.conftest import Names, wait_until
 from tests.servers import REDIS_URL, key_prefix
 

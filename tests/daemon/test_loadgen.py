@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from channels.base import DecodeConfig
 from channels.registry import decode
-from router.daemon.loadgen import (
+from router.cli.loadgen import (
     LoadGen,
     LoadgenError,
     Profile,
@@ -315,8 +315,8 @@ async def test_with_broker_config_accounts_every_party_uses_its_own(
 ) -> None:
     """loadgen --credentials against a broker with accounts and ACLs only: calls via the
     bridge account, each agent over its own, events via a reader; nothing lost."""
+    from router.cli.loadgen import mqtt_accounts
     from router.daemon.broker_config import generate
-    from router.daemon.loadgen import mqtt_accounts
 
     agents = ("anna", "ben", "cem")
     routing = write_routing(tmp_path / "routing.yaml", agents, offer_timeout=5.0, wrap_up=5.0)

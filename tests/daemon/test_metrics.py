@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from channels.contact_event import ContactEvent, Sender
 from router.daemon.metrics import Metrics
 from router.engine import Engine
 from router.messages import (
@@ -28,7 +29,6 @@ from router.messages import (
     RefusedCmd,
     Tick,
 )
-from router.model import ContactEvent, Sender
 from rules.load import parse_routing
 
 ROUTING = """
@@ -633,10 +633,10 @@ async def test_the_daemon_primes_its_metrics_at_start_and_on_a_reload(
 
 
 def test_the_source_channel_table_names_every_source() -> None:
+    from channels.contact_event import SOURCES
     from router.daemon.intake import AGENT_COMMAND_SOURCE
     from router.daemon.metrics import AGENT_COMMAND_SOURCE as PRIMED
     from router.daemon.metrics import SOURCE_CHANNELS
-    from router.model import SOURCES
 
     assert set(SOURCE_CHANNELS) == set(SOURCES)
     assert PRIMED == AGENT_COMMAND_SOURCE

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 
+from channels.contact_event import ContactEvent, Sender
 from router.daemon.journal import AgentEntry, ContactEntry, Keys, encode_entry
 from router.messages import Accept, Login
-from router.model import ContactEvent, Sender
 from tests.daemon.conftest import REDIS_URL, Names
 
 STELLWERK = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "stellwerk")

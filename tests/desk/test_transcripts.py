@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+from channels.contact_event import Attachment, ContactEvent, Sender
 from router.daemon.config import DeskSettings
 from router.daemon.transcripts import TranscriptStore
-from router.model import Attachment, ContactEvent, Sender
 from tests.daemon.conftest import Names
 
 

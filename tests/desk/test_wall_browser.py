@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from aiohttp import test_utils
 
+from router.cli.loadgen import LoadGen, Profile, Target, parse_mix
 from router.daemon.auth import hash_token
-from router.daemon.loadgen import LoadGen, Profile, Target, parse_mix
 from tests.daemon.conftest import MqttProbe, Names, write_routing
 
 pytestmark = pytest.mark.integration

@@ -5,9 +5,9 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from channels.contact_event import ContactEvent, Sender
 from router.engine import Engine
 from router.messages import Accept, Command, Complete, EventCmd, Login, OfferCmd
-from router.model import ContactEvent, Sender
 from rules.load import parse_routing
 from rules.table import RoutingTable
 

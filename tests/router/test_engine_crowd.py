@@ -3,9 +3,9 @@ community backstop, and one customer across channels."""
 
 from __future__ import annotations
 
+from channels.contact_event import ContactEvent, Sender
 from router.engine import Engine
 from router.messages import LinkKeys, RefusedCmd, RemoveExpert, UpsertExpert
-from router.model import ContactEvent, Sender
 from rules.schema import Expert
 from tests.router.enginekit import (
     accept_and_complete,

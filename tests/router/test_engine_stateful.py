@@ -22,6 +22,7 @@ import msgspec
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from channels.contact_event import ContactEvent, Sender
 from router.engine import Engine
 from router.messages import (
     Accept,
@@ -39,7 +40,6 @@ from router.messages import (
     Tick,
     UpsertExpert,
 )
-from router.model import ContactEvent, Sender
 from rules.schema import Expert
 from tests.router.enginekit import call, table
 

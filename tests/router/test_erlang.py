@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router import erlang
+from router.sim import erlang
 
 
 def _erlang_c_by_definition(agents: int, traffic: float) -> float:

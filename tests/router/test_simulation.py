@@ -9,11 +9,12 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import yaml
 
 from router import cli
 from router.messages import Command, EventCmd
-from router.simulate import simulate_erlang
-from router.simulation import (
+from router.sim.erlang_check import simulate_erlang
+from router.sim.simulation import (
     Distribution,
     HandleTimes,
     Report,
@@ -22,6 +23,7 @@ from router.simulation import (
     Stream,
     Template,
     parse_scenario,
+    scaled,
     simulate,
     with_agent_count,
 )
@@ -219,6 +221,44 @@ def test_agent_count_adds_copies_of_the_routing_file_agents(table: RoutingTable)
     assert ids[:n] == [a.id for a in table.file.agents]
     assert more.agents[n].skills == table.file.agents[0].skills
     assert len(with_agent_count(table.file, 5).agents) == 5
+    # The copies make a valid routing file: a platform account or phone endpoint is one
+    # person's, so a copy does not carry the original's (a01 has Chatwoot and Rocket.Chat ones).
+    assert table.file.agents[0].accounts.chatwoot is not None
+    copied = build_table(more, ROUTING.parent)
+    assert len(copied.file.agents) == 45
+    assert copied.file.agents[n].accounts.chatwoot is None
+
+
+def test_scale_multiplies_every_stream_and_the_agents(scenario: Scenario) -> None:
+    # Judged against the scenario file itself, read without the simulator's parser.
+    raw = yaml.safe_load(SCENARIO.read_text(encoding="utf-8"))
+    bigger = scaled(scenario, 2.5, agents=22)
+    assert [s.rate_per_hour for s in bigger.streams] == [
+        2.5 * s.get("rate_per_hour", 0.0) for s in raw["streams"]
+    ]
+    assert [s.at for s in bigger.streams] == [tuple(s.get("at", ())) for s in raw["streams"]]
+    assert bigger.agents.count == 55
+    assert bigger.agents.accept_delay == raw["agents"]["accept_delay"]
+    fixed = _with(scenario, agents=msgspec.structs.replace(scenario.agents, count=10))
+    assert scaled(fixed, 2.5, agents=22).agents.count == 25
+    with pytest.raises(ValueError, match="positive"):
+        scaled(scenario, 0.0, agents=22)
+
+
+def test_cli_scale_runs_a_bigger_copy_of_the_centre(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["simulate", "--routing", str(ROUTING), "--scenario", str(SCENARIO), "--json"]
+    assert cli.main([*argv, "--scale", "3", "--hours", "1", "--seed", "2"]) == 0
+    report = msgspec.json.decode(capsys.readouterr().out, type=Report)
+    raw = yaml.safe_load(SCENARIO.read_text(encoding="utf-8"))
+    assert report.agents == 3 * len(yaml.safe_load(ROUTING.read_text("utf-8"))["agents"])
+    # Poisson arrivals: the count is within five standard deviations of 3 x the hourly rates.
+    expected = 3 * sum(s.get("rate_per_hour", 0.0) for s in raw["streams"])
+    assert abs(report.arrivals - expected) < 5 * expected**0.5
+    assert report.waited_mismatches == 0
+    assert sum(q.offered for q in report.queues) > 0.9 * report.arrivals
+    # An explicit --agents sets the count of the scaled centre.
+    assert cli.main([*argv, "--scale", "3", "--agents", "30", "--hours", "0.1"]) == 0
+    assert msgspec.json.decode(capsys.readouterr().out, type=Report).agents == 30
 
 
 def test_crowd_answers_keep_posts_away_from_agents(table: RoutingTable) -> None:
@@ -366,6 +406,22 @@ def test_cli_erlang_form(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["simulate", "erlang", "--agents", "3"], 2, "--calls-per-interval"),
         (["simulate", "--aht-seconds", "30"], 2, "only apply to"),
+        (
+            [
+                "simulate",
+                "erlang",
+                "--agents",
+                "3",
+                "--calls-per-interval",
+                "9",
+                "--aht-seconds",
+                "60",
+                "--scale",
+                "2",
+            ],
+            2,
+            "--scale applies to a scenario",
+        ),
         (["simulate", "--scenario", "/nonexistent.yaml"], 1, "nonexistent"),
         (["simulate", "--routing", "/nonexistent.yaml"], 1, "nonexistent"),
     ],

@@ -8,7 +8,7 @@ import pytest
 
 from channels.base import DecodeConfig
 from channels.common import to_e164
-from router.model import ContactEvent, Sender
+from channels.contact_event import ContactEvent, Sender
 from rules.decision import CustomerView
 from rules.identity import normalize_handle, normalize_phone, phone_key, sender_keys
 from rules.load import RoutingFileError, load_routing

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.model import ContactEvent, Sender
+from channels.contact_event import ContactEvent, Sender
 from rules.decision import CustomerView
 from rules.expr import compile_condition
 from rules.table import make_local_time

@@ -319,3 +319,23 @@ def test_agent_account_problems_are_located() -> None:
     )
     assert any(p.startswith("r.yaml:8:") and "positive number" in p for p in found)
     assert any(p.startswith("r.yaml:9:") and "unknown field 'chatwot'" in p for p in found)
+
+
+def test_the_loader_for_the_daemon_returns_the_problems_and_prints_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rules.load import load_routing_or_problems
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text(with_rule("- {name: a, queue: nowhere}\n"), encoding="utf-8")
+    table, found = load_routing_or_problems(bad)
+    assert table is None
+    # All of them, located, as ``stellwerk check`` reports them.
+    expected = problems(bad.read_text(encoding="utf-8"))
+    assert [str(p) for p in found] == [f"{tmp_path}/{line}" for line in expected]
+    assert any(p.line == 6 and "nowhere" in p.message for p in found)
+    good = tmp_path / "good.yaml"
+    good.write_text(with_rule(""), encoding="utf-8")
+    table, found = load_routing_or_problems(good)
+    assert table is not None and found == ()
+    assert capsys.readouterr() == ("", "")

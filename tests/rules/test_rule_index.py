@@ -6,7 +6,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.model import ContactEvent
+from channels.contact_event import ContactEvent
 from rules.decision import CustomerView
 from rules.load import parse_routing
 from rules.table import RoutingTable

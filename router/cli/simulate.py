@@ -2,8 +2,9 @@
 
 Two forms:
 
-- ``stellwerk simulate [--routing FILE] [--scenario FILE] [--hours H] [--seed S] [--json]`` plays
-  a scenario (arrival streams, handle times, agent behaviour) against a routing file.
+- ``stellwerk simulate [--routing FILE] [--scenario FILE] [--hours H] [--seed S] [--scale F]
+  [--json]`` plays a scenario (arrival streams, handle times, agent behaviour) against a routing
+  file; ``--scale`` makes the centre F times as big (``router.sim.simulation.scaled``).
 - ``stellwerk simulate erlang --agents N --calls-per-interval C --aht-seconds A ...`` builds one
   queue with N identical agents — the M/M/c system of Erlang C — and prints the measured figures
   next to Erlang C's predictions, as a check of the engine and of the simulator.
@@ -23,23 +24,19 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from router import erlang
-from router.simulation import (
-    AgentBehaviour,
-    Distribution,
-    HandleTimes,
+from router.sim.erlang_check import ErlangResult, simulate_erlang
+from router.sim.simulation import (
     Report,
     Scenario,
     ScenarioError,
     SimulationError,
-    Stream,
     parse_scenario,
+    scaled,
     simulate,
     with_agent_count,
 )
-from rules.load import RoutingFileError, build_table, load_routing, parse_routing
+from rules.load import RoutingFileError, build_table, load_routing
 
-ERLANG_QUEUE = "erlang"
 _ERLANG_OPTIONS = (
     "agents",
     "calls_per_interval",
@@ -68,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hours", type=_positive, help="simulated hours (overrides the scenario)")
     parser.add_argument("--seed", type=int, help="random seed (overrides the scenario)")
     parser.add_argument("--agents", type=_count, help="number of agents (erlang: required)")
+    parser.add_argument(
+        "--scale",
+        type=_positive,
+        metavar="F",
+        help="a centre F times as big: every stream's rate and the number of agents times F"
+        " (--agents, when given, sets the count instead)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     group = parser.add_argument_group("erlang mode")
     group.add_argument("--calls-per-interval", type=_non_negative, help="arrivals per interval")
@@ -131,6 +135,9 @@ def run_scenario(
     if given:
         raise UsageError(f"{', '.join(given)} only apply to 'stellwerk simulate erlang'")
     scenario = parse_scenario(Path(args.scenario).read_bytes(), args.scenario)
+    table = load_routing(args.routing)
+    if args.scale is not None:
+        scenario = scaled(scenario, args.scale, len(table.file.agents))
     overrides: dict[str, Any] = {}
     if args.hours is not None:
         overrides["hours"] = args.hours
@@ -139,7 +146,6 @@ def run_scenario(
     if args.agents is not None:
         overrides["agents"] = msgspec.structs.replace(scenario.agents, count=args.agents)
     scenario = msgspec.structs.replace(scenario, **overrides)
-    table = load_routing(args.routing)
     if scenario.agents.count is not None:
         routing = with_agent_count(table.file, scenario.agents.count)
         table = build_table(routing, Path(args.routing).parent)
@@ -213,122 +219,6 @@ def _secs(value: float | None) -> str:
 # ---- the Erlang C form ---------------------------------------------------------------------
 
 
-class ErlangResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Measured figures of the simulated M/M/c queue next to Erlang C's predictions."""
-
-    agents: int
-    calls_per_interval: float
-    interval_seconds: float
-    aht_seconds: float
-    target_seconds: float
-    hours: float
-    seed: int
-    traffic_erlang: float
-    offered: int
-    answered: int
-    waiting_at_end: int
-    service_level: float | None
-    asa_seconds: float | None
-    p_wait: float | None
-    occupancy: float
-    erlang_service_level: float
-    erlang_asa_seconds: float | None
-    erlang_p_wait: float
-    erlang_occupancy: float
-
-
-def erlang_routing_yaml(agents: int, target_seconds: float) -> str:
-    """A routing file with one phone queue and ``agents`` identical single-call agents.
-
-    No wrap-up; offers are accepted at once, so the (long) offer timeout never fires.
-    """
-    lines = [
-        "version: 1",
-        "timezone: UTC",
-        "defaults: {offer_timeout: 3600, wrap_up: 0}",
-        "skills: [general]",
-        "queues:",
-        f"  {ERLANG_QUEUE}:",
-        "    skills: {general: 1}",
-        "    channels: [phone]",
-        f"    sla: {{seconds: {target_seconds!r}, percent: 80}}",
-        "agents:",
-    ]
-    lines += [
-        f"  - {{id: a{i:04d}, skills: {{general: 1}},"
-        " capacity: {phone: 1, chat: 0, email: 0, social: 0}}"
-        for i in range(1, agents + 1)
-    ]
-    lines += ["rules:", f"  - {{name: everything, queue: {ERLANG_QUEUE}, default: true}}"]
-    return "\n".join(lines) + "\n"
-
-
-def erlang_scenario(
-    calls_per_interval: float,
-    interval_seconds: float,
-    aht_seconds: float,
-    hours: float,
-    seed: int,
-) -> Scenario:
-    """Poisson arrivals, exponential handle times, nobody hangs up, offers accepted at once."""
-    return Scenario(
-        hours=hours,
-        seed=seed,
-        streams=(
-            Stream(
-                name="calls",
-                channel="phone",
-                rate_per_hour=calls_per_interval * 3600.0 / interval_seconds,
-            ),
-        ),
-        handle_time=HandleTimes(default=Distribution(mean=aht_seconds)),
-        agents=AgentBehaviour(accept_delay=0.0),
-    )
-
-
-def simulate_erlang(
-    *,
-    agents: int,
-    calls_per_interval: float,
-    aht_seconds: float,
-    interval_seconds: float = 1800.0,
-    target_seconds: float = 20.0,
-    hours: float = 8.0,
-    seed: int = 1,
-    progress: Callable[[float], None] | None = None,
-) -> ErlangResult:
-    """Simulate the M/M/c queue on the real engine and compare it with Erlang C."""
-    table = parse_routing(erlang_routing_yaml(agents, target_seconds), "<erlang>")
-    scenario = erlang_scenario(calls_per_interval, interval_seconds, aht_seconds, hours, seed)
-    report = simulate(table, scenario, progress)
-    (queue,) = report.queues
-    predicted = erlang.predict(
-        agents, calls_per_interval, interval_seconds, aht_seconds, target_seconds
-    )
-    return ErlangResult(
-        agents=agents,
-        calls_per_interval=calls_per_interval,
-        interval_seconds=interval_seconds,
-        aht_seconds=aht_seconds,
-        target_seconds=target_seconds,
-        hours=hours,
-        seed=seed,
-        traffic_erlang=predicted.traffic,
-        offered=queue.offered,
-        answered=queue.answered,
-        waiting_at_end=queue.waiting_at_end,
-        service_level=queue.service_level,
-        asa_seconds=queue.asa_seconds,
-        p_wait=queue.p_wait,
-        occupancy=report.occupancy,
-        erlang_service_level=predicted.service_level,
-        # JSON has no infinity: an unstable queue's ASA is reported as null.
-        erlang_asa_seconds=None if math.isinf(predicted.asa_seconds) else predicted.asa_seconds,
-        erlang_p_wait=predicted.p_wait,
-        erlang_occupancy=predicted.occupancy,
-    )
-
-
 def run_erlang(args: argparse.Namespace, progress: Callable[[float], None] | None) -> ErlangResult:
     """The ``erlang`` form's arguments → :func:`simulate_erlang`."""
     missing = [
@@ -338,6 +228,8 @@ def run_erlang(args: argparse.Namespace, progress: Callable[[float], None] | Non
     ]
     if missing:
         raise UsageError(f"'simulate erlang' needs {', '.join(missing)}")
+    if args.scale is not None:
+        raise UsageError("--scale applies to a scenario, not to 'stellwerk simulate erlang'")
     if args.agents < 1:
         raise UsageError("--agents must be at least 1")
     return simulate_erlang(

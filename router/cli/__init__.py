@@ -13,13 +13,16 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("router.daemon.main", "run the routing daemon"),
-    "check": ("rules.check", "validate a routing file (exit 0, or 1 with file:line:column errors)"),
-    "explain": ("rules.explain", "show which rule routes a ContactEvent, and why"),
-    "normalize": ("channels.normalize", "turn one native payload into ContactEvent JSON"),
-    "simulate": ("router.simulate", "run the engine on virtual time and report per queue"),
-    "replay": ("router.daemon.replay", "run a recorded journal against a routing file"),
-    "loadgen": ("router.daemon.loadgen", "drive a running daemon with realistic traffic"),
-    "experts": ("router.experts_cli", "the crowd's health: experts' activity and waits"),
+    "check": (
+        "router.cli.check",
+        "validate a routing file (exit 0, or 1 with file:line:column errors)",
+    ),
+    "explain": ("router.cli.explain", "show which rule routes a ContactEvent, and why"),
+    "normalize": ("router.cli.normalize", "turn one native payload into ContactEvent JSON"),
+    "simulate": ("router.cli.simulate", "run the engine on virtual time and report per queue"),
+    "replay": ("router.cli.replay", "run a recorded journal against a routing file"),
+    "loadgen": ("router.cli.loadgen", "drive a running daemon with realistic traffic"),
+    "experts": ("router.cli.experts", "the crowd's health: experts' activity and waits"),
     "broker-config": (
         "router.daemon.broker_config",
         "MQTT accounts + ACLs for Mosquitto and HTTP tokens, from a routing file",
@@ -56,7 +59,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     assert module is not None
     return int(module.run(args))  # type: ignore[attr-defined]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import msgspec
 import redis
 
+from router.cli.check import load_or_report
 from router.daemon.config import SettingsError, load_settings, settings_path
 from router.daemon.journal import (
     AdminEntry,
@@ -37,7 +38,6 @@ from router.daemon.journal import (
 )
 from router.engine import Engine
 from router.messages import EngineInput, EventCmd, RefusedCmd, Tick
-from rules.check import load_or_report
 
 PROG = "stellwerk replay"
 

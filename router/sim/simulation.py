@@ -14,6 +14,7 @@ draw comes from :class:`random.Random` instances seeded from the scenario's seed
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from channels.contact_event import Channel, ContactEvent, Sender
 from router.engine import Engine
 from router.messages import (
     Accept,
@@ -37,8 +39,7 @@ from router.messages import (
     RefusedCmd,
     Tick,
 )
-from router.model import Channel, ContactEvent, Sender
-from rules.schema import RoutingFile
+from rules.schema import AgentAccounts, Endpoints, RoutingFile
 from rules.table import RoutingTable
 
 # ---- scenario ------------------------------------------------------------------------------
@@ -280,7 +281,21 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
 
 # ---- the world around the engine -----------------------------------------------------------
 
-_ARRIVE, _ACCEPT, _COMPLETE, _ABANDON, _CROWD = "arrive", "accept", "complete", "abandon", "crowd"
+#: What the world does when one of its own moments comes: called with the payload and the time.
+_Due = Callable[[Any, float], None]
+#: The engine's events the statistics look at; the others are only counted.
+_WATCHED_EVENTS = frozenset(
+    {
+        "contact.queued",
+        "contact.assigned",
+        "contact.abandoned",
+        "contact.rejected",
+        "contact.answered_by_crowd",
+        "contact.completed",
+        "contact.wrap_up_done",
+    }
+)
+_TICK = Tick()
 
 
 @dataclass(slots=True)
@@ -323,7 +338,11 @@ def _routing_file(table: RoutingTable) -> RoutingFile:
 
 
 def with_agent_count(routing: RoutingFile, count: int) -> RoutingFile:
-    """The routing file with exactly ``count`` agents: the first ``count``, or copies added."""
+    """The routing file with exactly ``count`` agents: the first ``count``, or copies added.
+
+    A copy has the original's skills and capacity but none of its platform accounts or phone
+    endpoints: those belong to one person, and the routing file refuses them twice.
+    """
     agents = list(routing.agents)
     if count <= len(agents) or not agents:
         return msgspec.structs.replace(routing, agents=tuple(agents[:count]))
@@ -333,9 +352,29 @@ def with_agent_count(routing: RoutingFile, count: int) -> RoutingFile:
         for agent in base:
             if len(agents) == count:
                 break
-            agents.append(msgspec.structs.replace(agent, id=f"{agent.id}~{copy}"))
+            agents.append(
+                msgspec.structs.replace(
+                    agent, id=f"{agent.id}~{copy}", accounts=AgentAccounts(), endpoints=Endpoints()
+                )
+            )
         copy += 1
     return msgspec.structs.replace(routing, agents=tuple(agents))
+
+
+def scaled(scenario: Scenario, factor: float, agents: int) -> Scenario:
+    """The same centre ``factor`` times as big: every stream's Poisson rate and the number of
+    agents multiplied by ``factor`` (``agents`` is the count to scale when the scenario sets
+    none: the routing file's). Scripted arrivals (``at``) stay: they are moments, not traffic.
+    """
+    if not factor > 0:
+        raise ValueError("the scale factor must be positive")
+    count = scenario.agents.count if scenario.agents.count is not None else agents
+    streams = tuple(
+        msgspec.structs.replace(stream, rate_per_hour=stream.rate_per_hour * factor)
+        for stream in scenario.streams
+    )
+    behaviour = msgspec.structs.replace(scenario.agents, count=round(count * factor))
+    return msgspec.structs.replace(scenario, streams=streams, agents=behaviour)
 
 
 class _Sim:
@@ -362,7 +401,9 @@ class _Sim:
         self.rng_handle = random.Random(f"{seed}:handle")
         self.rng_patience = random.Random(f"{seed}:patience")
         self.rng_crowd = random.Random(f"{seed}:crowd")
-        self.heap: list[tuple[float, int, str, Any]] = []
+        # (time, sequence, what happens, its payload): the sequence keeps ties in push order
+        # and spares the heap comparing the rest.
+        self.heap: list[tuple[float, int, _Due, Any]] = []
         self.seq = 0
         self.contacts: dict[str, _Contact] = {}
         self.arrivals = 0
@@ -377,6 +418,15 @@ class _Sim:
         self.events: dict[str, int] = {}
         self.waited_mismatches = 0
         self.sla = {name: q.sla for name, q in self.routing.queues.items()}
+        # Only a handle() changes the engine's next deadline, so it is asked once per handle().
+        self.deadline: float | None = None
+        self.accept_delay = scenario.agents.accept_delay
+        # Picking a template: choices() with cumulative weights made once, not per arrival.
+        self.template_weights = {
+            stream.name: list(itertools.accumulate(t.weight for t in stream.contacts))
+            for stream in scenario.streams
+        }
+        self.handle_dists: dict[tuple[str, str], Distribution] = {}
         cap = self.routing.capacity
         self.weight: dict[tuple[str, str], float] = {}
         for agent in self.routing.agents:
@@ -399,12 +449,15 @@ class _Sim:
 
     # -- plumbing
 
-    def push(self, when: float, kind: str, payload: Any) -> None:
+    def push(self, when: float, due: _Due, payload: Any) -> None:
         self.seq += 1
-        heapq.heappush(self.heap, (when, self.seq, kind, payload))
+        heapq.heappush(self.heap, (when, self.seq, due, payload))
 
     def feed(self, message: EngineInput, now: float) -> None:
-        self.apply(self.engine.handle(message, now), now)
+        engine = self.engine
+        commands = engine.handle(message, now)
+        self.deadline = engine.next_deadline()
+        self.apply(commands, now)
 
     def run(self) -> Report:
         for agent in self.routing.agents:
@@ -412,59 +465,66 @@ class _Sim:
         for stream in self.scenario.streams:
             self.schedule_arrival(stream, self.t0)
             for offset in stream.at:
-                self.push(self.t0 + offset, _ARRIVE, (stream, False))
+                self.push(self.t0 + offset, self.arrival_due, (stream, False))
         span = self.end - self.t0
         next_report = 0.0
         now = self.t0
+        # Locals: this loop runs once per input the engine gets, hundreds of thousands of times.
+        heap, end, progress, pop = self.heap, self.end, self.progress, heapq.heappop
         while True:
-            due = self.heap[0][0] if self.heap else math.inf
-            deadline = self.engine.next_deadline()
-            if deadline is not None and deadline <= due and deadline <= self.end:
+            due = heap[0][0] if heap else math.inf
+            deadline = self.deadline
+            if deadline is not None and deadline <= due and deadline <= end:
                 # The engine fires due timers inside every handle(), so a deadline in the past,
                 # or one a tick does not move on, breaks its contract: say so, do not spin.
                 if deadline < now:
                     raise SimulationError(f"engine deadline {deadline} is before now {now}")
                 now = deadline
-                self.feed(Tick(), now)
-                after = self.engine.next_deadline()
+                self.feed(_TICK, now)
+                after = self.deadline
                 if after is not None and after <= now:
                     raise SimulationError(f"engine deadline {after} did not advance after a tick")
                 continue
-            if due > self.end:
+            if due > end:
                 break
-            now, _, kind, payload = heapq.heappop(self.heap)
-            self.dispatch(kind, payload, now)
-            if self.progress is not None and now - self.t0 >= next_report:
-                self.progress((now - self.t0) / span)
+            now, _, happen, payload = pop(heap)
+            happen(payload, now)
+            if progress is not None and now - self.t0 >= next_report:
+                progress((now - self.t0) / span)
                 next_report += span / 100
         self.busy.close(self.end)
         if self.progress is not None:
             self.progress(1.0)
         return self.report()
 
-    def dispatch(self, kind: str, payload: Any, now: float) -> None:
-        if kind == _ARRIVE:
-            stream, poisson = payload
-            if poisson:
-                self.schedule_arrival(stream, now)
-            self.arrive(stream, now)
-        elif kind == _ACCEPT:
-            agent_id, offer_id = payload
-            if offer_id in self.pending_offers:
-                self.pending_offers.discard(offer_id)
-                self.feed(Accept(agent_id=agent_id, offer_id=offer_id), now)
-        elif kind == _COMPLETE:
-            agent_id, contact_id = payload
-            self.feed(Complete(agent_id=agent_id, contact_id=contact_id), now)
-        elif kind == _ABANDON:
-            contact = self.contacts.get(payload)
-            if contact is not None and not contact.ended:
-                self.feed(self.follow_up(payload, contact, now, kind="end"), now)
-        elif kind == _CROWD:
-            contact = self.contacts.get(payload)
-            if contact is not None and not contact.ended:
-                helper = Sender(handle=f"{contact.stream.source}:helper-{self.seq}")
-                self.feed(self.follow_up(payload, contact, now, sender=helper), now)
+    # -- the world's own moments, as pushed on the heap
+
+    def arrival_due(self, payload: tuple[Stream, bool], now: float) -> None:
+        stream, poisson = payload
+        if poisson:
+            self.schedule_arrival(stream, now)
+        self.arrive(stream, now)
+
+    def accept_due(self, payload: tuple[str, str], now: float) -> None:
+        agent_id, offer_id = payload
+        if offer_id in self.pending_offers:
+            self.pending_offers.discard(offer_id)
+            self.feed(Accept(agent_id=agent_id, offer_id=offer_id), now)
+
+    def complete_due(self, payload: tuple[str, str], now: float) -> None:
+        agent_id, contact_id = payload
+        self.feed(Complete(agent_id=agent_id, contact_id=contact_id), now)
+
+    def abandon_due(self, contact_id: str, now: float) -> None:
+        contact = self.contacts.get(contact_id)
+        if contact is not None and not contact.ended:
+            self.feed(self.follow_up(contact_id, contact, now, kind="end"), now)
+
+    def crowd_due(self, contact_id: str, now: float) -> None:
+        contact = self.contacts.get(contact_id)
+        if contact is not None and not contact.ended:
+            helper = Sender(handle=f"{contact.stream.source}:helper-{self.seq}")
+            self.feed(self.follow_up(contact_id, contact, now, sender=helper), now)
 
     def follow_up(
         self,
@@ -494,12 +554,13 @@ class _Sim:
     def schedule_arrival(self, stream: Stream, now: float) -> None:
         if stream.rate_per_hour > 0:
             gap = self.rng_arrivals.expovariate(stream.rate_per_hour / 3600.0)
-            self.push(now + gap, _ARRIVE, (stream, True))
+            self.push(now + gap, self.arrival_due, (stream, True))
 
     def arrive(self, stream: Stream, now: float) -> None:
         self.arrivals += 1
         rng = self.rng_contacts
-        template = rng.choices(stream.contacts, weights=[t.weight for t in stream.contacts])[0]
+        cum_weights = self.template_weights[stream.name]
+        template = rng.choices(stream.contacts, cum_weights=cum_weights)[0]
         external_id = f"sim-{self.arrivals}"
         contact_id = f"{stream.source}:{external_id}"
         sender = template.sender
@@ -526,9 +587,9 @@ class _Sim:
         self.contacts[contact_id] = _Contact(arrived=now, channel=stream.channel, stream=stream)
         if stream.patience is not None:
             patience = self.rng_patience.expovariate(1.0 / stream.patience)
-            self.push(now + patience, _ABANDON, contact_id)
+            self.push(now + patience, self.abandon_due, contact_id)
         if stream.crowd_answers and self.rng_crowd.random() < stream.crowd_answers:
-            self.push(now + stream.crowd_delay.sample(self.rng_crowd), _CROWD, contact_id)
+            self.push(now + stream.crowd_delay.sample(self.rng_crowd), self.crowd_due, contact_id)
         self.feed(event, now)
 
     def expert_candidates(self, stream: Stream) -> list[Sender]:
@@ -550,18 +611,21 @@ class _Sim:
     # -- agents and statistics, from the engine's commands
 
     def apply(self, commands: Iterable[Command], now: float) -> None:
+        observe, events = self.observe, self.events
         for cmd in commands:
-            if self.observe is not None:
-                self.observe(now, cmd)
-            if isinstance(cmd, OfferCmd):
+            if observe is not None:
+                observe(now, cmd)
+            # Most commands are events: test for them first.
+            if isinstance(cmd, EventCmd):
+                kind = cmd.type
+                events[kind] = events.get(kind, 0) + 1
+                if kind in _WATCHED_EVENTS:
+                    self.on_event(kind, cmd.data, now)
+            elif isinstance(cmd, OfferCmd):
                 self.pending_offers.add(cmd.offer_id)
-                delay = self.scenario.agents.accept_delay
-                self.push(now + delay, _ACCEPT, (cmd.agent_id, cmd.offer_id))
+                self.push(now + self.accept_delay, self.accept_due, (cmd.agent_id, cmd.offer_id))
             elif isinstance(cmd, CancelOfferCmd):
                 self.pending_offers.discard(cmd.offer_id)
-            elif isinstance(cmd, EventCmd):
-                self.events[cmd.type] = self.events.get(cmd.type, 0) + 1
-                self.on_event(cmd.type, cmd.data, now)
             elif isinstance(cmd, RefusedCmd):
                 self.refused += 1
 
@@ -583,7 +647,7 @@ class _Sim:
             weight = self.weight.get((agent_id, contact.channel), 1.0)
             self.busy.begin(str(contact_id), now, queue, weight)
             handle = self.handle_time(contact, queue)
-            self.push(now + handle, _COMPLETE, (agent_id, contact_id))
+            self.push(now + handle, self.complete_due, (agent_id, contact_id))
         elif kind == "contact.abandoned":
             self.finish_wait(contact, data, now, answered=False)
         elif kind == "contact.rejected":
@@ -640,13 +704,16 @@ class _Sim:
             stats.wait_max = max(stats.wait_max, waited)
 
     def handle_time(self, contact: _Contact, queue: str) -> float:
-        times = self.scenario.handle_time
-        dist = (
-            contact.stream.handle
-            or times.queues.get(queue)
-            or times.channels.get(contact.channel)
-            or times.default
-        )
+        key = (contact.stream.name, queue)
+        dist = self.handle_dists.get(key)
+        if dist is None:
+            times = self.scenario.handle_time
+            dist = self.handle_dists[key] = (
+                contact.stream.handle
+                or times.queues.get(queue)
+                or times.channels.get(contact.channel)
+                or times.default
+            )
         return dist.sample(self.rng_handle)
 
     # -- report

@@ -1,7 +1,7 @@
 """``stellwerk normalize``: one native payload in, its ContactEvent(s) out as JSON.
 
 Reads FILE (or standard input when FILE is absent or ``-``), decodes it with the decoder of
-``--source`` and prints the result with the field names of ``router.model.ContactEvent``:
+``--source`` and prints the result with the field names of ``channels.contact_event.ContactEvent``:
 one JSON object for one event, a JSON list when the delivery holds several, ``[]`` when it
 holds none (a valid delivery such as a receipt or an ignored event type). Exit 0 on success.
 Bad input exits 2 with one line ``stellwerk normalize: <source>: <reason>: <detail>``
@@ -16,7 +16,7 @@ import sys
 import msgspec
 
 from channels.base import DecodeConfig, Rejected
-from router.model import SOURCES, ContactEvent
+from channels.contact_event import SOURCES, ContactEvent
 
 PROG = "stellwerk normalize"
 EXIT_BAD_INPUT = 2

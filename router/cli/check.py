@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rules.load import RoutingFileError, load_routing
+from rules.load import load_routing_or_problems
 from rules.table import RoutingTable
 
 
@@ -21,12 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_or_report(path: str, prefix: str = "") -> RoutingTable | None:
     """The routing table, or None after printing each problem (``file:line:column: message``)
     on stderr: what every command that takes a routing file does with a bad one."""
-    try:
-        return load_routing(path)
-    except RoutingFileError as exc:
-        for problem in exc.problems:
-            print(f"{prefix}{problem}", file=sys.stderr)
-        return None
+    table, problems = load_routing_or_problems(path)
+    for problem in problems:
+        print(f"{prefix}{problem}", file=sys.stderr)
+    return table
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ from typing import Any
 
 import msgspec
 
-from router.model import ContactEvent
-from rules.check import load_or_report
+from channels.contact_event import ContactEvent
+from router.cli.check import load_or_report
 from rules.table import Explanation
 
 
