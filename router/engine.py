@@ -494,8 +494,13 @@ class Engine:
         self._schedule_max_wait(contact)
         if first:
             self._schedule_step(contact)
-        self._contact_queues.push(contact)
-        self._dispatch_contact(contact, now, out)
+        # An agent is looked for before the contact goes into the heap: most new contacts are
+        # offered at once, and a heap entry made stale straight away is only work for later.
+        chosen = self._choose_agent(contact, now)
+        if chosen is None:
+            self._contact_queues.push(contact)
+        else:
+            self._offer(contact, chosen, now, out, dequeued=True)
 
     def _requeue(self, contact: ContactRec, now: float, out: list[Command]) -> None:
         """Back into its queue with its original key (after expiry, reject, logout)."""
@@ -527,7 +532,12 @@ class Engine:
         """Offer a queued contact to the best ready agent, if there is one."""
         if contact.state != "queued":
             return
-        pair = (contact.queue, contact.channel)
+        chosen = self._choose_agent(contact, now)
+        if chosen is not None:
+            self._offer(contact, chosen, now, out)
+
+    def _choose_agent(self, contact: ContactRec, now: float) -> AgentRec | None:
+        """The customer's preferred agent if it can take the contact, else the queue's best."""
         customer = self._state.customers.get(contact.customer_id)
         if (
             customer is not None
@@ -538,15 +548,12 @@ class Engine:
             if (
                 preferred is not None
                 and preferred.state == "available"
-                and self._index.serves(preferred.id, pair)
+                and self._index.serves(preferred.id, (contact.queue, contact.channel))
                 and self._index.can_take(preferred, contact.channel)
                 and self._index.suits(preferred.id, contact, now)
             ):
-                self._offer(contact, preferred, now, out)
-                return
-        chosen = self._index.best_agent(contact, now)
-        if chosen is not None:
-            self._offer(contact, chosen, now, out)
+                return preferred
+        return self._index.best_agent(contact, now)
 
     def _drain_agent(self, agent: AgentRec, now: float, out: list[Command]) -> None:
         """Give a newly free agent waiting work until it is full or nothing fits; re-index."""
