@@ -32,7 +32,6 @@ from rules.schema import Queue as QueueCfg
 from rules.schema import RoutingFile
 
 Pair = tuple[str, str]  # (queue, channel)
-_NOTHING: frozenset[str] = frozenset()
 
 
 class _Pool:
@@ -48,6 +47,9 @@ class _Pool:
         #: channel -> agents of this pool that are available with room for that channel.
         self.ready: dict[str, int] = dict.fromkeys(channels, 0)
         self.size = 0
+
+
+_Spec = tuple[tuple[tuple[int, str, int, int], ...], int, tuple[_Pool, ...], int, str | None]
 
 
 def has_skills(have: dict[str, int], need: dict[str, int]) -> bool:
@@ -68,12 +70,14 @@ class AgentIndex:
         self._caps: dict[str, tuple[dict[str, int], int]] = {}
         self._pools: list[_Pool] = []
         self._queue_pool: dict[str, _Pool] = {}
-        self._agent_pools: dict[str, list[_Pool]] = {}
         self._score: dict[tuple[str, int], float] = {}
-        self._basis_len: dict[str, int] = {}
+        #: agent -> (channel limits as (bit, channel, limit, cost), budget, pools, how much of
+        #: the basis its keys depend on, its one strategy or None).
+        self._spec: dict[str, _Spec] = {}
         self._version: dict[str, int] = {}
         self._basis: dict[str, tuple[object, ...] | None] = {}
-        self._ready: dict[str, frozenset[str]] = {}
+        #: agent -> bit mask of the channels it has room for (0: not available).
+        self._ready: dict[str, int] = {}
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -101,16 +105,28 @@ class AgentIndex:
         pool_ids = {id(p): i for i, p in enumerate(self._pools)}
         self.eligible = {}
         self.agent_queues = {}
-        self._agent_pools = {}
         self._score = {}
-        self._basis_len = {}
+        self._spec = {}
+        bits: dict[str, int] = {}  # channel -> its bit in a ready mask
+        # Who serves which queue, found through the agents holding each queue's first skill
+        # (not every agent against every queue: that is 40 million checks at 20,000 x 2,000).
+        by_skill: dict[str, list[AgentCfg]] = {}
+        for agent in cfg.agents:
+            for skill in agent.skills:
+                by_skill.setdefault(skill, []).append(agent)
+        serves: dict[str, list[str]] = {a.id: [] for a in cfg.agents}
+        for qname, queue in queues.items():
+            # (a need of level 0 or less is met without the skill: no help in finding agents)
+            first = next((k for k, level in queue.skills.items() if level > 0), None)
+            for agent in cfg.agents if first is None else by_skill.get(first, ()):
+                if has_skills(agent.skills, queue.skills):
+                    serves[agent.id].append(qname)
         for agent in cfg.agents:
             pairs: set[Pair] = set()
             served_queues: list[str] = []
             agent_pools: dict[int, _Pool] = {}
-            for qname, queue in queues.items():
-                if not has_skills(agent.skills, queue.skills):
-                    continue
+            for qname in serves[agent.id]:
+                queue = queues[qname]
                 served = [ch for ch in queue.channels if agent.capacity.get(ch, 0) > 0]
                 if not served:
                     continue
@@ -125,13 +141,26 @@ class AgentIndex:
                     )
             self.eligible[agent.id] = frozenset(pairs)
             self.agent_queues[agent.id] = served_queues
-            self._agent_pools[agent.id] = list(agent_pools.values())
             # The sort keys of longest_idle and most_skilled depend on (busy, idle_since) only;
             # least_occupied adds the budget in use, round_robin the last offer.
             strategies = {p.strategy for p in agent_pools.values()}
-            self._basis_len[agent.id] = (
+            basis_len = (
                 4 if "round_robin" in strategies else 3 if "least_occupied" in strategies else 2
             )
+            caps, budget = self._caps[agent.id]
+            limits = tuple(
+                (bits.setdefault(ch, 1 << len(bits)), ch, limit, self.cost.get(ch, 0))
+                for ch, limit in caps.items()
+            )
+            pools_of = tuple(agent_pools.values())
+            # Every pool orders this agent by the same key unless most_skilled is among them
+            # (its key starts with the agent's skill in that queue) or strategies differ.
+            single = (
+                next(iter(strategies))
+                if len(strategies) == 1 and "most_skilled" not in strategies
+                else None
+            )
+            self._spec[agent.id] = (limits, budget, pools_of, basis_len, single)
         self._pool_ids = pool_ids
 
     def rebuild(self, agents: Iterable[AgentRec]) -> None:
@@ -198,31 +227,30 @@ class AgentIndex:
     def refresh(self, agent: AgentRec) -> None:
         """Re-index an agent after anything that changes its readiness or its sort keys."""
         agent_id = agent.id
-        caps = self._caps.get(agent_id)
-        if agent.state == "available" and caps is not None:
-            load, used, cost, budget = agent.load, agent.budget_used, self.cost, caps[1]
-            ready = frozenset(
-                ch
-                for ch, limit in caps[0].items()
-                if load.get(ch, 0) < limit and used + cost.get(ch, 0) <= budget
-            )
-        else:
-            ready = _NOTHING
-        before = self._ready.get(agent_id, _NOTHING)
+        spec = self._spec.get(agent_id)
+        if spec is None:
+            return  # not in the routing file: never ready
+        limits, budget, pools, basis_len, strategy = spec
+        ready = 0
+        if agent.state == "available":
+            load, room = agent.load, budget - agent.budget_used
+            for bit, channel, limit, cost in limits:
+                if cost <= room and load.get(channel, 0) < limit:
+                    ready |= bit
+        before = self._ready.get(agent_id, 0)
         if ready != before:
             self._ready[agent_id] = ready
-            gained, lost = ready - before, before - ready
-            for pool in self._agent_pools.get(agent_id, ()):
-                counts = pool.ready
-                for ch in gained:
-                    if ch in counts:
-                        counts[ch] += 1
-                for ch in lost:
-                    if ch in counts:
-                        counts[ch] -= 1
+            changed = ready ^ before
+            for bit, channel, _, _ in limits:
+                if changed & bit:
+                    delta = 1 if ready & bit else -1
+                    for pool in pools:
+                        counts = pool.ready
+                        if channel in counts:
+                            counts[channel] += delta
         basis = (
             (agent.budget_used > 0, agent.idle_since, agent.budget_used, agent.last_offer_seq)[
-                : self._basis_len[agent_id]
+                :basis_len
             ]
             if ready
             else None
@@ -234,16 +262,11 @@ class AgentIndex:
         self._version[agent_id] = version
         if basis is None:
             return
-        keys: dict[str, tuple[float, ...]] = {}
-        for pool in self._agent_pools[agent_id]:
-            if pool.strategy == "most_skilled":
-                key = self._key(agent, pool)
-            else:
-                key = keys.get(pool.strategy) or keys.setdefault(
-                    pool.strategy, self._key(agent, pool)
-                )
+        # One strategy (the usual case): one entry, shared by every pool's heap.
+        shared = (*self._key(agent, pools[0]), agent_id, version) if strategy else None
+        for pool in pools:
             heap = pool.heap
-            heapq.heappush(heap, (*key, agent_id, version))
+            heapq.heappush(heap, shared or (*self._key(agent, pool), agent_id, version))
             if len(heap) > 2 * pool.size + 64:
                 versions = self._version
                 heap[:] = [e for e in heap if e[-1] == versions.get(e[-2])]
