@@ -6,9 +6,9 @@ test (``"storno" in subject``) rules the rule out for nearly every contact at a 
 search's cost. Only when the literal is there is the expression itself searched, so the result
 is exactly the expression's.
 
-:func:`required_literal` is deliberately conservative: it reads only the pattern's leading part
+:func:`required_literals` is deliberately conservative: it reads only the pattern's leading part
 (up to the first group, class or alternation), and gives up (None) on anything it does not
-understand, so a literal it returns is one every match contains. Case-insensitive patterns
+understand, so every match contains one of the literals it returns. Case-insensitive patterns
 are compared on :func:`fold`-ed text.
 """
 
@@ -35,13 +35,18 @@ def fold(text: str) -> str:
     return text.translate(_TO_ASCII).lower()
 
 
-def required_literal(pattern: str) -> tuple[str, bool] | None:
-    """The longest literal every match of ``pattern`` contains, and whether it is
-    compared case-insensitively (then it is lower case); None when none is certain.
+def required_literals(pattern: str) -> tuple[tuple[str, ...], bool] | None:
+    """Literals one of which every match of ``pattern`` contains, and whether they are
+    compared case-insensitively (then they are lower case); None when that is not certain.
 
-    >>> required_literal(r"(?i)stichwort1\\b")
-    ('stichwort1', True)
-    >>> required_literal(r"\\bstorno|cancel") is None
+    A top-level alternation of plain alternatives (``(?i)kündig|storno``) gives one literal
+    per alternative; anything else gives at most one.
+
+    >>> required_literals(r"(?i)stichwort1\\b")
+    (('stichwort1',), True)
+    >>> required_literals(r"(?i)rechnung|vertrag")
+    (('rechnung', 'vertrag'), True)
+    >>> required_literals(r"storno|.*") is None
     True
     """
     flags = ""
@@ -49,9 +54,24 @@ def required_literal(pattern: str) -> tuple[str, bool] | None:
     while (m := _FLAGS.match(rest)) is not None:
         flags += m.group(1)
         rest = rest[m.end() :]
-    if "|" in rest:
-        return None  # an alternative anywhere may avoid any literal
     icase = "i" in flags
+    if "|" in rest:
+        if any(c in rest for c in "()[]\\"):
+            return None  # "|" may be inside a group or escaped: not a plain list
+        found = [_leading_literal(alt, icase) for alt in rest.split("|")]
+        if not all(found):
+            return None  # an alternative without a literal may match anything
+        literals = tuple(f for f in found if f)
+    else:
+        literal = _leading_literal(rest, icase)
+        if not literal:
+            return None
+        literals = (literal,)
+    return (tuple(lit.lower() for lit in literals), True) if icase else (literals, False)
+
+
+def _leading_literal(rest: str, icase: bool) -> str:
+    """The longest literal run in the pattern's leading part (no flags, no alternation)."""
     runs: list[str] = []
     run: list[str] = []
     i = 0
@@ -83,7 +103,4 @@ def required_literal(pattern: str) -> tuple[str, bool] | None:
         else:
             break  # a group, a class, ".", "^", "$": stop reading
     runs.append("".join(run))
-    best = max(runs, key=len)
-    if not best:
-        return None
-    return (best.lower(), True) if icase else (best, False)
+    return max(runs, key=len)

@@ -29,7 +29,7 @@ from rules.expr import (
     residual_predicate,
 )
 from rules.identity import sender_keys
-from rules.prefilter import fold, required_literal
+from rules.prefilter import fold, required_literals
 from rules.schema import Expert, RoutingFile, Rule
 
 
@@ -71,8 +71,9 @@ class CompiledRule:
     decision: Decision
     guards: dict[str, frozenset[str]]
     residual: Predicate | None  # the condition without its guards (the index checked them)
-    #: (field, literal, case-insensitive): text the field must contain for a match, if known.
-    needle: tuple[str, str, bool] | None = None
+    #: (field, literals, case-insensitive): the field must contain one of the literals for a
+    #: match (None: no such literal is known).
+    needle: tuple[str, tuple[str, ...], bool] | None = None
 
 
 def _decision(rule: Rule) -> Decision:
@@ -212,15 +213,18 @@ class RoutingTable:
         def keyword_run(e: ContactEvent, c: CustomerView, n: float) -> Decision | None:
             raw = {name: get(e, c, n) or "" for name, get in getters}
             folded: dict[str, str] = {}
-            for name, literal, icase, predicate, decision in members:
+            for name, literals, icase, predicate, decision in members:
                 if icase:
                     hay = folded.get(name)
                     if hay is None:
                         hay = folded[name] = fold(raw[name])
                 else:
                     hay = raw[name]
-                if literal in hay and predicate(e, c, n):
-                    return decision
+                for literal in literals:
+                    if literal in hay:
+                        if predicate(e, c, n):
+                            return decision
+                        break
             return None
 
         return keyword_run
@@ -299,16 +303,19 @@ class RoutingTable:
         )
 
 
-def _needle(cond: Condition | None) -> tuple[str, str, bool] | None:
-    """The longest literal one of the condition's top-level regular expressions needs."""
+def _needle(cond: Condition | None) -> tuple[str, tuple[str, ...], bool] | None:
+    """The literals one of the condition's top-level regular expressions needs (the most
+    selective: fewest alternatives, then the shortest one longest)."""
     if cond is None:
         return None
     found = []
     for name, pattern in regex_conjuncts(cond.tree):
-        literal = required_literal(pattern)
-        if literal is not None:
-            found.append((name, *literal))
-    return max(found, key=lambda f: len(f[1])) if found else None
+        literals = required_literals(pattern)
+        if literals is not None:
+            found.append((name, *literals))
+    if not found:
+        return None
+    return min(found, key=lambda f: (len(f[1]), -min(len(lit) for lit in f[1])))
 
 
 def expert_keys(expert: Expert) -> tuple[str, ...]:

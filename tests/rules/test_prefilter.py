@@ -9,7 +9,7 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rules.prefilter import fold, required_literal
+from rules.prefilter import fold, required_literals
 
 
 def test_fold_knows_every_non_ascii_character_re_matches_to_an_ascii_letter() -> None:
@@ -64,16 +64,18 @@ def test_every_match_contains_the_required_literal(
         compiled = re.compile(source)
     except re.error:
         return
-    found = required_literal(source)
+    found = required_literals(source)
     if found is None or compiled.search(text) is None:
         return
-    literal, icase = found
-    assert literal in (fold(text) if icase else text)
+    literals, icase = found
+    assert any(literal in (fold(text) if icase else text) for literal in literals)
 
 
-def test_keywords_give_their_literal() -> None:
-    assert required_literal(r"(?i)stichwort1\b") == ("stichwort1", True)
-    assert required_literal(r"\bStorno") == ("Storno", False)
-    assert required_literal("colou?r") == ("colo", False)
-    assert required_literal("storno|cancel") is None
-    assert required_literal("(?x) s t o r n o") is None
+def test_keywords_give_their_literals() -> None:
+    assert required_literals(r"(?i)stichwort1\b") == (("stichwort1",), True)
+    assert required_literals(r"\bStorno") == (("Storno",), False)
+    assert required_literals("colou?r") == (("colo",), False)
+    assert required_literals("(?i)Storno|Kündigung") == (("storno", "k"), True)
+    assert required_literals("storno|can(cel)") is None
+    assert required_literals("storno|x*") is None
+    assert required_literals("(?x) s t o r n o") is None
