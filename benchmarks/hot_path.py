@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from router.engine import Engine
 from router.messages import Accept, Command, Complete, EventCmd, Login, OfferCmd
 from router.model import Channel, ContactEvent, Sender
+from rules.decision import CustomerView
 from rules.load import parse_routing
 
 TARGET = 100_000
@@ -105,9 +106,10 @@ def routing_yaml(size: Size, seed: int = 1) -> str:
     return "\n".join(out) + "\n"
 
 
-def contact(size: Size, n: int, rng: random.Random) -> ContactEvent:
-    """One new contact hitting one of the guarded rules (a few from experts)."""
-    r = rng.randrange(size.rules - size.unguarded - 2)
+def contact(size: Size, n: int, rng: random.Random, rule: int | None = None) -> ContactEvent:
+    """One new contact hitting one of the guarded rules (``rule``, or a random one; a few
+    from experts)."""
+    r = rng.randrange(size.rules - size.unguarded - 2) if rule is None else rule
     kind = r % 3
     channel: Channel
     if kind == 0:
@@ -190,6 +192,11 @@ def run(
         pool.settle(engine.handle(contact(size, n, rng), now), now)
     if not pool.assigned:
         raise SystemExit("no contact was assigned during warm-up: nothing to complete")
+    # The rule index computes each dialled number's candidate rules on first sight; a running
+    # daemon has seen them all, and a small centre's warm-up would not have.
+    view = CustomerView()
+    for r in range(size.rules - size.unguarded - 2):
+        engine.table.decide(contact(size, n, rng, rule=r), view, now)
     latencies: list[int] = []
     cpu_ns = 0
     offered_at_once = 0

@@ -2,8 +2,11 @@
 
 ``Engine.handle(message, now)`` takes one input (a :class:`~router.model.ContactEvent`, an agent
 command, an admin command or a :class:`~router.messages.Tick`) and the current time, and returns
-the commands the caller must carry out. Customers live in :mod:`router.customers`, crowd experts
-in :mod:`router.experts`; this module routes. The engine never reads the clock, never draws
+the commands the caller must carry out. This module holds every state transition; what it
+consults lives beside it: customers in :mod:`router.customers`, crowd experts in
+:mod:`router.experts`, capacity, eligibility and agent order in :mod:`router.agent_index`, the
+waiting contacts in :mod:`router.contact_queues`, timers in :mod:`router.timers` and the
+read-only views in :mod:`router.views`. The engine never reads the clock, never draws
 random numbers and never does I/O, so the daemon, the simulator and journal replay all run the
 same code and a replay of the same inputs with the same times yields the same state.
 
