@@ -11,6 +11,10 @@ waits, new contacts are queued and each completion offers the best waiting one i
 
     .venv/bin/python benchmarks/hot_path.py [--seconds 10 | --decisions N] [--load 0.8]
         [--json] [--profile]
+
+``--size-table`` runs the same for 500 / 5,000 / 20,000 agents x 20 / 200 / 2,000 queues
+(``--decisions`` each, 5,000 by default) and prints one row per size: the cost of a decision
+should not grow with the centre.
 """
 
 from __future__ import annotations
@@ -34,9 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from channels.contact_event import Channel, ContactEvent, Sender
 from router.engine import Engine
 from router.messages import Accept, Command, Complete, EventCmd, Login, OfferCmd
+from rules.decision import CustomerView
 from rules.load import parse_routing
 
 TARGET = 100_000
+TABLE_AGENTS = (500, 5000, 20000)
+TABLE_QUEUES = (20, 200, 2000)
 
 
 @dataclass(frozen=True)
@@ -99,9 +106,10 @@ def routing_yaml(size: Size, seed: int = 1) -> str:
     return "\n".join(out) + "\n"
 
 
-def contact(size: Size, n: int, rng: random.Random) -> ContactEvent:
-    """One new contact hitting one of the guarded rules (a few from experts)."""
-    r = rng.randrange(size.rules - size.unguarded - 2)
+def contact(size: Size, n: int, rng: random.Random, rule: int | None = None) -> ContactEvent:
+    """One new contact hitting one of the guarded rules (``rule``, or a random one; a few
+    from experts)."""
+    r = rng.randrange(size.rules - size.unguarded - 2) if rule is None else rule
     kind = r % 3
     channel: Channel
     if kind == 0:
@@ -184,6 +192,11 @@ def run(
         pool.settle(engine.handle(contact(size, n, rng), now), now)
     if not pool.assigned:
         raise SystemExit("no contact was assigned during warm-up: nothing to complete")
+    # The rule index computes each dialled number's candidate rules on first sight; a running
+    # daemon has seen them all, and a small centre's warm-up would not have.
+    view = CustomerView()
+    for r in range(size.rules - size.unguarded - 2):
+        engine.table.decide(contact(size, n, rng, rule=r), view, now)
     latencies: list[int] = []
     cpu_ns = 0
     offered_at_once = 0
@@ -239,6 +252,24 @@ def run(
     }
 
 
+def size_table(decisions: int, load: float, seed: int, as_json: bool) -> int:
+    """One run per centre size; a row each as it finishes (or one JSON list at the end)."""
+    rows = []
+    columns = ("agents", "queues", "decisions_per_s", "decisions_per_cpu_s", "p50_us", "p99_us")
+    if not as_json:
+        print(" | ".join(columns) + " | build_seconds", flush=True)
+    for agents in TABLE_AGENTS:
+        for queues in TABLE_QUEUES:
+            result = run(None, decisions, load, seed, size=Size(agents=agents, queues=queues))
+            rows.append(result)
+            if not as_json:
+                cells = [str(result[c]) for c in columns] + [str(result["build_seconds"])]
+                print(" | ".join(cells), flush=True)
+    if as_json:
+        print(json.dumps(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bound = parser.add_mutually_exclusive_group()
@@ -253,7 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the decisions; top costs on stderr"
     )
+    parser.add_argument(
+        "--size-table",
+        action="store_true",
+        help="run every size of 500/5000/20000 agents x 20/200/2000 queues",
+    )
     args = parser.parse_args(argv)
+    if args.size_table:
+        return size_table(args.decisions or 5000, args.load, args.seed, args.json)
     seconds = args.seconds if args.seconds is not None or args.decisions else 10.0
     profiler = cProfile.Profile() if args.profile else None
     size = Size(agents=args.agents, queues=args.queues, rules=max(args.rules, Size.unguarded + 3))

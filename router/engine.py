@@ -1,9 +1,13 @@
 """The routing engine: sans-I/O, synchronous, deterministic.
 
-``Engine.handle(message, now)`` takes one input (a :class:`~router.model.ContactEvent`, an agent
-command, an admin command or a :class:`~router.messages.Tick`) and the current time, and returns
-the commands the caller must carry out. Customers live in :mod:`router.customers`, crowd experts
-in :mod:`router.experts`; this module routes. The engine never reads the clock, never draws
+``Engine.handle(message, now)`` takes one input (a
+:class:`~channels.contact_event.ContactEvent`, an agent command, an admin command or a
+:class:`~router.messages.Tick`) and the current time, and returns the commands the caller must
+carry out. This module holds every state transition; what it consults lives beside it:
+customers in :mod:`router.customers`, crowd experts in
+:mod:`router.experts`, capacity, eligibility and agent order in :mod:`router.agent_index`, the
+waiting contacts in :mod:`router.contact_queues`, timers in :mod:`router.timers` and the
+read-only views in :mod:`router.views`. The engine never reads the clock, never draws
 random numbers and never does I/O, so the daemon, the simulator and journal replay all run the
 same code and a replay of the same inputs with the same times yields the same state.
 
@@ -56,11 +60,13 @@ Semantics, with the decisions taken:
 
 from __future__ import annotations
 
-import heapq
 from typing import Any
 
 from channels.contact_event import ContactEvent
-from router.customers import CustomerDirectory, history
+from router import views
+from router.agent_index import AgentIndex
+from router.contact_queues import ContactQueues
+from router.customers import CustomerDirectory
 from router.experts import ExpertRegistry
 from router.lifecycle import (
     FINAL_CONTACT_STATES,
@@ -98,19 +104,14 @@ from router.state import (
     OfferRec,
     QueueCounters,
 )
+from router.timers import TimerKind, Timers, is_live
 from rules.decision import CustomerView
 from rules.schema import RELEASED_BY_SUPERVISOR
-from rules.schema import Agent as AgentCfg
 from rules.schema import Queue as QueueCfg
 from rules.table import RoutingTable
 
 #: how many finished contacts are remembered for status look-ups.
 FINISHED_LIMIT = 10_000
-
-# Timer kinds.
-_T_OFFER, _T_STEP, _T_MAX_WAIT, _T_CROWD, _T_WRAP, _T_RETRY = range(6)
-
-Pair = tuple[str, str]  # (queue, channel)
 
 
 class Engine:
@@ -120,6 +121,8 @@ class Engine:
         self._state = state if state is not None else EngineState()
         self._experts = ExpertRegistry(self._state)
         self._customers = CustomerDirectory(self._state)
+        self._index = AgentIndex(self._state.agents)
+        self._contact_queues = ContactQueues(self._state.contacts)
         self._configure(table)
         self._rebuild_indexes()
 
@@ -130,79 +133,23 @@ class Engine:
         cfg = table.file
         self._defaults = cfg.defaults
         self._queues: dict[str, QueueCfg] = dict(cfg.queues)
-        self._cost: dict[str, int] = {str(k): v for k, v in cfg.capacity.cost.items()}
-        self._agent_cfg: dict[str, AgentCfg] = {a.id: a for a in cfg.agents}
-        # Per agent: channel limits and budget, looked up on every match.
-        self._caps: dict[str, tuple[dict[str, int], int]] = {
-            a.id: (
-                {str(k): v for k, v in a.capacity.items()},
-                a.budget if a.budget is not None else cfg.capacity.budget,
-            )
-            for a in cfg.agents
-        }
         st = self._state
-        for agent_id in self._agent_cfg:
-            st.agents.setdefault(agent_id, AgentRec(id=agent_id))
+        for agent in cfg.agents:
+            st.agents.setdefault(agent.id, AgentRec(id=agent.id))
         for name in self._queues:
             st.counters.setdefault(name, QueueCounters())
         self._experts.sync_file(table)
-        # Which queues, and (queue, channel) pairs, each agent can serve, from its skills and
-        # capacities; computed once per routing table, used on every match.
-        self._eligible: dict[str, frozenset[Pair]] = {}
-        self._agent_queues: dict[str, list[str]] = {}
-        self._skill_score: dict[tuple[str, str], int] = {}
-        self._queue_channels = {name: frozenset(q.channels) for name, q in self._queues.items()}
-        self._queue_size: dict[str, int] = dict.fromkeys(self._queues, 0)
-        self._basis_len: dict[str, int] = {}
-        for agent in cfg.agents:
-            pairs: set[Pair] = set()
-            queues: list[str] = []
-            for qname, queue in self._queues.items():
-                if not _has_skills(agent.skills, queue.skills):
-                    continue
-                served = [ch for ch in queue.channels if agent.capacity.get(ch, 0) > 0]
-                if not served:
-                    continue
-                queues.append(qname)
-                pairs.update((qname, ch) for ch in served)
-                self._queue_size[qname] += 1
-                self._skill_score[(agent.id, qname)] = sum(
-                    agent.skills.get(s, 0) for s in queue.skills
-                )
-            self._eligible[agent.id] = frozenset(pairs)
-            self._agent_queues[agent.id] = queues
-            # The sort keys of longest_idle and most_skilled depend on (busy, idle_since) only;
-            # least_occupied adds the budget in use, round_robin the last offer.
-            strategies = {self._queues[q].strategy for q in queues}
-            self._basis_len[agent.id] = (
-                5 if "round_robin" in strategies else 4 if "least_occupied" in strategies else 3
-            )
+        self._index.configure(cfg, self._queues)
 
     def _rebuild_indexes(self) -> None:
         st = self._state
-        self._contact_heaps: dict[Pair, list[tuple[float, int, str, int]]] = {}
-        # Ties are broken by agent id and timers by (kind, ref), never by a counter of this
-        # process, so an engine restored from a snapshot makes exactly the same choices.
-        # One heap of ready agents per queue (not per queue and channel: an agent's key does not
-        # depend on the channel, and a quarter of the pushes is what makes this fast).
-        # An entry is the strategy's sort key flattened, then agent id and version:
-        # (*key, agent_id, version). One queue has one strategy, so its keys all have the same
-        # length and order as the nested (key, agent_id, version) would; flat tuples compare
-        # about twice as fast, and the stale entries each decision pops are most of its cost.
-        self._agent_heaps: dict[str, list[tuple[Any, ...]]] = {name: [] for name in self._queues}
-        self._agent_version: dict[str, int] = dict.fromkeys(st.agents, 0)
-        # What an agent's heap entries were computed from; None: it has none.
-        self._agent_basis: dict[str, tuple[object, ...] | None] = {}
-        self._timers: list[tuple[float, int, str]] = []
-        self._waiting: dict[str, int] = dict.fromkeys(self._queues, 0)
+        self._timers = Timers()
+        self._contact_queues.rebuild(self._queues)
         for contact in st.contacts.values():
-            if contact.state == "queued":
-                self._push_contact(contact, restoring=True)
             self._schedule_contact_timers(contact)
         for offer in st.offers.values():
-            self._timer(offer.expires_at, _T_OFFER, offer.id)
-        for agent in st.agents.values():
-            self._refresh_agent(agent)
+            self._timers.add(offer.expires_at, TimerKind.OFFER, offer.id)
+        self._index.rebuild(st.agents.values())
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -229,7 +176,7 @@ class Engine:
             self._on_release(message, now, out)
         else:
             agent = self._state.agents.get(message.agent_id)
-            if agent is None or message.agent_id not in self._agent_cfg:
+            if agent is None or message.agent_id not in self._index.agent_cfg:
                 out.append(
                     RefusedCmd(
                         agent_id=message.agent_id,
@@ -251,10 +198,7 @@ class Engine:
 
     def next_deadline(self) -> float | None:
         """The earliest time at which a timer is due, or None when nothing is pending."""
-        timers = self._timers
-        while timers and not self._live(*timers[0]):
-            heapq.heappop(timers)
-        return timers[0][0] if timers else None
+        return self._timers.next_live(self._state, self._queues)
 
     def reload(self, table: RoutingTable, now: float) -> list[Command]:
         """Swap the routing table. Queued contacts stay; those whose queue vanished are routed
@@ -262,7 +206,7 @@ class Engine:
         self._configure(table)
         out: list[Command] = []
         for agent in self._state.agents.values():
-            if agent.id not in self._agent_cfg and agent.state != "offline":
+            if agent.id not in self._index.agent_cfg and agent.state != "offline":
                 self._on_logout(agent, now, out)
         for contact in list(self._state.contacts.values()):
             if contact.queue not in self._queues and contact.state in ("queued", "crowd_window"):
@@ -290,199 +234,32 @@ class Engine:
 
     def queue_stats(self, now: float) -> list[dict[str, Any]]:
         """Per queue: waiting, oldest wait, agents ready, totals and service level so far."""
-        oldest: dict[str, float] = {}
-        for contact in self._state.contacts.values():
-            if contact.state == "queued":
-                waited = now - contact.arrived_at
-                if waited > oldest.get(contact.queue, -1.0):
-                    oldest[contact.queue] = waited
-        ready: dict[str, set[str]] = {q: set() for q in self._queues}
-        for agent in self._state.agents.values():
-            if agent.state == "available":
-                for qname, channel in self._eligible.get(agent.id, ()):
-                    if self._can_take(agent, channel):
-                        ready[qname].add(agent.id)
-        rows = []
-        for name, queue in self._queues.items():
-            c = self._state.counters[name]
-            closed = c.answered + c.abandoned
-            rows.append(
-                {
-                    "name": name,
-                    "waiting": self._waiting.get(name, 0),
-                    "oldest_wait": round(oldest.get(name, 0.0), 3),
-                    "agents_ready": len(ready[name]),
-                    "entered": c.entered,
-                    "answered": c.answered,
-                    "abandoned": c.abandoned,
-                    "overflowed": c.overflowed,
-                    "service_level": (c.answered_in_sla / closed) if closed else None,
-                    "sla_seconds": queue.sla.seconds,
-                    "sla_percent": queue.sla.percent,
-                }
-            )
-        return rows
+        return views.queue_stats(
+            self._state, self._queues, self._index, self._contact_queues.waiting, now
+        )
 
     def agent_list(self) -> list[dict[str, Any]]:
         """Every agent with state, reason, load per channel and open work."""
-        return [
-            {
-                "id": a.id,
-                "name": self._agent_cfg[a.id].name if a.id in self._agent_cfg else "",
-                "state": a.state,
-                "reason": a.reason,
-                "busy": bool(a.contacts or a.offers),
-                "load": dict(a.load),
-                "budget_used": a.budget_used,
-                "offers": list(a.offers),
-                "contacts": list(a.contacts),
-                "missed": a.missed,
-            }
-            for a in self._state.agents.values()
-        ]
+        return views.agent_list(self._state, self._index)
 
     def outstanding_offers(self) -> list[OfferCmd]:
         """Every pending offer as the command that made it (history included), for a daemon
         that restarted and must make sure each agent has seen its offers."""
-        st = self._state
-        return [
-            self._offer_cmd(offer, st.contacts[offer.contact_id]) for offer in st.offers.values()
-        ]
-
-    def _offer_cmd(self, offer: OfferRec, contact: ContactRec) -> OfferCmd:
-        customer = self._state.customers.get(contact.customer_id)
-        expert = self._state.experts.get(contact.expert_id or "")
-        return OfferCmd(
-            offer_id=offer.id,
-            agent_id=offer.agent_id,
-            contact_id=contact.id,
-            queue=contact.queue,
-            expires_at=offer.expires_at,
-            contact=contact.event,
-            customer_id=contact.customer_id,
-            history=tuple(history(customer, contact.id)) if customer else (),
-            rule=contact.rule,
-            priority=contact.priority,
-            expert_id=contact.expert_id,
-            expert_level=expert.level if expert is not None else 0,
-        )
+        return views.outstanding_offers(self._state)
 
     def agent_work(self, agent_id: str) -> dict[str, Any] | None:
-        """One agent's open work, for a desktop that (re)connects: its state, its pending
-        offers (as the commands that made them) and the contacts it holds (assigned or in
-        wrap-up) with what an offer carries; None for an agent not in the routing file."""
-        st = self._state
-        agent = st.agents.get(agent_id)
-        if agent is None or agent_id not in self._agent_cfg:
-            return None
-        contacts = []
-        for contact_id in agent.contacts:
-            contact = st.contacts[contact_id]
-            customer = st.customers.get(contact.customer_id)
-            expert = st.experts.get(contact.expert_id or "")
-            contacts.append(
-                {
-                    "contact_id": contact.id,
-                    "state": contact.state,
-                    "queue": contact.queue,
-                    "rule": contact.rule,
-                    "priority": contact.priority,
-                    "channel": contact.channel,
-                    "contact": contact.event,
-                    "customer_id": contact.customer_id,
-                    "history": history(customer, contact.id) if customer else [],
-                    "expert_id": contact.expert_id,
-                    "expert_level": expert.level if expert is not None else 0,
-                    "assigned_at": contact.assigned_at,
-                    "wrap_until": contact.wrap_until if contact.state == "wrap_up" else None,
-                }
-            )
-        return {
-            "agent_id": agent.id,
-            "name": self._agent_cfg[agent.id].name,
-            "state": agent.state,
-            "reason": agent.reason,
-            "offers": [
-                self._offer_cmd(st.offers[o], st.contacts[st.offers[o].contact_id])
-                for o in agent.offers
-            ],
-            "contacts": contacts,
-        }
+        """One agent's open work, for a desktop that (re)connects: see
+        :func:`router.views.agent_work`; None for an agent not in the routing file."""
+        return views.agent_work(self._state, self._index, agent_id)
 
     def floor_view(self) -> dict[str, Any]:
-        """What a wallboard needs beyond :meth:`queue_stats`: per queue the agents who serve it
-        by state (``busy``: holding an offer or a contact), the contacts agents hold
-        (``assigned_at`` tells how long), contacts in their crowd window and the crowd experts'
-        own contacts waiting."""
-        st = self._state
-        agents: dict[str, dict[str, int]] = {
-            q: {"busy": 0, "away": 0, "not_responding": 0, "wrap_up": 0, "logged_in": 0}
-            for q in self._queues
-        }
-        for agent in st.agents.values():
-            if agent.state == "offline":
-                continue
-            busy = bool(agent.contacts or agent.offers)
-            for qname in self._agent_queues.get(agent.id, ()):
-                row = agents[qname]
-                row["logged_in"] += 1
-                if agent.state in ("away", "not_responding", "wrap_up"):
-                    row[agent.state] += 1
-                if busy:
-                    row["busy"] += 1
-        held = []
-        crowd_window = 0
-        experts_waiting = 0
-        for contact in st.contacts.values():
-            if contact.state == "assigned":
-                held.append(
-                    {
-                        "contact_id": contact.id,
-                        "agent_id": contact.agent_id,
-                        "queue": contact.queue,
-                        "channel": contact.channel,
-                        "assigned_at": contact.assigned_at,
-                    }
-                )
-            elif contact.state == "crowd_window":
-                crowd_window += 1
-            elif contact.state == "queued" and contact.expert:
-                experts_waiting += 1
-        return {
-            "agents": agents,
-            "held": held,
-            "crowd_window": crowd_window,
-            "experts_waiting": experts_waiting,
-        }
+        """What a wallboard needs beyond :meth:`queue_stats`: see
+        :func:`router.views.floor_view`."""
+        return views.floor_view(self._state, self._queues, self._index)
 
     def contact_info(self, contact_id: str) -> dict[str, Any] | None:
         """A contact's state, queue, agent, wait and the customer's history; None if unknown."""
-        contact = self._state.contacts.get(contact_id)
-        if contact is None:
-            done = self._state.finished.get(contact_id)
-            if done is None:
-                return None
-            return {
-                "contact_id": contact_id,
-                "state": done[0],
-                "queue": done[1],
-                "agent_id": done[2],
-            }
-        customer = self._state.customers.get(contact.customer_id)
-        return {
-            "contact_id": contact.id,
-            "state": contact.state,
-            "channel": contact.channel,
-            "queue": contact.queue,
-            "rule": contact.rule,
-            "priority": contact.priority,
-            "agent_id": contact.agent_id,
-            "offer_id": contact.offer_id,
-            "arrived_at": contact.arrived_at,
-            "customer_id": contact.customer_id,
-            "expert": contact.expert,
-            "history": history(customer, contact.id) if customer else [],
-        }
+        return views.contact_info(self._state, contact_id)
 
     def experts_report(self, now: float) -> dict[str, Any]:
         """The crowd's health: see :meth:`router.experts.ExpertRegistry.report`."""
@@ -587,7 +364,7 @@ class Engine:
             contact.state = contact_transition(contact.id, "received", "crowd_window")
             contact.crowd = True
             contact.crowd_until = now + decision.crowd_first
-            self._timer(contact.crowd_until, _T_CROWD, contact.id)
+            self._timer(contact.crowd_until, TimerKind.CROWD, contact.id)
             out.append(self._event("contact.crowd_window", contact, now, until=contact.crowd_until))
             return
         self._enter_queue(contact, contact.queue, now, out, first=True)
@@ -635,7 +412,7 @@ class Engine:
         if contact.state == "offered":
             freed = self._withdraw_offer(contact, "answered_by_crowd", now, out, requeue=False)
         elif contact.state == "queued":
-            self._leave_queue(contact)
+            self._contact_queues.leave(contact)
         contact.state = contact_transition(contact.id, contact.state, "answered_by_crowd")
         out.append(
             self._event(
@@ -663,7 +440,7 @@ class Engine:
         if state == "offered":
             freed = self._withdraw_offer(contact, "contact_ended", now, out, requeue=False)
         elif state == "queued":
-            self._leave_queue(contact)
+            self._contact_queues.leave(contact)
         contact.state = contact_transition(contact.id, contact.state, "abandoned")
         expert = self._state.experts.get(contact.expert_id or "")
         if expert is not None:
@@ -692,10 +469,11 @@ class Engine:
         """Put a contact (received, crowd_window or being moved) into ``qname`` and dispatch."""
         moving = contact.state == "queued"
         if moving:
-            self._leave_queue(contact)
+            self._contact_queues.leave(contact)
         seen: set[str] = set()
         queue = self._queues[qname]
-        while queue.max_length is not None and self._waiting[qname] >= queue.max_length:
+        waiting = self._contact_queues.waiting
+        while queue.max_length is not None and waiting[qname] >= queue.max_length:
             seen.add(qname)
             if queue.overflow is None or queue.overflow in seen:
                 contact.state = contact_transition(contact.id, contact.state, "rejected")
@@ -720,36 +498,20 @@ class Engine:
         self._schedule_max_wait(contact)
         if first:
             self._schedule_step(contact)
-        self._push_contact(contact)
-        self._dispatch_contact(contact, now, out)
-
-    def _push_contact(self, contact: ContactRec, restoring: bool = False) -> None:
-        if not restoring:
-            contact.token += 1
-        key = contact.arrived_at - contact.priority * self._queues[contact.queue].weight
-        pair = (contact.queue, contact.channel)
-        heapq.heappush(
-            self._contact_heaps.setdefault(pair, []), (key, contact.seq, contact.id, contact.token)
-        )
-        self._waiting[contact.queue] = self._waiting.get(contact.queue, 0) + 1
-
-    def _leave_queue(self, contact: ContactRec) -> None:
-        """Take a queued contact out of its queue (its heap entry becomes stale)."""
-        contact.token += 1
-        self._waiting[contact.queue] -= 1
-
-    def _valid_contact_entry(self, entry: tuple[float, int, str, int]) -> ContactRec | None:
-        contact = self._state.contacts.get(entry[2])
-        if contact is None or contact.state != "queued" or contact.token != entry[3]:
-            return None
-        return contact
+        # An agent is looked for before the contact goes into the heap: most new contacts are
+        # offered at once, and a heap entry made stale straight away is only work for later.
+        chosen = self._choose_agent(contact, now)
+        if chosen is None:
+            self._contact_queues.push(contact)
+        else:
+            self._offer(contact, chosen, now, out, dequeued=True)
 
     def _requeue(self, contact: ContactRec, now: float, out: list[Command]) -> None:
         """Back into its queue with its original key (after expiry, reject, logout)."""
         contact.state = contact_transition(contact.id, contact.state, "queued")
         contact.offer_id = None
         contact.agent_id = None
-        self._push_contact(contact)
+        self._contact_queues.push(contact)
         out.append(
             self._event(
                 "contact.queued", contact, now, rule=contact.rule, first=False, requeued=True
@@ -770,84 +532,16 @@ class Engine:
 
     # ---- matching ---------------------------------------------------------------------------
 
-    def _can_take(self, agent: AgentRec, channel: str) -> bool:
-        caps = self._caps.get(agent.id)
-        if caps is None:
-            return False
-        return (
-            agent.load.get(channel, 0) < caps[0].get(channel, 0)
-            and agent.budget_used + self._cost.get(channel, 0) <= caps[1]
-        )
-
-    def _suits(self, agent_id: str, contact: ContactRec, now: float) -> bool:
-        """Does the agent have the contact's extra skills, and is it not excluded?
-
-        The queue's own skills are not checked again: every caller has already found the agent
-        eligible for the contact's (queue, channel) pair, which is computed from them.
-        """
-        until = contact.excluded.get(agent_id)
-        if until is not None and until > now:
-            return False
-        return _has_skills(self._agent_cfg[agent_id].skills, contact.extra_skills)
-
-    def _agent_key(self, agent: AgentRec, qname: str) -> tuple[float, ...]:
-        strategy = self._queues[qname].strategy
-        busy = 1.0 if agent.budget_used else 0.0
-        if strategy == "longest_idle":
-            return (busy, agent.idle_since)
-        if strategy == "most_skilled":
-            return (-float(self._skill_score.get((agent.id, qname), 0)), busy, agent.idle_since)
-        if strategy == "least_occupied":
-            budget = self._caps[agent.id][1]
-            return (agent.budget_used / budget if budget else 1.0, agent.idle_since)
-        return (float(agent.last_offer_seq), agent.idle_since)
-
-    def _refresh_agent(self, agent: AgentRec) -> None:
-        """Re-index an agent after anything that changes its readiness or its sort keys.
-
-        Older heap entries of the agent become stale (their version no longer matches) and are
-        dropped when they surface, or when a heap grows to twice its agents (compaction).
-        """
-        ready = (
-            frozenset(ch for ch in self._caps[agent.id][0] if self._can_take(agent, ch))
-            if agent.state == "available"
-            else frozenset()
-        )
-        basis = (
-            ready,
-            agent.budget_used > 0,
-            agent.idle_since,
-            agent.budget_used,
-            agent.last_offer_seq,
-        )
-        if ready and self._agent_basis.get(agent.id) == basis[: self._basis_len[agent.id]]:
-            return  # same readiness, same keys: the entries in the heaps are still right
-        self._agent_basis[agent.id] = basis[: self._basis_len[agent.id]] if ready else None
-        version = self._agent_version.get(agent.id, 0) + 1
-        self._agent_version[agent.id] = version
-        if not ready:
-            return
-        keys: dict[str, tuple[float, ...]] = {}
-        for qname in self._agent_queues[agent.id]:
-            if self._queue_channels[qname].isdisjoint(ready):
-                continue
-            strategy = self._queues[qname].strategy
-            if strategy == "most_skilled":
-                key = self._agent_key(agent, qname)
-            else:
-                key = keys.get(strategy) or keys.setdefault(strategy, self._agent_key(agent, qname))
-            heap = self._agent_heaps[qname]
-            heapq.heappush(heap, (*key, agent.id, version))
-            if len(heap) > 2 * self._queue_size[qname] + 64:
-                versions = self._agent_version
-                heap[:] = [e for e in heap if e[-1] == versions.get(e[-2])]
-                heapq.heapify(heap)
-
     def _dispatch_contact(self, contact: ContactRec, now: float, out: list[Command]) -> None:
         """Offer a queued contact to the best ready agent, if there is one."""
         if contact.state != "queued":
             return
-        pair = (contact.queue, contact.channel)
+        chosen = self._choose_agent(contact, now)
+        if chosen is not None:
+            self._offer(contact, chosen, now, out)
+
+    def _choose_agent(self, contact: ContactRec, now: float) -> AgentRec | None:
+        """The customer's preferred agent if it can take the contact, else the queue's best."""
         customer = self._state.customers.get(contact.customer_id)
         if (
             customer is not None
@@ -858,94 +552,22 @@ class Engine:
             if (
                 preferred is not None
                 and preferred.state == "available"
-                and pair in self._eligible.get(preferred.id, ())
-                and self._can_take(preferred, contact.channel)
-                and self._suits(preferred.id, contact, now)
+                and self._index.serves(preferred.id, (contact.queue, contact.channel))
+                and self._index.can_take(preferred, contact.channel)
+                and self._index.suits(preferred.id, contact, now)
             ):
-                self._offer(contact, preferred, now, out)
-                return
-        heap = self._agent_heaps.get(contact.queue)
-        if not heap:
-            return
-        skipped = []
-        chosen: AgentRec | None = None
-        agents, versions = self._state.agents, self._agent_version
-        while heap:
-            entry = heapq.heappop(heap)
-            agent_id: str = entry[-2]
-            if entry[-1] != versions.get(agent_id):
-                continue  # stale
-            agent = agents[agent_id]
-            if agent.state != "available":
-                continue  # stale: the agent is no longer available
-            skipped.append(entry)
-            if (
-                self._can_take(agent, contact.channel)
-                and pair in self._eligible[agent.id]
-                and self._suits(agent.id, contact, now)
-            ):
-                chosen = agent
-                break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        if chosen is not None:
-            self._offer(contact, chosen, now, out)
-
-    def _best_contact_for(self, agent: AgentRec, now: float) -> ContactRec | None:
-        """The waiting contact with the smallest key among those this agent can take."""
-        best: ContactRec | None = None
-        best_key: tuple[float, int] | None = None
-        pairs = self._eligible.get(agent.id, frozenset())
-        for qname in self._agent_queues.get(agent.id, ()):
-            if not self._waiting[qname]:
-                continue
-            for channel in self._queue_channels[qname]:
-                pair = (qname, channel)
-                if pair in pairs and self._can_take(agent, channel):
-                    best, best_key = self._better_contact(agent, pair, best, best_key, now)
-        return best
-
-    def _better_contact(
-        self,
-        agent: AgentRec,
-        pair: Pair,
-        best: ContactRec | None,
-        best_key: tuple[float, int] | None,
-        now: float,
-    ) -> tuple[ContactRec | None, tuple[float, int] | None]:
-        """The better of ``best`` and the best contact in ``pair``'s heap for this agent."""
-        heap = self._contact_heaps.get(pair)
-        while heap and self._valid_contact_entry(heap[0]) is None:
-            heapq.heappop(heap)
-        if not heap or (best_key is not None and (heap[0][0], heap[0][1]) >= best_key):
-            return best, best_key
-        head = heap[0]
-        contact = self._valid_contact_entry(head)
-        assert contact is not None
-        if not self._suits(agent.id, contact, now):
-            # The head needs a skill this agent lacks or excludes it: look deeper.
-            candidates = [
-                (e[0], e[1], c)
-                for e in heap
-                if (c := self._valid_contact_entry(e)) is not None and self._suits(agent.id, c, now)
-            ]
-            if not candidates:
-                return best, best_key
-            key0, seq0, contact = min(candidates, key=lambda t: (t[0], t[1]))
-            head = (key0, seq0, contact.id, contact.token)
-        if best_key is None or (head[0], head[1]) < best_key:
-            return contact, (head[0], head[1])
-        return best, best_key
+                return preferred
+        return self._index.best_agent(contact, now)
 
     def _drain_agent(self, agent: AgentRec, now: float, out: list[Command]) -> None:
         """Give a newly free agent waiting work until it is full or nothing fits; re-index."""
         while agent.state == "available":
-            contact = self._best_contact_for(agent, now)
+            contact = self._contact_queues.best_for(agent, self._index, now)
             if contact is None:
                 break
-            self._leave_queue(contact)
+            self._contact_queues.leave(contact)
             self._offer(contact, agent, now, out, dequeued=True)
-        self._refresh_agent(agent)
+        self._index.refresh(agent)
 
     # ---- offers -----------------------------------------------------------------------------
 
@@ -959,7 +581,7 @@ class Engine:
     ) -> None:
         st = self._state
         if not dequeued:
-            self._leave_queue(contact)
+            self._contact_queues.leave(contact)
         contact.state = contact_transition(contact.id, contact.state, "offered")
         st.seq += 1
         offer_id = f"o{st.seq}"
@@ -971,9 +593,9 @@ class Engine:
         contact.agent_id = agent.id
         agent.offers.append(offer_id)
         agent.last_offer_seq = st.seq
-        self._reserve(agent, contact.channel, +1)
-        self._timer(expires, _T_OFFER, offer_id)
-        out.append(self._offer_cmd(st.offers[offer_id], contact))
+        self._index.reserve(agent, contact.channel, +1)
+        self._timer(expires, TimerKind.OFFER, offer_id)
+        out.append(views.offer_command(st, st.offers[offer_id], contact))
         out.append(
             self._event(
                 "contact.offered",
@@ -984,15 +606,11 @@ class Engine:
                 waited=now - contact.arrived_at,
             )
         )
-        self._refresh_agent(agent)
+        self._index.refresh(agent)
 
     def _offer_timeout(self, qname: str) -> float:
         timeout = self._queues[qname].offer_timeout
         return timeout if timeout is not None else self._defaults.offer_timeout
-
-    def _reserve(self, agent: AgentRec, channel: str, delta: int) -> None:
-        agent.load[channel] = agent.load.get(channel, 0) + delta
-        agent.budget_used += delta * self._cost.get(channel, 0)
 
     def _withdraw_offer(
         self, contact: ContactRec, reason: str, now: float, out: list[Command], requeue: bool
@@ -1001,7 +619,7 @@ class Engine:
         offer = self._state.offers.pop(contact.offer_id or "")
         agent = self._state.agents[offer.agent_id]
         agent.offers.remove(offer.id)
-        self._reserve(agent, contact.channel, -1)
+        self._index.reserve(agent, contact.channel, -1)
         out.append(
             CancelOfferCmd(
                 offer_id=offer.id, agent_id=agent.id, contact_id=contact.id, reason=reason
@@ -1061,7 +679,7 @@ class Engine:
         _, contact = found
         # Excluded before it is re-queued: a re-queue can dispatch at once (an overflow).
         contact.excluded[agent.id] = now + self._defaults.reject_cooldown
-        self._timer(now + self._defaults.reject_cooldown, _T_RETRY, contact.id)
+        self._timer(now + self._defaults.reject_cooldown, TimerKind.RETRY, contact.id)
         self._withdraw_offer(contact, "rejected", now, out, requeue=True)
         out.append(
             self._event(
@@ -1078,7 +696,7 @@ class Engine:
         # Exclusion and state change come before the re-queue, which can dispatch at once.
         until = now + self._offer_timeout(contact.queue)
         contact.excluded[agent.id] = until
-        self._timer(until, _T_RETRY, contact.id)
+        self._timer(until, TimerKind.RETRY, contact.id)
         agent.missed += 1
         stop = agent.missed >= self._defaults.max_missed_offers and agent.state == "available"
         if stop:
@@ -1192,7 +810,7 @@ class Engine:
         if wrap > 0:
             contact.state = contact_transition(contact.id, contact.state, "wrap_up")
             contact.wrap_until = now + wrap
-            self._timer(contact.wrap_until, _T_WRAP, contact.id)
+            self._timer(contact.wrap_until, TimerKind.WRAP, contact.id)
             if agent.state == "available" and not self._has_open_work(agent):
                 self._set_agent_state(agent, "wrap_up", None, now, out)
             return
@@ -1208,7 +826,7 @@ class Engine:
     ) -> None:
         """The contact's work (and wrap-up) is over: free the capacity, finish, drain."""
         agent.contacts.remove(contact.id)
-        self._reserve(agent, contact.channel, -1)
+        self._index.reserve(agent, contact.channel, -1)
         if not agent.contacts and not agent.offers:
             agent.idle_since = now
         if contact.state == "wrap_up":
@@ -1231,6 +849,8 @@ class Engine:
             agent.missed = 0
         if new == "available" and not agent.contacts and not agent.offers:
             agent.idle_since = now
+        # Out of (or back into) the agent order at once, so the ready counts stay exact.
+        self._index.refresh(agent)
         out.append(
             EventCmd(
                 type="agent.state",
@@ -1284,7 +904,6 @@ class Engine:
         # Offline first: a contact re-queued below may overflow and be dispatched at once,
         # and must not come straight back to the agent who is leaving.
         self._set_agent_state(agent, "offline", None, now, out)
-        self._refresh_agent(agent)
         requeued = []
         for offer_id in list(agent.offers):
             contact = self._state.contacts[self._state.offers[offer_id].contact_id]
@@ -1293,7 +912,7 @@ class Engine:
         for contact_id in list(agent.contacts):
             contact = self._state.contacts[contact_id]
             agent.contacts.remove(contact_id)
-            self._reserve(agent, contact.channel, -1)
+            self._index.reserve(agent, contact.channel, -1)
             if contact.state == "wrap_up":
                 contact.state = contact_transition(contact.id, contact.state, "done")
                 self._finish(contact, "done", now)
@@ -1308,85 +927,53 @@ class Engine:
 
     # ---- timers -----------------------------------------------------------------------------
 
-    def _timer(self, at: float, kind: int, ref: str) -> None:
-        heapq.heappush(self._timers, (at, kind, ref))
+    def _timer(self, at: float, kind: TimerKind, ref: str) -> None:
+        self._timers.add(at, kind, ref)
 
     def _schedule_step(self, contact: ContactRec) -> None:
         if contact.next_step < len(contact.escalate):
             step = contact.escalate[contact.next_step]
-            self._timer(contact.arrived_at + step.after, _T_STEP, contact.id)
+            self._timer(contact.arrived_at + step.after, TimerKind.STEP, contact.id)
 
     def _schedule_max_wait(self, contact: ContactRec) -> None:
         queue = self._queues.get(contact.queue)
         if queue is not None and queue.max_wait is not None and queue.overflow is not None:
-            self._timer(contact.queue_entered_at + queue.max_wait, _T_MAX_WAIT, contact.id)
+            self._timer(contact.queue_entered_at + queue.max_wait, TimerKind.MAX_WAIT, contact.id)
 
     def _schedule_contact_timers(self, contact: ContactRec) -> None:
         """Re-create a contact's timers after a restore (derived from its state)."""
         if contact.state == "crowd_window":
-            self._timer(contact.crowd_until, _T_CROWD, contact.id)
+            self._timer(contact.crowd_until, TimerKind.CROWD, contact.id)
         if contact.state == "wrap_up":
-            self._timer(contact.wrap_until, _T_WRAP, contact.id)
+            self._timer(contact.wrap_until, TimerKind.WRAP, contact.id)
         if contact.state in ("queued", "offered"):
             self._schedule_step(contact)
             self._schedule_max_wait(contact)
         for until in contact.excluded.values():
-            self._timer(until, _T_RETRY, contact.id)
-
-    def _live(self, at: float, kind: int, ref: str) -> bool:
-        """Is this timer still wanted? Timers are never removed when their reason goes away
-        (an offer accepted, a contact moved); they are recognised as stale here instead."""
-        st = self._state
-        if kind == _T_OFFER:
-            offer = st.offers.get(ref)
-            return offer is not None and offer.expires_at == at
-        contact = st.contacts.get(ref)
-        if contact is None:
-            return False
-        if kind == _T_WRAP:
-            return contact.state == "wrap_up" and contact.wrap_until == at
-        if kind == _T_CROWD:
-            return contact.state == "crowd_window" and contact.crowd_until == at
-        if kind == _T_STEP:
-            return (
-                contact.state in ("queued", "offered")
-                and contact.next_step < len(contact.escalate)
-                and contact.arrived_at + contact.escalate[contact.next_step].after == at
-            )
-        if kind == _T_MAX_WAIT:
-            queue = self._queues.get(contact.queue)
-            return (
-                contact.state == "queued"
-                and queue is not None
-                and queue.overflow is not None
-                and queue.max_wait is not None
-                and contact.queue_entered_at + queue.max_wait == at
-            )
-        return at in contact.excluded.values()
+            self._timer(until, TimerKind.RETRY, contact.id)
 
     def _fire_timers(self, now: float, out: list[Command]) -> None:
-        timers = self._timers
         st = self._state
-        while timers and timers[0][0] <= now:
-            due, kind, ref = heapq.heappop(timers)
-            if not self._live(due, kind, ref):
+        while (timer := self._timers.pop_due(now)) is not None:
+            due, kind, ref = timer
+            if not is_live(st, self._queues, due, kind, ref):
                 continue
             # A timer that came due while its contact was with an agent fires now, not in the past.
             at = max(due, st.clock)
-            if kind == _T_OFFER:
+            if kind == TimerKind.OFFER:
                 self._expire_offer(st.offers[ref], at, out)
                 continue
             contact = st.contacts[ref]
-            if kind == _T_WRAP:
+            if kind == TimerKind.WRAP:
                 self._release(st.agents[contact.agent_id or ""], contact, at, out)
-            elif kind == _T_CROWD:
+            elif kind == TimerKind.CROWD:
                 out.append(self._event("contact.crowd_window_ended", contact, at))
                 self._enter_queue(contact, contact.queue, at, out, first=True)
-            elif kind == _T_STEP:
+            elif kind == TimerKind.STEP:
                 self._escalate(contact, at, out)
-            elif kind == _T_MAX_WAIT:
+            elif kind == TimerKind.MAX_WAIT:
                 self._overflow_max_wait(contact, at, out)
-            else:  # _T_RETRY: an exclusion ended, the agent may take it now
+            else:  # TimerKind.RETRY: an exclusion ended, the agent may take it now
                 for agent_id, until in list(contact.excluded.items()):
                     if until <= at:
                         del contact.excluded[agent_id]
@@ -1425,8 +1012,8 @@ class Engine:
         if step.queue is not None and step.queue != contact.queue:
             self._enter_queue(contact, step.queue, now, out)
         else:
-            self._leave_queue(contact)
-            self._push_contact(contact)
+            self._contact_queues.leave(contact)
+            self._contact_queues.push(contact)
             self._dispatch_contact(contact, now, out)
 
     def _view(self, customer: CustomerRec, expert: ExpertRec | None) -> CustomerView:
@@ -1475,7 +1062,3 @@ class Engine:
         }
         data.update(extra)
         return EventCmd(type=kind, data=data)
-
-
-def _has_skills(have: dict[str, int], need: dict[str, int]) -> bool:
-    return all(have.get(skill, 0) >= level for skill, level in need.items())

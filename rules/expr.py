@@ -889,6 +889,22 @@ def guards(tree: Node) -> dict[str, frozenset[str]]:
     return found
 
 
+def regex_conjuncts(tree: Node) -> list[tuple[str, str]]:
+    """``(field, pattern)`` of each top-level ``and`` conjunct of the form ``field ~ "re"``:
+    the rule cannot hold unless each of these patterns matches its field."""
+    found = []
+    for node in _conjuncts(tree):
+        if (
+            isinstance(node, Compare)
+            and node.op == "~"
+            and isinstance(node.left, Field)
+            and isinstance(node.right, Literal)
+            and isinstance(node.right.value, str)
+        ):
+            found.append((node.left.name, node.right.value))
+    return found
+
+
 def residual_predicate(tree: Node, local_time: LocalTime) -> Getter | None:
     """The predicate without its guards (None: nothing left), for rules the index selected.
 

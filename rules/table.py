@@ -18,8 +18,18 @@ import msgspec
 
 from channels.contact_event import ContactEvent
 from rules.decision import CustomerView, Decision
-from rules.expr import Condition, LocalClock, Seen, explain_tree, guards, residual_predicate
+from rules.expr import (
+    Condition,
+    LocalClock,
+    Seen,
+    explain_tree,
+    field_getter,
+    guards,
+    regex_conjuncts,
+    residual_predicate,
+)
 from rules.identity import sender_keys
+from rules.prefilter import fold, required_literals
 from rules.schema import Expert, RoutingFile, Rule
 
 
@@ -61,6 +71,9 @@ class CompiledRule:
     decision: Decision
     guards: dict[str, frozenset[str]]
     residual: Predicate | None  # the condition without its guards (the index checked them)
+    #: (field, literals, case-insensitive): the field must contain one of the literals for a
+    #: match (None: no such literal is known).
+    needle: tuple[str, tuple[str, ...], bool] | None = None
 
 
 def _decision(rule: Rule) -> Decision:
@@ -77,7 +90,8 @@ def _decision(rule: Rule) -> Decision:
     )
 
 
-_Candidates = tuple[tuple[Predicate | None, Decision], ...]
+#: (predicate, decision); a keyword run is (run, None) and its predicate returns the decision.
+_Candidates = tuple[tuple[Predicate | None, Decision | None], ...]
 _Key = tuple[str | None, str | None, str | None, frozenset[str]]
 _NO_TAGS: frozenset[str] = frozenset()
 
@@ -112,6 +126,7 @@ class RoutingTable:
                 decision=_decision(rule),
                 guards=guards(cond.tree) if cond is not None else {},
                 residual=residual_predicate(cond.tree, self.local_time) if cond else None,
+                needle=_needle(cond),
             )
             for rule, cond in zip(file.rules, conditions, strict=True)
         )
@@ -164,16 +179,55 @@ class RoutingTable:
     def _candidates(self, key: _Key) -> _Candidates:
         channel, source, to, tags = key
         seen = {"channel": channel, "source": source, "to": to}
-        found = []
+        found: list[tuple[Predicate | None, Decision | None]] = []
+        run: list[CompiledRule] = []
         for compiled in self.rules:
             if all(
                 allowed <= tags if name == "tags" else seen[name] in allowed
                 for name, allowed in compiled.guards.items()
             ):
+                if compiled.needle is not None:
+                    run.append(compiled)
+                    continue
+                if run:
+                    found.append((self._keyword_run(run), None))
+                    run = []
                 found.append((compiled.residual, compiled.decision))
+        if run:
+            found.append((self._keyword_run(run), None))
         candidates = tuple(found)
         self._cache[key] = candidates
         return candidates
+
+    def _keyword_run(self, run: list[CompiledRule]) -> Predicate:
+        """One predicate for consecutive rules with a required literal: the first of them that
+        holds, tried only where its literal occurs (one fold of each field per contact)."""
+        fields = sorted({c.needle[0] for c in run if c.needle is not None})
+        getters = [(name, field_getter(name, self.local_time)) for name in fields]
+        members = [
+            (c.needle[0], c.needle[1], c.needle[2], c.residual, c.decision)
+            for c in run
+            if c.needle is not None and c.residual is not None
+        ]
+
+        def keyword_run(e: ContactEvent, c: CustomerView, n: float) -> Decision | None:
+            raw = {name: get(e, c, n) or "" for name, get in getters}
+            folded: dict[str, str] = {}
+            for name, literals, icase, predicate, decision in members:
+                if icase:
+                    hay = folded.get(name)
+                    if hay is None:
+                        hay = folded[name] = fold(raw[name])
+                else:
+                    hay = raw[name]
+                for literal in literals:
+                    if literal in hay:
+                        if predicate(e, c, n):
+                            return decision
+                        break
+            return None
+
+        return keyword_run
 
     def decide(self, event: ContactEvent, customer: CustomerView, now: float) -> Decision:
         """The decision of the first rule whose condition holds (the default rule at the end)."""
@@ -193,8 +247,12 @@ class RoutingTable:
         if candidates is None:
             candidates = self._candidates(key)
         for predicate, decision in candidates:
-            if predicate is None or predicate(event, customer, now):
+            if predicate is None:
+                assert decision is not None  # only keyword runs come without a decision
                 return decision
+            hit = predicate(event, customer, now)
+            if hit:
+                return decision if decision is not None else hit
         raise LookupError("no rule matched and there is no default rule")
 
     def decide_linear(self, event: ContactEvent, customer: CustomerView, now: float) -> Decision:
@@ -243,6 +301,21 @@ class RoutingTable:
             customer=customer,
             trace=tuple(trace),
         )
+
+
+def _needle(cond: Condition | None) -> tuple[str, tuple[str, ...], bool] | None:
+    """The literals one of the condition's top-level regular expressions needs (the most
+    selective: fewest alternatives, then the shortest one longest)."""
+    if cond is None:
+        return None
+    found = []
+    for name, pattern in regex_conjuncts(cond.tree):
+        literals = required_literals(pattern)
+        if literals is not None:
+            found.append((name, *literals))
+    if not found:
+        return None
+    return min(found, key=lambda f: (len(f[1]), -min(len(lit) for lit in f[1])))
 
 
 def expert_keys(expert: Expert) -> tuple[str, ...]:

@@ -40,6 +40,10 @@ extra = st.sampled_from(
         "not customer.vip",
         "hour >= 12",
         'text ~ "(?i)rechnung"',
+        'text ~ "(?i)k\\u00fcndig"',
+        'text ~ "(?i)\\bstorno\\b"',
+        'subject ~ "Re: "',
+        'text ~ "hallo|storno"',
         '"urgent" in tags',
         '"billing" in tags',
         'not "billing" in tags',
@@ -70,7 +74,10 @@ events = st.builds(
     source=st.sampled_from(SOURCES),
     external_id=st.just("1"),
     to=st.none() | st.sampled_from(TOS),
-    text=st.sampled_from([None, "Meine Rechnung", "hallo"]),
+    text=st.sampled_from(
+        [None, "Meine Rechnung", "hallo", "MEINE RECHNUNG", "ſtorno bitte", "KÜNDIGUNG", "Storno"]
+    ),
+    subject=st.sampled_from([None, "Re: Anfrage", "re: anfrage"]),
     tags=st.sampled_from([(), ("urgent",), ("billing", "x"), ("billing", "urgent")]),
 )
 customers = st.builds(
