@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -187,6 +188,249 @@ async def one_rate(
     return await LoadGen(target, profile).run()
 
 
+def metric_sum(url: str, name: str) -> float:
+    """The sum of every sample of ``name`` (all label sets) on the daemon's /metrics."""
+    total = 0.0
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.split()[-1])
+    return total
+
+
+def loadavg() -> str:
+    """The machine's load average (1, 5, 15 min), to print beside every figure."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def redis_pid() -> int | None:
+    """The local Redis server's pid (INFO server), for its CPU share; None if unknown."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ.get("STELLWERK_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    try:
+        return int(client.info("server")["process_id"])
+    except (redis.RedisError, KeyError, ValueError):
+        return None
+    finally:
+        client.close()
+
+
+class Worker:
+    """One ``benchmarks/e2e_gen.py`` process: request/response over its stdin/stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.cpu = 0.0  # its CPU seconds at the last report
+
+    async def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"e2e: generator process {self.proc.pid} ended")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        await self.proc.stdin.drain()
+        return await self.read()
+
+
+async def start_workers(
+    procs: int, agents: list[str], prefix: str, mqtt_port: int, run: str
+) -> list[Worker]:
+    """``procs`` generator processes, each simulating every ``procs``-th agent; ready when
+    their agents' logins are PUBACKed."""
+    workers = []
+    for k in range(procs):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(ROOT / "benchmarks" / "e2e_gen.py"),
+            "--port",
+            str(mqtt_port),
+            "--prefix",
+            prefix,
+            "--run",
+            run,
+            "--index",
+            str(k),
+            "--agents",
+            ",".join(agents[k::procs]),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,  # a report line holds every offered contact id
+        )
+        workers.append(Worker(proc))
+    for worker in workers:
+        await worker.read()  # {"ready": true}
+    return workers
+
+
+async def procs_rate(
+    workers: list[Worker],
+    phase: int,
+    rate: float,
+    duration: float,
+    grace: float,
+    drain: float,
+    url: str,
+    pids: dict[str, int | None],
+    run: str,
+) -> dict[str, Any]:
+    """One rate with the generator in its own processes; the result row of ``--json``."""
+    from router.daemon.loadgen import percentiles
+
+    load_before = loadavg()
+    journaled_before = received_new(url)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    share = rate / len(workers)
+    send = {"op": "send", "phase": phase, "rate": share, "duration": duration}
+    sends = await asyncio.gather(*(w.ask(send) for w in workers))
+    send_seconds = max(s["send_seconds"] for s in sends)
+    cpu_sending = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    wall_sending = time.monotonic() - started
+    sent = sum(int(s["sent"]) for s in sends)
+    acked = sum(int(s["acked"]) for s in sends)
+
+    async def offered() -> int:
+        counts = await asyncio.gather(*(w.ask({"op": "count", "phase": phase}) for w in workers))
+        return sum(int(c["offered"]) for c in counts)
+
+    deadline = time.monotonic() + grace
+    while await offered() < acked and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    drained: bool | None = None
+    if await offered() < acked and drain > 0:
+        check = drain_check(url)
+        deadline = time.monotonic() + drain
+        quiet = 0
+        while quiet < 2 and time.monotonic() < deadline and await offered() < acked:
+            quiet = quiet + 1 if await check() else 0
+            await asyncio.sleep(0.5)
+        drained = quiet >= 2 or await offered() >= acked
+    settled = time.monotonic() - started
+    reports = await asyncio.gather(*(w.ask({"op": "report", "phase": phase}) for w in workers))
+    first: dict[str, float] = {}
+    for rep in reports:
+        for cid, ms in rep["offered"].items():
+            first[cid] = min(ms, first.get(cid, ms))
+    # Lost or unconsumed: PUBACKed by the broker, never offered (by id, not by count).
+    seen = {cid.rpartition(".")[0] for cid in first}
+    unacked = {u for rep in reports for u in rep["unacked"]}
+    missing = 0
+    for k, s in enumerate(sends):
+        for n in range(int(s["sent"])):
+            stem = f"g{run}.{phase}.{k}.{n}"
+            if stem not in unacked and f"asterisk-ari:{stem}" not in seen:
+                missing += 1
+    cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    journaled = received_new(url) - journaled_before
+
+    def per_call(name: str) -> float | None:
+        a, b = cpu_after.get(name), cpu_before.get(name)
+        return None if a is None or b is None else round((a - b) * 1000 / max(journaled, 1), 3)
+
+    def busy(name: str) -> float | None:
+        a, b = cpu_sending.get(name), cpu_before.get(name)
+        return None if a is None or b is None else round((a - b) / wall_sending, 3)
+
+    gen_cpu = 0.0
+    for worker, rep in zip(workers, reports, strict=True):
+        gen_cpu += float(rep["cpu_seconds"]) - worker.cpu
+        worker.cpu = float(rep["cpu_seconds"])
+    return {
+        "rate": rate,
+        "generator_procs": len(workers),
+        "sent": sent,
+        "accepted": acked,
+        "offered": len(first),
+        "contacts_per_second": sent / send_seconds if send_seconds else 0.0,
+        "offers_per_second": len(first) / max(settled, duration),
+        "latency_ms": percentiles(list(first.values())),
+        "lost": missing if drained is not False else 0,
+        "unconsumed": missing if drained is False else 0,
+        "drained": drained,
+        "daemon_journaled_calls": journaled,
+        "daemon_cpu_ms_per_call": per_call("daemon"),
+        "daemon_cpu_busy_while_sending": busy("daemon"),
+        "broker_cpu_ms_per_call": per_call("broker"),
+        "redis_cpu_ms_per_call": per_call("redis"),
+        "generator_cpu_ms_per_call": round(gen_cpu * 1000 / max(sent, 1), 3),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }
+
+
+async def run_procs(
+    args: argparse.Namespace,
+    rates: list[float],
+    target: Target,
+    run: str,
+    pids: dict[str, int | None],
+) -> list[dict[str, Any]]:
+    """Every rate with the generator in ``--generator-procs`` processes of its own."""
+    workers = await start_workers(
+        args.generator_procs, target.agents, target.prefix, target.mqtt_port, run
+    )
+    results = []
+    try:
+        # The logins are PUBACKed; wait until the daemon applied them too.
+        check = drain_check(target.http_url)
+        while not (await check() and await check()):
+            await asyncio.sleep(0.2)
+        for phase, rate in enumerate(rates):
+            row = await procs_rate(
+                workers,
+                phase,
+                rate,
+                args.duration,
+                args.grace,
+                args.drain,
+                target.http_url,
+                pids,
+                run,
+            )
+            results.append(row)
+            if not args.json:
+                print_procs_row(row)
+    finally:
+        for worker in workers:
+            with contextlib.suppress(SystemExit, OSError):
+                await asyncio.wait_for(worker.ask({"op": "quit"}), 15)
+            if worker.proc.returncode is None:
+                worker.proc.kill()
+            await worker.proc.wait()
+    return results
+
+
+def print_procs_row(row: dict[str, Any]) -> None:
+    """One human-readable line per rate (``--generator-procs``)."""
+    lat = row["latency_ms"]
+    print(
+        f"rate {row['rate']:>6.0f}/s: sent {row['sent']} ({row['contacts_per_second']:.0f}/s)"
+        f", offered {row['offered']} ({row['offers_per_second']:.0f}/s)"
+        f", lost {row['lost']}, unconsumed {row['unconsumed']}"
+        + (
+            f", offer latency p50 {lat['p50']:.1f} p90 {lat['p90']:.1f} p99 {lat['p99']:.1f}"
+            f" max {lat['max']:.1f} ms"
+            if lat
+            else ""
+        )
+        + f"; CPU ms per call: daemon {row['daemon_cpu_ms_per_call']}"
+        f" (busy {row['daemon_cpu_busy_while_sending']} cores while sending)"
+        f", broker {row['broker_cpu_ms_per_call']}, redis {row['redis_cpu_ms_per_call']}"
+        f", generator {row['generator_cpu_ms_per_call']}"
+        f"; load {row['loadavg_before']} -> {row['loadavg_after']}",
+        flush=True,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="200,500,1000,2000,5000", help="contacts/s, comma list")
@@ -201,6 +445,15 @@ def main() -> int:
         "to drain before an unseen contact counts as lost (0: count at once)",
     )
     parser.add_argument("--use-running", action="store_true", help="do not start a daemon")
+    parser.add_argument(
+        "--generator-procs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the telephony bridge and the agents in N processes of their own "
+        "(benchmarks/e2e_gen.py) instead of the one-process loadgen, and report the CPU per "
+        "call of the daemon, the broker, Redis and the generator (0: the in-process loadgen)",
+    )
     parser.add_argument(
         "--own-broker",
         action="store_true",
@@ -277,6 +530,14 @@ def main() -> int:
     try:
         wait_ready(http_url)
         target = Target(prefix=prefix, agents=agents, http_url=http_url, mqtt_port=mqtt_port)
+        if args.generator_procs > 0:
+            pids = {
+                "daemon": daemon.pid if daemon is not None else None,
+                "broker": broker.pid if broker is not None else None,
+                "redis": redis_pid(),
+            }
+            results = asyncio.run(run_procs(args, rates, target, run, pids))
+            rates = []
         for rate in rates:
             before = received_new(http_url)
             cpu_before = cpu_seconds(daemon.pid if daemon is not None else None)
