@@ -466,6 +466,13 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep-log", action="store_true", help="keep the daemon's log file")
     parser.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        default=None,
+        help="sample the daemon with py-spy (raw collapsed stacks into FILE) and print each "
+        "stage's share of its busy samples and, with --generator-procs, its CPU per call",
+    )
+    parser.add_argument(
         "--profile",
         metavar="FILE",
         default=None,
@@ -518,8 +525,23 @@ def main() -> int:
         profile = (
             ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
         )
+        spy = (
+            [
+                *(str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw"),
+                *(
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "--output",
+                    str(Path(args.py_spy).resolve()),
+                    "--",
+                ),
+            ]
+            if args.py_spy
+            else []
+        )
         daemon = subprocess.Popen(
-            [sys.executable, *profile, "-m", "router.cli", "run"],
+            [*spy, sys.executable, *profile, "-m", "router.cli", "run"],
             cwd=ROOT,
             env=env,
             stdout=log_path.open("wb"),
@@ -532,7 +554,7 @@ def main() -> int:
         target = Target(prefix=prefix, agents=agents, http_url=http_url, mqtt_port=mqtt_port)
         if args.generator_procs > 0:
             pids = {
-                "daemon": daemon.pid if daemon is not None else None,
+                "daemon": daemon_pid(daemon, spied=bool(args.py_spy)),
                 "broker": broker.pid if broker is not None else None,
                 "redis": redis_pid(),
             }
@@ -586,7 +608,13 @@ def main() -> int:
                 )
     finally:
         if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
+            # Under py-spy the daemon is its child; py-spy writes its file when that exits.
+            real = daemon_pid(daemon, spied=bool(args.py_spy)) if args.py_spy else None
+            if real is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(real, signal.SIGTERM)
+            else:
+                daemon.send_signal(signal.SIGTERM)
             try:
                 daemon.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -600,6 +628,13 @@ def main() -> int:
             broker.wait(10)
     if args.json:
         print(json.dumps(results, indent=2))
+    if args.py_spy and daemon is not None:
+        cpu = [r.get("daemon_cpu_ms_per_call") for r in results]
+        per_call = cpu[0] if len(cpu) == 1 else None
+        print(f"per-stage share of the daemon's busy samples (py-spy, {args.py_spy}):")
+        for label, share in spy_shares(Path(args.py_spy)):
+            micros = f" {share * per_call * 1000:8.0f} us/call" if per_call else ""
+            print(f"  {label:<52} {share:6.1%}{micros}")
     if args.profile and daemon is not None:
         contacts = sum(int(r["sent"]) for r in results)
         print(f"per-stage cost per contact ({contacts} contacts, cProfile):", file=sys.stderr)
@@ -647,6 +682,84 @@ def stage_costs(path: Path, contacts: int) -> list[tuple[str, float, float]]:
         ("all of the daemon's busy time (not in select)", total / max(contacts, 1) * 1e6, 1.0)
     )
     return out
+
+
+# (label, frames that make it: (qualified-name suffix, file suffix), ...) for py-spy samples.
+SPY_STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("MQTT ingress: take messages, split the batch", (("_consume", "router/daemon/mqtt.py"),)),
+    ("  decode (ARI JSON -> contact event)", (("decode", "channels/registry.py"),)),
+    ("  journal append (encode, XADD in MULTI)", (("append_many", "router/daemon/journal.py"),)),
+    ("  ingress PUBACKs (paho ack)", (("ack", "router/daemon/mqtt.py"),)),
+    ("router loop (read, engine, publish, mark)", (("_route", "router/daemon/router_loop.py"),)),
+    ("  journal read (XREAD, decode entries)", (("read_after", "router/daemon/journal.py"),)),
+    ("  engine (Engine.handle)", (("handle", "router/engine.py"),)),
+    ("  commands -> MQTT messages (encode)", (("command_messages", "router/daemon/mqtt.py"),)),
+    ("  publishing offers and events (QoS 1)", (("publish_many", "router/daemon/mqtt.py"),)),
+    ("  published mark (fenced SET)", (("set_published", "router/daemon/journal.py"),)),
+    (
+        "  metrics (observe_*, refresh)",
+        (("observe_", "router/daemon/metrics.py"), ("refresh", "router/daemon/metrics.py")),
+    ),
+    ("  decision log lines", (("_log_command", "router/daemon/router_loop.py"),)),
+    (
+        "  command sinks (desk feed)",
+        (("submit", "router/daemon/desk.py"), ("submit", "router/daemon/wall.py")),
+    ),
+    ("paho socket reads, all connections (packets in)", (("loop_read", "paho/mqtt/client.py"),)),
+    ("paho socket writes, all connections (packets out)", (("loop_write", "paho/mqtt/client.py"),)),
+    ("redis-py replies (all connections)", (("read_response", "redis/"),)),
+    ("HTTP (the benchmark's /metrics polls)", (("_handle", "aiohttp/web_protocol.py"),)),
+)
+
+
+def spy_shares(path: Path) -> list[tuple[str, float]]:
+    """Each stage's share of the daemon's busy samples (not waiting in ``select``)."""
+    total = 0
+    counts = dict.fromkeys((label for label, _ in SPY_STAGES), 0)
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].startswith(("EpollSelector.select (", "select (")) or frames[0].startswith(
+            "Thread._bootstrap ("
+        ):
+            continue  # idle in the event loop's select, or a thread pool's idle worker
+        total += int(n)
+        names = [f.partition(" (") for f in frames]
+        for label, matchers in SPY_STAGES:
+            if any(
+                _frame_is(qual.rpartition(".")[2], where, name, suffix)
+                for qual, _, where in names
+                for name, suffix in matchers
+            ):
+                counts[label] += int(n)
+    out = [(label, counts[label] / total if total else 0.0) for label, _ in SPY_STAGES]
+    out.append((f"all busy samples ({total})", 1.0))
+    return out
+
+
+def _frame_is(func: str, where: str, name: str, suffix: str) -> bool:
+    # A name ending in "_" is a prefix (observe_*); the file is a path fragment.
+    named = func.startswith(name) if name.endswith("_") else func == name
+    return named and suffix in where
+
+
+def daemon_pid(daemon: subprocess.Popen[bytes] | None, *, spied: bool) -> int | None:
+    """The daemon's pid; under py-spy, that of py-spy's child (py-spy's own CPU aside)."""
+    if daemon is None:
+        return None
+    if not spied:
+        return daemon.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children")
+        with contextlib.suppress(OSError):
+            pids = children.read_text().split()
+            if pids:
+                return int(pids[0])
+        time.sleep(0.1)
+    return None
 
 
 def _cleanup_redis(prefix: str) -> None:

@@ -6,13 +6,13 @@ measures the daemon and not its own generator: at 3,000 calls/s the one-process 
 3.1.1, its network loop in a thread) and keeps nothing per call but what the report needs.
 
 Per call: a ``StasisStart`` over MQTT (QoS 1); whichever generator process simulates the
-agent the daemon offers the call to accepts it and, on the same connection right after the
-accept, sends the caller's ``StasisEnd``. Mosquitto passes the messages of one connection on
-to the daemon's session in the order it received them, so the daemon journals the accept
-before the hang-up and the call ends as completed, as when the caller waits for
-``contact.assigned`` (and no generator has to read the event stream). The channel id carries
-the send time (CLOCK_MONOTONIC, the same clock in every process on Linux), so the process
-that receives the offer measures the ingress->offer latency of another process's call.
+agent the daemon offers the call to accepts it, and the caller hangs up (``StasisEnd``) as
+soon as ``contact.assigned`` arrives. The generator processes share that event topic
+(``$share``), so the broker hands each event to one of them, and that one hangs up. (Hanging
+up right after the accept would not do: MQTT orders messages per topic only, and the daemon
+journals a batch's ingress payloads before its agent commands.) The channel id carries the
+send time (CLOCK_MONOTONIC, the same clock in every process on Linux), so the process that
+receives the offer measures the ingress->offer latency of another process's call.
 
 It talks to the parent over stdin/stdout, one JSON object a line:
 
@@ -47,7 +47,7 @@ from router.daemon.loadgen import ari_event  # noqa: E402
 
 
 class Offer(msgspec.Struct):
-    """The fields of an offer message the generator needs (msgspec skips the rest)."""
+    """The fields of an offer or event the generator needs (msgspec skips the rest)."""
 
     type: str
     contact_id: str = ""
@@ -102,6 +102,7 @@ class Generator:
         if not self.connected.wait(10):
             raise SystemExit("e2e_gen: no CONNACK from the broker")
         topics = [(f"{self.prefix}/agents/{a}/offers", 1) for a in self.agents]
+        topics.append((f"$share/e2e-{self.run}/{self.prefix}/events/contact.assigned", 1))
         for i in range(0, len(topics), 100):
             self.client.subscribe(topics[i : i + 100])
         logins = [self._cmd(a, {"op": "login"}) for a in self.agents]
@@ -121,9 +122,14 @@ class Generator:
             offer = _OFFER.decode(msg.payload)
         except msgspec.DecodeError:
             return
+        channel_id = offer.contact_id.partition(":")[2]
+        if offer.type == "contact.assigned":
+            self.client.publish(
+                self.ari_topic, ari_event("StasisEnd", channel_id, "", "", time.time()), qos=1
+            )
+            return
         if offer.type != "offer":
             return
-        channel_id = offer.contact_id.partition(":")[2]
         parts = channel_id.split(".")
         if len(parts) == 5 and parts[0] == f"g{self.run}":
             phase, sent_us = int(parts[1]), int(parts[4])
@@ -132,11 +138,7 @@ class Generator:
                 seen[offer.contact_id] = (now / 1000 - sent_us) / 1000.0
         else:
             self.other_offers += 1
-        # Accept, then hang up on the same connection (ordered; see the module docstring).
         self._cmd(offer.agent_id, {"op": "accept", "offer_id": offer.offer_id})
-        self.client.publish(
-            self.ari_topic, ari_event("StasisEnd", channel_id, "", "", time.time()), qos=1
-        )
 
     def send(self, phase: int, rate: float, duration: float) -> dict[str, float]:
         """Send ``rate`` calls/s for ``duration`` s, paced by the clock; wait for the PUBACKs."""
