@@ -134,6 +134,18 @@ def received_new(url: str) -> float:
     return total
 
 
+def received_and_lag(url: str) -> tuple[float, float]:
+    """(new contacts journaled so far, journal entries not applied yet): one /metrics page."""
+    received = lag = 0.0
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("stellwerk_contacts_received_total{") and 'kind="new"' in line:
+                received += float(line.split()[-1])
+            elif line.startswith("stellwerk_journal_lag_entries "):
+                lag = float(line.split()[1])
+    return received, lag
+
+
 def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds the process used so far (Linux /proc), None elsewhere."""
     if pid is None:
@@ -291,7 +303,23 @@ async def procs_rate(
     started = time.monotonic()
     share = rate / len(workers)
     send = {"op": "send", "phase": phase, "rate": share, "duration": duration}
-    sends = await asyncio.gather(*(w.ask(send) for w in workers))
+    # Where a backlog builds while sending: in the broker (sent, not journaled yet) or in the
+    # journal (journaled, not routed yet).
+    backlog = {"broker": 0.0, "journal": 0.0}
+
+    async def watch_backlog() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            journaled, lag = await asyncio.to_thread(received_and_lag, url)
+            due = min(rate * (time.monotonic() - started), rate * duration)
+            backlog["broker"] = max(backlog["broker"], due - (journaled - journaled_before))
+            backlog["journal"] = max(backlog["journal"], lag)
+
+    watcher = asyncio.create_task(watch_backlog())
+    try:
+        sends = await asyncio.gather(*(w.ask(send) for w in workers))
+    finally:
+        watcher.cancel()
     send_seconds = max(s["send_seconds"] for s in sends)
     cpu_sending = {name: cpu_seconds(pid) for name, pid in pids.items()}
     wall_sending = time.monotonic() - started
@@ -357,6 +385,8 @@ async def procs_rate(
         "unconsumed": missing if drained is False else 0,
         "drained": drained,
         "daemon_journaled_calls": journaled,
+        "max_calls_waiting_in_broker": round(backlog["broker"]),
+        "max_journal_lag_entries": round(backlog["journal"]),
         "daemon_cpu_ms_per_call": per_call("daemon"),
         "daemon_cpu_busy_while_sending": busy("daemon"),
         "broker_cpu_ms_per_call": per_call("broker"),
@@ -422,6 +452,8 @@ def print_procs_row(row: dict[str, Any]) -> None:
             if lat
             else ""
         )
+        + f"; most waiting: broker {row['max_calls_waiting_in_broker']} calls"
+        f", journal {row['max_journal_lag_entries']} entries"
         + f"; CPU ms per call: daemon {row['daemon_cpu_ms_per_call']}"
         f" (busy {row['daemon_cpu_busy_while_sending']} cores while sending)"
         f", broker {row['broker_cpu_ms_per_call']}, redis {row['redis_cpu_ms_per_call']}"
