@@ -115,7 +115,6 @@ def make_client(
         max_queued_incoming_messages=incoming_bound(mqtt) if manual_ack else None,
     )
     client.pending_calls_threshold = 1_000_000  # many in-flight publishes are normal here
-    AiomqttInternals(client).read_ahead()
     if manual_ack:
         # Must be set before CONNACK: a persistent session delivers its backlog at once.
         AiomqttInternals(client).enable_manual_ack()
@@ -132,35 +131,16 @@ class AiomqttInternals:
     iterator costs a task per message; draining the queue lets one journal round trip take a
     whole batch); (4) publishing a batch with one wait for all its PUBACKs (``publish()``
     costs a coroutine, a semaphore, an ``asyncio.Event`` and a ``wait_for`` task per message,
-    about a fifth of the daemon's CPU at load); (5) reading the socket ahead: paho reads one
-    packet per readable event, with a ``recv`` for its first byte, one per length byte and one
-    for the rest, and aiomqtt's reader callback asks for one packet per event-loop wake-up. A
-    :class:`_ReadAhead` socket hands paho its bytes from 64 KiB reads, and its ``pending()``
-    (the method aiomqtt's callback asks TLS sockets for) makes that callback go on until the
-    bytes read are used up: one ``recv`` and one wake-up for many packets. They go through
-    the wrapped paho client (``_client``, its ``_sock``), the incoming queue (``_queue``)
-    and the map of pending publishes (``_pending_publishes``, mid -> object with ``set()``,
-    which aiomqtt's ``on_publish`` callback pops and sets); an aiomqtt or paho upgrade that
-    renames them breaks here, and only here.
+    about a fifth of the daemon's CPU at load). They go through the wrapped paho client
+    (``_client``), the incoming queue (``_queue``) and the map of pending publishes
+    (``_pending_publishes``, mid -> object with ``set()``, which aiomqtt's ``on_publish``
+    callback pops and sets); an aiomqtt upgrade that renames them breaks here, and only here.
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
         self._paho: paho.Client = client._client
         self._queue: asyncio.Queue[aiomqtt.Message] = client._queue
         self._pending: dict[int, Any] = client._pending_publishes
-
-    def read_ahead(self) -> None:
-        """Give paho a :class:`_ReadAhead` socket on every connect (TLS sockets aside: they
-        buffer themselves, and aiomqtt already asks them for ``pending()``)."""
-        opened = self._paho.on_socket_open  # aiomqtt's: registers the reader callback
-
-        def on_open(client: paho.Client, userdata: Any, sock: Any) -> None:
-            if not isinstance(sock, ssl.SSLSocket):
-                client._sock = _ReadAhead(sock)
-            if opened is not None:
-                opened(client, userdata, sock)
-
-        self._paho.on_socket_open = on_open
 
     def enable_manual_ack(self) -> None:
         """Let the caller send every PUBACK itself (must be called before connecting)."""
@@ -207,41 +187,6 @@ class AiomqttInternals:
         """Stop waiting for the PUBACKs of ``mids`` (a batch given up or cut off)."""
         for mid in mids:
             self._pending.pop(mid, None)
-
-
-READ_AHEAD = 65536
-"""Bytes one ``recv`` of a :class:`_ReadAhead` socket asks for."""
-
-
-class _ReadAhead:
-    """A client socket whose ``recv`` hands out what one large read brought (see
-    :class:`AiomqttInternals`, point 5); everything else is the socket's own."""
-
-    __slots__ = ("_buf", "_pos", "_sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buf = b""
-        self._pos = 0
-
-    def recv(self, size: int) -> bytes:
-        buf, pos = self._buf, self._pos
-        if pos >= len(buf):
-            # BlockingIOError (nothing there) and b"" (closed) reach paho as from the socket.
-            buf = self._sock.recv(READ_AHEAD)
-            if not buf:
-                return buf
-            self._buf, pos = buf, 0
-        end = min(pos + size, len(buf))
-        self._pos = end
-        return buf[pos:end]
-
-    def pending(self) -> int:
-        """Bytes read from the socket that paho has not taken yet."""
-        return len(self._buf) - self._pos
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 class _BatchAcks:
