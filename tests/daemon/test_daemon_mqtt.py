@@ -119,6 +119,27 @@ async def test_no_puback_while_redis_is_down_then_redelivered_and_journaled(
         await drop_session(f"stw-{names.tag}")
 
 
+async def test_a_batch_far_larger_than_the_inflight_window_arrives_whole_and_in_order(
+    names: Names, mqtt_probe: MqttProbe
+) -> None:
+    """The publisher hands a whole batch to paho at once and waits once for its PUBACKs:
+    3,000 events (three times ``max_inflight``) all reach a subscriber, in order, and
+    ``publish_many`` returns only once the broker has every one."""
+    settings = settings_for(names)
+    publisher = Publisher(settings)
+    task = asyncio.create_task(publisher.run())
+    try:
+        topic = f"{names.topic_prefix}/events/test.batch"
+        batch = [(topic, json.dumps({"type": "test.batch", "n": n}).encode()) for n in range(3000)]
+        await asyncio.wait_for(publisher.publish_many(batch), 60)
+        got = await mqtt_probe.wait_for("events/test.batch", count=3000, timeout=60)
+        assert [p["n"] for p in got] == list(range(3000))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def test_commands_become_messages_on_the_right_topics() -> None:
     from router.daemon.mqtt import command_messages
     from router.messages import CancelOfferCmd, EventCmd, OfferCmd, RefusedCmd
