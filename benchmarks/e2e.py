@@ -5,8 +5,8 @@ topic prefix, a generated routing file with ``--agents`` phone agents, wrap-up 0
 running daemon (``--use-running`` with ``--topic-prefix`` and ``--routing``). Then, for each rate
 in ``--rates``, it drives the daemon for ``--duration`` seconds with Asterisk StasisStart events
 over MQTT; simulated agents accept each offer at once and the caller hangs up at once (so every
-contact costs the daemon three journal entries: the call, the accept, the hang-up, and about
-seven MQTT messages out). Per rate it reports contacts/s sent and offered, ingress->offer latency
+contact costs the daemon three journal entries: the call, the accept, the hang-up, and five
+MQTT messages out). Per rate it reports contacts/s sent and offered, ingress->offer latency
 percentiles (send time to the offer arriving at the agent, matched by contact id), the contacts
 ``lost`` (accepted by the broker, never seen by the router although its backlog drained) and
 ``unconsumed`` (never seen, but the daemon still had a backlog when ``--drain`` ran out). The
@@ -747,7 +747,6 @@ SPY_STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("paho socket reads, all connections (packets in)", (("loop_read", "paho/mqtt/client.py"),)),
     ("paho socket writes, all connections (packets out)", (("loop_write", "paho/mqtt/client.py"),)),
     ("redis-py replies (all connections)", (("read_response", "redis/"),)),
-    ("HTTP (the benchmark's /metrics polls)", (("_handle", "aiohttp/web_protocol.py"),)),
 )
 
 
