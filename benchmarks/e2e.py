@@ -5,8 +5,8 @@ topic prefix, a generated routing file with ``--agents`` phone agents, wrap-up 0
 running daemon (``--use-running`` with ``--topic-prefix`` and ``--routing``). Then, for each rate
 in ``--rates``, it drives the daemon for ``--duration`` seconds with Asterisk StasisStart events
 over MQTT; simulated agents accept each offer at once and the caller hangs up at once (so every
-contact costs the daemon three journal entries: the call, the accept, the hang-up, and about
-seven MQTT messages out). Per rate it reports contacts/s sent and offered, ingress->offer latency
+contact costs the daemon three journal entries: the call, the accept, the hang-up, and five
+MQTT messages out). Per rate it reports contacts/s sent and offered, ingress->offer latency
 percentiles (send time to the offer arriving at the agent, matched by contact id), the contacts
 ``lost`` (accepted by the broker, never seen by the router although its backlog drained) and
 ``unconsumed`` (never seen, but the daemon still had a backlog when ``--drain`` ran out). The
@@ -15,15 +15,23 @@ latency percentiles in ms, ``lost`` and ``unconsumed``.
 
     .venv/bin/python benchmarks/e2e.py                       # 200,500,1000,2000,5000 /s, 10 s each
     .venv/bin/python benchmarks/e2e.py --rates 1000 --duration 30 --json
+    .venv/bin/python benchmarks/e2e.py --own-broker --generator-procs 3 --rates 1000,3000 --json
 
-The target is >= 5,000 contacts/s with p99 < 50 ms and zero loss; the figures measured on
-the 2-core development box are in docs/operations.md.
+``--generator-procs N`` runs the bridge and the agents in N processes of their own
+(``benchmarks/e2e_gen.py``) instead of the in-process loadgen, and adds per rate the CPU per
+call of the daemon, the broker, Redis and the generator, how busy the daemon was while the
+calls were sent, where a backlog built up (broker or journal) and the load average.
+``--py-spy FILE`` samples the daemon and prints each stage's share of its busy time.
+
+The target is 3,000 contacts/s sustained with zero loss and p99 ingress->offer < 50 ms at
+2,000/s; the figures measured on the 2-core development box are in docs/operations.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -133,6 +141,18 @@ def received_new(url: str) -> float:
     return total
 
 
+def received_and_lag(url: str) -> tuple[float, float]:
+    """(new contacts journaled so far, journal entries not applied yet): one /metrics page."""
+    received = lag = 0.0
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("stellwerk_contacts_received_total{") and 'kind="new"' in line:
+                received += float(line.split()[-1])
+            elif line.startswith("stellwerk_journal_lag_entries "):
+                lag = float(line.split()[1])
+    return received, lag
+
+
 def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds the process used so far (Linux /proc), None elsewhere."""
     if pid is None:
@@ -187,6 +207,269 @@ async def one_rate(
     return await LoadGen(target, profile).run()
 
 
+def metric_sum(url: str, name: str) -> float:
+    """The sum of every sample of ``name`` (all label sets) on the daemon's /metrics."""
+    total = 0.0
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.split()[-1])
+    return total
+
+
+def loadavg() -> str:
+    """The machine's load average (1, 5, 15 min), to print beside every figure."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def redis_pid() -> int | None:
+    """The local Redis server's pid (INFO server), for its CPU share; None if unknown."""
+    import redis
+
+    client = redis.Redis.from_url(os.environ.get("STELLWERK_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    try:
+        return int(client.info("server")["process_id"])
+    except (redis.RedisError, KeyError, ValueError):
+        return None
+    finally:
+        client.close()
+
+
+class Worker:
+    """One ``benchmarks/e2e_gen.py`` process: request/response over its stdin/stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.cpu = 0.0  # its CPU seconds at the last report
+
+    async def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"e2e: generator process {self.proc.pid} ended")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        await self.proc.stdin.drain()
+        return await self.read()
+
+
+async def start_workers(
+    procs: int, agents: list[str], prefix: str, mqtt_port: int, run: str
+) -> list[Worker]:
+    """``procs`` generator processes, each simulating every ``procs``-th agent; ready when
+    their agents' logins are PUBACKed."""
+    workers = []
+    for k in range(procs):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(ROOT / "benchmarks" / "e2e_gen.py"),
+            "--port",
+            str(mqtt_port),
+            "--prefix",
+            prefix,
+            "--run",
+            run,
+            "--index",
+            str(k),
+            "--agents",
+            ",".join(agents[k::procs]),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,  # a report line holds every offered contact id
+        )
+        workers.append(Worker(proc))
+    for worker in workers:
+        await worker.read()  # {"ready": true}
+    return workers
+
+
+async def procs_rate(
+    workers: list[Worker],
+    phase: int,
+    rate: float,
+    duration: float,
+    grace: float,
+    drain: float,
+    url: str,
+    pids: dict[str, int | None],
+    run: str,
+) -> dict[str, Any]:
+    """One rate with the generator in its own processes; the result row of ``--json``."""
+    from router.daemon.loadgen import percentiles
+
+    load_before = loadavg()
+    journaled_before = received_new(url)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    share = rate / len(workers)
+    send = {"op": "send", "phase": phase, "rate": share, "duration": duration}
+    # Where a backlog builds while sending: in the broker (sent, not journaled yet) or in the
+    # journal (journaled, not routed yet).
+    backlog = {"broker": 0.0, "journal": 0.0}
+
+    async def watch_backlog() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            journaled, lag = await asyncio.to_thread(received_and_lag, url)
+            due = min(rate * (time.monotonic() - started), rate * duration)
+            backlog["broker"] = max(backlog["broker"], due - (journaled - journaled_before))
+            backlog["journal"] = max(backlog["journal"], lag)
+
+    watcher = asyncio.create_task(watch_backlog())
+    try:
+        sends = await asyncio.gather(*(w.ask(send) for w in workers))
+    finally:
+        watcher.cancel()
+    send_seconds = max(s["send_seconds"] for s in sends)
+    cpu_sending = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    wall_sending = time.monotonic() - started
+    sent = sum(int(s["sent"]) for s in sends)
+    acked = sum(int(s["acked"]) for s in sends)
+
+    async def offered() -> int:
+        counts = await asyncio.gather(*(w.ask({"op": "count", "phase": phase}) for w in workers))
+        return sum(int(c["offered"]) for c in counts)
+
+    deadline = time.monotonic() + grace
+    while await offered() < acked and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    drained: bool | None = None
+    if await offered() < acked and drain > 0:
+        check = drain_check(url)
+        deadline = time.monotonic() + drain
+        quiet = 0
+        while quiet < 2 and time.monotonic() < deadline and await offered() < acked:
+            quiet = quiet + 1 if await check() else 0
+            await asyncio.sleep(0.5)
+        drained = quiet >= 2 or await offered() >= acked
+    settled = time.monotonic() - started
+    reports = await asyncio.gather(*(w.ask({"op": "report", "phase": phase}) for w in workers))
+    first: dict[str, float] = {}
+    for rep in reports:
+        for cid, ms in rep["offered"].items():
+            first[cid] = min(ms, first.get(cid, ms))
+    # Lost or unconsumed: PUBACKed by the broker, never offered (by id, not by count).
+    seen = {cid.rpartition(".")[0] for cid in first}
+    unacked = {u for rep in reports for u in rep["unacked"]}
+    missing = 0
+    for k, s in enumerate(sends):
+        for n in range(int(s["sent"])):
+            stem = f"g{run}.{phase}.{k}.{n}"
+            if stem not in unacked and f"asterisk-ari:{stem}" not in seen:
+                missing += 1
+    cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    journaled = received_new(url) - journaled_before
+
+    def per_call(name: str) -> float | None:
+        a, b = cpu_after.get(name), cpu_before.get(name)
+        return None if a is None or b is None else round((a - b) * 1000 / max(journaled, 1), 3)
+
+    def busy(name: str) -> float | None:
+        a, b = cpu_sending.get(name), cpu_before.get(name)
+        return None if a is None or b is None else round((a - b) / wall_sending, 3)
+
+    gen_cpu = 0.0
+    for worker, rep in zip(workers, reports, strict=True):
+        gen_cpu += float(rep["cpu_seconds"]) - worker.cpu
+        worker.cpu = float(rep["cpu_seconds"])
+    return {
+        "rate": rate,
+        "generator_procs": len(workers),
+        "sent": sent,
+        "accepted": acked,
+        "offered": len(first),
+        "contacts_per_second": sent / send_seconds if send_seconds else 0.0,
+        "offers_per_second": len(first) / max(settled, duration),
+        "latency_ms": percentiles(list(first.values())),
+        "lost": missing if drained is not False else 0,
+        "unconsumed": missing if drained is False else 0,
+        "drained": drained,
+        "daemon_journaled_calls": journaled,
+        "max_calls_waiting_in_broker": round(backlog["broker"]),
+        "max_journal_lag_entries": round(backlog["journal"]),
+        "daemon_cpu_ms_per_call": per_call("daemon"),
+        "daemon_cpu_busy_while_sending": busy("daemon"),
+        "broker_cpu_ms_per_call": per_call("broker"),
+        "redis_cpu_ms_per_call": per_call("redis"),
+        "generator_cpu_ms_per_call": round(gen_cpu * 1000 / max(sent, 1), 3),
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+    }
+
+
+async def run_procs(
+    args: argparse.Namespace,
+    rates: list[float],
+    target: Target,
+    run: str,
+    pids: dict[str, int | None],
+) -> list[dict[str, Any]]:
+    """Every rate with the generator in ``--generator-procs`` processes of its own."""
+    workers = await start_workers(
+        args.generator_procs, target.agents, target.prefix, target.mqtt_port, run
+    )
+    results = []
+    try:
+        # The logins are PUBACKed; wait until the daemon applied them too.
+        check = drain_check(target.http_url)
+        while not (await check() and await check()):
+            await asyncio.sleep(0.2)
+        for phase, rate in enumerate(rates):
+            row = await procs_rate(
+                workers,
+                phase,
+                rate,
+                args.duration,
+                args.grace,
+                args.drain,
+                target.http_url,
+                pids,
+                run,
+            )
+            results.append(row)
+            if not args.json:
+                print_procs_row(row)
+    finally:
+        for worker in workers:
+            with contextlib.suppress(SystemExit, OSError):
+                await asyncio.wait_for(worker.ask({"op": "quit"}), 15)
+            if worker.proc.returncode is None:
+                worker.proc.kill()
+            await worker.proc.wait()
+    return results
+
+
+def print_procs_row(row: dict[str, Any]) -> None:
+    """One human-readable line per rate (``--generator-procs``)."""
+    lat = row["latency_ms"]
+    print(
+        f"rate {row['rate']:>6.0f}/s: sent {row['sent']} ({row['contacts_per_second']:.0f}/s)"
+        f", offered {row['offered']} ({row['offers_per_second']:.0f}/s)"
+        f", lost {row['lost']}, unconsumed {row['unconsumed']}"
+        + (
+            f", offer latency p50 {lat['p50']:.1f} p90 {lat['p90']:.1f} p99 {lat['p99']:.1f}"
+            f" max {lat['max']:.1f} ms"
+            if lat
+            else ""
+        )
+        + f"; most waiting: broker {row['max_calls_waiting_in_broker']} calls"
+        f", journal {row['max_journal_lag_entries']} entries"
+        + f"; CPU ms per call: daemon {row['daemon_cpu_ms_per_call']}"
+        f" (busy {row['daemon_cpu_busy_while_sending']} cores while sending)"
+        f", broker {row['broker_cpu_ms_per_call']}, redis {row['redis_cpu_ms_per_call']}"
+        f", generator {row['generator_cpu_ms_per_call']}"
+        f"; load {row['loadavg_before']} -> {row['loadavg_after']}",
+        flush=True,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="200,500,1000,2000,5000", help="contacts/s, comma list")
@@ -202,6 +485,15 @@ def main() -> int:
     )
     parser.add_argument("--use-running", action="store_true", help="do not start a daemon")
     parser.add_argument(
+        "--generator-procs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the telephony bridge and the agents in N processes of their own "
+        "(benchmarks/e2e_gen.py) instead of the one-process loadgen, and report the CPU per "
+        "call of the daemon, the broker, Redis and the generator (0: the in-process loadgen)",
+    )
+    parser.add_argument(
         "--own-broker",
         action="store_true",
         help="start a Mosquitto of its own with production settings (no 20-message in-flight "
@@ -212,6 +504,13 @@ def main() -> int:
     parser.add_argument("--routing", default=None, help="with --use-running: its routing file")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--keep-log", action="store_true", help="keep the daemon's log file")
+    parser.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        default=None,
+        help="sample the daemon with py-spy (raw collapsed stacks into FILE) and print each "
+        "stage's share of its busy samples and, with --generator-procs, its CPU per call",
+    )
     parser.add_argument(
         "--profile",
         metavar="FILE",
@@ -265,8 +564,23 @@ def main() -> int:
         profile = (
             ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
         )
+        spy = (
+            [
+                *(str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw"),
+                *(
+                    "--rate",
+                    "200",
+                    "--nonblocking",
+                    "--output",
+                    str(Path(args.py_spy).resolve()),
+                    "--",
+                ),
+            ]
+            if args.py_spy
+            else []
+        )
         daemon = subprocess.Popen(
-            [sys.executable, *profile, "-m", "router.cli", "run"],
+            [*spy, sys.executable, *profile, "-m", "router.cli", "run"],
             cwd=ROOT,
             env=env,
             stdout=log_path.open("wb"),
@@ -277,6 +591,14 @@ def main() -> int:
     try:
         wait_ready(http_url)
         target = Target(prefix=prefix, agents=agents, http_url=http_url, mqtt_port=mqtt_port)
+        if args.generator_procs > 0:
+            pids = {
+                "daemon": daemon_pid(daemon, spied=bool(args.py_spy)),
+                "broker": broker.pid if broker is not None else None,
+                "redis": redis_pid(),
+            }
+            results = asyncio.run(run_procs(args, rates, target, run, pids))
+            rates = []
         for rate in rates:
             before = received_new(http_url)
             cpu_before = cpu_seconds(daemon.pid if daemon is not None else None)
@@ -325,7 +647,13 @@ def main() -> int:
                 )
     finally:
         if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
+            # Under py-spy the daemon is its child; py-spy writes its file when that exits.
+            real = daemon_pid(daemon, spied=bool(args.py_spy)) if args.py_spy else None
+            if real is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(real, signal.SIGTERM)
+            else:
+                daemon.send_signal(signal.SIGTERM)
             try:
                 daemon.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -339,6 +667,13 @@ def main() -> int:
             broker.wait(10)
     if args.json:
         print(json.dumps(results, indent=2))
+    if args.py_spy and daemon is not None:
+        cpu = [r.get("daemon_cpu_ms_per_call") for r in results]
+        per_call = cpu[0] if len(cpu) == 1 else None
+        print(f"per-stage share of the daemon's busy samples (py-spy, {args.py_spy}):")
+        for label, share in spy_shares(Path(args.py_spy)):
+            micros = f" {share * per_call * 1000:8.0f} us/call" if per_call else ""
+            print(f"  {label:<52} {share:6.1%}{micros}")
     if args.profile and daemon is not None:
         contacts = sum(int(r["sent"]) for r in results)
         print(f"per-stage cost per contact ({contacts} contacts, cProfile):", file=sys.stderr)
@@ -386,6 +721,84 @@ def stage_costs(path: Path, contacts: int) -> list[tuple[str, float, float]]:
         ("all of the daemon's busy time (not in select)", total / max(contacts, 1) * 1e6, 1.0)
     )
     return out
+
+
+# (label, frames that make it: (qualified-name suffix, file suffix), ...) for py-spy samples.
+SPY_STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("MQTT ingress: take messages, split the batch", (("_consume", "router/daemon/mqtt.py"),)),
+    ("  decode (ARI JSON -> contact event)", (("decode", "channels/registry.py"),)),
+    ("  journal append (encode, XADD in MULTI)", (("append_many", "router/daemon/journal.py"),)),
+    ("  ingress PUBACKs (paho ack)", (("ack", "router/daemon/mqtt.py"),)),
+    ("router loop (read, engine, publish, mark)", (("_route", "router/daemon/router_loop.py"),)),
+    ("  journal read (XREAD, decode entries)", (("read_after", "router/daemon/journal.py"),)),
+    ("  engine (Engine.handle)", (("handle", "router/engine.py"),)),
+    ("  commands -> MQTT messages (encode)", (("command_messages", "router/daemon/mqtt.py"),)),
+    ("  publishing offers and events (QoS 1)", (("publish_many", "router/daemon/mqtt.py"),)),
+    ("  published mark (fenced SET)", (("set_published", "router/daemon/journal.py"),)),
+    (
+        "  metrics (observe_*, refresh)",
+        (("observe_", "router/daemon/metrics.py"), ("refresh", "router/daemon/metrics.py")),
+    ),
+    ("  decision log lines", (("_log_command", "router/daemon/router_loop.py"),)),
+    (
+        "  command sinks (desk feed)",
+        (("submit", "router/daemon/desk.py"), ("submit", "router/daemon/wall.py")),
+    ),
+    ("paho socket reads, all connections (packets in)", (("loop_read", "paho/mqtt/client.py"),)),
+    ("paho socket writes, all connections (packets out)", (("loop_write", "paho/mqtt/client.py"),)),
+    ("redis-py replies (all connections)", (("read_response", "redis/"),)),
+)
+
+
+def spy_shares(path: Path) -> list[tuple[str, float]]:
+    """Each stage's share of the daemon's busy samples: its event loop's, not waiting in
+    ``select`` (start-up before the loop, such as imports and the routing file, is left out)."""
+    total = 0
+    counts = dict.fromkeys((label for label, _ in SPY_STAGES), 0)
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].startswith(("EpollSelector.select (", "select (")) or not any(
+            f.startswith("Runner.run (") for f in frames
+        ):
+            continue  # idle in select, or not the event loop (start-up imports, idle threads)
+        total += int(n)
+        names = [f.partition(" (") for f in frames]
+        for label, matchers in SPY_STAGES:
+            if any(
+                _frame_is(qual.rpartition(".")[2], where, name, suffix)
+                for qual, _, where in names
+                for name, suffix in matchers
+            ):
+                counts[label] += int(n)
+    out = [(label, counts[label] / total if total else 0.0) for label, _ in SPY_STAGES]
+    out.append((f"all busy samples ({total})", 1.0))
+    return out
+
+
+def _frame_is(func: str, where: str, name: str, suffix: str) -> bool:
+    # A name ending in "_" is a prefix (observe_*); the file is a path fragment.
+    named = func.startswith(name) if name.endswith("_") else func == name
+    return named and suffix in where
+
+
+def daemon_pid(daemon: subprocess.Popen[bytes] | None, *, spied: bool) -> int | None:
+    """The daemon's pid; under py-spy, that of py-spy's child (py-spy's own CPU aside)."""
+    if daemon is None:
+        return None
+    if not spied:
+        return daemon.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children")
+        with contextlib.suppress(OSError):
+            pids = children.read_text().split()
+            if pids:
+                return int(pids[0])
+        time.sleep(0.1)
+    return None
 
 
 def _cleanup_redis(prefix: str) -> None:

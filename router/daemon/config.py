@@ -569,6 +569,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     topic_prefix: str = "stellwerk"
     key_prefix: str = "stellwerk:"
     admin_token: str | None = None
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The asyncio event loop ``stellwerk run`` runs on: uvloop's (libuv; less CPU per MQTT
+    packet and task, see docs/operations.md) or the standard library's."""
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)

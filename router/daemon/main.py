@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         print(msgspec.json.format(msgspec.json.encode(settings.redacted())).decode())
         return 0
     try:
-        asyncio.run(Daemon(loaded, table).run())
+        with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
+            runner.run(Daemon(loaded, table).run())
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         return 130
     except Exception:
@@ -149,6 +151,15 @@ def run(args: argparse.Namespace) -> int:
         log.exception("daemon.crashed")
         return 1
     return 0
+
+
+def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop unless the settings ask for the standard one."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 class Daemon:

@@ -83,6 +83,7 @@ def test_mqtt_url_carries_host_port_and_credentials() -> None:
         ("mqtt:\n  url: mqtt://x\n  urll: 3\n", ":3:3: mqtt.urll: Object contains unknown field"),
         ("http:\n  addr: nowhere\n", ":2:9: http.addr: 'nowhere' is not host:port"),
         ("log:\n  format: xml\n", ":2:11: log.format: Invalid enum value 'xml'"),
+        ("event_loop: libev\n", ":1:13: event_loop: Invalid enum value 'libev'"),
         ("router:\n  lease_ttl: fast\n", ":2:14: router.lease_ttl: Expected `float`"),
         ("topic_prefix: a/#\n", ":1:15: topic_prefix: must be non-empty"),
         ("mqtt: [1, 2]\n", ":1:7: mqtt: Expected `object`, got `array`"),

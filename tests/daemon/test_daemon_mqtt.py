@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -117,6 +118,31 @@ async def test_no_puback_while_redis_is_down_then_redelivered_and_journaled(
             await pub_task
         await down.redis.aclose()
         await drop_session(f"stw-{names.tag}")
+
+
+async def test_a_batch_far_larger_than_the_inflight_window_arrives_whole_and_in_order(
+    names: Names, mqtt_probe: MqttProbe
+) -> None:
+    """The publisher hands a whole batch to paho at once and waits once for its PUBACKs:
+    800 events, eight times ``max_inflight``, all reach a subscriber, in order, and
+    ``publish_many`` returns only once the broker has every one. (Fewer than the stock
+    broker's 1,000 queued messages per subscriber, which it would drop beyond.)"""
+    settings = msgspec.structs.replace(
+        settings_for(names),
+        mqtt=msgspec.structs.replace(settings_for(names).mqtt, max_inflight=100),
+    )
+    publisher = Publisher(settings)
+    task = asyncio.create_task(publisher.run())
+    try:
+        topic = f"{names.topic_prefix}/events/test.batch"
+        batch = [(topic, json.dumps({"type": "test.batch", "n": n}).encode()) for n in range(800)]
+        await asyncio.wait_for(publisher.publish_many(batch), 30)
+        got = await mqtt_probe.wait_for("events/test.batch", count=800, timeout=30)
+        assert [p["n"] for p in got] == list(range(800))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def test_commands_become_messages_on_the_right_topics() -> None:
