@@ -302,7 +302,7 @@ async def procs_rate(
     run: str,
 ) -> dict[str, Any]:
     """One rate with the generator in its own processes; the result row of ``--json``."""
-    from router.daemon.loadgen import percentiles
+    from router.cli.loadgen import percentiles
 
     load_before = loadavg()
     journaled_before = received_new(url)

@@ -2,7 +2,7 @@
 
 A telephony bridge and a share of the agents in a process of its own, so that the benchmark
 measures the daemon and not its own generator: at 3,000 calls/s the one-process generator
-(``router.daemon.loadgen``) needs more CPU than the daemon. It uses paho-mqtt directly (MQTT
+(``router.cli.loadgen``) needs more CPU than the daemon. It uses paho-mqtt directly (MQTT
 3.1.1, its network loop in a thread) and keeps nothing per call but what the report needs.
 
 Per call: a ``StasisStart`` over MQTT (QoS 1); whichever generator process simulates the
@@ -43,7 +43,7 @@ import paho.mqtt.client as paho
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from router.daemon.loadgen import ari_event  # noqa: E402
+from router.cli.loadgen import ari_event  # noqa: E402
 
 
 class Offer(msgspec.Struct):
