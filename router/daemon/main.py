@@ -31,6 +31,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from router.daemon import openapi
 from router.daemon.auth import Authenticator, add_routes
 from router.daemon.config import LoadedSettings, LogSettings, Settings, SettingsError, load_settings
 from router.daemon.desk import DeskService
@@ -173,6 +174,8 @@ class Daemon:
         # Replies and platform actions (router.daemon.replies), when a platform is configured;
         # the desk registers on ``outbound.watchers`` for the status of its agents' messages.
         self.outbound: Outbound | None = None
+        # The HTTP app as served, every module's routes included (None without a listener).
+        self.app: web.Application | None = None
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
@@ -290,8 +293,10 @@ class Daemon:
                 # They check their callers themselves: Twilio's request signature,
                 # the credentials of Asterisk's outbound WebSocket.
                 add_routes(app, [(r, "signed") for r in connector.http_routes()])
+                openapi.document_paths(app, dict(connector.openapi_paths()))
             if outbound is not None:
                 app[OUTBOUND] = outbound
+        self.app = app
         # One stop event per stage of the shutdown (see docs/daemon.md, "Supervision").
         intake_stop = asyncio.Event()
         router_stop = asyncio.Event()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.daemon.conftest import MqttProbe, wait_until
+from tests.daemon.private_servers import free_port
 from tests.peers.ari import AriPeer
 from tests.telephony.ari_world import (
     EXPERT_PHONE,
@@ -23,6 +24,7 @@ from tests.telephony.ari_world import (
     wait_ringing,
     write_phone_routing,
 )
+from tests.telephony.figures import TOKEN, assert_abandoned
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +72,8 @@ async def test_hang_up_while_held_is_abandoned_and_nothing_rings(
 ) -> None:
     async with AriPeer() as peer:
         routing = write_phone_routing(tmp_path / "routing.yaml", ("anna",))
-        await start_daemon(routing, **asterisk_env(peer))
+        http = f"127.0.0.1:{free_port()}"
+        await start_daemon(routing, http_addr=http, admin_token=TOKEN, **asterisk_env(peer))
         await wait_until(lambda: peer.connected(), 10, "the daemon's events socket")
         cid = peer.place_call("+4930555002")  # nobody logged in: the caller waits
         await wait_held(peer, cid, "support-moh")
@@ -82,6 +85,7 @@ async def test_hang_up_while_held_is_abandoned_and_nothing_rings(
         peer.hangup(cid)
         gone = await mqtt_probe.wait_for("events/contact.abandoned", contact_id=contact(cid))
         assert gone[0]["queue"] == "support"
+        await assert_abandoned(f"http://{http}", "support", 1)  # and counted
         await wait_until(lambda: not peer.bridges, 5, "the holding bridge is gone")
         await login(mqtt_probe, "anna")
         assert peer.ringing("PJSIP/anna") == []

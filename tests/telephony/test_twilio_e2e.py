@@ -22,6 +22,7 @@ from twilio.request_validator import RequestValidator
 from tests.daemon.conftest import EXPERT_PHONE, DaemonProcess, MqttProbe, wait_until
 from tests.daemon.private_servers import free_port
 from tests.peers.twilio import TwilioPeer
+from tests.telephony.figures import TOKEN, assert_abandoned
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +104,7 @@ async def world(
         "twilio_auth_token": peer.auth_token,
         "twilio_api_base": peer.api_base,
         "twilio_public_url": public,
+        "admin_token": TOKEN,
     }
     env = daemon_env(routing, **extras)
     try:
@@ -132,31 +134,54 @@ async def test_unsigned_or_forged_requests_are_refused_and_journal_nothing(
 ) -> None:
     peer = running.peer
     base = running.extras["twilio_public_url"]
-    form = {"AccountSid": peer.account_sid, "CallSid": "CA" + "7" * 32, "CallStatus": "ringing"}
+    caller = "CA" + "7" * 32
+    form = {"AccountSid": peer.account_sid, "CallSid": caller, "CallStatus": "ringing"}
+    # the agent leg's status callback and the dial's action, for an offer long gone
+    leg = {**form, "CallSid": "CA" + "8" * 32, "ParentCallSid": caller, "CallStatus": "completed"}
+    dialled = {**form, "CallStatus": "in-progress", "DialCallStatus": "no-answer"}
+    # every route Twilio calls, with the form Twilio would send there
+    routes = [
+        ("/v1/webhooks/twilio-voice", form),
+        ("/v1/telephony/twilio/route", form),
+        ("/v1/telephony/twilio/wait?queue=support", form),
+        ("/v1/telephony/twilio/leg?offer=o-gone", leg),
+        ("/v1/telephony/twilio/dialled?offer=o-gone", dialled),
+    ]
     good, other = RequestValidator(peer.auth_token), RequestValidator("other-token")
     async with aiohttp.ClientSession() as http:
-        for path in ("/v1/webhooks/twilio-voice", "/v1/telephony/twilio/route"):
+        for path, body in routes:
             url = base + path
             for headers in (
                 {},
-                {"X-Twilio-Signature": other.compute_signature(url, form)},
+                {"X-Twilio-Signature": other.compute_signature(url, body)},
                 # signed, but for another URL
-                {"X-Twilio-Signature": good.compute_signature(url + "?x=1", form)},
+                {"X-Twilio-Signature": good.compute_signature(url + "&x=1", body)},
+                # signed, but for another form
+                {"X-Twilio-Signature": good.compute_signature(url, {**body, "CallSid": "CA1"})},
             ):
-                async with http.post(url, data=form, headers=headers) as resp:
-                    assert resp.status == 401
+                async with http.post(url, data=body, headers=headers) as resp:
+                    assert resp.status == 401, path
                     assert resp.content_type == "text/xml"
                     assert [v.tag for v in verbs(await resp.text())] == ["Say", "Hangup"]
-        # the same request, signed: accepted and answered with TwiML
-        url = base + "/v1/webhooks/twilio-voice"
-        signed = {"X-Twilio-Signature": good.compute_signature(url, form)}
-        async with http.post(url, data=form, headers=signed) as resp:
-            assert resp.status == 200 and resp.content_type == "text/xml"
-            assert [v.tag for v in verbs(await resp.text())] == ["Enqueue"]
+        # the same requests, signed: accepted and answered with the TwiML of each step
+        answers = []
+        for path, body in routes:
+            url = base + path
+            signed = {"X-Twilio-Signature": good.compute_signature(url, body)}
+            async with http.post(url, data=body, headers=signed) as resp:
+                assert resp.status == 200 and resp.content_type == "text/xml", path
+                answers.append([v.tag for v in verbs(await resp.text())])
+    assert answers == [
+        ["Enqueue"],  # the caller is queued (nobody is logged in)
+        ["Enqueue"],  # asked again: still queued
+        ["Play"],  # the queue's music while waiting
+        [],  # a leg's status callback is answered with empty TwiML
+        ["Enqueue"],  # a dial that ended unanswered: back into the queue
+    ]
     entries = await redis_client.xrange(f"{names.key_prefix}journal")
     # only the signed delivery (which a reconciliation running at the same moment may journal
     # once more; the engine routes a contact once)
-    assert entries and all(form["CallSid"].encode() in e[1][b"e"] for e in entries)
+    assert entries and all(caller.encode() in e[1][b"e"] for e in entries)
     assert all(b'"kind":"new"' in e[1][b"e"] for e in entries)
 
 
@@ -243,6 +268,7 @@ async def test_caller_hangs_up_while_queued_is_abandoned_and_nothing_rings(
     await peer.hangup(sid)
     (abandoned,) = await probe.wait_for("events/contact.abandoned", contact_id=cid)
     assert abandoned["reason"] == "hangup"
+    await assert_abandoned(running.extras["twilio_public_url"], "support", 1)  # and counted
     await running.login("anna")  # an agent now: nobody to ring
     await asyncio.sleep(0.3)
     assert peer.legs() == []
