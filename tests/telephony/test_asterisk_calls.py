@@ -126,14 +126,22 @@ async def test_an_expert_overtakes_a_long_queue_and_rings_the_expert_desk_first(
         await wait_held(peer, expert, "expert-moh")
         queued = await mqtt_probe.wait_for("events/contact.queued", contact_id=contact(expert))
         assert queued[0]["queue"] == "expert_desk" and queued[0]["expert"] is True
-        # The expert desk's agent logs in: the expert's call rings there first, the long
-        # support queue is not in its way.
+        # Erika logs in; she takes support calls as well as the expert desk's, and six support
+        # calls have waited longer: her phone rings for the expert first all the same.
         await login(mqtt_probe, "erika")
         leg = await wait_ringing(peer, "PJSIP/erika")
         assert peer.channels[leg].caller["number"] == EXPERT_PHONE
         peer.answer(leg)
         await wait_until(lambda: bridged_with(peer, expert) == ["PJSIP/erika"], 5, "bridged")
         assert all(held(peer, cid) == "support-moh" for cid in waiting)
+        offers = mqtt_probe.seen("events/contact.offered", agent_id="erika")
+        assert [o["contact_id"] for o in offers] == [contact(expert)]
+        # Once the expert is done she takes the support queue, oldest call first: she could
+        # have taken any of them, and the expert overtook them.
+        peer.hangup(expert)
+        await mqtt_probe.wait_for("events/contact.completed", contact_id=contact(expert))
+        leg = await wait_ringing(peer, "PJSIP/erika")
+        assert peer.channels[leg].caller["number"] == "+4930555100"
         assert no_violations(peer)
 
 
