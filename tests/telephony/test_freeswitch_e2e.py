@@ -290,7 +290,10 @@ async def test_the_event_socket_drops_for_ten_seconds(
         return active == {cid(c.uuid) for c in peer.alive() if c.direction == "inbound"}
 
     await wait_until(views_match, 5, "the engine's calls to be the switch's")
-    assert peer.channels[before].playing == ["local_stream://moh"]
+    # held again after the reconnect (the reconciliation's hold may still be on its way)
+    await peer.wait_for(
+        lambda: peer.channels[before].playing == ["local_stream://moh"], 5, "the music again"
+    )
     # Nothing is stuck: the agent logs in and both waiting calls are put through.
     await login(mqtt_probe, "anna")
     [leg] = await peer.wait_for(lambda: peer.ringing(), 10, "anna rings")
