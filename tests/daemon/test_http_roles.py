@@ -334,6 +334,8 @@ async def test_the_served_openapi_document_is_valid_and_matches_every_route_serv
         ):
             assert resp.status == 200
             doc = await resp.json()
+        # The telephony routes under fuzzing too (from a thread: the daemon runs in this loop).
+        await asyncio.to_thread(fuzz_unsigned_telephony, doc, f"http://{http}")
     finally:
         await twilio.close()
     validate(doc)
@@ -355,6 +357,25 @@ async def test_the_served_openapi_document_is_valid_and_matches_every_route_serv
                 path,
                 documented,
             )
+
+
+def fuzz_unsigned_telephony(doc: dict[str, Any], base: str) -> None:
+    """schemathesis over the telephony operations of ``doc``, never signed: no 500, and each
+    refused (Twilio's signature, Asterisk's basic credentials) or a malformed form (400)."""
+    schema = schemathesis.openapi.from_dict(doc).include(path_regex="^/v1/telephony/|twilio-voice")
+    reached: set[str] = set()
+
+    @settings(
+        max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(case=schema.as_strategy())
+    def run(case: Any) -> None:
+        resp = case.call(base_url=base)
+        reached.add(case.operation.path)
+        assert resp.status_code in (400, 401), (case.method, case.formatted_path, resp.text)
+
+    run()
+    assert len(reached) >= 4, reached
 
 
 def test_the_document_of_the_core_routes_matches_the_core_app(server: Server) -> None:
