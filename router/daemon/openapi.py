@@ -27,8 +27,11 @@ def document_paths(app: web.Application, paths: dict[str, Any]) -> None:
     extra.update(paths)
 
 
-def form_callback(summary: str, query: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
-    """The path item of a Twilio callback: a signed form POST answered with TwiML."""
+def form_callback(
+    summary: str, query: tuple[tuple[str, str], ...] = (), *, standby: bool = False
+) -> dict[str, Any]:
+    """The path item of a Twilio callback: a signed form POST answered with TwiML
+    (``standby``: a daemon that is not routing answers 503)."""
     twiml = {"text/xml": {"schema": {"type": "string"}}}
     params: list[dict[str, Any]] = [
         {
@@ -71,7 +74,12 @@ def form_callback(summary: str, query: tuple[tuple[str, str], ...] = ()) -> dict
                 "400": {"description": "not a form", "content": twiml},
                 "401": {"description": "unsigned or wrongly signed: Say, Hangup", "content": twiml},
                 "403": {"description": "signed, but not for this account", "content": twiml},
-            },
+            }
+            | (
+                {"503": {"description": "not routing: Twilio uses the fallback URL"}}
+                if standby
+                else {}
+            ),
         }
     }
 

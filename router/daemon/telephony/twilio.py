@@ -98,7 +98,8 @@ _OFFER = (("offer", "the offer the dial rings for"),)
 OPENAPI_PATHS: dict[str, Any] = {
     WEBHOOK: openapi.form_callback(
         "Twilio's voice webhook and status callback: journaled, answered with <Enqueue> "
-        "(or the <Dial> of an agent already chosen)"
+        "(or the <Dial> of an agent already chosen)",
+        standby=True,
     ),
     f"{PREFIX}/route": openapi.form_callback("A redirect target: what the call does now"),
     f"{PREFIX}/wait": openapi.form_callback(
