@@ -229,7 +229,7 @@ async def test_the_wallboard_shows_what_a_scripted_morning_made_happen(
     shown = seconds(rows["support"]["oldest"])
     elapsed = time.time() - third_called
     assert elapsed - 3 <= shown <= elapsed + 1, (shown, elapsed)
-    assert shown > 4  # past the queue's 4 s target: red
+    assert shown >= 4  # past the queue's 4 s target (red, waited for above), rounded
     # Service level today: one of two finished waits answered within 4 s, 50 % against the
     # 80 % target: red. The community desk answered its one topic within the hour.
     assert rows["support"]["sl"] == "50 % / 80 % in 4 s"
@@ -252,3 +252,6 @@ async def test_the_wallboard_shows_what_a_scripted_morning_made_happen(
     }
     await page.screenshot(path=str(artifacts / "wall-scripted-morning.png"), full_page=True)
     assert page.errors == []
+    # Closed before the daemon stops: a board reconnecting during the shutdown once held the
+    # daemon's stop past the fixture's 15 s (not what this test is about).
+    await page.context.close()
