@@ -14,8 +14,9 @@ The morning (a few seconds per "hour"):
 - Ben's phone rings but he does not answer (RONA): the call goes back to its place and the
   next free agent rings;
 - a customer hangs up while waiting;
-- Heinz, a crowd expert, calls: his call overtakes the queue and rings Erika at the expert
-  desk when she logs in;
+- Heinz, a crowd expert, calls: his call overtakes the queue. Erika, who takes support calls
+  as well as the expert desk, logs in and her phone rings for Heinz first, although support
+  callers have waited longer;
 - calls end, some by the caller hanging up, some by the agent.
 
 Each call's timeline is printed at the end: held, rung at whom, bridged, ended and why.
@@ -59,7 +60,8 @@ queues:
 agents:
   - {{id: anna, name: Anna, skills: {{support: 3}}, endpoints: {{asterisk: PJSIP/1001}}}}
   - {{id: ben, name: Ben, skills: {{support: 3}}, endpoints: {{asterisk: PJSIP/1002}}}}
-  - {{id: erika, name: Erika, skills: {{second_level: 4}}, endpoints: {{asterisk: PJSIP/1003}}}}
+  - {{id: erika, name: Erika, skills: {{support: 3, second_level: 4}},
+     endpoints: {{asterisk: PJSIP/1003}}}}
 experts:
   - {{id: x-heinz, name: Heinz Fischer, phones: ["{EXPERT}"]}}
 rules:
@@ -178,14 +180,27 @@ async def morning(peer: AriPeer, m: Morning) -> None:
         await asyncio.sleep(1.0)
         m.say("Herr Demir gives up waiting and hangs up")
         peer.hangup(fourth)
-        m.call(EXPERT, "Heinz Fischer (crowd expert)")
+        heinz = m.call(EXPERT, "Heinz Fischer (crowd expert)")
         await m.until("Heinz queued", lambda: m.seen("contact.queued", queue="expert_desk"))
         m.say("Heinz is recognised as a crowd expert: straight to the expert desk")
         m.call("+4930555014", "Frau Engel")
+        # who called before Heinz and still waits (Anna and Ben are on the phone)
+        older = [
+            who
+            for cid, who in list(m.names.items())[: list(m.names).index(heinz)]
+            if not m.seen("contact.assigned", contact_id=f"asterisk-ari:{cid}")
+            and not m.seen("contact.abandoned", contact_id=f"asterisk-ari:{cid}")
+        ]
         peer.set_endpoint("PJSIP/1003", "answer")
         await login("erika")
         await m.until("Heinz answered", lambda: m.seen("contact.assigned", agent_id="erika"))
-        m.say("Erika takes Heinz's call while the support queue is still waiting")
+        first = m.seen("contact.offered", agent_id="erika")[0]
+        if first["contact_id"] != f"asterisk-ari:{heinz}":
+            raise SystemExit("phone-example: Erika was not rung for Heinz first")
+        m.say(
+            "Erika takes support calls too, and her phone rings for Heinz first: he overtakes "
+            + (", ".join(older) + ", who waited longer" if older else "the support queue")
+        )
         # Every call that is put through is talked for a while and then ends: sometimes the
         # caller hangs up, sometimes the agent.
         ended: set[str] = {fourth}

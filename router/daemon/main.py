@@ -32,6 +32,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from router.daemon import openapi
 from router.daemon.auth import Authenticator, add_routes
 from router.daemon.config import LoadedSettings, LogSettings, Settings, SettingsError, load_settings
 from router.daemon.desk import DeskService
@@ -189,6 +190,8 @@ class Daemon:
         self.outbound: Outbound | None = None
         # Forward mode's side of the SMTP listener (router.daemon.forward), when it is on.
         self._forward: ForwardAnswers | None = None
+        # The HTTP app as served, every module's routes included (None without a listener).
+        self.app: web.Application | None = None
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT, then shut down gracefully."""
@@ -314,8 +317,10 @@ class Daemon:
                 # They check their callers themselves: Twilio's request signature,
                 # the credentials of Asterisk's outbound WebSocket.
                 add_routes(app, [(r, "signed") for r in connector.http_routes()])
+                openapi.document_paths(app, dict(connector.openapi_paths()))
             if outbound is not None:
                 app[OUTBOUND] = outbound
+        self.app = app
         # One stop event per stage of the shutdown (see docs/daemon.md, "Supervision").
         intake_stop = asyncio.Event()
         router_stop = asyncio.Event()

@@ -1,9 +1,12 @@
 """The OpenAPI 3.1 document of the daemon's ``/v1`` API, served at ``GET /v1/openapi.json``.
 
-Written by hand (the handlers decode with msgspec, not with a framework that could generate it);
-a test checks it against the app's routes in both directions, so a route cannot be added
-without being documented here, and validates it with ``openapi-spec-validator``. Each operation
-names the role it needs in ``x-stellwerk-access`` (the route table in ``router.daemon.http``).
+Written by hand (the handlers decode with msgspec, not with a framework that could generate it).
+The modules that add routes of their own (the desk, replies, the telephony drivers) add their
+path items with :func:`document_paths`. A test checks the document a real daemon serves, with
+every module configured, against that daemon's routes in both directions, so a route cannot be
+added without being documented, and validates it with ``openapi-spec-validator``. Each
+operation names the role it needs in ``x-stellwerk-access`` (the route table in
+``router.daemon.http``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,63 @@ def document_paths(app: web.Application, paths: dict[str, Any]) -> None:
         extra = {}
         app[EXTRA_PATHS_KEY] = extra
     extra.update(paths)
+
+
+def form_callback(
+    summary: str, query: tuple[tuple[str, str], ...] = (), *, standby: bool = False
+) -> dict[str, Any]:
+    """The path item of a Twilio callback: a signed form POST answered with TwiML
+    (``standby``: a daemon that is not routing answers 503)."""
+    twiml = {"text/xml": {"schema": {"type": "string"}}}
+    params: list[dict[str, Any]] = [
+        {
+            "name": "X-Twilio-Signature",
+            "in": "header",
+            "required": True,
+            "description": "Twilio's signature of the public URL and the form "
+            "(telephony.twilio.auth_token)",
+            "schema": {"type": "string"},
+        }
+    ]
+    params += [
+        {"name": name, "in": "query", "required": False, "description": text, "schema": {}}
+        for name, text in query
+    ]
+    return {
+        "post": {
+            "summary": summary,
+            "x-stellwerk-access": "signed",
+            "security": [],
+            "parameters": params,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-www-form-urlencoded": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["AccountSid", "CallSid"],
+                            "properties": {
+                                "AccountSid": {"type": "string"},
+                                "CallSid": {"type": "string"},
+                                "CallStatus": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {"description": "TwiML for the call", "content": twiml},
+                "400": {"description": "not a form", "content": twiml},
+                "401": {"description": "unsigned or wrongly signed: Say, Hangup", "content": twiml},
+                "403": {"description": "signed, but not for this account", "content": twiml},
+            }
+            | (
+                {"503": {"description": "not routing: Twilio uses the fallback URL"}}
+                if standby
+                else {}
+            ),
+        }
+    }
 
 
 def served(app: web.Application) -> dict[str, Any]:
@@ -113,7 +173,10 @@ def document() -> dict[str, Any]:
             "supervisor (reads), agent (its own contacts).",
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "basic": {"type": "http", "scheme": "basic"},
+            },
             "schemas": {
                 "Error": {
                     "type": "object",

@@ -11,11 +11,12 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import pytest
 import redis
 import requests
@@ -42,6 +43,8 @@ from router.engine import Engine
 from router.messages import Login, OfferCmd
 from rules.load import load_routing
 from tests.daemon.conftest import write_routing
+from tests.daemon.private_servers import free_port
+from tests.peers.twilio import TwilioPeer
 
 pytestmark = pytest.mark.integration
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -278,27 +281,108 @@ def test_refusals_and_admin_changes_are_counted_from_zero(server: Server) -> Non
 # ---- the OpenAPI document ----------------------------------------------------------------------
 
 
-def test_the_openapi_document_is_valid_and_matches_the_routes(server: Server) -> None:
-    doc = server.call("GET", "/v1/openapi.json").json()
-    validate(doc)
-    documented = {
+# What each route's declared access (router.daemon.auth) may be documented as. A WebSocket says
+# where its token travels, e.g. "agent (token in the first message)".
+DOCUMENTED_ACCESS = {
+    "self": {"supervisor or agent", "agent", "supervisor"},
+    "metrics": {"public"},
+}
+
+
+def documented_routes(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
         (method.upper(), path)
         for path, item in doc["paths"].items()
         for method in item
         if method != "parameters"
     }
-    served = {
+
+
+def served_v1_routes(app: Any) -> set[tuple[str, str]]:
+    return {
         (r.method, r.resource.canonical)
-        for r in server.app.router.routes()
+        for r in app.router.routes()
         if r.method != "HEAD" and r.resource is not None and r.resource.canonical.startswith("/v1")
     }
-    assert documented == served
-    for (method, path), access in server.app[auth.ACCESS_KEY].items():
+
+
+async def test_the_served_openapi_document_is_valid_and_matches_every_route_served(
+    tmp_path: Path, start_daemon: Callable[..., Any]
+) -> None:
+    """The real daemon with every module that adds routes (the desk, replies, Asterisk's
+    outbound WebSocket, Twilio): what /v1/openapi.json says is exactly what it serves."""
+    twilio = TwilioPeer(voice_url="http://unused.invalid/", status_callback="")
+    await twilio.start(port=free_port())
+    try:
+        http = f"127.0.0.1:{free_port()}"
+        daemon = await start_daemon(
+            write_routing(tmp_path / "routing.yaml", ("a01",)),
+            http_addr=http,
+            outbound_chatwoot=json.dumps(
+                {"url": "http://127.0.0.1:9", "account_id": 1, "api_token": "t"}
+            ),
+            asterisk_outbound_username="asterisk",
+            asterisk_outbound_password="ws-secret",
+            twilio_account_sid=twilio.account_sid,
+            twilio_auth_token=twilio.auth_token,
+            twilio_api_base=twilio.api_base,
+            twilio_public_url=f"http://{http}",
+        )
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"http://{http}/v1/openapi.json") as resp,
+        ):
+            assert resp.status == 200
+            doc = await resp.json()
+        # The telephony routes under fuzzing too (from a thread: the daemon runs in this loop).
+        await asyncio.to_thread(fuzz_unsigned_telephony, doc, f"http://{http}")
+    finally:
+        await twilio.close()
+    validate(doc)
+    served = served_v1_routes(daemon.app)
+    # every module really is there: the test would not notice a module it did not start
+    for module_route in (
+        ("GET", "/v1/desk/ws"),
+        ("POST", "/v1/contacts/{contact_id}/messages"),
+        ("GET", "/v1/telephony/asterisk/ws"),
+        ("POST", "/v1/telephony/twilio/wait"),
+    ):
+        assert module_route in served
+    assert documented_routes(doc) == served
+    for (method, path), access in daemon.app[auth.ACCESS_KEY].items():
         if path.startswith("/v1"):
-            op = doc["paths"][path][method.lower()]
-            documented_access = op["x-stellwerk-access"]
-            expected = "supervisor or agent" if access == "self" else access
-            assert documented_access == expected, (method, path)
+            documented = doc["paths"][path][method.lower()]["x-stellwerk-access"]
+            assert documented.split(" (")[0] in DOCUMENTED_ACCESS.get(access, {access}), (
+                method,
+                path,
+                documented,
+            )
+
+
+def fuzz_unsigned_telephony(doc: dict[str, Any], base: str) -> None:
+    """schemathesis over the telephony operations of ``doc``, never signed: no 500, and each
+    refused (Twilio's signature, Asterisk's basic credentials) or a malformed form (400)."""
+    schema = schemathesis.openapi.from_dict(doc).include(path_regex="^/v1/telephony/|twilio-voice")
+    reached: set[str] = set()
+
+    @settings(
+        max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(case=schema.as_strategy())
+    def run(case: Any) -> None:
+        resp = case.call(base_url=base)
+        reached.add(case.operation.path)
+        assert resp.status_code in (400, 401), (case.method, case.formatted_path, resp.text)
+
+    run()
+    assert len(reached) >= 4, reached
+
+
+def test_the_document_of_the_core_routes_matches_the_core_app(server: Server) -> None:
+    """Without the modules, the app and its document shrink together."""
+    doc = server.call("GET", "/v1/openapi.json").json()
+    validate(doc)
+    assert documented_routes(doc) == served_v1_routes(server.app)
     assert openapi.document() == openapi.document()  # a fresh copy, not shared state
 
 

@@ -16,9 +16,12 @@ Behaviour modelled (from Asterisk's own test suite, see the reference notes):
   ``Ringing``) and, when answered, enters the app (``StasisStart`` with ``appArgs`` split at
   commas); busy / declined / unreachable endpoints are destroyed with Q.850 causes 17 / 21 /
   20; an unanswered one is destroyed after ``timeout`` seconds with cause 19;
-- a created, not answered, channel answers 409 to Stasis-only operations (``answer``, ``moh``);
-  adding a channel that is not in Stasis to a bridge answers 422; unknown channel 400 (in a
-  bridge's list) or 404; a taken ``channelId`` / ``bridgeId`` 409;
+- an originated, not answered, channel is not in Stasis yet: it answers 409 to Stasis-only
+  operations (``answer``, ``moh``, ``play``); a channel made with ``POST /channels/create`` is in
+  Stasis at once (``StasisStart``) but not dialled (state ``Down``) and answers those 412
+  (Asterisk's testsuite, ``channels/create/off-nominal``); adding a channel that is not in
+  Stasis to a bridge answers 422; unknown channel 400 (in a bridge's list) or 404; a taken
+  ``channelId`` / ``bridgeId`` 409;
 - hanging up: ``ChannelLeftBridge`` (if bridged), ``StasisEnd`` (if in the app),
   ``ChannelDestroyed``; deleting a bridge lets its channels go (``ChannelLeftBridge``) and
   ``BridgeDestroyed``.
@@ -86,6 +89,15 @@ _ORIGINATE = (
 OPERATIONS: tuple[Op, ...] = (
     _op("GET", "/channels"),
     _op("POST", "/channels", "endpoint", _ORIGINATE, "400 409", body=True),
+    # Not used by Stellwerk (it originates); here for the 412 of a channel not dialled yet.
+    _op(
+        "POST",
+        "/channels/create",
+        "endpoint app",
+        "appArgs channelId otherChannelId originator formats",
+        "409",
+        body=True,
+    ),
     _op("GET", "/channels/{channelId}", errors="404"),
     _op("DELETE", "/channels/{channelId}", opt="reason_code reason", errors="400 404"),
     _op("POST", "/channels/{channelId}/answer", errors="404 409 412"),
@@ -599,6 +611,13 @@ class AriPeer:
             raise AriFault(409, "Channel not in Stasis application")
         return channel
 
+    def _dialled(self, channel_id: str) -> Channel:
+        """A channel in Stasis that media can be played to: not created-and-never-dialled."""
+        channel = self._in_stasis(channel_id)
+        if channel.state == "Down":
+            raise AriFault(412, "Channel in invalid state")
+        return channel
+
     def _bridge(self, bridge_id: str) -> Bridge:
         bridge = self.bridges.get(bridge_id)
         if bridge is None:
@@ -646,6 +665,27 @@ class AriPeer:
         loop.call_soon(self._start_ringing, channel, timeout)
         return 200, channel.json()
 
+    def _post_channel_create(self, q: dict[str, str], body: Any) -> tuple[int, Any]:
+        cid = q.get("channelId") or f"{int(time.time())}.{next(self._ids)}"
+        if cid in self.channels:
+            raise AriFault(409, "Channel with given unique ID already exists")
+        app_args = [a for a in q.get("appArgs", "").split(",") if a]
+        channel = Channel(
+            id=cid,
+            name=f"{q['endpoint']}-{next(self._ids):08x}",
+            state="Down",
+            caller={"name": "", "number": ""},
+            dialplan={"context": "", "exten": "", "priority": 1, "app_name": "", "app_data": ""},
+            endpoint=q["endpoint"],
+            app=q["app"],
+            subscribed=q["app"],
+            args=app_args,
+        )
+        self.channels[cid] = channel
+        self._note(cid, f"created for {q['endpoint']} (not dialled)")
+        self._emit(channel, "StasisStart", args=app_args)
+        return 200, channel.json()
+
     def _start_ringing(self, channel: Channel, timeout: int) -> None:
         if channel.id not in self.channels:
             return
@@ -677,7 +717,7 @@ class AriPeer:
         return 204, None
 
     def _post_channel_answer(self, q: dict[str, str], body: Any, channelId: str) -> tuple[int, Any]:
-        channel = self._in_stasis(channelId)
+        channel = self._dialled(channelId)
         if channel.state != "Up":
             channel.state = "Up"
             self._emit(channel, "ChannelStateChange")
@@ -685,15 +725,15 @@ class AriPeer:
         return 204, None
 
     def _post_channel_moh(self, q: dict[str, str], body: Any, channelId: str) -> tuple[int, Any]:
-        self._in_stasis(channelId).moh = q.get("mohClass", "default")
+        self._dialled(channelId).moh = q.get("mohClass", "default")
         return 204, None
 
     def _delete_channel_moh(self, q: dict[str, str], body: Any, channelId: str) -> tuple[int, Any]:
-        self._in_stasis(channelId).moh = None
+        self._dialled(channelId).moh = None
         return 204, None
 
     def _post_channel_play(self, q: dict[str, str], body: Any, channelId: str) -> tuple[int, Any]:
-        channel = self._in_stasis(channelId)
+        channel = self._dialled(channelId)
         return 201, self._playback(q, f"channel:{channel.id}")
 
     def _playback(self, q: dict[str, str], target: str) -> dict[str, Any]:
@@ -869,12 +909,13 @@ class AriPeer:
 
 
 def _name(op: Op) -> str:
-    """The handler's name: ``POST /bridges/{bridgeId}/addChannel`` -> post_bridge_addchannel."""
+    """The handler's name: ``POST /bridges/{bridgeId}/addChannel`` -> post_bridge_addchannel,
+    ``POST /channels/create`` -> post_channel_create."""
     parts = [p for p in op.path.split("/") if p]
     words = [op.method.lower()]
     if len(parts) == 1:
         words.append(parts[0])
     else:
         words.append(parts[0].rstrip("s"))
-        words.extend(p.lower() for p in parts[2:] if not p.startswith("{"))
+        words.extend(p.lower() for p in parts[1:] if not p.startswith("{"))
     return "_".join(words)

@@ -20,13 +20,15 @@ def write_phone_routing(
     expert_agents: tuple[str, ...] = (),
 ) -> Path:
     """Support queue (music class ``support-moh``), an expert desk (weight 10), one expert;
-    agent ``x`` has the endpoint ``PJSIP/x``."""
+    agent ``x`` has the endpoint ``PJSIP/x``. ``agents`` take support calls, ``expert_agents``
+    the expert desk's and support calls both."""
     lines = [
         f"  - {{id: {a}, skills: {{support: 3}}, endpoints: {{asterisk: PJSIP/{a}}}}}"
         for a in agents
     ]
     lines += [
-        f"  - {{id: {a}, skills: {{second_level: 3}}, endpoints: {{asterisk: PJSIP/{a}}}}}"
+        f"  - {{id: {a}, skills: {{support: 3, second_level: 3}}, "
+        f"endpoints: {{asterisk: PJSIP/{a}}}}}"
         for a in expert_agents
     ]
     path.write_text(

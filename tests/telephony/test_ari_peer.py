@@ -3,6 +3,8 @@ the peer's behaviour where Asterisk's test suite pins it down."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,8 @@ import aiohttp
 import pytest
 
 from router.daemon.telephony.asterisk import basic_auth
-from tests.peers.ari import OPERATIONS, AriPeer
+from tests.daemon.conftest import wait_until
+from tests.peers.ari import OPERATIONS, AriPeer, Bridge
 
 REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference" / "asterisk"
 
@@ -41,39 +44,154 @@ def test_every_operation_the_peer_knows_is_in_the_swagger_with_the_same_paramete
         assert op.errors == documented, (op.method, op.path, documented)
 
 
-def test_the_peers_events_have_the_shapes_of_events_json() -> None:
+def _models() -> dict[str, Any]:
+    """The models of events.json, channels.json and bridges.json (skips without them)."""
     if not (REFERENCE / "events.json").is_file():
         pytest.skip(f"the Asterisk reference is not there ({REFERENCE.resolve()}); skipped")
-    models = json.loads((REFERENCE / "events.json").read_text())["models"]
-    channel_model = json.loads((REFERENCE / "channels.json").read_text())["models"]["Channel"]
-    bridge_model = json.loads((REFERENCE / "bridges.json").read_text())["models"]["Bridge"]
-    peer = AriPeer()
-    captured: list[dict[str, Any]] = []
-    peer._send = lambda app, event: captured.append(event)  # type: ignore[method-assign]
-    cid = peer.place_call("+4930123456", "queue=billing")
-    peer.channels[cid].bridge = None
-    peer.hangup(cid)
-    assert [e["type"] for e in captured] == [
+    models: dict[str, Any] = {}
+    for name in ("events.json", "channels.json", "bridges.json"):
+        models.update(json.loads((REFERENCE / name).read_text())["models"])
+    return models
+
+
+_PRIMITIVES: dict[str, type | tuple[type, ...]] = {
+    "string": str,
+    "Date": str,
+    "int": int,
+    "long": int,
+    "double": (int, float),
+    "boolean": bool,
+    "object": dict,
+}
+
+
+def _ancestors(kind: str, models: dict[str, Any]) -> list[str]:
+    """The models whose ``subTypes`` lead to ``kind``, the farthest first."""
+    for name, model in models.items():
+        if kind in model.get("subTypes", ()):
+            return [*_ancestors(name, models), name]
+    return []
+
+
+def conforms(value: Any, kind: str, models: dict[str, Any], where: str) -> list[str]:
+    """Where ``value`` differs from the swagger type ``kind`` (model, List[...], primitive)."""
+    if kind.startswith("List[") and kind.endswith("]"):
+        if not isinstance(value, list):
+            return [f"{where}: {value!r} is not a list"]
+        return [e for i, v in enumerate(value) for e in conforms(v, kind[5:-1], models, where)]
+    if kind in _PRIMITIVES:
+        ok = isinstance(value, _PRIMITIVES[kind]) and not (kind == "int" and value is True)
+        return [] if ok else [f"{where}: {value!r} is not {kind}"]
+    if not isinstance(value, dict):
+        return [f"{where}: {value!r} is not a {kind}"]
+    # the model's own properties and those of its ancestors (an event: Event, Message)
+    props: dict[str, Any] = {}
+    for ancestor in [*_ancestors(kind, models), kind]:
+        props.update(models[ancestor]["properties"])
+    problems = [f"{where}: {kind} lacks {k}" for k, v in props.items() if v.get("required")]
+    problems = [p for p in problems if p.rsplit(" ", 1)[1] not in value]
+    problems += [f"{where}: {kind} has no property {k}" for k in value if k not in props]
+    for key, item in value.items():
+        spec = props.get(key)
+        if spec is None:
+            continue
+        problems += conforms(item, spec["type"], models, f"{where}.{key}")
+        allowed = spec.get("allowableValues", {})
+        if allowed.get("valueType") == "LIST" and item not in allowed["values"]:
+            problems.append(f"{where}.{key}: {item!r} not one of {allowed['values']}")
+    return problems
+
+
+async def test_every_event_the_peer_emits_has_its_shape_in_events_json() -> None:
+    """One call through everything the peer emits: connecting, holding, ringing an agent,
+    bridging, hanging up, a second connection replacing the first; every event against the
+    published models, nested channels and bridges included."""
+    models = _models()
+    async with (
+        AriPeer() as peer,
+        aiohttp.ClientSession(headers={"Authorization": basic_auth("stellwerk", "secret")}) as http,
+    ):
+        events: list[dict[str, Any]] = []
+
+        async def read(ws: aiohttp.ClientWebSocketResponse) -> None:
+            async for msg in ws:
+                events.append(json.loads(msg.data))
+
+        async def call(method: str, path: str, **params: str) -> Any:
+            async with http.request(method, f"{peer.url}/ari/{path}", params=params) as r:
+                assert r.status < 300, (method, path, r.status, await r.text())
+                return await r.json() if r.status == 200 else None
+
+        def seen(*kinds: str) -> bool:
+            return set(kinds) <= {e["type"] for e in events}
+
+        first = await http.ws_connect(f"{peer.url}/ari/events?app=stellwerk")
+        reader = asyncio.create_task(read(first))
+        await wait_until(lambda: seen("ApplicationRegistered"), 5)
+        cid = peer.place_call("+4930123456", "queue=billing")
+        await call("POST", f"channels/{cid}/answer")
+        hold = await call("POST", "bridges", type="holding")
+        await call("POST", f"bridges/{hold['id']}/addChannel", channel=cid)
+        peer.set_endpoint("PJSIP/1001", "answer")
+        leg = await call("POST", "channels", endpoint="PJSIP/1001", app="stellwerk")
+        await wait_until(lambda: [e for e in events if e["type"] == "StasisStart"][1:], 5)
+        await call("POST", f"bridges/{hold['id']}/removeChannel", channel=cid)
+        await call("DELETE", f"bridges/{hold['id']}")
+        mixing = await call("POST", "bridges", type="mixing")
+        await call("POST", f"bridges/{mixing['id']}/addChannel", channel=f"{cid},{leg['id']}")
+        peer.hangup(cid)  # leaves the bridge, ends in Stasis, is destroyed
+        await wait_until(lambda: seen("ChannelDestroyed"), 5)
+        second = await http.ws_connect(f"{peer.url}/ari/events?app=stellwerk")
+        await wait_until(lambda: seen("ApplicationReplaced"), 5)
+        await second.close()
+        await first.close()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    kinds = {e["type"] for e in events}
+    assert kinds == {
+        "ApplicationRegistered",
         "StasisStart",
+        "ChannelStateChange",
+        "ChannelEnteredBridge",
+        "ChannelLeftBridge",
+        "BridgeDestroyed",
         "ChannelHangupRequest",
         "StasisEnd",
         "ChannelDestroyed",
-    ]
-    base = {**models["Message"]["properties"], **models["Event"]["properties"]}
-    for event in captured:
-        props = {**base, **models[event["type"]]["properties"]}
-        required = {k for k, v in props.items() if v.get("required")}
-        assert required <= set(event), (event["type"], required - set(event))
-        assert set(event) <= set(props), (event["type"], set(event) - set(props))
-        channel = event["channel"]
-        channel_required = {k for k, v in channel_model["properties"].items() if v.get("required")}
-        assert channel_required <= set(channel) <= set(channel_model["properties"])
-    assert captured[0]["args"] == ["queue=billing"]
-    from tests.peers.ari import Bridge
+        "ApplicationReplaced",
+    }
+    for event in events:
+        assert event["type"] in models["Event"]["subTypes"]
+        assert conforms(event, event["type"], models, event["type"]) == []
+    stasis = [e for e in events if e["type"] == "StasisStart"]
+    assert stasis[0]["args"] == ["queue=billing"] and stasis[1]["channel"]["id"] == leg["id"]
+    states = [e["channel"]["state"] for e in events if e["type"] == "ChannelStateChange"]
+    assert states == ["Up", "Ringing", "Up"]  # the caller answered; the leg rang and answered
 
-    bridge = Bridge(id="b", bridge_type="holding").json()
-    bridge_required = {k for k, v in bridge_model["properties"].items() if v.get("required")}
-    assert bridge_required <= set(bridge) <= set(bridge_model["properties"])
+
+def test_the_checker_finds_what_differs_from_events_json() -> None:
+    """The comparison above would notice a wrong shape (so its empty answer means something)."""
+    models = _models()
+    ok = {
+        "type": "BridgeDestroyed",
+        "application": "stellwerk",
+        "timestamp": "2026-12-01T10:00:00.000+0000",
+        "asterisk_id": "00:11:22:33:44:55",
+        "bridge": Bridge(id="b", bridge_type="holding").json(),
+    }
+    assert conforms(ok, "BridgeDestroyed", models, "e") == []
+    assert conforms({**ok, "extra": 1}, "BridgeDestroyed", models, "e") == [
+        "e: BridgeDestroyed has no property extra"
+    ]
+    no_bridge = {k: v for k, v in ok.items() if k != "bridge"}
+    assert conforms(no_bridge, "BridgeDestroyed", models, "e") == [
+        "e: BridgeDestroyed lacks bridge"
+    ]
+    bad_channels = {**ok, "bridge": {**ok["bridge"], "channels": "c1"}}
+    assert conforms(bad_channels, "BridgeDestroyed", models, "e") == [
+        "e.bridge.channels: 'c1' is not a list"
+    ]
 
 
 async def test_the_peer_answers_errors_where_asterisk_does() -> None:
@@ -108,6 +226,17 @@ async def test_the_peer_answers_errors_where_asterisk_does() -> None:
         assert await call("POST", "bridges/b2/addChannel", channel=cid) == 404
         assert await call("POST", "bridges/b1/addChannel", channel=cid) == 204
         assert await call("DELETE", f"channels/{cid}", reason="bored") == 400
+        # Created, in Stasis, never dialled: 412 where Asterisk's testsuite expects it
+        # (channels/create/off-nominal); hanging it up works, then it is gone.
+        assert await call("POST", "channels/create", endpoint="PJSIP/1002", app="stellwerk") == 200
+        (created,) = [c for c in peer.channels.values() if c.endpoint == "PJSIP/1002"]
+        assert created.app == "stellwerk" and created.state == "Down"
+        assert await call("POST", f"channels/{created.id}/answer") == 412
+        assert await call("POST", f"channels/{created.id}/moh", mohClass="default") == 412
+        assert await call("DELETE", f"channels/{created.id}/moh") == 412
+        assert await call("POST", f"channels/{created.id}/play", media="sound:beep") == 412
+        assert await call("DELETE", f"channels/{created.id}") == 204
+        assert await call("GET", f"channels/{created.id}") == 404
         assert peer.violations == []
         # Outside the description: recorded as a violation of the adapter.
         assert await call("POST", "channels/leg1/answer", mohClass="x") == 400

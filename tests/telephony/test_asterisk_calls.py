@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.daemon.conftest import MqttProbe, wait_until
+from tests.daemon.private_servers import free_port
 from tests.peers.ari import AriPeer
 from tests.telephony.ari_world import (
     EXPERT_PHONE,
@@ -23,6 +24,7 @@ from tests.telephony.ari_world import (
     wait_ringing,
     write_phone_routing,
 )
+from tests.telephony.figures import TOKEN, assert_abandoned
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +72,8 @@ async def test_hang_up_while_held_is_abandoned_and_nothing_rings(
 ) -> None:
     async with AriPeer() as peer:
         routing = write_phone_routing(tmp_path / "routing.yaml", ("anna",))
-        await start_daemon(routing, **asterisk_env(peer))
+        http = f"127.0.0.1:{free_port()}"
+        await start_daemon(routing, http_addr=http, admin_token=TOKEN, **asterisk_env(peer))
         await wait_until(lambda: peer.connected(), 10, "the daemon's events socket")
         cid = peer.place_call("+4930555002")  # nobody logged in: the caller waits
         await wait_held(peer, cid, "support-moh")
@@ -82,6 +85,7 @@ async def test_hang_up_while_held_is_abandoned_and_nothing_rings(
         peer.hangup(cid)
         gone = await mqtt_probe.wait_for("events/contact.abandoned", contact_id=contact(cid))
         assert gone[0]["queue"] == "support"
+        await assert_abandoned(f"http://{http}", "support", 1)  # and counted
         await wait_until(lambda: not peer.bridges, 5, "the holding bridge is gone")
         await login(mqtt_probe, "anna")
         assert peer.ringing("PJSIP/anna") == []
@@ -122,14 +126,22 @@ async def test_an_expert_overtakes_a_long_queue_and_rings_the_expert_desk_first(
         await wait_held(peer, expert, "expert-moh")
         queued = await mqtt_probe.wait_for("events/contact.queued", contact_id=contact(expert))
         assert queued[0]["queue"] == "expert_desk" and queued[0]["expert"] is True
-        # The expert desk's agent logs in: the expert's call rings there first, the long
-        # support queue is not in its way.
+        # Erika logs in; she takes support calls as well as the expert desk's, and six support
+        # calls have waited longer: her phone rings for the expert first all the same.
         await login(mqtt_probe, "erika")
         leg = await wait_ringing(peer, "PJSIP/erika")
         assert peer.channels[leg].caller["number"] == EXPERT_PHONE
         peer.answer(leg)
         await wait_until(lambda: bridged_with(peer, expert) == ["PJSIP/erika"], 5, "bridged")
         assert all(held(peer, cid) == "support-moh" for cid in waiting)
+        offers = mqtt_probe.seen("events/contact.offered", agent_id="erika")
+        assert [o["contact_id"] for o in offers] == [contact(expert)]
+        # Once the expert is done she takes the support queue, oldest call first: she could
+        # have taken any of them, and the expert overtook them.
+        peer.hangup(expert)
+        await mqtt_probe.wait_for("events/contact.completed", contact_id=contact(expert))
+        leg = await wait_ringing(peer, "PJSIP/erika")
+        assert peer.channels[leg].caller["number"] == "+4930555100"
         assert no_violations(peer)
 
 

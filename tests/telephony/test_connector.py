@@ -108,6 +108,9 @@ class FakeDriver:
     def http_routes(self) -> Sequence[web.AbstractRouteDef]:
         return []
 
+    def openapi_paths(self) -> dict[str, Any]:
+        return {}
+
     def take(self) -> list[tuple[Any, ...]]:
         out, self.calls = self.calls, []
         return out

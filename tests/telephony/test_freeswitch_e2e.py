@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from tests.daemon.conftest import EXPERT_PHONE, DaemonProcess, MqttProbe, wait_until
+from tests.daemon.private_servers import free_port
 from tests.peers.esl import Channel, EslPeer
+from tests.telephony.figures import TOKEN, assert_abandoned
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +157,13 @@ async def test_rona_then_answer_bridge_hangup_and_wrap_up(
 async def test_hang_up_while_held_and_while_ringing(
     tmp_path: Path, peer: EslPeer, mqtt_probe: MqttProbe, start_daemon: Callable[..., Any]
 ) -> None:
-    await start_daemon(routing(tmp_path / "r.yaml", ("anna",), offer_timeout=5.0), **fs_env(peer))
+    http = f"127.0.0.1:{free_port()}"
+    await start_daemon(
+        routing(tmp_path / "r.yaml", ("anna",), offer_timeout=5.0),
+        http_addr=http,
+        admin_token=TOKEN,
+        **fs_env(peer),
+    )
     await connected(peer)
     held = call(peer, "+4930555020")
     await mqtt_probe.wait_for("events/contact.queued", contact_id=cid(held))
@@ -163,6 +171,7 @@ async def test_hang_up_while_held_and_while_ringing(
     peer.hang_up(held)
     [abandoned] = await mqtt_probe.wait_for("events/contact.abandoned", contact_id=cid(held))
     assert not [c for c in peer.commands if "originate" in c]  # nothing rang
+    await assert_abandoned(f"http://{http}", "support", 1)  # and counted
 
     await login(mqtt_probe, "anna")
     caller = call(peer, "+4930555021")
@@ -172,6 +181,7 @@ async def test_hang_up_while_held_and_while_ringing(
     assert peer.channels[leg.uuid].hangup_cause == "ORIGINATOR_CANCEL"
     await mqtt_probe.wait_for("events/contact.abandoned", contact_id=cid(caller))
     assert abandoned["contact_id"] == cid(held)
+    await assert_abandoned(f"http://{http}", "support", 2)
 
 
 async def test_an_expert_overtakes_the_queue(
@@ -280,7 +290,10 @@ async def test_the_event_socket_drops_for_ten_seconds(
         return active == {cid(c.uuid) for c in peer.alive() if c.direction == "inbound"}
 
     await wait_until(views_match, 5, "the engine's calls to be the switch's")
-    assert peer.channels[before].playing == ["local_stream://moh"]
+    # held again after the reconnect (the reconciliation's hold may still be on its way)
+    await peer.wait_for(
+        lambda: peer.channels[before].playing == ["local_stream://moh"], 5, "the music again"
+    )
     # Nothing is stuck: the agent logs in and both waiting calls are put through.
     await login(mqtt_probe, "anna")
     [leg] = await peer.wait_for(lambda: peer.ringing(), 10, "anna rings")

@@ -22,11 +22,14 @@ from twilio.request_validator import RequestValidator
 from tests.daemon.conftest import EXPERT_PHONE, DaemonProcess, MqttProbe, wait_until
 from tests.daemon.private_servers import free_port
 from tests.peers.twilio import TwilioPeer
+from tests.telephony.figures import TOKEN, assert_abandoned
 
 pytestmark = pytest.mark.integration
 
 ANNA, BERT, CLEO = "client:anna", "+4930222222", "sip:cleo@pbx.example.com"
 HOTLINE = "+4930555999"
+TWILIO_MUSIC = "http://com.twilio.music.classical.s3.amazonaws.com/BusyStrings.mp3"
+"""Twilio's own published hold music (its twimlets page), the default music class."""
 
 
 def routing_file(path: Path, offer_timeout: float = 1.0, max_missed: int = 3) -> Path:
@@ -103,6 +106,7 @@ async def world(
         "twilio_auth_token": peer.auth_token,
         "twilio_api_base": peer.api_base,
         "twilio_public_url": public,
+        "admin_token": TOKEN,
     }
     env = daemon_env(routing, **extras)
     try:
@@ -132,31 +136,58 @@ async def test_unsigned_or_forged_requests_are_refused_and_journal_nothing(
 ) -> None:
     peer = running.peer
     base = running.extras["twilio_public_url"]
-    form = {"AccountSid": peer.account_sid, "CallSid": "CA" + "7" * 32, "CallStatus": "ringing"}
+    caller = "CA" + "7" * 32
+    form = {"AccountSid": peer.account_sid, "CallSid": caller, "CallStatus": "ringing"}
+    # the agent leg's status callback and the dial's action, for an offer long gone
+    leg = {**form, "CallSid": "CA" + "8" * 32, "ParentCallSid": caller, "CallStatus": "completed"}
+    dialled = {**form, "CallStatus": "in-progress", "DialCallStatus": "no-answer"}
+    # every route Twilio calls, with the form Twilio would send there
+    routes = [
+        ("/v1/webhooks/twilio-voice", form),
+        ("/v1/telephony/twilio/route", form),
+        ("/v1/telephony/twilio/wait?queue=support", form),
+        ("/v1/telephony/twilio/leg?offer=o-gone", leg),
+        ("/v1/telephony/twilio/dialled?offer=o-gone", dialled),
+    ]
     good, other = RequestValidator(peer.auth_token), RequestValidator("other-token")
     async with aiohttp.ClientSession() as http:
-        for path in ("/v1/webhooks/twilio-voice", "/v1/telephony/twilio/route"):
+        for path, body in routes:
             url = base + path
             for headers in (
                 {},
-                {"X-Twilio-Signature": other.compute_signature(url, form)},
-                # signed, but for another URL
-                {"X-Twilio-Signature": good.compute_signature(url + "?x=1", form)},
+                {"X-Twilio-Signature": other.compute_signature(url, body)},
+                # signed, but for another URL (another host name)
+                {
+                    "X-Twilio-Signature": good.compute_signature(
+                        url.replace("127.0.0.1", "localhost"), body
+                    )
+                },
+                # signed, but for another form
+                {"X-Twilio-Signature": good.compute_signature(url, {**body, "CallSid": "CA1"})},
             ):
-                async with http.post(url, data=form, headers=headers) as resp:
-                    assert resp.status == 401
+                async with http.post(url, data=body, headers=headers) as resp:
+                    assert resp.status == 401, path
                     assert resp.content_type == "text/xml"
                     assert [v.tag for v in verbs(await resp.text())] == ["Say", "Hangup"]
-        # the same request, signed: accepted and answered with TwiML
-        url = base + "/v1/webhooks/twilio-voice"
-        signed = {"X-Twilio-Signature": good.compute_signature(url, form)}
-        async with http.post(url, data=form, headers=signed) as resp:
-            assert resp.status == 200 and resp.content_type == "text/xml"
-            assert [v.tag for v in verbs(await resp.text())] == ["Enqueue"]
+        # the same requests, signed: accepted and answered with the TwiML of each step
+        answers = []
+        for path, body in routes:
+            url = base + path
+            signed = {"X-Twilio-Signature": good.compute_signature(url, body)}
+            async with http.post(url, data=body, headers=signed) as resp:
+                assert resp.status == 200 and resp.content_type == "text/xml", path
+                answers.append([v.tag for v in verbs(await resp.text())])
+    assert answers == [
+        ["Enqueue"],  # the caller is queued (nobody is logged in)
+        ["Enqueue"],  # asked again: still queued
+        ["Play"],  # the queue's music while waiting
+        [],  # a leg's status callback is answered with empty TwiML
+        ["Enqueue"],  # a dial that ended unanswered: back into the queue
+    ]
     entries = await redis_client.xrange(f"{names.key_prefix}journal")
     # only the signed delivery (which a reconciliation running at the same moment may journal
     # once more; the engine routes a contact once)
-    assert entries and all(form["CallSid"].encode() in e[1][b"e"] for e in entries)
+    assert entries and all(caller.encode() in e[1][b"e"] for e in entries)
     assert all(b'"kind":"new"' in e[1][b"e"] for e in entries)
 
 
@@ -166,12 +197,23 @@ async def test_no_answer_then_the_next_agent_answers_is_bridged_and_completed(
     peer, probe = running.peer, running.probe
     peer.agent(ANNA, "silent")
     peer.agent(BERT, "answer", after=0.2)
-    await running.login("anna")
-    await running.login("bert")
     sid = peer.incoming("+4930555111")
     cid = running.contact(sid)
+    # Nobody is free yet: the first answer puts the caller into the support queue with the
+    # daemon's waitUrl, and the waitUrl's document plays music (Twilio's default hold music)
+    await probe.wait_for("events/contact.queued", contact_id=cid)
+    await wait_until(lambda: peer.twiml(sid, "voice"), 5, "the voice webhook's answer")
+    (enqueue,) = verbs(peer.twiml(sid, "voice")[0].text)
+    assert (enqueue.tag, enqueue.text) == ("Enqueue", "support")
+    assert "/v1/telephony/twilio/wait?queue=support" in enqueue.attrib["waitUrl"]
+    await wait_until(lambda: peer.twiml(sid, "wait"), 5, "the wait document")
+    hold = verbs(peer.twiml(sid, "wait")[0].text)
+    assert [(v.tag, v.text) for v in hold] == [("Play", TWILIO_MUSIC)]
+    assert peer.member_of(sid) == "support" and peer.legs() == []
 
+    await running.login("anna")
     await probe.wait_for("events/contact.offered", contact_id=cid, agent_id="anna")
+    await running.login("bert")
     await wait_until(lambda: peer.ringing(), 5, "anna's phone to ring")
     assert [leg.to for leg in peer.ringing()] == [ANNA]
     # anna does not answer: the offer expires, the dial stops, bert rings and answers
@@ -189,8 +231,6 @@ async def test_no_answer_then_the_next_agent_answers_is_bridged_and_completed(
     await wait_until(lambda: not bert_leg.live, 5, "bert's leg to end")
 
     # the TwiML the daemon answered, as Twilio parsed it
-    first = verbs(peer.twiml(sid, "voice")[0].text)
-    assert [v.tag for v in first] in (["Enqueue"], ["Dial"])
     dials = [verbs(d.text)[0] for d in peer.twiml(sid) if d.text.find("<Dial") >= 0]
     assert [(d[0].tag, d[0].text) for d in dials] == [("Client", "anna"), ("Number", BERT)]
     for dial in dials:
@@ -243,6 +283,7 @@ async def test_caller_hangs_up_while_queued_is_abandoned_and_nothing_rings(
     await peer.hangup(sid)
     (abandoned,) = await probe.wait_for("events/contact.abandoned", contact_id=cid)
     assert abandoned["reason"] == "hangup"
+    await assert_abandoned(running.extras["twilio_public_url"], "support", 1)  # and counted
     await running.login("anna")  # an agent now: nobody to ring
     await asyncio.sleep(0.3)
     assert peer.legs() == []

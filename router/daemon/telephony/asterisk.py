@@ -70,6 +70,24 @@ log = structlog.get_logger("stellwerk.telephony.asterisk")
 
 SOURCE = "asterisk-ari"
 OUTBOUND_PATH = "/v1/telephony/asterisk/ws"
+OPENAPI_PATHS: dict[str, Any] = {
+    OUTBOUND_PATH: {
+        "get": {
+            "summary": "Asterisk's outbound ARI WebSocket (subprotocol ari)",
+            "description": "Asterisk (ari.conf type=outbound_websocket) connects here with the "
+            "basic credentials of telephony.asterisk.outbound_username/_password, sends the "
+            "ARI events and gets REST requests back over the same socket.",
+            "x-stellwerk-access": "signed",
+            "security": [{"basic": []}],
+            "responses": {
+                "101": {"description": "switching to the WebSocket protocol"},
+                "401": {"description": "no or wrong basic credentials"},
+                "503": {"description": "not routing (a standby, or still restoring): retry"},
+            },
+        }
+    }
+}
+"""The path item of :meth:`AsteriskDriver.http_routes` in ``/v1/openapi.json``."""
 LEG_PREFIX = "stw~"
 HOLD_PREFIX = "stw-hold-"
 CALL_PREFIX = "stw-call-"
@@ -361,6 +379,10 @@ class AsteriskDriver:
         if not self.settings.outbound_username:
             return []
         return [web.get(OUTBOUND_PATH, self._outbound)]
+
+    def openapi_paths(self) -> Mapping[str, Any]:
+        """How ``/v1/openapi.json`` describes :meth:`http_routes`."""
+        return OPENAPI_PATHS if self.settings.outbound_username else {}
 
     def _outbound_authorised(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")

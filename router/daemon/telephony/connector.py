@@ -42,7 +42,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import structlog
 from aiohttp import web
@@ -188,6 +188,10 @@ class PbxDriver(Protocol):
 
     def http_routes(self) -> Sequence[web.RouteDef]:
         """Routes the system needs on the daemon's HTTP listener (webhooks, sockets)."""
+        ...
+
+    def openapi_paths(self) -> Mapping[str, Any]:
+        """The OpenAPI path items of :meth:`http_routes` (``/v1/openapi.json``)."""
         ...
 
 
@@ -347,6 +351,10 @@ class TelephonyConnector:
     def http_routes(self) -> Sequence[web.RouteDef]:
         """The driver's routes for the daemon's HTTP listener."""
         return self.driver.http_routes()
+
+    def openapi_paths(self) -> Mapping[str, Any]:
+        """How ``/v1/openapi.json`` describes :meth:`http_routes`."""
+        return self.driver.openapi_paths()
 
     async def _enqueue(self, item: _Item) -> None:
         self._idle.clear()

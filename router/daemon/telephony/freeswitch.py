@@ -29,7 +29,7 @@ import math
 import re
 import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -277,6 +277,10 @@ class FreeswitchDriver:
     def http_routes(self) -> Sequence[web.RouteDef]:
         """None: the event socket is a connection Stellwerk opens."""
         return ()
+
+    def openapi_paths(self) -> Mapping[str, Any]:
+        """None (no routes)."""
+        return {}
 
     def ended_payload(self, call_id: str) -> bytes:
         """A CHANNEL_HANGUP_COMPLETE for a call that vanished while the socket was down."""

@@ -41,14 +41,16 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import aiohttp
 import structlog
 from aiohttp import web
 
+from router.daemon import openapi
 from router.daemon.config import Settings, TwilioSettings
 from router.daemon.mqtt import backoff
 from router.daemon.telephony.connector import (
@@ -92,6 +94,26 @@ _ENDED = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 _REST_DOWN = (TwilioException, aiohttp.ClientError, TimeoutError, OSError)
 _MAX_ENDED = 10_000
 _FAILURES: dict[str, LegFailure] = {"busy": "busy", "failed": "failed", "no-answer": "noanswer"}
+_OFFER = (("offer", "the offer the dial rings for"),)
+OPENAPI_PATHS: dict[str, Any] = {
+    WEBHOOK: openapi.form_callback(
+        "Twilio's voice webhook and status callback: journaled, answered with <Enqueue> "
+        "(or the <Dial> of an agent already chosen)",
+        standby=True,
+    ),
+    f"{PREFIX}/route": openapi.form_callback("A redirect target: what the call does now"),
+    f"{PREFIX}/wait": openapi.form_callback(
+        "The queue's waitUrl: hold music, and the announcement when due",
+        (("queue", "the Stellwerk queue"),),
+    ),
+    f"{PREFIX}/leg": openapi.form_callback(
+        "The dialled agent's status callback; in-progress is the agent answering", _OFFER
+    ),
+    f"{PREFIX}/dialled": openapi.form_callback(
+        "The <Dial action>: how the dial ended, and the caller's next TwiML", _OFFER
+    ),
+}
+"""The path items of :meth:`TwilioDriver.http_routes` in ``/v1/openapi.json``."""
 
 
 @dataclass(frozen=True)
@@ -327,6 +349,10 @@ class TwilioDriver:
             web.post(f"{PREFIX}/leg", self.leg),
             web.post(f"{PREFIX}/dialled", self.dialled),
         ]
+
+    def openapi_paths(self) -> Mapping[str, Any]:
+        """How ``/v1/openapi.json`` describes :meth:`http_routes`."""
+        return OPENAPI_PATHS
 
     # ---- state -------------------------------------------------------------------------------
 
