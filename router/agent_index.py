@@ -13,7 +13,9 @@ same skills that is most of the saving. Each pool keeps a heap of its ready agen
 ``(*strategy key, agent_id, version)``. An agent is pushed again only when its sort key changes
 or it becomes ready after it was not: a change of which channels it can take is not a new key,
 and the channel is checked when the entry surfaces. Entries of an older version are stale and
-dropped when they surface, or when a heap grows to twice its pool (compaction).
+dropped when they surface, or when a heap grows to twice its pool (compaction). Ties are
+broken by agent id, never by a counter of this process, so an engine restored from a snapshot
+(which rebuilds the index from the records) makes exactly the same choices.
 
 **Ready counts.** Per pool and channel, how many agents are available with room for that
 channel. A contact whose pool has none is not searched for at all, which is what keeps a
@@ -37,11 +39,10 @@ Pair = tuple[str, str]  # (queue, channel)
 class _Pool:
     """Queues with the same eligible agents and the same order, and their agent heap."""
 
-    __slots__ = ("channels", "heap", "ready", "size", "skills", "strategy")
+    __slots__ = ("channels", "heap", "ready", "size", "strategy")
 
-    def __init__(self, strategy: str, skills: dict[str, int], channels: frozenset[str]) -> None:
+    def __init__(self, strategy: str, channels: frozenset[str]) -> None:
         self.strategy = strategy
-        self.skills = skills
         self.channels = channels
         self.heap: list[tuple[Any, ...]] = []
         #: channel -> agents of this pool that are available with room for that channel.
@@ -71,6 +72,7 @@ class AgentIndex:
         self._pools: list[_Pool] = []
         self._queue_pool: dict[str, _Pool] = {}
         self._score: dict[tuple[str, int], float] = {}
+        self._pool_ids: dict[int, int] = {}
         #: agent -> (channel limits as (bit, channel, limit, cost), budget, pools, how much of
         #: the basis its keys depend on, its one strategy or None).
         self._spec: dict[str, _Spec] = {}
@@ -99,7 +101,7 @@ class AgentIndex:
             key = (queue.strategy, tuple(sorted(queue.skills.items())), self.queue_channels[name])
             pool = pools.get(key)
             if pool is None:
-                pool = pools[key] = _Pool(queue.strategy, dict(queue.skills), key[2])
+                pool = pools[key] = _Pool(queue.strategy, key[2])
             self._queue_pool[name] = pool
         self._pools = list(pools.values())
         pool_ids = {id(p): i for i, p in enumerate(self._pools)}
@@ -190,11 +192,6 @@ class AgentIndex:
         """Take (``+1``) or free (``-1``) one contact's capacity on ``channel``."""
         agent.load[channel] = agent.load.get(channel, 0) + delta
         agent.budget_used += delta * self.cost.get(channel, 0)
-
-    def budget(self, agent_id: str) -> int:
-        """The agent's capacity budget (0 for an agent not in the routing file)."""
-        caps = self._caps.get(agent_id)
-        return caps[1] if caps is not None else 0
 
     def suits(self, agent_id: str, contact: ContactRec, now: float) -> bool:
         """Does the agent have the contact's extra skills, and is it not excluded?

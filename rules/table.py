@@ -144,6 +144,8 @@ class RoutingTable:
         self._tos = frozenset(values["to"])
         self._tags = frozenset(values["tags"])
         self._cache: dict[_Key, _Candidates] = {}
+        #: [event, customer, {field: folded text}] of the contact the keyword runs saw last.
+        self._fold_memo: list[Any] = [None, None, {}]
         self._by_key: dict[str, Expert] = {}
         for expert in self.experts:
             for key in expert_keys(expert):
@@ -201,25 +203,27 @@ class RoutingTable:
 
     def _keyword_run(self, run: list[CompiledRule]) -> Predicate:
         """One predicate for consecutive rules with a required literal: the first of them that
-        holds, tried only where its literal occurs (one fold of each field per contact)."""
-        fields = sorted({c.needle[0] for c in run if c.needle is not None})
-        getters = [(name, field_getter(name, self.local_time)) for name in fields]
+        holds, tried only where its literal occurs. A field is folded once per contact, also
+        across runs (the memo holds the last contact's folded fields)."""
         members = [
-            (c.needle[0], c.needle[1], c.needle[2], c.residual, c.decision)
+            (name, field_getter(name, self.local_time), literals, icase, c.residual, c.decision)
             for c in run
             if c.needle is not None and c.residual is not None
+            for name, literals, icase in (c.needle,)
         ]
+        memo = self._fold_memo
 
         def keyword_run(e: ContactEvent, c: CustomerView, n: float) -> Decision | None:
-            raw = {name: get(e, c, n) or "" for name, get in getters}
-            folded: dict[str, str] = {}
-            for name, literals, icase, predicate, decision in members:
+            if memo[0] is not e or memo[1] is not c:
+                memo[:] = [e, c, {}]
+            folded = memo[2]
+            for name, get, literals, icase, predicate, decision in members:
                 if icase:
                     hay = folded.get(name)
                     if hay is None:
-                        hay = folded[name] = fold(raw[name])
+                        hay = folded[name] = fold(get(e, c, n) or "")
                 else:
-                    hay = raw[name]
+                    hay = get(e, c, n) or ""
                 for literal in literals:
                     if literal in hay:
                         if predicate(e, c, n):
