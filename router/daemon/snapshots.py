@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import os
 import signal
@@ -28,6 +29,7 @@ from router.snapshot import CHUNK_BYTES, encode_state
 from router.state import EngineState
 
 _LEN = 4  # bytes of the length prefix of each chunk in the pipe
+_PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 
 
 class SnapshotEncodeFailed(Exception):
@@ -53,9 +55,15 @@ class StateCut:
             return
         rfd, wfd = os.pipe()
         started = time.perf_counter()
-        pid = os.fork()
+        parent = os.getpid()
+        try:
+            pid = os.fork()
+        except OSError:  # no memory for the page tables, or too many processes
+            os.close(rfd)
+            os.close(wfd)
+            raise
         if pid == 0:  # the child: encode, write, leave
-            _encode_in_child(state, limit, rfd, wfd)
+            _encode_in_child(state, limit, rfd, wfd, parent)
         self.fork_s = time.perf_counter() - started
         os.close(wfd)
         self._pid, self._rfd = pid, rfd
@@ -117,7 +125,7 @@ class StateCut:
             await self._reap(expect_ok=False)
 
 
-def _encode_in_child(state: EngineState, limit: int, rfd: int, wfd: int) -> None:
+def _encode_in_child(state: EngineState, limit: int, rfd: int, wfd: int, parent: int) -> None:
     """The forked child's whole life: it never returns."""
     code = 1
     try:
@@ -126,6 +134,11 @@ def _encode_in_child(state: EngineState, limit: int, rfd: int, wfd: int) -> None
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        # Die with the parent: a child left over would hold its listening sockets open.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(1)  # the parent is already gone
         # A collection would touch every object, and so copy every page of the parent.
         gc.disable()
         os.close(rfd)
