@@ -61,7 +61,7 @@ class CustomerDirectory:
         st.customers[customer.id] = customer
         customer.last_seen = now
         customer.open += 1
-        new_keys = [key for key in keys if key not in st.keys]
+        new_keys = [key for key in dict.fromkeys(keys) if key not in st.keys]
         if new_keys:
             for key in new_keys:
                 st.keys[key] = customer.id

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from router.model import ContactEvent
 from router.state import (
     NO_EXCLUSIONS,
     AgentRec,
@@ -238,6 +239,22 @@ class StateBuilder:
                         h.at = live.arrived_at
         self._words.clear()
         return st
+
+
+def decode_legacy(data: bytes) -> tuple[EngineState, dict[str, ContactEvent]]:
+    """A snapshot of the earlier format (the whole state as one JSON value, each contact with
+    its whole ``event``): the state, and the contacts' events for the edge to keep."""
+    try:
+        raw = msgspec.json.decode(data)
+        events: dict[str, ContactEvent] = {}
+        for cid, contact in raw.get("contacts", {}).items():
+            event = contact.pop("event", None)
+            if event is not None:
+                events[cid] = msgspec.convert(event, ContactEvent)
+                contact.setdefault("source", event.get("source", ""))
+        return msgspec.convert(raw, EngineState), events
+    except (msgspec.DecodeError, msgspec.ValidationError, AttributeError) as exc:
+        raise SnapshotError(f"not a snapshot: {exc}") from exc
 
 
 def decode_state(chunks: Iterable[bytes]) -> EngineState:

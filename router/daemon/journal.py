@@ -40,8 +40,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from router.messages import AdminCommand, AgentCommand
 from router.model import ContactEvent
-from router.snapshot import StateBuilder
-from router.state import STATE_DECODER, EngineState
+from router.snapshot import StateBuilder, decode_legacy
+from router.state import EngineState
 
 DEADLETTER_MAXLEN = 100_000
 
@@ -427,9 +427,10 @@ class Journal:
 
     async def snapshot_state(self, snap: Snapshot) -> EngineState:
         """The engine state ``snap`` holds, decoded chunk by chunk (a SnapshotError from
-        :mod:`router.snapshot` if it is damaged)."""
+        :mod:`router.snapshot` if it is damaged). For a snapshot of the earlier format the
+        router uses :func:`router.snapshot.decode_legacy`, which also gives the events."""
         if snap.data is not None:
-            return STATE_DECODER.decode(snap.data)
+            return decode_legacy(snap.data)[0]
         with StateBuilder() as builder:
             async for chunk in self.snapshot_chunks(snap):
                 builder.feed(chunk)

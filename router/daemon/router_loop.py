@@ -56,7 +56,7 @@ from router.daemon.snapshots import StateCut
 from router.engine import Engine
 from router.messages import Command, EventCmd, RefusedCmd, Tick
 from router.model import ContactEvent
-from router.snapshot import CHUNK_BYTES
+from router.snapshot import CHUNK_BYTES, decode_legacy
 from rules.load import RoutingFileError, load_routing
 from rules.table import RoutingTable
 
@@ -296,8 +296,14 @@ class Router:
 
     async def _restore_state(self) -> _Run:
         snap = await self.journal.load_snapshot()
-        if snap is not None:
+        if snap is not None and snap.data is not None:
+            # A snapshot of the earlier format: its contacts' events go to the edge now.
+            state, events = decode_legacy(snap.data)
+            if not await self.payloads.write(events, lease_token=self.lease.token):
+                raise _LostLease()
+        elif snap is not None:
             state = await self.journal.snapshot_state(snap)
+        if snap is not None:
             # Building the indexes of a large state takes seconds of pure Python: in a thread,
             # so the loop keeps renewing the lease meanwhile (nothing else uses the engine yet).
             engine = await asyncio.to_thread(Engine, self.table, state)

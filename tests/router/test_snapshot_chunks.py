@@ -14,7 +14,7 @@ from hypothesis.stateful import rule
 
 from router.engine import Engine
 from router.messages import Tick
-from router.snapshot import SnapshotError, decode_state, encode_state
+from router.snapshot import SnapshotError, decode_legacy, decode_state, encode_state
 from router.state import NO_EXCLUSIONS
 from tests.router.enginekit import call
 from tests.router.test_engine_stateful import ROUTING, EngineMachine
@@ -85,3 +85,24 @@ def test_chunks_that_are_not_a_snapshot_are_refused() -> None:
         decode_state([b"\xc1garbage"])
     with pytest.raises(SnapshotError):
         decode_state([])
+
+
+def test_a_snapshot_of_the_earlier_format_gives_the_state_and_the_events() -> None:
+    # The earlier format: the whole state as one JSON value, each contact with its event.
+    eng = Engine(ROUTING)
+    mails = [
+        call(f"m{n}", channel="email", email=f"k{n}@example.de", text=f"Hallo {n}")
+        for n in range(3)
+    ]
+    for n, mail in enumerate(mails):
+        eng.handle(mail, float(n))
+    old = json.loads(eng.snapshot())
+    for mail in mails:
+        contact = old["contacts"][mail.contact_id]
+        del contact["source"]
+        contact["event"] = msgspec.to_builtins(mail)
+    state, events = decode_legacy(json.dumps(old).encode())
+    assert msgspec.json.encode(state) == eng.snapshot()
+    assert events == {m.contact_id: m for m in mails}
+    with pytest.raises(SnapshotError):
+        decode_legacy(b"[1, 2]")
