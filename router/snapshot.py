@@ -212,7 +212,15 @@ class StateBuilder:
             customers = st.customers
             for key, cid in chunk.items:
                 owner = customers.get(cid)
-                keys[key] = owner.id if owner is not None else cid
+                if owner is None:
+                    keys[key] = cid
+                    continue
+                # The customer's own copy of the key string, and its id: one object each.
+                for mine in owner.keys:
+                    if mine == key:
+                        key = mine
+                        break
+                keys[key] = owner.id
         elif isinstance(chunk, Agents):
             st.agents.update((a.id, a) for a in chunk.items)
         elif isinstance(chunk, Offers):
@@ -237,6 +245,8 @@ class StateBuilder:
                     h.contact_id = live.id
                     if h.at == live.arrived_at:
                         h.at = live.arrived_at
+            if u.history and u.last_seen == u.history[-1].at:
+                u.last_seen = u.history[-1].at
         self._words.clear()
         return st
 
