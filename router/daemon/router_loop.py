@@ -52,7 +52,7 @@ from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Message, Publisher, backoff, command_messages
 from router.daemon.payloads import PayloadStore
 from router.daemon.sinks import CommandSink
-from router.daemon.snapshots import StateCut
+from router.daemon.snapshots import SnapshotEncodeFailed, StateCut
 from router.engine import Engine
 from router.messages import Command, EventCmd, RefusedCmd, Tick
 from router.model import ContactEvent
@@ -468,11 +468,16 @@ class Router:
         """Cut a snapshot now (fork) and write it in the background; one at a time."""
         if run.snapshotting is not None:
             return
-        cut = StateCut(
-            run.engine.state,
-            fork=self.options.snapshot_fork,
-            limit=self.options.snapshot_chunk_bytes,
-        )
+        try:
+            cut = StateCut(
+                run.engine.state,
+                fork=self.options.snapshot_fork,
+                limit=self.options.snapshot_chunk_bytes,
+            )
+        except OSError as exc:  # fork refused (memory, process limit): try again when due
+            log.error("router.snapshot_failed", error=str(exc))
+            run.snapshot_at = time.monotonic()
+            return
         run.since_snapshot = 0
         run.snapshot_at = time.monotonic()
         run.snapshotting = asyncio.create_task(
@@ -486,6 +491,11 @@ class Router:
             ok = await self.journal.save_snapshot(
                 chunks, last_id, now=now, lease_token=self.lease.token
             )
+        except SnapshotEncodeFailed as exc:
+            # The child died (killed, out of memory): the previous snapshot stays, the journal
+            # after it is kept, and the next one is tried when due.
+            log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
+            return
         finally:
             await chunks.aclose()
             await cut.close()
