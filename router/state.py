@@ -11,7 +11,7 @@ A contact's record holds what routing needs, not what the customer wrote: the bo
 attachments' metadata and the rest of the event stay at the edge (the daemon keeps them in
 Redis, see ``router/daemon/payloads.py``) and go back into an offer when it is published
 (:func:`contact_stub` is what the engine itself puts there). A million waiting mails then fit
-in well under a gigabyte. The records are ``gc=False``: they never reference each other, so
+in about a gigabyte. The records are ``gc=False``: they never reference each other, so
 they cannot form cycles, and the collector need not walk millions of them.
 """
 
