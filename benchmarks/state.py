@@ -7,36 +7,55 @@ kilobytes (greeting, the problem, contract details, a signature, often the quote
 a few attachments, and one customer in five writing more than once. All of them wait.
 
 Prints the resident memory with the backlog in the engine (``rss_mib``; ``peak_rss_mib`` is the
-process's high-water mark, snapshot and restore included), how long ``Engine.snapshot()`` takes
-and how big it is (``snapshot_s``, ``snapshot_bytes``), and how long ``Engine.restore`` takes
-(``restore_s``). The daemon writes that snapshot as one Redis value, which Redis caps at 512 MB
-(``fits_one_redis_value``).
+process's high-water mark, snapshot and restore included), and the snapshot the way the daemon
+takes it (``router/daemon/snapshots.py``): forked, encoded in chunks into a pipe and read back
+(``snapshot_s`` until the last chunk is read, ``snapshot_bytes``, ``chunks``,
+``max_chunk_bytes``; ``fork_ms`` is the routing loop's stall, the ``fork()`` itself). Restore is
+decoding the chunks (``decode_s``) plus building the engine's indexes, ``restore_s`` the two.
 
-    .venv/bin/python benchmarks/state.py [--contacts 100000] [--seed 1] [--json]
+``--daemon`` also measures a real restart: the snapshot and the mails' bodies go into Redis (a
+key prefix of its own, removed afterwards), ``stellwerk run`` is started on them, and
+``restart_s`` is the time from starting the process to its ``router.routing`` log line (ready
+to route), ``daemon_rss_mib`` its resident memory then.
+
+    .venv/bin/python benchmarks/state.py [--contacts 100000] [--seed 1] [--json] [--daemon]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
+import os
 import random
 import resource
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+import msgspec
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from channels.contact_event import Attachment, ContactEvent, Sender
+from router.daemon.journal import Journal, connect_redis
+from router.daemon.snapshots import StateCut
 from router.engine import Engine
 from router.messages import Tick
+from router.snapshot import decode_state
+from router.state import EngineState
 from rules.load import load_routing
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Redis's limit for one string value (``proto-max-bulk-len``, 512 MB by default).
-REDIS_VALUE_LIMIT = 512 * 1024 * 1024
+REDIS_URL = os.environ.get("STELLWERK_TEST_REDIS_URL") or "redis://127.0.0.1:6379/0"
+MQTT_URL = os.environ.get("STELLWERK_TEST_MQTT_URL") or "mqtt://127.0.0.1:1883"
 MONDAY_9AM = 1_767_600_000.0 + 3600  # 2026-01-05 09:00 in Berlin: opening hours, not after hours
 
 SUBJECTS = [
@@ -153,16 +172,24 @@ def mail(n: int, rng: random.Random) -> ContactEvent:
     )
 
 
-def rss_mib() -> float:
-    """The process's resident memory now (not its peak), from /proc."""
-    with open("/proc/self/status", encoding="ascii") as status:
+def rss_mib(pid: int | str = "self") -> float:
+    """A process's resident memory now (not its peak), from /proc."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
-def run(contacts: int, seed: int) -> dict[str, Any]:
+async def _cut(state: EngineState) -> tuple[list[bytes], float, float]:
+    """The daemon's way: fork, read the chunks from the child; (chunks, seconds, fork s)."""
+    started = time.perf_counter()
+    cut = StateCut(state)
+    chunks = [chunk async for chunk in cut.chunks()]
+    return chunks, time.perf_counter() - started, cut.fork_s
+
+
+def run(contacts: int, seed: int, daemon: bool) -> dict[str, Any]:
     """Fill an engine with ``contacts`` waiting mails; time snapshot and restore."""
     table = load_routing(ROOT / "config" / "routing.yaml")
     base_rss = rss_mib()
@@ -170,28 +197,44 @@ def run(contacts: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     now = MONDAY_9AM
     text_bytes = 0
+    prefix = f"stwbench:{uuid.uuid4().hex[:8]}:"
+    store = redis.Redis.from_url(REDIS_URL) if daemon else None
+    bodies: dict[str, bytes] = {}
     fill_started = time.perf_counter()
     for n in range(contacts):
         now += 0.01
         event = mail(n, rng)
         text_bytes += len((event.text or "").encode())
         engine.handle(event, now)
+        if store is not None:
+            # What the router stores beside the engine when it applies the mail.
+            bodies[event.contact_id] = msgspec.json.encode(event)
+            if len(bodies) >= 1000:
+                store.hset(f"{prefix}payloads", mapping=bodies)  # type: ignore[arg-type]
+                bodies.clear()
+    if store is not None and bodies:
+        store.hset(f"{prefix}payloads", mapping=bodies)  # type: ignore[arg-type]
+    bodies.clear()
     fill_s = time.perf_counter() - fill_started
     waiting = sum(q["waiting"] for q in engine.queue_stats(now))
     gc.collect()
     rss = rss_mib()
-    started = time.perf_counter()
-    data = engine.snapshot()
-    snapshot_s = time.perf_counter() - started
-    started = time.perf_counter()
-    restored = Engine.restore(table, data)
-    restore_s = time.perf_counter() - started
-    # The restored engine is ready to route: its first input sees the whole backlog.
-    restored.handle(Tick(), now)
-    restored_waiting = sum(q["waiting"] for q in restored.queue_stats(now))
-    if restored_waiting != waiting:
-        raise SystemExit(f"restore lost contacts: {waiting} waiting before, {restored_waiting}")
-    return {
+    chunks, snapshot_s, fork_s = asyncio.run(_cut(engine.state))
+    # Restore in a fresh process, as a restarting daemon does (this one's memory is fragmented
+    # by the fill, and its pages are still marked copy-on-write after the fork).
+    with tempfile.NamedTemporaryFile(suffix=".chunks") as file:
+        for chunk in chunks:
+            file.write(len(chunk).to_bytes(4, "big") + chunk)
+        file.flush()
+        out = subprocess.run(
+            [sys.executable, __file__, "--restore-from", file.name, "--now", repr(now)],
+            capture_output=True,
+            check=True,
+        )
+    restored = json.loads(out.stdout)
+    if restored["waiting"] != waiting:
+        raise SystemExit(f"restore lost contacts: {waiting} waiting before, {restored}")
+    result: dict[str, Any] = {
         "contacts": contacts,
         "waiting": waiting,
         "mean_text_bytes": round(text_bytes / max(contacts, 1)),
@@ -199,11 +242,122 @@ def run(contacts: int, seed: int) -> dict[str, Any]:
         "rss_mib": round(rss, 1),
         "engine_mib": round(rss - base_rss, 1),
         "snapshot_s": round(snapshot_s, 3),
-        "snapshot_bytes": len(data),
-        "restore_s": round(restore_s, 3),
+        "fork_ms": round(fork_s * 1000, 2),
+        "snapshot_bytes": sum(map(len, chunks)),
+        "chunks": len(chunks),
+        "max_chunk_bytes": max(map(len, chunks)),
+        "decode_s": restored["decode_s"],
+        "restore_s": restored["restore_s"],
+        "restore_cpu_s": restored["restore_cpu_s"],
+        "restored_rss_mib": restored["rss_mib"],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "fits_one_redis_value": len(data) <= REDIS_VALUE_LIMIT,
     }
+    if store is not None:
+        print(json.dumps(result), file=sys.stderr)  # in case the restart fails
+        del engine
+        gc.collect()
+        try:
+            asyncio.run(_save(prefix, chunks, now))
+            del chunks
+            result.update(restart(prefix, waiting))
+        finally:
+            keys = list(store.scan_iter(match=f"{prefix}*", count=1000))
+            if keys:
+                store.unlink(*keys)
+    return result
+
+
+def restore_from(path: str, now: float) -> dict[str, Any]:
+    """Decode the chunks in ``path`` and build the engine, as the daemon's restore does (the
+    collector off meanwhile); the times, the resident memory then, and the waiting count."""
+    table = load_routing(ROOT / "config" / "routing.yaml")
+    with open(path, "rb") as file:
+        data = file.read()
+    chunks = []
+    i = 0
+    while i < len(data):
+        size = int.from_bytes(data[i : i + 4], "big")
+        chunks.append(data[i + 4 : i + 4 + size])
+        i += 4 + size
+    del data
+    gc.disable()
+    started, cpu = time.perf_counter(), time.process_time()
+    state = decode_state(chunks)
+    decode_s = time.perf_counter() - started
+    engine = Engine(table, state)
+    restore_s = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    gc.freeze()
+    gc.enable()
+    del chunks
+    # Ready to route: its first input sees the whole backlog.
+    engine.handle(Tick(), now)
+    return {
+        "decode_s": round(decode_s, 3),
+        "restore_s": round(restore_s, 3),
+        "restore_cpu_s": round(cpu, 3),
+        "rss_mib": round(rss_mib(), 1),
+        "waiting": sum(q["waiting"] for q in engine.queue_stats(now)),
+    }
+
+
+async def _save(prefix: str, chunks: list[bytes], now: float) -> None:
+    client = connect_redis(REDIS_URL, timeout=60)
+    try:
+        await Journal(client, prefix).save_snapshot(chunks, "0-0", now=now)
+    finally:
+        await client.aclose()
+
+
+def restart(prefix: str, waiting: int) -> dict[str, Any]:
+    """``stellwerk run`` on the backlog in Redis: seconds until it routes, its memory then."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLWERK_")}
+    env.update(
+        STELLWERK_ROUTING=str(ROOT / "config" / "routing.yaml"),
+        STELLWERK_REDIS_URL=REDIS_URL,
+        STELLWERK_MQTT_URL=MQTT_URL,
+        STELLWERK_MQTT_CLIENT_ID=f"stw-bench-{prefix.split(':')[1]}",
+        STELLWERK_KEY_PREFIX=prefix,
+        STELLWERK_TOPIC_PREFIX=prefix.replace(":", "-").rstrip("-"),
+        STELLWERK_HTTP_ADDR="",
+        STELLWERK_SMTP_ADDR="",
+        STELLWERK_LOG_FORMAT="json",
+        STELLWERK_ROUTER_NODE_ID="bench",
+    )
+    with tempfile.TemporaryFile() as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            restored: dict[str, Any] | None = None
+            while time.monotonic() - started < 600:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"the daemon exited:\n{log.read().decode()[-3000:]}")
+                log.seek(0)
+                lines = [json.loads(x) for x in log.read().splitlines() if x.startswith(b"{")]
+                restored = next((x for x in lines if x.get("event") == "router.restored"), None)
+                if any(x.get("event") == "router.routing" for x in lines):
+                    break
+                time.sleep(0.05)
+            else:
+                raise SystemExit("the daemon did not route within 600 s")
+            restart_s = time.monotonic() - started
+            daemon_rss = rss_mib(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if restored is None or restored.get("contacts") != waiting:
+        raise SystemExit(f"the daemon restored {restored}, not {waiting} contacts")
+    return {"restart_s": round(restart_s, 2), "daemon_rss_mib": round(daemon_rss, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,8 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contacts", type=int, default=100_000, help="waiting mails (100000)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--daemon", action="store_true", help="also restart a real daemon on the backlog"
+    )
+    parser.add_argument("--restore-from", help=argparse.SUPPRESS)
+    parser.add_argument("--now", type=float, default=MONDAY_9AM, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    result = run(args.contacts, args.seed)
+    if args.restore_from:
+        print(json.dumps(restore_from(args.restore_from, args.now)))
+        return 0
+    result = run(args.contacts, args.seed, args.daemon)
     if args.json:
         print(json.dumps(result))
     else:

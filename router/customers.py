@@ -61,10 +61,13 @@ class CustomerDirectory:
         st.customers[customer.id] = customer
         customer.last_seen = now
         customer.open += 1
-        for key in keys:
-            if key not in st.keys:
+        new_keys = [key for key in dict.fromkeys(keys) if key not in st.keys]
+        if new_keys:
+            for key in new_keys:
                 st.keys[key] = customer.id
-                customer.keys.append(key)
+            # A list of the exact size: an appended-to list keeps spare slots, and a backlog of
+            # a million customers pays for them.
+            customer.keys = [*customer.keys, *new_keys]
         return customer
 
     def _forget(self, horizon: float) -> None:
@@ -86,22 +89,21 @@ class CustomerDirectory:
             if not customer.keys:
                 del self._state.customers[customer.id]
 
-    def remember(self, contact: ContactRec, now: float, limit: int) -> None:
-        """Add a new contact to its customer's history (at most ``limit`` entries kept)."""
+    def remember(self, contact: ContactRec, subject: str | None, now: float, limit: int) -> None:
+        """Add a new contact (with its event's ``subject``) to its customer's history (at most
+        ``limit`` entries kept)."""
         customer = self._state.customers[contact.customer_id]
-        customer.history.append(
-            HistoryItem(
-                contact_id=contact.id,
-                channel=contact.channel,
-                source=contact.event.source,
-                at=now,
-                subject=contact.event.subject,
-                queue=contact.queue,
-            )
+        item = HistoryItem(
+            contact_id=contact.id,
+            channel=contact.channel,
+            source=contact.source,
+            at=now,
+            subject=subject,
+            queue=contact.queue,
         )
-        limit = max(limit, 1)
-        if len(customer.history) > limit:
-            del customer.history[: len(customer.history) - limit]
+        # A new list of the exact size (see ``resolve``), of the latest ``limit`` entries.
+        kept = customer.history[len(customer.history) - limit + 1 :] if limit > 1 else []
+        customer.history = [*kept, item]
 
     def update_history(self, contact: ContactRec, **changes: Any) -> None:
         """Update the contact's (latest) entry in its customer's history."""

@@ -60,6 +60,7 @@ Semantics, with the decisions taken:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from channels.contact_event import ContactEvent
@@ -94,6 +95,7 @@ from router.messages import (
     UpsertExpert,
 )
 from router.state import (
+    NO_EXCLUSIONS,
     STATE_DECODER,
     STATE_ENCODER,
     AgentRec,
@@ -103,6 +105,7 @@ from router.state import (
     ExpertRec,
     OfferRec,
     QueueCounters,
+    contact_stub,
 )
 from router.timers import TimerKind, Timers, is_live
 from rules.decision import CustomerView
@@ -200,9 +203,22 @@ class Engine:
         """The earliest time at which a timer is due, or None when nothing is pending."""
         return self._timers.next_live(self._state, self._queues)
 
-    def reload(self, table: RoutingTable, now: float) -> list[Command]:
+    def rerouted_by(self, table: RoutingTable) -> list[str]:
+        """The contacts :meth:`reload` with ``table`` may route again (their queue is gone): the
+        caller fetches their events for it, since the engine does not keep bodies."""
+        queues = table.file.queues
+        return [c.id for c in self._state.contacts.values() if c.queue not in queues]
+
+    def reload(
+        self,
+        table: RoutingTable,
+        now: float,
+        events: Mapping[str, ContactEvent] | None = None,
+    ) -> list[Command]:
         """Swap the routing table. Queued contacts stay; those whose queue vanished are routed
-        again by the new rules; agents get their new skills and capacities."""
+        again by the new rules, on their whole event from ``events`` (by contact id; see
+        :meth:`rerouted_by`) or, without it, on what the engine keeps (no body); agents get
+        their new skills and capacities."""
         self._configure(table)
         out: list[Command] = []
         for agent in self._state.agents.values():
@@ -210,7 +226,8 @@ class Engine:
                 self._on_logout(agent, now, out)
         for contact in list(self._state.contacts.values()):
             if contact.queue not in self._queues and contact.state in ("queued", "crowd_window"):
-                decision = table.decide(contact.event, self._customer_view(contact), now)
+                event = (events or {}).get(contact.id) or contact_stub(contact)
+                decision = table.decide(event, self._customer_view(contact), now)
                 contact.queue = decision.queue or next(iter(self._queues))
                 contact.token += 1
         self._rebuild_indexes()
@@ -337,8 +354,8 @@ class Engine:
         st.seq += 1
         contact = ContactRec(
             id=event.contact_id,
-            event=event,
             channel=event.channel,
+            source=event.source,
             customer_id=customer.id,
             expert=view.expert,
             expert_id=expert.id if expert is not None else None,
@@ -347,7 +364,9 @@ class Engine:
             queue=decision.queue or "",
             priority=decision.priority,
             arrived_at=arrived,
-            extra_skills=dict(decision.skills),
+            # The rule's own dict, shared: a contact's extra skills are replaced, never changed.
+            extra_skills=decision.skills,
+            excluded=NO_EXCLUSIONS,
             escalate=tuple(sorted(decision.escalate, key=lambda s: s.after)),
             seq=st.seq,
         )
@@ -359,7 +378,7 @@ class Engine:
             self._finish(contact, "rejected", now)
             return
         st.contacts[contact.id] = contact
-        self._customers.remember(contact, now, self._defaults.history_length)
+        self._customers.remember(contact, event.subject, now, self._defaults.history_length)
         if decision.crowd_first:
             contact.state = contact_transition(contact.id, "received", "crowd_window")
             contact.crowd = True
@@ -678,7 +697,7 @@ class Engine:
             return
         _, contact = found
         # Excluded before it is re-queued: a re-queue can dispatch at once (an overflow).
-        contact.excluded[agent.id] = now + self._defaults.reject_cooldown
+        contact.excluded = {**contact.excluded, agent.id: now + self._defaults.reject_cooldown}
         self._timer(now + self._defaults.reject_cooldown, TimerKind.RETRY, contact.id)
         self._withdraw_offer(contact, "rejected", now, out, requeue=True)
         out.append(
@@ -695,7 +714,7 @@ class Engine:
         # Not straight back to the agent who just missed it: give it to someone else first.
         # Exclusion and state change come before the re-queue, which can dispatch at once.
         until = now + self._offer_timeout(contact.queue)
-        contact.excluded[agent.id] = until
+        contact.excluded = {**contact.excluded, agent.id: until}
         self._timer(until, TimerKind.RETRY, contact.id)
         agent.missed += 1
         stop = agent.missed >= self._defaults.max_missed_offers and agent.state == "available"
@@ -974,9 +993,7 @@ class Engine:
             elif kind == TimerKind.MAX_WAIT:
                 self._overflow_max_wait(contact, at, out)
             else:  # TimerKind.RETRY: an exclusion ended, the agent may take it now
-                for agent_id, until in list(contact.excluded.items()):
-                    if until <= at:
-                        del contact.excluded[agent_id]
+                contact.excluded = {a: u for a, u in contact.excluded.items() if u > at}
                 if contact.state == "queued":
                     self._dispatch_contact(contact, at, out)
 
@@ -1052,7 +1069,7 @@ class Engine:
             "at": now,
             "contact_id": contact.id,
             "channel": contact.channel,
-            "source": contact.event.source,
+            "source": contact.source,
             "queue": contact.queue or None,
             "priority": contact.priority,
             "expert": contact.expert,

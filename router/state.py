@@ -2,9 +2,17 @@
 
 These are deliberately *not* frozen: the engine updates contacts and agents in place on the hot
 path, and a copy per change would cost more than the whole routing decision. They are msgspec
-Structs so a snapshot is one ``msgspec.json.encode`` of :class:`EngineState`. The indexes the
-engine builds for speed (heaps, eligibility lists, timers) are derived from these records and
-rebuilt on restore, so they are not part of the snapshot.
+Structs, so :meth:`~router.engine.Engine.snapshot` is one ``msgspec.json.encode`` of
+:class:`EngineState` and :mod:`router.snapshot` writes the same records in bounded chunks. The
+indexes the engine builds for speed (heaps, eligibility lists, timers) are derived from these
+records and rebuilt on restore, so they are not part of the snapshot.
+
+A contact's record holds what routing needs, not what the customer wrote: the body, the
+attachments' metadata and the rest of the event stay at the edge (the daemon keeps them in
+Redis, see ``router/daemon/payloads.py``) and go back into an offer when it is published
+(:func:`contact_stub` is what the engine itself puts there). A million waiting mails then fit
+in about a gigabyte. The records are ``gc=False``: they never reference each other, so
+they cannot form cycles, and the collector need not walk millions of them.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from router.lifecycle import AgentState, ContactState
 from rules.schema import Escalation
 
 
-class HistoryItem(msgspec.Struct, kw_only=True):
+class HistoryItem(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
     """One contact in a customer's history, updated as the contact moves on."""
 
     contact_id: str
@@ -29,7 +37,7 @@ class HistoryItem(msgspec.Struct, kw_only=True):
     outcome: str = "open"
 
 
-class CustomerRec(msgspec.Struct, kw_only=True):
+class CustomerRec(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
     """A customer: identity keys resolved to one id, recent contacts, preferred agent."""
 
     id: str
@@ -43,12 +51,21 @@ class CustomerRec(msgspec.Struct, kw_only=True):
     open: int = 0
 
 
-class ContactRec(msgspec.Struct, kw_only=True):
-    """A contact the engine is handling (not yet finished)."""
+#: the exclusions of a contact that has none, one dict shared by (nearly) all of them: a
+#: million empty dicts would be 64 MB. Never change it: give the contact a new dict instead.
+NO_EXCLUSIONS: dict[str, float] = {}
+
+
+class ContactRec(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
+    """A contact the engine is handling (not yet finished).
+
+    Of the event that started it only what routing needs is kept (``channel``, ``source``);
+    the rules read the whole event once, when it arrives.
+    """
 
     id: str
-    event: ContactEvent
     channel: str
+    source: str
     customer_id: str
     expert: bool
     state: ContactState
@@ -56,7 +73,8 @@ class ContactRec(msgspec.Struct, kw_only=True):
     queue: str
     priority: int
     arrived_at: float
-    #: extra skill requirements from the rule or an escalation step (on top of the queue's).
+    #: extra skill requirements from the rule or an escalation step (on top of the queue's);
+    #: shared with the rule (and among restored records), so replaced, never changed in place.
     extra_skills: dict[str, int] = msgspec.field(default_factory=dict)
     escalate: tuple[Escalation, ...] = ()
     next_step: int = 0
@@ -68,7 +86,8 @@ class ContactRec(msgspec.Struct, kw_only=True):
     agent_id: str | None = None
     #: the offer the agent accepted (a repeated accept of it is not an error).
     accepted_offer: str | None = None
-    #: agent id -> time until which this contact is not offered to that agent again.
+    #: agent id -> time until which this contact is not offered to that agent again;
+    #: replaced, never changed in place (most contacts share :data:`NO_EXCLUSIONS`).
     excluded: dict[str, float] = msgspec.field(default_factory=dict)
     #: the crowd expert this contact comes from, if any.
     expert_id: str | None = None
@@ -78,7 +97,7 @@ class ContactRec(msgspec.Struct, kw_only=True):
     wrap_until: float = 0.0
 
 
-class OfferRec(msgspec.Struct, kw_only=True):
+class OfferRec(msgspec.Struct, kw_only=True, gc=False):
     """A reservation of one contact for one agent, with its expiry."""
 
     id: str
@@ -87,7 +106,7 @@ class OfferRec(msgspec.Struct, kw_only=True):
     expires_at: float
 
 
-class AgentRec(msgspec.Struct, kw_only=True):
+class AgentRec(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
     """An agent's live state. Busy is derived from ``load``; capacity is reserved at offer."""
 
     id: str
@@ -102,7 +121,7 @@ class AgentRec(msgspec.Struct, kw_only=True):
     contacts: list[str] = msgspec.field(default_factory=list)
 
 
-class ExpertRec(msgspec.Struct, kw_only=True):
+class ExpertRec(msgspec.Struct, kw_only=True, gc=False, omit_defaults=True):
     """A crowd expert: who they are (from the routing file or the admin API) and how active.
 
     ``answers`` counts their posts in community threads that are not their own; the
@@ -128,7 +147,7 @@ class ExpertRec(msgspec.Struct, kw_only=True):
     wait_max: float = 0.0
 
 
-class QueueCounters(msgspec.Struct, kw_only=True):
+class QueueCounters(msgspec.Struct, kw_only=True, gc=False):
     """Running totals per queue since start (for statistics and metrics)."""
 
     entered: int = 0
@@ -153,6 +172,18 @@ class EngineState(msgspec.Struct, kw_only=True):
     experts: dict[str, ExpertRec] = msgspec.field(default_factory=dict)
     #: a bounded record of finished contacts: id -> [state, queue, agent, customer id].
     finished: dict[str, list[str | None]] = msgspec.field(default_factory=dict)
+
+
+def contact_stub(contact: ContactRec) -> ContactEvent:
+    """The event as far as the engine knows it: what an offer carries until the edge puts the
+    journaled event back in (the daemon always does before it publishes)."""
+    return ContactEvent(
+        kind="new",
+        contact_id=contact.id,
+        channel=contact.channel,  # type: ignore[arg-type]  # from a ContactEvent's channel
+        source=contact.source,
+        external_id="",
+    )
 
 
 STATE_ENCODER = msgspec.json.Encoder()

@@ -11,7 +11,7 @@ from typing import Any
 from router.agent_index import AgentIndex
 from router.customers import history
 from router.messages import OfferCmd
-from router.state import ContactRec, EngineState, OfferRec
+from router.state import ContactRec, EngineState, OfferRec, contact_stub
 from rules.schema import Queue as QueueCfg
 
 
@@ -87,7 +87,7 @@ def offer_command(state: EngineState, offer: OfferRec, contact: ContactRec) -> O
         contact_id=contact.id,
         queue=contact.queue,
         expires_at=offer.expires_at,
-        contact=contact.event,
+        contact=contact_stub(contact),
         customer_id=contact.customer_id,
         history=tuple(history(customer, contact.id)) if customer else (),
         rule=contact.rule,
@@ -126,7 +126,7 @@ def agent_work(state: EngineState, index: AgentIndex, agent_id: str) -> dict[str
                 "rule": contact.rule,
                 "priority": contact.priority,
                 "channel": contact.channel,
-                "contact": contact.event,
+                "contact": contact_stub(contact),
                 "customer_id": contact.customer_id,
                 "history": history(customer, contact.id) if customer else [],
                 "expert_id": contact.expert_id,

@@ -321,12 +321,14 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     at most ``lease_ttl`` seconds after the router died. A snapshot is taken every
     ``snapshot_every`` journal entries or ``snapshot_interval`` seconds, whichever comes first;
     journal entries older than ``journal_retention`` seconds and covered by a snapshot are trimmed.
+    A snapshot is written in chunks of at most ``snapshot_chunk_bytes`` (one Redis value each).
     """
 
     node_id: str | None = None
     lease_ttl: float = 5.0
     snapshot_every: int = 5000
     snapshot_interval: float = 10.0
+    snapshot_chunk_bytes: int = 4 * 1024 * 1024
     journal_retention: float = 3600.0
     batch: int = 512
 
@@ -335,6 +337,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("lease_ttl must be at least 0.3 seconds")
         if self.snapshot_every < 1 or self.batch < 1:
             raise ValueError("snapshot_every and batch must be at least 1")
+        if not 1024 <= self.snapshot_chunk_bytes <= 256 * 1024 * 1024:
+            raise ValueError("snapshot_chunk_bytes must be between 1024 and 268435456")
         if self.snapshot_interval <= 0 or self.journal_retention < 0:
             raise ValueError("snapshot_interval must be > 0 and journal_retention >= 0")
 

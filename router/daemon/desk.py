@@ -50,6 +50,7 @@ from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import wire_body
+from router.daemon.payloads import PayloadStore
 from router.daemon.sinks import CommandSink
 from router.daemon.transcripts import TranscriptStore, reply_message, to_builtins
 from router.daemon.wall import WallBoard
@@ -149,6 +150,7 @@ class DeskService:
         self.metrics = metrics
         self.state = state
         self.transcripts = TranscriptStore(redis, settings.key_prefix, settings.desk)
+        self.payloads = PayloadStore(redis, settings.key_prefix)
         self.wall = WallBoard(redis, settings.key_prefix, settings.desk, metrics)
         self.engine: Engine | None = None
         self.agents: dict[str, set[_Client]] = {}
@@ -566,7 +568,9 @@ class DeskService:
                 if item is None:
                     await ws.close(code=client.close_code)
                     return
-                if item.get("type") == "_transcript":
+                if item.get("type") == "snapshot":
+                    await self._with_events(item)
+                elif item.get("type") == "_transcript":
                     contact_id = str(item["contact_id"])
                     messages = await self.transcripts.read(contact_id)
                     item = {
@@ -577,6 +581,22 @@ class DeskService:
                 await ws.send_str(_json.encode(item).decode())
         except (ConnectionResetError, RuntimeError):
             return  # the client went away; its handler cleans up
+
+    async def _with_events(self, snapshot: dict[str, Any]) -> None:
+        """Put the stored events into a snapshot's offers and contacts (the engine gives only
+        their stubs); with Redis away they keep the stubs (id, channel, source)."""
+        rows = [*snapshot["offers"], *snapshot["contacts"]]
+        if not rows:
+            return
+        try:
+            found = await self.payloads.events([str(r["contact_id"]) for r in rows])
+        except JournalUnavailable as exc:
+            log.warning("desk.snapshot_events_unavailable", error=str(exc))
+            return
+        for row in rows:
+            event = found.get(str(row["contact_id"]))
+            if event is not None:
+                row["contact"] = msgspec.to_builtins(event)
 
 
 async def _refuse(ws: web.WebSocketResponse, error: str, detail: str) -> None:

@@ -7,18 +7,28 @@ Inputs that cannot be decoded go to the dead-letter stream instead, with their r
 acknowledged too (redelivering them would change nothing).
 
 Keys (all under the configured ``key_prefix``): ``journal`` (stream), ``deadletter`` (stream),
-``snapshot`` (hash: data, last_id, at, now), ``published`` (id of the last entry whose commands
-the router published), ``lease`` (the routing lease, see :mod:`router.daemon.lease`), ``poison``
-(ids of entries the engine failed on; skipped by every replay).
+``published`` (id of the last entry whose commands the router published), ``lease`` (the
+routing lease, see :mod:`router.daemon.lease`), ``poison`` (ids of entries the engine failed on;
+skipped by every replay), and the snapshot:
 
-Snapshot and published-mark writes are fenced by the lease token: a router that lost its lease
-cannot overwrite the state of the one that took over.
+* ``snapshot:{gen}``: one generation, a hash of chunks ``"0"``, ``"1"``... (each at most
+  :data:`router.snapshot.CHUNK_BYTES`, see :mod:`router.snapshot`), written one at a time;
+* ``snapshot``: the pointer, a small hash (gen, chunks, last_id, at, now), switched in one
+  fenced Lua call only after every chunk of the generation is there (the call counts them);
+* ``snapshot:gens``: every generation started, so those left half-written by a crash are
+  removed with the old ones after the next switch.
+
+A reader follows the pointer, so it sees the old snapshot or the new one, never a mix. A
+pointer with a ``data`` field is a snapshot of an earlier version (one JSON value) and is read
+as such. Snapshot and published-mark writes are fenced by the lease token: a router that lost
+its lease cannot overwrite the state of the one that took over.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +40,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from channels.contact_event import ContactEvent
 from router.messages import AdminCommand, AgentCommand
+from router.snapshot import StateBuilder, decode_legacy
+from router.state import EngineState
 
 DEADLETTER_MAXLEN = 100_000
 
@@ -104,6 +116,14 @@ class Keys:
     def snapshot(self) -> str:
         return f"{self.prefix}snapshot"
 
+    def snapshot_gen(self, gen: str) -> str:
+        """The hash of one snapshot generation's chunks."""
+        return f"{self.prefix}snapshot:{gen}"
+
+    @property
+    def snapshot_gens(self) -> str:
+        return f"{self.prefix}snapshot:gens"
+
     @property
     def published(self) -> str:
         return f"{self.prefix}published"
@@ -119,13 +139,21 @@ class Keys:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A saved engine state, the id of the last journal entry it includes, and the engine time
-    (``now``) of that entry; ``at`` is the wall-clock time the snapshot was written."""
+    """A saved engine state: its generation and number of chunks (``data`` instead for a
+    snapshot of an earlier version), the id of the last journal entry it includes, and the
+    engine time (``now``) of that entry; ``at`` is the wall-clock time the snapshot was
+    written. :meth:`Journal.snapshot_state` reads the state itself."""
 
-    data: bytes
     last_id: str
     at: float
     now: float = 0.0
+    gen: str = ""
+    chunks: int = 0
+    data: bytes | None = None
+
+
+class SnapshotGone(Exception):
+    """A chunk of the snapshot being read is gone: a newer one replaced it meanwhile."""
 
 
 def connect_redis(url: str, *, timeout: float = 5.0) -> aioredis.Redis:
@@ -143,10 +171,14 @@ def connect_redis(url: str, *, timeout: float = 5.0) -> aioredis.Redis:
     )
 
 
-# Only the lease holder may write the snapshot or the published mark (ARGV[1] is its token).
-_FENCED_HSET = """
+# Only the lease holder may switch the snapshot or set the published mark (ARGV[1] is its
+# token). The switch also checks that every chunk of the generation landed (-1 if not).
+_FENCED_SWITCH = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'data', ARGV[2], 'last_id', ARGV[3], 'at', ARGV[4], 'now', ARGV[5])
+if redis.call('HLEN', KEYS[3]) ~= tonumber(ARGV[3]) then return -1 end
+redis.call('UNLINK', KEYS[1])
+redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'chunks', ARGV[3], 'last_id', ARGV[4],
+           'at', ARGV[5], 'now', ARGV[6])
 return 1
 """
 _FENCED_SET = """
@@ -166,7 +198,7 @@ class Journal:
     def __init__(self, client: aioredis.Redis, key_prefix: str) -> None:
         self.redis = client
         self.keys = Keys(key_prefix)
-        self._fenced_hset = client.register_script(_FENCED_HSET)
+        self._fenced_switch = client.register_script(_FENCED_SWITCH)
         self._fenced_set = client.register_script(_FENCED_SET)
 
     # ---- ingress ------------------------------------------------------------------------
@@ -314,40 +346,95 @@ class Journal:
 
     async def save_snapshot(
         self,
-        engine_bytes: bytes,
+        chunks: Iterable[bytes] | AsyncIterable[bytes],
         last_id: str,
         *,
         now: float = 0.0,
         lease_token: str | None = None,
     ) -> bool:
-        """Save the engine state covering the journal up to ``last_id``.
+        """Save the engine state (as :func:`router.snapshot.encode_state`'s chunks) covering
+        the journal up to ``last_id``: a new generation, chunk by chunk, then the pointer, then
+        the older generations are removed (``UNLINK``: Redis frees them in the background).
 
-        With ``lease_token`` the write happens only while that token holds the lease; returns
+        With ``lease_token`` the switch happens only while that token holds the lease; returns
         False when it does not (the caller lost the lease and must stop routing).
         """
+        gen = uuid.uuid4().hex[:16]
+        key = self.keys.snapshot_gen(gen)
+        n = 0
         try:
-            done = await self._fenced_hset(
-                keys=[self.keys.snapshot, self.keys.lease],
-                args=[lease_token or "", engine_bytes, last_id, repr(time.time()), repr(now)],
+            await self.redis.sadd(self.keys.snapshot_gens, gen)  # type: ignore[misc]
+            if isinstance(chunks, AsyncIterable):
+                async for chunk in chunks:
+                    await self.redis.hset(key, str(n), chunk)  # type: ignore[misc,arg-type]
+                    n += 1
+            else:
+                for chunk in chunks:
+                    await self.redis.hset(key, str(n), chunk)  # type: ignore[misc,arg-type]
+                    n += 1
+            done = await self._fenced_switch(
+                keys=[self.keys.snapshot, self.keys.lease, key],
+                args=[lease_token or "", gen, n, last_id, repr(time.time()), repr(now)],
             )
+            if done == -1:
+                raise JournalUnavailable(f"snapshot {gen}: chunks missing at the switch")
+            if not done:
+                await self._drop_generations({gen})
+                return False
+            gens = await self.redis.smembers(self.keys.snapshot_gens)  # type: ignore[misc]
+            await self._drop_generations({g.decode() for g in gens} - {gen})
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
-        return bool(done)
+        return True
+
+    async def _drop_generations(self, gens: set[str]) -> None:
+        if gens:
+            await self.redis.unlink(*(self.keys.snapshot_gen(g) for g in gens))
+            await self.redis.srem(self.keys.snapshot_gens, *gens)  # type: ignore[misc]
 
     async def load_snapshot(self) -> Snapshot | None:
-        """The last saved snapshot, or None when there is none yet."""
+        """The last saved snapshot's pointer, or None when there is none yet."""
         try:
             fields = await self.redis.hgetall(self.keys.snapshot)  # type: ignore[misc]
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
-        if not fields or b"data" not in fields:
+        if not fields or (b"gen" not in fields and b"data" not in fields):
             return None
         return Snapshot(
-            data=fields[b"data"],
             last_id=fields.get(b"last_id", b"0-0").decode(),
             at=float(fields.get(b"at", b"0")),
             now=float(fields.get(b"now", b"0")),
+            gen=fields.get(b"gen", b"").decode(),
+            chunks=int(fields.get(b"chunks", b"0")),
+            data=fields.get(b"data"),
         )
+
+    async def snapshot_chunks(self, snap: Snapshot) -> AsyncIterator[bytes]:
+        """The chunks of ``snap``, in order, read a few at a time; raises SnapshotGone when a
+        newer snapshot replaced it meanwhile (load the pointer again)."""
+        key = self.keys.snapshot_gen(snap.gen)
+        step = 8
+        for first in range(0, snap.chunks, step):
+            fields = [str(i) for i in range(first, min(first + step, snap.chunks))]
+            try:
+                values = await self.redis.hmget(key, fields)  # type: ignore[misc]
+            except (RedisError, OSError) as exc:
+                raise JournalUnavailable(str(exc)) from exc
+            for value in values:
+                if value is None:
+                    raise SnapshotGone(snap.gen)
+                yield value
+
+    async def snapshot_state(self, snap: Snapshot) -> EngineState:
+        """The engine state ``snap`` holds, decoded chunk by chunk (a SnapshotError from
+        :mod:`router.snapshot` if it is damaged). For a snapshot of the earlier format the
+        router uses :func:`router.snapshot.decode_legacy`, which also gives the events."""
+        if snap.data is not None:
+            return decode_legacy(snap.data)[0]
+        with StateBuilder() as builder:
+            async for chunk in self.snapshot_chunks(snap):
+                builder.feed(chunk)
+            return builder.finish()
 
     async def set_published(self, last_id: str, *, lease_token: str | None = None) -> bool:
         """Record that the commands of every entry up to ``last_id`` were published."""

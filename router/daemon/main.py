@@ -299,6 +299,7 @@ class Daemon:
                 batch=s.router.batch,
                 snapshot_every=s.router.snapshot_every,
                 snapshot_interval=s.router.snapshot_interval,
+                snapshot_chunk_bytes=s.router.snapshot_chunk_bytes,
                 journal_retention=s.router.journal_retention,
             ),
             journal,

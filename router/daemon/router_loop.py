@@ -8,6 +8,12 @@ crash is never lost. Live, it reads the journal in order, applies each entry wit
 ``now = entry.at`` (never going back in time), publishes the commands (QoS 1, PUBACKed), records
 the published mark, and snapshots every ``snapshot_every`` entries or ``snapshot_interval``
 seconds, after publishing, so a snapshot never covers an entry whose commands were not sent.
+A snapshot is cut at one instant by forking (:mod:`router.daemon.snapshots`) and written to
+Redis in chunks while routing goes on; one is written at a time.
+
+Contacts' events live at the edge (:mod:`router.daemon.payloads`): the router stores the event
+that created a contact when it applies it, puts it back into every offer before publishing,
+and removes it after the next snapshot once the contact is finished.
 
 Timers: when ``engine.next_deadline()`` is due the router appends a tick entry to the journal and
 fires the timers when it reads the tick back, so a replay fires them at the same place.
@@ -20,6 +26,7 @@ so the daemon keeps routing and replays stay deterministic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from redis.exceptions import RedisError
 
+from channels.contact_event import ContactEvent
 from router.daemon.http import AppState
 from router.daemon.journal import (
     AdminEntry,
@@ -42,9 +51,12 @@ from router.daemon.journal import (
 from router.daemon.lease import Lease, LeaseKeeper
 from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Message, Publisher, backoff, command_messages
+from router.daemon.payloads import PayloadStore
 from router.daemon.sinks import CommandSink
+from router.daemon.snapshots import SnapshotEncodeFailed, StateCut
 from router.engine import Engine
 from router.messages import Command, EventCmd, RefusedCmd, Tick
+from router.snapshot import CHUNK_BYTES, decode_legacy
 from rules.load import RoutingFileError, load_routing
 from rules.table import RoutingTable
 
@@ -111,6 +123,11 @@ class RouterOptions:
     snapshot_every: int = 5000
     snapshot_interval: float = 10.0
     journal_retention: float = 3600.0
+    #: the bound of one snapshot chunk (one Redis value).
+    snapshot_chunk_bytes: int = CHUNK_BYTES
+    #: cut snapshots by forking (routing goes on while they are written); False: encode them
+    #: in the routing loop (it waits for the encode).
+    snapshot_fork: bool = True
 
 
 @dataclass
@@ -128,6 +145,10 @@ class _Run:
     # The journal's ``entries-added`` count at ``last_id`` (None: not known yet): the exact
     # backlog is the journal's count now minus this.
     position: int | None = None
+    # The snapshot being written (its task), and the contacts that may have finished since the
+    # last one (their stored events go once a snapshot is in and they are still finished).
+    snapshotting: asyncio.Task[None] | None = None
+    finished: set[str] = field(default_factory=set)
 
 
 class Router:
@@ -155,6 +176,7 @@ class Router:
         self.state = state if state is not None else AppState()
         self._clock = clock
         self.sinks = tuple(sinks)
+        self.payloads = PayloadStore(journal.redis, journal.keys.prefix, journal.keys.lease)
         self._reloads: asyncio.Queue[asyncio.Future[list[str]]] = asyncio.Queue()
         self._run: _Run | None = None
         # Whether the current tenure got as far as routing (resets the failure back-off).
@@ -215,6 +237,8 @@ class Router:
         self.state.reload = None
 
     def _end_tenure(self) -> None:
+        if self._run is not None and self._run.snapshotting is not None:
+            self._run.snapshotting.cancel()
         self.state.view = None
         self.state.reload = None
         self.state.journal_lag = None
@@ -235,27 +259,54 @@ class Router:
         self._routed = True
         log.info("router.routing", last_id=run.last_id)
         last_refresh = 0.0
-        while not stopping.is_set():
-            await self._serve_reloads(run)
-            block = self._block_ms(run)
-            rows = await self.journal.read_after(run.last_id, block, self.options.batch)
-            if rows:
+        orphans = asyncio.create_task(self._find_orphans(run), name="router.payload_orphans")
+        try:
+            while not stopping.is_set():
+                await self._serve_reloads(run)
+                block = self._block_ms(run)
+                rows = await self.journal.read_after(run.last_id, block, self.options.batch)
+                if rows:
+                    await self._apply_batch(run, rows, live=True)
+                await self._maybe_tick(run)
+                await self._maybe_snapshot(run)
+                if time.monotonic() - last_refresh >= 1.0:
+                    last_refresh = time.monotonic()
+                    await self._refresh_metrics(run)
+            # Graceful hand-over: everything in the journal is applied, published and
+            # snapshotted.
+            while rows := await self.journal.read_after(run.last_id, None, self.options.batch):
                 await self._apply_batch(run, rows, live=True)
-            await self._maybe_tick(run)
-            await self._maybe_snapshot(run)
-            if time.monotonic() - last_refresh >= 1.0:
-                last_refresh = time.monotonic()
-                await self._refresh_metrics(run)
-        # Graceful hand-over: everything in the journal is applied, published and snapshotted.
-        while rows := await self.journal.read_after(run.last_id, None, self.options.batch):
-            await self._apply_batch(run, rows, live=True)
-        await self._snapshot(run)
+            await self._snapshot(run)
+        finally:
+            orphans.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await orphans
         log.info("router.handed_over", last_id=run.last_id)
 
     async def _restore(self) -> _Run:
+        # Restoring builds millions of objects that all live on: collections meanwhile would
+        # walk them again and again (minutes for a million waiting mails). One pass at the end.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return await self._restore_state()
+        finally:
+            if enabled:
+                gc.enable()
+
+    async def _restore_state(self) -> _Run:
         snap = await self.journal.load_snapshot()
+        if snap is not None and snap.data is not None:
+            # A snapshot of the earlier format: its contacts' events go to the edge now.
+            state, events = decode_legacy(snap.data)
+            if not await self.payloads.write(events, lease_token=self.lease.token):
+                raise _LostLease()
+        elif snap is not None:
+            state = await self.journal.snapshot_state(snap)
         if snap is not None:
-            engine = Engine.restore(self.table, snap.data)
+            # Building the indexes of a large state takes seconds of pure Python: in a thread,
+            # so the loop keeps renewing the lease meanwhile (nothing else uses the engine yet).
+            engine = await asyncio.to_thread(Engine, self.table, state)
             run = _Run(engine=engine, last_id=snap.last_id, now=snap.now, published="0-0")
         else:
             engine = Engine(self.table)
@@ -267,18 +318,20 @@ class Router:
             replayed += len(rows)
             await self._apply_batch(run, rows, live=False)
         run.position = await self.journal.position(run.last_id)
-        offers = run.engine.outstanding_offers()
+        offers = await self.payloads.fill(run.engine.outstanding_offers())
         if offers:
             await self.publisher.publish_many(
                 [m for cmd in offers for m in command_messages(cmd, self.options.topic_prefix)]
             )
-        await self._snapshot(run)
         for sink in self.sinks:
             await sink.restored(engine)
         # The routing table and the restored state live as long as the tenure: move them out of
         # the collector's way, so full collections over them do not pause routing for 100+ ms.
-        gc.collect()
+        # (No collection first: over a million records it would hold the loop for seconds.)
         gc.freeze()
+        # Written while routing starts: a restart before it is in restores the same snapshot
+        # and replays the same tail again.
+        self._start_snapshot(run)
         log.info(
             "router.restored",
             snapshot=snap.last_id if snap else None,
@@ -301,9 +354,9 @@ class Router:
         poison = run.poison
         if run.position is not None:
             run.position += len(rows)
-        out: list[Message] = []
-        carried: list[Command] = []
-        prefix = self.options.topic_prefix
+        sending: list[Command] = []
+        # The events of contacts created in this batch, stored before anything goes out.
+        created: dict[str, ContactEvent] = {}
         for entry_id, entry in rows:
             if entry is None or entry_id in poison:
                 log.error("journal.entry_skipped", id=entry_id, poisoned=entry_id in poison)
@@ -312,43 +365,73 @@ class Router:
             if isinstance(entry, TickEntry):
                 run.tick_pending = False
             run.now = max(run.now, entry.at)
+            contacts = run.engine.state.contacts
+            before = (
+                contacts.get(entry.event.contact_id) if isinstance(entry, ContactEntry) else None
+            )
             started = time.perf_counter()
             try:
                 cmds = run.engine.handle(_engine_input(entry), run.now)
             except Exception as exc:
-                await self._poison(run, entry_id, entry, exc, out)
+                await self._poison(run, entry_id, entry, exc, sending, created)
                 raise _Poisoned(entry_id) from exc
             if self.metrics is not None:
                 self.metrics.observe_decision(time.perf_counter() - started)
+            if isinstance(entry, ContactEntry):
+                rec = contacts.get(entry.event.contact_id)
+                if rec is not None and rec is not before:
+                    created[rec.id] = entry.event
+            for cmd in cmds:
+                if isinstance(cmd, EventCmd) and isinstance(cmd.data.get("contact_id"), str):
+                    run.finished.add(cmd.data["contact_id"])
             run.last_id = entry_id
             run.since_snapshot += 1
             if _id_after(entry_id, run.published):
                 if self.metrics is not None:
                     self.metrics.observe_commands(cmds)
-                for cmd in cmds:
-                    _log_command(cmd)
-                    out.extend(command_messages(cmd, prefix))
-                if self.sinks:
-                    carried.extend(cmds)
-        if out:
-            if live and not self.lease.held:
-                raise _LostLease()
-            await self.publisher.publish_many(out)
-        if carried:
-            for sink in self.sinks:
-                await sink.submit(carried)
+                sending.extend(cmds)
+        await self._send(run, sending, created, live=live)
         if _id_after(run.last_id, run.published):
             if not await self.journal.set_published(run.last_id, lease_token=self.lease.token):
                 raise _LostLease()
             run.published = run.last_id
 
+    async def _send(
+        self, run: _Run, cmds: list[Command], created: dict[str, ContactEvent], *, live: bool
+    ) -> None:
+        """Store the new contacts' events, then publish ``cmds`` (offers with their events)
+        and hand them to the sinks."""
+        contacts = run.engine.state.contacts
+        keep = {cid: event for cid, event in created.items() if cid in contacts}
+        if keep and not await self.payloads.write(keep, lease_token=self.lease.token):
+            raise _LostLease()
+        if not cmds:
+            return
+        cmds = await self.payloads.fill(cmds, created)
+        prefix = self.options.topic_prefix
+        out: list[Message] = []
+        for cmd in cmds:
+            _log_command(cmd)
+            out.extend(command_messages(cmd, prefix))
+        if out:
+            if live and not self.lease.held:
+                raise _LostLease()
+            await self.publisher.publish_many(out)
+        for sink in self.sinks:
+            await sink.submit(cmds)
+
     async def _poison(
-        self, run: _Run, entry_id: str, entry: JournalEntry, exc: Exception, out: list[Message]
+        self,
+        run: _Run,
+        entry_id: str,
+        entry: JournalEntry,
+        exc: Exception,
+        sending: list[Command],
+        created: dict[str, ContactEvent],
     ) -> None:
         log.exception("router.engine_failed", id=entry_id, entry_type=type(entry).__name__)
         # What the entries before it decided still goes out, and is marked as sent.
-        if out:
-            await self.publisher.publish_many(out)
+        await self._send(run, sending, created, live=False)
         if _id_after(run.last_id, run.published):
             await self.journal.set_published(run.last_id, lease_token=self.lease.token)
         await self.journal.add_poisoned(entry_id)
@@ -366,26 +449,107 @@ class Router:
             run.tick_pending = True
 
     async def _maybe_snapshot(self, run: _Run) -> None:
+        task = run.snapshotting
+        if task is not None:
+            if not task.done():
+                return
+            run.snapshotting = None
+            task.result()  # a lost lease or Redis away ends the tenure here
+            await self._after_snapshot(run)
         if run.since_snapshot == 0:
             return
         due = run.since_snapshot >= self.options.snapshot_every or (
             time.monotonic() - run.snapshot_at >= self.options.snapshot_interval
         )
         if due:
-            await self._snapshot(run)
+            self._start_snapshot(run)
 
-    async def _snapshot(self, run: _Run) -> None:
-        data = run.engine.snapshot()
-        ok = await self.journal.save_snapshot(
-            data, run.last_id, now=run.now, lease_token=self.lease.token
-        )
-        if not ok:
-            raise _LostLease()
+    def _start_snapshot(self, run: _Run) -> None:
+        """Cut a snapshot now (fork) and write it in the background; one at a time."""
+        if run.snapshotting is not None:
+            return
+        try:
+            cut = StateCut(
+                run.engine.state,
+                fork=self.options.snapshot_fork,
+                limit=self.options.snapshot_chunk_bytes,
+            )
+        except OSError as exc:  # fork refused (memory, process limit): try again when due
+            log.error("router.snapshot_failed", error=str(exc))
+            run.snapshot_at = time.monotonic()
+            return
         run.since_snapshot = 0
         run.snapshot_at = time.monotonic()
-        if run.last_id != "0-0":
-            await self.journal.trim(run.last_id, self.options.journal_retention)
-        log.debug("router.snapshot", last_id=run.last_id, size=len(data))
+        run.snapshotting = asyncio.create_task(
+            self._write_snapshot(cut, run.last_id, run.now), name="router.snapshot"
+        )
+
+    async def _write_snapshot(self, cut: StateCut, last_id: str, now: float) -> None:
+        started = time.perf_counter()
+        chunks = cut.chunks()
+        try:
+            ok = await self.journal.save_snapshot(
+                chunks, last_id, now=now, lease_token=self.lease.token
+            )
+        except SnapshotEncodeFailed as exc:
+            # The child died (killed, out of memory): the previous snapshot stays, the journal
+            # after it is kept, and the next one is tried when due.
+            log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
+            return
+        finally:
+            await chunks.aclose()
+            await cut.close()
+        if not ok:
+            raise _LostLease()
+        if last_id != "0-0":
+            await self.journal.trim(last_id, self.options.journal_retention)
+        log.debug(
+            "router.snapshot",
+            last_id=last_id,
+            size=cut.bytes,
+            seconds=round(time.perf_counter() - started, 3),
+            fork_ms=round(cut.fork_s * 1000, 2),
+        )
+
+    async def _snapshot(self, run: _Run) -> None:
+        """Write a snapshot of the state now and wait until it is in (and the one before)."""
+        for start in (False, True):
+            if start:
+                self._start_snapshot(run)
+            task, run.snapshotting = run.snapshotting, None
+            if task is not None:
+                await task
+                await self._after_snapshot(run)
+
+    async def _after_snapshot(self, run: _Run) -> None:
+        """A snapshot is in: the stored events of contacts finished by now can go (a restart
+        restores that snapshot or a later one, in which they are finished; what came after it
+        was published, so a replay re-sends none of their offers)."""
+        contacts = run.engine.state.contacts
+        gone = [cid for cid in run.finished if cid not in contacts]
+        run.finished = set()
+        if gone and not await self.payloads.write({}, gone, lease_token=self.lease.token):
+            raise _LostLease()
+
+    async def _find_orphans(self, run: _Run) -> None:
+        """Once per tenure, look through the stored events for contacts the engine no longer
+        handles (their removal was lost with an earlier tenure); the next snapshot removes
+        them. Reads only, in small steps, beside routing."""
+        cursor = 0
+        while True:
+            try:
+                cursor, fields = await self.journal.redis.hscan(
+                    self.payloads.key, cursor, count=1000
+                )
+            except (RedisError, OSError):
+                return  # Redis away: the routing loop notices; the next tenure looks again
+            contacts = run.engine.state.contacts
+            for raw in fields:
+                cid = raw.decode()
+                if cid not in contacts:
+                    run.finished.add(cid)
+            if not cursor:
+                return
 
     async def _refresh_metrics(self, run: _Run) -> None:
         if self.metrics is None:
@@ -439,9 +603,11 @@ class Router:
             try:
                 problems = self._load_table()
                 if not problems:
-                    cmds = run.engine.reload(self.table, max(run.now, self._clock()))
+                    events = await self.payloads.events(run.engine.rerouted_by(self.table))
+                    cmds = run.engine.reload(self.table, max(run.now, self._clock()), events)
                     if self.metrics is not None:
                         self.metrics.observe_commands(cmds)
+                    cmds = await self.payloads.fill(cmds)
                     msgs = [m for c in cmds for m in command_messages(c, self.options.topic_prefix)]
                     if msgs:
                         await self.publisher.publish_many(msgs)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from router.daemon.journal import Journal
+from router.daemon.journal import Journal, SnapshotGone
 from router.engine import Engine
 from router.state import EngineState
 from rules.load import load_routing
@@ -45,10 +45,15 @@ async def routed_state(journal: Journal, routing: Path, after: float) -> EngineS
 
     async def newer() -> Any:
         snap = await journal.load_snapshot()
-        return snap if snap is not None and snap.at > after else None
+        if snap is None or snap.at <= after:
+            return None
+        try:
+            return await journal.snapshot_state(snap)
+        except SnapshotGone:
+            return None  # replaced while it was read: read the newer one
 
-    snap = await wait_until(newer, 30, "a fresh snapshot")
-    return Engine.restore(load_routing(routing), snap.data).state
+    state = await wait_until(newer, 30, "a fresh snapshot")
+    return Engine(load_routing(routing), state).state
 
 
 async def test_sigkill_and_restart_keep_every_queued_contact_offer_and_assignment(

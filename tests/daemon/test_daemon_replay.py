@@ -40,6 +40,7 @@ from router.messages import (
     Tick,
     UpsertExpert,
 )
+from router.snapshot import encode_state
 from rules.load import load_routing
 from rules.schema import Expert
 from tests.daemon.conftest import REDIS_URL, write_routing
@@ -163,16 +164,22 @@ async def test_any_snapshot_plus_tail_equals_the_live_state(
 
         # Live: the whole journal, no snapshot.
         live = Router(options, journal, lease, Sink(), table)  # type: ignore[arg-type]
-        live_state = (await live._restore()).engine.snapshot()
+        live_run = await live._restore()
+        live_state = live_run.engine.snapshot()
+        assert live_run.snapshotting is not None
+        await live_run.snapshotting  # the snapshot taken after the restore is in
 
         # Crash after ``cut`` entries: a snapshot of that point, then restore + replay.
         await client.delete(journal.keys.snapshot, journal.keys.published)
         head = Engine(table)
         now = apply_directly(head, entries[:cut])
         if cut:
-            await journal.save_snapshot(head.snapshot(), ids[cut - 1], now=now)
+            await journal.save_snapshot(encode_state(head.state), ids[cut - 1], now=now)
         restored = Router(options, journal, lease, Sink(), table)  # type: ignore[arg-type]
-        assert (await restored._restore()).engine.snapshot() == live_state
+        restored_run = await restored._restore()
+        assert restored_run.engine.snapshot() == live_state
+        assert restored_run.snapshotting is not None
+        await restored_run.snapshotting
     finally:
         keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
         if keys:

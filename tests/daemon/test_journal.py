@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,12 +17,15 @@ from router.daemon.journal import (
     ContactEntry,
     Journal,
     JournalUnavailable,
+    SnapshotGone,
     TickEntry,
     connect_redis,
     decode_entry,
     encode_entry,
 )
 from router.messages import Accept, Login
+from router.snapshot import encode_state
+from router.state import STATE_ENCODER, EngineState
 from tests.daemon.conftest import Names, wait_until
 from tests.servers import REDIS_URL, key_prefix
 
@@ -111,21 +115,81 @@ async def test_dead_letters_keep_reason_body_and_headers(journal: Journal) -> No
     assert '"x-twilio-signature":"abc"' in item["headers"]
 
 
+async def chunks_of(journal: Journal) -> list[bytes] | None:
+    snap = await journal.load_snapshot()
+    return None if snap is None else [c async for c in journal.snapshot_chunks(snap)]
+
+
+async def snapshot_keys(journal: Journal) -> set[str]:
+    return {
+        k.decode()
+        async for k in journal.redis.scan_iter(match=f"{journal.keys.snapshot}*")
+        if k.decode() != journal.keys.snapshot_gens
+    }
+
+
 async def test_snapshot_round_trip_and_lease_fencing(journal: Journal) -> None:
     assert await journal.load_snapshot() is None
     await journal.redis.set(journal.keys.lease, "token-a")
-    assert await journal.save_snapshot(b"state-1", "5-0", lease_token="token-a")
+    assert await journal.save_snapshot([b"state-1", b"more"], "5-0", lease_token="token-a")
     snap = await journal.load_snapshot()
-    assert snap is not None and (snap.data, snap.last_id) == (b"state-1", "5-0")
+    assert snap is not None and snap.last_id == "5-0"
+    assert await chunks_of(journal) == [b"state-1", b"more"]
     # A router whose lease was taken over cannot overwrite the new holder's state.
     await journal.redis.set(journal.keys.lease, "token-b")
-    assert not await journal.save_snapshot(b"stale", "9-0", lease_token="token-a")
-    snap = await journal.load_snapshot()
-    assert snap is not None and snap.data == b"state-1"
+    assert not await journal.save_snapshot([b"stale"], "9-0", lease_token="token-a")
+    assert await chunks_of(journal) == [b"state-1", b"more"]
+    # ...nor leave its chunks behind: the pointer and its one generation are all there is.
+    pointed = journal.keys.snapshot_gen(snap.gen)
+    assert await snapshot_keys(journal) == {journal.keys.snapshot, pointed}
     assert not await journal.set_published("9-0", lease_token="token-a")
     assert await journal.published() == "0-0"
     assert await journal.set_published("9-0", lease_token="token-b")
     assert await journal.published() == "9-0"
+
+
+async def test_a_snapshot_broken_off_mid_write_leaves_the_last_one_whole(journal: Journal) -> None:
+    assert await journal.save_snapshot([b"a1", b"a2", b"a3"], "3-0")
+
+    async def dies_after_two() -> AsyncIterator[bytes]:
+        yield b"b1"
+        yield b"b2"
+        raise RuntimeError("the writer died here")
+
+    with pytest.raises(RuntimeError):
+        await journal.save_snapshot(dies_after_two(), "7-0")
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.last_id == "3-0"
+    assert await chunks_of(journal) == [b"a1", b"a2", b"a3"]
+    # The half-written generation is there until the next snapshot is in, then gone with
+    # the old one.
+    assert len(await snapshot_keys(journal)) == 3
+    assert await journal.save_snapshot([b"c1"], "9-0")
+    new = await journal.load_snapshot()
+    assert new is not None and new.last_id == "9-0"
+    assert await chunks_of(journal) == [b"c1"]
+    pointed = journal.keys.snapshot_gen(new.gen)
+    assert await snapshot_keys(journal) == {journal.keys.snapshot, pointed}
+    # A reader still on the old generation learns it is gone (and reads the pointer again).
+    with pytest.raises(SnapshotGone):
+        [c async for c in journal.snapshot_chunks(snap)]
+
+
+async def test_a_snapshot_of_the_earlier_single_value_format_is_still_read(
+    journal: Journal,
+) -> None:
+    state = EngineState(seq=7, clock=12.5)
+    await journal.redis.hset(
+        journal.keys.snapshot,
+        mapping={"data": STATE_ENCODER.encode(state), "last_id": "4-0", "at": "1", "now": "12.5"},
+    )
+    snap = await journal.load_snapshot()
+    assert snap is not None and (snap.last_id, snap.now) == ("4-0", 12.5)
+    assert await journal.snapshot_state(snap) == state
+    # The next snapshot replaces it with the chunked format.
+    assert await journal.save_snapshot(encode_state(state), "5-0")
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.data is None and await journal.snapshot_state(snap) == state
 
 
 async def test_trim_never_drops_what_the_snapshot_does_not_cover(journal: Journal) -> None:

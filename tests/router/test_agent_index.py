@@ -14,7 +14,6 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channels.contact_event import ContactEvent
 from router.agent_index import AgentIndex
 from router.state import AgentRec, ContactRec
 from rules.load import parse_routing
@@ -66,17 +65,10 @@ def routing(agents: list[dict[str, Any]], queues: list[dict[str, Any]]) -> Routi
 
 
 def contact(queue: str, channel: str) -> ContactRec:
-    event = ContactEvent(
-        kind="new",
-        contact_id="generic:1",
-        channel=channel,  # type: ignore[arg-type]
-        source="generic",
-        external_id="1",
-    )
     return ContactRec(
         id="generic:1",
-        event=event,
         channel=channel,
+        source="generic",
         customer_id="c1",
         expert=False,
         state="queued",

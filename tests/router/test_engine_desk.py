@@ -106,8 +106,8 @@ def test_a_follow_up_of_a_queued_offered_or_assigned_contact_is_announced() -> N
     eng.handle(Accept(agent_id="a1", offer_id=offer.offer_id), 4.0)
     (held,) = events(eng.handle(follow, 5.0), "contact.updated")
     assert (held.data["state"], held.data["agent_id"]) == ("assigned", "a1")
-    # The body is not kept in the engine: only the first message is.
-    assert eng.state.contacts["generic:m1"].event.text is None
+    # No body is kept in the engine, not even the first message's (the edge keeps them).
+    assert "PS" not in eng.snapshot().decode()
 
 
 def test_offers_carry_the_routing_reason_and_the_expert_level() -> None:

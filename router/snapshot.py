@@ -1,0 +1,275 @@
+"""The engine state in bounded chunks: what the daemon writes to Redis as one snapshot.
+
+:meth:`~router.engine.Engine.snapshot` is the whole state as one JSON document, which is fine
+for tests and tools but not for a million waiting mails: Redis caps one value at 512 MB, and
+one document is one long encode and one long decode. Here the same records are written as a
+sequence of msgpack chunks, each at most :data:`CHUNK_BYTES` (a single record larger than that,
+which the bounded histories make unlikely, gets a chunk of its own). The first chunk holds the
+scalars; then come the records of each table of :class:`~router.state.EngineState` in their
+insertion order (the engine's iteration order is part of its behaviour), as lists rather than
+``id -> record`` maps, so a decoded record and its table key are one string.
+
+:class:`StateBuilder` decodes chunk by chunk, with the cyclic collector off (decoding builds
+millions of objects, and a collection pass over all of them every few thousand allocations is
+what made restore take minutes), and makes equal strings one object again: the live engine
+shares a queue's name, a customer's id or a contact's id among the records that hold it, a
+naive decode would give every record copies of its own.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import msgspec
+
+from channels.contact_event import ContactEvent
+from router.state import (
+    NO_EXCLUSIONS,
+    AgentRec,
+    ContactRec,
+    CustomerRec,
+    EngineState,
+    ExpertRec,
+    OfferRec,
+    QueueCounters,
+)
+
+#: the largest chunk the encoder writes (unless one record alone is larger).
+CHUNK_BYTES = 4 * 1024 * 1024
+#: records per chunk the encoder starts with; it adapts to the records' size.
+_START_ITEMS = 2048
+FORMAT = 1
+# The extra skills of every restored contact without any (never changed in place, see ContactRec).
+_NO_SKILLS: dict[str, int] = {}
+
+
+class Head(msgspec.Struct, tag="head", array_like=True):
+    """The scalars of the state, and the format of the chunks that follow."""
+
+    format: int
+    seq: int
+    clock: float
+
+
+class Contacts(msgspec.Struct, tag="contacts", array_like=True):
+    items: list[ContactRec]
+
+
+class Customers(msgspec.Struct, tag="customers", array_like=True):
+    items: list[CustomerRec]
+
+
+class Agents(msgspec.Struct, tag="agents", array_like=True):
+    items: list[AgentRec]
+
+
+class Offers(msgspec.Struct, tag="offers", array_like=True):
+    items: list[OfferRec]
+
+
+class Experts(msgspec.Struct, tag="experts", array_like=True):
+    items: list[ExpertRec]
+
+
+class Keys(msgspec.Struct, tag="keys", array_like=True):
+    items: list[tuple[str, str]]
+
+
+class Counters(msgspec.Struct, tag="counters", array_like=True):
+    items: list[tuple[str, QueueCounters]]
+
+
+class Finished(msgspec.Struct, tag="finished", array_like=True):
+    items: list[tuple[str, list[str | None]]]
+
+
+Chunk = Head | Contacts | Customers | Agents | Offers | Experts | Keys | Counters | Finished
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER: msgspec.msgpack.Decoder[Chunk] = msgspec.msgpack.Decoder(Chunk)
+
+
+def _encode_items(kind: type[Any], items: Sequence[Any], limit: int) -> Iterator[bytes]:
+    """``items`` as chunks of ``kind`` of at most ``limit`` bytes each (halving when over)."""
+    step = _START_ITEMS
+    i = 0
+    while i < len(items):
+        part = items[i : i + step]
+        data = _ENCODER.encode(kind(part))
+        if len(data) > limit and len(part) > 1:
+            step = max(1, len(part) // 2)
+            continue
+        yield data
+        i += len(part)
+        # Aim at half the bound, so that the next slice, a little larger, still fits.
+        per_item = max(1, len(data) // len(part))
+        step = max(1, (limit // 2) // per_item)
+
+
+def encode_state(state: EngineState, limit: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The state as chunks of at most ``limit`` bytes; :class:`StateBuilder` reads them back.
+
+    The state must not change while the iterator runs (the daemon encodes in a forked child,
+    which has a frozen copy of it).
+    """
+    yield _ENCODER.encode(Head(format=FORMAT, seq=state.seq, clock=state.clock))
+    # Customers before contacts and keys, so the builder can share their ids with them.
+    yield from _encode_items(Agents, list(state.agents.values()), limit)
+    yield from _encode_items(Offers, list(state.offers.values()), limit)
+    yield from _encode_items(Experts, list(state.experts.values()), limit)
+    yield from _encode_items(Counters, list(state.counters.items()), limit)
+    yield from _encode_items(Customers, list(state.customers.values()), limit)
+    yield from _encode_items(Contacts, list(state.contacts.values()), limit)
+    yield from _encode_items(Keys, list(state.keys.items()), limit)
+    yield from _encode_items(Finished, list(state.finished.items()), limit)
+
+
+class SnapshotError(ValueError):
+    """The chunks do not make a snapshot (missing head, unknown format, not msgpack...)."""
+
+
+class StateBuilder:
+    """Rebuilds an :class:`EngineState` from :func:`encode_state`'s chunks, fed in order.
+
+    Use it as a context manager: the cyclic collector is off while it is open (and restored
+    to what it was when it closes).
+    """
+
+    def __init__(self) -> None:
+        self.state: EngineState | None = None
+        # One object per distinct string of the small vocabularies (queues, rules, sources...).
+        self._words: dict[str, str] = {}
+        self._gc_was_enabled = False
+
+    def __enter__(self) -> StateBuilder:
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._gc_was_enabled:
+            gc.enable()
+
+    def feed(self, data: bytes) -> None:
+        """Decode one chunk into the state; raises :class:`SnapshotError` on a bad chunk."""
+        try:
+            chunk = _DECODER.decode(data)
+        except msgspec.DecodeError as exc:
+            raise SnapshotError(f"not a snapshot chunk: {exc}") from exc
+        if isinstance(chunk, Head):
+            if self.state is not None:
+                raise SnapshotError("a second head chunk")
+            if chunk.format != FORMAT:
+                raise SnapshotError(f"snapshot format {chunk.format}, this version reads {FORMAT}")
+            self.state = EngineState(seq=chunk.seq, clock=chunk.clock)
+            return
+        st = self.state
+        if st is None:
+            raise SnapshotError("records before the head chunk")
+        # ``w(s, s)`` is the one object of the strings equal to ``s`` (a bound method, not a
+        # function of ours: this runs for every field of a million records).
+        w = self._words.setdefault
+        if isinstance(chunk, Contacts):
+            owner_of = st.customers.get
+            contacts = st.contacts
+            for c in chunk.items:
+                s = c.queue
+                c.queue = w(s, s)
+                s = c.rule
+                c.rule = w(s, s)
+                s = c.source
+                c.source = w(s, s)
+                s = c.channel
+                c.channel = w(s, s)
+                owner = owner_of(c.customer_id)
+                if owner is not None:
+                    c.customer_id = owner.id
+                if not c.extra_skills:
+                    c.extra_skills = _NO_SKILLS
+                if not c.excluded:
+                    c.excluded = NO_EXCLUSIONS
+                if c.queue_entered_at == c.arrived_at:
+                    c.queue_entered_at = c.arrived_at
+                contacts[c.id] = c
+        elif isinstance(chunk, Customers):
+            customers = st.customers
+            for u in chunk.items:
+                for h in u.history:
+                    s = h.channel
+                    h.channel = w(s, s)
+                    s = h.source
+                    h.source = w(s, s)
+                    s = h.outcome
+                    h.outcome = w(s, s)
+                    q = h.queue
+                    if q is not None:
+                        h.queue = w(q, q)
+                customers[u.id] = u
+        elif isinstance(chunk, Keys):
+            keys = st.keys
+            customers = st.customers
+            for key, cid in chunk.items:
+                owner = customers.get(cid)
+                if owner is None:
+                    keys[key] = cid
+                    continue
+                # The customer's own copy of the key string, and its id: one object each.
+                for mine in owner.keys:
+                    if mine == key:
+                        key = mine
+                        break
+                keys[key] = owner.id
+        elif isinstance(chunk, Agents):
+            st.agents.update((a.id, a) for a in chunk.items)
+        elif isinstance(chunk, Offers):
+            st.offers.update((o.id, o) for o in chunk.items)
+        elif isinstance(chunk, Experts):
+            st.experts.update((e.id, e) for e in chunk.items)
+        elif isinstance(chunk, Counters):
+            st.counters.update(chunk.items)
+        else:
+            st.finished.update(chunk.items)
+
+    def finish(self) -> EngineState:
+        """The state fed so far; the history entries of live contacts share their ids."""
+        st = self.state
+        if st is None:
+            raise SnapshotError("no head chunk: not a snapshot")
+        live_contact = st.contacts.get
+        for u in st.customers.values():
+            for h in u.history:
+                live = live_contact(h.contact_id)
+                if live is not None:
+                    h.contact_id = live.id
+                    if h.at == live.arrived_at:
+                        h.at = live.arrived_at
+            if u.history and u.last_seen == u.history[-1].at:
+                u.last_seen = u.history[-1].at
+        self._words.clear()
+        return st
+
+
+def decode_legacy(data: bytes) -> tuple[EngineState, dict[str, ContactEvent]]:
+    """A snapshot of the earlier format (the whole state as one JSON value, each contact with
+    its whole ``event``): the state, and the contacts' events for the edge to keep."""
+    try:
+        raw = msgspec.json.decode(data)
+        events: dict[str, ContactEvent] = {}
+        for cid, contact in raw.get("contacts", {}).items():
+            event = contact.pop("event", None)
+            if event is not None:
+                events[cid] = msgspec.convert(event, ContactEvent)
+                contact.setdefault("source", event.get("source", ""))
+        return msgspec.convert(raw, EngineState), events
+    except (msgspec.DecodeError, msgspec.ValidationError, AttributeError) as exc:
+        raise SnapshotError(f"not a snapshot: {exc}") from exc
+
+
+def decode_state(chunks: Iterable[bytes]) -> EngineState:
+    """The state of :func:`encode_state`'s chunks, in order."""
+    with StateBuilder() as builder:
+        for data in chunks:
+            builder.feed(data)
+        return builder.finish()

@@ -1,0 +1,108 @@
+"""The chunked snapshot (``router/snapshot.py``): whatever state the engine reaches and however
+small the chunks, decoding the chunks gives the same state, and the engine restored from them
+behaves the same; a chunk is never over the bound unless one record alone is."""
+
+from __future__ import annotations
+
+import json
+
+import hypothesis.strategies as st
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis.stateful import rule
+
+from router.engine import Engine
+from router.messages import Tick
+from router.snapshot import SnapshotError, decode_legacy, decode_state, encode_state
+from router.state import NO_EXCLUSIONS
+from tests.router.enginekit import call
+from tests.router.test_engine_stateful import ROUTING, EngineMachine
+
+
+def assert_bounded(chunks: list[bytes], limit: int) -> None:
+    """Every chunk after the head is within ``limit``, or holds one record (nothing to split)."""
+    for chunk in chunks[1:]:
+        kind, items = msgspec.msgpack.decode(chunk)
+        assert kind != "head"
+        assert len(chunk) <= limit or len(items) == 1, (kind, len(chunk), len(items))
+
+
+class ChunkedSnapshotMachine(EngineMachine):
+    """The engine machine, restarted from chunked snapshots with random chunk bounds."""
+
+    @rule(limit=st.integers(1, 4096), dt=st.floats(0, 30))
+    def restart_from_chunks(self, limit: int, dt: float) -> None:
+        chunks = list(encode_state(self.engine.state, limit))
+        assert_bounded(chunks, limit)
+        twin = Engine(ROUTING, decode_state(chunks))
+        assert json.loads(twin.snapshot()) == json.loads(self.engine.snapshot())
+        assert twin.next_deadline() == self.engine.next_deadline()
+        assert twin.handle(Tick(), self.now + dt) == self.apply(Tick(), dt)
+        assert json.loads(twin.snapshot()) == json.loads(self.engine.snapshot())
+        # The shared "no exclusions" dict is never written to by either engine.
+        assert NO_EXCLUSIONS == {}
+        self.engine = twin
+
+
+TestChunkedSnapshotMachine = ChunkedSnapshotMachine.TestCase
+TestChunkedSnapshotMachine.settings = settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    mails=st.lists(st.text(min_size=1, max_size=300), min_size=1, max_size=40),
+    limit=st.integers(64, 2048),
+)
+def test_a_backlog_round_trips_in_chunks_within_the_bound_and_keeps_no_bodies(
+    mails: list[str], limit: int
+) -> None:
+    eng = Engine(ROUTING)  # nobody logged in: every mail waits
+    for n, text in enumerate(mails):
+        mail = call(f"m{n}", channel="email", email=f"k{n % 7}@example.de", text=text)
+        eng.handle(mail, float(n))
+    assert len(eng.state.contacts) == len(mails)
+    chunks = list(encode_state(eng.state, limit))
+    assert_bounded(chunks, limit)
+    state = decode_state(chunks)
+    assert msgspec.json.encode(state) == eng.snapshot()
+    assert list(state.contacts) == list(eng.state.contacts)  # insertion order kept
+    # The bodies stayed at the edge: none is in the engine's state.
+    encoded = b"".join(chunks)
+    assert not any(t.encode() in encoded for t in mails if len(t) > 40)
+
+
+def test_chunks_that_are_not_a_snapshot_are_refused() -> None:
+    good = list(encode_state(Engine(ROUTING).state))
+    with pytest.raises(SnapshotError):
+        decode_state(good[1:])  # no head
+    with pytest.raises(SnapshotError):
+        decode_state([b"\xc1garbage"])
+    with pytest.raises(SnapshotError):
+        decode_state([])
+
+
+def test_a_snapshot_of_the_earlier_format_gives_the_state_and_the_events() -> None:
+    # The earlier format: the whole state as one JSON value, each contact with its event.
+    eng = Engine(ROUTING)
+    mails = [
+        call(f"m{n}", channel="email", email=f"k{n}@example.de", text=f"Hallo {n}")
+        for n in range(3)
+    ]
+    for n, mail in enumerate(mails):
+        eng.handle(mail, float(n))
+    old = json.loads(eng.snapshot())
+    for mail in mails:
+        contact = old["contacts"][mail.contact_id]
+        del contact["source"]
+        contact["event"] = msgspec.to_builtins(mail)
+    state, events = decode_legacy(json.dumps(old).encode())
+    assert msgspec.json.encode(state) == eng.snapshot()
+    assert events == {m.contact_id: m for m in mails}
+    with pytest.raises(SnapshotError):
+        decode_legacy(b"[1, 2]")
