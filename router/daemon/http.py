@@ -583,6 +583,9 @@ def server_tls(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+HTTP_SHUTDOWN_TIMEOUT = 2.0
+
+
 async def start_http(
     app: web.Application, addr: str, *, tls: ssl.SSLContext | None = None
 ) -> web.AppRunner:
@@ -590,7 +593,11 @@ async def start_http(
     ``await runner.cleanup()``."""
     host, port = parse_addr(addr)
     # No access log: at webhook peak rates it would dwarf the one-line-per-decision log.
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # At shutdown, requests still running get 2 s (aiohttp's default is 60 s), so that a
+    # straggling connection cannot hold up the daemon's hand-over, which is bounded at 10 s.
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_SHUTDOWN_TIMEOUT
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()

@@ -158,7 +158,7 @@ async def test_busy_agent_is_a_reject_and_the_next_agent_rings_at_once(
         rejected = await mqtt_probe.wait_for("events/contact.offer_rejected", timeout=5)
         assert rejected[0]["agent_id"] == "anna" and rejected[0]["reason"] == "phone_busy"
         await wait_ringing(peer, "PJSIP/ben", timeout=3)  # long before the 30 s offer timeout
-        offered = mqtt_probe.seen("agents/ben/offers")
+        offered = await mqtt_probe.wait_for("agents/ben/offers")
         assert offered[0]["contact"]["attributes"]["lang"] == "de"  # Stasis args are attributes
         peer.hangup(cid)
         await wait_until(lambda: not peer.channels, 5, "cleaned up")
