@@ -26,6 +26,8 @@ from tests.daemon.private_servers import REDIS_SERVER, PrivateRedis, free_port
 pytestmark = pytest.mark.integration
 
 CALL = "in/phone/asterisk-ari"
+# A daemon subprocess starting on a busy machine (imports, connections) can take a while.
+STARTUP = 30.0
 
 
 def events(daemon: DaemonProcess, event: str, **match: Any) -> list[dict[str, Any]]:
@@ -76,10 +78,10 @@ async def test_the_leader_ingress_stops_with_the_lease_and_resumes_with_it(
 ) -> None:
     routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60, wrap_up=0)
     a = daemons(daemon_env(routing, "a"), "a")
-    await wait_log(a, "router.routing")
-    await wait_log(a, "mqtt.ingress.connected")
+    await wait_log(a, "router.routing", timeout=STARTUP)
+    await wait_log(a, "mqtt.ingress.connected", timeout=STARTUP)
     b = daemons(daemon_env(routing, "b"), "b")
-    await wait_log(b, "daemon.started")
+    await wait_log(b, "daemon.started", timeout=STARTUP)
     await mqtt_probe.agent("anna", op="login")
     await mqtt_probe.wait_for("events/agent.state", state="available")
     await mqtt_probe.publish(CALL, ari("StasisStart", "c-1"))
@@ -128,7 +130,7 @@ async def test_a_second_sigint_exits_at_once_with_130(
 ) -> None:
     routing = write_routing(tmp_path / "r.yaml", ("anna",))
     d = daemons(daemon_env(routing, "a", redis_url=redis_server.url), "a")
-    await wait_log(d, "router.routing")
+    await wait_log(d, "router.routing", timeout=STARTUP)
     # A hung Redis makes the graceful shutdown wait (socket timeouts, the 10 s bound).
     redis_server.pause()
     try:
@@ -155,7 +157,7 @@ async def test_a_single_sigint_still_stops_gracefully(
 ) -> None:
     routing = write_routing(tmp_path / "r.yaml", ("anna",))
     d = daemons(daemon_env(routing, "a"), "a")
-    await wait_log(d, "router.routing")
+    await wait_log(d, "router.routing", timeout=STARTUP)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGINT)
     assert await asyncio.to_thread(d.proc.wait, 15) == 0
@@ -171,7 +173,7 @@ async def test_a_redis_outage_after_an_earlier_one_starts_from_a_fresh_back_off(
 ) -> None:
     routing = write_routing(tmp_path / "r.yaml", ("anna",))
     d = daemons(daemon_env(routing, "a", redis_url=redis_server.url), "a")
-    await wait_log(d, "router.routing")
+    await wait_log(d, "router.routing", timeout=STARTUP)
 
     # First outage: the router gives the lease up and waits a jittered back-off.
     redis_server.stop()
