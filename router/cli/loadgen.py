@@ -610,7 +610,14 @@ class LoadGen:
 
     def _later(self, delay: float, coro_fn: Any, *args: Any) -> asyncio.TimerHandle:
         assert self._loop is not None
-        return self._loop.call_later(max(0.0, delay), lambda: self._spawn(coro_fn(*args)))
+
+        def fire() -> None:
+            # Scheduled before the wind-down, due after it: the wind-down has ended that work
+            # itself (a late accept or "available" would bring a logged-out agent back).
+            if not self._winding_down:
+                self._spawn(coro_fn(*args))
+
+        return self._loop.call_later(max(0.0, delay), fire)
 
     async def _publish(
         self, topic: str, payload: bytes, client: aiomqtt.Client | None = None
