@@ -68,6 +68,26 @@ from router import views
 from router.agent_index import AgentIndex
 from router.contact_queues import ContactQueues
 from router.customers import CustomerDirectory
+from router.events import (
+    AgentStateChanged,
+    ContactAbandoned,
+    ContactAnsweredByCrowd,
+    ContactAssigned,
+    ContactCompleted,
+    ContactCrowdWindow,
+    ContactCrowdWindowEnded,
+    ContactEscalated,
+    ContactLifecycleEvent,
+    ContactOffered,
+    ContactOfferExpired,
+    ContactOfferRejected,
+    ContactOverflowed,
+    ContactQueued,
+    ContactRejected,
+    ContactUpdated,
+    ContactWrapUpDone,
+    ExpertAnswered,
+)
 from router.experts import ExpertRegistry
 from router.lifecycle import (
     FINAL_CONTACT_STATES,
@@ -303,8 +323,9 @@ class Engine:
                 expert.last_answer = now
                 out.append(
                     EventCmd(
-                        type="expert.answered",
-                        data={"at": now, "expert_id": expert.id, "contact_id": event.contact_id},
+                        event=ExpertAnswered(
+                            at=now, expert_id=expert.id, contact_id=event.contact_id
+                        )
                     )
                 )
                 if contact is None:
@@ -373,7 +394,7 @@ class Engine:
         if decision.reject is not None or decision.queue is None:
             contact.state = contact_transition(contact.id, "received", "rejected")
             out.append(
-                self._event("contact.rejected", contact, now, reason=decision.reject or "no_queue")
+                self._event(ContactRejected, contact, now, reason=decision.reject or "no_queue")
             )
             self._finish(contact, "rejected", now)
             return
@@ -384,7 +405,7 @@ class Engine:
             contact.crowd = True
             contact.crowd_until = now + decision.crowd_first
             self._timer(contact.crowd_until, TimerKind.CROWD, contact.id)
-            out.append(self._event("contact.crowd_window", contact, now, until=contact.crowd_until))
+            out.append(self._event(ContactCrowdWindow, contact, now, until=contact.crowd_until))
             return
         self._enter_queue(contact, contact.queue, now, out, first=True)
 
@@ -410,7 +431,7 @@ class Engine:
         # body stays at the edge (the transcript); whoever holds the contact is told.
         out.append(
             self._event(
-                "contact.updated",
+                ContactUpdated,
                 contact,
                 now,
                 state=contact.state,
@@ -435,7 +456,7 @@ class Engine:
         contact.state = contact_transition(contact.id, contact.state, "answered_by_crowd")
         out.append(
             self._event(
-                "contact.answered_by_crowd",
+                ContactAnsweredByCrowd,
                 contact,
                 now,
                 by=event.sender.handle or event.sender.email or event.sender.phone,
@@ -468,7 +489,7 @@ class Engine:
             self._state.counters[contact.queue].abandoned += 1
         out.append(
             self._event(
-                "contact.abandoned",
+                ContactAbandoned,
                 contact,
                 now,
                 reason=reason,
@@ -496,14 +517,12 @@ class Engine:
             seen.add(qname)
             if queue.overflow is None or queue.overflow in seen:
                 contact.state = contact_transition(contact.id, contact.state, "rejected")
-                out.append(self._event("contact.rejected", contact, now, reason="queue_full"))
+                out.append(self._event(ContactRejected, contact, now, reason="queue_full"))
                 self._finish(contact, "rejected", now)
                 return
             self._state.counters[qname].overflowed += 1
             out.append(
-                self._event(
-                    "contact.overflowed", contact, now, reason="max_length", to=queue.overflow
-                )
+                self._event(ContactOverflowed, contact, now, reason="max_length", to=queue.overflow)
             )
             qname = queue.overflow
             queue = self._queues[qname]
@@ -513,7 +532,7 @@ class Engine:
         contact.queue_entered_at = now
         self._state.counters[qname].entered += 1
         self._customers.update_history(contact, queue=qname)
-        out.append(self._event("contact.queued", contact, now, rule=contact.rule, first=first))
+        out.append(self._event(ContactQueued, contact, now, rule=contact.rule, first=first))
         self._schedule_max_wait(contact)
         if first:
             self._schedule_step(contact)
@@ -532,9 +551,7 @@ class Engine:
         contact.agent_id = None
         self._contact_queues.push(contact)
         out.append(
-            self._event(
-                "contact.queued", contact, now, rule=contact.rule, first=False, requeued=True
-            )
+            self._event(ContactQueued, contact, now, rule=contact.rule, first=False, requeued=True)
         )
         queue = self._queues[contact.queue]
         if (
@@ -617,7 +634,7 @@ class Engine:
         out.append(views.offer_command(st, st.offers[offer_id], contact))
         out.append(
             self._event(
-                "contact.offered",
+                ContactOffered,
                 contact,
                 now,
                 agent_id=agent.id,
@@ -689,7 +706,7 @@ class Engine:
         if waited <= self._queues[contact.queue].sla.seconds:
             counters.answered_in_sla += 1
         self._customers.update_history(contact, agent_id=agent.id, outcome="assigned")
-        out.append(self._event("contact.assigned", contact, now, agent_id=agent.id, waited=waited))
+        out.append(self._event(ContactAssigned, contact, now, agent_id=agent.id, waited=waited))
 
     def _on_reject(self, agent: AgentRec, msg: Reject, now: float, out: list[Command]) -> None:
         found = self._own_offer(agent, msg.offer_id, out)
@@ -701,9 +718,7 @@ class Engine:
         self._timer(now + self._defaults.reject_cooldown, TimerKind.RETRY, contact.id)
         self._withdraw_offer(contact, "rejected", now, out, requeue=True)
         out.append(
-            self._event(
-                "contact.offer_rejected", contact, now, agent_id=agent.id, reason=msg.reason
-            )
+            self._event(ContactOfferRejected, contact, now, agent_id=agent.id, reason=msg.reason)
         )
         self._dispatch_contact(contact, now, out)
         self._drain_agent(agent, now, out)
@@ -722,9 +737,7 @@ class Engine:
             self._set_agent_state(agent, "not_responding", "missed_offers", now, out)
         self._withdraw_offer(contact, "expired", now, out, requeue=True)
         out.append(
-            self._event(
-                "contact.offer_expired", contact, now, agent_id=agent.id, missed=agent.missed
-            )
+            self._event(ContactOfferExpired, contact, now, agent_id=agent.id, missed=agent.missed)
         )
         if stop:
             for other in list(agent.offers):
@@ -810,7 +823,7 @@ class Engine:
             extra["released_by"] = released_by
         out.append(
             self._event(
-                "contact.completed",
+                ContactCompleted,
                 contact,
                 now,
                 agent_id=agent.id,
@@ -849,7 +862,7 @@ class Engine:
         if not agent.contacts and not agent.offers:
             agent.idle_since = now
         if contact.state == "wrap_up":
-            out.append(self._event("contact.wrap_up_done", contact, now, agent_id=agent.id))
+            out.append(self._event(ContactWrapUpDone, contact, now, agent_id=agent.id))
         contact.state = contact_transition(contact.id, contact.state, "done")
         self._finish(contact, "done", now)
         if agent.state == "wrap_up" and not any(
@@ -872,14 +885,9 @@ class Engine:
         self._index.refresh(agent)
         out.append(
             EventCmd(
-                type="agent.state",
-                data={
-                    "at": now,
-                    "agent_id": agent.id,
-                    "state": new,
-                    "previous": old,
-                    "reason": reason,
-                },
+                event=AgentStateChanged(
+                    at=now, agent_id=agent.id, state=new, previous=old, reason=reason
+                )
             )
         )
 
@@ -986,7 +994,7 @@ class Engine:
             if kind == TimerKind.WRAP:
                 self._release(st.agents[contact.agent_id or ""], contact, at, out)
             elif kind == TimerKind.CROWD:
-                out.append(self._event("contact.crowd_window_ended", contact, at))
+                out.append(self._event(ContactCrowdWindowEnded, contact, at))
                 self._enter_queue(contact, contact.queue, at, out, first=True)
             elif kind == TimerKind.STEP:
                 self._escalate(contact, at, out)
@@ -1001,7 +1009,7 @@ class Engine:
         overflow = self._queues[contact.queue].overflow
         assert overflow is not None
         self._state.counters[contact.queue].overflowed += 1
-        out.append(self._event("contact.overflowed", contact, now, reason="max_wait", to=overflow))
+        out.append(self._event(ContactOverflowed, contact, now, reason="max_wait", to=overflow))
         self._enter_queue(contact, overflow, now, out)
 
     def _escalate(self, contact: ContactRec, now: float, out: list[Command]) -> None:
@@ -1014,7 +1022,7 @@ class Engine:
             contact.priority = step.priority
         out.append(
             self._event(
-                "contact.escalated",
+                ContactEscalated,
                 contact,
                 now,
                 step=contact.next_step,
@@ -1064,18 +1072,22 @@ class Engine:
         if len(st.finished) > FINISHED_LIMIT:
             del st.finished[next(iter(st.finished))]
 
-    def _event(self, kind: str, contact: ContactRec, now: float, **extra: Any) -> EventCmd:
-        data: dict[str, Any] = {
-            "at": now,
-            "contact_id": contact.id,
-            "channel": contact.channel,
-            "source": contact.source,
-            "queue": contact.queue or None,
-            "priority": contact.priority,
-            "expert": contact.expert,
-            "expert_id": contact.expert_id,
-            "crowd": contact.crowd,
-            "customer_id": contact.customer_id,
-        }
-        data.update(extra)
-        return EventCmd(type=kind, data=data)
+    def _event(
+        self, kind: type[ContactLifecycleEvent], contact: ContactRec, now: float, **extra: Any
+    ) -> EventCmd:
+        """A ``contact.*`` event of ``kind``: the contact's fields at ``now`` plus ``extra``."""
+        return EventCmd(
+            event=kind(
+                at=now,
+                contact_id=contact.id,
+                channel=contact.channel,
+                source=contact.source,
+                queue=contact.queue or None,
+                priority=contact.priority,
+                expert=contact.expert,
+                expert_id=contact.expert_id,
+                crowd=contact.crowd,
+                customer_id=contact.customer_id,
+                **extra,
+            )
+        )
