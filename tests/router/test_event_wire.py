@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from router.daemon.mqtt import command_messages
+from router.daemon.mqtt import command_messages, wire_body
 from router.events import EVENT_DECODER
 from router.messages import Command, EventCmd
 from router.sim.simulation import parse_scenario, simulate
@@ -68,6 +69,8 @@ def test_a_recorded_event_goes_out_unchanged(body: bytes) -> None:
     ((topic, sent),) = command_messages(EventCmd(event=event), "p")
     assert topic == f"p/events/{json.loads(body)['type']}"
     assert sent == body
+    # The desk's WebSocket sends the same body.
+    assert msgspec.json.encode(wire_body(EventCmd(event=event))) == body
 
 
 def test_a_simulated_day_publishes_only_recorded_shapes() -> None:
