@@ -11,6 +11,8 @@ holds the fields every ``contact.*`` event carries).
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import msgspec
 
 from router.lifecycle import AgentState, ContactState
@@ -35,6 +37,22 @@ class ContactEventBase(EngineEventBase, frozen=True, kw_only=True):
     channel: str
     source: str
     #: ``None`` while the contact has no queue yet (rejected before routing, crowd window).
+    queue: str | None
+    priority: int
+    expert: bool
+    expert_id: str | None
+    crowd: bool
+    customer_id: str
+
+
+class ContactFields(TypedDict):
+    """:class:`ContactEventBase`'s fields, to build any ``contact.*`` event from (type-checked:
+    ``ContactQueued(**fields, rule=..., first=...)``)."""
+
+    at: float
+    contact_id: str
+    channel: str
+    source: str
     queue: str | None
     priority: int
     expert: bool
