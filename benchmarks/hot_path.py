@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from channels.contact_event import Channel, ContactEvent, Sender
 from router.engine import Engine
+from router.events import ContactAssigned
 from router.messages import Accept, Command, Complete, EventCmd, Login, OfferCmd
 from rules.decision import CustomerView
 from rules.load import parse_routing
@@ -154,8 +155,8 @@ class Pool:
                     more += self.engine.handle(
                         Accept(agent_id=cmd.agent_id, offer_id=cmd.offer_id), now
                     )
-                elif isinstance(cmd, EventCmd) and cmd.type == "contact.assigned":
-                    self.assigned.append((cmd.data["agent_id"], cmd.data["contact_id"]))
+                elif isinstance(cmd, EventCmd) and isinstance(cmd.event, ContactAssigned):
+                    self.assigned.append((cmd.event.agent_id, cmd.event.contact_id))
             todo = more
 
     def complete_oldest(self, now: float) -> None:

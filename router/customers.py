@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from router.events import CustomerLinked
 from router.messages import Command, EventCmd, RefusedCmd
 from router.state import ContactRec, CustomerRec, EngineState, ExpertRec, HistoryItem
 from rules.identity import email_key, handle_key, phone_key
@@ -152,8 +153,11 @@ class CustomerDirectory:
             if st.keys.get(key) != target.id:
                 st.keys[key] = target.id
                 target.keys.append(key)
-        data = {"at": now, "customer_id": target.id, "keys": target.keys, "merged": found[1:]}
-        return EventCmd(type="customer.linked", data=data)
+        return EventCmd(
+            event=CustomerLinked(
+                at=now, customer_id=target.id, keys=tuple(target.keys), merged=tuple(found[1:])
+            )
+        )
 
     def info(
         self, ref: str, expert_for: Callable[[Iterable[str]], ExpertRec | None]

@@ -68,6 +68,26 @@ from router import views
 from router.agent_index import AgentIndex
 from router.contact_queues import ContactQueues
 from router.customers import CustomerDirectory
+from router.events import (
+    AgentStateChanged,
+    ContactAbandoned,
+    ContactAnsweredByCrowd,
+    ContactAssigned,
+    ContactCompleted,
+    ContactCrowdWindow,
+    ContactCrowdWindowEnded,
+    ContactEscalated,
+    ContactFields,
+    ContactOffered,
+    ContactOfferExpired,
+    ContactOfferRejected,
+    ContactOverflowed,
+    ContactQueued,
+    ContactRejected,
+    ContactUpdated,
+    ContactWrapUpDone,
+    ExpertAnswered,
+)
 from router.experts import ExpertRegistry
 from router.lifecycle import (
     FINAL_CONTACT_STATES,
@@ -303,8 +323,9 @@ class Engine:
                 expert.last_answer = now
                 out.append(
                     EventCmd(
-                        type="expert.answered",
-                        data={"at": now, "expert_id": expert.id, "contact_id": event.contact_id},
+                        event=ExpertAnswered(
+                            at=now, expert_id=expert.id, contact_id=event.contact_id
+                        )
                     )
                 )
                 if contact is None:
@@ -373,7 +394,11 @@ class Engine:
         if decision.reject is not None or decision.queue is None:
             contact.state = contact_transition(contact.id, "received", "rejected")
             out.append(
-                self._event("contact.rejected", contact, now, reason=decision.reject or "no_queue")
+                EventCmd(
+                    event=ContactRejected(
+                        **self._fields(contact, now), reason=decision.reject or "no_queue"
+                    )
+                )
             )
             self._finish(contact, "rejected", now)
             return
@@ -384,7 +409,13 @@ class Engine:
             contact.crowd = True
             contact.crowd_until = now + decision.crowd_first
             self._timer(contact.crowd_until, TimerKind.CROWD, contact.id)
-            out.append(self._event("contact.crowd_window", contact, now, until=contact.crowd_until))
+            out.append(
+                EventCmd(
+                    event=ContactCrowdWindow(
+                        **self._fields(contact, now), until=contact.crowd_until
+                    )
+                )
+            )
             return
         self._enter_queue(contact, contact.queue, now, out, first=True)
 
@@ -409,13 +440,13 @@ class Engine:
         # The asker writing again, a staff reply, a call's DTMF: still the same contact. Its
         # body stays at the edge (the transcript); whoever holds the contact is told.
         out.append(
-            self._event(
-                "contact.updated",
-                contact,
-                now,
-                state=contact.state,
-                agent_id=contact.agent_id,
-                offer_id=contact.offer_id,
+            EventCmd(
+                event=ContactUpdated(
+                    **self._fields(contact, now),
+                    state=contact.state,
+                    agent_id=contact.agent_id,
+                    offer_id=contact.offer_id,
+                )
             )
         )
 
@@ -434,13 +465,13 @@ class Engine:
             self._contact_queues.leave(contact)
         contact.state = contact_transition(contact.id, contact.state, "answered_by_crowd")
         out.append(
-            self._event(
-                "contact.answered_by_crowd",
-                contact,
-                now,
-                by=event.sender.handle or event.sender.email or event.sender.phone,
-                by_expert=getattr(self._experts.find(keys), "id", None),
-                waited=now - contact.arrived_at,
+            EventCmd(
+                event=ContactAnsweredByCrowd(
+                    **self._fields(contact, now),
+                    by=event.sender.handle or event.sender.email or event.sender.phone,
+                    by_expert=getattr(self._experts.find(keys), "id", None),
+                    waited=now - contact.arrived_at,
+                )
             )
         )
         self._finish(contact, "answered_by_crowd", now)
@@ -467,13 +498,13 @@ class Engine:
         if contact.queue in self._state.counters and state != "crowd_window":
             self._state.counters[contact.queue].abandoned += 1
         out.append(
-            self._event(
-                "contact.abandoned",
-                contact,
-                now,
-                reason=reason,
-                waited=now - contact.arrived_at,
-                from_state=state,
+            EventCmd(
+                event=ContactAbandoned(
+                    **self._fields(contact, now),
+                    reason=reason,
+                    waited=now - contact.arrived_at,
+                    from_state=state,
+                )
             )
         )
         self._finish(contact, "abandoned", now)
@@ -496,13 +527,19 @@ class Engine:
             seen.add(qname)
             if queue.overflow is None or queue.overflow in seen:
                 contact.state = contact_transition(contact.id, contact.state, "rejected")
-                out.append(self._event("contact.rejected", contact, now, reason="queue_full"))
+                out.append(
+                    EventCmd(
+                        event=ContactRejected(**self._fields(contact, now), reason="queue_full")
+                    )
+                )
                 self._finish(contact, "rejected", now)
                 return
             self._state.counters[qname].overflowed += 1
             out.append(
-                self._event(
-                    "contact.overflowed", contact, now, reason="max_length", to=queue.overflow
+                EventCmd(
+                    event=ContactOverflowed(
+                        **self._fields(contact, now), reason="max_length", to=queue.overflow
+                    )
                 )
             )
             qname = queue.overflow
@@ -513,7 +550,11 @@ class Engine:
         contact.queue_entered_at = now
         self._state.counters[qname].entered += 1
         self._customers.update_history(contact, queue=qname)
-        out.append(self._event("contact.queued", contact, now, rule=contact.rule, first=first))
+        out.append(
+            EventCmd(
+                event=ContactQueued(**self._fields(contact, now), rule=contact.rule, first=first)
+            )
+        )
         self._schedule_max_wait(contact)
         if first:
             self._schedule_step(contact)
@@ -532,8 +573,10 @@ class Engine:
         contact.agent_id = None
         self._contact_queues.push(contact)
         out.append(
-            self._event(
-                "contact.queued", contact, now, rule=contact.rule, first=False, requeued=True
+            EventCmd(
+                event=ContactQueued(
+                    **self._fields(contact, now), rule=contact.rule, first=False, requeued=True
+                )
             )
         )
         queue = self._queues[contact.queue]
@@ -616,13 +659,13 @@ class Engine:
         self._timer(expires, TimerKind.OFFER, offer_id)
         out.append(views.offer_command(st, st.offers[offer_id], contact))
         out.append(
-            self._event(
-                "contact.offered",
-                contact,
-                now,
-                agent_id=agent.id,
-                offer_id=offer_id,
-                waited=now - contact.arrived_at,
+            EventCmd(
+                event=ContactOffered(
+                    **self._fields(contact, now),
+                    agent_id=agent.id,
+                    offer_id=offer_id,
+                    waited=now - contact.arrived_at,
+                )
             )
         )
         self._index.refresh(agent)
@@ -689,7 +732,13 @@ class Engine:
         if waited <= self._queues[contact.queue].sla.seconds:
             counters.answered_in_sla += 1
         self._customers.update_history(contact, agent_id=agent.id, outcome="assigned")
-        out.append(self._event("contact.assigned", contact, now, agent_id=agent.id, waited=waited))
+        out.append(
+            EventCmd(
+                event=ContactAssigned(
+                    **self._fields(contact, now), agent_id=agent.id, waited=waited
+                )
+            )
+        )
 
     def _on_reject(self, agent: AgentRec, msg: Reject, now: float, out: list[Command]) -> None:
         found = self._own_offer(agent, msg.offer_id, out)
@@ -701,8 +750,10 @@ class Engine:
         self._timer(now + self._defaults.reject_cooldown, TimerKind.RETRY, contact.id)
         self._withdraw_offer(contact, "rejected", now, out, requeue=True)
         out.append(
-            self._event(
-                "contact.offer_rejected", contact, now, agent_id=agent.id, reason=msg.reason
+            EventCmd(
+                event=ContactOfferRejected(
+                    **self._fields(contact, now), agent_id=agent.id, reason=msg.reason
+                )
             )
         )
         self._dispatch_contact(contact, now, out)
@@ -722,8 +773,10 @@ class Engine:
             self._set_agent_state(agent, "not_responding", "missed_offers", now, out)
         self._withdraw_offer(contact, "expired", now, out, requeue=True)
         out.append(
-            self._event(
-                "contact.offer_expired", contact, now, agent_id=agent.id, missed=agent.missed
+            EventCmd(
+                event=ContactOfferExpired(
+                    **self._fields(contact, now), agent_id=agent.id, missed=agent.missed
+                )
             )
         )
         if stop:
@@ -803,22 +856,20 @@ class Engine:
         wrap = self._defaults.wrap_up
         if queue is not None and queue.wrap_up is not None:
             wrap = queue.wrap_up
-        extra: dict[str, Any] = {}
         if released_by is not None:
             # Released by a supervisor: the agent did not work it to the end, so no wrap-up.
             wrap = 0.0
-            extra["released_by"] = released_by
         out.append(
-            self._event(
-                "contact.completed",
-                contact,
-                now,
-                agent_id=agent.id,
-                handled=now - contact.assigned_at,
-                outcome=outcome,
-                disposition=disposition,
-                wrap_up=wrap,
-                **extra,
+            EventCmd(
+                event=ContactCompleted(
+                    **self._fields(contact, now),
+                    agent_id=agent.id,
+                    handled=now - contact.assigned_at,
+                    outcome=outcome,
+                    disposition=disposition,
+                    wrap_up=wrap,
+                    released_by=released_by,
+                )
             )
         )
         customer = self._state.customers.get(contact.customer_id)
@@ -849,7 +900,9 @@ class Engine:
         if not agent.contacts and not agent.offers:
             agent.idle_since = now
         if contact.state == "wrap_up":
-            out.append(self._event("contact.wrap_up_done", contact, now, agent_id=agent.id))
+            out.append(
+                EventCmd(event=ContactWrapUpDone(**self._fields(contact, now), agent_id=agent.id))
+            )
         contact.state = contact_transition(contact.id, contact.state, "done")
         self._finish(contact, "done", now)
         if agent.state == "wrap_up" and not any(
@@ -872,14 +925,9 @@ class Engine:
         self._index.refresh(agent)
         out.append(
             EventCmd(
-                type="agent.state",
-                data={
-                    "at": now,
-                    "agent_id": agent.id,
-                    "state": new,
-                    "previous": old,
-                    "reason": reason,
-                },
+                event=AgentStateChanged(
+                    at=now, agent_id=agent.id, state=new, previous=old, reason=reason
+                )
             )
         )
 
@@ -986,7 +1034,7 @@ class Engine:
             if kind == TimerKind.WRAP:
                 self._release(st.agents[contact.agent_id or ""], contact, at, out)
             elif kind == TimerKind.CROWD:
-                out.append(self._event("contact.crowd_window_ended", contact, at))
+                out.append(EventCmd(event=ContactCrowdWindowEnded(**self._fields(contact, at))))
                 self._enter_queue(contact, contact.queue, at, out, first=True)
             elif kind == TimerKind.STEP:
                 self._escalate(contact, at, out)
@@ -1001,7 +1049,13 @@ class Engine:
         overflow = self._queues[contact.queue].overflow
         assert overflow is not None
         self._state.counters[contact.queue].overflowed += 1
-        out.append(self._event("contact.overflowed", contact, now, reason="max_wait", to=overflow))
+        out.append(
+            EventCmd(
+                event=ContactOverflowed(
+                    **self._fields(contact, now), reason="max_wait", to=overflow
+                )
+            )
+        )
         self._enter_queue(contact, overflow, now, out)
 
     def _escalate(self, contact: ContactRec, now: float, out: list[Command]) -> None:
@@ -1013,12 +1067,12 @@ class Engine:
         if step.priority is not None:
             contact.priority = step.priority
         out.append(
-            self._event(
-                "contact.escalated",
-                contact,
-                now,
-                step=contact.next_step,
-                to=step.queue or contact.queue,
+            EventCmd(
+                event=ContactEscalated(
+                    **self._fields(contact, now),
+                    step=contact.next_step,
+                    to=step.queue or contact.queue,
+                )
             )
         )
         if contact.state != "queued":
@@ -1064,8 +1118,9 @@ class Engine:
         if len(st.finished) > FINISHED_LIMIT:
             del st.finished[next(iter(st.finished))]
 
-    def _event(self, kind: str, contact: ContactRec, now: float, **extra: Any) -> EventCmd:
-        data: dict[str, Any] = {
+    def _fields(self, contact: ContactRec, now: float) -> ContactFields:
+        """The contact's fields every ``contact.*`` event carries, as they are at ``now``."""
+        return {
             "at": now,
             "contact_id": contact.id,
             "channel": contact.channel,
@@ -1077,5 +1132,3 @@ class Engine:
             "crowd": contact.crowd,
             "customer_id": contact.customer_id,
         }
-        data.update(extra)
-        return EventCmd(type=kind, data=data)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from channels.contact_event import ContactEvent
+from router.events import ExpertRemoved, ExpertUpdated
 from router.messages import Command, EventCmd, RefusedCmd
 from router.state import EngineState, ExpertRec
 from rules.identity import email_key, handle_key, phone_key
@@ -76,7 +77,7 @@ class ExpertRegistry:
         )
         rec.origin, rec.removed = "api", False
         self._index()
-        return EventCmd(type="expert.updated", data={"at": now, "expert_id": rec.id, "keys": keys})
+        return EventCmd(event=ExpertUpdated(at=now, expert_id=rec.id, keys=tuple(keys)))
 
     def remove(self, expert_id: str, now: float) -> Command:
         """Stop recognising an expert (also one from the routing file, until re-added)."""
@@ -85,7 +86,7 @@ class ExpertRegistry:
             return RefusedCmd(agent_id=None, reason="unknown_expert", detail=expert_id)
         rec.origin, rec.removed = "api", True
         self._index()
-        return EventCmd(type="expert.removed", data={"at": now, "expert_id": expert_id})
+        return EventCmd(event=ExpertRemoved(at=now, expert_id=expert_id))
 
     def is_answer(self, expert: ExpertRec, event: ContactEvent) -> bool:
         """Is an expert's reply in a community thread an answer, i.e. not in their own thread?

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from channels.contact_event import ContactEvent
+from router.events import EngineEvent
 from rules.schema import Expert
 
 
@@ -157,8 +158,12 @@ class CancelOfferCmd(msgspec.Struct, frozen=True, kw_only=True, tag="cancel", ta
 class EventCmd(msgspec.Struct, frozen=True, kw_only=True, tag="event", tag_field="cmd"):
     """Publish a lifecycle event on ``{prefix}/events/{type}`` (``contact.queued`` ...)."""
 
-    type: str
-    data: dict[str, Any]
+    event: EngineEvent
+
+    @property
+    def type(self) -> str:
+        """The event's name, e.g. ``contact.queued`` (the last part of the topic)."""
+        return self.event.type
 
 
 class RefusedCmd(msgspec.Struct, frozen=True, kw_only=True, tag="refused", tag_field="cmd"):

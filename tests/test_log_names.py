@@ -11,6 +11,9 @@ import ast
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import get_args
+
+from router.events import EngineEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("router", "channels", "rules")
@@ -84,16 +87,6 @@ def test_a_reload_is_logged_once_by_the_router_whatever_asked_for_it() -> None:
 
 def test_engine_event_types_logged_as_names_follow_the_convention_too() -> None:
     """The router logs each engine event under its type (``log.info(cmd.type, ...)``)."""
-    tree = ast.parse((ROOT / "router" / "engine.py").read_text(encoding="utf-8"))
-    types = {
-        node.args[0].value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr in ("_event", "_agent_event")
-        and node.args
-        and isinstance(node.args[0], ast.Constant)
-        and isinstance(node.args[0].value, str)
-    }
+    types = {cls.__struct_config__.tag for cls in get_args(EngineEvent)}
     assert "contact.queued" in types
     assert {t for t in types if not CONVENTION.fullmatch(t)} == set()

@@ -57,6 +57,8 @@ import aiomqtt
 import msgspec
 import yaml
 
+from router.events import EVENT_DECODER, ContactAssigned, ContactEventBase
+
 PROG = "stellwerk loadgen"
 CHANNELS = ("phone", "email", "chat", "social")
 DEFAULT_MIX = "phone=50,email=20,chat=20,social=10"
@@ -817,29 +819,34 @@ class LoadGen:
     # -- what the daemon says
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        try:
-            body = _decode_json(payload)
-        except msgspec.DecodeError:
-            return
-        if not isinstance(body, dict):
-            return
-        kind = body.get("type")
         if topic.endswith("/offers"):
+            try:
+                body = _decode_json(payload)
+            except msgspec.DecodeError:
+                return
+            if not isinstance(body, dict):
+                return
+            kind = body.get("type")
             if kind == "offer":
                 self._on_offer(body)
             elif kind == "refused":
                 self.agent_refusals += 1
             return
-        cid = body.get("contact_id")
-        if not isinstance(cid, str):
+        try:
+            event = EVENT_DECODER.decode(payload)
+        except msgspec.DecodeError:
+            return  # not an engine event (admin.refused, agent.refused)
+        if not isinstance(event, ContactEventBase):
             return
+        cid, kind = event.contact_id, event.type
+        assigned = event.agent_id if isinstance(event, ContactAssigned) else None
         track = self.tracks.get(cid)
         if track is None:
             if cid in self.others:
                 # Another's contact our agent works on: only its assignment and end matter.
-                if kind == "contact.assigned" and isinstance(body.get("agent_id"), str):
-                    self.others[cid] = body["agent_id"]
-                    self._resolve(cid, body["agent_id"])
+                if assigned is not None:
+                    self.others[cid] = assigned
+                    self._resolve(cid, assigned)
                 elif kind in ENDED:
                     self.others[cid] = None
                     self._resolve(cid, None)
@@ -848,14 +855,14 @@ class LoadGen:
         if kind in ROUTED and track.routed_at is None:
             track.routed_at = time.perf_counter()
             self.routing_latencies.append((track.routed_at - track.sent_at) * 1000.0)
-        if kind == "contact.assigned" and isinstance(body.get("agent_id"), str):
-            track.agent = body["agent_id"]
+        if assigned is not None:
+            track.agent = assigned
             self._resolve(cid, track.agent)
         if kind in ENDED and track.ended is None:
             self._resolve(cid, None)
-            track.ended = str(kind)
+            track.ended = kind
             self.ended += 1
-            self.ends[str(kind).removeprefix("contact.")] += 1
+            self.ends[kind.removeprefix("contact.")] += 1
             if track.hangup is not None:
                 track.hangup.cancel()
 

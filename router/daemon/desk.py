@@ -54,6 +54,14 @@ from router.daemon.payloads import PayloadStore
 from router.daemon.sinks import CommandSink
 from router.daemon.transcripts import TranscriptStore, reply_message, to_builtins
 from router.daemon.wall import WallBoard
+from router.events import (
+    ContactAbandoned,
+    ContactAnsweredByCrowd,
+    ContactCompleted,
+    ContactRejected,
+    ContactUpdated,
+    agent_of,
+)
 from router.messages import Command, EventCmd, OfferCmd, ReleaseContact
 
 if TYPE_CHECKING:
@@ -71,9 +79,7 @@ MAX_MESSAGE = 64 * 1024
 #: commands per connection per second, sustained (a burst of this many is allowed).
 COMMAND_RATE = 20.0
 #: contact events an agent hears about when they concern its own work.
-_FINISHED = frozenset(
-    {"contact.completed", "contact.abandoned", "contact.answered_by_crowd", "contact.rejected"}
-)
+_FINISHED = (ContactCompleted, ContactAbandoned, ContactAnsweredByCrowd, ContactRejected)
 _STATIC = {
     "desk.html": "text/html",
     "wall.html": "text/html",
@@ -215,9 +221,9 @@ class DeskService:
         finished: list[str] = []
         for cmd in cmds:
             if isinstance(cmd, EventCmd):
-                if cmd.type in _FINISHED:
-                    finished.append(str(cmd.data.get("contact_id")))
-                agent_id = cmd.data.get("agent_id")
+                if isinstance(cmd.event, _FINISHED):
+                    finished.append(cmd.event.contact_id)
+                agent_id = agent_of(cmd.event)
             else:
                 agent_id = cmd.agent_id
             if not isinstance(agent_id, str):
@@ -228,18 +234,16 @@ class DeskService:
             payload = wire(cmd)
             for client in list(clients):
                 client.send(payload)
-                if isinstance(cmd, OfferCmd) or (
-                    isinstance(cmd, EventCmd) and cmd.type == "contact.updated"
-                ):
+                transcript = (
+                    cmd.contact_id
+                    if isinstance(cmd, OfferCmd)
+                    else cmd.event.contact_id
+                    if isinstance(cmd, EventCmd) and isinstance(cmd.event, ContactUpdated)
+                    else None
+                )
+                if transcript is not None:
                     # The writer reads the transcript from Redis when it gets there.
-                    client.send(
-                        {
-                            "type": "_transcript",
-                            "contact_id": cmd.contact_id
-                            if isinstance(cmd, OfferCmd)
-                            else cmd.data["contact_id"],
-                        }
-                    )
+                    client.send({"type": "_transcript", "contact_id": transcript})
         # Their TTLs are set by run(), off the routing path.
         self._finished.extend(finished)
 

@@ -39,6 +39,7 @@ from router.daemon.journal import JournalUnavailable
 from router.daemon.outbox import OutboundMessage, Outbox
 from router.daemon.replies import ConversationFacts, Outbound, Refusal
 from router.daemon.transcripts import TranscriptStore
+from router.events import ContactAssigned, ContactUpdated
 from router.messages import Command, EventCmd
 
 if TYPE_CHECKING:
@@ -157,15 +158,18 @@ class MailForward:
 
     async def submit(self, cmds: Sequence[Command]) -> None:
         for cmd in cmds:
-            if not isinstance(cmd, EventCmd) or cmd.data.get("source") != "email":
+            if not isinstance(cmd, EventCmd):
                 continue
-            agent_id = cmd.data.get("agent_id")
-            if not isinstance(agent_id, str) or agent_id not in self.agents:
+            event = cmd.event
+            if not isinstance(event, ContactAssigned | ContactUpdated) or event.source != "email":
                 continue
-            if cmd.type == "contact.assigned":
-                msg = await self._forward(cmd, agent_id, whole=True)
-            elif cmd.type == "contact.updated" and cmd.data.get("state") in _HELD:
-                msg = await self._forward(cmd, agent_id, whole=False)
+            agent_id = event.agent_id
+            if agent_id is None or agent_id not in self.agents:
+                continue
+            if isinstance(event, ContactAssigned):
+                msg = await self._forward(event, agent_id, whole=True)
+            elif event.state in _HELD:
+                msg = await self._forward(event, agent_id, whole=False)
             else:
                 continue
             if msg is not None:
@@ -173,14 +177,13 @@ class MailForward:
                 await self.outbox.append(msg)
 
     async def _forward(
-        self, cmd: EventCmd, agent_id: str, *, whole: bool
+        self, event: ContactAssigned | ContactUpdated, agent_id: str, *, whole: bool
     ) -> OutboundMessage | None:
-        data = cmd.data
-        contact_id = str(data["contact_id"])
-        at = data.get("at")
+        contact_id = event.contact_id
+        at = event.at
         key = f"forward:{contact_id}:{agent_id}:{at!r}"
         facts = await self.facts.get(contact_id)
-        sender = _sender(self.mail, str(data.get("queue") or ""), facts)
+        sender = _sender(self.mail, event.queue or "", facts)
         if not sender:
             log.warning("forward.no_mailbox", contact_id=contact_id)
             return None
@@ -216,7 +219,7 @@ class MailForward:
                 "subject": f"Fwd: {subject}".strip(),
                 "message_id": f"stw-fwd.{hashlib.sha256(key.encode()).hexdigest()[:20]}@{domain}",
             },
-            created_at=float(at) if isinstance(at, int | float) else 0.0,
+            created_at=at,
         )
 
 

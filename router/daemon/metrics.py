@@ -20,6 +20,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from channels.contact_event import CHANNELS, ContactEvent
+from router.events import (
+    ContactAbandoned,
+    ContactAnsweredByCrowd,
+    ContactAssigned,
+    ContactCompleted,
+    ContactCrowdWindow,
+    ContactEscalated,
+    ContactEventBase,
+    ContactOfferExpired,
+    ContactOfferRejected,
+    ContactOverflowed,
+    ContactQueued,
+    ContactRejected,
+    EngineEvent,
+    ExpertAnswered,
+)
 from router.messages import CancelOfferCmd, Command, EventCmd, OfferCmd, RefusedCmd
 
 if TYPE_CHECKING:
@@ -130,18 +146,10 @@ class EngineView(Protocol):
         ...
 
 
-def _label(data: Mapping[str, Any], key: str) -> str:
-    value = data.get(key)
+def _label(value: str | None) -> str:
     if value is None or value == "":
         return UNKNOWN
     return str(value)
-
-
-def _seconds(data: Mapping[str, Any], key: str) -> float | None:
-    value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return max(0.0, float(value))
 
 
 class Metrics:
@@ -539,7 +547,7 @@ class Metrics:
         """Update the counters from the engine's output for one input."""
         for cmd in cmds:
             if isinstance(cmd, EventCmd):
-                self._observe_event(cmd.type, cmd.data)
+                self._observe_event(cmd.event)
             elif isinstance(cmd, OfferCmd):
                 self.offers.labels("offered").inc()
             elif isinstance(cmd, CancelOfferCmd):
@@ -552,59 +560,57 @@ class Metrics:
                 )
                 refused.labels(cmd.reason or UNKNOWN).inc()
 
-    def _observe_event(self, kind: str, data: Mapping[str, Any]) -> None:
-        queue, channel = _label(data, "queue"), _label(data, "channel")
-        source = _label(data, "source")
-        if kind == "contact.queued":
+    def _observe_event(self, event: EngineEvent) -> None:
+        if isinstance(event, ExpertAnswered):
+            self.expert_answers.inc()
+        if not isinstance(event, ContactEventBase):
+            return
+        queue, channel = _label(event.queue), _label(event.channel)
+        source = _label(event.source)
+        if isinstance(event, ContactQueued):
             # A contact re-queued after a rejected or expired offer was routed once already.
-            if data.get("first", True):
+            if event.first:
                 self.contacts_routed.labels(queue, channel, source).inc()
-                if data.get("rule"):
-                    self.rule_hits.labels(str(data["rule"])).inc()
-        elif kind == "contact.assigned":
+                if event.rule:
+                    self.rule_hits.labels(event.rule).inc()
+        elif isinstance(event, ContactAssigned):
             self.contacts_assigned.labels(queue, channel).inc()
             self.offers.labels("accepted").inc()
-            self._observe_wait(data, queue, channel, "assigned")
-            if data.get("crowd") is True:
+            self._observe_wait(event, event.waited, queue, channel, "assigned")
+            if event.crowd:
                 self.crowd_outcomes.labels(channel, source, "assigned").inc()
-        elif kind == "contact.abandoned":
+        elif isinstance(event, ContactAbandoned):
             self.contacts_abandoned.labels(queue, channel, source).inc()
-            self._observe_wait(data, queue, channel, "abandoned")
-            if data.get("crowd") is True:
+            self._observe_wait(event, event.waited, queue, channel, "abandoned")
+            if event.crowd:
                 self.crowd_outcomes.labels(channel, source, "abandoned").inc()
-        elif kind == "contact.completed":
+        elif isinstance(event, ContactCompleted):
             self.contacts_completed.labels(queue).inc()
-            self.dispositions.labels(queue, str(data.get("disposition") or "none")).inc()
-            handled = _seconds(data, "handled")
-            if handled is not None:
-                self.handle_seconds.labels(queue).observe(handled)
-        elif kind == "contact.answered_by_crowd":
+            self.dispositions.labels(queue, event.disposition or "none").inc()
+            self.handle_seconds.labels(queue).observe(max(0.0, event.handled))
+        elif isinstance(event, ContactAnsweredByCrowd):
             self.contacts_answered_by_crowd.labels(queue, channel, source).inc()
             self.crowd_outcomes.labels(channel, source, "answered_by_crowd").inc()
-            self.crowd_answers.labels("expert" if data.get("by_expert") else "member").inc()
-        elif kind == "expert.answered":
-            self.expert_answers.inc()
-        elif kind == "contact.rejected":
-            self.contacts_rejected.labels(_label(data, "reason")).inc()
-        elif kind == "contact.crowd_window":
+            self.crowd_answers.labels("expert" if event.by_expert else "member").inc()
+        elif isinstance(event, ContactRejected):
+            self.contacts_rejected.labels(_label(event.reason)).inc()
+        elif isinstance(event, ContactCrowdWindow):
             self.contacts_crowd_first.labels(channel).inc()
-        elif kind == "contact.escalated":
+        elif isinstance(event, ContactEscalated):
             self.contacts_escalated.labels(queue).inc()
-        elif kind == "contact.overflowed":
+        elif isinstance(event, ContactOverflowed):
             self.contacts_overflowed.labels(queue).inc()
-        elif kind == "contact.offer_expired":
+        elif isinstance(event, ContactOfferExpired):
             self.offers.labels("expired").inc()
-        elif kind == "contact.offer_rejected":
+        elif isinstance(event, ContactOfferRejected):
             self.offers.labels("rejected").inc()
 
     def _observe_wait(
-        self, data: Mapping[str, Any], queue: str, channel: str, outcome: str
+        self, event: ContactEventBase, waited: float, queue: str, channel: str, outcome: str
     ) -> None:
-        waited = _seconds(data, "waited")
-        if waited is None:
-            return
+        waited = max(0.0, waited)
         self.wait_seconds.labels(queue, channel, outcome).observe(waited)
-        if data.get("expert") is True:
+        if event.expert:
             self.expert_contacts.labels(channel, outcome).inc()
             self.expert_wait_seconds.labels(channel, outcome).observe(waited)
 

@@ -215,7 +215,8 @@ def wire_body(cmd: Command) -> dict[str, Any]:
     ...}`` on ``{prefix}/agents/{id}/offers``, ``{"type": event type, ...}`` for events. One
     shape for every desktop transport (MQTT, the desk's WebSocket)."""
     if isinstance(cmd, EventCmd):
-        return {"type": cmd.type, **cmd.data}
+        body: dict[str, Any] = msgspec.to_builtins(cmd.event)
+        return body
     kind = (
         "offer"
         if isinstance(cmd, OfferCmd)
@@ -236,7 +237,7 @@ def command_messages(cmd: Command, prefix: str) -> list[Message]:
             return [(f"{prefix}/events/admin.refused", _ENCODE(body))]
         return [(f"{prefix}/agents/{cmd.agent_id}/offers", _ENCODE(body))]
     if isinstance(cmd, EventCmd):
-        return [(f"{prefix}/events/{cmd.type}", _ENCODE(wire_body(cmd)))]
+        return [(f"{prefix}/events/{cmd.type}", _ENCODE(cmd.event))]
     return []
 
 

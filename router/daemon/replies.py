@@ -44,6 +44,7 @@ from router.daemon import auth, openapi
 from router.daemon.config import OutboundSettings
 from router.daemon.journal import ContactEntry, Journal, JournalUnavailable
 from router.daemon.outbox import OutboundMessage, Outbox
+from router.events import ContactAssigned, ContactCompleted
 from router.messages import Command, EventCmd
 
 if TYPE_CHECKING:
@@ -169,8 +170,10 @@ class PlatformSink:
 
     async def submit(self, cmds: Sequence[Command]) -> None:
         for cmd in cmds:
-            if isinstance(cmd, EventCmd) and cmd.type in ("contact.assigned", "contact.completed"):
-                msg = self._action(cmd)
+            if isinstance(cmd, EventCmd) and isinstance(
+                cmd.event, ContactAssigned | ContactCompleted
+            ):
+                msg = self._action(cmd.event)
                 if msg is not None:
                     # Redis down raises JournalUnavailable: the router starts over from its
                     # snapshot and hands us the same decision again, so nothing is lost.
@@ -184,14 +187,14 @@ class PlatformSink:
                 return agent.accounts
         return None
 
-    def _action(self, cmd: EventCmd) -> OutboundMessage | None:
-        data = cmd.data
-        source = str(data.get("source") or "")
-        contact_id = str(data.get("contact_id") or "")
-        agent_id = str(data.get("agent_id") or "")
+    def _action(self, event: ContactAssigned | ContactCompleted) -> OutboundMessage | None:
+        source = event.source
+        contact_id = event.contact_id
+        agent_id = event.agent_id
         external = contact_id.partition(":")[2]
-        at = data.get("at")
-        assigned = cmd.type == "contact.assigned"
+        at = event.at
+        assigned = isinstance(event, ContactAssigned)
+        ended = isinstance(event, ContactCompleted) and event.outcome.startswith("ended:")
         if source == "chatwoot" and self.settings.chatwoot is not None:
             if assigned:
                 accounts = self._accounts(agent_id)
@@ -200,7 +203,7 @@ class PlatformSink:
                     log.warning("outbound.no_account", platform="chatwoot", agent_id=agent_id)
                     return None
                 action, params = "assign", {"conversation_id": external, "assignee_id": str(user)}
-            elif str(data.get("outcome", "")).startswith("ended:"):
+            elif ended:
                 return None  # Chatwoot resolved it itself
             else:
                 action, params = "resolve", {"conversation_id": external}
@@ -212,7 +215,7 @@ class PlatformSink:
                     log.warning("outbound.no_account", platform="rocketchat", agent_id=agent_id)
                     return None
                 action, params = "forward", {"room_id": external, "user_id": str(user)}
-            elif str(data.get("outcome", "")).startswith("ended:"):
+            elif ended:
                 return None  # the room was closed in Rocket.Chat
             else:
                 action, params = "close", {"room_id": external}
@@ -236,7 +239,7 @@ class PlatformSink:
             contact_id=contact_id,
             agent_id=agent_id or None,
             params=params,
-            created_at=float(at) if isinstance(at, int | float) else 0.0,
+            created_at=at,
         )
 
 

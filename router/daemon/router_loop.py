@@ -55,6 +55,7 @@ from router.daemon.payloads import PayloadStore
 from router.daemon.sinks import CommandSink
 from router.daemon.snapshots import SnapshotEncodeFailed, StateCut
 from router.engine import Engine
+from router.events import ContactEventBase, ExpertAnswered
 from router.messages import Command, EventCmd, RefusedCmd, Tick
 from router.snapshot import CHUNK_BYTES, decode_legacy
 from rules.load import RoutingFileError, load_routing
@@ -382,8 +383,10 @@ class Router:
                 if rec is not None and rec is not before:
                     created[rec.id] = entry.event
             for cmd in cmds:
-                if isinstance(cmd, EventCmd) and isinstance(cmd.data.get("contact_id"), str):
-                    run.finished.add(cmd.data["contact_id"])
+                if isinstance(cmd, EventCmd) and isinstance(
+                    cmd.event, ContactEventBase | ExpertAnswered
+                ):
+                    run.finished.add(cmd.event.contact_id)
             run.last_id = entry_id
             run.since_snapshot += 1
             if _id_after(entry_id, run.published):
@@ -640,7 +643,8 @@ def _id_after(a: str, b: str) -> bool:
 
 def _log_command(cmd: Command) -> None:
     if isinstance(cmd, EventCmd):
-        fields = {k: cmd.data[k] for k in _LOG_FIELDS if k in cmd.data}
+        # The fields an event has of these (events differ in which they carry).
+        fields = {k: getattr(cmd.event, k) for k in _LOG_FIELDS if hasattr(cmd.event, k)}
         if cmd.type in _DECISIONS:
             log.info(cmd.type, **fields)
         else:

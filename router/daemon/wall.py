@@ -33,6 +33,14 @@ from redis.exceptions import RedisError
 
 from router.daemon.config import DeskSettings
 from router.daemon.metrics import Metrics
+from router.events import (
+    ContactAbandoned,
+    ContactAnsweredByCrowd,
+    ContactAssigned,
+    ContactCompleted,
+    ContactEventBase,
+    ContactQueued,
+)
 from router.messages import Command, EventCmd, RefusedCmd
 
 if TYPE_CHECKING:
@@ -82,30 +90,25 @@ def count_events(
     for cmd in cmds:
         if not isinstance(cmd, EventCmd):
             continue
-        data = cmd.data
-        at = data.get("at")
-        queue = data.get("queue")
-        if not isinstance(at, int | float) or not queue:
+        event = cmd.event
+        if not isinstance(event, ContactEventBase) or not event.queue:
             continue
-        day = day_of(float(at), tz)
-        kind = cmd.type
-        if kind == "contact.queued" and not data.get("requeued"):
+        queue = event.queue
+        day = day_of(event.at, tz)
+        if isinstance(event, ContactQueued) and not event.requeued:
             out.append((day, f"{queue}|entered", 1))
-        elif kind == "contact.assigned":
+        elif isinstance(event, ContactAssigned):
             out.append((day, f"{queue}|answered", 1))
-            waited = data.get("waited")
-            if isinstance(waited, int | float) and waited <= sla.get(queue, 0.0):
+            if event.waited <= sla.get(queue, 0.0):
                 out.append((day, f"{queue}|answered_in_sla", 1))
-            if data.get("crowd") is True:
+            if event.crowd:
                 out.append((day, "crowd|answered_by_agents", 1))
-        elif kind == "contact.abandoned" and data.get("from_state") != "crowd_window":
+        elif isinstance(event, ContactAbandoned) and event.from_state != "crowd_window":
             out.append((day, f"{queue}|abandoned", 1))
-        elif kind == "contact.completed":
+        elif isinstance(event, ContactCompleted):
             out.append((day, f"{queue}|completed", 1))
-            handled = data.get("handled")
-            if isinstance(handled, int | float):
-                out.append((day, f"{queue}|handle_sum", float(handled)))
-        elif kind == "contact.answered_by_crowd":
+            out.append((day, f"{queue}|handle_sum", event.handled))
+        elif isinstance(event, ContactAnsweredByCrowd):
             out.append((day, "crowd|answered_by_crowd", 1))
     return out
 

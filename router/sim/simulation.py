@@ -17,7 +17,7 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -27,6 +27,17 @@ import msgspec
 
 from channels.contact_event import Channel, ContactEvent, Sender
 from router.engine import Engine
+from router.events import (
+    ContactAbandoned,
+    ContactAnsweredByCrowd,
+    ContactAssigned,
+    ContactCompleted,
+    ContactEventBase,
+    ContactQueued,
+    ContactRejected,
+    ContactWrapUpDone,
+    EngineEvent,
+)
 from router.messages import (
     Accept,
     CancelOfferCmd,
@@ -620,7 +631,7 @@ class _Sim:
                 kind = cmd.type
                 events[kind] = events.get(kind, 0) + 1
                 if kind in _WATCHED_EVENTS:
-                    self.on_event(kind, cmd.data, now)
+                    self.on_event(cmd.event, now)
             elif isinstance(cmd, OfferCmd):
                 self.pending_offers.add(cmd.offer_id)
                 self.push(now + self.accept_delay, self.accept_due, (cmd.agent_id, cmd.offer_id))
@@ -629,39 +640,41 @@ class _Sim:
             elif isinstance(cmd, RefusedCmd):
                 self.refused += 1
 
-    def on_event(self, kind: str, data: Mapping[str, Any], now: float) -> None:
-        contact_id = data.get("contact_id")
-        contact = self.contacts.get(contact_id) if isinstance(contact_id, str) else None
+    def on_event(self, event: EngineEvent, now: float) -> None:
+        if not isinstance(event, ContactEventBase):
+            return
+        contact_id = event.contact_id
+        contact = self.contacts.get(contact_id)
         if contact is None:
             return
-        if data.get("expert") and not contact.expert:
+        if event.expert and not contact.expert:
             contact.expert = True
             self.expert_stats.offered += 1
-        if kind == "contact.queued":
+        if isinstance(event, ContactQueued):
             # Also sent when an expired or rejected offer puts it back: count a queue once.
-            self.entered(contact, data.get("queue"))
-        elif kind == "contact.assigned":
-            self.finish_wait(contact, data, now, answered=True)
-            queue = str(data["queue"])
-            agent_id = str(data["agent_id"])
+            self.entered(contact, event.queue)
+        elif isinstance(event, ContactAssigned):
+            self.finish_wait(contact, event.waited, event.queue, now, answered=True)
+            queue = str(event.queue)
+            agent_id = event.agent_id
             weight = self.weight.get((agent_id, contact.channel), 1.0)
-            self.busy.begin(str(contact_id), now, queue, weight)
+            self.busy.begin(contact_id, now, queue, weight)
             handle = self.handle_time(contact, queue)
             self.push(now + handle, self.complete_due, (agent_id, contact_id))
-        elif kind == "contact.abandoned":
-            self.finish_wait(contact, data, now, answered=False)
-        elif kind == "contact.rejected":
+        elif isinstance(event, ContactAbandoned):
+            self.finish_wait(contact, event.waited, event.queue, now, answered=False)
+        elif isinstance(event, ContactRejected):
             contact.ended = True
             self.rejected += 1
-        elif kind == "contact.answered_by_crowd":
+        elif isinstance(event, ContactAnsweredByCrowd):
             contact.ended = True
             self.answered_by_crowd += 1
-        elif kind == "contact.completed":
+        elif isinstance(event, ContactCompleted):
             # Wrap-up (if the queue has one) keeps the agent's share busy until wrap_up_done.
             if not self.wrap_up(contact.queue):
-                self.busy.end(str(contact_id), now)
-        elif kind == "contact.wrap_up_done":
-            self.busy.end(str(contact_id), now)
+                self.busy.end(contact_id, now)
+        elif isinstance(event, ContactWrapUpDone):
+            self.busy.end(contact_id, now)
 
     def entered(self, contact: _Contact, queue: object) -> None:
         if isinstance(queue, str) and queue != contact.queue and queue in self.stats:
@@ -675,16 +688,22 @@ class _Sim:
         return self.routing.defaults.wrap_up if configured is None else configured
 
     def finish_wait(
-        self, contact: _Contact, data: Mapping[str, Any], now: float, *, answered: bool
+        self,
+        contact: _Contact,
+        waited: float,
+        queue: str | None,
+        now: float,
+        *,
+        answered: bool,
     ) -> None:
         if contact.ended:
             return
         contact.ended = True
-        waited = float(data.get("waited", now - contact.arrived))
+
         if abs(waited - (now - contact.arrived)) > _EPS:
             self.waited_mismatches += 1
         # An escalation step can move a contact while it is offered (no contact.queued then).
-        self.entered(contact, data.get("queue"))
+        self.entered(contact, queue)
         if contact.queue is None:
             # Ended before entering any queue (in the crowd window): no queue's figure.
             self.abandoned_before_queue += 1

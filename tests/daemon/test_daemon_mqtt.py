@@ -148,6 +148,7 @@ async def test_a_batch_far_larger_than_the_inflight_window_arrives_whole_and_in_
 def test_commands_become_messages_on_the_right_topics() -> None:
     from channels.contact_event import ContactEvent
     from router.daemon.mqtt import command_messages
+    from router.events import AgentStateChanged
     from router.messages import CancelOfferCmd, EventCmd, OfferCmd, RefusedCmd
 
     contact = ContactEvent(
@@ -173,9 +174,23 @@ def test_commands_become_messages_on_the_right_topics() -> None:
     cancel = CancelOfferCmd(offer_id="o1", agent_id="anna", contact_id="x", reason="expired")
     ((topic, body),) = command_messages(cancel, "p")
     assert topic == "p/agents/anna/offers" and json.loads(body)["type"] == "cancel"
-    ((topic, body),) = command_messages(EventCmd(type="contact.queued", data={"at": 1.0}), "p")
-    assert topic == "p/events/contact.queued"
-    assert json.loads(body) == {"type": "contact.queued", "at": 1.0}
+    ((topic, body),) = command_messages(
+        EventCmd(
+            event=AgentStateChanged(
+                at=1.0, agent_id="a", state="away", previous="available", reason=None
+            )
+        ),
+        "p",
+    )
+    assert topic == "p/events/agent.state"
+    assert json.loads(body) == {
+        "type": "agent.state",
+        "at": 1.0,
+        "agent_id": "a",
+        "state": "away",
+        "previous": "available",
+        "reason": None,
+    }
     ((topic, body),) = command_messages(RefusedCmd(agent_id="bert", reason="not_your_offer"), "p")
     assert topic == "p/agents/bert/offers"
     assert json.loads(body)["reason"] == "not_your_offer"

@@ -111,7 +111,7 @@ async def test_put_expert_is_journaled_and_then_listed_in_the_report(crowd: Crow
     )
     cmds = crowd.engine.handle(call, time.time())
     queued = [c for c in cmds if getattr(c, "type", "") == "contact.queued"]
-    assert queued[0].data["expert_id"] == "x-csommer"  # type: ignore[attr-defined]
+    assert queued[0].event.expert_id == "x-csommer"  # type: ignore[attr-defined]
 
 
 async def test_bad_expert_bodies_are_400_with_the_reason_and_not_journaled(

@@ -23,13 +23,13 @@ from router.messages import (
     Accept,
     CancelOfferCmd,
     Command,
-    EventCmd,
     Login,
     OfferCmd,
     RefusedCmd,
     Tick,
 )
 from rules.load import parse_routing
+from tests.eventkit import event_cmd
 
 ROUTING = """
 version: 1
@@ -90,35 +90,28 @@ def test_a_call_lifecycle_shows_up_in_counters_and_histograms() -> None:
     m = Metrics()
     m.observe_received(contact())
     cmds: list[Command] = [
-        EventCmd(
-            type="contact.queued",
-            data={
-                "at": 1.0,
-                "queue": "support",
-                "channel": "phone",
-                "rule": "phone-default",
-                "contact_id": "x",
-            },
+        event_cmd(
+            "contact.queued",
+            at=1.0,
+            queue="support",
+            channel="phone",
+            rule="phone-default",
+            contact_id="x",
         ),
         offer(1),
-        EventCmd(type="contact.offer_expired", data={"at": 21.0, "contact_id": "x"}),
+        event_cmd("contact.offer_expired", at=21.0, contact_id="x"),
         CancelOfferCmd(offer_id="o1", agent_id="a1", contact_id="x", reason="expired"),
         offer(2),
-        EventCmd(
-            type="contact.assigned",
-            data={
-                "at": 25.0,
-                "queue": "support",
-                "channel": "phone",
-                "waited": 24.0,
-                "expert": False,
-                "priority": 0,
-            },
+        event_cmd(
+            "contact.assigned",
+            at=25.0,
+            queue="support",
+            channel="phone",
+            waited=24.0,
+            expert=False,
+            priority=0,
         ),
-        EventCmd(
-            type="contact.completed",
-            data={"at": 85.0, "queue": "support", "handled": 60.0, "agent_id": "a1"},
-        ),
+        event_cmd("contact.completed", at=85.0, queue="support", handled=60.0, agent_id="a1"),
     ]
     m.observe_commands(cmds)
     assert (
@@ -169,17 +162,14 @@ def test_expert_contacts_and_their_waits_are_counted_apart() -> None:
     m = Metrics()
     m.observe_commands(
         [
-            EventCmd(
-                type="contact.assigned",
-                data={"queue": "second-level", "channel": "phone", "waited": 3.0, "expert": True},
+            event_cmd(
+                "contact.assigned", queue="second-level", channel="phone", waited=3.0, expert=True
             ),
-            EventCmd(
-                type="contact.assigned",
-                data={"queue": "support", "channel": "phone", "waited": 300.0, "expert": False},
+            event_cmd(
+                "contact.assigned", queue="support", channel="phone", waited=300.0, expert=False
             ),
-            EventCmd(
-                type="contact.abandoned",
-                data={"queue": "second-level", "channel": "email", "waited": 50.0, "expert": True},
+            event_cmd(
+                "contact.abandoned", queue="second-level", channel="email", waited=50.0, expert=True
             ),
         ]
     )
@@ -250,12 +240,9 @@ def _busy_metrics() -> Metrics:
     m.observe_received(contact("email:1", "email"))
     m.observe_commands(
         [
-            EventCmd(
-                type="contact.queued", data={"queue": "support", "channel": "email", "rule": "r"}
-            ),
-            EventCmd(
-                type="contact.assigned",
-                data={"queue": "support", "channel": "email", "waited": 12.0, "expert": True},
+            event_cmd("contact.queued", queue="support", channel="email", rule="r"),
+            event_cmd(
+                "contact.assigned", queue="support", channel="email", waited=12.0, expert=True
             ),
             RefusedCmd(agent_id="a", reason="not_your_offer"),
         ]
@@ -305,9 +292,7 @@ waits = st.floats(min_value=0, max_value=5000, allow_nan=False)
 @given(st.lists(st.tuples(st.sampled_from(["contact.assigned", "contact.abandoned"]), waits)))
 def test_every_wait_lands_in_exactly_one_histogram_series(events: list[tuple[str, float]]) -> None:
     m = Metrics()
-    m.observe_commands(
-        EventCmd(type=k, data={"queue": "q", "channel": "chat", "waited": w}) for k, w in events
-    )
+    m.observe_commands(event_cmd(k, queue="q", channel="chat", waited=w) for k, w in events)
     for outcome, kind in (("assigned", "contact.assigned"), ("abandoned", "contact.abandoned")):
         mine = [w for k, w in events if k == kind]
         count = sample(
@@ -602,14 +587,14 @@ def test_every_known_label_set_is_exported_at_zero_before_its_first_event() -> N
     received = "stellwerk_contacts_received_total"
     assert sample(m, received, channel="email", source="asterisk-ari") is None
     # The first event is then a step from 0 to 1.
-    m.observe_commands([EventCmd(type="contact.rejected", data={"reason": "spam"})])
+    m.observe_commands([event_cmd("contact.rejected", reason="spam")])
     assert sample(m, "stellwerk_contacts_rejected_total", reason="spam") == 1.0
 
 
 def test_priming_again_after_a_reload_adds_the_new_queues_and_keeps_counts() -> None:
     m = Metrics()
     m.prime(parse_routing(PRIMED_ROUTING, "routing.yaml"))
-    m.observe_commands([EventCmd(type="contact.rejected", data={"reason": "spam"})])
+    m.observe_commands([event_cmd("contact.rejected", reason="spam")])
     reloaded = PRIMED_ROUTING.replace("queues:\n", "queues:\n  vip: {skills: {de: 1}}\n")
     m.prime(parse_routing(reloaded, "routing.yaml"))
     assert sample(m, "stellwerk_contacts_routed_total", queue="vip", channel="phone") == 0.0

@@ -13,6 +13,7 @@ from router.engine import Engine
 from router.messages import EventCmd
 from rules.load import parse_routing
 from tests.daemon.conftest import Names
+from tests.eventkit import event_cmd
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +33,7 @@ SETTINGS = OutboundSettings(
 
 def event(kind: str, contact_id: str, agent: str = "anna", **extra: object) -> EventCmd:
     source = contact_id.partition(":")[0]
-    data = {"at": 1000.5, "contact_id": contact_id, "source": source, "agent_id": agent, **extra}
-    return EventCmd(type=kind, data=data)
+    return event_cmd(kind, at=1000.5, contact_id=contact_id, source=source, agent_id=agent, **extra)
 
 
 async def test_decisions_become_actions_once(redis_client: aioredis.Redis, names: Names) -> None:

@@ -177,7 +177,7 @@ def test_offer_expires_and_goes_to_the_next_agent_keeping_its_wait() -> None:
     assert [c.reason for c in cmds if type(c).__name__ == "CancelOfferCmd"] == ["expired"]
     assert offered_to(cmds) == [("generic:c", "a2")]
     (offered,) = events(cmds, "contact.offered")
-    assert offered.data["waited"] == 20.0  # counted from arrival at 5.0, not from the re-queue
+    assert offered.event.waited == 20.0  # counted from arrival at 5.0, not from the re-queue
 
 
 def test_offers_expire_when_the_tick_is_late() -> None:
@@ -196,7 +196,7 @@ def test_not_responding_after_missed_offers_in_a_row() -> None:
     eng.handle(Tick(), 20.0)  # missed 1, re-offered later to nobody else (a1 excluded)
     eng.handle(Tick(), 40.0)  # exclusion over -> offered again, then
     cmds = eng.handle(Tick(), 60.0)  # missed 2
-    states = [e.data["state"] for e in events(cmds, "agent.state")]
+    states = [e.event.state for e in events(cmds, "agent.state")]
     assert states == ["not_responding"]
     assert offers(eng.handle(call("c2"), 61.0)) == []
     # c1 is kept from a1 for one more offer timeout after its last miss (until 80)
@@ -246,11 +246,11 @@ def test_wrap_up_holds_the_agent_then_drains_the_backlog() -> None:
     eng.handle(Accept(agent_id="a", offer_id=offer.offer_id), 1.0)
     eng.handle(call("c2"), 2.0)
     cmds = eng.handle(Complete(agent_id="a", contact_id="generic:c1"), 100.0)
-    assert [e.data["state"] for e in events(cmds, "agent.state")] == ["wrap_up"]
+    assert [e.event.state for e in events(cmds, "agent.state")] == ["wrap_up"]
     assert offers(cmds) == []
     assert offers(eng.handle(Tick(), 129.0)) == []
     cmds = eng.handle(Tick(), 130.0)
-    assert [e.data["state"] for e in events(cmds, "agent.state")] == ["available"]
+    assert [e.event.state for e in events(cmds, "agent.state")] == ["available"]
     assert offered_to(cmds) == [("generic:c2", "a")]
 
 
@@ -277,7 +277,7 @@ def test_hangup_while_queued_abandons_and_while_offered_cancels_the_offer() -> N
     cmds = eng.handle(call("c1"), 0.0)
     cmds = eng.handle(call("c1", kind="end", end_reason="hangup"), 45.0)
     (abandoned,) = events(cmds, "contact.abandoned")
-    assert abandoned.data["waited"] == 45.0 and abandoned.data["reason"] == "hangup"
+    assert abandoned.event.waited == 45.0 and abandoned.event.reason == "hangup"
     login_all(eng, ["a1"], now=50.0)
     assert len(offers(eng.handle(call("c2"), 51.0))) == 1
     cmds = eng.handle(call("c2", kind="end", end_reason="hangup"), 52.0)
@@ -299,7 +299,7 @@ def test_hangup_while_assigned_completes_so_the_agent_is_not_stuck() -> None:
     eng.handle(Accept(agent_id="a1", offer_id=offer.offer_id), 1.0)
     cmds = eng.handle(call("c", kind="end", end_reason="hangup"), 90.0)
     (done,) = events(cmds, "contact.completed")
-    assert done.data["handled"] == 89.0
+    assert done.event.handled == 89.0
     assert len(offers(eng.handle(call("d"), 91.0))) == 1
 
 
@@ -338,10 +338,10 @@ def test_escalation_moves_to_another_queue_keeping_the_wait() -> None:
     eng.handle(call("c", text="hard one"), 0.0)
     cmds = eng.handle(Tick(), 300.0)
     # both steps are due by now: first the skills widen, then it moves
-    assert [e.data["to"] for e in events(cmds, "contact.escalated")] == ["l2", "general"]
+    assert [e.event.to for e in events(cmds, "contact.escalated")] == ["l2", "general"]
     assert offered_to(cmds) == [("generic:c", "anyone")]
     (offered,) = events(cmds, "contact.offered")
-    assert offered.data["waited"] == 300.0 and offered.data["queue"] == "general"
+    assert offered.event.waited == 300.0 and offered.event.queue == "general"
 
 
 OVERFLOW = """
@@ -361,7 +361,7 @@ def test_overflow_on_max_wait() -> None:
     login_all(eng, ["y"])
     eng.handle(call("c"), 0.0)
     cmds = eng.handle(Tick(), 120.0)
-    assert [e.data["reason"] for e in events(cmds, "contact.overflowed")] == ["max_wait"]
+    assert [e.event.reason for e in events(cmds, "contact.overflowed")] == ["max_wait"]
     assert offered_to(cmds) == [("generic:c", "y")]
 
 
@@ -370,7 +370,7 @@ def test_overflow_on_max_length_then_reject_when_everything_is_full() -> None:
     for i in range(3):
         eng.handle(call(f"c{i}"), float(i))
     cmds = eng.handle(call("c3"), 4.0)
-    assert events(cmds, "contact.rejected")[0].data["reason"] == "queue_full"
+    assert events(cmds, "contact.rejected")[0].event.reason == "queue_full"
     stats = {q["name"]: q["waiting"] for q in eng.queue_stats(5.0)}
     assert stats == {"main": 2, "backup": 1}
 
@@ -419,7 +419,7 @@ def test_logout_requeues_offers_and_open_work_keeping_the_wait() -> None:
     eng.handle(Login(agent_id="a2"), 3.0)
     cmds = eng.handle(Logout(agent_id="a1"), 50.0)
     assert offered_to(cmds) == [("generic:c", "a2")]
-    assert events(cmds, "contact.offered")[0].data["waited"] == 49.0
+    assert events(cmds, "contact.offered")[0].event.waited == 49.0
 
 
 def test_away_withdraws_pending_offers() -> None:
@@ -427,7 +427,7 @@ def test_away_withdraws_pending_offers() -> None:
     login_all(eng, ["a1"])
     eng.handle(call("c"), 1.0)
     cmds = eng.handle(SetState(agent_id="a1", state="away", reason="break"), 2.0)
-    assert [e.data["reason"] for e in events(cmds, "agent.state")] == ["break"]
+    assert [e.event.reason for e in events(cmds, "agent.state")] == ["break"]
     assert eng.contact_info("generic:c")["state"] == "queued"  # type: ignore[index]
     assert offered_to(eng.handle(SetState(agent_id="a1", state="available"), 3.0)) == [
         ("generic:c", "a1")
@@ -447,7 +447,7 @@ def test_spam_is_rejected_with_a_reason() -> None:
     )
     cmds = eng.handle(call("c", text="Cheap VIAGRA"), 0.0)
     (rejected,) = events(cmds, "contact.rejected")
-    assert rejected.data["reason"] == "spam"
+    assert rejected.event.reason == "spam"
     assert eng.contact_info("generic:c")["state"] == "rejected"  # type: ignore[index]
 
 
@@ -473,7 +473,7 @@ def test_crowd_first_answered_by_the_crowd_never_reaches_an_agent() -> None:
     assert offers(eng.handle(post("t1", "asker", "update"), 100.0)) == []  # asker again
     cmds = eng.handle(post("t1", "champion", "update"), 200.0)  # type: ignore[arg-type]
     (answered,) = events(cmds, "contact.answered_by_crowd")
-    assert answered.data["by"] == "discourse:champion"
+    assert answered.event.by == "discourse:champion"
     assert offers(eng.handle(Tick(), 700.0)) == []
 
 
@@ -483,7 +483,7 @@ def test_crowd_first_unanswered_goes_to_the_desk_with_its_full_wait() -> None:
     eng.handle(post("t1", "asker"), 0.0)  # type: ignore[arg-type]
     cmds = eng.handle(Tick(), 600.0)
     assert offered_to(cmds) == [("discourse:t1", "a")]
-    assert events(cmds, "contact.offered")[0].data["waited"] == 600.0
+    assert events(cmds, "contact.offered")[0].event.waited == 600.0
 
 
 def test_snapshot_restore_keeps_queues_offers_and_assignments() -> None:

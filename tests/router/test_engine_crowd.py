@@ -73,7 +73,7 @@ def test_an_expert_reaches_the_expert_desk_by_phone_email_and_handle() -> None:
     by_handle = eng.handle(call("h", channel="chat", handle="discourse:HeinzF"), 2.0)
     for cmds in (by_phone, by_mail, by_handle):
         (queued,) = events(cmds, "contact.queued")
-        assert queued.data["queue"] == "expert_desk" and queued.data["expert"] is True
+        assert queued.event.queue == "expert_desk" and queued.event.expert is True
     assert offered_to(by_phone) == [("generic:p", "l2agent")]
     report = eng.experts_report(10.0)
     (heinz,) = report["experts"]
@@ -85,8 +85,8 @@ def test_a_champions_answer_ends_the_question_and_counts_for_the_champion() -> N
     eng.handle(post("t1", "asker"), 0.0)  # type: ignore[arg-type]
     cmds = eng.handle(post("t1", "heinzf", "update", "Router neu starten"), 600.0)  # type: ignore[arg-type]
     (answered,) = events(cmds, "contact.answered_by_crowd")
-    assert answered.data["by"] == "discourse:heinzf" and answered.data["by_expert"] == "heinz"
-    assert answered.data["waited"] == 600.0
+    assert answered.event.by == "discourse:heinzf" and answered.event.by_expert == "heinz"
+    assert answered.event.waited == 600.0
     assert offers(eng.handle(post("t2", "other"), 2000.0)) == []  # type: ignore[arg-type]
     (heinz,) = eng.experts_report(2000.0)["experts"]
     assert heinz["answers"] == 1 and heinz["last_answer"] == 600.0
@@ -128,12 +128,12 @@ def test_experts_can_be_added_and_removed_at_runtime() -> None:
         UpsertExpert(expert=Expert(id="maria", name="Maria", level=2, phones=("030 1234567",))),
         0.0,
     )
-    assert events(cmds, "expert.updated")[0].data["keys"] == ["phone:+49301234567"]
+    assert events(cmds, "expert.updated")[0].event.keys == ("phone:+49301234567",)
     (queued,) = events(eng.handle(call("c1", phone="+49301234567"), 1.0), "contact.queued")
-    assert queued.data["queue"] == "expert_desk"
+    assert queued.event.queue == "expert_desk"
     eng.handle(RemoveExpert(expert_id="maria"), 2.0)
     (queued,) = events(eng.handle(call("c2", phone="+49301234567"), 3.0), "contact.queued")
-    assert queued.data["queue"] == "first"
+    assert queued.event.queue == "first"
     refused = eng.handle(RemoveExpert(expert_id="nobody"), 4.0)
     assert [c.reason for c in refused if isinstance(c, RefusedCmd)] == ["unknown_expert"]
     # the removal survives a restart

@@ -68,9 +68,9 @@ def test_complete_carries_the_disposition_into_the_event_and_the_history() -> No
     eng.handle(Accept(agent_id="a1", offer_id=offer.offer_id), 2.0)
     cmds = eng.handle(Complete(agent_id="a1", contact_id="generic:c1", disposition="solved"), 9.0)
     (done,) = events(cmds, "contact.completed")
-    assert done.data["disposition"] == "solved"
-    assert done.data["handled"] == 7.0
-    assert done.data["wrap_up"] == 10
+    assert done.event.disposition == "solved"
+    assert done.event.handled == 7.0
+    assert done.event.wrap_up == 10
     # The next contact of this customer shows how the last one ended.
     eng.handle(Login(agent_id="a2"), 9.0)
     (nxt,) = offers(eng.handle(call("c2", phone="+4930555"), 10.0))
@@ -90,7 +90,7 @@ def test_an_unknown_disposition_is_refused_and_the_contact_stays_assigned() -> N
         assert eng.state.contacts["generic:c1"].state == "assigned"
     # Without a disposition it completes as before (an MQTT desktop that knows none).
     cmds = eng.handle(Complete(agent_id="a1", contact_id="generic:c1"), 4.0)
-    assert events(cmds, "contact.completed")[0].data["disposition"] is None
+    assert events(cmds, "contact.completed")[0].event.disposition is None
 
 
 def test_a_follow_up_of_a_queued_offered_or_assigned_contact_is_announced() -> None:
@@ -98,14 +98,14 @@ def test_a_follow_up_of_a_queued_offered_or_assigned_contact_is_announced() -> N
     eng.handle(call("m1", channel="email", email="kunde@example.de"), 0.0)
     follow = call("m1", channel="email", email="kunde@example.de", kind="update", text="PS")
     (queued,) = events(eng.handle(follow, 1.0), "contact.updated")
-    assert queued.data["state"] == "queued" and queued.data["agent_id"] is None
+    assert queued.event.state == "queued" and queued.event.agent_id is None
     (offer,) = offers(eng.handle(Login(agent_id="a1"), 2.0))
     (offered,) = events(eng.handle(follow, 3.0), "contact.updated")
-    assert offered.data["state"] == "offered"
-    assert (offered.data["agent_id"], offered.data["offer_id"]) == ("a1", offer.offer_id)
+    assert offered.event.state == "offered"
+    assert (offered.event.agent_id, offered.event.offer_id) == ("a1", offer.offer_id)
     eng.handle(Accept(agent_id="a1", offer_id=offer.offer_id), 4.0)
     (held,) = events(eng.handle(follow, 5.0), "contact.updated")
-    assert (held.data["state"], held.data["agent_id"]) == ("assigned", "a1")
+    assert (held.event.state, held.event.agent_id) == ("assigned", "a1")
     # No body is kept in the engine, not even the first message's (the edge keeps them).
     assert "PS" not in eng.snapshot().decode()
 
@@ -144,8 +144,8 @@ def test_a_supervisor_releases_a_stuck_contact_without_wrap_up() -> None:
     assert eng.floor_view()["held"][0]["contact_id"] == "generic:dead"
     cmds = eng.handle(ReleaseContact(contact_id="generic:dead", by="wall-1"), 5000.0)
     (done,) = events(cmds, "contact.completed")
-    assert done.data["disposition"] == "released_by_supervisor"
-    assert done.data["released_by"] == "wall-1" and done.data["wrap_up"] == 0
+    assert done.event.disposition == "released_by_supervisor"
+    assert done.event.released_by == "wall-1" and done.event.wrap_up == 0
     assert "generic:dead" not in eng.state.contacts
     assert eng.state.agents["a1"].contacts == [] and eng.state.agents["a1"].budget_used == 0
     # The freed agent takes the next contact at once.

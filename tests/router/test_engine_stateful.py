@@ -131,7 +131,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.refused = [c for c in cmds if isinstance(c, RefusedCmd)]
         for c in cmds:
             if isinstance(c, EventCmd) and c.type in TERMINAL:
-                self.ended[c.data["contact_id"]] += 1
+                self.ended[c.event.contact_id] += 1
         return cmds
 
     @rule(

@@ -171,7 +171,7 @@ def test_experts_wait_only_for_an_expert_desk_agent(table: RoutingTable) -> None
 
     def observe(now: float, cmd: Command) -> None:
         if isinstance(cmd, EventCmd) and cmd.type == "contact.assigned":
-            assignments.append((now - t0, cmd.data["agent_id"], cmd.data["expert"]))
+            assignments.append((now - t0, cmd.event.agent_id, cmd.event.expert))
 
     report = simulate(table, scenario, observe=observe)
     answered = [t for t, _, expert in assignments if expert]

@@ -50,6 +50,16 @@ from aiohttp import web
 from router.daemon.intake import Intake
 from router.daemon.journal import JournalUnavailable
 from router.daemon.mqtt import backoff
+from router.events import (
+    ContactAbandoned,
+    ContactAssigned,
+    ContactCompleted,
+    ContactEscalated,
+    ContactEventBase,
+    ContactOverflowed,
+    ContactQueued,
+    ContactRejected,
+)
 from router.messages import CancelOfferCmd, Command, EventCmd, OfferCmd, RefusedCmd
 from rules.schema import Announcement
 from rules.table import RoutingTable
@@ -72,8 +82,8 @@ LEASE_CHECK = 0.25
 
 _HELD_STATES = frozenset({"received", "crowd_window", "queued", "offered"})
 _ACTIVE_STATES = _HELD_STATES | {"assigned"}
-_QUEUE_EVENTS = frozenset({"contact.queued", "contact.overflowed", "contact.escalated"})
-_END_EVENTS = frozenset({"contact.completed", "contact.abandoned", "contact.rejected"})
+_QUEUE_EVENTS = (ContactQueued, ContactOverflowed, ContactEscalated)
+_END_EVENTS = (ContactCompleted, ContactAbandoned, ContactRejected)
 
 
 @dataclass(frozen=True)
@@ -391,7 +401,7 @@ class TelephonyConnector:
         if isinstance(cmd, CancelOfferCmd):
             return cmd.contact_id.startswith(self.source + ":") or cmd.offer_id in self._offers
         if isinstance(cmd, EventCmd):
-            return cmd.data.get("source") == self.source
+            return isinstance(cmd.event, ContactEventBase) and cmd.event.source == self.source
         return isinstance(cmd, RefusedCmd) and cmd.detail in self._offers
 
     def _tables(self) -> RoutingTable:
@@ -437,15 +447,15 @@ class TelephonyConnector:
             await self._on_event(cmd)
 
     async def _on_event(self, cmd: EventCmd) -> None:
-        data = cmd.data
-        contact_id = str(data.get("contact_id", ""))
-        call_id = self._call_id(contact_id)
-        if data.get("channel") != "phone":
+        event = cmd.event
+        if not isinstance(event, ContactEventBase) or event.channel != "phone":
             return
-        if cmd.type in _QUEUE_EVENTS:
-            await self._hold(call_id, self._spec(data.get("queue")))
-        elif cmd.type == "contact.assigned":
-            agent_id = str(data.get("agent_id", ""))
+        contact_id = event.contact_id
+        call_id = self._call_id(contact_id)
+        if isinstance(event, _QUEUE_EVENTS):
+            await self._hold(call_id, self._spec(event.queue))
+        elif isinstance(event, ContactAssigned):
+            agent_id = event.agent_id
             offer_id = self._answered.pop(contact_id, None)
             if offer_id is not None:
                 self._offers.pop(offer_id, None)
@@ -460,9 +470,9 @@ class TelephonyConnector:
             leg_id = (contact.accepted_offer if contact is not None else None) or f"a{contact_id}"
             if endpoint is not None:
                 self._desk_legs[leg_id] = (agent_id, contact_id)
-                timeout = self._offer_timeout(str(data.get("queue") or ""))
+                timeout = self._offer_timeout(event.queue or "")
                 await self._act("ring", self.driver.ring(leg_id, call_id, endpoint, timeout))
-        elif cmd.type in _END_EVENTS:
+        elif isinstance(event, _END_EVENTS):
             self._forget_call(contact_id, call_id)
             await self._act("hangup", self.driver.hangup(call_id))
 
