@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from router.daemon.journal import Journal, connect_redis
+from tests.daemon.private_servers import REDIS_SERVER, PrivateRedis
 from tests.servers import (
     MQTT_HOST,
     MQTT_PASSWORD,
@@ -403,3 +404,17 @@ async def barrier(probe: Any, timeout: float = 30.0) -> None:
     ghost = f"barrier-{uuid.uuid4().hex[:8]}"
     await probe.publish(f"agents/{ghost}/cmd", {"op": "login"})
     await probe.wait_for(f"agents/{ghost}/offers", timeout=timeout, type="refused")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A private ``redis-server`` for tests that stop, pause or kill it (never the shared one)."""
+    if not REDIS_SERVER.exists():
+        pytest.skip(f"{REDIS_SERVER} is not installed")
+    (tmp_path / "redis").mkdir()
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

@@ -36,7 +36,6 @@ from tests.daemon.conftest import (
 from tests.daemon.private_servers import (
     HOST,
     MOSQUITTO,
-    REDIS_SERVER,
     PrivateMosquitto,
     PrivateRedis,
     free_port,
@@ -53,19 +52,6 @@ BACKOFF_CAP = 10.0
 
 
 # ---- private servers ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if not REDIS_SERVER.exists():
-        pytest.skip(f"{REDIS_SERVER} is not installed")
-    (tmp_path / "redis").mkdir()
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

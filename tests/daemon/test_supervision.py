@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from router.daemon.journal import Journal, TickEntry
 from tests.daemon.conftest import DaemonProcess, MqttProbe, ari, wait_until, write_routing
-from tests.daemon.private_servers import REDIS_SERVER, PrivateRedis, free_port
+from tests.daemon.private_servers import PrivateRedis, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -54,19 +54,6 @@ async def wait_log(
         return None
 
     return list(await wait_until(find, timeout, f"{count}x log event {event} {match}"))
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    if not REDIS_SERVER.exists():
-        pytest.skip(f"{REDIS_SERVER} is not installed")
-    (tmp_path / "redis").mkdir()
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 async def test_the_leader_ingress_stops_with_the_lease_and_resumes_with_it(
