@@ -306,6 +306,16 @@ class Engine:
         """A customer by id or identity key, with keys, expert id and recent contacts."""
         return self._customers.info(ref, self._experts.find)
 
+    def agent_counts(self) -> tuple[dict[str, int], int]:
+        """Agents by state and how many are busy: see :func:`router.views.agent_counts`."""
+        return views.agent_counts(self._state)
+
+    def queue_gauges(self, now: float) -> list[views.QueueGauges]:
+        """What the queue gauges show: see :func:`router.views.queue_gauges`."""
+        return views.queue_gauges(
+            self._state, self._queues, self._index, self._contact_queues.waiting, now
+        )
+
     # ---- contact events ---------------------------------------------------------------------
 
     def _on_contact_event(self, event: ContactEvent, now: float, out: list[Command]) -> None:

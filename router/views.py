@@ -6,6 +6,8 @@ public methods of the same names (``Engine.queue_stats`` ...) call them.
 
 from __future__ import annotations
 
+from collections import Counter
+from math import inf
 from typing import Any
 
 from router.agent_index import AgentIndex
@@ -223,3 +225,74 @@ def contact_info(state: EngineState, contact_id: str) -> dict[str, Any] | None:
         "expert": contact.expert,
         "history": history(customer, contact.id) if customer else [],
     }
+
+
+# ---- lean views for the metrics gauges -------------------------------------------------------
+# The gauges are refreshed every second and on every scrape: these count without building a
+# record per agent or a set of agent ids per queue, and give the same numbers as
+# :func:`agent_list` and :func:`queue_stats`.
+
+#: Per queue, what its gauges show: name, waiting, oldest wait (s, rounded as in
+#: :func:`queue_stats`), agents ready, service level (None before a contact closed), SLA
+#: seconds, SLA percent.
+QueueGauges = tuple[str, int, float, int, float | None, float, float]
+
+
+def agent_counts(state: EngineState) -> tuple[dict[str, int], int]:
+    """Agents by state, and how many hold an offer or a contact (``busy`` of
+    :func:`agent_list`)."""
+    agents = state.agents.values()
+    by_state: Counter[str] = Counter(a.state for a in agents)
+    busy = sum(1 for a in agents if a.contacts or a.offers)
+    return dict(by_state), busy
+
+
+def queue_gauges(
+    state: EngineState,
+    queues: dict[str, QueueCfg],
+    index: AgentIndex,
+    waiting: dict[str, int],
+    now: float,
+) -> list[QueueGauges]:
+    """:func:`queue_stats`' waiting, oldest wait, agents ready and service level per queue,
+    as tuples (see :data:`QueueGauges`)."""
+    first: dict[str, float] = {}
+    for contact in state.contacts.values():
+        if contact.state == "queued":
+            arrived = contact.arrived_at
+            if arrived < first.get(contact.queue, inf):
+                first[contact.queue] = arrived
+    ready = dict.fromkeys(queues, 0)
+    eligible, can_take = index.eligible, index.can_take
+    for agent in state.agents.values():
+        if agent.state != "available":
+            continue
+        pairs = eligible.get(agent.id)
+        if not pairs:
+            continue
+        if len(pairs) == 1:  # the usual case: one queue, one channel
+            for qname, channel in pairs:
+                if can_take(agent, channel):
+                    ready[qname] += 1
+            continue
+        # An agent counts once per queue, however many of its channels have room.
+        for qname in {qname for qname, channel in pairs if can_take(agent, channel)}:
+            ready[qname] += 1
+    rows = []
+    for name, queue in queues.items():
+        # queue_stats keeps the largest wait above -1 s (a clock a little behind an arrival).
+        waited = now - first[name] if name in first else 0.0
+        c = state.counters[name]
+        closed = c.answered + c.abandoned
+        rows.append(
+            (
+                name,
+                waiting.get(name, 0),
+                round(waited, 3) if waited > -1.0 else 0.0,
+                ready[name],
+                (c.answered_in_sla / closed) if closed else None,
+                queue.sla.seconds,
+                queue.sla.percent,
+            )
+        )
+    return rows

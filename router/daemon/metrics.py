@@ -13,7 +13,7 @@ states, outcomes) or from the decoders' reason slugs, so cardinality stays bound
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
     from rules.table import RoutingTable
 
 __all__ = ["CONTENT_TYPE_LATEST", "EngineView", "Metrics"]
+
+#: A queue's gauges: name, waiting, oldest wait, agents ready, service level, SLA seconds and
+#: SLA percent (the last three None when unknown); ``router.views.QueueGauges`` is one.
+QueueGauges = tuple[str, int, float, int, float | None, float | None, float | None]
 
 # Contact-centre waits: seconds to an hour; the SLA thresholds people use (10, 20, 30, 60 s)
 # are bucket edges so a service level can also be read off the histogram.
@@ -135,7 +139,10 @@ AUTH_REFUSALS = ("no_token", "bad_token", "wrong_role")
 
 
 class EngineView(Protocol):
-    """What :meth:`Metrics.refresh` reads of the engine (``router.engine.Engine`` has it)."""
+    """What :meth:`Metrics.refresh` reads of the engine (``router.engine.Engine`` has it).
+
+    A view that also has ``queue_gauges(now)`` and ``agent_counts()`` (the engine does) is read
+    through those, which count without building a record per agent."""
 
     def queue_stats(self, now: float) -> list[dict[str, Any]]:
         """Per queue: ``name``, ``waiting``, ``oldest_wait``, ``agents_ready`` ..."""
@@ -150,6 +157,32 @@ def _label(value: str | None) -> str:
     if value is None or value == "":
         return UNKNOWN
     return str(value)
+
+
+class _Children:
+    """A labelled metric's children, each looked up once: ``labels()`` checks its arguments,
+    converts them and takes the metric's lock on every call, which on the per-call paths cost
+    more than the increment itself. Series are never removed behind its back: every
+    ``remove`` of a cached metric goes through :meth:`remove`."""
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        try:
+            return self._cache[values]
+        except KeyError:
+            child = self._cache[values] = self._metric.labels(*values)
+            return child
+
+    def remove(self, *values: str) -> None:
+        """Drop the series (and forget its child); nothing when it does not exist."""
+        self._cache.pop(values, None)
+        with contextlib.suppress(KeyError):
+            self._metric.remove(*values)
 
 
 class Metrics:
@@ -435,6 +468,61 @@ class Metrics:
             registry=r,
         )
         self._queues: set[str] = set()
+        # Children of the metrics set per call or per refresh (see _Children).
+        self._received = _Children(self.contacts_received)
+        self._rejected_inputs = _Children(self.rejected_inputs)
+        self._ingress = _Children(self.ingress)
+        self._routed = _Children(self.contacts_routed)
+        self._rule_hits = _Children(self.rule_hits)
+        self._assigned = _Children(self.contacts_assigned)
+        self._abandoned = _Children(self.contacts_abandoned)
+        self._completed = _Children(self.contacts_completed)
+        self._dispositions = _Children(self.dispositions)
+        self._handle = _Children(self.handle_seconds)
+        self._by_crowd = _Children(self.contacts_answered_by_crowd)
+        self._crowd_outcomes = _Children(self.crowd_outcomes)
+        self._crowd_answers = _Children(self.crowd_answers)
+        self._rejected = _Children(self.contacts_rejected)
+        self._crowd_first = _Children(self.contacts_crowd_first)
+        self._escalated = _Children(self.contacts_escalated)
+        self._overflowed = _Children(self.contacts_overflowed)
+        self._offers = _Children(self.offers)
+        self._cancelled = _Children(self.offers_cancelled)
+        self._agent_refused = _Children(self.agent_commands_refused)
+        self._admin_refused = _Children(self.admin_commands_refused)
+        self._wait = _Children(self.wait_seconds)
+        self._expert_contacts = _Children(self.expert_contacts)
+        self._expert_wait = _Children(self.expert_wait_seconds)
+        self._queue_waiting = _Children(self.queue_waiting)
+        self._queue_oldest = _Children(self.queue_oldest_wait)
+        self._queue_ready = _Children(self.queue_agents_ready)
+        self._service_level = _Children(self.service_level)
+        self._sla_seconds = _Children(self.sla_seconds)
+        self._sla_target = _Children(self.sla_target)
+        self._agents = _Children(self.agents)
+        self._queue_gauges = (
+            self._queue_waiting,
+            self._queue_oldest,
+            self._queue_ready,
+            self._service_level,
+            self._sla_seconds,
+            self._sla_target,
+        )
+        # Which counters an event moves, by its class (one dict look-up instead of a chain of
+        # isinstance checks per event).
+        self._on_event: dict[type, Callable[[Any, str, str, str], None]] = {
+            ContactQueued: self._on_queued,
+            ContactAssigned: self._on_assigned,
+            ContactAbandoned: self._on_abandoned,
+            ContactCompleted: self._on_completed,
+            ContactAnsweredByCrowd: self._on_answered_by_crowd,
+            ContactRejected: self._on_rejected,
+            ContactCrowdWindow: self._on_crowd_window,
+            ContactEscalated: self._on_escalated,
+            ContactOverflowed: self._on_overflowed,
+            ContactOfferExpired: self._on_offer_expired,
+            ContactOfferRejected: self._on_offer_rejected,
+        }
 
     # ---- series at zero ------------------------------------------------------------------
 
@@ -500,15 +588,15 @@ class Metrics:
 
     def observe_received(self, event: ContactEvent) -> None:
         """Count one contact event accepted into the journal."""
-        self.contacts_received.labels(event.channel, event.source, event.kind).inc()
+        self._received(event.channel, event.source, event.kind).inc()
 
     def observe_rejected(self, source: str, reason: str) -> None:
         """Count one input refused at ingress (it went to the dead-letter stream)."""
-        self.rejected_inputs.labels(source or UNKNOWN, reason or UNKNOWN).inc()
+        self._rejected_inputs(source or UNKNOWN, reason or UNKNOWN).inc()
 
     def observe_ingress(self, transport: str, outcome: str) -> None:
         """Count one delivery on ``transport`` (mqtt, http, smtp): accepted/rejected/unavailable."""
-        self.ingress.labels(transport, outcome).inc()
+        self._ingress(transport, outcome).inc()
 
     def observe_decision(self, seconds: float) -> None:
         """Record how long one ``engine.handle`` call took."""
@@ -549,109 +637,125 @@ class Metrics:
             if isinstance(cmd, EventCmd):
                 self._observe_event(cmd.event)
             elif isinstance(cmd, OfferCmd):
-                self.offers.labels("offered").inc()
+                self._offers("offered").inc()
             elif isinstance(cmd, CancelOfferCmd):
-                self.offers_cancelled.labels(cmd.reason or UNKNOWN).inc()
+                self._cancelled(cmd.reason or UNKNOWN).inc()
             elif isinstance(cmd, RefusedCmd):
-                refused = (
-                    self.admin_commands_refused
-                    if cmd.agent_id is None
-                    else self.agent_commands_refused
-                )
-                refused.labels(cmd.reason or UNKNOWN).inc()
+                refused = self._admin_refused if cmd.agent_id is None else self._agent_refused
+                refused(cmd.reason or UNKNOWN).inc()
 
     def _observe_event(self, event: EngineEvent) -> None:
         if isinstance(event, ExpertAnswered):
             self.expert_answers.inc()
         if not isinstance(event, ContactEventBase):
             return
-        queue, channel = _label(event.queue), _label(event.channel)
-        source = _label(event.source)
-        if isinstance(event, ContactQueued):
-            # A contact re-queued after a rejected or expired offer was routed once already.
-            if event.first:
-                self.contacts_routed.labels(queue, channel, source).inc()
-                if event.rule:
-                    self.rule_hits.labels(event.rule).inc()
-        elif isinstance(event, ContactAssigned):
-            self.contacts_assigned.labels(queue, channel).inc()
-            self.offers.labels("accepted").inc()
-            self._observe_wait(event, event.waited, queue, channel, "assigned")
-            if event.crowd:
-                self.crowd_outcomes.labels(channel, source, "assigned").inc()
-        elif isinstance(event, ContactAbandoned):
-            self.contacts_abandoned.labels(queue, channel, source).inc()
-            self._observe_wait(event, event.waited, queue, channel, "abandoned")
-            if event.crowd:
-                self.crowd_outcomes.labels(channel, source, "abandoned").inc()
-        elif isinstance(event, ContactCompleted):
-            self.contacts_completed.labels(queue).inc()
-            self.dispositions.labels(queue, event.disposition or "none").inc()
-            self.handle_seconds.labels(queue).observe(max(0.0, event.handled))
-        elif isinstance(event, ContactAnsweredByCrowd):
-            self.contacts_answered_by_crowd.labels(queue, channel, source).inc()
-            self.crowd_outcomes.labels(channel, source, "answered_by_crowd").inc()
-            self.crowd_answers.labels("expert" if event.by_expert else "member").inc()
-        elif isinstance(event, ContactRejected):
-            self.contacts_rejected.labels(_label(event.reason)).inc()
-        elif isinstance(event, ContactCrowdWindow):
-            self.contacts_crowd_first.labels(channel).inc()
-        elif isinstance(event, ContactEscalated):
-            self.contacts_escalated.labels(queue).inc()
-        elif isinstance(event, ContactOverflowed):
-            self.contacts_overflowed.labels(queue).inc()
-        elif isinstance(event, ContactOfferExpired):
-            self.offers.labels("expired").inc()
-        elif isinstance(event, ContactOfferRejected):
-            self.offers.labels("rejected").inc()
+        on_event = self._on_event.get(type(event))
+        if on_event is not None:
+            on_event(event, _label(event.queue), _label(event.channel), _label(event.source))
+
+    def _on_queued(self, event: ContactQueued, queue: str, channel: str, source: str) -> None:
+        # A contact re-queued after a rejected or expired offer was routed once already.
+        if event.first:
+            self._routed(queue, channel, source).inc()
+            if event.rule:
+                self._rule_hits(event.rule).inc()
+
+    def _on_assigned(self, event: ContactAssigned, queue: str, channel: str, source: str) -> None:
+        self._assigned(queue, channel).inc()
+        self._offers("accepted").inc()
+        self._observe_wait(event, event.waited, queue, channel, "assigned")
+        if event.crowd:
+            self._crowd_outcomes(channel, source, "assigned").inc()
+
+    def _on_abandoned(self, event: ContactAbandoned, queue: str, channel: str, source: str) -> None:
+        self._abandoned(queue, channel, source).inc()
+        self._observe_wait(event, event.waited, queue, channel, "abandoned")
+        if event.crowd:
+            self._crowd_outcomes(channel, source, "abandoned").inc()
+
+    def _on_completed(self, event: ContactCompleted, queue: str, channel: str, source: str) -> None:
+        self._completed(queue).inc()
+        self._dispositions(queue, event.disposition or "none").inc()
+        self._handle(queue).observe(max(0.0, event.handled))
+
+    def _on_answered_by_crowd(
+        self, event: ContactAnsweredByCrowd, queue: str, channel: str, source: str
+    ) -> None:
+        self._by_crowd(queue, channel, source).inc()
+        self._crowd_outcomes(channel, source, "answered_by_crowd").inc()
+        self._crowd_answers("expert" if event.by_expert else "member").inc()
+
+    def _on_rejected(self, event: ContactRejected, queue: str, channel: str, source: str) -> None:
+        self._rejected(_label(event.reason)).inc()
+
+    def _on_crowd_window(
+        self, event: ContactCrowdWindow, queue: str, channel: str, source: str
+    ) -> None:
+        self._crowd_first(channel).inc()
+
+    def _on_escalated(self, event: ContactEscalated, queue: str, channel: str, source: str) -> None:
+        self._escalated(queue).inc()
+
+    def _on_overflowed(
+        self, event: ContactOverflowed, queue: str, channel: str, source: str
+    ) -> None:
+        self._overflowed(queue).inc()
+
+    def _on_offer_expired(
+        self, event: ContactOfferExpired, queue: str, channel: str, source: str
+    ) -> None:
+        self._offers("expired").inc()
+
+    def _on_offer_rejected(
+        self, event: ContactOfferRejected, queue: str, channel: str, source: str
+    ) -> None:
+        self._offers("rejected").inc()
 
     def _observe_wait(
         self, event: ContactEventBase, waited: float, queue: str, channel: str, outcome: str
     ) -> None:
         waited = max(0.0, waited)
-        self.wait_seconds.labels(queue, channel, outcome).observe(waited)
+        self._wait(queue, channel, outcome).observe(waited)
         if event.expert:
-            self.expert_contacts.labels(channel, outcome).inc()
-            self.expert_wait_seconds.labels(channel, outcome).observe(waited)
+            self._expert_contacts(channel, outcome).inc()
+            self._expert_wait(channel, outcome).observe(waited)
 
     def refresh(self, engine: EngineView, now: float) -> None:
         """Refresh the queue and agent gauges from the engine's read-only views."""
+        gauges = getattr(engine, "queue_gauges", None)
+        if gauges is not None:
+            rows: Iterable[QueueGauges] = gauges(now)
+        else:  # a view without the lean accessors (a test double): the same from queue_stats
+            rows = [_gauges_of(stats) for stats in engine.queue_stats(now)]
         seen: set[str] = set()
-        for stats in engine.queue_stats(now):
-            name = str(stats.get("name", UNKNOWN))
+        for name, waiting, oldest, ready, level, sla_seconds, sla_percent in rows:
             seen.add(name)
-            self.queue_waiting.labels(name).set(_number(stats, "waiting"))
-            self.queue_oldest_wait.labels(name).set(_number(stats, "oldest_wait"))
-            self.queue_agents_ready.labels(name).set(_number(stats, "agents_ready"))
-            level = stats.get("service_level")
-            if isinstance(level, int | float) and not isinstance(level, bool):
-                self.service_level.labels(name).set(float(level))
+            self._queue_waiting(name).set(waiting)
+            self._queue_oldest(name).set(oldest)
+            self._queue_ready(name).set(ready)
+            if level is not None:
+                self._service_level(name).set(level)
             else:
-                self._remove(self.service_level, name)
-            if "sla_seconds" in stats:
-                self.sla_seconds.labels(name).set(_number(stats, "sla_seconds"))
-            if "sla_percent" in stats:
-                self.sla_target.labels(name).set(_number(stats, "sla_percent") / 100.0)
+                self._service_level.remove(name)
+            if sla_seconds is not None:
+                self._sla_seconds(name).set(sla_seconds)
+            if sla_percent is not None:
+                self._sla_target(name).set(sla_percent / 100.0)
         # Queues dropped by a reload must not keep exporting their last value for ever.
         for gone in self._queues - seen:
-            for gauge in (
-                self.queue_waiting,
-                self.queue_oldest_wait,
-                self.queue_agents_ready,
-                self.service_level,
-                self.sla_seconds,
-                self.sla_target,
-            ):
-                self._remove(gauge, gone)
+            for gauge in self._queue_gauges:
+                gauge.remove(gone)
         self._queues = seen
-        by_state = dict.fromkeys(AGENT_STATES, 0)
-        busy = 0
-        for agent in engine.agent_list():
-            state = str(agent.get("state", UNKNOWN))
-            by_state[state] = by_state.get(state, 0) + 1
-            busy += 1 if agent.get("busy") else 0
+        counts = getattr(engine, "agent_counts", None)
+        if counts is not None:
+            by_state, busy = counts()
+        else:
+            by_state, busy = _count_agents(engine.agent_list())
+        for state in AGENT_STATES:
+            self._agents(state).set(by_state.get(state, 0))
         for state, count in by_state.items():
-            self.agents.labels(state).set(count)
+            if state not in AGENT_STATES:
+                self._agents(state).set(count)
         self.agents_busy.set(busy)
         # Optional in the protocol: views without a crowd (test doubles) leave the gauges alone.
         report = getattr(engine, "experts_report", None)
@@ -670,16 +774,36 @@ class Metrics:
             for code in codes:
                 self.dispositions.labels(queue, code)
 
-    @staticmethod
-    def _remove(gauge: Gauge, label: str) -> None:
-        with contextlib.suppress(KeyError):
-            gauge.remove(label)
-
     # ---- exposition ----------------------------------------------------------------------
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (``CONTENT_TYPE_LATEST``)."""
         return generate_latest(self.registry)
+
+
+def _gauges_of(stats: Mapping[str, Any]) -> QueueGauges:
+    """A :func:`~router.engine.Engine.queue_stats` row as the gauges' tuple (SLA fields None
+    when the row lacks them: their gauges are then left alone)."""
+    level = stats.get("service_level")
+    return (
+        str(stats.get("name", UNKNOWN)),
+        int(_number(stats, "waiting")),
+        _number(stats, "oldest_wait"),
+        int(_number(stats, "agents_ready")),
+        float(level) if isinstance(level, int | float) and not isinstance(level, bool) else None,
+        _number(stats, "sla_seconds") if "sla_seconds" in stats else None,
+        _number(stats, "sla_percent") if "sla_percent" in stats else None,
+    )
+
+
+def _count_agents(agents: Iterable[Mapping[str, Any]]) -> tuple[dict[str, int], int]:
+    by_state: dict[str, int] = {}
+    busy = 0
+    for agent in agents:
+        state = str(agent.get("state", UNKNOWN))
+        by_state[state] = by_state.get(state, 0) + 1
+        busy += 1 if agent.get("busy") else 0
+    return by_state, busy
 
 
 def _number(stats: Mapping[str, Any], key: str) -> float:
