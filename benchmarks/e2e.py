@@ -695,7 +695,7 @@ STAGES = (
     ("paho socket reads (all connections)", "paho/mqtt/client.py", "loop_read"),
     ("paho socket writes (all connections)", "paho/mqtt/client.py", "loop_write"),
     ("metrics (observe_*)", "router/daemon/metrics.py", "observe_commands"),
-    ("decision log lines", "router/daemon/router_loop.py", "_log_command"),
+    ("decision log lines", "router/daemon/router_loop.py", "_log_commands"),
 )
 
 
@@ -739,7 +739,7 @@ SPY_STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         "  metrics (observe_*, refresh)",
         (("observe_", "router/daemon/metrics.py"), ("refresh", "router/daemon/metrics.py")),
     ),
-    ("  decision log lines", (("_log_command", "router/daemon/router_loop.py"),)),
+    ("  decision log lines", (("_log_commands", "router/daemon/router_loop.py"),)),
     (
         "  command sinks (desk feed)",
         (("submit", "router/daemon/desk.py"), ("submit", "router/daemon/wall.py")),
@@ -747,6 +747,7 @@ SPY_STAGES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ("paho socket reads, all connections (packets in)", (("loop_read", "paho/mqtt/client.py"),)),
     ("paho socket writes, all connections (packets out)", (("loop_write", "paho/mqtt/client.py"),)),
     ("redis-py replies (all connections)", (("read_response", "redis/"),)),
+    ("/metrics scrapes (this benchmark's polls)", (("metrics_page", "router/daemon/http.py"),)),
 )
 
 

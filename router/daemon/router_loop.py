@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -413,8 +415,8 @@ class Router:
         cmds = await self.payloads.fill(cmds, created)
         prefix = self.options.topic_prefix
         out: list[Message] = []
+        _log_commands(cmds)
         for cmd in cmds:
-            _log_command(cmd)
             out.extend(command_messages(cmd, prefix))
         if out:
             if live and not self.lease.held:
@@ -641,18 +643,46 @@ def _id_after(a: str, b: str) -> bool:
     return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))
 
 
-def _log_command(cmd: Command) -> None:
-    if isinstance(cmd, EventCmd):
-        # The fields an event has of these (events differ in which they carry).
-        fields = {k: getattr(cmd.event, k) for k in _LOG_FIELDS if hasattr(cmd.event, k)}
-        if cmd.type in _DECISIONS:
-            log.info(cmd.type, **fields)
-        else:
-            log.debug(cmd.type, **fields)
-    elif isinstance(cmd, RefusedCmd):
-        if cmd.agent_id is None:
-            log.warning("admin.refused", reason=cmd.reason, detail=cmd.detail)
-        else:
-            log.warning(
-                "agent.refused", agent_id=cmd.agent_id, reason=cmd.reason, detail=cmd.detail
-            )
+def _log_commands(cmds: Sequence[Command]) -> None:
+    """One canonical line per decision event (info), the other events at debug, refusals as
+    warnings."""
+    # Resolved once a batch instead of through the module's lazy proxy on every line (it still
+    # follows a reconfiguration, between batches); debug lines are not even built when the
+    # level filters them out.
+    logger = log.bind()
+    enabled = getattr(logger, "is_enabled_for", None)
+    debug = enabled is None or bool(enabled(logging.DEBUG))
+    for cmd in cmds:
+        if isinstance(cmd, EventCmd):
+            event = cmd.event
+            shape = _LOG_SHAPES.get(type(event))
+            if shape is None:
+                shape = _LOG_SHAPES[type(event)] = _log_shape(type(event))
+            name, fields, values, decision = shape
+            if decision:
+                logger.info(name, **dict(zip(fields, values(event), strict=True)))
+            elif debug:
+                logger.debug(name, **dict(zip(fields, values(event), strict=True)))
+        elif isinstance(cmd, RefusedCmd):
+            if cmd.agent_id is None:
+                log.warning("admin.refused", reason=cmd.reason, detail=cmd.detail)
+            else:
+                log.warning(
+                    "agent.refused", agent_id=cmd.agent_id, reason=cmd.reason, detail=cmd.detail
+                )
+
+
+_LogShape = tuple[str, tuple[str, ...], Callable[[Any], tuple[Any, ...]], bool]
+# Per event class: its name, which of _LOG_FIELDS it has (events differ in which they carry), a
+# getter of their values, and whether it is a decision (an info line). Found once per class
+# instead of sixteen hasattr and a getattr per field on every event.
+_LOG_SHAPES: dict[type, _LogShape] = {}
+
+
+def _log_shape(cls: type) -> _LogShape:
+    name = str(cls.__struct_config__.tag)  # type: ignore[attr-defined]
+    fields = tuple(k for k in _LOG_FIELDS if hasattr(cls, k))
+    getter = operator.attrgetter(*fields) if fields else (lambda _: ())
+    # attrgetter of one name gives the value itself, not a 1-tuple.
+    values = (lambda e: (getter(e),)) if len(fields) == 1 else getter
+    return name, fields, values, name in _DECISIONS
