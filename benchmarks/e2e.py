@@ -286,7 +286,8 @@ async def start_workers(
         )
         workers.append(Worker(proc))
     for worker in workers:
-        await worker.read()  # {"ready": true}
+        ready = await worker.read()  # {"ready": true, "cpu_seconds": its start-up's}
+        worker.cpu = float(ready.get("cpu_seconds", 0.0))
     return workers
 
 
