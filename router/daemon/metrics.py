@@ -48,7 +48,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "EngineView", "Metrics"]
 
 #: A queue's gauges: name, waiting, oldest wait, agents ready, service level, SLA seconds and
 #: SLA percent (the last three None when unknown); ``router.views.QueueGauges`` is one.
-QueueGauges = tuple[str, int, float, int, float | None, float | None, float | None]
+QueueGauges = tuple[str, float, float, float, float | None, float | None, float | None]
 
 # Contact-centre waits: seconds to an hour; the SLA thresholds people use (10, 20, 30, 60 s)
 # are bucket edges so a service level can also be read off the histogram.
@@ -862,9 +862,9 @@ def _gauges_of(stats: Mapping[str, Any]) -> QueueGauges:
     level = stats.get("service_level")
     return (
         str(stats.get("name", UNKNOWN)),
-        int(_number(stats, "waiting")),
+        _number(stats, "waiting"),
         _number(stats, "oldest_wait"),
-        int(_number(stats, "agents_ready")),
+        _number(stats, "agents_ready"),
         float(level) if isinstance(level, int | float) and not isinstance(level, bool) else None,
         _number(stats, "sla_seconds") if "sla_seconds" in stats else None,
         _number(stats, "sla_percent") if "sla_percent" in stats else None,
