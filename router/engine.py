@@ -119,6 +119,7 @@ from router.state import (
     STATE_DECODER,
     STATE_ENCODER,
     AgentRec,
+    Changes,
     ContactRec,
     CustomerRec,
     EngineState,
@@ -126,6 +127,7 @@ from router.state import (
     OfferRec,
     QueueCounters,
     contact_stub,
+    moved,
 )
 from router.timers import Timer, TimerKind, Timers, is_live
 from rules.decision import CustomerView
@@ -142,8 +144,12 @@ class Engine:
 
     def __init__(self, table: RoutingTable, state: EngineState | None = None) -> None:
         self._state = state if state is not None else EngineState()
+        # What changed since the last delta cut (see take_changes); forgotten after every
+        # input until someone asks for them.
+        self._changes = Changes()
+        self._tracking = False
         self._experts = ExpertRegistry(self._state)
-        self._customers = CustomerDirectory(self._state)
+        self._customers = CustomerDirectory(self._state, self._changes)
         self._index = AgentIndex(self._state.agents)
         self._contact_queues = ContactQueues(self._state.contacts)
         self._configure(table)
@@ -254,6 +260,8 @@ class Engine:
                 self._on_set_state(agent, message.state, message.reason, now, out)
             elif isinstance(message, Logout):
                 self._on_logout(agent, now, out)
+        if not self._tracking:
+            self._changes.clear()
         return out
 
     def next_deadline(self) -> float | None:
@@ -287,6 +295,7 @@ class Engine:
                 decision = table.decide(event, self._customer_view(contact), now)
                 contact.queue = decision.queue or next(iter(self._queues))
                 contact.token += 1
+                self._changes.contacts.setdefault(contact.id, False)
         self._rebuild_indexes()
         for agent in self._state.agents.values():
             self._drain_agent(agent, now, out)
@@ -300,6 +309,16 @@ class Engine:
     def restore(cls, table: RoutingTable, data: bytes) -> Engine:
         """An engine with the state of a :meth:`snapshot` and the given routing table."""
         return cls(table, STATE_DECODER.decode(data))
+
+    def track_changes(self) -> None:
+        """Record which records change from now on, for :meth:`take_changes`."""
+        self._changes.clear()
+        self._tracking = True
+
+    def take_changes(self) -> Changes:
+        """The records changed since :meth:`track_changes` or the last call (a delta
+        snapshot's cut, see :func:`router.snapshot.encode_changes`); the next start empty."""
+        return self._changes.take()
 
     @property
     def state(self) -> EngineState:
@@ -440,6 +459,7 @@ class Engine:
             self._finish(contact, "rejected", now)
             return
         st.contacts[contact.id] = contact
+        moved(self._changes.contacts, contact.id)
         self._customers.remember(contact, event.subject, now, self._defaults.history_length)
         if decision.crowd_first:
             contact.state = contact_transition(contact.id, "received", "crowd_window")
@@ -1067,6 +1087,7 @@ class Engine:
                 self._overflow_max_wait(contact, at, out)
             else:  # TimerKind.RETRY: an exclusion ended, the agent may take it now
                 contact.excluded = {a: u for a, u in contact.excluded.items() if u > at}
+                self._changes.contacts.setdefault(contact.id, False)
                 if contact.state == "queued":
                     self._dispatch_contact(contact, at, out)
 
@@ -1130,6 +1151,8 @@ class Engine:
         st = self._state
         assert contact.state in FINAL_CONTACT_STATES
         st.contacts.pop(contact.id, None)
+        changes = self._changes
+        moved(changes.contacts, contact.id)
         if outcome != "done":
             self._customers.update_history(contact, outcome=outcome)
         self._customers.closed(contact)
@@ -1140,11 +1163,20 @@ class Engine:
             contact.agent_id,
             contact.customer_id,
         ]
+        moved(changes.finished, contact.id)
         if len(st.finished) > FINISHED_LIMIT:
-            del st.finished[next(iter(st.finished))]
+            oldest = next(iter(st.finished))
+            del st.finished[oldest]
+            moved(changes.finished, oldest)
 
     def _fields(self, contact: ContactRec, now: float) -> ContactFields:
-        """The contact's fields every ``contact.*`` event carries, as they are at ``now``."""
+        """The contact's fields every ``contact.*`` event carries, as they are at ``now``.
+
+        Every transition of a contact emits an event, so this is where a contact is marked
+        changed for the next delta snapshot (the few changes without an event mark it
+        themselves).
+        """
+        self._changes.contacts.setdefault(contact.id, False)
         return {
             "at": now,
             "contact_id": contact.id,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -28,6 +29,7 @@ from channels.contact_event import ContactEvent
 from router.state import (
     NO_EXCLUSIONS,
     AgentRec,
+    Changes,
     ContactRec,
     CustomerRec,
     EngineState,
@@ -62,6 +64,13 @@ class Head(msgspec.Struct, tag="head", array_like=True):
     format: int
     seq: int
     clock: float
+    #: a delta (see :func:`encode_changes`): applied on top of the chunks before it.
+    delta: bool = False
+
+
+#: how a delta's records go into their table: appended (a whole table), moved to its end
+#: (added, or put last again), or replaced where they are.
+APPEND, MOVE, IN_PLACE = 0, 1, 2
 
 
 class Contacts(msgspec.Struct, tag="contacts", array_like=True):
@@ -71,6 +80,7 @@ class Contacts(msgspec.Struct, tag="contacts", array_like=True):
     #: look-up per field.
     words: list[tuple[str, str, str, str]] = []
     which: list[int] = []
+    mode: int = APPEND
 
 
 class Customers(msgspec.Struct, tag="customers", array_like=True):
@@ -79,6 +89,7 @@ class Customers(msgspec.Struct, tag="customers", array_like=True):
     #: entries, and for each entry (customer by customer) the index of its own.
     words: list[tuple[str, str, str, str | None]] = []
     which: list[int] = []
+    mode: int = APPEND
 
 
 class Agents(msgspec.Struct, tag="agents", array_like=True):
@@ -117,8 +128,25 @@ class KeyFixes(msgspec.Struct, tag="keyfixes", array_like=True):
     dropped: list[str] = []
 
 
+class Gone(msgspec.Struct, tag="gone", array_like=True):
+    """A delta's removed records of one table ("contacts", "customers" or "finished")."""
+
+    table: str
+    ids: list[str]
+
+
 Chunk = (
-    Head | Contacts | Customers | Agents | Offers | Experts | Keys | Counters | Finished | KeyFixes
+    Head
+    | Contacts
+    | Customers
+    | Agents
+    | Offers
+    | Experts
+    | Keys
+    | Counters
+    | Finished
+    | KeyFixes
+    | Gone
 )
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -144,7 +172,7 @@ def _encode_items(
         step = max(1, (limit // 2) // per_item)
 
 
-def _contacts(part: list[ContactRec]) -> Contacts:
+def _contacts(part: list[ContactRec], mode: int = APPEND) -> Contacts:
     """A contacts chunk with its vocabulary (see :class:`Contacts`)."""
     index: dict[tuple[str, str, str, str], int] = {}
     which = []
@@ -154,10 +182,10 @@ def _contacts(part: list[ContactRec]) -> Contacts:
         if i is None:
             i = index[words] = len(index)
         which.append(i)
-    return Contacts(items=part, words=list(index), which=which)
+    return Contacts(items=part, words=list(index), which=which, mode=mode)
 
 
-def _customers(part: list[CustomerRec]) -> Customers:
+def _customers(part: list[CustomerRec], mode: int = APPEND) -> Customers:
     """A customers chunk with the vocabulary of their history (see :class:`Customers`)."""
     index: dict[tuple[str, str, str, str | None], int] = {}
     which = []
@@ -168,7 +196,7 @@ def _customers(part: list[CustomerRec]) -> Customers:
             if i is None:
                 i = index[words] = len(index)
             which.append(i)
-    return Customers(items=part, words=list(index), which=which)
+    return Customers(items=part, words=list(index), which=which, mode=mode)
 
 
 def key_fixes(state: EngineState) -> tuple[list[tuple[str, str]], list[str]]:
@@ -184,6 +212,83 @@ def key_fixes(state: EngineState) -> tuple[list[tuple[str, str]], list[str]]:
     return bind, dropped
 
 
+def _small_tables(state: EngineState, limit: int) -> Iterator[bytes]:
+    yield from _encode_items(Agents, list(state.agents.values()), limit)
+    yield from _encode_items(Offers, list(state.offers.values()), limit)
+    yield from _encode_items(Experts, list(state.experts.values()), limit)
+    yield from _encode_items(Counters, list(state.counters.items()), limit)
+
+
+def encode_changes(state: EngineState, changes: Changes, limit: int = CHUNK_BYTES) -> list[bytes]:
+    """A delta: what changed since the last cut (``changes``, from
+    :meth:`~router.engine.Engine.take_changes`), as chunks to append to a snapshot.
+
+    Written whole: the scalars and the small tables (agents, offers, experts, counters).
+    Of the big tables only the changed records: those that moved (were added or put last
+    again) in the order of their last move, those changed in place, and the ids of those
+    removed; identity keys by key. :class:`StateBuilder` applies a delta on top of the chunks
+    before it, so base + deltas in order is the state at the last delta's cut, order of the
+    tables included. Encoded at once, on the caller's thread: the work is the size of the
+    changes, not of the state (this is the router's stall for a delta snapshot).
+    """
+    out = [_ENCODER.encode(Head(format=FORMAT, seq=state.seq, clock=state.clock, delta=True))]
+    out += _small_tables(state, limit)
+    move, in_place, gone = _split(state.contacts, changes.contacts)
+    out += _encode_items(partial(_contacts, mode=MOVE), move, limit)
+    out += _encode_items(partial(_contacts, mode=IN_PLACE), in_place, limit)
+    out += _encode_items(partial(Gone, "contacts"), gone, limit)
+    move, in_place, gone = _split(state.customers, changes.customers)
+    out += _encode_items(partial(_customers, mode=MOVE), move, limit)
+    out += _encode_items(partial(_customers, mode=IN_PLACE), in_place, limit)
+    out += _encode_items(partial(Gone, "customers"), gone, limit)
+    # The keys: each changed key as it is now, and those of the customers written that the
+    # customers' key lists alone would bind wrongly.
+    keys = state.keys
+    bind: dict[str, str] = {}
+    dropped: list[str] = []
+    for key in changes.keys:
+        cid = keys.get(key)
+        if cid is None:
+            dropped.append(key)
+        else:
+            bind[key] = cid
+    for key in changes.customers:
+        u = state.customers.get(key)
+        if u is not None:
+            for k in u.keys:
+                if keys.get(k) != u.id:
+                    cid = keys.get(k)
+                    if cid is None:
+                        dropped.append(k)
+                    else:
+                        bind[k] = cid
+    out += _encode_items(KeyFixes, list(bind.items()), limit)
+    out += _encode_items(lambda part: KeyFixes(items=[], dropped=part), dropped, limit)
+    finished = state.finished
+    moved_done = [(k, finished[k]) for k in changes.finished if k in finished]
+    gone_done = [k for k in changes.finished if k not in finished]
+    out += _encode_items(Finished, moved_done, limit)
+    out += _encode_items(partial(Gone, "finished"), gone_done, limit)
+    return out
+
+
+def _split(
+    records: dict[str, Any], marks: dict[str, bool]
+) -> tuple[list[Any], list[Any], list[str]]:
+    """The marked records that moved (in order), changed in place, and are gone."""
+    move, in_place, gone = [], [], []
+    for key, was_moved in marks.items():
+        rec = records.get(key)
+        if rec is None:
+            if was_moved:
+                gone.append(key)
+        elif was_moved:
+            move.append(rec)
+        else:
+            in_place.append(rec)
+    return move, in_place, gone
+
+
 def encode_state(state: EngineState, limit: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The state as chunks of at most ``limit`` bytes; :class:`StateBuilder` reads them back.
 
@@ -191,10 +296,7 @@ def encode_state(state: EngineState, limit: int = CHUNK_BYTES) -> Iterator[bytes
     which has a frozen copy of it).
     """
     yield _ENCODER.encode(Head(format=FORMAT, seq=state.seq, clock=state.clock))
-    yield from _encode_items(Agents, list(state.agents.values()), limit)
-    yield from _encode_items(Offers, list(state.offers.values()), limit)
-    yield from _encode_items(Experts, list(state.experts.values()), limit)
-    yield from _encode_items(Counters, list(state.counters.items()), limit)
+    yield from _small_tables(state, limit)
     # Contacts before customers: the builder shares a live contact's id with the customer's
     # history entry of it, and the customer's id with the contact, as it reads the customers.
     yield from _encode_items(_contacts, list(state.contacts.values()), limit)
@@ -224,6 +326,7 @@ class StateBuilder:
         self._words: dict[str, str] = dict(_DEFAULT_WORDS)
         self._gc_was_enabled = False
         self._format = FORMAT
+        self._delta = False
 
     def __enter__(self) -> StateBuilder:
         self._gc_was_enabled = gc.isenabled()
@@ -241,12 +344,25 @@ class StateBuilder:
         except msgspec.DecodeError as exc:
             raise SnapshotError(f"not a snapshot chunk: {exc}") from exc
         if isinstance(chunk, Head):
-            if self.state is not None:
-                raise SnapshotError("a second head chunk")
             if chunk.format not in READS:
                 raise SnapshotError(f"snapshot format {chunk.format}, this version reads {FORMAT}")
+            if self.state is None:
+                if chunk.delta:
+                    raise SnapshotError("a delta without the snapshot it changes")
+                self._format = chunk.format
+                self.state = EngineState(seq=chunk.seq, clock=chunk.clock)
+                return
+            if not chunk.delta:
+                raise SnapshotError("a second head chunk")
+            # A delta: new scalars, and the small tables come whole again.
+            base = self.state
+            base.seq, base.clock = chunk.seq, chunk.clock
+            base.agents.clear()
+            base.offers.clear()
+            base.experts.clear()
+            base.counters.clear()
             self._format = chunk.format
-            self.state = EngineState(seq=chunk.seq, clock=chunk.clock)
+            self._delta = True
             return
         st = self.state
         if st is None:
@@ -273,6 +389,15 @@ class StateBuilder:
             st.experts.update((e.id, e) for e in chunk.items)
         elif isinstance(chunk, Counters):
             st.counters.update(chunk.items)
+        elif isinstance(chunk, Gone):
+            table: dict[str, Any] = getattr(st, chunk.table)
+            for key in chunk.ids:
+                table.pop(key, None)
+        elif self._delta:
+            finished = st.finished
+            for key, done in chunk.items:
+                finished.pop(key, None)  # to the newest end
+                finished[key] = done
         else:
             st.finished.update(chunk.items)
 
@@ -288,6 +413,9 @@ class StateBuilder:
         if self._format == 1:
             self._contacts_v1(st, chunk)
             return
+        if chunk.mode == MOVE:
+            for c in chunk.items:
+                contacts.pop(c.id, None)
         words = self._shared(chunk.words)
         for c, i in zip(chunk.items, chunk.which, strict=True):
             c.queue, c.rule, c.source, c.channel = words[i]
@@ -343,6 +471,9 @@ class StateBuilder:
         # The contacts are in already: a history entry of a live contact and the contact
         # share the id and the time, and the contact shares the customer's id. The customer's
         # keys are bound to it here (the key index is not in the snapshot, see KeyFixes).
+        if chunk.mode == MOVE:
+            for u in chunk.items:
+                customers.pop(u.id, None)
         words = self._shared(chunk.words)
         which = iter(chunk.which)
         live_contact = st.contacts.get
