@@ -1,0 +1,118 @@
+"""Delta snapshots in the real Redis (``Journal.save_snapshot(append_to=...)``): a delta cut
+short between two of its chunks leaves the snapshot as it was before it, and that snapshot
+plus the journal after its cursor gives the state of the engine that never stopped."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+import pytest
+
+from router.daemon.journal import Journal, JournalUnavailable
+from router.engine import Engine
+from router.messages import Accept, EngineInput, Login, OfferCmd
+from router.snapshot import encode_changes, encode_state
+from router.state import STATE_DECODER, EngineState
+from tests.router.enginekit import call
+from tests.router.test_engine_stateful import ROUTING
+
+pytestmark = pytest.mark.integration
+
+
+class Crash(Exception):
+    """The router died between two chunk writes."""
+
+
+async def cut_short(chunks: Iterable[bytes], after: int) -> AsyncIterator[bytes]:
+    for n, chunk in enumerate(chunks):
+        if n == after:
+            raise Crash()
+        yield chunk
+
+
+def inputs(first: int, count: int) -> list[EngineInput]:
+    """Mails from a few returning customers, and the agents taking some of them."""
+    out: list[EngineInput] = []
+    for n in range(first, first + count):
+        out.append(call(f"m{n}", channel="email", email=f"k{n % 9}@example.de"))
+        if n % 4 == 0:
+            out.append(call(f"m{n - 2}", channel="email", kind="end"))
+    return out
+
+
+def feed(engine: Engine, messages: list[EngineInput], t0: float) -> None:
+    for i, message in enumerate(messages):
+        for cmd in engine.handle(message, t0 + i * 0.1):
+            if isinstance(cmd, OfferCmd) and i % 3 == 0:
+                engine.handle(Accept(agent_id=cmd.agent_id, offer_id=cmd.offer_id), t0 + i * 0.1)
+
+
+def copy(state: EngineState) -> EngineState:
+    return STATE_DECODER.decode(Engine(ROUTING, state).snapshot())
+
+
+@pytest.mark.parametrize("crash_after", [0, 1, 3, 7])
+async def test_a_delta_cut_short_leaves_the_snapshot_before_it_and_the_journal_replays(
+    journal: Journal, crash_after: int
+) -> None:
+    live = Engine(ROUTING)
+    live.track_changes()
+    for agent in ("a1", "a3", "a4"):
+        live.handle(Login(agent_id=agent), 0.0)
+    feed(live, inputs(0, 60), 1.0)
+    assert await journal.save_snapshot(encode_state(live.state, 512), "1-0", now=10.0)
+    live.take_changes()
+    base = journal.saved
+    assert base is not None
+    feed(live, inputs(60, 40), 20.0)
+    delta = encode_changes(live.state, live.take_changes(), 512)
+    assert await journal.save_snapshot(delta, "2-0", now=30.0, append_to=base)
+    after_delta = copy(live.state)
+    head = journal.saved
+    assert head is not None and head.gen == base.gen and head.chunks == base.chunks + len(delta)
+
+    # The next delta dies part way: some of its chunks are in the generation, the pointer
+    # still names the snapshot before it.
+    tail = inputs(100, 30)
+    feed(live, tail, 40.0)
+    doomed = encode_changes(live.state, live.take_changes(), 512)
+    assert len(doomed) > crash_after
+    with pytest.raises(Crash):
+        await journal.save_snapshot(cut_short(doomed, crash_after), "3-0", now=45.0, append_to=head)
+
+    snap = await journal.load_snapshot()
+    assert snap is not None and (snap.last_id, snap.chunks) == ("2-0", head.chunks)
+    restored = await journal.snapshot_state(snap)
+    assert restored == after_delta
+    assert list(restored.customers) == list(after_delta.customers)
+    # The journal after the cursor brings it to the live engine's state.
+    twin = Engine(ROUTING, restored)
+    feed(twin, tail, 40.0)
+    assert copy(twin.state) == copy(live.state)
+    assert list(twin.state.contacts) == list(live.state.contacts)
+
+    # A router that goes on writes a full snapshot next (a new generation), and the old one,
+    # with the chunks of the cut-short delta, goes.
+    assert await journal.save_snapshot(encode_state(live.state), "3-0", now=45.0)
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.gen != base.gen
+    assert not await journal.redis.exists(journal.keys.snapshot_gen(base.gen))
+
+
+async def test_a_delta_whose_generation_is_gone_is_refused(journal: Journal) -> None:
+    # Appending to a generation another writer removed (a full snapshot replaced it): the
+    # switch counts the chunks and refuses, the pointer stays on the newer snapshot.
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    feed(eng, inputs(0, 10), 1.0)
+    assert await journal.save_snapshot(encode_state(eng.state), "1-0")
+    old = journal.saved
+    assert old is not None
+    assert await journal.save_snapshot(encode_state(eng.state), "2-0")
+    feed(eng, inputs(10, 5), 5.0)
+    with pytest.raises(JournalUnavailable):
+        await journal.save_snapshot(
+            encode_changes(eng.state, eng.take_changes()), "3-0", append_to=old
+        )
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.last_id == "2-0"
