@@ -315,6 +315,10 @@ class Engine:
         self._changes.clear()
         self._tracking = True
 
+    def changed(self) -> int:
+        """How many records changed since the last :meth:`take_changes` (a delta's size)."""
+        return len(self._changes)
+
     def take_changes(self) -> Changes:
         """The records changed since :meth:`track_changes` or the last call (a delta
         snapshot's cut, see :func:`router.snapshot.encode_changes`); the next start empty."""

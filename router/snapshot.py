@@ -252,12 +252,14 @@ def encode_changes(state: EngineState, changes: Changes, limit: int = CHUNK_BYTE
             dropped.append(key)
         else:
             bind[key] = cid
+    customers = state.customers
     for key in changes.customers:
-        u = state.customers.get(key)
+        u = customers.get(key)
         if u is not None:
+            uid = u.id
             for k in u.keys:
-                if keys.get(k) != u.id:
-                    cid = keys.get(k)
+                cid = keys.get(k)
+                if cid != uid:
                     if cid is None:
                         dropped.append(k)
                     else:

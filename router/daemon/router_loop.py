@@ -131,6 +131,8 @@ class RouterOptions:
     snapshot_fork: bool = True
     #: a full snapshot after this many deltas (see router.daemon.snapshots.SnapshotChain).
     snapshot_full_every: int = 360
+    #: a delta as soon as this many records changed: what bounds the stall of a delta cut.
+    snapshot_delta_records: int = 2000
 
 
 @dataclass
@@ -467,8 +469,10 @@ class Router:
             await self._after_snapshot(run)
         if run.since_snapshot == 0:
             return
-        due = run.since_snapshot >= self.options.snapshot_every or (
-            time.monotonic() - run.snapshot_at >= self.options.snapshot_interval
+        due = (
+            run.since_snapshot >= self.options.snapshot_every
+            or time.monotonic() - run.snapshot_at >= self.options.snapshot_interval
+            or run.engine.changed() >= self.options.snapshot_delta_records
         )
         if due:
             self._start_snapshot(run)
