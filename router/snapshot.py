@@ -9,11 +9,24 @@ scalars; then come the records of each table of :class:`~router.state.EngineStat
 insertion order (the engine's iteration order is part of its behaviour), as lists rather than
 ``id -> record`` maps, so a decoded record and its table key are one string.
 
-:class:`StateBuilder` decodes chunk by chunk, with the cyclic collector off (decoding builds
-millions of objects, and a collection pass over all of them every few thousand allocations is
-what made restore take minutes), and makes equal strings one object again: the live engine
-shares a queue's name, a customer's id or a contact's id among the records that hold it, a
-naive decode would give every record copies of its own.
+**Restore** is most of a daemon's restart with a large backlog, so the layout serves the
+decoder (format 2). Contacts come before customers: reading a customer's history, the builder
+finds the live contact of each entry and shares its id and time with it, and the customer's
+id with the contact, in the same pass. Each contacts and customers chunk carries the few
+distinct ``(queue, rule, source, channel)`` of its records (and of the history entries) and an
+index per record, so the builder shares those strings by assigning one tuple, not by a look-up
+per field. The identity-key index is not written at all: the builder binds every key of a
+customer's ``keys`` to it, and :class:`KeyFixes` lists only the keys for which that is wrong.
+The restored key index is equal to the engine's, in another order (the engine only looks keys
+up). The builder decodes with the cyclic collector off (decoding builds millions of objects;
+a collection pass over all of them every few thousand allocations made restores take minutes).
+Format 1 (customers first, the key index as a table) is still read.
+
+**Deltas** (:func:`encode_changes`) make snapshots incremental: the engine marks the records
+it changes (:class:`~router.state.Changes`), and a delta holds the scalars, the small tables
+whole, and of the big ones only the changed records (moved to the end of their table, changed
+in place, or removed). It starts with a head of its own; :class:`StateBuilder` applies the
+deltas after a full snapshot in order, so the result is the state at the last delta's cut.
 """
 
 from __future__ import annotations

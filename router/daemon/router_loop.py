@@ -463,6 +463,16 @@ class Router:
         task = run.snapshotting
         if task is not None:
             if not task.done():
+                if (
+                    run.chain.writing_full
+                    and run.engine.changed() >= self.options.snapshot_delta_records
+                ):
+                    # Deltas go on while a full snapshot is written; they follow it.
+                    run.chain.cut_pending(
+                        run.engine, run.last_id, run.now, self.options.snapshot_chunk_bytes
+                    )
+                    run.since_snapshot = 0
+                    run.snapshot_at = time.monotonic()
                 return
             run.snapshotting = None
             task.result()  # a lost lease or Redis away ends the tenure here
@@ -523,6 +533,25 @@ class Router:
             chain.failed()
             raise _LostLease()
         chain.written(cut, self.journal.saved)
+        while chain.pending:
+            # The deltas cut while this full snapshot was written, after it in order.
+            delta, last_id, now = chain.pending.pop(0)
+            delta.append_to = chain.head
+            try:
+                ok = await self.journal.save_snapshot(
+                    delta.chunks(),
+                    last_id,
+                    now=now,
+                    lease_token=self.lease.token,
+                    append_to=delta.append_to,
+                )
+            except BaseException:
+                chain.failed()
+                raise
+            if not ok or self.journal.saved is None:
+                chain.failed()
+                raise _LostLease()
+            chain.written(delta, self.journal.saved)
         if last_id != "0-0":
             await self.journal.trim(last_id, self.options.journal_retention)
         log.debug(

@@ -65,6 +65,7 @@ class StateCut:
 
     #: a full snapshot: a new generation (see DeltaCut).
     append_to: Snapshot | None = None
+    full = True
 
     def __init__(self, state: EngineState, *, fork: bool = True, limit: int = CHUNK_BYTES) -> None:
         self.bytes = 0
@@ -182,13 +183,19 @@ class DeltaCut:
     """A delta snapshot: the records changed since the last cut, encoded at once.
 
     ``stall_s`` is the encode (the router waits for it); the chunks go after those of
-    ``append_to``, the snapshot the router wrote last.
+    ``append_to``, the snapshot the router wrote last (set when it is written, for a delta cut
+    while a full snapshot is still being written).
     """
 
     fork_s = 0.0
+    full = False
 
     def __init__(
-        self, state: EngineState, changes: Changes, append_to: Snapshot, limit: int = CHUNK_BYTES
+        self,
+        state: EngineState,
+        changes: Changes,
+        append_to: Snapshot | None,
+        limit: int = CHUNK_BYTES,
     ) -> None:
         started = time.perf_counter()
         self._chunks = encode_changes(state, changes, limit)
@@ -220,6 +227,11 @@ class SnapshotChain:
         self.max_delta_share = max_delta_share
         #: the pointer of the last snapshot written, which a delta is appended to.
         self.head: Snapshot | None = None
+        #: a full snapshot is being written (deltas cut meanwhile wait in ``pending``).
+        self.writing_full = False
+        #: deltas cut while a full snapshot was written, with the entry id and engine time
+        #: each covers; written after it, in order.
+        self.pending: list[tuple[DeltaCut, str, float]] = []
         self.deltas = 0
         self.delta_bytes = 0
         self.base_bytes = 0
@@ -240,16 +252,26 @@ class SnapshotChain:
         changes = engine.take_changes()
         if self.full_due() or self.head is None:
             try:
-                return StateCut(engine.state, fork=fork, limit=limit)
+                cut = StateCut(engine.state, fork=fork, limit=limit)
             except OSError:
                 self.failed()
                 raise
+            self.writing_full = True
+            return cut
         return DeltaCut(engine.state, changes, self.head, limit)
+
+    def cut_pending(self, engine: Engine, last_id: str, now: float, limit: int) -> DeltaCut:
+        """While a full snapshot is written: cut a delta now, to be written after it (so the
+        changes meanwhile never make one large delta, and a large stall, at the end)."""
+        cut = DeltaCut(engine.state, engine.take_changes(), None, limit)
+        self.pending.append((cut, last_id, now))
+        return cut
 
     def written(self, cut: StateCut | DeltaCut, head: Snapshot) -> None:
         """``cut`` is in Redis, and ``head`` is the pointer now."""
-        if cut.append_to is None:
+        if cut.full:
             self.base_bytes, self.deltas, self.delta_bytes = cut.bytes, 0, 0
+            self.writing_full = False
         else:
             self.deltas += 1
             self.delta_bytes += cut.bytes
@@ -258,3 +280,5 @@ class SnapshotChain:
     def failed(self) -> None:
         """A snapshot was not written: the changes it took are only in a full one now."""
         self.head = None
+        self.writing_full = False
+        self.pending = []

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 import pytest
 
 from router.daemon.journal import Journal, JournalUnavailable
+from router.daemon.snapshots import DeltaCut, SnapshotChain, StateCut
 from router.engine import Engine
 from router.messages import Accept, EngineInput, Login, OfferCmd
 from router.snapshot import encode_changes, encode_state
@@ -116,3 +117,45 @@ async def test_a_delta_whose_generation_is_gone_is_refused(journal: Journal) -> 
         )
     snap = await journal.load_snapshot()
     assert snap is not None and snap.last_id == "2-0"
+
+
+async def test_the_chain_writes_full_snapshots_first_after_a_failure_and_every_n_deltas(
+    journal: Journal,
+) -> None:
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    chain = SnapshotChain(full_every=2, max_delta_share=100.0)
+
+    async def write(cut: StateCut | DeltaCut, last_id: str) -> None:
+        assert await journal.save_snapshot(cut.chunks(), last_id, append_to=cut.append_to)
+        assert journal.saved is not None
+        chain.written(cut, journal.saved)
+        await cut.close()
+
+    kinds = []
+    for n in range(6):
+        feed(eng, inputs(n * 10, 10), float(n * 10))
+        cut = chain.cut(eng, fork=False)
+        kinds.append("full" if cut.full else "delta")
+        if n == 3:
+            chain.failed()  # say Redis went away mid-write
+            continue
+        await write(cut, f"{n + 1}-0")
+    assert kinds == ["full", "delta", "delta", "full", "full", "delta"]
+    # Deltas cut while a full snapshot is being written wait, and follow it in order.
+    feed(eng, inputs(100, 10), 100.0)
+    chain.deltas = chain.full_every  # a full one is due
+    full = chain.cut(eng, fork=False)
+    assert full.full and chain.writing_full
+    feed(eng, inputs(110, 10), 110.0)
+    chain.cut_pending(eng, "8-0", 110.0, 4096)
+    feed(eng, inputs(120, 10), 120.0)
+    chain.cut_pending(eng, "9-0", 120.0, 4096)
+    await write(full, "7-0")
+    while chain.pending:
+        delta, last_id, _ = chain.pending.pop(0)
+        delta.append_to = chain.head
+        await write(delta, last_id)
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.last_id == "9-0"
+    assert copy(await journal.snapshot_state(snap)) == copy(eng.state)
