@@ -14,7 +14,9 @@ pipe and read back (``snapshot_s`` until the last chunk is read, ``snapshot_byte
 ``--delta-rounds`` deltas, each cut when more mails have changed ``--delta-records`` records
 (the daemon's ``snapshot_delta_records``, 2,000): ``snapshot_stall_ms`` is the longest time a
 delta cut held the routing loop (taking the engine's changes and encoding them),
-``delta_bytes`` the largest delta, ``delta_inputs`` the mails of one delta. Restore is
+``delta_stalls_ms`` each of them (``delta_stalls_cpu_ms``: the CPU time of each, which a
+loaded machine does not inflate), ``delta_bytes`` the largest delta, ``delta_inputs`` the mails
+of one delta. Restore is
 decoding the full snapshot and the deltas (``decode_s``) plus building the engine's indexes,
 ``restore_s`` the two.
 
@@ -237,6 +239,7 @@ def run(
     full_bytes = sum(map(len, chunks))
     head = Snapshot(last_id="0-0", at=0.0, gen="bench", chunks=len(chunks))
     stalls: list[float] = []
+    stalls_cpu: list[float] = []
     delta_sizes: list[int] = []
     n = contacts
     delta_inputs = 0
@@ -254,9 +257,10 @@ def run(
             bodies.clear()
         delta_inputs = max(delta_inputs, n - first)
         # What the router loop does for a delta (SnapshotChain.cut), on the loop.
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         cut = DeltaCut(engine.state, engine.take_changes(), head)
         stalls.append(time.perf_counter() - started)
+        stalls_cpu.append(time.thread_time() - cpu)
         delta = asyncio.run(_read(cut))
         delta_sizes.append(sum(map(len, delta)))
         chunks += delta
@@ -288,6 +292,8 @@ def run(
         "chunks": len(chunks),
         "max_chunk_bytes": max(map(len, chunks)),
         "snapshot_stall_ms": round(max(stalls, default=0.0) * 1000, 2),
+        "delta_stalls_ms": [round(x * 1000, 2) for x in stalls],
+        "delta_stalls_cpu_ms": [round(x * 1000, 2) for x in stalls_cpu],
         "delta_inputs": delta_inputs,
         "delta_bytes": max(delta_sizes, default=0),
         "decode_s": restored["decode_s"],
