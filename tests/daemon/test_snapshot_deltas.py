@@ -4,16 +4,22 @@ plus the journal after its cursor gives the state of the engine that never stopp
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
 
 import pytest
 
-from router.daemon.journal import Journal, JournalUnavailable
+from router.daemon.journal import ContactEntry, Journal, JournalUnavailable, Snapshot
 from router.daemon.snapshots import DeltaCut, SnapshotChain, StateCut
 from router.engine import Engine
 from router.messages import Accept, EngineInput, Login, OfferCmd
 from router.snapshot import encode_changes, encode_state
 from router.state import STATE_DECODER, EngineState
+from tests.daemon.conftest import DaemonProcess, wait_until, write_routing
+from tests.daemon.test_daemon_recovery import routed_state, wait_log
+from tests.daemon.test_snapshot_crash import mail
 from tests.router.enginekit import call
 from tests.router.test_engine_stateful import ROUTING
 
@@ -159,3 +165,42 @@ async def test_the_chain_writes_full_snapshots_first_after_a_failure_and_every_n
     snap = await journal.load_snapshot()
     assert snap is not None and snap.last_id == "9-0"
     assert copy(await journal.snapshot_state(snap)) == copy(eng.state)
+
+
+async def test_a_daemon_killed_after_deltas_restores_the_full_snapshot_and_its_deltas(
+    tmp_path: Path,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[[dict[str, str], str], DaemonProcess],
+    journal: Journal,
+) -> None:
+    routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
+    # A delta after every few mails; full snapshots only the first one of a tenure.
+    env = daemon_env(routing, "a", router_snapshot_delta_records="20")
+    accepted = [mail(n) for n in range(200)]
+    await journal.append_many([ContactEntry(event=e, at=time.time()) for e in accepted])
+    first = daemons(env, "first")
+    await wait_log(first, "router.routing")
+    full = await wait_until(journal.load_snapshot, 60, "the first, full snapshot")
+
+    async def deltas_after_it() -> Snapshot | None:
+        snap = await journal.load_snapshot()
+        return (
+            snap
+            if snap is not None and snap.gen == full.gen and snap.chunks > full.chunks
+            else None
+        )
+
+    for n in range(200, 260):
+        accepted.append(mail(n))
+        await journal.append(ContactEntry(event=accepted[-1], at=time.time()))
+        await asyncio.sleep(0.005)
+    await wait_until(deltas_after_it, 30, "deltas appended to the full snapshot")
+    first.kill()
+    killed_at = time.time()
+
+    second = daemons(env, "second")
+    restored = await wait_log(second, "router.restored")
+    assert restored["contacts"] == len(accepted)
+    state = await routed_state(journal, routing, killed_at)
+    assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
+    assert second.stop() == 0
