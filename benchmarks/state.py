@@ -7,11 +7,18 @@ kilobytes (greeting, the problem, contract details, a signature, often the quote
 a few attachments, and one customer in five writing more than once. All of them wait.
 
 Prints the resident memory with the backlog in the engine (``rss_mib``; ``peak_rss_mib`` is the
-process's high-water mark, snapshot and restore included), and the snapshot the way the daemon
-takes it (``router/daemon/snapshots.py``): forked, encoded in chunks into a pipe and read back
-(``snapshot_s`` until the last chunk is read, ``snapshot_bytes``, ``chunks``,
-``max_chunk_bytes``; ``fork_ms`` is the routing loop's stall, the ``fork()`` itself). Restore is
-decoding the chunks (``decode_s``) plus building the engine's indexes, ``restore_s`` the two.
+process's high-water mark, snapshot and restore included), and the snapshots the way the daemon
+takes them (``router/daemon/snapshots.py``). First a full one: forked, encoded in chunks into a
+pipe and read back (``snapshot_s`` until the last chunk is read, ``snapshot_bytes``, ``chunks``,
+``max_chunk_bytes``; ``fork_ms`` is the routing loop's stall, the ``fork()`` itself). Then
+``--delta-rounds`` deltas, each cut when more mails have changed ``--delta-records`` records
+(the daemon's ``snapshot_delta_records``, 2,000): ``snapshot_stall_ms`` is the longest time a
+delta cut held the routing loop (taking the engine's changes and encoding them),
+``delta_stalls_ms`` each of them (``delta_stalls_cpu_ms``: the CPU time of each, which a
+loaded machine does not inflate), ``delta_bytes`` the largest delta, ``delta_inputs`` the mails
+of one delta. Restore is
+decoding the full snapshot and the deltas (``decode_s``) plus building the engine's indexes,
+``restore_s`` the two.
 
 ``--daemon`` also measures a real restart: the snapshot and the mails' bodies go into Redis (a
 key prefix of its own, removed afterwards), ``stellwerk run`` is started on them, and
@@ -19,6 +26,7 @@ key prefix of its own, removed afterwards), ``stellwerk run`` is started on them
 to route), ``daemon_rss_mib`` its resident memory then.
 
     .venv/bin/python benchmarks/state.py [--contacts 100000] [--seed 1] [--json] [--daemon]
+        [--delta-rounds 5] [--delta-records 2000]
 """
 
 from __future__ import annotations
@@ -45,8 +53,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from channels.contact_event import Attachment, ContactEvent, Sender
-from router.daemon.journal import Journal, connect_redis
-from router.daemon.snapshots import StateCut
+from router.daemon.journal import Journal, Snapshot, connect_redis
+from router.daemon.snapshots import DeltaCut, StateCut
 from router.engine import Engine
 from router.messages import Tick
 from router.snapshot import decode_state
@@ -189,7 +197,13 @@ async def _cut(state: EngineState) -> tuple[list[bytes], float, float]:
     return chunks, time.perf_counter() - started, cut.fork_s
 
 
-def run(contacts: int, seed: int, daemon: bool) -> dict[str, Any]:
+async def _read(cut: DeltaCut) -> list[bytes]:
+    return [chunk async for chunk in cut.chunks()]
+
+
+def run(
+    contacts: int, seed: int, daemon: bool, delta_rounds: int = 5, delta_records: int = 2000
+) -> dict[str, Any]:
     """Fill an engine with ``contacts`` waiting mails; time snapshot and restore."""
     table = load_routing(ROOT / "config" / "routing.yaml")
     base_rss = rss_mib()
@@ -216,10 +230,41 @@ def run(contacts: int, seed: int, daemon: bool) -> dict[str, Any]:
         store.hset(f"{prefix}payloads", mapping=bodies)  # type: ignore[arg-type]
     bodies.clear()
     fill_s = time.perf_counter() - fill_started
-    waiting = sum(q["waiting"] for q in engine.queue_stats(now))
     gc.collect()
     rss = rss_mib()
+    # The daemon's engine tracks its changes from its first (full) snapshot on.
+    engine.track_changes()
     chunks, snapshot_s, fork_s = asyncio.run(_cut(engine.state))
+    engine.take_changes()
+    full_bytes = sum(map(len, chunks))
+    head = Snapshot(last_id="0-0", at=0.0, gen="bench", chunks=len(chunks))
+    stalls: list[float] = []
+    stalls_cpu: list[float] = []
+    delta_sizes: list[int] = []
+    n = contacts
+    delta_inputs = 0
+    for _ in range(delta_rounds):
+        first = n
+        while engine.changed() < delta_records:
+            now += 0.01
+            event = mail(n, rng)
+            n += 1
+            engine.handle(event, now)
+            if store is not None:
+                bodies[event.contact_id] = msgspec.json.encode(event)
+        if store is not None and bodies:
+            store.hset(f"{prefix}payloads", mapping=bodies)  # type: ignore[arg-type]
+            bodies.clear()
+        delta_inputs = max(delta_inputs, n - first)
+        # What the router loop does for a delta (SnapshotChain.cut), on the loop.
+        started, cpu = time.perf_counter(), time.thread_time()
+        cut = DeltaCut(engine.state, engine.take_changes(), head)
+        stalls.append(time.perf_counter() - started)
+        stalls_cpu.append(time.thread_time() - cpu)
+        delta = asyncio.run(_read(cut))
+        delta_sizes.append(sum(map(len, delta)))
+        chunks += delta
+    waiting = sum(q["waiting"] for q in engine.queue_stats(now))
     # Restore in a fresh process, as a restarting daemon does (this one's memory is fragmented
     # by the fill, and its pages are still marked copy-on-write after the fork).
     with tempfile.NamedTemporaryFile(suffix=".chunks") as file:
@@ -243,9 +288,14 @@ def run(contacts: int, seed: int, daemon: bool) -> dict[str, Any]:
         "engine_mib": round(rss - base_rss, 1),
         "snapshot_s": round(snapshot_s, 3),
         "fork_ms": round(fork_s * 1000, 2),
-        "snapshot_bytes": sum(map(len, chunks)),
+        "snapshot_bytes": full_bytes,
         "chunks": len(chunks),
         "max_chunk_bytes": max(map(len, chunks)),
+        "snapshot_stall_ms": round(max(stalls, default=0.0) * 1000, 2),
+        "delta_stalls_ms": [round(x * 1000, 2) for x in stalls],
+        "delta_stalls_cpu_ms": [round(x * 1000, 2) for x in stalls_cpu],
+        "delta_inputs": delta_inputs,
+        "delta_bytes": max(delta_sizes, default=0),
         "decode_s": restored["decode_s"],
         "restore_s": restored["restore_s"],
         "restore_cpu_s": restored["restore_cpu_s"],
@@ -368,13 +418,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--daemon", action="store_true", help="also restart a real daemon on the backlog"
     )
+    parser.add_argument(
+        "--delta-rounds", type=int, default=5, help="delta snapshots after the full one (5)"
+    )
+    parser.add_argument(
+        "--delta-records", type=int, default=2000, help="changed records per delta (2000)"
+    )
     parser.add_argument("--restore-from", help=argparse.SUPPRESS)
     parser.add_argument("--now", type=float, default=MONDAY_9AM, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.restore_from:
         print(json.dumps(restore_from(args.restore_from, args.now)))
         return 0
-    result = run(args.contacts, args.seed, args.daemon)
+    result = run(args.contacts, args.seed, args.daemon, args.delta_rounds, args.delta_records)
     if args.json:
         print(json.dumps(result))
     else:

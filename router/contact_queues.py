@@ -29,13 +29,29 @@ class ContactQueues:
         self.waiting: dict[str, int] = {}
 
     def rebuild(self, queues: dict[str, QueueCfg]) -> None:
-        """Index the queued contacts afresh (after a restore or a reload)."""
-        self._weight = {name: q.weight for name, q in queues.items()}
-        self._heaps = {}
-        self.waiting = dict.fromkeys(queues, 0)
+        """Index the queued contacts afresh (after a restore or a reload).
+
+        One list per heap and one ``heapify`` each, not a push per contact: a restore of a
+        million waiting contacts spends most of its index build here. The entries are totally
+        ordered (the contact id is in them), so the heaps give what pushes would have given.
+        """
+        weight = self._weight = {name: q.weight for name, q in queues.items()}
+        heaps: dict[Pair, list[Entry]] = {}
+        waiting = dict.fromkeys(queues, 0)
         for contact in self._contacts.values():
             if contact.state == "queued":
-                self.push(contact, restoring=True)
+                qname = contact.queue
+                pair = (qname, contact.channel)
+                heap = heaps.get(pair)
+                if heap is None:
+                    heap = heaps[pair] = []
+                key = contact.arrived_at - contact.priority * weight[qname]
+                heap.append((key, contact.seq, contact.id, contact.token))
+                waiting[qname] = waiting.get(qname, 0) + 1
+        for heap in heaps.values():
+            heapq.heapify(heap)
+        self._heaps = heaps
+        self.waiting = waiting
 
     def push(self, contact: ContactRec, restoring: bool = False) -> None:
         """Put a contact (already ``queued``) into its queue's heap."""

@@ -15,15 +15,25 @@ import msgspec
 
 from router.events import CustomerLinked
 from router.messages import Command, EventCmd, RefusedCmd
-from router.state import ContactRec, CustomerRec, EngineState, ExpertRec, HistoryItem
+from router.state import (
+    Changes,
+    ContactRec,
+    CustomerRec,
+    EngineState,
+    ExpertRec,
+    HistoryItem,
+    moved,
+)
 from rules.identity import email_key, handle_key, phone_key
 
 
 class CustomerDirectory:
     """The customers in an engine state, kept in order of their last contact."""
 
-    def __init__(self, state: EngineState) -> None:
+    def __init__(self, state: EngineState, changes: Changes | None = None) -> None:
         self._state = state
+        # The changes a delta snapshot writes (see router.state.Changes).
+        self._changes = changes if changes is not None else Changes()
 
     def resolve(
         self,
@@ -60,12 +70,14 @@ class CustomerDirectory:
         # Move to the most recent end.
         st.customers.pop(customer.id, None)
         st.customers[customer.id] = customer
+        moved(self._changes.customers, customer.id)
         customer.last_seen = now
         customer.open += 1
         new_keys = [key for key in dict.fromkeys(keys) if key not in st.keys]
         if new_keys:
             for key in new_keys:
                 st.keys[key] = customer.id
+                self._changes.keys[key] = True
             # A list of the exact size: an appended-to list keeps spare slots, and a backlog of
             # a million customers pays for them.
             customer.keys = [*customer.keys, *new_keys]
@@ -78,9 +90,11 @@ class CustomerDirectory:
             if oldest is None or oldest.open > 0 or oldest.last_seen >= horizon:
                 return
             del customers[oldest.id]
+            moved(self._changes.customers, oldest.id)
             for key in oldest.keys:
                 if self._state.keys.get(key) == oldest.id:
                     del self._state.keys[key]
+                    self._changes.keys[key] = True
 
     def closed(self, contact: ContactRec) -> None:
         """A contact of this customer is finished; a customer nobody can recognise goes."""
@@ -89,6 +103,9 @@ class CustomerDirectory:
             customer.open -= 1
             if not customer.keys:
                 del self._state.customers[customer.id]
+                moved(self._changes.customers, customer.id)
+            else:
+                self._changes.customers.setdefault(customer.id, False)
 
     def remember(self, contact: ContactRec, subject: str | None, now: float, limit: int) -> None:
         """Add a new contact (with its event's ``subject``) to its customer's history (at most
@@ -105,12 +122,14 @@ class CustomerDirectory:
         # A new list of the exact size (see ``resolve``), of the latest ``limit`` entries.
         kept = customer.history[len(customer.history) - limit + 1 :] if limit > 1 else []
         customer.history = [*kept, item]
+        self._changes.customers.setdefault(customer.id, False)
 
     def update_history(self, contact: ContactRec, **changes: Any) -> None:
         """Update the contact's (latest) entry in its customer's history."""
         customer = self._state.customers.get(contact.customer_id)
         if customer is None:
             return
+        self._changes.customers.setdefault(customer.id, False)
         for item in reversed(customer.history):
             if item.contact_id == contact.id:
                 for name, value in changes.items():
@@ -134,8 +153,14 @@ class CustomerDirectory:
         else:
             st.seq += 1
             target = st.customers[f"c{st.seq}"] = CustomerRec(id=f"c{st.seq}", last_seen=now)
+        changes = self._changes
+        if found:
+            changes.customers.setdefault(target.id, False)
+        else:
+            moved(changes.customers, target.id)
         for cid in found[1:]:
             other = st.customers.pop(cid)
+            moved(changes.customers, cid)
             target.history = sorted(target.history + other.history, key=lambda h: h.at)
             del target.history[: max(0, len(target.history) - history_length)]
             target.open += other.open
@@ -145,13 +170,16 @@ class CustomerDirectory:
                 target.last_agent, target.last_agent_at = other.last_agent, other.last_agent_at
             for key in other.keys:
                 st.keys[key] = target.id
+                changes.keys[key] = True
                 target.keys.append(key)
             for contact in st.contacts.values():
                 if contact.customer_id == cid:
                     contact.customer_id = target.id
+                    changes.contacts.setdefault(contact.id, False)
         for key in keys:
             if st.keys.get(key) != target.id:
                 st.keys[key] = target.id
+                changes.keys[key] = True
                 target.keys.append(key)
         return EventCmd(
             event=CustomerLinked(

@@ -119,6 +119,7 @@ from router.state import (
     STATE_DECODER,
     STATE_ENCODER,
     AgentRec,
+    Changes,
     ContactRec,
     CustomerRec,
     EngineState,
@@ -126,8 +127,9 @@ from router.state import (
     OfferRec,
     QueueCounters,
     contact_stub,
+    moved,
 )
-from router.timers import TimerKind, Timers, is_live
+from router.timers import Timer, TimerKind, Timers, is_live
 from rules.decision import CustomerView
 from rules.schema import RELEASED_BY_SUPERVISOR
 from rules.schema import Queue as QueueCfg
@@ -142,8 +144,12 @@ class Engine:
 
     def __init__(self, table: RoutingTable, state: EngineState | None = None) -> None:
         self._state = state if state is not None else EngineState()
+        # What changed since the last delta cut (see take_changes); forgotten after every
+        # input until someone asks for them.
+        self._changes = Changes()
+        self._tracking = False
         self._experts = ExpertRegistry(self._state)
-        self._customers = CustomerDirectory(self._state)
+        self._customers = CustomerDirectory(self._state, self._changes)
         self._index = AgentIndex(self._state.agents)
         self._contact_queues = ContactQueues(self._state.contacts)
         self._configure(table)
@@ -168,11 +174,48 @@ class Engine:
         st = self._state
         self._timers = Timers()
         self._contact_queues.rebuild(self._queues)
-        for contact in st.contacts.values():
-            self._schedule_contact_timers(contact)
-        for offer in st.offers.values():
-            self._timers.add(offer.expires_at, TimerKind.OFFER, offer.id)
+        self._timers.load(self._restored_timers())
         self._index.rebuild(st.agents.values())
+
+    def _restored_timers(self) -> list[Timer]:
+        """Every timer the records imply (after a restore or reload), as one list.
+
+        The same timers the transitions schedule (see ``_schedule_step``, ``_schedule_max_wait``
+        and the crowd, wrap-up, offer and exclusion timers), collected in one pass over the
+        contacts rather than pushed one by one: this runs for each of a million contacts.
+        """
+        timers: list[Timer] = []
+        add = timers.append
+        max_wait = {
+            name: q.max_wait
+            for name, q in self._queues.items()
+            if q.max_wait is not None and q.overflow is not None
+        }
+        step, wait, crowd, wrap, retry = (
+            TimerKind.STEP,
+            TimerKind.MAX_WAIT,
+            TimerKind.CROWD,
+            TimerKind.WRAP,
+            TimerKind.RETRY,
+        )
+        for c in self._state.contacts.values():
+            state = c.state
+            if state == "queued" or state == "offered":
+                if c.next_step < len(c.escalate):
+                    add((c.arrived_at + c.escalate[c.next_step].after, step, c.id))
+                limit = max_wait.get(c.queue)
+                if limit is not None:
+                    add((c.queue_entered_at + limit, wait, c.id))
+            elif state == "crowd_window":
+                add((c.crowd_until, crowd, c.id))
+            elif state == "wrap_up":
+                add((c.wrap_until, wrap, c.id))
+            if c.excluded:
+                for until in c.excluded.values():
+                    add((until, retry, c.id))
+        for offer in self._state.offers.values():
+            add((offer.expires_at, TimerKind.OFFER, offer.id))
+        return timers
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -217,6 +260,8 @@ class Engine:
                 self._on_set_state(agent, message.state, message.reason, now, out)
             elif isinstance(message, Logout):
                 self._on_logout(agent, now, out)
+        if not self._tracking:
+            self._changes.clear()
         return out
 
     def next_deadline(self) -> float | None:
@@ -250,6 +295,7 @@ class Engine:
                 decision = table.decide(event, self._customer_view(contact), now)
                 contact.queue = decision.queue or next(iter(self._queues))
                 contact.token += 1
+                self._changes.contacts.setdefault(contact.id, False)
         self._rebuild_indexes()
         for agent in self._state.agents.values():
             self._drain_agent(agent, now, out)
@@ -263,6 +309,20 @@ class Engine:
     def restore(cls, table: RoutingTable, data: bytes) -> Engine:
         """An engine with the state of a :meth:`snapshot` and the given routing table."""
         return cls(table, STATE_DECODER.decode(data))
+
+    def track_changes(self) -> None:
+        """Record which records change from now on, for :meth:`take_changes`."""
+        self._changes.clear()
+        self._tracking = True
+
+    def changed(self) -> int:
+        """How many records changed since the last :meth:`take_changes` (a delta's size)."""
+        return len(self._changes)
+
+    def take_changes(self) -> Changes:
+        """The records changed since :meth:`track_changes` or the last call (a delta
+        snapshot's cut, see :func:`router.snapshot.encode_changes`); the next start empty."""
+        return self._changes.take()
 
     @property
     def state(self) -> EngineState:
@@ -413,6 +473,7 @@ class Engine:
             self._finish(contact, "rejected", now)
             return
         st.contacts[contact.id] = contact
+        moved(self._changes.contacts, contact.id)
         self._customers.remember(contact, event.subject, now, self._defaults.history_length)
         if decision.crowd_first:
             contact.state = contact_transition(contact.id, "received", "crowd_window")
@@ -1017,18 +1078,6 @@ class Engine:
         if queue is not None and queue.max_wait is not None and queue.overflow is not None:
             self._timer(contact.queue_entered_at + queue.max_wait, TimerKind.MAX_WAIT, contact.id)
 
-    def _schedule_contact_timers(self, contact: ContactRec) -> None:
-        """Re-create a contact's timers after a restore (derived from its state)."""
-        if contact.state == "crowd_window":
-            self._timer(contact.crowd_until, TimerKind.CROWD, contact.id)
-        if contact.state == "wrap_up":
-            self._timer(contact.wrap_until, TimerKind.WRAP, contact.id)
-        if contact.state in ("queued", "offered"):
-            self._schedule_step(contact)
-            self._schedule_max_wait(contact)
-        for until in contact.excluded.values():
-            self._timer(until, TimerKind.RETRY, contact.id)
-
     def _fire_timers(self, now: float, out: list[Command]) -> None:
         st = self._state
         while (timer := self._timers.pop_due(now)) is not None:
@@ -1052,6 +1101,7 @@ class Engine:
                 self._overflow_max_wait(contact, at, out)
             else:  # TimerKind.RETRY: an exclusion ended, the agent may take it now
                 contact.excluded = {a: u for a, u in contact.excluded.items() if u > at}
+                self._changes.contacts.setdefault(contact.id, False)
                 if contact.state == "queued":
                     self._dispatch_contact(contact, at, out)
 
@@ -1115,6 +1165,8 @@ class Engine:
         st = self._state
         assert contact.state in FINAL_CONTACT_STATES
         st.contacts.pop(contact.id, None)
+        changes = self._changes
+        moved(changes.contacts, contact.id)
         if outcome != "done":
             self._customers.update_history(contact, outcome=outcome)
         self._customers.closed(contact)
@@ -1125,11 +1177,20 @@ class Engine:
             contact.agent_id,
             contact.customer_id,
         ]
+        moved(changes.finished, contact.id)
         if len(st.finished) > FINISHED_LIMIT:
-            del st.finished[next(iter(st.finished))]
+            oldest = next(iter(st.finished))
+            del st.finished[oldest]
+            moved(changes.finished, oldest)
 
     def _fields(self, contact: ContactRec, now: float) -> ContactFields:
-        """The contact's fields every ``contact.*`` event carries, as they are at ``now``."""
+        """The contact's fields every ``contact.*`` event carries, as they are at ``now``.
+
+        Every transition of a contact emits an event, so this is where a contact is marked
+        changed for the next delta snapshot (the few changes without an event mark it
+        themselves).
+        """
+        self._changes.contacts.setdefault(contact.id, False)
         return {
             "at": now,
             "contact_id": contact.id,

@@ -9,17 +9,31 @@ scalars; then come the records of each table of :class:`~router.state.EngineStat
 insertion order (the engine's iteration order is part of its behaviour), as lists rather than
 ``id -> record`` maps, so a decoded record and its table key are one string.
 
-:class:`StateBuilder` decodes chunk by chunk, with the cyclic collector off (decoding builds
-millions of objects, and a collection pass over all of them every few thousand allocations is
-what made restore take minutes), and makes equal strings one object again: the live engine
-shares a queue's name, a customer's id or a contact's id among the records that hold it, a
-naive decode would give every record copies of its own.
+**Restore** is most of a daemon's restart with a large backlog, so the layout serves the
+decoder (format 2). Contacts come before customers: reading a customer's history, the builder
+finds the live contact of each entry and shares its id and time with it, and the customer's
+id with the contact, in the same pass. Each contacts and customers chunk carries the few
+distinct ``(queue, rule, source, channel)`` of its records (and of the history entries) and an
+index per record, so the builder shares those strings by assigning one tuple, not by a look-up
+per field. The identity-key index is not written at all: the builder binds every key of a
+customer's ``keys`` to it, and :class:`KeyFixes` lists only the keys for which that is wrong.
+The restored key index is equal to the engine's, in another order (the engine only looks keys
+up). The builder decodes with the cyclic collector off (decoding builds millions of objects;
+a collection pass over all of them every few thousand allocations made restores take minutes).
+Format 1 (customers first, the key index as a table) is still read.
+
+**Deltas** (:func:`encode_changes`) make snapshots incremental: the engine marks the records
+it changes (:class:`~router.state.Changes`), and a delta holds the scalars, the small tables
+whole, and of the big ones only the changed records (moved to the end of their table, changed
+in place, or removed). It starts with a head of its own; :class:`StateBuilder` applies the
+deltas after a full snapshot in order, so the result is the state at the last delta's cut.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -28,10 +42,12 @@ from channels.contact_event import ContactEvent
 from router.state import (
     NO_EXCLUSIONS,
     AgentRec,
+    Changes,
     ContactRec,
     CustomerRec,
     EngineState,
     ExpertRec,
+    HistoryItem,
     OfferRec,
     QueueCounters,
 )
@@ -40,9 +56,19 @@ from router.state import (
 CHUNK_BYTES = 4 * 1024 * 1024
 #: records per chunk the encoder starts with; it adapts to the records' size.
 _START_ITEMS = 2048
-FORMAT = 1
+FORMAT = 2
+#: the formats :class:`StateBuilder` reads (1: a table of keys, no vocabularies).
+READS = (1, 2)
 # The extra skills of every restored contact without any (never changed in place, see ContactRec).
 _NO_SKILLS: dict[str, int] = {}
+
+
+_DEFAULT_WORDS = {
+    f.default: f.default
+    for rec in (HistoryItem, ContactRec)
+    for f in msgspec.structs.fields(rec)
+    if isinstance(f.default, str)
+}
 
 
 class Head(msgspec.Struct, tag="head", array_like=True):
@@ -51,14 +77,32 @@ class Head(msgspec.Struct, tag="head", array_like=True):
     format: int
     seq: int
     clock: float
+    #: a delta (see :func:`encode_changes`): applied on top of the chunks before it.
+    delta: bool = False
+
+
+#: how a delta's records go into their table: appended (a whole table), moved to its end
+#: (added, or put last again), or replaced where they are.
+APPEND, MOVE, IN_PLACE = 0, 1, 2
 
 
 class Contacts(msgspec.Struct, tag="contacts", array_like=True):
     items: list[ContactRec]
+    #: format 2: the distinct ``(queue, rule, source, channel)`` of the chunk's records, and
+    #: for each record the index of its own, so the builder shares the strings without a
+    #: look-up per field.
+    words: list[tuple[str, str, str, str]] = []
+    which: list[int] = []
+    mode: int = APPEND
 
 
 class Customers(msgspec.Struct, tag="customers", array_like=True):
     items: list[CustomerRec]
+    #: format 2: the distinct ``(channel, source, outcome, queue)`` of the chunk's history
+    #: entries, and for each entry (customer by customer) the index of its own.
+    words: list[tuple[str, str, str, str | None]] = []
+    which: list[int] = []
+    mode: int = APPEND
 
 
 class Agents(msgspec.Struct, tag="agents", array_like=True):
@@ -85,18 +129,51 @@ class Finished(msgspec.Struct, tag="finished", array_like=True):
     items: list[tuple[str, list[str | None]]]
 
 
-Chunk = Head | Contacts | Customers | Agents | Offers | Experts | Keys | Counters | Finished
+class KeyFixes(msgspec.Struct, tag="keyfixes", array_like=True):
+    """Format 2: the identity keys that are not what the customers' own key lists say.
+
+    The builder binds every key of a customer's ``keys`` to that customer (in customer order,
+    so a later customer wins), then applies ``items`` and removes ``dropped``; the key index
+    is then the engine's, without one record per key in the snapshot.
+    """
+
+    items: list[tuple[str, str]]
+    dropped: list[str] = []
+
+
+class Gone(msgspec.Struct, tag="gone", array_like=True):
+    """A delta's removed records of one table ("contacts", "customers" or "finished")."""
+
+    table: str
+    ids: list[str]
+
+
+Chunk = (
+    Head
+    | Contacts
+    | Customers
+    | Agents
+    | Offers
+    | Experts
+    | Keys
+    | Counters
+    | Finished
+    | KeyFixes
+    | Gone
+)
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER: msgspec.msgpack.Decoder[Chunk] = msgspec.msgpack.Decoder(Chunk)
 
 
-def _encode_items(kind: type[Any], items: Sequence[Any], limit: int) -> Iterator[bytes]:
-    """``items`` as chunks of ``kind`` of at most ``limit`` bytes each (halving when over)."""
+def _encode_items(
+    kind: Callable[[list[Any]], msgspec.Struct], items: Sequence[Any], limit: int
+) -> Iterator[bytes]:
+    """``items`` as chunks ``kind(part)`` of at most ``limit`` bytes each (halving when over)."""
     step = _START_ITEMS
     i = 0
     while i < len(items):
-        part = items[i : i + step]
+        part = list(items[i : i + step])
         data = _ENCODER.encode(kind(part))
         if len(data) > limit and len(part) > 1:
             step = max(1, len(part) // 2)
@@ -108,6 +185,125 @@ def _encode_items(kind: type[Any], items: Sequence[Any], limit: int) -> Iterator
         step = max(1, (limit // 2) // per_item)
 
 
+def _contacts(part: list[ContactRec], mode: int = APPEND) -> Contacts:
+    """A contacts chunk with its vocabulary (see :class:`Contacts`)."""
+    index: dict[tuple[str, str, str, str], int] = {}
+    which = []
+    for c in part:
+        words = (c.queue, c.rule, c.source, c.channel)
+        i = index.get(words)
+        if i is None:
+            i = index[words] = len(index)
+        which.append(i)
+    return Contacts(items=part, words=list(index), which=which, mode=mode)
+
+
+def _customers(part: list[CustomerRec], mode: int = APPEND) -> Customers:
+    """A customers chunk with the vocabulary of their history (see :class:`Customers`)."""
+    index: dict[tuple[str, str, str, str | None], int] = {}
+    which = []
+    for u in part:
+        for h in u.history:
+            words = (h.channel, h.source, h.outcome, h.queue)
+            i = index.get(words)
+            if i is None:
+                i = index[words] = len(index)
+            which.append(i)
+    return Customers(items=part, words=list(index), which=which, mode=mode)
+
+
+def key_fixes(state: EngineState) -> tuple[list[tuple[str, str]], list[str]]:
+    """The keys :class:`StateBuilder` would get wrong from the customers' key lists alone:
+    ``(key, customer id)`` to bind, and keys to remove (see :class:`KeyFixes`)."""
+    derived: dict[str, str] = {}
+    for u in state.customers.values():
+        for k in u.keys:
+            derived[k] = u.id
+    keys = state.keys
+    bind = [(k, cid) for k, cid in keys.items() if derived.get(k) != cid]
+    dropped = [k for k in derived if k not in keys]
+    return bind, dropped
+
+
+def _small_tables(state: EngineState, limit: int) -> Iterator[bytes]:
+    yield from _encode_items(Agents, list(state.agents.values()), limit)
+    yield from _encode_items(Offers, list(state.offers.values()), limit)
+    yield from _encode_items(Experts, list(state.experts.values()), limit)
+    yield from _encode_items(Counters, list(state.counters.items()), limit)
+
+
+def encode_changes(state: EngineState, changes: Changes, limit: int = CHUNK_BYTES) -> list[bytes]:
+    """A delta: what changed since the last cut (``changes``, from
+    :meth:`~router.engine.Engine.take_changes`), as chunks to append to a snapshot.
+
+    Written whole: the scalars and the small tables (agents, offers, experts, counters).
+    Of the big tables only the changed records: those that moved (were added or put last
+    again) in the order of their last move, those changed in place, and the ids of those
+    removed; identity keys by key. :class:`StateBuilder` applies a delta on top of the chunks
+    before it, so base + deltas in order is the state at the last delta's cut, order of the
+    tables included. Encoded at once, on the caller's thread: the work is the size of the
+    changes, not of the state (this is the router's stall for a delta snapshot).
+    """
+    out = [_ENCODER.encode(Head(format=FORMAT, seq=state.seq, clock=state.clock, delta=True))]
+    out += _small_tables(state, limit)
+    move, in_place, gone = _split(state.contacts, changes.contacts)
+    out += _encode_items(partial(_contacts, mode=MOVE), move, limit)
+    out += _encode_items(partial(_contacts, mode=IN_PLACE), in_place, limit)
+    out += _encode_items(partial(Gone, "contacts"), gone, limit)
+    move, in_place, gone = _split(state.customers, changes.customers)
+    out += _encode_items(partial(_customers, mode=MOVE), move, limit)
+    out += _encode_items(partial(_customers, mode=IN_PLACE), in_place, limit)
+    out += _encode_items(partial(Gone, "customers"), gone, limit)
+    # The keys: each changed key as it is now, and those of the customers written that the
+    # customers' key lists alone would bind wrongly.
+    keys = state.keys
+    bind: dict[str, str] = {}
+    dropped: list[str] = []
+    for key in changes.keys:
+        cid = keys.get(key)
+        if cid is None:
+            dropped.append(key)
+        else:
+            bind[key] = cid
+    customers = state.customers
+    for key in changes.customers:
+        u = customers.get(key)
+        if u is not None:
+            uid = u.id
+            for k in u.keys:
+                cid = keys.get(k)
+                if cid != uid:
+                    if cid is None:
+                        dropped.append(k)
+                    else:
+                        bind[k] = cid
+    out += _encode_items(KeyFixes, list(bind.items()), limit)
+    out += _encode_items(lambda part: KeyFixes(items=[], dropped=part), dropped, limit)
+    finished = state.finished
+    moved_done = [(k, finished[k]) for k in changes.finished if k in finished]
+    gone_done = [k for k in changes.finished if k not in finished]
+    out += _encode_items(Finished, moved_done, limit)
+    out += _encode_items(partial(Gone, "finished"), gone_done, limit)
+    return out
+
+
+def _split(
+    records: dict[str, Any], marks: dict[str, bool]
+) -> tuple[list[Any], list[Any], list[str]]:
+    """The marked records that moved (in order), changed in place, and are gone."""
+    move, in_place, gone = [], [], []
+    for key, was_moved in marks.items():
+        rec = records.get(key)
+        if rec is None:
+            if was_moved:
+                gone.append(key)
+        elif was_moved:
+            move.append(rec)
+        else:
+            in_place.append(rec)
+    return move, in_place, gone
+
+
 def encode_state(state: EngineState, limit: int = CHUNK_BYTES) -> Iterator[bytes]:
     """The state as chunks of at most ``limit`` bytes; :class:`StateBuilder` reads them back.
 
@@ -115,14 +311,14 @@ def encode_state(state: EngineState, limit: int = CHUNK_BYTES) -> Iterator[bytes
     which has a frozen copy of it).
     """
     yield _ENCODER.encode(Head(format=FORMAT, seq=state.seq, clock=state.clock))
-    # Customers before contacts and keys, so the builder can share their ids with them.
-    yield from _encode_items(Agents, list(state.agents.values()), limit)
-    yield from _encode_items(Offers, list(state.offers.values()), limit)
-    yield from _encode_items(Experts, list(state.experts.values()), limit)
-    yield from _encode_items(Counters, list(state.counters.items()), limit)
-    yield from _encode_items(Customers, list(state.customers.values()), limit)
-    yield from _encode_items(Contacts, list(state.contacts.values()), limit)
-    yield from _encode_items(Keys, list(state.keys.items()), limit)
+    yield from _small_tables(state, limit)
+    # Contacts before customers: the builder shares a live contact's id with the customer's
+    # history entry of it, and the customer's id with the contact, as it reads the customers.
+    yield from _encode_items(_contacts, list(state.contacts.values()), limit)
+    yield from _encode_items(_customers, list(state.customers.values()), limit)
+    bind, dropped = key_fixes(state)
+    yield from _encode_items(KeyFixes, bind, limit)
+    yield from _encode_items(lambda part: KeyFixes(items=[], dropped=part), dropped, limit)
     yield from _encode_items(Finished, list(state.finished.items()), limit)
 
 
@@ -139,9 +335,13 @@ class StateBuilder:
 
     def __init__(self) -> None:
         self.state: EngineState | None = None
-        # One object per distinct string of the small vocabularies (queues, rules, sources...).
-        self._words: dict[str, str] = {}
+        # One object per distinct string of the small vocabularies (queues, rules, sources...),
+        # starting with the records' own defaults: ``omit_defaults`` leaves a field out of the
+        # next snapshot only when it *is* the default object ("open"), not an equal string.
+        self._words: dict[str, str] = dict(_DEFAULT_WORDS)
         self._gc_was_enabled = False
+        self._format = FORMAT
+        self._delta = False
 
     def __enter__(self) -> StateBuilder:
         self._gc_was_enabled = gc.isenabled()
@@ -159,42 +359,117 @@ class StateBuilder:
         except msgspec.DecodeError as exc:
             raise SnapshotError(f"not a snapshot chunk: {exc}") from exc
         if isinstance(chunk, Head):
-            if self.state is not None:
-                raise SnapshotError("a second head chunk")
-            if chunk.format != FORMAT:
+            if chunk.format not in READS:
                 raise SnapshotError(f"snapshot format {chunk.format}, this version reads {FORMAT}")
-            self.state = EngineState(seq=chunk.seq, clock=chunk.clock)
+            if self.state is None:
+                if chunk.delta:
+                    raise SnapshotError("a delta without the snapshot it changes")
+                self._format = chunk.format
+                self.state = EngineState(seq=chunk.seq, clock=chunk.clock)
+                return
+            if not chunk.delta:
+                raise SnapshotError("a second head chunk")
+            # A delta: new scalars, and the small tables come whole again.
+            base = self.state
+            base.seq, base.clock = chunk.seq, chunk.clock
+            base.agents.clear()
+            base.offers.clear()
+            base.experts.clear()
+            base.counters.clear()
+            self._format = chunk.format
+            self._delta = True
             return
         st = self.state
         if st is None:
             raise SnapshotError("records before the head chunk")
-        # ``w(s, s)`` is the one object of the strings equal to ``s`` (a bound method, not a
-        # function of ours: this runs for every field of a million records).
-        w = self._words.setdefault
         if isinstance(chunk, Contacts):
-            owner_of = st.customers.get
-            contacts = st.contacts
-            for c in chunk.items:
-                s = c.queue
-                c.queue = w(s, s)
-                s = c.rule
-                c.rule = w(s, s)
-                s = c.source
-                c.source = w(s, s)
-                s = c.channel
-                c.channel = w(s, s)
-                owner = owner_of(c.customer_id)
-                if owner is not None:
-                    c.customer_id = owner.id
-                if not c.extra_skills:
-                    c.extra_skills = _NO_SKILLS
-                if not c.excluded:
-                    c.excluded = NO_EXCLUSIONS
-                if c.queue_entered_at == c.arrived_at:
-                    c.queue_entered_at = c.arrived_at
-                contacts[c.id] = c
+            self._contacts(st, chunk)
         elif isinstance(chunk, Customers):
-            customers = st.customers
+            self._customers(st, chunk)
+        elif isinstance(chunk, KeyFixes):
+            keys = st.keys
+            owner_of = st.customers.get
+            for key, cid in chunk.items:
+                owner = owner_of(cid)
+                keys[key] = owner.id if owner is not None else cid
+            for key in chunk.dropped:
+                keys.pop(key, None)
+        elif isinstance(chunk, Keys):
+            self._keys(st, chunk)
+        elif isinstance(chunk, Agents):
+            st.agents.update((a.id, a) for a in chunk.items)
+        elif isinstance(chunk, Offers):
+            st.offers.update((o.id, o) for o in chunk.items)
+        elif isinstance(chunk, Experts):
+            st.experts.update((e.id, e) for e in chunk.items)
+        elif isinstance(chunk, Counters):
+            st.counters.update(chunk.items)
+        elif isinstance(chunk, Gone):
+            table: dict[str, Any] = getattr(st, chunk.table)
+            for key in chunk.ids:
+                table.pop(key, None)
+        elif self._delta:
+            finished = st.finished
+            for key, done in chunk.items:
+                finished.pop(key, None)  # to the newest end
+                finished[key] = done
+        else:
+            st.finished.update(chunk.items)
+
+    def _shared(self, words: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """A chunk's vocabulary, each string the one object of the strings equal to it."""
+        w = self._words.setdefault
+        return [tuple(x if x is None else w(x, x) for x in t) for t in words]
+
+    def _contacts(self, st: EngineState, chunk: Contacts) -> None:
+        # This loop runs for every waiting contact: no calls of ours in it, and no look-up
+        # per field (the chunk's vocabulary is shared once, then assigned by index).
+        contacts = st.contacts
+        if self._format == 1:
+            self._contacts_v1(st, chunk)
+            return
+        if chunk.mode == MOVE:
+            for c in chunk.items:
+                contacts.pop(c.id, None)
+        words = self._shared(chunk.words)
+        for c, i in zip(chunk.items, chunk.which, strict=True):
+            c.queue, c.rule, c.source, c.channel = words[i]
+            if not c.extra_skills:
+                c.extra_skills = _NO_SKILLS
+            if not c.excluded:
+                c.excluded = NO_EXCLUSIONS
+            if c.queue_entered_at == c.arrived_at:
+                c.queue_entered_at = c.arrived_at
+            contacts[c.id] = c
+
+    def _contacts_v1(self, st: EngineState, chunk: Contacts) -> None:
+        w = self._words.setdefault
+        owner_of = st.customers.get
+        contacts = st.contacts
+        for c in chunk.items:
+            s = c.queue
+            c.queue = w(s, s)
+            s = c.rule
+            c.rule = w(s, s)
+            s = c.source
+            c.source = w(s, s)
+            s = c.channel
+            c.channel = w(s, s)
+            owner = owner_of(c.customer_id)
+            if owner is not None:
+                c.customer_id = owner.id
+            if not c.extra_skills:
+                c.extra_skills = _NO_SKILLS
+            if not c.excluded:
+                c.excluded = NO_EXCLUSIONS
+            if c.queue_entered_at == c.arrived_at:
+                c.queue_entered_at = c.arrived_at
+            contacts[c.id] = c
+
+    def _customers(self, st: EngineState, chunk: Customers) -> None:
+        customers = st.customers
+        if self._format == 1:
+            w = self._words.setdefault
             for u in chunk.items:
                 for h in u.history:
                     s = h.channel
@@ -207,46 +482,66 @@ class StateBuilder:
                     if q is not None:
                         h.queue = w(q, q)
                 customers[u.id] = u
-        elif isinstance(chunk, Keys):
-            keys = st.keys
-            customers = st.customers
-            for key, cid in chunk.items:
-                owner = customers.get(cid)
-                if owner is None:
-                    keys[key] = cid
-                    continue
-                # The customer's own copy of the key string, and its id: one object each.
-                for mine in owner.keys:
-                    if mine == key:
-                        key = mine
-                        break
-                keys[key] = owner.id
-        elif isinstance(chunk, Agents):
-            st.agents.update((a.id, a) for a in chunk.items)
-        elif isinstance(chunk, Offers):
-            st.offers.update((o.id, o) for o in chunk.items)
-        elif isinstance(chunk, Experts):
-            st.experts.update((e.id, e) for e in chunk.items)
-        elif isinstance(chunk, Counters):
-            st.counters.update(chunk.items)
-        else:
-            st.finished.update(chunk.items)
+            return
+        # The contacts are in already: a history entry of a live contact and the contact
+        # share the id and the time, and the contact shares the customer's id. The customer's
+        # keys are bound to it here (the key index is not in the snapshot, see KeyFixes).
+        if chunk.mode == MOVE:
+            for u in chunk.items:
+                customers.pop(u.id, None)
+        words = self._shared(chunk.words)
+        which = iter(chunk.which)
+        live_contact = st.contacts.get
+        keys = st.keys
+        for u in chunk.items:
+            uid = u.id
+            history = u.history
+            for h in history:
+                h.channel, h.source, h.outcome, h.queue = words[next(which)]
+                live = live_contact(h.contact_id)
+                if live is not None:
+                    h.contact_id = live.id
+                    if h.at == live.arrived_at:
+                        h.at = live.arrived_at
+                    if live.customer_id == uid:
+                        live.customer_id = uid
+            if history and u.last_seen == history[-1].at:
+                u.last_seen = history[-1].at
+            for key in u.keys:
+                keys[key] = uid
+            customers[uid] = u
+
+    def _keys(self, st: EngineState, chunk: Keys) -> None:
+        keys = st.keys
+        customers = st.customers
+        for key, cid in chunk.items:
+            owner = customers.get(cid)
+            if owner is None:
+                keys[key] = cid
+                continue
+            # The customer's own copy of the key string, and its id: one object each.
+            for mine in owner.keys:
+                if mine == key:
+                    key = mine
+                    break
+            keys[key] = owner.id
 
     def finish(self) -> EngineState:
         """The state fed so far; the history entries of live contacts share their ids."""
         st = self.state
         if st is None:
             raise SnapshotError("no head chunk: not a snapshot")
-        live_contact = st.contacts.get
-        for u in st.customers.values():
-            for h in u.history:
-                live = live_contact(h.contact_id)
-                if live is not None:
-                    h.contact_id = live.id
-                    if h.at == live.arrived_at:
-                        h.at = live.arrived_at
-            if u.history and u.last_seen == u.history[-1].at:
-                u.last_seen = u.history[-1].at
+        if self._format == 1:
+            live_contact = st.contacts.get
+            for u in st.customers.values():
+                for h in u.history:
+                    live = live_contact(h.contact_id)
+                    if live is not None:
+                        h.contact_id = live.id
+                        if h.at == live.arrived_at:
+                            h.at = live.arrived_at
+                if u.history and u.last_seen == u.history[-1].at:
+                    u.last_seen = u.history[-1].at
         self._words.clear()
         return st
 

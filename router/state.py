@@ -188,3 +188,51 @@ def contact_stub(contact: ContactRec) -> ContactEvent:
 
 STATE_ENCODER = msgspec.json.Encoder()
 STATE_DECODER = msgspec.json.Decoder(EngineState)
+
+
+class Changes:
+    """The records changed since the last cut, for an incremental snapshot.
+
+    Per big table, record id -> whether it *moved*: was added, removed or put at the end of
+    its table's order (a customer seen again, a contact that finished again); False: changed
+    in place. The dicts keep the order of the last move, which is the order a snapshot's
+    delta re-applies them in, so a restored table has the engine's order. The small tables
+    (agents, offers, experts, counters) are written whole in every delta and not tracked;
+    identity keys are tracked by key (their order does not matter, see
+    :mod:`router.snapshot`).
+
+    Marking is on the routing hot path: a ``setdefault`` or :func:`moved` per change.
+    """
+
+    __slots__ = ("contacts", "customers", "finished", "keys")
+
+    def __init__(self) -> None:
+        self.contacts: dict[str, bool] = {}
+        self.customers: dict[str, bool] = {}
+        self.finished: dict[str, bool] = {}
+        self.keys: dict[str, bool] = {}
+
+    def take(self) -> Changes:
+        """The changes so far, as a new object; this one starts empty."""
+        taken = Changes()
+        taken.contacts, self.contacts = self.contacts, {}
+        taken.customers, self.customers = self.customers, {}
+        taken.finished, self.finished = self.finished, {}
+        taken.keys, self.keys = self.keys, {}
+        return taken
+
+    def clear(self) -> None:
+        """Forget the changes (nobody cuts deltas of this engine)."""
+        self.contacts.clear()
+        self.customers.clear()
+        self.finished.clear()
+        self.keys.clear()
+
+    def __len__(self) -> int:
+        return len(self.contacts) + len(self.customers) + len(self.finished) + len(self.keys)
+
+
+def moved(changes: dict[str, bool], key: str) -> None:
+    """Mark ``key`` as added, removed or moved to the end of its table."""
+    changes.pop(key, None)
+    changes[key] = True

@@ -41,6 +41,11 @@ class Timers:
         """Fire ``kind`` for ``ref`` at ``at`` (unless it is stale by then)."""
         heapq.heappush(self._heap, (at, kind, ref))
 
+    def load(self, timers: list[Timer]) -> None:
+        """Add many timers at once (a restore): one ``heapify`` instead of a push each."""
+        self._heap.extend(timers)
+        heapq.heapify(self._heap)
+
     def pop_due(self, now: float) -> Timer | None:
         """The earliest timer due at or before ``now`` (stale or not), or None."""
         heap = self._heap

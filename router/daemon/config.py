@@ -322,6 +322,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ``snapshot_every`` journal entries or ``snapshot_interval`` seconds, whichever comes first;
     journal entries older than ``journal_retention`` seconds and covered by a snapshot are trimmed.
     A snapshot is written in chunks of at most ``snapshot_chunk_bytes`` (one Redis value each).
+    Most snapshots are deltas of the changed records, also cut as soon as
+    ``snapshot_delta_records`` records changed; every ``snapshot_full_every`` deltas a full one.
     """
 
     node_id: str | None = None
@@ -329,6 +331,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     snapshot_every: int = 5000
     snapshot_interval: float = 10.0
     snapshot_chunk_bytes: int = 4 * 1024 * 1024
+    snapshot_delta_records: int = 2000
+    snapshot_full_every: int = 360
     journal_retention: float = 3600.0
     batch: int = 512
 
@@ -337,6 +341,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("lease_ttl must be at least 0.3 seconds")
         if self.snapshot_every < 1 or self.batch < 1:
             raise ValueError("snapshot_every and batch must be at least 1")
+        if self.snapshot_delta_records < 1 or self.snapshot_full_every < 0:
+            raise ValueError("snapshot_delta_records must be >= 1 and snapshot_full_every >= 0")
         if not 1024 <= self.snapshot_chunk_bytes <= 256 * 1024 * 1024:
             raise ValueError("snapshot_chunk_bytes must be between 1024 and 268435456")
         if self.snapshot_interval <= 0 or self.journal_retention < 0:

@@ -12,7 +12,9 @@ routing lease, see :mod:`router.daemon.lease`), ``poison`` (ids of entries the e
 skipped by every replay), and the snapshot:
 
 * ``snapshot:{gen}``: one generation, a hash of chunks ``"0"``, ``"1"``... (each at most
-  :data:`router.snapshot.CHUNK_BYTES`, see :mod:`router.snapshot`), written one at a time;
+  :data:`router.snapshot.CHUNK_BYTES`, see :mod:`router.snapshot`), written one at a time: a
+  whole state, then the deltas appended to it (:func:`router.snapshot.encode_changes`), each
+  made visible by a switch of the pointer to the new number of chunks;
 * ``snapshot``: the pointer, a small hash (gen, chunks, last_id, at, now), switched in one
   fenced Lua call only after every chunk of the generation is there (the call counts them);
 * ``snapshot:gens``: every generation started, so those left half-written by a crash are
@@ -198,6 +200,8 @@ class Journal:
     def __init__(self, client: aioredis.Redis, key_prefix: str) -> None:
         self.redis = client
         self.keys = Keys(key_prefix)
+        #: the pointer of the last snapshot :meth:`save_snapshot` switched to.
+        self.saved: Snapshot | None = None
         self._fenced_switch = client.register_script(_FENCED_SWITCH)
         self._fenced_set = client.register_script(_FENCED_SET)
 
@@ -351,18 +355,28 @@ class Journal:
         *,
         now: float = 0.0,
         lease_token: str | None = None,
+        append_to: Snapshot | None = None,
     ) -> bool:
         """Save the engine state (as :func:`router.snapshot.encode_state`'s chunks) covering
         the journal up to ``last_id``: a new generation, chunk by chunk, then the pointer, then
         the older generations are removed (``UNLINK``: Redis frees them in the background).
 
+        With ``append_to`` (the pointer this router switched to last, :attr:`saved`) the chunks
+        are a delta (:func:`router.snapshot.encode_changes`) written after that generation's
+        chunks, and the pointer then counts them too; until the switch a reader sees the
+        snapshot without them, and a delta cut short leaves that snapshot as it was.
+
         With ``lease_token`` the switch happens only while that token holds the lease; returns
         False when it does not (the caller lost the lease and must stop routing).
         """
-        gen = uuid.uuid4().hex[:16]
+        if append_to is not None:
+            gen, n = append_to.gen, append_to.chunks
+        else:
+            gen, n = uuid.uuid4().hex[:16], 0
         key = self.keys.snapshot_gen(gen)
-        n = 0
         try:
+            # Also for a delta: should its generation be gone, what it wrote is removed with
+            # the old generations after the next switch.
             await self.redis.sadd(self.keys.snapshot_gens, gen)  # type: ignore[misc]
             if isinstance(chunks, AsyncIterable):
                 async for chunk in chunks:
@@ -379,12 +393,15 @@ class Journal:
             if done == -1:
                 raise JournalUnavailable(f"snapshot {gen}: chunks missing at the switch")
             if not done:
-                await self._drop_generations({gen})
+                if append_to is None:
+                    await self._drop_generations({gen})
                 return False
-            gens = await self.redis.smembers(self.keys.snapshot_gens)  # type: ignore[misc]
-            await self._drop_generations({g.decode() for g in gens} - {gen})
+            if append_to is None:
+                gens = await self.redis.smembers(self.keys.snapshot_gens)  # type: ignore[misc]
+                await self._drop_generations({g.decode() for g in gens} - {gen})
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
+        self.saved = Snapshot(last_id=last_id, at=time.time(), now=now, gen=gen, chunks=n)
         return True
 
     async def _drop_generations(self, gens: set[str]) -> None:

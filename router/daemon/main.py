@@ -300,6 +300,8 @@ class Daemon:
                 snapshot_every=s.router.snapshot_every,
                 snapshot_interval=s.router.snapshot_interval,
                 snapshot_chunk_bytes=s.router.snapshot_chunk_bytes,
+                snapshot_delta_records=s.router.snapshot_delta_records,
+                snapshot_full_every=s.router.snapshot_full_every,
                 journal_retention=s.router.journal_retention,
             ),
             journal,

@@ -55,7 +55,7 @@ from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Message, Publisher, backoff, command_messages
 from router.daemon.payloads import PayloadStore
 from router.daemon.sinks import CommandSink
-from router.daemon.snapshots import SnapshotEncodeFailed, StateCut
+from router.daemon.snapshots import DeltaCut, SnapshotChain, SnapshotEncodeFailed, StateCut
 from router.engine import Engine
 from router.events import ContactEventBase, ExpertAnswered
 from router.messages import Command, EventCmd, RefusedCmd, Tick
@@ -131,6 +131,10 @@ class RouterOptions:
     #: cut snapshots by forking (routing goes on while they are written); False: encode them
     #: in the routing loop (it waits for the encode).
     snapshot_fork: bool = True
+    #: a full snapshot after this many deltas (see router.daemon.snapshots.SnapshotChain).
+    snapshot_full_every: int = 360
+    #: a delta as soon as this many records changed: what bounds the stall of a delta cut.
+    snapshot_delta_records: int = 2000
 
 
 @dataclass
@@ -152,6 +156,8 @@ class _Run:
     # last one (their stored events go once a snapshot is in and they are still finished).
     snapshotting: asyncio.Task[None] | None = None
     finished: set[str] = field(default_factory=set)
+    # Which snapshot comes next, a delta or a full one; the engine tracks its changes for it.
+    chain: SnapshotChain = field(default_factory=SnapshotChain)
 
 
 class Router:
@@ -314,6 +320,8 @@ class Router:
         else:
             engine = Engine(self.table)
             run = _Run(engine=engine, last_id="0-0", now=0.0, published="0-0")
+        run.chain.full_every = self.options.snapshot_full_every
+        run.engine.track_changes()
         run.published = await self.journal.published()
         run.poison = await self.journal.poisoned()
         replayed = 0
@@ -457,25 +465,38 @@ class Router:
         task = run.snapshotting
         if task is not None:
             if not task.done():
+                if (
+                    run.chain.writing_full
+                    and run.engine.changed() >= self.options.snapshot_delta_records
+                ):
+                    # Deltas go on while a full snapshot is written; they follow it.
+                    run.chain.cut_pending(
+                        run.engine, run.last_id, run.now, self.options.snapshot_chunk_bytes
+                    )
+                    run.since_snapshot = 0
+                    run.snapshot_at = time.monotonic()
                 return
             run.snapshotting = None
             task.result()  # a lost lease or Redis away ends the tenure here
             await self._after_snapshot(run)
         if run.since_snapshot == 0:
             return
-        due = run.since_snapshot >= self.options.snapshot_every or (
-            time.monotonic() - run.snapshot_at >= self.options.snapshot_interval
+        due = (
+            run.since_snapshot >= self.options.snapshot_every
+            or time.monotonic() - run.snapshot_at >= self.options.snapshot_interval
+            or run.engine.changed() >= self.options.snapshot_delta_records
         )
         if due:
             self._start_snapshot(run)
 
     def _start_snapshot(self, run: _Run) -> None:
-        """Cut a snapshot now (fork) and write it in the background; one at a time."""
+        """Cut a snapshot now (a delta, or a full one by fork) and write it in the background;
+        one at a time."""
         if run.snapshotting is not None:
             return
         try:
-            cut = StateCut(
-                run.engine.state,
+            cut = run.chain.cut(
+                run.engine,
                 fork=self.options.snapshot_fork,
                 limit=self.options.snapshot_chunk_bytes,
             )
@@ -486,26 +507,53 @@ class Router:
         run.since_snapshot = 0
         run.snapshot_at = time.monotonic()
         run.snapshotting = asyncio.create_task(
-            self._write_snapshot(cut, run.last_id, run.now), name="router.snapshot"
+            self._write_snapshot(cut, run.chain, run.last_id, run.now), name="router.snapshot"
         )
 
-    async def _write_snapshot(self, cut: StateCut, last_id: str, now: float) -> None:
+    async def _write_snapshot(
+        self, cut: StateCut | DeltaCut, chain: SnapshotChain, last_id: str, now: float
+    ) -> None:
         started = time.perf_counter()
         chunks = cut.chunks()
         try:
             ok = await self.journal.save_snapshot(
-                chunks, last_id, now=now, lease_token=self.lease.token
+                chunks, last_id, now=now, lease_token=self.lease.token, append_to=cut.append_to
             )
         except SnapshotEncodeFailed as exc:
             # The child died (killed, out of memory): the previous snapshot stays, the journal
-            # after it is kept, and the next one is tried when due.
+            # after it is kept, and the next one (a full one) is tried when due.
+            chain.failed()
             log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
             return
+        except BaseException:
+            chain.failed()
+            raise
         finally:
             await chunks.aclose()
             await cut.close()
-        if not ok:
+        if not ok or self.journal.saved is None:
+            chain.failed()
             raise _LostLease()
+        chain.written(cut, self.journal.saved)
+        while chain.pending:
+            # The deltas cut while this full snapshot was written, after it in order.
+            delta, last_id, now = chain.pending.pop(0)
+            delta.append_to = chain.head
+            try:
+                ok = await self.journal.save_snapshot(
+                    delta.chunks(),
+                    last_id,
+                    now=now,
+                    lease_token=self.lease.token,
+                    append_to=delta.append_to,
+                )
+            except BaseException:
+                chain.failed()
+                raise
+            if not ok or self.journal.saved is None:
+                chain.failed()
+                raise _LostLease()
+            chain.written(delta, self.journal.saved)
         if last_id != "0-0":
             await self.journal.trim(last_id, self.options.journal_retention)
         log.debug(
@@ -513,6 +561,8 @@ class Router:
             last_id=last_id,
             size=cut.bytes,
             seconds=round(time.perf_counter() - started, 3),
+            delta=cut.append_to is not None,
+            stall_ms=round(cut.stall_s * 1000, 2),
             fork_ms=round(cut.fork_s * 1000, 2),
         )
 

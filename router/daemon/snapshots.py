@@ -1,12 +1,28 @@
-"""Taking a snapshot without stopping the router: encode the state in a forked child.
+"""Taking a snapshot without stopping the router: deltas in the loop, and now and then the
+whole state from a forked child.
 
-The engine changes its records in place, so a snapshot must be cut at one instant while
-routing goes on. ``fork()`` gives exactly that: the child has a copy-on-write image of the
-state as it was at the fork and encodes it (:func:`router.snapshot.encode_state`) into a pipe,
-chunk by chunk; the router reads the chunks as they come and writes them to Redis, and in the
-meantime goes on routing. The router's stall is the ``fork()`` itself (the kernel copies the
-page tables, so it grows with the resident memory: 7-20 ms at 50-90 MB, 155 ms at 1 GB on the
-development VM) plus reading each chunk.
+**Deltas.** Most snapshots are incremental (:class:`SnapshotChain` decides): the engine marks
+the records it changes, and a delta cut takes those marks and encodes just those records
+(:func:`router.snapshot.encode_changes`) in the router's loop, at once. The stall is the size
+of what changed since the last snapshot, not of the state: about a millisecond for a few
+thousand changed records, whether a hundred or a million contacts wait. The delta's chunks
+are appended to the generation in Redis and the pointer is switched to count them
+(:meth:`~router.daemon.journal.Journal.save_snapshot` with ``append_to``), so a crash in the
+middle leaves the snapshot as it was before the delta. A restore decodes the whole state and
+the deltas after it in order.
+
+**Full snapshots** start a new generation: the first of a tenure, one after a failed write
+(the changes taken for it are lost, so the chain cannot go on), and one every
+``full_every`` deltas or when the deltas add up to half the size of the state, which keeps a
+restore from decoding a long tail of deltas.
+
+**The fork.** The engine changes its records in place, so a full snapshot must be cut at one
+instant while routing goes on. ``fork()`` gives exactly that: the child has a copy-on-write
+image of the state as it was at the fork and encodes it (:func:`router.snapshot.encode_state`)
+into a pipe, chunk by chunk; the router reads the chunks as they come and writes them to
+Redis, and in the meantime goes on routing. The router's stall is the ``fork()`` itself (the
+kernel copies the page tables, so it grows with the resident memory: 7-20 ms at 50-90 MB,
+58-155 ms at 1 GB on the development VM) plus reading each chunk, once per full snapshot.
 The same idea as Redis's own ``BGSAVE``.
 
 The child touches nothing but the state and its end of the pipe and leaves with ``os._exit``
@@ -26,8 +42,10 @@ import signal
 import time
 from collections.abc import AsyncGenerator
 
-from router.snapshot import CHUNK_BYTES, encode_state
-from router.state import EngineState
+from router.daemon.journal import Snapshot
+from router.engine import Engine
+from router.snapshot import CHUNK_BYTES, encode_changes, encode_state
+from router.state import Changes, EngineState
 
 _LEN = 4  # bytes of the length prefix of each chunk in the pipe
 _PR_SET_PDEATHSIG = 1  # prctl(2), Linux
@@ -45,14 +63,22 @@ class StateCut:
     long the fork took (the router's stall), ``bytes`` how much was read so far.
     """
 
+    #: a full snapshot: a new generation (see DeltaCut).
+    append_to: Snapshot | None = None
+    full = True
+
     def __init__(self, state: EngineState, *, fork: bool = True, limit: int = CHUNK_BYTES) -> None:
         self.bytes = 0
         self.fork_s = 0.0
+        #: how long the cut held the router (the fork, or the whole encode without fork).
+        self.stall_s = 0.0
         self._pid: int | None = None
         self._rfd: int | None = None
         self._inline: list[bytes] | None = None
         if not (fork and hasattr(os, "fork")):
+            started = time.perf_counter()
             self._inline = list(encode_state(state, limit))
+            self.stall_s = time.perf_counter() - started
             return
         rfd, wfd = os.pipe()
         started = time.perf_counter()
@@ -65,7 +91,7 @@ class StateCut:
             raise
         if pid == 0:  # the child: encode, write, leave
             _encode_in_child(state, limit, rfd, wfd, parent)
-        self.fork_s = time.perf_counter() - started
+        self.fork_s = self.stall_s = time.perf_counter() - started
         os.close(wfd)
         self._pid, self._rfd = pid, rfd
 
@@ -151,3 +177,108 @@ def _encode_in_child(state: EngineState, limit: int, rfd: int, wfd: int, parent:
         code = 0
     finally:
         os._exit(code)
+
+
+class DeltaCut:
+    """A delta snapshot: the records changed since the last cut, encoded at once.
+
+    ``stall_s`` is the encode (the router waits for it); the chunks go after those of
+    ``append_to``, the snapshot the router wrote last (set when it is written, for a delta cut
+    while a full snapshot is still being written).
+    """
+
+    fork_s = 0.0
+    full = False
+
+    def __init__(
+        self,
+        state: EngineState,
+        changes: Changes,
+        append_to: Snapshot | None,
+        limit: int = CHUNK_BYTES,
+    ) -> None:
+        started = time.perf_counter()
+        self._chunks = encode_changes(state, changes, limit)
+        self.stall_s = time.perf_counter() - started
+        self.append_to: Snapshot | None = append_to
+        self.records = len(changes)
+        self.bytes = 0
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The delta's chunks in order."""
+        for chunk in self._chunks:
+            self.bytes += len(chunk)
+            yield chunk
+
+    async def close(self) -> None:
+        """Nothing to stop (no child)."""
+
+
+class SnapshotChain:
+    """One tenure's snapshots: which to cut next, a delta or a full one (module docstring).
+
+    The engine must track its changes (:meth:`~router.engine.Engine.track_changes`) from the
+    state the chain starts at; call :meth:`written` when a snapshot is in and :meth:`failed`
+    when one was not written (the next is then a full one).
+    """
+
+    def __init__(self, *, full_every: int = 360, max_delta_share: float = 0.5) -> None:
+        self.full_every = full_every
+        self.max_delta_share = max_delta_share
+        #: the pointer of the last snapshot written, which a delta is appended to.
+        self.head: Snapshot | None = None
+        #: a full snapshot is being written (deltas cut meanwhile wait in ``pending``).
+        self.writing_full = False
+        #: deltas cut while a full snapshot was written, with the entry id and engine time
+        #: each covers; written after it, in order.
+        self.pending: list[tuple[DeltaCut, str, float]] = []
+        self.deltas = 0
+        self.delta_bytes = 0
+        self.base_bytes = 0
+
+    def full_due(self) -> bool:
+        """Is the next snapshot a full one?"""
+        return (
+            self.head is None
+            or self.deltas >= self.full_every
+            or self.delta_bytes > self.base_bytes * self.max_delta_share
+        )
+
+    def cut(
+        self, engine: Engine, *, fork: bool = True, limit: int = CHUNK_BYTES
+    ) -> StateCut | DeltaCut:
+        """Cut the next snapshot of ``engine`` now (a fork for a full one, OSError if refused)."""
+        # Taken at the instant of the cut, either way: a full snapshot holds them.
+        changes = engine.take_changes()
+        if self.full_due() or self.head is None:
+            try:
+                cut = StateCut(engine.state, fork=fork, limit=limit)
+            except OSError:
+                self.failed()
+                raise
+            self.writing_full = True
+            return cut
+        return DeltaCut(engine.state, changes, self.head, limit)
+
+    def cut_pending(self, engine: Engine, last_id: str, now: float, limit: int) -> DeltaCut:
+        """While a full snapshot is written: cut a delta now, to be written after it (so the
+        changes meanwhile never make one large delta, and a large stall, at the end)."""
+        cut = DeltaCut(engine.state, engine.take_changes(), None, limit)
+        self.pending.append((cut, last_id, now))
+        return cut
+
+    def written(self, cut: StateCut | DeltaCut, head: Snapshot) -> None:
+        """``cut`` is in Redis, and ``head`` is the pointer now."""
+        if cut.full:
+            self.base_bytes, self.deltas, self.delta_bytes = cut.bytes, 0, 0
+            self.writing_full = False
+        else:
+            self.deltas += 1
+            self.delta_bytes += cut.bytes
+        self.head = head
+
+    def failed(self) -> None:
+        """A snapshot was not written: the changes it took are only in a full one now."""
+        self.head = None
+        self.writing_full = False
+        self.pending = []

@@ -1,0 +1,206 @@
+"""Delta snapshots in the real Redis (``Journal.save_snapshot(append_to=...)``): a delta cut
+short between two of its chunks leaves the snapshot as it was before it, and that snapshot
+plus the journal after its cursor gives the state of the engine that never stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+
+import pytest
+
+from router.daemon.journal import ContactEntry, Journal, JournalUnavailable, Snapshot
+from router.daemon.snapshots import DeltaCut, SnapshotChain, StateCut
+from router.engine import Engine
+from router.messages import Accept, EngineInput, Login, OfferCmd
+from router.snapshot import encode_changes, encode_state
+from router.state import STATE_DECODER, EngineState
+from tests.daemon.conftest import DaemonProcess, wait_until, write_routing
+from tests.daemon.test_daemon_recovery import routed_state, wait_log
+from tests.daemon.test_snapshot_crash import mail
+from tests.router.enginekit import call
+from tests.router.test_engine_stateful import ROUTING
+
+pytestmark = pytest.mark.integration
+
+
+class Crash(Exception):
+    """The router died between two chunk writes."""
+
+
+async def cut_short(chunks: Iterable[bytes], after: int) -> AsyncIterator[bytes]:
+    for n, chunk in enumerate(chunks):
+        if n == after:
+            raise Crash()
+        yield chunk
+
+
+def inputs(first: int, count: int) -> list[EngineInput]:
+    """Mails from a few returning customers, and the agents taking some of them."""
+    out: list[EngineInput] = []
+    for n in range(first, first + count):
+        out.append(call(f"m{n}", channel="email", email=f"k{n % 9}@example.de"))
+        if n % 4 == 0:
+            out.append(call(f"m{n - 2}", channel="email", kind="end"))
+    return out
+
+
+def feed(engine: Engine, messages: list[EngineInput], t0: float) -> None:
+    for i, message in enumerate(messages):
+        for cmd in engine.handle(message, t0 + i * 0.1):
+            if isinstance(cmd, OfferCmd) and i % 3 == 0:
+                engine.handle(Accept(agent_id=cmd.agent_id, offer_id=cmd.offer_id), t0 + i * 0.1)
+
+
+def copy(state: EngineState) -> EngineState:
+    return STATE_DECODER.decode(Engine(ROUTING, state).snapshot())
+
+
+@pytest.mark.parametrize("crash_after", [0, 1, 3, 7])
+async def test_a_delta_cut_short_leaves_the_snapshot_before_it_and_the_journal_replays(
+    journal: Journal, crash_after: int
+) -> None:
+    live = Engine(ROUTING)
+    live.track_changes()
+    for agent in ("a1", "a3", "a4"):
+        live.handle(Login(agent_id=agent), 0.0)
+    feed(live, inputs(0, 60), 1.0)
+    assert await journal.save_snapshot(encode_state(live.state, 512), "1-0", now=10.0)
+    live.take_changes()
+    base = journal.saved
+    assert base is not None
+    feed(live, inputs(60, 40), 20.0)
+    delta = encode_changes(live.state, live.take_changes(), 512)
+    assert await journal.save_snapshot(delta, "2-0", now=30.0, append_to=base)
+    after_delta = copy(live.state)
+    head = journal.saved
+    assert head is not None and head.gen == base.gen and head.chunks == base.chunks + len(delta)
+
+    # The next delta dies part way: some of its chunks are in the generation, the pointer
+    # still names the snapshot before it.
+    tail = inputs(100, 30)
+    feed(live, tail, 40.0)
+    doomed = encode_changes(live.state, live.take_changes(), 512)
+    assert len(doomed) > crash_after
+    with pytest.raises(Crash):
+        await journal.save_snapshot(cut_short(doomed, crash_after), "3-0", now=45.0, append_to=head)
+
+    snap = await journal.load_snapshot()
+    assert snap is not None and (snap.last_id, snap.chunks) == ("2-0", head.chunks)
+    restored = await journal.snapshot_state(snap)
+    assert restored == after_delta
+    assert list(restored.customers) == list(after_delta.customers)
+    # The journal after the cursor brings it to the live engine's state.
+    twin = Engine(ROUTING, restored)
+    feed(twin, tail, 40.0)
+    assert copy(twin.state) == copy(live.state)
+    assert list(twin.state.contacts) == list(live.state.contacts)
+
+    # A router that goes on writes a full snapshot next (a new generation), and the old one,
+    # with the chunks of the cut-short delta, goes.
+    assert await journal.save_snapshot(encode_state(live.state), "3-0", now=45.0)
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.gen != base.gen
+    assert not await journal.redis.exists(journal.keys.snapshot_gen(base.gen))
+
+
+async def test_a_delta_whose_generation_is_gone_is_refused(journal: Journal) -> None:
+    # Appending to a generation another writer removed (a full snapshot replaced it): the
+    # switch counts the chunks and refuses, the pointer stays on the newer snapshot.
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    feed(eng, inputs(0, 10), 1.0)
+    assert await journal.save_snapshot(encode_state(eng.state), "1-0")
+    old = journal.saved
+    assert old is not None
+    assert await journal.save_snapshot(encode_state(eng.state), "2-0")
+    feed(eng, inputs(10, 5), 5.0)
+    with pytest.raises(JournalUnavailable):
+        await journal.save_snapshot(
+            encode_changes(eng.state, eng.take_changes()), "3-0", append_to=old
+        )
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.last_id == "2-0"
+
+
+async def test_the_chain_writes_full_snapshots_first_after_a_failure_and_every_n_deltas(
+    journal: Journal,
+) -> None:
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    chain = SnapshotChain(full_every=2, max_delta_share=100.0)
+
+    async def write(cut: StateCut | DeltaCut, last_id: str) -> None:
+        assert await journal.save_snapshot(cut.chunks(), last_id, append_to=cut.append_to)
+        assert journal.saved is not None
+        chain.written(cut, journal.saved)
+        await cut.close()
+
+    kinds = []
+    for n in range(6):
+        feed(eng, inputs(n * 10, 10), float(n * 10))
+        cut = chain.cut(eng, fork=False)
+        kinds.append("full" if cut.full else "delta")
+        if n == 3:
+            chain.failed()  # say Redis went away mid-write
+            continue
+        await write(cut, f"{n + 1}-0")
+    assert kinds == ["full", "delta", "delta", "full", "full", "delta"]
+    # Deltas cut while a full snapshot is being written wait, and follow it in order.
+    feed(eng, inputs(100, 10), 100.0)
+    chain.deltas = chain.full_every  # a full one is due
+    full = chain.cut(eng, fork=False)
+    assert full.full and chain.writing_full
+    feed(eng, inputs(110, 10), 110.0)
+    chain.cut_pending(eng, "8-0", 110.0, 4096)
+    feed(eng, inputs(120, 10), 120.0)
+    chain.cut_pending(eng, "9-0", 120.0, 4096)
+    await write(full, "7-0")
+    while chain.pending:
+        delta, last_id, _ = chain.pending.pop(0)
+        delta.append_to = chain.head
+        await write(delta, last_id)
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.last_id == "9-0"
+    assert copy(await journal.snapshot_state(snap)) == copy(eng.state)
+
+
+async def test_a_daemon_killed_after_deltas_restores_the_full_snapshot_and_its_deltas(
+    tmp_path: Path,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[[dict[str, str], str], DaemonProcess],
+    journal: Journal,
+) -> None:
+    routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
+    # A delta after every few mails; full snapshots only the first one of a tenure.
+    env = daemon_env(routing, "a", router_snapshot_delta_records="20")
+    accepted = [mail(n) for n in range(200)]
+    await journal.append_many([ContactEntry(event=e, at=time.time()) for e in accepted])
+    first = daemons(env, "first")
+    await wait_log(first, "router.routing")
+    full = await wait_until(journal.load_snapshot, 60, "the first, full snapshot")
+
+    async def deltas_after_it() -> Snapshot | None:
+        snap = await journal.load_snapshot()
+        return (
+            snap
+            if snap is not None and snap.gen == full.gen and snap.chunks > full.chunks
+            else None
+        )
+
+    for n in range(200, 260):
+        accepted.append(mail(n))
+        await journal.append(ContactEntry(event=accepted[-1], at=time.time()))
+        await asyncio.sleep(0.005)
+    await wait_until(deltas_after_it, 30, "deltas appended to the full snapshot")
+    first.kill()
+    killed_at = time.time()
+
+    second = daemons(env, "second")
+    restored = await wait_log(second, "router.restored")
+    assert restored["contacts"] == len(accepted)
+    state = await routed_state(journal, routing, killed_at)
+    assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
+    assert second.stop() == 0
