@@ -3,7 +3,8 @@
 One asyncio process, one supervising TaskGroup in which every long-running task runs under a
 name, started and stopped in the order documented in docs/daemon.md ("Supervision"):
 mqtt-publisher, lease, router, redis-watch, sighup-reload, desk, outbound, telephony-<system>,
-mqtt-ingress (in leader mode it follows the lease), http, smtp. Signal handlers only set flags.
+mqtt-agents and mqtt-ingress (the agent-command and the contact session; in leader mode both
+follow the lease), http, smtp. Signal handlers only set flags.
 SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply, publish and snapshot what
 is in the journal, release the lease (bounded by a timeout), cancel the rest, close
 connections; a second SIGINT exits at once (130). SIGHUP reloads the routing file (a file that
@@ -239,19 +240,28 @@ class Daemon:
 
         def mqtt_status(_: bool) -> None:
             # A leader-mode standby does not consume ingress; its publisher is what matters.
-            consuming = ingress.connected or (leader and not state.lease_held)
+            consuming = (ingress.connected and agents.connected) or (
+                leader and not state.lease_held
+            )
             state.mqtt_ok = publisher.connected and consuming
             metrics.set_status(redis=state.redis_ok, mqtt=state.mqtt_ok, lease=state.lease_held)
 
         publisher = Publisher(s, on_status=mqtt_status)
+        # Two persistent sessions: contacts, and agents' commands (which must not queue in
+        # the broker behind a backlog of contacts; router.daemon.mqtt).
         ingress = Ingress(s, intake, publisher, metrics=metrics, on_status=mqtt_status)
+        agents = Ingress(
+            s, intake, publisher, kind="agents", metrics=metrics, on_status=mqtt_status
+        )
+        ingresses = (agents, ingress)
         lease = Lease(redis, journal.keys.lease, s.node_id(), s.router.lease_ttl)
         keeper = LeaseKeeper(lease)
 
         def lease_changed(held: bool) -> None:
             state.lease_held = held
             if not held and leader:
-                ingress.stop()  # the leader-mode ingress follows the lease (_ingress_follows)
+                for each in ingresses:  # the leader-mode ingress follows the lease
+                    each.stop()  # (_ingress_follows)
             mqtt_status(held)
 
         keeper.on_change(lease_changed)
@@ -342,12 +352,16 @@ class Daemon:
                     name="outbound",
                 )
                 phone_tasks = [task(c.run(), name=c.name) for c in self.telephony]
-                ingress_task = task(
-                    self._ingress_follows(keeper, ingress, intake_stop)
-                    if leader
-                    else self._ingress_always(ingress, intake_stop),
-                    name="mqtt-ingress",
-                )
+                # Agents' commands first: an accept must not wait for a backlog of contacts.
+                ingress_tasks = [
+                    task(
+                        self._ingress_follows(keeper, each, intake_stop)
+                        if leader
+                        else self._ingress_always(each, intake_stop),
+                        name="mqtt-agents" if each.kind == "agents" else "mqtt-ingress",
+                    )
+                    for each in ingresses
+                ]
                 http_ready = asyncio.Event()
                 http_task = task(self._http(app, intake_stop, http_ready), name="http")
                 smtp_ready = asyncio.Event()
@@ -360,13 +374,14 @@ class Daemon:
                 await self.stopping.wait()
                 log.info("daemon.stopping")
                 started = time.monotonic()
-                # 1. Stop intake (MQTT ingress, HTTP, SMTP): nothing new is acknowledged.
+                # 1. Stop intake (both MQTT sessions, HTTP, SMTP): nothing new is acknowledged.
                 intake_stop.set()
-                ingress.stop()
+                for each in ingresses:
+                    each.stop()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         asyncio.gather(
-                            asyncio.shield(ingress_task),
+                            *(asyncio.shield(t) for t in ingress_tasks),
                             asyncio.shield(http_task),
                             asyncio.shield(smtp_task),
                         ),
@@ -395,7 +410,7 @@ class Daemon:
                     desk_task,
                     reload_task,
                     watch_task,
-                    ingress_task,
+                    *ingress_tasks,
                     http_task,
                     smtp_task,
                     router_task,
@@ -441,9 +456,9 @@ class Daemon:
                 continue  # lost again before this task ran
             # No await between the check above and run() clearing the stop flag: a loss
             # from here on calls ingress.stop() and ends this run.
-            log.info("mqtt.ingress.following", held=True)
+            log.info("mqtt.ingress.following", kind=ingress.kind, held=True)
             await ingress.run()
-            log.info("mqtt.ingress.following", held=False)
+            log.info("mqtt.ingress.following", kind=ingress.kind, held=False)
             if keeper.held and not stop.is_set():
                 await asyncio.sleep(0.1)  # run() returned while still held: do not spin
 

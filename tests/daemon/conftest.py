@@ -246,17 +246,19 @@ def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
 
 
 async def drop_session(client_id: str) -> None:
-    """Make the broker forget a persistent session a test created (clean-session connect)."""
-    with contextlib.suppress(aiomqtt.MqttError):
-        async with aiomqtt.Client(
-            MQTT_HOST,
-            MQTT_PORT,
-            username=MQTT_USER,
-            password=MQTT_PASSWORD,
-            identifier=client_id,
-            clean_session=True,
-        ):
-            pass
+    """Make the broker forget a persistent ingress session a test created (clean-session
+    connect), and its agent-command companion (``{client_id}-agents``)."""
+    for identifier in (client_id, f"{client_id}-agents"):
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with aiomqtt.Client(
+                MQTT_HOST,
+                MQTT_PORT,
+                username=MQTT_USER,
+                password=MQTT_PASSWORD,
+                identifier=identifier,
+                clean_session=True,
+            ):
+                pass
 
 
 @pytest.fixture
