@@ -576,6 +576,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The asyncio event loop ``stellwerk run`` runs on: uvloop's (libuv; less CPU per MQTT
     packet and task, see docs/operations.md) or the standard library's."""
+    role: Literal["all", "ingest", "router"] = "all"
+    """What this process does (docs/daemon.md, "Roles"): ``all`` (one process: ingest and
+    route), ``ingest`` (MQTT ingress sessions, webhooks, SMTP into the journal; no routing) or
+    ``router`` (the routing lease, the router, offers, snapshots, the desk, the read and admin
+    API; no MQTT ingress, no webhooks, no SMTP). The two halves meet only in the journal."""
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
