@@ -144,10 +144,11 @@ def run(args: argparse.Namespace) -> int:
     # The flags win over the settings file and the environment: applied as the variables they
     # stand for, so they are validated like them.
     env = dict(os.environ)
-    if args.role is not None:
-        env["STELLWERK_ROLE"] = args.role
-    if args.http_addr is not None:
-        env["STELLWERK_HTTP_ADDR"] = args.http_addr
+    flags = {"STELLWERK_ROLE": ("--role", args.role)}
+    flags["STELLWERK_HTTP_ADDR"] = ("--http-addr", args.http_addr)
+    for variable, (_, value) in flags.items():
+        if value is not None:
+            env[variable] = value
     try:
         loaded = load_settings(path, env=env)
         unfit = role_problems(loaded.settings)
@@ -155,6 +156,9 @@ def run(args: argparse.Namespace) -> int:
             raise SettingsError(unfit)
     except SettingsError as exc:
         for problem in exc.problems:
+            for variable, (flag, value) in flags.items():
+                if value is not None and problem.startswith(f"{variable}:"):
+                    problem = flag + problem[len(variable) :]  # name what the user typed
             print(f"stellwerk run: {problem}", file=sys.stderr)
         return 2
     settings = loaded.settings

@@ -191,3 +191,45 @@ async def test_a_standby_ingest_node_takes_the_sessions_over(
         "contacts",
     }
     assert nodes[standby].stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "extra", "said"),
+    [
+        # Forwarded answers come in by SMTP and need the router's contacts: one process.
+        (
+            ("--role", "ingest"),
+            {
+                "outbound_mail": (
+                    '{"host": "127.0.0.1", "port": 2500, "security": "none", "forward": '
+                    '{"secret": "0123456789abcdef0123456789", "reply_address": '
+                    '"antwort@team.example", "agents": {"anna": "anna@team.example"}}}'
+                )
+            },
+            "outbound.mail.forward needs role all",
+        ),
+        (("--role", "router", "--http-addr", "nowhere"), {}, "--http-addr: 'nowhere' is not"),
+    ],
+)
+def test_settings_a_role_cannot_serve_are_refused_at_start(
+    tmp_path: Path,
+    daemon_env: Callable[..., dict[str, str]],
+    args: tuple[str, ...],
+    extra: dict[str, str],
+    said: str,
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.daemon.conftest import REPO
+
+    routing = write_routing(tmp_path / "routing.yaml")
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "run", *args],
+        cwd=REPO,
+        env=daemon_env(routing, "x", **extra),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr.decode()
+    assert said in done.stderr.decode()
