@@ -57,11 +57,13 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     ``ingress`` says who consumes the ingress and agent-command topics:
 
-    - ``leader`` (default): only the daemon holding the routing lease, under the installation's
-      one ``client_id`` (default ``stellwerk-router-{topic_prefix}``). The broker keeps that
-      persistent session (and every message not yet acknowledged) while nobody is connected,
-      and a standby that takes the lease resumes it, so nothing waits for a dead daemon. The
-      subscription is a plain one, which the broker restores after its own restart.
+    - ``leader`` (default): only the daemon holding the routing lease (in role ``ingest``: the
+      ingest lease), under the installation's ``client_id`` (default
+      ``stellwerk-router-{topic_prefix}``; agents' commands on a second session,
+      ``{client_id}-agents``). The broker keeps those persistent sessions (and every message not
+      yet acknowledged) while nobody is connected, and a standby that takes the lease resumes
+      them, so nothing waits for a dead daemon. The subscriptions are plain ones, which the
+      broker restores after its own restart.
     - ``shared``: every daemon consumes through the shared subscription ``$share/{share_group}``
       with a persistent session of its own (``client_id`` unique per daemon, default
       ``stellwerk-{topic_prefix}-{hostname}``). More ingest capacity, but brokers such as
