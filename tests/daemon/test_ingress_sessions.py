@@ -11,12 +11,13 @@ from typing import Any
 
 import aiomqtt
 import pytest
+import structlog.testing
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from router.daemon.config import Settings, load_settings
 from router.daemon.intake import Intake
-from router.daemon.journal import AgentEntry, ContactEntry, Journal
+from router.daemon.journal import AgentEntry, ContactEntry, Journal, connect_redis
 from router.daemon.mqtt import Ingress, Publisher
 from tests.daemon.conftest import MqttProbe, Names, ari, drop_session, wait_until, write_routing
 from tests.servers import MQTT_HOST, MQTT_PASSWORD, MQTT_PORT, MQTT_URL, MQTT_USER, REDIS_URL
@@ -129,4 +130,48 @@ async def test_an_upgraded_contact_session_no_longer_takes_agent_commands(
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await drop_session(f"stw-{names.tag}")
+
+
+async def test_the_agent_session_acknowledges_only_what_redis_has(
+    names: Names, journal: Journal, mqtt_probe: MqttProbe
+) -> None:
+    """No PUBACK while Redis is down: the command waits in the agent session and the next
+    consumer journals it (the same guarantee as the contact session's)."""
+    settings = settings_for(names)
+    publisher = Publisher(settings)
+    pub_task = asyncio.create_task(publisher.run())
+    down = Journal(connect_redis("redis://127.0.0.1:1/0", timeout=0.3), names.key_prefix)
+
+    def run(on: Journal) -> tuple[Ingress, asyncio.Task[None]]:
+        intake = Intake(on, settings.decode_config())
+        agents = Ingress(settings, intake, publisher, kind="agents")
+        return agents, asyncio.create_task(agents.run())
+
+    async def kill(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        first, task = run(down)
+        await wait_until(lambda: first.connected, 30, "agent session connected")
+        # The journal write fails: that is logged, and retried while the connection lasts.
+        with structlog.testing.capture_logs() as logs:
+            await mqtt_probe.agent("anna", op="login")
+            await wait_until(
+                lambda: any(e["event"] == "mqtt.ingress.journal_down" for e in logs),
+                30,
+                "a failed journal write",
+            )
+        await kill(task)
+
+        second, task = run(journal)
+        await wait_until(lambda: journal_kinds(journal), 30, "the redelivered command journaled")
+        assert await journal_kinds(journal) == [("agent", "anna")]
+        assert second.identifier == f"stw-{names.tag}-agents"
+        await kill(task)
+    finally:
+        await kill(pub_task)
+        await down.redis.aclose()
         await drop_session(f"stw-{names.tag}")
