@@ -319,9 +319,10 @@ class Daemon:
         lease = Lease(redis, journal.keys.lease, s.node_id(), s.router.lease_ttl)
         keeper = LeaseKeeper(lease)
         # What the leader-mode ingress follows: the routing lease in one process, the ingest
-        # lease of its own in the ingest role (one ingest node consumes the sessions).
+        # lease of its own in the ingest role (one ingest node consumes the sessions). In
+        # shared mode every ingest node consumes: no lease.
         follows = keeper
-        if role == "ingest":
+        if role == "ingest" and leader:
             ingest_lease = Lease(
                 redis,
                 journal.keys.lease + ":ingest",

@@ -233,3 +233,52 @@ def test_settings_a_role_cannot_serve_are_refused_at_start(
     )
     assert done.returncode == 2, done.stderr.decode()
     assert said in done.stderr.decode()
+
+
+async def test_in_shared_mode_every_ingest_node_consumes_without_a_lease(
+    tmp_path: Path,
+    names: Names,
+    journal: Journal,
+    redis_client: aioredis.Redis,
+    mqtt_probe: MqttProbe,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    from tests.daemon.conftest import drop_session
+
+    routing = write_routing(tmp_path / "routing.yaml")
+    ports = {"s1": free_port(), "s2": free_port()}
+    try:
+        nodes = [
+            daemons(
+                daemon_env(
+                    routing,
+                    node,
+                    role="ingest",
+                    http_addr=f"127.0.0.1:{port}",
+                    mqtt_ingress="shared",
+                    # Shared mode: a persistent session of its own per node.
+                    mqtt_client_id=f"stw-{names.tag}-{node}",
+                ),
+                node,
+            )
+            for node, port in ports.items()
+        ]
+        for port in ports.values():
+            await wait_until(lambda p=port: ready(p), STARTUP, "ingest nodes ready")
+        for node in nodes:
+            kinds = {e["kind"] for e in events(node, "mqtt.ingress.connected")}
+            assert kinds == {"agents", "contacts"}
+        assert await redis_client.get(f"{names.key_prefix}lease:ingest") is None
+        for n in range(20):
+            await mqtt_probe.publish(CALL, ari("StasisStart", f"shared-{n}"))
+
+        async def all_journaled() -> bool:
+            return len(await journal_kinds(journal)) == 20
+
+        await wait_until(all_journaled, 30, "every call journaled once")
+        for node in nodes:
+            assert node.stop() == 0
+    finally:
+        for node in ports:
+            await drop_session(f"stw-{names.tag}-{node}")
