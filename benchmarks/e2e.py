@@ -42,7 +42,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -108,48 +108,51 @@ def wait_ready(url: str, timeout: float = 20.0) -> None:
     raise SystemExit(f"e2e: the daemon did not become ready at {url} within {timeout:.0f} s")
 
 
-def metric(url: str, name: str) -> float | None:
-    """One unlabelled sample from the daemon's /metrics."""
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
+Urls = str | Sequence[str]
+"""The daemon's HTTP base URL, or (``--split``) those of its ingest and router processes: a
+figure is the sum over their /metrics pages (each counts what its own process did)."""
 
 
-def ingress_and_lag(url: str) -> tuple[float, float]:
+def metric_lines(urls: Urls) -> Iterator[str]:
+    """The lines of every /metrics page of the daemon's processes."""
+    for url in [urls] if isinstance(urls, str) else urls:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            yield from resp.read().decode().splitlines()
+
+
+def metric(urls: Urls, name: str) -> float | None:
+    """One unlabelled sample from the daemon's /metrics (summed over its processes)."""
+    values = [float(line.split()[1]) for line in metric_lines(urls) if line.startswith(name + " ")]
+    return sum(values) if values else None
+
+
+def ingress_and_lag(urls: Urls) -> tuple[float, float]:
     """(MQTT deliveries the daemon accepted so far, journal entries it has not applied)."""
     accepted = lag = 0.0
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("stellwerk_ingress_deliveries_total{") and (
-                'transport="mqtt"' in line and 'outcome="accepted"' in line
-            ):
-                accepted = float(line.split()[-1])
-            elif line.startswith("stellwerk_journal_lag_entries "):
-                lag = float(line.split()[1])
+    for line in metric_lines(urls):
+        if line.startswith("stellwerk_ingress_deliveries_total{") and (
+            'transport="mqtt"' in line and 'outcome="accepted"' in line
+        ):
+            accepted += float(line.split()[-1])
+        elif line.startswith("stellwerk_journal_lag_entries "):
+            lag += float(line.split()[1])
     return accepted, lag
 
 
-def received_new(url: str) -> float:
+def received_new(urls: Urls) -> float:
     """New contacts the daemon journaled so far (``stellwerk_contacts_received_total``)."""
-    total = 0.0
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("stellwerk_contacts_received_total{") and 'kind="new"' in line:
-                total += float(line.split()[-1])
-    return total
+    return received_and_lag(urls)[0]
 
 
-def received_and_lag(url: str) -> tuple[float, float]:
-    """(new contacts journaled so far, journal entries not applied yet): one /metrics page."""
+def received_and_lag(urls: Urls) -> tuple[float, float]:
+    """(new contacts journaled so far, journal entries not applied yet): one /metrics page
+    per process."""
     received = lag = 0.0
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("stellwerk_contacts_received_total{") and 'kind="new"' in line:
-                received += float(line.split()[-1])
-            elif line.startswith("stellwerk_journal_lag_entries "):
-                lag = float(line.split()[1])
+    for line in metric_lines(urls):
+        if line.startswith("stellwerk_contacts_received_total{") and 'kind="new"' in line:
+            received += float(line.split()[-1])
+        elif line.startswith("stellwerk_journal_lag_entries "):
+            lag += float(line.split()[1])
     return received, lag
 
 
@@ -164,7 +167,7 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def drain_check(url: str) -> Callable[[], Awaitable[bool]]:
+def drain_check(url: Urls) -> Callable[[], Awaitable[bool]]:
     """Drained: nothing left in the journal to apply and no MQTT delivery since the last look
     (so nothing is waiting in the broker session either)."""
     last: list[float] = [-1.0]
@@ -179,7 +182,7 @@ def drain_check(url: str) -> Callable[[], Awaitable[bool]]:
 
 
 async def one_rate(
-    target: Target, rate: float, duration: float, grace: float, drain: float
+    target: Target, rate: float, duration: float, grace: float, drain: float, urls: Urls
 ) -> Report:
     profile = Profile(
         rate=rate,
@@ -191,7 +194,7 @@ async def one_rate(
         ready_after_wrap_up=False,
         patience=0.0,
         grace=grace,
-        drained=drain_check(target.http_url) if drain > 0 else None,
+        drained=drain_check(urls) if drain > 0 else None,
         drain=drain,
         progress=sys.stderr.isatty(),
         max_in_flight=5000,
@@ -207,13 +210,12 @@ async def one_rate(
     return await LoadGen(target, profile).run()
 
 
-def metric_sum(url: str, name: str) -> float:
+def metric_sum(urls: Urls, name: str) -> float:
     """The sum of every sample of ``name`` (all label sets) on the daemon's /metrics."""
     total = 0.0
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.split()[-1])
+    for line in metric_lines(urls):
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.split()[-1])
     return total
 
 
@@ -298,7 +300,7 @@ async def procs_rate(
     duration: float,
     grace: float,
     drain: float,
-    url: str,
+    url: Urls,
     pids: dict[str, int | None],
     run: str,
 ) -> dict[str, Any]:
@@ -380,6 +382,18 @@ async def procs_rate(
     for worker, rep in zip(workers, reports, strict=True):
         gen_cpu += float(rep["cpu_seconds"]) - worker.cpu
         worker.cpu = float(rep["cpu_seconds"])
+    # With --split the daemon is two processes: each one's share, and their sum as the daemon's.
+    split = {}
+    if "ingest" in pids:
+        for part in ("ingest", "router"):
+            split[f"{part}_cpu_ms_per_call"] = per_call(part)
+            split[f"{part}_cpu_busy_while_sending"] = busy(part)
+        parts = [per_call("ingest"), per_call("router")]
+        daemon_ms = None if None in parts else round(sum(p or 0.0 for p in parts), 3)
+        parts = [busy("ingest"), busy("router")]
+        daemon_busy = None if None in parts else round(sum(p or 0.0 for p in parts), 3)
+    else:
+        daemon_ms, daemon_busy = per_call("daemon"), busy("daemon")
     return {
         "rate": rate,
         "generator_procs": len(workers),
@@ -395,8 +409,9 @@ async def procs_rate(
         "daemon_journaled_calls": journaled,
         "max_calls_waiting_in_broker": round(backlog["broker"]),
         "max_journal_lag_entries": round(backlog["journal"]),
-        "daemon_cpu_ms_per_call": per_call("daemon"),
-        "daemon_cpu_busy_while_sending": busy("daemon"),
+        "daemon_cpu_ms_per_call": daemon_ms,
+        "daemon_cpu_busy_while_sending": daemon_busy,
+        **split,
         "broker_cpu_ms_per_call": per_call("broker"),
         "redis_cpu_ms_per_call": per_call("redis"),
         "generator_cpu_ms_per_call": round(gen_cpu * 1000 / max(sent, 1), 3),
@@ -411,6 +426,7 @@ async def run_procs(
     target: Target,
     run: str,
     pids: dict[str, int | None],
+    urls: Urls,
 ) -> list[dict[str, Any]]:
     """Every rate with the generator in ``--generator-procs`` processes of its own."""
     workers = await start_workers(
@@ -419,7 +435,7 @@ async def run_procs(
     results = []
     try:
         # The logins are PUBACKed; wait until the daemon applied them too.
-        check = drain_check(target.http_url)
+        check = drain_check(urls)
         while not (await check() and await check()):
             await asyncio.sleep(0.2)
         for phase, rate in enumerate(rates):
@@ -430,7 +446,7 @@ async def run_procs(
                 args.duration,
                 args.grace,
                 args.drain,
-                target.http_url,
+                urls,
                 pids,
                 run,
             )
@@ -464,7 +480,12 @@ def print_procs_row(row: dict[str, Any]) -> None:
         f", journal {row['max_journal_lag_entries']} entries"
         + f"; CPU ms per call: daemon {row['daemon_cpu_ms_per_call']}"
         f" (busy {row['daemon_cpu_busy_while_sending']} cores while sending)"
-        f", broker {row['broker_cpu_ms_per_call']}, redis {row['redis_cpu_ms_per_call']}"
+        + (
+            f" = ingest {row['ingest_cpu_ms_per_call']} + router {row['router_cpu_ms_per_call']}"
+            if "ingest_cpu_ms_per_call" in row
+            else ""
+        )
+        + f", broker {row['broker_cpu_ms_per_call']}, redis {row['redis_cpu_ms_per_call']}"
         f", generator {row['generator_cpu_ms_per_call']}"
         f"; load {row['loadavg_before']} -> {row['loadavg_after']}",
         flush=True,
@@ -500,6 +521,12 @@ def main() -> int:
         help="start a Mosquitto of its own with production settings (no 20-message in-flight "
         "window, no 1000-message queue cap, TCP_NODELAY) instead of using 127.0.0.1:1883",
     )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="run the daemon as two processes, `stellwerk run --role ingest` and `--role "
+        "router`, and report (with --generator-procs) the CPU per call of each",
+    )
     parser.add_argument("--http-url", default=None, help="with --use-running: its HTTP URL")
     parser.add_argument("--topic-prefix", default=None, help="with --use-running")
     parser.add_argument("--routing", default=None, help="with --use-running: its routing file")
@@ -521,10 +548,17 @@ def main() -> int:
     )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if args.split and (args.use_running or args.py_spy or args.profile):
+        parser.error(
+            "--split starts its own two processes: not with --use-running, --py-spy, --profile"
+        )
 
     tmp = Path(tempfile.mkdtemp(prefix="stellwerk-e2e-"))
     run = uuid.uuid4().hex[:8]
     daemon: subprocess.Popen[bytes] | None = None
+    # With --split: ``daemon`` is the ingest process, this the router process.
+    router_proc: subprocess.Popen[bytes] | None = None
+    router_url: str | None = None
     broker: subprocess.Popen[bytes] | None = None
     mqtt_port = 1883
     if args.own_broker:
@@ -561,6 +595,17 @@ def main() -> int:
             STELLWERK_MQTT_URL=f"mqtt://127.0.0.1:{mqtt_port}",
             STELLWERK_LOG_FORMAT="json",
         )
+        if args.split:
+            router_port = free_port()
+            router_url = f"http://127.0.0.1:{router_port}"
+            router_proc = subprocess.Popen(
+                [sys.executable, "-m", "router.cli", "run", "--role", "router"],
+                cwd=ROOT,
+                env=dict(env, STELLWERK_HTTP_ADDR=f"127.0.0.1:{router_port}"),
+                stdout=(tmp / "daemon-router.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+            env["STELLWERK_ROLE"] = "ingest"
         log_path = tmp / "daemon.log"
         profile = (
             ["-m", "cProfile", "-o", str(Path(args.profile).resolve())] if args.profile else []
@@ -589,25 +634,39 @@ def main() -> int:
         )
         agents = [f"e{i:04d}" for i in range(args.agents)]
     results = []
+    # Metrics come from every process of the daemon; webhooks go to the ingest one.
+    urls: Urls = [http_url, router_url] if router_url is not None else http_url
+    procs = [p.pid for p in (daemon, router_proc) if p is not None]
+
+    def daemon_cpu() -> float | None:
+        seconds = [cpu_seconds(pid) for pid in procs]
+        return None if not seconds or None in seconds else sum(x or 0.0 for x in seconds)
+
     try:
-        wait_ready(http_url)
+        for url in [urls] if isinstance(urls, str) else urls:
+            wait_ready(url)
         target = Target(prefix=prefix, agents=agents, http_url=http_url, mqtt_port=mqtt_port)
         if args.generator_procs > 0:
             pids = {
-                "daemon": daemon_pid(daemon, spied=bool(args.py_spy)),
                 "broker": broker.pid if broker is not None else None,
                 "redis": redis_pid(),
             }
-            results = asyncio.run(run_procs(args, rates, target, run, pids))
+            if router_proc is not None and daemon is not None:
+                pids.update(ingest=daemon.pid, router=router_proc.pid)
+            else:
+                pids["daemon"] = daemon_pid(daemon, spied=bool(args.py_spy))
+            results = asyncio.run(run_procs(args, rates, target, run, pids, urls))
             rates = []
         for rate in rates:
-            before = received_new(http_url)
-            cpu_before = cpu_seconds(daemon.pid if daemon is not None else None)
-            report = asyncio.run(one_rate(target, rate, args.duration, args.grace, args.drain))
-            lag = metric(http_url, "stellwerk_journal_lag_entries")
+            before = received_new(urls)
+            cpu_before = daemon_cpu()
+            report = asyncio.run(
+                one_rate(target, rate, args.duration, args.grace, args.drain, urls)
+            )
+            lag = metric(urls, "stellwerk_journal_lag_entries")
             # The daemon's own count: tells a generator that fell behind from a daemon that did.
-            journaled = received_new(http_url) - before
-            cpu_after = cpu_seconds(daemon.pid if daemon is not None else None)
+            journaled = received_new(urls) - before
+            cpu_after = daemon_cpu()
             cpu_ms = (
                 (cpu_after - cpu_before) * 1000 / max(journaled, 1)
                 if cpu_after is not None and cpu_before is not None
@@ -660,8 +719,17 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait()
+            if router_proc is not None:
+                router_proc.send_signal(signal.SIGTERM)
+                try:
+                    router_proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    router_proc.kill()
+                    router_proc.wait()
             if args.keep_log:
                 print(f"daemon log: {tmp / 'daemon.log'}", file=sys.stderr)
+                if router_proc is not None:
+                    print(f"router log: {tmp / 'daemon-router.log'}", file=sys.stderr)
             _cleanup_redis(prefix)
         if broker is not None:
             broker.terminate()

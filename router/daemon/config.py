@@ -57,11 +57,13 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     ``ingress`` says who consumes the ingress and agent-command topics:
 
-    - ``leader`` (default): only the daemon holding the routing lease, under the installation's
-      one ``client_id`` (default ``stellwerk-router-{topic_prefix}``). The broker keeps that
-      persistent session (and every message not yet acknowledged) while nobody is connected,
-      and a standby that takes the lease resumes it, so nothing waits for a dead daemon. The
-      subscription is a plain one, which the broker restores after its own restart.
+    - ``leader`` (default): only the daemon holding the routing lease (in role ``ingest``: the
+      ingest lease), under the installation's ``client_id`` (default
+      ``stellwerk-router-{topic_prefix}``; agents' commands on a second session,
+      ``{client_id}-agents``). The broker keeps those persistent sessions (and every message not
+      yet acknowledged) while nobody is connected, and a standby that takes the lease resumes
+      them, so nothing waits for a dead daemon. The subscriptions are plain ones, which the
+      broker restores after its own restart.
     - ``shared``: every daemon consumes through the shared subscription ``$share/{share_group}``
       with a persistent session of its own (``client_id`` unique per daemon, default
       ``stellwerk-{topic_prefix}-{hostname}``). More ingest capacity, but brokers such as
@@ -582,6 +584,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The asyncio event loop ``stellwerk run`` runs on: uvloop's (libuv; less CPU per MQTT
     packet and task, see docs/operations.md) or the standard library's."""
+    role: Literal["all", "ingest", "router"] = "all"
+    """What this process does (docs/daemon.md, "Roles"): ``all`` (one process: ingest and
+    route), ``ingest`` (MQTT ingress sessions, webhooks, SMTP into the journal; no routing) or
+    ``router`` (the routing lease, the router, offers, snapshots, the desk, the read and admin
+    API; no MQTT ingress, no webhooks, no SMTP). The two halves meet only in the journal."""
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)

@@ -160,6 +160,10 @@ class AppState:
     desk: DeskService | None = None
     #: (entries, seconds) the router is behind the journal; None while it does not route.
     journal_lag: tuple[int, float] | None = None
+    #: this process's role (``Settings.role``): what ``/readyz`` checks depends on it.
+    role: str = "all"
+    #: ingest role, leader mode: whether this daemon holds the ingest lease (consumes MQTT).
+    ingest_lease_held: bool = False
 
 
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -243,13 +247,27 @@ class _Handlers:
 
     async def readyz(self, request: web.Request) -> web.Response:
         s = self.state
+        if s.role == "ingest":
+            # Every ingest node takes webhooks and mail, the standby of a leader-mode pair
+            # too: ready with Redis and the broker ("mqtt" includes the ingress sessions when
+            # this node consumes them). Who holds the ingest lease is detail.
+            checks = {"redis": s.redis_ok, "mqtt": s.mqtt_ok}
+            ready = all(checks.values())
+            body: dict[str, Any] = {
+                "ready": ready,
+                "role": s.role,
+                **checks,
+                "ingest_lease": s.ingest_lease_held,
+            }
+            return _reply(200 if ready else 503, body)
         checks = {"redis": s.redis_ok, "mqtt": s.mqtt_ok, "lease": s.lease_held}
         ready = all(checks.values())
         lag = None
         if s.journal_lag is not None:
             lag = {"entries": s.journal_lag[0], "seconds": round(s.journal_lag[1], 3)}
         # The backlog is detail, not readiness: a router behind in a burst is still the router.
-        return _reply(200 if ready else 503, {"ready": ready, **checks, "journal_lag": lag})
+        body = {"ready": ready, "role": s.role, **checks, "journal_lag": lag}
+        return _reply(200 if ready else 503, body)
 
     def _view(self) -> RouterView | web.Response:
         if self.state.view is None:
@@ -532,11 +550,18 @@ def make_app(
     settings: Settings,
     metrics: Metrics,
     authenticator: Authenticator | None = None,
+    *,
+    role: str = "all",
 ) -> web.Application:
     """The aiohttp application; the daemon runs it with :func:`start_http`.
 
     Every route declares what it needs (``router.daemon.auth``); a route added without a
     declaration is refused. Other modules add theirs with ``auth.add_routes(app, [...])``.
+
+    ``role`` (``Settings.role``) picks the routes: monitoring (``/healthz``, ``/readyz``,
+    ``/metrics``, the OpenAPI document) everywhere; the webhooks where contacts are taken in
+    (``all``, ``ingest``); the read and admin API, the desk and replies where the engine runs
+    (``all``, ``router``). docs/daemon.md, "Roles".
     """
     h = _Handlers(intake, state, settings, metrics)
     sources = settings.sources
@@ -548,14 +573,28 @@ def make_app(
     app[auth.AUTHENTICATOR_KEY] = authenticator or Authenticator(settings, metrics=metrics)
     if settings.http.rate_limit:
         app[RATE_LIMIT_KEY] = RateLimit(settings.http.rate_limit)
+    monitoring: list[tuple[web.RouteDef, auth.Access]] = [
+        (web.get("/metrics", h.metrics_page), "metrics"),
+        (web.get("/healthz", h.healthz), "public"),
+        (web.get("/v1/openapi.json", h.openapi), "public"),
+        (web.get("/readyz", h.readyz), "public"),
+    ]
+    if role != "router":
+        auth.add_routes(app, [(web.post("/v1/webhooks/{source}", h.webhook), "signed")])
+    auth.add_routes(app, monitoring)
+    if role != "ingest":
+        _add_engine_routes(app, h, state, settings)
+    metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
+    return app
+
+
+def _add_engine_routes(
+    app: web.Application, h: _Handlers, state: AppState, settings: Settings
+) -> None:
+    """The routes that need the engine (reads, admin changes, the desk, replies)."""
     auth.add_routes(
         app,
         [
-            (web.post("/v1/webhooks/{source}", h.webhook), "signed"),
-            (web.get("/metrics", h.metrics_page), "metrics"),
-            (web.get("/healthz", h.healthz), "public"),
-            (web.get("/v1/openapi.json", h.openapi), "public"),
-            (web.get("/readyz", h.readyz), "public"),
             (web.get("/v1/queues", h.queues), "supervisor"),
             (web.get("/v1/agents", h.agents), "supervisor"),
             # supervisor, or the agent the contact is offered/assigned to (checked in h.contact)
@@ -571,8 +610,6 @@ def make_app(
     desk.register(app, state)  # /desk, /wall and their WebSockets (docs/desk.md)
     if settings.outbound.configured:
         add_outbound_routes(app, state)
-    metrics.precreate_auth(path for (_, path) in app[auth.ACCESS_KEY])
-    return app
 
 
 def server_tls(cert: str, key: str) -> ssl.SSLContext:

@@ -1,4 +1,5 @@
-"""The routing lease: exactly one daemon routes at a time.
+"""The routing lease: exactly one daemon routes at a time (and, with another key, the ingest
+lease: exactly one ingest-role daemon consumes the leader-mode MQTT sessions).
 
 The lease is a Redis key holding the holder's token, set with ``SET NX PX ttl``; the holder
 renews it every ``ttl / 3`` with a Lua check-and-extend (only its own token is extended). A
@@ -37,11 +38,22 @@ return 0
 
 
 class Lease:
-    """One daemon's handle on the routing lease (``key``), identified by ``node_id``."""
+    """One daemon's handle on a lease (``key``), identified by ``node_id``: the routing lease,
+    or (``name="ingest"``) the ingest lease that ingest-role daemons hold for the MQTT ingress
+    sessions in leader mode. ``name`` is only for the log lines."""
 
-    def __init__(self, client: aioredis.Redis, key: str, node_id: str, ttl: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        key: str,
+        node_id: str,
+        ttl: float,
+        *,
+        name: str = "routing",
+    ) -> None:
         self.redis = client
         self.key = key
+        self.name = name
         self.node_id = node_id
         self.ttl = ttl
         # A fresh token per daemon start: a restarted node never mistakes an old lease for its own.
@@ -113,7 +125,7 @@ class Lease:
         while True:
             await asyncio.sleep(interval)
             if not await self.renew():
-                log.error("lease.lost", node=self.node_id)
+                log.error("lease.lost", node=self.node_id, lease=self.name)
                 return
 
 
@@ -175,7 +187,7 @@ class LeaseKeeper:
             self._hold_off = 0.0
             if not await self.lease.wait_acquire(stopping):
                 break
-            log.info("lease.acquired", node=self.lease.node_id)
+            log.info("lease.acquired", node=self.lease.node_id, lease=self.lease.name)
             self._lost = asyncio.Event()
             self._held.set()
             self._notify(True)
@@ -195,7 +207,7 @@ class LeaseKeeper:
                 self._notify(False)
             # Only our own token is deleted (a lease lost to another daemon stays theirs).
             await self.lease.release()
-            log.info("lease.released", node=self.lease.node_id)
+            log.info("lease.released", node=self.lease.node_id, lease=self.lease.name)
             if self._hold_off > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), self._hold_off)

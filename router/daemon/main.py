@@ -2,8 +2,13 @@
 
 One asyncio process, one supervising TaskGroup in which every long-running task runs under a
 name, started and stopped in the order documented in docs/daemon.md ("Supervision"):
-mqtt-publisher, lease, router, redis-watch, sighup-reload, desk, outbound, telephony-<system>,
-mqtt-ingress (in leader mode it follows the lease), http, smtp. Signal handlers only set flags.
+mqtt-publisher, lease, router, ingest-lease, redis-watch, sighup-reload, desk, outbound,
+telephony-<system>, mqtt-agents and mqtt-ingress (the agent-command and the contact session; in
+leader mode both follow the lease), http, smtp. ``--role`` (``Settings.role``) picks which of
+them run: ``all`` every one but ingest-lease; ``ingest`` mqtt-publisher (refusals only),
+ingest-lease (leader mode), redis-watch, mqtt-agents, mqtt-ingress, http (webhooks and
+monitoring), smtp; ``router`` everything else, with no MQTT ingress, webhooks or SMTP. Signal
+handlers only set flags.
 SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply, publish and snapshot what
 is in the journal, release the lease (bounded by a timeout), cancel the rest, close
 connections; a second SIGINT exits at once (130). SIGHUP reloads the routing file (a file that
@@ -51,6 +56,7 @@ from router.daemon.sinks import CommandSink
 from router.daemon.smtp import start_smtp
 from router.daemon.telephony import build_connectors
 from router.daemon.telephony.connector import TelephonyConnector
+from router.daemon.transcripts import TranscriptStore
 from rules.load import load_routing_or_problems
 from rules.table import RoutingTable
 
@@ -68,6 +74,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("STELLWERK_CONFIG"),
         help="settings file (default: $STELLWERK_CONFIG, else config/stellwerk.yaml when it "
         "exists, else built-in defaults); STELLWERK_* variables override it",
+    )
+    parser.add_argument(
+        "--role",
+        choices=("all", "ingest", "router"),
+        default=None,
+        help="what this process does (default: the role setting, all): all = ingest and "
+        "route; ingest = MQTT ingress, webhooks, SMTP into the journal; router = routing, "
+        "offers, desk, read and admin API (docs/daemon.md, Roles)",
+    )
+    parser.add_argument(
+        "--http-addr",
+        metavar="HOST:PORT",
+        default=None,
+        help="listen here for HTTP instead of http.addr ('' = no HTTP); two roles on one host "
+        "need two addresses",
     )
     parser.add_argument(
         "--check-config",
@@ -120,10 +141,24 @@ def run(args: argparse.Namespace) -> int:
     path = args.config
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = DEFAULT_CONFIG
+    # The flags win over the settings file and the environment: applied as the variables they
+    # stand for, so they are validated like them.
+    env = dict(os.environ)
+    flags = {"STELLWERK_ROLE": ("--role", args.role)}
+    flags["STELLWERK_HTTP_ADDR"] = ("--http-addr", args.http_addr)
+    for variable, (_, value) in flags.items():
+        if value is not None:
+            env[variable] = value
     try:
-        loaded = load_settings(path)
+        loaded = load_settings(path, env=env)
+        unfit = role_problems(loaded.settings)
+        if unfit:
+            raise SettingsError(unfit)
     except SettingsError as exc:
         for problem in exc.problems:
+            for variable, (flag, value) in flags.items():
+                if value is not None and problem.startswith(f"{variable}:"):
+                    problem = flag + problem[len(variable) :]  # name what the user typed
             print(f"stellwerk run: {problem}", file=sys.stderr)
         return 2
     settings = loaded.settings
@@ -152,6 +187,19 @@ def run(args: argparse.Namespace) -> int:
         log.exception("daemon.crashed")
         return 1
     return 0
+
+
+def role_problems(settings: Settings) -> list[str]:
+    """What the settings ask of a role that it does not run (empty when they fit)."""
+    mail = settings.outbound.mail
+    if settings.role != "all" and mail is not None and mail.forward is not None:
+        # The answers arrive by SMTP (ingest) and go to the outbox with the engine's view of
+        # who holds the contact (router): one process has to do both.
+        return [
+            f"role: {settings.role}: outbound.mail.forward needs role all (forwarded answers "
+            "come in by SMTP and are checked against the router's contacts)"
+        ]
+    return []
 
 
 def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -206,6 +254,7 @@ class Daemon:
             node=s.node_id(),
             topic_prefix=s.topic_prefix,
             key_prefix=s.key_prefix,
+            role=s.role,
             pid=os.getpid(),
         )
         for name in self.loaded.unknown_env:
@@ -222,44 +271,88 @@ class Daemon:
         redis = connect_redis(s.redis.url)
         metrics = self.metrics
         state = self.state
+        role = s.role
+        ingests = role in ("all", "ingest")
+        routes = role in ("all", "router")
+        state.role = role
         journal = Journal(redis, s.key_prefix)
         intake = Intake(journal, s.decode_config(), metrics=metrics)
         # The agent desktop and the wallboard: transcripts at intake, live feeds as sinks. Its
         # own Redis connections: its writes never queue behind, or take a connection from, the
         # router's journal and published-mark writes.
         desk_redis = connect_redis(s.redis.url)
-        desk = DeskService(s, intake, desk_redis, metrics, state)
-        state.desk = desk
-        self.sinks.extend(desk.sinks)
+        desk: DeskService | None = None
+        if routes:
+            desk = DeskService(s, intake, desk_redis, metrics, state)
+            state.desk = desk
+            self.sinks.extend(desk.sinks)
+        else:
+            # No desk here, but the router's desk reads the transcripts kept at intake.
+            intake.observers.append(TranscriptStore(desk_redis, s.key_prefix, s.desk).record)
 
         leader = s.mqtt.ingress == "leader"
-        # Before the router is built: it takes its sinks when it is made.
-        self.telephony = build_connectors(s, intake, self.table, leading=lambda: state.lease_held)
-        self.sinks.extend(self.telephony)
+        if routes:
+            # Before the router is built: it takes its sinks when it is made.
+            self.telephony = build_connectors(
+                s, intake, self.table, leading=lambda: state.lease_held
+            )
+            self.sinks.extend(self.telephony)
 
         def mqtt_status(_: bool) -> None:
             # A leader-mode standby does not consume ingress; its publisher is what matters.
-            consuming = ingress.connected or (leader and not state.lease_held)
+            consuming = all(i.connected for i in ingresses) or (leader and not follows.held)
             state.mqtt_ok = publisher.connected and consuming
             metrics.set_status(redis=state.redis_ok, mqtt=state.mqtt_ok, lease=state.lease_held)
 
+        # In the ingest role the publisher sends only refusals of agent commands.
         publisher = Publisher(s, on_status=mqtt_status)
-        ingress = Ingress(s, intake, publisher, metrics=metrics, on_status=mqtt_status)
+        # Two persistent sessions: contacts, and agents' commands (which must not queue in
+        # the broker behind a backlog of contacts; router.daemon.mqtt). None without ingest.
+        ingresses: tuple[Ingress, ...] = ()
+        if ingests:
+            ingresses = (
+                Ingress(
+                    s, intake, publisher, kind="agents", metrics=metrics, on_status=mqtt_status
+                ),
+                Ingress(s, intake, publisher, metrics=metrics, on_status=mqtt_status),
+            )
         lease = Lease(redis, journal.keys.lease, s.node_id(), s.router.lease_ttl)
         keeper = LeaseKeeper(lease)
+        # What the leader-mode ingress follows: the routing lease in one process, the ingest
+        # lease of its own in the ingest role (one ingest node consumes the sessions). In
+        # shared mode every ingest node consumes: no lease.
+        follows = keeper
+        if role == "ingest" and leader:
+            ingest_lease = Lease(
+                redis,
+                journal.keys.lease + ":ingest",
+                s.node_id(),
+                s.router.lease_ttl,
+                name="ingest",
+            )
+            follows = LeaseKeeper(ingest_lease)
 
         def lease_changed(held: bool) -> None:
             state.lease_held = held
-            if not held and leader:
-                ingress.stop()  # the leader-mode ingress follows the lease (_ingress_follows)
             mqtt_status(held)
 
-        keeper.on_change(lease_changed)
+        def follow_changed(held: bool) -> None:
+            if role == "ingest":
+                state.ingest_lease_held = held
+            if not held and leader:
+                for each in ingresses:  # the leader-mode ingress follows its lease
+                    each.stop()  # (_ingress_follows)
+            mqtt_status(held)
+
+        if routes:
+            keeper.on_change(lease_changed)
+        follows.on_change(follow_changed)
         outbound_metrics = OutboundMetrics(metrics.registry)
         session = aiohttp.ClientSession()
-        platforms = destinations(s.outbound, session)
+        # Replies and platform actions go out where the engine runs.
+        platforms = destinations(s.outbound, session) if routes else {}
         outbound: Outbound | None = None
-        if platforms:
+        if platforms and desk is not None:
 
             async def notify(record: dict[str, Any]) -> None:
                 # The agent's desk hears how its message fares: in-process watchers (the web
@@ -292,35 +385,38 @@ class Daemon:
                 )
                 self._forward = ForwardAnswers(tokens, outbound, state, s.decode_config())
         self.outbound = outbound
-        router = Router(
-            RouterOptions(
-                topic_prefix=s.topic_prefix,
-                routing_path=s.routing,
-                batch=s.router.batch,
-                snapshot_every=s.router.snapshot_every,
-                snapshot_interval=s.router.snapshot_interval,
-                snapshot_chunk_bytes=s.router.snapshot_chunk_bytes,
-                snapshot_delta_records=s.router.snapshot_delta_records,
-                snapshot_full_every=s.router.snapshot_full_every,
-                journal_retention=s.router.journal_retention,
-            ),
-            journal,
-            lease,
-            publisher,
-            self.table,
-            metrics=metrics,
-            state=state,
-            sinks=self.sinks,
-        )
+        router: Router | None = None
+        if routes:
+            router = Router(
+                RouterOptions(
+                    topic_prefix=s.topic_prefix,
+                    routing_path=s.routing,
+                    batch=s.router.batch,
+                    snapshot_every=s.router.snapshot_every,
+                    snapshot_interval=s.router.snapshot_interval,
+                    snapshot_chunk_bytes=s.router.snapshot_chunk_bytes,
+                    snapshot_delta_records=s.router.snapshot_delta_records,
+                    snapshot_full_every=s.router.snapshot_full_every,
+                    journal_retention=s.router.journal_retention,
+                ),
+                journal,
+                lease,
+                publisher,
+                self.table,
+                metrics=metrics,
+                state=state,
+                sinks=self.sinks,
+            )
         self.router = router
         app: web.Application | None = None
         if s.http.addr:
-            app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics))
-            for connector in self.telephony:
-                # They check their callers themselves: Twilio's request signature,
-                # the credentials of Asterisk's outbound WebSocket.
-                add_routes(app, [(r, "signed") for r in connector.http_routes()])
-                openapi.document_paths(app, dict(connector.openapi_paths()))
+            app = make_app(intake, state, s, metrics, Authenticator(s, metrics=metrics), role=role)
+            if routes:
+                for connector in self.telephony:
+                    # They check their callers themselves: Twilio's request signature,
+                    # the credentials of Asterisk's outbound WebSocket.
+                    add_routes(app, [(r, "signed") for r in connector.http_routes()])
+                    openapi.document_paths(app, dict(connector.openapi_paths()))
             if outbound is not None:
                 app[OUTBOUND] = outbound
         self.app = app
@@ -332,79 +428,75 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 # Start order: what others wait for first (publisher, lease), intake last.
+                # A role starts only its own tasks (docs/daemon.md, "Roles").
                 task = tg.create_task
-                pub_task = task(publisher.run(), name="mqtt-publisher")
-                lease_task = task(keeper.run(lease_stop), name="lease")
-                router_task = task(router.run(router_stop, keeper), name="router")
-                watch_task = task(self._watch_redis(journal, state, metrics), name="redis-watch")
-                reload_task = task(self._reloads(router), name="sighup-reload")
-                desk_task = task(desk.run(), name="desk")
-                outbound_task = task(
-                    outbound.run(outbound_stop) if outbound is not None else asyncio.sleep(0),
-                    name="outbound",
-                )
-                phone_tasks = [task(c.run(), name=c.name) for c in self.telephony]
-                ingress_task = task(
-                    self._ingress_follows(keeper, ingress, intake_stop)
-                    if leader
-                    else self._ingress_always(ingress, intake_stop),
-                    name="mqtt-ingress",
-                )
+                tasks: list[asyncio.Task[Any]] = []
+
+                def start(coro: Any, name: str) -> asyncio.Task[Any]:
+                    t = task(coro, name=name)
+                    tasks.append(t)
+                    return t
+
+                start(publisher.run(), "mqtt-publisher")
+                lease_task = router_task = outbound_task = ingest_lease_task = None
+                if routes and router is not None:
+                    lease_task = start(keeper.run(lease_stop), "lease")
+                    router_task = start(router.run(router_stop, keeper), "router")
+                if follows is not keeper:
+                    ingest_lease_task = start(follows.run(lease_stop), "ingest-lease")
+                start(self._watch_redis(journal, state, metrics), "redis-watch")
+                if router is not None and desk is not None:
+                    start(self._reloads(router), "sighup-reload")
+                    start(desk.run(), "desk")
+                if outbound is not None:
+                    outbound_task = start(outbound.run(outbound_stop), "outbound")
+                phone_tasks = [start(c.run(), c.name) for c in self.telephony]
+                # Agents' commands first: an accept must not wait for a backlog of contacts.
+                ingress_tasks = [
+                    start(
+                        self._ingress_follows(follows, each, intake_stop)
+                        if leader
+                        else self._ingress_always(each, intake_stop),
+                        "mqtt-agents" if each.kind == "agents" else "mqtt-ingress",
+                    )
+                    for each in ingresses
+                ]
                 http_ready = asyncio.Event()
-                http_task = task(self._http(app, intake_stop, http_ready), name="http")
+                http_task = start(self._http(app, intake_stop, http_ready), "http")
                 smtp_ready = asyncio.Event()
-                smtp_task = task(self._smtp(intake, intake_stop, smtp_ready), name="smtp")
+                smtp_task = start(
+                    self._smtp(intake, intake_stop, smtp_ready) if ingests else _ready(smtp_ready),
+                    "smtp",
+                )
                 # Listening before "started" (a server that fails to start ends the group).
                 await http_ready.wait()
                 await smtp_ready.wait()
-                log.info("daemon.started")
+                log.info("daemon.started", role=role)
 
                 await self.stopping.wait()
                 log.info("daemon.stopping")
                 started = time.monotonic()
-                # 1. Stop intake (MQTT ingress, HTTP, SMTP): nothing new is acknowledged.
+                # 1. Stop intake (both MQTT sessions, HTTP, SMTP): nothing new is acknowledged.
                 intake_stop.set()
-                ingress.stop()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        asyncio.gather(
-                            asyncio.shield(ingress_task),
-                            asyncio.shield(http_task),
-                            asyncio.shield(smtp_task),
-                        ),
-                        3.0,
-                    )
+                for each in ingresses:
+                    each.stop()
+                await _settle([*ingress_tasks, http_task, smtp_task], 3.0)
                 # 2. The router drains the journal, publishes and snapshots.
                 router_stop.set()
                 remaining = max(0.5, SHUTDOWN_TIMEOUT - (time.monotonic() - started))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(router_task), remaining)
-                # 3. Release the lease: a standby takes over at once.
+                await _settle([router_task], remaining)
+                # 3. Release the leases: a standby takes over at once.
                 lease_stop.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(lease_task), 2.0)
+                await _settle([lease_task, ingest_lease_task], 2.0)
                 # 4. The telephony connectors carry out what the router handed them, briefly.
                 for connector in self.telephony:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(connector.drain(), 2.0)
                 # 5. Stop sending (what is in flight stays in the outbox).
                 outbound_stop.set()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(outbound_task), 2.0)
-                # 6. Cancel the rest, the publisher last of all.
-                for t in (
-                    *phone_tasks,
-                    desk_task,
-                    reload_task,
-                    watch_task,
-                    ingress_task,
-                    http_task,
-                    smtp_task,
-                    router_task,
-                    lease_task,
-                    outbound_task,
-                    pub_task,
-                ):
+                await _settle([outbound_task], 2.0)
+                # 6. Cancel the rest, the publisher (started first) last of all.
+                for t in (*phone_tasks, *reversed(tasks)):
                     t.cancel()
         finally:
             await session.close()
@@ -443,9 +535,9 @@ class Daemon:
                 continue  # lost again before this task ran
             # No await between the check above and run() clearing the stop flag: a loss
             # from here on calls ingress.stop() and ends this run.
-            log.info("mqtt.ingress.following", held=True)
+            log.info("mqtt.ingress.following", kind=ingress.kind, held=True)
             await ingress.run()
-            log.info("mqtt.ingress.following", held=False)
+            log.info("mqtt.ingress.following", kind=ingress.kind, held=False)
             if keeper.held and not stop.is_set():
                 await asyncio.sleep(0.1)  # run() returned while still held: do not spin
 
@@ -509,3 +601,16 @@ class Daemon:
             self.reload_requested.clear()
             log.info("rules.reload_requested", trigger="SIGHUP")
             await router.reload()
+
+
+async def _ready(ready: asyncio.Event) -> None:
+    """The task of a server this role does not run: ready at once."""
+    ready.set()
+
+
+async def _settle(tasks: list[asyncio.Task[Any] | None], timeout: float) -> None:
+    """Wait (at most ``timeout`` s) for the tasks this role has to finish by themselves."""
+    present = [asyncio.shield(t) for t in tasks if t is not None]
+    if present:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*present), timeout)

@@ -1,8 +1,13 @@
 """MQTT: ingress with acknowledgement after the journal write, and the publisher of commands.
 
-Ingress subscribes (QoS 1, persistent session; ``$share/{group}/...`` in shared mode) to
-``{prefix}/in/{channel}/{source}`` (native payloads) and ``{prefix}/agents/{agent_id}/cmd``
-(agent commands). aiomqtt 2.5 has no manual-ack switch of its own, so we turn on paho-mqtt's
+Ingress is two persistent sessions (QoS 1; ``$share/{group}/...`` in shared mode): the contact
+session (client id ``MqttSettings.identifier``) subscribes to ``{prefix}/in/{channel}/{source}``
+(native payloads), the agent session (that id + ``-agents``) to ``{prefix}/agents/{agent_id}/cmd``
+(agent commands). Two sessions because the broker delivers each session's messages in order:
+with one, an agent's accept queued behind every call waiting in the broker under overload, the
+agent stayed "offered" meanwhile, and the routed rate fell below its ceiling.
+
+aiomqtt 2.5 has no manual-ack switch of its own, so we turn on paho-mqtt's
 (``manual_ack_set(True)`` on the wrapped client, before connecting) and send each PUBACK with
 ``ack(mid, qos)`` only after the journal append returned. A payload the decoder rejects is in the
 dead-letter stream and is acknowledged too; only an unreachable Redis withholds the PUBACK: the
@@ -22,7 +27,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 import msgspec
@@ -355,8 +360,26 @@ class Publisher:
 # ---- ingress -------------------------------------------------------------------------------
 
 
+IngressKind = Literal["contacts", "agents"]
+"""Which of the two ingress sessions: the ``in/`` topics, or the agents' ``cmd`` topics."""
+
+
+def ingress_topics(prefix: str, kind: IngressKind) -> tuple[str, ...]:
+    """The plain topic filters one ingress session consumes."""
+    return (f"{prefix}/in/+/+",) if kind == "contacts" else (f"{prefix}/agents/+/cmd",)
+
+
+def ingress_identifier(settings: Settings, kind: IngressKind) -> str:
+    """The MQTT client id of one ingress session: the contact session has
+    ``MqttSettings.identifier``, the agent session that id with ``-agents`` appended."""
+    base = settings.mqtt.identifier(settings.topic_prefix)
+    return base if kind == "contacts" else f"{base}-agents"
+
+
 class Ingress:
-    """Consumes the ingress and agent-command topics into the journal (see module docstring)."""
+    """Consumes one kind of ingress topic into the journal (see module docstring): ``contacts``
+    (``{prefix}/in/+/+``) or ``agents`` (``{prefix}/agents/+/cmd``), each on its own persistent
+    session, so agents' commands never wait behind a backlog of contacts in the broker."""
 
     def __init__(
         self,
@@ -364,23 +387,38 @@ class Ingress:
         intake: Intake,
         publisher: Publisher,
         *,
+        kind: IngressKind = "contacts",
         metrics: Metrics | None = None,
         on_status: Callable[[bool], None] | None = None,
     ) -> None:
         self.settings = settings
         self.intake = intake
         self.publisher = publisher
+        self.kind = kind
         self.metrics = metrics
         self._on_status = on_status
         self.prefix = settings.topic_prefix
-        plain: tuple[str, ...] = (f"{self.prefix}/in/+/+", f"{self.prefix}/agents/+/cmd")
-        shared: tuple[str, ...] = tuple(f"$share/{settings.mqtt.share_group}/{t}" for t in plain)
-        # In leader mode one session consumes everything: a plain subscription, which the
-        # broker restores from its persistence after a restart ($share ones it does not), so
+        self.identifier = ingress_identifier(settings, kind)
+        group = settings.mqtt.share_group
+        plain = ingress_topics(self.prefix, kind)
+        shared = tuple(f"$share/{group}/{t}" for t in plain)
+        # In leader mode one session per kind consumes everything: a plain subscription, which
+        # the broker restores from its persistence after a restart ($share ones it does not), so
         # calls published before the daemon reconnects wait in the session instead of vanishing.
         leader = settings.mqtt.ingress != "shared"
         self.topics = plain if leader else shared
-        self._stale_topics = shared if leader else plain
+        # The persistent session may still hold the other mode's subscriptions (the ingress
+        # mode was changed): each message would arrive twice.
+        stale = list(shared if leader else plain)
+        if kind == "contacts":
+            # Before agent commands had a session of their own, the contact session (same
+            # client id) subscribed to them too, and the broker restores that subscription on
+            # every reconnect: left alone, each command would reach both sessions and be
+            # journaled twice, and the contact session's copy would still wait behind its
+            # backlog. Dropped explicitly, in both modes' spellings.
+            for topic in ingress_topics(self.prefix, "agents"):
+                stale += [topic, f"$share/{group}/{topic}"]
+        self._stale_topics = tuple(stale)
         self._stopping = asyncio.Event()
         self.connected = False
 
@@ -393,19 +431,24 @@ class Ingress:
         self._stopping.clear()
         delays = backoff()
         failures = 0
-        identifier = self.settings.mqtt.identifier(self.settings.topic_prefix)
+        identifier = self.identifier
         while not self._stopping.is_set():
             client = make_client(self.settings.mqtt, identifier, persistent=True, manual_ack=True)
             try:
                 async with client:
                     for topic in self.topics:
                         await self._subscribe(client, topic)
-                    # The persistent session may still hold the other mode's subscriptions
-                    # (the ingress mode was changed): each message would arrive twice.
+                    # Subscriptions this session may hold from an earlier mode or version
+                    # (see __init__); unsubscribing one it does not hold is harmless.
                     await client.unsubscribe(list(self._stale_topics))
                     failures = 0
                     self._status(True)
-                    log.info("mqtt.ingress.connected", client_id=identifier, topics=self.topics)
+                    log.info(
+                        "mqtt.ingress.connected",
+                        client_id=identifier,
+                        kind=self.kind,
+                        topics=self.topics,
+                    )
                     await self._consume(client)
                     return
             except aiomqtt.MqttError as exc:

@@ -171,12 +171,14 @@ class DaemonProcess:
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: more ``stellwerk run`` arguments (``--role``, ``--http-addr``)
+    args: tuple[str, ...] = ()
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "run"],
+            [sys.executable, "-m", "router.cli", "run", *self.args],
             cwd=REPO,
             env=self.env,
             stdout=log,
@@ -246,28 +248,31 @@ def daemon_env(names: Names, tmp_path: Path) -> Callable[..., dict[str, str]]:
 
 
 async def drop_session(client_id: str) -> None:
-    """Make the broker forget a persistent session a test created (clean-session connect)."""
-    with contextlib.suppress(aiomqtt.MqttError):
-        async with aiomqtt.Client(
-            MQTT_HOST,
-            MQTT_PORT,
-            username=MQTT_USER,
-            password=MQTT_PASSWORD,
-            identifier=client_id,
-            clean_session=True,
-        ):
-            pass
+    """Make the broker forget a persistent ingress session a test created (clean-session
+    connect), and its agent-command companion (``{client_id}-agents``)."""
+    for identifier in (client_id, f"{client_id}-agents"):
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with aiomqtt.Client(
+                MQTT_HOST,
+                MQTT_PORT,
+                username=MQTT_USER,
+                password=MQTT_PASSWORD,
+                identifier=identifier,
+                clean_session=True,
+            ):
+                pass
 
 
 @pytest.fixture
 async def daemons(
     tmp_path: Path, names: Names, redis_client: aioredis.Redis
-) -> AsyncIterator[Callable[[dict[str, str], str], DaemonProcess]]:
-    """Start daemons as subprocesses; every one still running is stopped after the test."""
+) -> AsyncIterator[Callable[..., DaemonProcess]]:
+    """Start daemons as subprocesses (``start(env, name, *args)``, args for ``stellwerk
+    run``); every one still running is stopped after the test."""
     started: list[DaemonProcess] = []
 
-    def start(env: dict[str, str], name: str = "a") -> DaemonProcess:
-        d = DaemonProcess(env=env, log_path=tmp_path / f"daemon-{name}.log")
+    def start(env: dict[str, str], name: str = "a", *args: str) -> DaemonProcess:
+        d = DaemonProcess(env=env, log_path=tmp_path / f"daemon-{name}.log", args=args)
         d.start()
         started.append(d)
         return d

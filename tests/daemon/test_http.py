@@ -210,6 +210,7 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
     assert status == 503
     assert reply == {
         "ready": False,
+        "role": "all",
         "redis": False,
         "mqtt": False,
         "lease": False,
@@ -224,12 +225,33 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
         200,
         {
             "ready": True,
+            "role": "all",
             "redis": True,
             "mqtt": True,
             "lease": True,
             "journal_lag": {"entries": 1200, "seconds": 2.346},
         },
     )
+
+
+async def test_an_ingest_node_is_ready_without_a_lease_a_router_needs_the_routing_one(
+    api: Api,
+) -> None:
+    api.state.role = "ingest"
+    api.state.redis_ok = api.state.mqtt_ok = True
+    # Every ingest node takes webhooks and mail: a leader-mode standby is ready too.
+    assert await api.get("/readyz") == (
+        200,
+        {"ready": True, "role": "ingest", "redis": True, "mqtt": True, "ingest_lease": False},
+    )
+    api.state.mqtt_ok = False
+    assert (await api.get("/readyz"))[0] == 503
+    api.state.role = "router"
+    api.state.mqtt_ok = True
+    status, reply = await api.get("/readyz")
+    assert (status, reply["role"], reply["lease"]) == (503, "router", False)
+    api.state.lease_held = True
+    assert (await api.get("/readyz"))[0] == 200
 
 
 async def test_read_api_serves_the_router_view_and_503_on_a_standby(api: Api) -> None:

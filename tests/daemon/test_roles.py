@@ -1,0 +1,284 @@
+"""``stellwerk run --role ingest|router``: two processes that meet only in the Redis journal.
+
+Real daemon subprocesses on the shared Redis and broker: the ingest one takes contacts and
+agents' commands into the journal and never routes, the router one routes and offers and never
+consumes MQTT ingress; leader-mode ingest nodes hand the sessions over through their own lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from router.daemon.journal import AgentEntry, ContactEntry, Journal
+from tests.daemon.conftest import DaemonProcess, MqttProbe, Names, ari, wait_until, write_routing
+from tests.daemon.private_servers import free_port
+
+pytestmark = pytest.mark.integration
+
+CALL = "in/phone/asterisk-ari"
+STARTUP = 30.0  # a daemon subprocess starting on a busy machine
+
+
+def events(daemon: DaemonProcess, event: str, **match: Any) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines with this ``event`` (and these fields)."""
+    return [
+        line
+        for line in daemon.log_lines()
+        if line.get("event") == event and all(line.get(k) == v for k, v in match.items())
+    ]
+
+
+async def get(port: int, path: str) -> tuple[int, Any]:
+    """(status, JSON body or text) of ``GET path`` on a daemon; (0, None) while it is down."""
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
+            body = await r.json() if r.content_type == "application/json" else await r.text()
+            return r.status, body
+    except aiohttp.ClientConnectionError:
+        return 0, None
+
+
+async def ready(port: int) -> dict[str, Any] | None:
+    status, body = await get(port, "/readyz")
+    return body if status == 200 else None
+
+
+async def journal_kinds(journal: Journal) -> list[str]:
+    rows = await journal.read_after("0-0", None, 100)
+    return [
+        "contact" if isinstance(e, ContactEntry) else "agent" if isinstance(e, AgentEntry) else ""
+        for _, e in rows
+    ]
+
+
+def mqtt_accepted(metrics_page: str) -> float:
+    """MQTT deliveries a daemon journaled (``stellwerk_ingress_deliveries_total``)."""
+    total = 0.0
+    for line in metrics_page.splitlines():
+        if line.startswith("stellwerk_ingress_deliveries_total{") and all(
+            label in line for label in ('transport="mqtt"', 'outcome="accepted"')
+        ):
+            total += float(line.split()[-1])
+    return total
+
+
+async def test_an_ingest_and_a_router_process_route_a_call_end_to_end(
+    tmp_path: Path,
+    names: Names,
+    journal: Journal,
+    redis_client: aioredis.Redis,
+    mqtt_probe: MqttProbe,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    # Long enough an offer for the accept to travel through both processes on a busy machine.
+    routing = write_routing(tmp_path / "routing.yaml", agents=("anna",), offer_timeout=30)
+    ingest_port, router_port = free_port(), free_port()
+    # The role by setting for one, by flags for the other (the flags win over the env).
+    ingest = daemons(
+        daemon_env(routing, "ing", role="ingest", http_addr=f"127.0.0.1:{ingest_port}"), "ing"
+    )
+    readiness = await wait_until(lambda: ready(ingest_port), STARTUP, "the ingest daemon ready")
+    assert readiness == {
+        "ready": True,
+        "role": "ingest",
+        "redis": True,
+        "mqtt": True,
+        "ingest_lease": True,
+    }
+    # Alone, the ingest daemon journals what arrives; nobody routes it.
+    await mqtt_probe.agent("anna", op="login")
+    await mqtt_probe.publish(CALL, ari("StasisStart", "split-1"))
+
+    async def both_journaled() -> bool:
+        return sorted(await journal_kinds(journal)) == ["agent", "contact"]
+
+    await wait_until(both_journaled, 20, "the login and the call journaled")
+    assert await redis_client.get(f"{names.key_prefix}lease") is None  # no routing lease taken
+    holder = await redis_client.get(f"{names.key_prefix}lease:ingest")
+    assert holder is not None and holder.decode().startswith("ing:")
+    assert mqtt_probe.seen("agents/anna/offers") == []
+
+    router = daemons(
+        daemon_env(routing, "rt", role="all", http_addr=""),
+        "rt",
+        "--role",
+        "router",
+        "--http-addr",
+        f"127.0.0.1:{router_port}",
+    )
+    (offer,) = await mqtt_probe.wait_for("agents/anna/offers", timeout=STARTUP, type="offer")
+    assert offer["contact_id"] == "asterisk-ari:split-1"
+    router_ready = await wait_until(lambda: ready(router_port), STARTUP, "the router ready")
+    assert (router_ready["role"], router_ready["lease"]) == ("router", True)
+
+    # Contacts after the start flow through both: accept, a second call offered after wrap-up.
+    await mqtt_probe.agent("anna", op="accept", offer_id=offer["offer_id"])
+    await mqtt_probe.wait_for("events/contact.assigned", contact_id="asterisk-ari:split-1")
+
+    # Each serves its own HTTP routes (docs/daemon.md, "Roles").
+    assert (await get(ingest_port, "/v1/queues"))[0] == 404
+    assert (await get(router_port, "/v1/queues"))[0] == 401  # there, behind a token
+    async with aiohttp.ClientSession() as http:
+        hook = "/v1/webhooks/asterisk-ari"
+        async with http.post(f"http://127.0.0.1:{router_port}{hook}", data=b"{}") as resp:
+            assert resp.status == 404
+        async with http.post(f"http://127.0.0.1:{ingest_port}{hook}", data=b"{}") as resp:
+            assert resp.status in (400, 401)  # taken, and judged by the intake
+
+    # Who did what: the ingest one consumed the sessions, never routed or offered.
+    _, ingest_metrics = await get(ingest_port, "/metrics")
+    _, router_metrics = await get(router_port, "/metrics")
+    assert mqtt_accepted(ingest_metrics) >= 3  # login, call, accept
+    assert mqtt_accepted(router_metrics) == 0
+    assert {e["kind"] for e in events(ingest, "mqtt.ingress.connected")} == {"agents", "contacts"}
+    assert events(router, "mqtt.ingress.connected") == []
+    assert events(ingest, "lease.acquired", lease="routing") == []
+    assert events(ingest, "contact.offered") == []
+    assert events(router, "contact.offered", contact_id="asterisk-ari:split-1")
+    (started,) = events(ingest, "daemon.started")
+    assert started["role"] == "ingest"
+    assert ingest.stop() == 0
+    assert router.stop() == 0
+
+
+async def test_a_standby_ingest_node_takes_the_sessions_over(
+    tmp_path: Path,
+    names: Names,
+    journal: Journal,
+    redis_client: aioredis.Redis,
+    mqtt_probe: MqttProbe,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    """Leader mode: two ingest nodes, one consumes (the ingest lease); when it dies, the other
+    resumes the same sessions, with what was published meanwhile."""
+    routing = write_routing(tmp_path / "routing.yaml")
+    ports = {"i1": free_port(), "i2": free_port()}
+    nodes = {
+        node: daemons(daemon_env(routing, node, role="ingest", http_addr=f"127.0.0.1:{port}"), node)
+        for node, port in ports.items()
+    }
+    for port in ports.values():
+        await wait_until(lambda p=port: ready(p), STARTUP, "ingest nodes ready")
+
+    async def holder() -> str | None:
+        value = await redis_client.get(f"{names.key_prefix}lease:ingest")
+        return value.decode().partition(":")[0] if value else None
+
+    first = await wait_until(holder, 10, "an ingest lease holder")
+    standby = "i2" if first == "i1" else "i1"
+    assert (await ready(ports[standby]) or {}).get("ingest_lease") is False
+    # Only the holder consumes: one contact session connected, in the holder.
+    assert events(nodes[standby], "mqtt.ingress.connected") == []
+
+    nodes[first].kill()
+    await mqtt_probe.publish(CALL, ari("StasisStart", "while-away"))
+
+    async def journaled() -> bool:
+        return "contact" in await journal_kinds(journal)
+
+    await wait_until(journaled, 20, "the call journaled by the standby")
+    assert await holder() == standby
+    assert {e["kind"] for e in events(nodes[standby], "mqtt.ingress.connected")} == {
+        "agents",
+        "contacts",
+    }
+    assert nodes[standby].stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "extra", "said"),
+    [
+        # Forwarded answers come in by SMTP and need the router's contacts: one process.
+        (
+            ("--role", "ingest"),
+            {
+                "outbound_mail": (
+                    '{"host": "127.0.0.1", "port": 2500, "security": "none", "forward": '
+                    '{"secret": "0123456789abcdef0123456789", "reply_address": '
+                    '"antwort@team.example", "agents": {"anna": "anna@team.example"}}}'
+                )
+            },
+            "outbound.mail.forward needs role all",
+        ),
+        (("--role", "router", "--http-addr", "nowhere"), {}, "--http-addr: 'nowhere' is not"),
+    ],
+)
+def test_settings_a_role_cannot_serve_are_refused_at_start(
+    tmp_path: Path,
+    daemon_env: Callable[..., dict[str, str]],
+    args: tuple[str, ...],
+    extra: dict[str, str],
+    said: str,
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.daemon.conftest import REPO
+
+    routing = write_routing(tmp_path / "routing.yaml")
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "run", *args],
+        cwd=REPO,
+        env=daemon_env(routing, "x", **extra),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr.decode()
+    assert said in done.stderr.decode()
+
+
+async def test_in_shared_mode_every_ingest_node_consumes_without_a_lease(
+    tmp_path: Path,
+    names: Names,
+    journal: Journal,
+    redis_client: aioredis.Redis,
+    mqtt_probe: MqttProbe,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    from tests.daemon.conftest import drop_session
+
+    routing = write_routing(tmp_path / "routing.yaml")
+    ports = {"s1": free_port(), "s2": free_port()}
+    try:
+        nodes = [
+            daemons(
+                daemon_env(
+                    routing,
+                    node,
+                    role="ingest",
+                    http_addr=f"127.0.0.1:{port}",
+                    mqtt_ingress="shared",
+                    # Shared mode: a persistent session of its own per node.
+                    mqtt_client_id=f"stw-{names.tag}-{node}",
+                ),
+                node,
+            )
+            for node, port in ports.items()
+        ]
+        for port in ports.values():
+            await wait_until(lambda p=port: ready(p), STARTUP, "ingest nodes ready")
+        for node in nodes:
+            kinds = {e["kind"] for e in events(node, "mqtt.ingress.connected")}
+            assert kinds == {"agents", "contacts"}
+        assert await redis_client.get(f"{names.key_prefix}lease:ingest") is None
+        for n in range(20):
+            await mqtt_probe.publish(CALL, ari("StasisStart", f"shared-{n}"))
+
+        async def all_journaled() -> bool:
+            return len(await journal_kinds(journal)) == 20
+
+        await wait_until(all_journaled, 30, "every call journaled once")
+        for node in nodes:
+            assert node.stop() == 0
+    finally:
+        for node in ports:
+            await drop_session(f"stw-{names.tag}-{node}")
