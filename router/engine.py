@@ -324,6 +324,10 @@ class Engine:
         snapshot's cut, see :func:`router.snapshot.encode_changes`); the next start empty."""
         return self._changes.take()
 
+    def put_back_changes(self, changes: Changes) -> None:
+        """Mark again what a :meth:`take_changes` took, for a delta that was not written."""
+        self._changes.put_back(changes)
+
     @property
     def state(self) -> EngineState:
         """The live state (read it, do not change it)."""

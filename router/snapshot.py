@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -322,6 +323,17 @@ def encode_state(state: EngineState, limit: int = CHUNK_BYTES) -> Iterator[bytes
     yield from _encode_items(Finished, list(state.finished.items()), limit)
 
 
+@dataclass
+class ChainSize:
+    """What a :class:`StateBuilder` was fed: the full state's chunks and bytes, and how many
+    deltas followed it with how many bytes (a chain that goes on counts from here)."""
+
+    base_chunks: int = 0
+    base_bytes: int = 0
+    deltas: int = 0
+    delta_bytes: int = 0
+
+
 class SnapshotError(ValueError):
     """The chunks do not make a snapshot (missing head, unknown format, not msgpack...)."""
 
@@ -342,6 +354,8 @@ class StateBuilder:
         self._gc_was_enabled = False
         self._format = FORMAT
         self._delta = False
+        #: the chunks fed so far, by part (full state, deltas).
+        self.size = ChainSize()
 
     def __enter__(self) -> StateBuilder:
         self._gc_was_enabled = gc.isenabled()
@@ -358,6 +372,14 @@ class StateBuilder:
             chunk = _DECODER.decode(data)
         except msgspec.DecodeError as exc:
             raise SnapshotError(f"not a snapshot chunk: {exc}") from exc
+        size = self.size
+        if isinstance(chunk, Head) and chunk.delta:
+            size.deltas += 1
+        if size.deltas:
+            size.delta_bytes += len(data)
+        else:
+            size.base_chunks += 1
+            size.base_bytes += len(data)
         if isinstance(chunk, Head):
             if chunk.format not in READS:
                 raise SnapshotError(f"snapshot format {chunk.format}, this version reads {FORMAT}")

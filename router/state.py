@@ -221,6 +221,20 @@ class Changes:
         taken.keys, self.keys = self.keys, {}
         return taken
 
+    def put_back(self, older: Changes) -> None:
+        """Merge ``older`` (changes taken for a delta that was not written) in front of these,
+        as if it had never been taken: the next delta carries both, in the order of the last
+        move of each record."""
+        for name in self.__slots__:
+            newer: dict[str, bool] = getattr(self, name)
+            merged = dict(getattr(older, name))
+            for key, was_moved in newer.items():
+                if was_moved:
+                    moved(merged, key)
+                else:
+                    merged.setdefault(key, False)
+            setattr(self, name, merged)
+
     def clear(self) -> None:
         """Forget the changes (nobody cuts deltas of this engine)."""
         self.contacts.clear()

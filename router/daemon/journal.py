@@ -42,7 +42,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from channels.contact_event import ContactEvent
 from router.messages import AdminCommand, AgentCommand
-from router.snapshot import StateBuilder, decode_legacy
+from router.snapshot import ChainSize, StateBuilder, decode_legacy
 from router.state import EngineState
 
 DEADLETTER_MAXLEN = 100_000
@@ -154,6 +154,10 @@ class Snapshot:
     data: bytes | None = None
 
 
+class _Fenced(Exception):
+    """A chunk write was refused: this router no longer holds the lease."""
+
+
 class SnapshotGone(Exception):
     """A chunk of the snapshot being read is gone: a newer one replaced it meanwhile."""
 
@@ -183,6 +187,19 @@ redis.call('HSET', KEYS[1], 'gen', ARGV[2], 'chunks', ARGV[3], 'last_id', ARGV[4
            'at', ARGV[5], 'now', ARGV[6])
 return 1
 """
+# Appending to a generation: only the lease holder writes its chunks (a router that lost the
+# lease must not overwrite a chunk the pointer already counts), and the first call of a delta
+# (ARGV[3] = 1) drops chunks from ARGV[2] on, left by a delta that was not switched to.
+_FENCED_APPEND = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '1' then
+  for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if tonumber(field) >= tonumber(ARGV[2]) then redis.call('HDEL', KEYS[1], field) end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[4])
+return 1
+"""
 _FENCED_SET = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
@@ -204,6 +221,7 @@ class Journal:
         self.saved: Snapshot | None = None
         self._fenced_switch = client.register_script(_FENCED_SWITCH)
         self._fenced_set = client.register_script(_FENCED_SET)
+        self._fenced_append = client.register_script(_FENCED_APPEND)
 
     # ---- ingress ------------------------------------------------------------------------
 
@@ -375,16 +393,33 @@ class Journal:
             gen, n = uuid.uuid4().hex[:16], 0
         key = self.keys.snapshot_gen(gen)
         try:
+            return await self._save(chunks, last_id, now, lease_token, append_to, gen, n, key)
+        except _Fenced:
+            return False
+
+    async def _save(
+        self,
+        chunks: Iterable[bytes] | AsyncIterable[bytes],
+        last_id: str,
+        now: float,
+        lease_token: str | None,
+        append_to: Snapshot | None,
+        gen: str,
+        n: int,
+        key: str,
+    ) -> bool:
+        try:
             # Also for a delta: should its generation be gone, what it wrote is removed with
             # the old generations after the next switch.
             await self.redis.sadd(self.keys.snapshot_gens, gen)  # type: ignore[misc]
+            first = n
             if isinstance(chunks, AsyncIterable):
                 async for chunk in chunks:
-                    await self.redis.hset(key, str(n), chunk)  # type: ignore[misc,arg-type]
+                    await self._put_chunk(key, n, chunk, append_to, first, lease_token)
                     n += 1
             else:
                 for chunk in chunks:
-                    await self.redis.hset(key, str(n), chunk)  # type: ignore[misc,arg-type]
+                    await self._put_chunk(key, n, chunk, append_to, first, lease_token)
                     n += 1
             done = await self._fenced_switch(
                 keys=[self.keys.snapshot, self.keys.lease, key],
@@ -403,6 +438,25 @@ class Journal:
             raise JournalUnavailable(str(exc)) from exc
         self.saved = Snapshot(last_id=last_id, at=time.time(), now=now, gen=gen, chunks=n)
         return True
+
+    async def _put_chunk(
+        self,
+        key: str,
+        n: int,
+        chunk: bytes,
+        append_to: Snapshot | None,
+        first: int,
+        lease_token: str | None,
+    ) -> None:
+        if append_to is None:  # a new generation: nobody else writes to it
+            await self.redis.hset(key, str(n), chunk)  # type: ignore[misc,arg-type]
+            return
+        done = await self._fenced_append(
+            keys=[key, self.keys.lease],
+            args=[lease_token or "", n, "1" if n == first else "0", chunk],
+        )
+        if not done:
+            raise _Fenced()
 
     async def _drop_generations(self, gens: set[str]) -> None:
         if gens:
@@ -448,10 +502,15 @@ class Journal:
         router uses :func:`router.snapshot.decode_legacy`, which also gives the events."""
         if snap.data is not None:
             return decode_legacy(snap.data)[0]
+        return (await self.snapshot_chain(snap))[0]
+
+    async def snapshot_chain(self, snap: Snapshot) -> tuple[EngineState, ChainSize]:
+        """The state of a chunked snapshot ``snap``, and the size of its full state and of
+        the deltas after it (where a router that goes on appending starts counting)."""
         with StateBuilder() as builder:
             async for chunk in self.snapshot_chunks(snap):
                 builder.feed(chunk)
-            return builder.finish()
+            return builder.finish(), builder.size
 
     async def set_published(self, last_id: str, *, lease_token: str | None = None) -> bool:
         """Record that the commands of every entry up to ``last_id`` were published."""

@@ -154,7 +154,7 @@ class _Run:
     position: int | None = None
     # The snapshot being written (its task), and the contacts that may have finished since the
     # last one (their stored events go once a snapshot is in and they are still finished).
-    snapshotting: asyncio.Task[None] | None = None
+    snapshotting: asyncio.Task[bool] | None = None
     finished: set[str] = field(default_factory=set)
     # Which snapshot comes next, a delta or a full one; the engine tracks its changes for it.
     chain: SnapshotChain = field(default_factory=SnapshotChain)
@@ -311,7 +311,7 @@ class Router:
             if not await self.payloads.write(events, lease_token=self.lease.token):
                 raise _LostLease()
         elif snap is not None:
-            state = await self.journal.snapshot_state(snap)
+            state, size = await self.journal.snapshot_chain(snap)
         if snap is not None:
             # Building the indexes of a large state takes seconds of pure Python: in a thread,
             # so the loop keeps renewing the lease meanwhile (nothing else uses the engine yet).
@@ -321,6 +321,9 @@ class Router:
             engine = Engine(self.table)
             run = _Run(engine=engine, last_id="0-0", now=0.0, published="0-0")
         run.chain.full_every = self.options.snapshot_full_every
+        if snap is not None and snap.data is None:
+            # The first snapshot of the tenure is a delta appended to this generation.
+            run.chain.restored(snap, size)
         run.engine.track_changes()
         run.published = await self.journal.published()
         run.poison = await self.journal.poisoned()
@@ -477,8 +480,9 @@ class Router:
                     run.snapshot_at = time.monotonic()
                 return
             run.snapshotting = None
-            task.result()  # a lost lease or Redis away ends the tenure here
-            await self._after_snapshot(run)
+            # A lost lease or Redis away ends the tenure here.
+            if task.result():
+                await self._after_snapshot(run)
         if run.since_snapshot == 0:
             return
         due = (
@@ -512,7 +516,8 @@ class Router:
 
     async def _write_snapshot(
         self, cut: StateCut | DeltaCut, chain: SnapshotChain, last_id: str, now: float
-    ) -> None:
+    ) -> bool:
+        """Write ``cut`` (and the deltas cut meanwhile); whether it got in."""
         started = time.perf_counter()
         chunks = cut.chunks()
         try:
@@ -522,11 +527,20 @@ class Router:
         except SnapshotEncodeFailed as exc:
             # The child died (killed, out of memory): the previous snapshot stays, the journal
             # after it is kept, and the next one (a full one) is tried when due.
-            chain.failed()
+            chain.failed(cut)
             log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
-            return
+            return False
+        except JournalUnavailable as exc:
+            if cut.full:
+                chain.failed(cut)
+                raise
+            # A delta that did not get in (a timeout, say): its changes go to the next one.
+            # Should Redis be away, reading the journal ends the tenure anyway.
+            chain.failed(cut)
+            log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
+            return False
         except BaseException:
-            chain.failed()
+            chain.failed(cut)
             raise
         finally:
             await chunks.aclose()
@@ -548,10 +562,10 @@ class Router:
                     append_to=delta.append_to,
                 )
             except BaseException:
-                chain.failed()
+                chain.failed(delta)
                 raise
             if not ok or self.journal.saved is None:
-                chain.failed()
+                chain.failed(delta)
                 raise _LostLease()
             chain.written(delta, self.journal.saved)
         if last_id != "0-0":
@@ -565,6 +579,7 @@ class Router:
             stall_ms=round(cut.stall_s * 1000, 2),
             fork_ms=round(cut.fork_s * 1000, 2),
         )
+        return True
 
     async def _snapshot(self, run: _Run) -> None:
         """Write a snapshot of the state now and wait until it is in (and the one before)."""
@@ -572,8 +587,7 @@ class Router:
             if start:
                 self._start_snapshot(run)
             task, run.snapshotting = run.snapshotting, None
-            if task is not None:
-                await task
+            if task is not None and await task:
                 await self._after_snapshot(run)
 
     async def _after_snapshot(self, run: _Run) -> None:

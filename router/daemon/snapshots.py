@@ -44,7 +44,7 @@ from collections.abc import AsyncGenerator
 
 from router.daemon.journal import Snapshot
 from router.engine import Engine
-from router.snapshot import CHUNK_BYTES, encode_changes, encode_state
+from router.snapshot import CHUNK_BYTES, ChainSize, encode_changes, encode_state
 from router.state import Changes, EngineState
 
 _LEN = 4  # bytes of the length prefix of each chunk in the pipe
@@ -196,6 +196,7 @@ class DeltaCut:
         changes: Changes,
         append_to: Snapshot | None,
         limit: int = CHUNK_BYTES,
+        engine: Engine | None = None,
     ) -> None:
         started = time.perf_counter()
         self._chunks = encode_changes(state, changes, limit)
@@ -203,6 +204,14 @@ class DeltaCut:
         self.append_to: Snapshot | None = append_to
         self.records = len(changes)
         self.bytes = 0
+        #: what the cut took, and from which engine: marked again should the write fail.
+        self.changes = changes
+        self.engine = engine
+
+    def put_back(self) -> None:
+        """The delta was not written: its changes go back to the engine for the next one."""
+        if self.engine is not None:
+            self.engine.put_back_changes(self.changes)
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The delta's chunks in order."""
@@ -258,12 +267,12 @@ class SnapshotChain:
                 raise
             self.writing_full = True
             return cut
-        return DeltaCut(engine.state, changes, self.head, limit)
+        return DeltaCut(engine.state, changes, self.head, limit, engine)
 
     def cut_pending(self, engine: Engine, last_id: str, now: float, limit: int) -> DeltaCut:
         """While a full snapshot is written: cut a delta now, to be written after it (so the
         changes meanwhile never make one large delta, and a large stall, at the end)."""
-        cut = DeltaCut(engine.state, engine.take_changes(), None, limit)
+        cut = DeltaCut(engine.state, engine.take_changes(), None, limit, engine)
         self.pending.append((cut, last_id, now))
         return cut
 
@@ -277,8 +286,26 @@ class SnapshotChain:
             self.delta_bytes += cut.bytes
         self.head = head
 
-    def failed(self) -> None:
-        """A snapshot was not written: the changes it took are only in a full one now."""
+    def restored(self, head: Snapshot, size: ChainSize) -> None:
+        """The engine was restored from ``head`` (of that size): the chain goes on from it,
+        the next delta is appended to its generation."""
+        self.head = head
+        self.base_bytes, self.deltas, self.delta_bytes = (
+            size.base_bytes,
+            size.deltas,
+            size.delta_bytes,
+        )
+
+    def failed(self, cut: StateCut | DeltaCut | None = None) -> None:
+        """A snapshot was not written. A delta appended to the head puts its changes back
+        (and those of the deltas waiting after it), so the next delta carries them and the
+        chain goes on; otherwise (a full one) the changes are only in a full one now."""
+        if isinstance(cut, DeltaCut) and cut.engine is not None and self.head is not None:
+            for later, _, _ in reversed(self.pending):
+                later.put_back()
+            self.pending = []
+            cut.put_back()
+            return
         self.head = None
         self.writing_full = False
         self.pending = []

@@ -11,13 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from router.daemon.journal import ContactEntry, Journal, JournalUnavailable, Snapshot
+from router.daemon.journal import (
+    ContactEntry,
+    Journal,
+    JournalUnavailable,
+    Snapshot,
+    connect_redis,
+)
 from router.daemon.snapshots import DeltaCut, SnapshotChain, StateCut
 from router.engine import Engine
 from router.messages import Accept, EngineInput, Login, OfferCmd
 from router.snapshot import encode_changes, encode_state
 from router.state import STATE_DECODER, EngineState
-from tests.daemon.conftest import DaemonProcess, wait_until, write_routing
+from tests.daemon.conftest import DaemonProcess, Names, wait_until, write_routing
+from tests.daemon.private_servers import PrivateRedis
 from tests.daemon.test_daemon_recovery import routed_state, wait_log
 from tests.daemon.test_snapshot_crash import mail
 from tests.router.enginekit import call
@@ -204,3 +211,133 @@ async def test_a_daemon_killed_after_deltas_restores_the_full_snapshot_and_its_d
     state = await routed_state(journal, routing, killed_at)
     assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
     assert second.stop() == 0
+
+
+async def test_a_delta_that_failed_to_get_in_goes_into_the_next_one(
+    redis_server: PrivateRedis, names: Names
+) -> None:
+    # Redis stops while a delta is written: its changes go back to the engine, the chain
+    # keeps its head, and the next delta (Redis back) carries them: the snapshot is then
+    # exactly the engine's state, with no full snapshot in between.
+    client = connect_redis(redis_server.url, timeout=1.0)
+    journal = Journal(client, names.key_prefix)
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    chain = SnapshotChain(full_every=100, max_delta_share=100.0)
+    for agent in ("a1", "a3"):
+        eng.handle(Login(agent_id=agent), 0.0)
+    feed(eng, inputs(0, 40), 1.0)
+
+    async def write(cut: StateCut | DeltaCut, last_id: str) -> None:
+        assert await journal.save_snapshot(cut.chunks(), last_id, append_to=cut.append_to)
+        assert journal.saved is not None
+        chain.written(cut, journal.saved)
+
+    try:
+        await write(chain.cut(eng, fork=False, limit=512), "1-0")
+        base = chain.head
+        assert base is not None
+        feed(eng, inputs(40, 30), 10.0)
+        doomed = chain.cut(eng, fork=False, limit=512)
+        assert not doomed.full and eng.changed() == 0
+        redis_server.stop()
+        with pytest.raises(JournalUnavailable):
+            await journal.save_snapshot(doomed.chunks(), "2-0", append_to=doomed.append_to)
+        chain.failed(doomed)
+        assert chain.head == base and eng.changed() > 0
+        feed(eng, inputs(70, 20), 20.0)
+        redis_server.start()
+        good = chain.cut(eng, fork=False, limit=512)
+        assert not good.full
+        await write(good, "3-0")
+        snap = await journal.load_snapshot()
+        assert snap is not None and snap.gen == base.gen and snap.last_id == "3-0"
+        restored = await journal.snapshot_state(snap)
+        assert copy(restored) == copy(eng.state)
+        assert list(restored.contacts) == list(eng.state.contacts)
+        assert list(restored.customers) == list(eng.state.customers)
+        assert list(restored.finished) == list(eng.state.finished)
+    finally:
+        await client.aclose()
+
+
+async def test_chunks_left_by_a_delta_that_was_not_switched_to_are_replaced(
+    journal: Journal,
+) -> None:
+    # A delta written in part (and never switched to) leaves chunks after the head; the next
+    # delta, appended at the same place, replaces them and the switch counts right.
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    feed(eng, inputs(0, 30), 1.0)
+    assert await journal.save_snapshot(encode_state(eng.state, 512), "1-0")
+    eng.take_changes()
+    head = journal.saved
+    assert head is not None
+    feed(eng, inputs(30, 40), 5.0)
+    big = encode_changes(eng.state, eng.take_changes(), 256)
+    with pytest.raises(Crash):
+        await journal.save_snapshot(cut_short(big, len(big) - 1), "2-0", append_to=head)
+    feed(eng, inputs(70, 2), 9.0)
+    small = encode_changes(eng.state, eng.take_changes())
+    assert len(small) < len(big) - 1
+    assert await journal.save_snapshot(small, "3-0", append_to=head)
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.chunks == head.chunks + len(small)
+
+
+async def test_a_delta_of_a_router_that_lost_the_lease_is_not_written(journal: Journal) -> None:
+    # The lease moved on: the old holder's chunks are refused, not only its switch, so it
+    # cannot overwrite a chunk of the generation the new holder appends to.
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    feed(eng, inputs(0, 10), 1.0)
+    await journal.redis.set(journal.keys.lease, b"mine")
+    assert await journal.save_snapshot(encode_state(eng.state), "1-0", lease_token="mine")
+    head = journal.saved
+    assert head is not None
+    await journal.redis.set(journal.keys.lease, b"theirs")
+    feed(eng, inputs(10, 10), 2.0)
+    delta = encode_changes(eng.state, eng.take_changes())
+    assert not await journal.save_snapshot(delta, "2-0", lease_token="mine", append_to=head)
+    assert await journal.redis.hlen(journal.keys.snapshot_gen(head.gen)) == head.chunks  # type: ignore[misc]
+
+
+async def test_a_restarted_daemon_appends_its_deltas_to_the_generation_it_restored(
+    tmp_path: Path,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[[dict[str, str], str], DaemonProcess],
+    journal: Journal,
+) -> None:
+    routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
+    # Deltas of a few records on a large state: none of the reasons for a full one.
+    env = daemon_env(routing, "a", router_snapshot_delta_records="20")
+    accepted = [mail(n) for n in range(600)]
+    await journal.append_many([ContactEntry(event=e, at=time.time()) for e in accepted])
+    first = daemons(env, "first")
+    await wait_log(first, "router.routing")
+    full = await wait_until(journal.load_snapshot, 60, "the first, full snapshot")
+    assert first.stop() == 0
+    left = await journal.load_snapshot()
+    assert left is not None and left.gen == full.gen
+
+    second = daemons(env, "second")
+    await wait_log(second, "router.routing")
+    for n in range(600, 650):
+        accepted.append(mail(n))
+        await journal.append(ContactEntry(event=accepted[-1], at=time.time()))
+        await asyncio.sleep(0.005)
+
+    async def appended() -> Snapshot | None:
+        snap = await journal.load_snapshot()
+        return snap if snap is not None and snap.chunks > left.chunks else None
+
+    snap = await wait_until(appended, 30, "deltas of the second tenure")
+    assert snap.gen == full.gen  # no full snapshot of its own
+    second.kill()
+    killed_at = time.time()
+    third = daemons(env, "third")
+    restored = await wait_log(third, "router.restored")
+    assert restored["contacts"] == len(accepted)
+    state = await routed_state(journal, routing, killed_at)
+    assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
+    assert third.stop() == 0

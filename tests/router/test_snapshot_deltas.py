@@ -7,13 +7,13 @@ steps, with random chunk bounds."""
 from __future__ import annotations
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import rule
 
 from router.engine import Engine
 from router.messages import Tick
 from router.snapshot import decode_state, encode_changes, encode_state
-from router.state import NO_EXCLUSIONS, STATE_DECODER, EngineState
+from router.state import NO_EXCLUSIONS, STATE_DECODER, Changes, EngineState, moved
 from tests.router.enginekit import call
 from tests.router.test_engine_stateful import ROUTING, EngineMachine
 from tests.router.test_snapshot_chunks import assert_bounded
@@ -101,3 +101,37 @@ def test_an_engine_that_does_not_track_keeps_no_changes() -> None:
     for n in range(50):
         eng.handle(call(f"m{n}", channel="email", email=f"k{n}@example.de"), n / 1000)
     assert len(eng.take_changes()) == 0
+
+
+_MARKS = st.lists(
+    st.tuples(
+        st.sampled_from(["contacts", "customers", "finished", "keys"]),
+        st.sampled_from("abcdef"),
+        st.booleans(),
+    ),
+    max_size=40,
+)
+
+
+def _mark(changes: Changes, marks: list[tuple[str, str, bool]]) -> None:
+    for table, key, was_moved in marks:
+        if was_moved:
+            moved(getattr(changes, table), key)
+        else:
+            getattr(changes, table).setdefault(key, False)
+
+
+@given(_MARKS, _MARKS)
+def test_changes_put_back_are_as_if_they_had_never_been_taken(
+    before: list[tuple[str, str, bool]], after: list[tuple[str, str, bool]]
+) -> None:
+    # A delta that was not written puts its changes back: the next delta must then mark the
+    # same records, in the same order, as if no cut had happened in between.
+    unbroken, cut = Changes(), Changes()
+    _mark(unbroken, before + after)
+    _mark(cut, before)
+    taken = cut.take()
+    _mark(cut, after)
+    cut.put_back(taken)
+    for table in Changes.__slots__:
+        assert list(getattr(cut, table).items()) == list(getattr(unbroken, table).items())
