@@ -439,6 +439,71 @@ class Journal:
         self.saved = Snapshot(last_id=last_id, at=time.time(), now=now, gen=gen, chunks=n)
         return True
 
+    async def write_generation(
+        self, chunks: Iterable[bytes] | AsyncIterable[bytes]
+    ) -> tuple[str, int, int]:
+        """Write ``chunks`` as a new generation that nothing points to yet (the compaction's
+        full state, see :mod:`router.daemon.compact`): (generation, chunks, bytes). Listed in
+        ``snapshot:gens`` first, so one left unfinished is removed after the next switch."""
+        gen = uuid.uuid4().hex[:16]
+        key = self.keys.snapshot_gen(gen)
+        n = size = 0
+        try:
+            await self.redis.sadd(self.keys.snapshot_gens, gen)  # type: ignore[misc]
+            if isinstance(chunks, AsyncIterable):
+                async for chunk in chunks:
+                    await self.redis.hset(key, str(n), chunk)  # type: ignore[misc,arg-type]
+                    n, size = n + 1, size + len(chunk)
+            else:
+                for chunk in chunks:
+                    await self.redis.hset(key, str(n), chunk)  # type: ignore[misc,arg-type]
+                    n, size = n + 1, size + len(chunk)
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return gen, n, size
+
+    async def switch_compacted(
+        self,
+        gen: str,
+        chunks: int,
+        covers: int,
+        head: Snapshot,
+        *,
+        lease_token: str | None = None,
+    ) -> bool:
+        """Make generation ``gen`` (``chunks`` chunks: the state of ``head``'s generation up
+        to its chunk ``covers``) the snapshot: the chunks ``head`` has after ``covers`` (the
+        deltas written meanwhile) are copied after them, one at a time, then the pointer is
+        switched to ``gen`` with ``head``'s journal cursor, in one fenced call, and the older
+        generations go. Until the switch ``head`` stays the snapshot, whole.
+
+        False when ``lease_token`` no longer holds the lease (``gen`` is removed then)."""
+        src = self.keys.snapshot_gen(head.gen)
+        key = self.keys.snapshot_gen(gen)
+        n = chunks
+        try:
+            for i in range(covers, head.chunks):
+                chunk = await self.redis.hget(src, str(i))  # type: ignore[misc]
+                if chunk is None:
+                    raise JournalUnavailable(f"snapshot {head.gen}: chunk {i} is gone")
+                await self.redis.hset(key, str(n), chunk)  # type: ignore[misc]
+                n += 1
+            done = await self._fenced_switch(
+                keys=[self.keys.snapshot, self.keys.lease, key],
+                args=[lease_token or "", gen, n, head.last_id, repr(time.time()), repr(head.now)],
+            )
+            if done == -1:
+                raise JournalUnavailable(f"snapshot {gen}: chunks missing at the switch")
+            if not done:
+                await self._drop_generations({gen})
+                return False
+            gens = await self.redis.smembers(self.keys.snapshot_gens)  # type: ignore[misc]
+            await self._drop_generations({g.decode() for g in gens} - {gen})
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        self.saved = Snapshot(last_id=head.last_id, at=time.time(), now=head.now, gen=gen, chunks=n)
+        return True
+
     async def _put_chunk(
         self,
         key: str,

@@ -398,6 +398,7 @@ class Daemon:
                     snapshot_delta_records=s.router.snapshot_delta_records,
                     snapshot_full_every=s.router.snapshot_full_every,
                     journal_retention=s.router.journal_retention,
+                    compact_redis_url=s.redis.url,
                 ),
                 journal,
                 lease,

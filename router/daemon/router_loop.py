@@ -30,15 +30,19 @@ import contextlib
 import gc
 import logging
 import operator
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import structlog
 from redis.exceptions import RedisError
 
 from channels.contact_event import ContactEvent
+from router.daemon.compact import REDIS_URL_ENV, Report
 from router.daemon.http import AppState
 from router.daemon.journal import (
     AdminEntry,
@@ -55,7 +59,13 @@ from router.daemon.metrics import Metrics
 from router.daemon.mqtt import Message, Publisher, backoff, command_messages
 from router.daemon.payloads import PayloadStore
 from router.daemon.sinks import CommandSink
-from router.daemon.snapshots import DeltaCut, SnapshotChain, SnapshotEncodeFailed, StateCut
+from router.daemon.snapshots import (
+    Compaction,
+    DeltaCut,
+    SnapshotChain,
+    SnapshotEncodeFailed,
+    StateCut,
+)
 from router.engine import Engine
 from router.events import ContactEventBase, ExpertAnswered
 from router.messages import Command, EventCmd, RefusedCmd, Tick
@@ -135,6 +145,11 @@ class RouterOptions:
     snapshot_full_every: int = 360
     #: a delta as soon as this many records changed: what bounds the stall of a delta cut.
     snapshot_delta_records: int = 2000
+    #: the Redis URL the compaction process uses (:mod:`router.daemon.compact`, the daemon's
+    #: own): full snapshots after the first are built there. Empty: by fork, in the router.
+    compact_redis_url: str = ""
+    #: a failed compaction is tried again after this many seconds.
+    compact_retry: float = 30.0
 
 
 @dataclass
@@ -158,6 +173,9 @@ class _Run:
     finished: set[str] = field(default_factory=set)
     # Which snapshot comes next, a delta or a full one; the engine tracks its changes for it.
     chain: SnapshotChain = field(default_factory=SnapshotChain)
+    # The compaction process under way (its task), and when a failed one is tried again.
+    compacting: asyncio.Task[tuple[Compaction, Report] | None] | None = None
+    compact_after: float = 0.0
 
 
 class Router:
@@ -248,6 +266,8 @@ class Router:
     def _end_tenure(self) -> None:
         if self._run is not None and self._run.snapshotting is not None:
             self._run.snapshotting.cancel()
+        if self._run is not None and self._run.compacting is not None:
+            self._run.compacting.cancel()  # its process is killed
         self.state.view = None
         self.state.reload = None
         self.state.journal_lag = None
@@ -465,6 +485,8 @@ class Router:
             run.tick_pending = True
 
     async def _maybe_snapshot(self, run: _Run) -> None:
+        if self.options.compact_redis_url:
+            self._maybe_compact(run)
         task = run.snapshotting
         if task is not None:
             if not task.done():
@@ -503,6 +525,7 @@ class Router:
                 run.engine,
                 fork=self.options.snapshot_fork,
                 limit=self.options.snapshot_chunk_bytes,
+                compact=bool(self.options.compact_redis_url),
             )
         except OSError as exc:  # fork refused (memory, process limit): try again when due
             log.error("router.snapshot_failed", error=str(exc))
@@ -580,6 +603,112 @@ class Router:
             fork_ms=round(cut.fork_s * 1000, 2),
         )
         return True
+
+    def _maybe_compact(self, run: _Run) -> None:
+        """Start a compaction when the chain is due for a full snapshot; when one is done
+        and no snapshot is being written, switch to its generation (in the snapshot task)."""
+        chain, task = run.chain, run.compacting
+        if task is None:
+            if (
+                chain.head is not None
+                and chain.head.gen
+                and chain.full_due()
+                and time.monotonic() >= run.compact_after
+            ):
+                run.compacting = asyncio.create_task(
+                    self._compact(chain.compaction()), name="router.compact"
+                )
+            return
+        if not task.done() or run.snapshotting is not None:
+            return
+        run.compacting = None
+        outcome = task.result()
+        if outcome is None:
+            run.compact_after = time.monotonic() + self.options.compact_retry
+            return
+        compaction, report = outcome
+        if chain.head is None or chain.head.gen != compaction.head.gen:
+            return  # the chain started again meanwhile; the generation goes at the next switch
+        run.snapshotting = asyncio.create_task(
+            self._switch_compacted(chain, compaction, report), name="router.snapshot"
+        )
+
+    async def _compact(self, compaction: Compaction) -> tuple[Compaction, Report] | None:
+        """Run :mod:`router.daemon.compact` on ``compaction.head`` and read its report; None
+        if it failed (the chain goes on, the snapshot is the one it had). Cancelled, the
+        process is killed."""
+        head = compaction.head
+        started = time.perf_counter()
+        env = dict(os.environ)
+        env[REDIS_URL_ENV] = self.options.compact_redis_url
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router.daemon.compact",
+            "--prefix",
+            self.journal.keys.prefix,
+            "--gen",
+            head.gen,
+            "--chunks",
+            str(head.chunks),
+            "--chunk-bytes",
+            str(self.options.snapshot_chunk_bytes),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        try:
+            report = msgspec.json.decode(out.strip().splitlines()[-1], type=Report)
+        except (IndexError, msgspec.DecodeError, msgspec.ValidationError):
+            report = None
+        if proc.returncode != 0 or report is None or report.covers != head.chunks:
+            log.error(
+                "router.compaction_failed",
+                code=proc.returncode,
+                error=err.decode(errors="replace").strip()[-500:],
+            )
+            return None
+        log.info(
+            "router.compacted",
+            gen=report.gen,
+            chunks=report.chunks,
+            size=report.bytes,
+            deltas=report.deltas,
+            seconds=round(time.perf_counter() - started, 3),
+            cpu_s=report.cpu_s,
+            max_rss_mib=report.max_rss_mib,
+        )
+        return compaction, report
+
+    async def _switch_compacted(
+        self, chain: SnapshotChain, compaction: Compaction, report: Report
+    ) -> bool:
+        """Carry the deltas written since the compaction started over into its generation
+        and switch the pointer to it. Covers nothing new: False (see _maybe_snapshot)."""
+        head = chain.head
+        assert head is not None
+        started = time.perf_counter()
+        ok = await self.journal.switch_compacted(
+            report.gen, report.chunks, report.covers, head, lease_token=self.lease.token
+        )
+        if not ok or self.journal.saved is None:
+            raise _LostLease()
+        chain.compacted(compaction, self.journal.saved, report.bytes)
+        log.info(
+            "router.compaction_switched",
+            gen=report.gen,
+            carried=head.chunks - report.covers,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return False
 
     async def _snapshot(self, run: _Run) -> None:
         """Write a snapshot of the state now and wait until it is in (and the one before)."""

@@ -223,6 +223,16 @@ class DeltaCut:
         """Nothing to stop (no child)."""
 
 
+class Compaction:
+    """A compaction under way: the head it compacts, and the chain's count of deltas and
+    their bytes then (those after it are carried over into the new generation)."""
+
+    def __init__(self, head: Snapshot, deltas: int, delta_bytes: int) -> None:
+        self.head = head
+        self.deltas = deltas
+        self.delta_bytes = delta_bytes
+
+
 class SnapshotChain:
     """One tenure's snapshots: which to cut next, a delta or a full one (module docstring).
 
@@ -254,12 +264,15 @@ class SnapshotChain:
         )
 
     def cut(
-        self, engine: Engine, *, fork: bool = True, limit: int = CHUNK_BYTES
+        self, engine: Engine, *, fork: bool = True, limit: int = CHUNK_BYTES, compact: bool = False
     ) -> StateCut | DeltaCut:
-        """Cut the next snapshot of ``engine`` now (a fork for a full one, OSError if refused)."""
+        """Cut the next snapshot of ``engine`` now (a fork for a full one, OSError if refused).
+
+        With ``compact`` a full one is cut only when there is no head to append to: the
+        chain is compacted by :mod:`router.daemon.compact` instead (:meth:`compacted`)."""
         # Taken at the instant of the cut, either way: a full snapshot holds them.
         changes = engine.take_changes()
-        if self.full_due() or self.head is None:
+        if self.head is None or (not compact and self.full_due()):
             try:
                 cut = StateCut(engine.state, fork=fork, limit=limit)
             except OSError:
@@ -285,6 +298,19 @@ class SnapshotChain:
             self.deltas += 1
             self.delta_bytes += cut.bytes
         self.head = head
+
+    def compaction(self) -> Compaction:
+        """The compaction of the chain as it is now (its head), to start."""
+        assert self.head is not None
+        return Compaction(self.head, self.deltas, self.delta_bytes)
+
+    def compacted(self, compaction: Compaction, head: Snapshot, base_bytes: int) -> None:
+        """The pointer is ``head`` now: the compaction's base (``base_bytes``) and the deltas
+        written after the chunks it covers, carried over."""
+        self.head = head
+        self.base_bytes = base_bytes
+        self.deltas -= compaction.deltas
+        self.delta_bytes -= compaction.delta_bytes
 
     def restored(self, head: Snapshot, size: ChainSize) -> None:
         """The engine was restored from ``head`` (of that size): the chain goes on from it,
