@@ -23,7 +23,12 @@ decoding the full snapshot and the deltas (``decode_s``) plus building the engin
 ``--daemon`` also measures a real restart: the snapshot and the mails' bodies go into Redis (a
 key prefix of its own, removed afterwards), ``stellwerk run`` is started on them, and
 ``restart_s`` is the time from starting the process to its ``router.routing`` log line (ready
-to route), ``daemon_rss_mib`` its resident memory then.
+to route), ``daemon_rss_mib`` its resident memory then. Before the restart the snapshot is
+compacted the daemon's way (:mod:`router.daemon.compact`, a process of its own, over all but
+the last delta): ``compact_s`` its wall time, ``compact_cpu_s`` and ``compact_rss_mib`` its
+CPU and peak memory (not the router's), then the router's part, carrying the last delta over
+and switching the pointer: ``switch_ms`` its wall time, ``switch_loop_stall_ms`` the longest
+the event loop was held meanwhile. The restart restores the compacted snapshot.
 
     .venv/bin/python benchmarks/state.py [--contacts 100000] [--seed 1] [--json] [--daemon]
         [--delta-rounds 5] [--delta-records 2000]
@@ -243,6 +248,7 @@ def run(
     delta_sizes: list[int] = []
     n = contacts
     delta_inputs = 0
+    last_delta = 0
     for _ in range(delta_rounds):
         first = n
         while engine.changed() < delta_records:
@@ -262,6 +268,7 @@ def run(
         stalls.append(time.perf_counter() - started)
         stalls_cpu.append(time.thread_time() - cpu)
         delta = asyncio.run(_read(cut))
+        last_delta = len(delta)
         delta_sizes.append(sum(map(len, delta)))
         chunks += delta
     waiting = sum(q["waiting"] for q in engine.queue_stats(now))
@@ -309,6 +316,7 @@ def run(
         try:
             asyncio.run(_save(prefix, chunks, now))
             del chunks
+            result.update(asyncio.run(_compact(prefix, last_delta)))
             result.update(restart(prefix, waiting))
         finally:
             keys = list(store.scan_iter(match=f"{prefix}*", count=1000))
@@ -357,6 +365,62 @@ async def _save(prefix: str, chunks: list[bytes], now: float) -> None:
         await Journal(client, prefix).save_snapshot(chunks, "0-0", now=now)
     finally:
         await client.aclose()
+
+
+async def _compact(prefix: str, carried: int) -> dict[str, Any]:
+    """The daemon's compaction of the snapshot in Redis: ``python -m router.daemon.compact``
+    over all but the last delta (``carried`` chunks, as if written while it ran), then the
+    router's part: carrying that delta over and switching, timed with the longest stall of
+    the event loop meanwhile."""
+    client = connect_redis(REDIS_URL, timeout=60)
+    try:
+        journal = Journal(client, prefix)
+        head = await journal.load_snapshot()
+        assert head is not None
+        covers = head.chunks - carried
+        started = time.perf_counter()
+        out = subprocess.run(
+            [
+                *(sys.executable, "-m", "router.daemon.compact", "--prefix", prefix),
+                *("--gen", head.gen, "--chunks", str(covers)),
+            ],
+            cwd=ROOT,
+            env=dict(os.environ, STELLWERK_COMPACT_REDIS_URL=REDIS_URL),
+            capture_output=True,
+            check=True,
+        )
+        compact_s = time.perf_counter() - started
+        report = json.loads(out.stdout.splitlines()[-1])
+        longest = 0.0
+        ticking = True
+
+        async def ticker() -> None:
+            nonlocal longest
+            last = time.perf_counter()
+            while ticking:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                longest = max(longest, now - last - 0.001)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        if not await journal.switch_compacted(report["gen"], report["chunks"], covers, head):
+            raise SystemExit("the switch to the compacted snapshot was refused")
+        switch_s = time.perf_counter() - started
+        ticking = False
+        await tick
+    finally:
+        await client.aclose()
+    return {
+        "compact_s": round(compact_s, 2),
+        "compact_cpu_s": report["cpu_s"],
+        "compact_rss_mib": report["max_rss_mib"],
+        "compact_carried_chunks": carried,
+        "switch_ms": round(switch_s * 1000, 2),
+        "switch_loop_stall_ms": round(longest * 1000, 2),
+    }
 
 
 def restart(prefix: str, waiting: int) -> dict[str, Any]:

@@ -8,8 +8,9 @@ crash is never lost. Live, it reads the journal in order, applies each entry wit
 ``now = entry.at`` (never going back in time), publishes the commands (QoS 1, PUBACKed), records
 the published mark, and snapshots every ``snapshot_every`` entries or ``snapshot_interval``
 seconds, after publishing, so a snapshot never covers an entry whose commands were not sent.
-A snapshot is cut at one instant by forking (:mod:`router.daemon.snapshots`) and written to
-Redis in chunks while routing goes on; one is written at a time.
+A snapshot is a delta cut in the loop and appended to the generation in Redis, and now and
+then the chain is compacted by a process of its own (:mod:`router.daemon.snapshots`,
+:mod:`router.daemon.compact`); one is written at a time.
 
 Contacts' events live at the edge (:mod:`router.daemon.payloads`): the router stores the event
 that created a contact when it applies it, puts it back into every offer before publishing,

@@ -1,5 +1,5 @@
-"""Taking a snapshot without stopping the router: deltas in the loop, and now and then the
-whole state from a forked child.
+"""Taking a snapshot without stopping the router: deltas in the loop, the whole state now and
+then from a process of its own (compaction), and a forked child only for the very first one.
 
 **Deltas.** Most snapshots are incremental (:class:`SnapshotChain` decides): the engine marks
 the records it changes, and a delta cut takes those marks and encodes just those records
@@ -11,19 +11,39 @@ are appended to the generation in Redis and the pointer is switched to count the
 middle leaves the snapshot as it was before the delta. A restore decodes the whole state and
 the deltas after it in order.
 
-**Full snapshots** start a new generation: the first of a tenure, one after a failed write
-(the changes taken for it are lost, so the chain cannot go on), and one every
-``full_every`` deltas or when the deltas add up to half the size of the state, which keeps a
-restore from decoding a long tail of deltas.
+**The chain goes on.** A tenure starts with the chain of the generation it restored
+(:meth:`SnapshotChain.restored`): its first snapshot is a delta appended to it, not a new
+full one. A delta that does not get in (a timeout, Redis away for a moment) puts the changes
+it took back into the engine (:meth:`~router.engine.Engine.put_back_changes`, merged in front
+of those marked since, see :meth:`router.state.Changes.put_back`): the next delta carries
+them, appended at the same place (the chunks the failed one left past the pointer are
+replaced). Chunks of an append are written only while the router holds the lease, like the
+switch, so a router that lost it cannot overwrite a chunk the new holder's pointer counts.
 
-**The fork.** The engine changes its records in place, so a full snapshot must be cut at one
-instant while routing goes on. ``fork()`` gives exactly that: the child has a copy-on-write
-image of the state as it was at the fork and encodes it (:func:`router.snapshot.encode_state`)
-into a pipe, chunk by chunk; the router reads the chunks as they come and writes them to
-Redis, and in the meantime goes on routing. The router's stall is the ``fork()`` itself (the
-kernel copies the page tables, so it grows with the resident memory: 7-20 ms at 50-90 MB,
-58-155 ms at 1 GB on the development VM) plus reading each chunk, once per full snapshot.
-The same idea as Redis's own ``BGSAVE``.
+**Compaction.** Every ``full_every`` deltas, or when the deltas add up to half the size of the
+state, the chain is due for a whole state again, so a restore does not decode a long tail of
+deltas. The router (with ``compact_redis_url``) starts ``python -m router.daemon.compact``, a
+separate process (spawned, not forked: the router's memory is not copied or shared), which
+reads the generation's chunks up to the head it was given from Redis, builds the state with
+the restore's own builder and writes it as a new generation nobody points to yet. Deltas go
+on meanwhile, on the old generation. When the process reports, the router (as its next
+snapshot write) copies the chunks written after the point the compaction covers into the new
+generation and switches the pointer in one fenced call
+(:meth:`~router.daemon.journal.Journal.switch_compacted`); the old generations go then. The
+router's part is copying a few delta chunks; nothing the size of the state runs in it. A
+compaction that fails or is killed leaves a generation nobody points to (removed after the
+next switch); the chain goes on and the compaction is tried again later.
+
+**The fork** remains for a full snapshot when there is no generation to append to at all: the
+first snapshot of a fresh installation (or after a snapshot of the earlier, unchunked format),
+and every full one when compaction is off. The engine changes its records in place, so such a
+snapshot must be cut at one instant while routing goes on; ``fork()`` gives exactly that: the
+child has a copy-on-write image of the state as it was at the fork and encodes it
+(:func:`router.snapshot.encode_state`) into a pipe, chunk by chunk; the router reads the
+chunks as they come and writes them to Redis, and in the meantime goes on routing. The
+router's stall is the ``fork()`` itself (the kernel copies the page tables, so it grows with
+the resident memory: 7-20 ms at 50-90 MB, 58-155 ms at 1 GB on the development VM) plus
+reading each chunk. The same idea as Redis's own ``BGSAVE``.
 
 The child touches nothing but the state and its end of the pipe and leaves with ``os._exit``
 (no atexit handlers, no buffered output of the parent flushed twice, no sockets closed). Where
