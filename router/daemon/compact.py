@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import gc
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -36,6 +39,8 @@ import msgspec
 
 from router.daemon.journal import Journal, Snapshot, connect_redis
 from router.snapshot import CHUNK_BYTES, encode_state
+
+_PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 
 #: the environment variable with the Redis URL (not an argument: it may hold a password).
 REDIS_URL_ENV = "STELLWERK_COMPACT_REDIS_URL"
@@ -86,6 +91,16 @@ async def _main(args: argparse.Namespace) -> Report:
         await client.aclose()
 
 
+def _die_with_parent() -> None:
+    """Die with the router that started this (a compaction left running would only hold
+    memory and write a generation nobody points to)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one compaction; the report on stdout, exit 0; an error on stderr, exit 1."""
     parser = argparse.ArgumentParser(prog="python -m router.daemon.compact")
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, required=True, help="its chunks to include")
     parser.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES)
     args = parser.parse_args(argv)
+    _die_with_parent()
     # The state is built once and lives until the process ends: no collections over it.
     gc.disable()
     try:

@@ -52,6 +52,7 @@ from router.daemon.journal import (
     Journal,
     JournalEntry,
     JournalUnavailable,
+    Snapshot,
     TickEntry,
     encode_entry,
 )
@@ -642,7 +643,24 @@ class Router:
         started = time.perf_counter()
         env = dict(os.environ)
         env[REDIS_URL_ENV] = self.options.compact_redis_url
-        proc = await asyncio.create_subprocess_exec(
+        try:
+            proc = await self._spawn_compaction(head, env)
+        except OSError as exc:  # no memory, too many processes
+            log.error("router.compaction_failed", error=str(exc))
+            return None
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        return self._compaction_report(compaction, proc.returncode, out, err, started)
+
+    async def _spawn_compaction(
+        self, head: Snapshot, env: dict[str, str]
+    ) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "router.daemon.compact",
@@ -659,21 +677,24 @@ class Router:
             stderr=asyncio.subprocess.PIPE,
             env=env,
         )
-        try:
-            out, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+
+    def _compaction_report(
+        self,
+        compaction: Compaction,
+        code: int | None,
+        out: bytes,
+        err: bytes,
+        started: float,
+    ) -> tuple[Compaction, Report] | None:
+        head = compaction.head
         try:
             report = msgspec.json.decode(out.strip().splitlines()[-1], type=Report)
         except (IndexError, msgspec.DecodeError, msgspec.ValidationError):
             report = None
-        if proc.returncode != 0 or report is None or report.covers != head.chunks:
+        if code != 0 or report is None or report.covers != head.chunks:
             log.error(
                 "router.compaction_failed",
-                code=proc.returncode,
+                code=code,
                 error=err.decode(errors="replace").strip()[-500:],
             )
             return None
