@@ -523,6 +523,15 @@ class Journal:
         if not done:
             raise _Fenced()
 
+    async def drop_generations_except(self, gen: str) -> None:
+        """Remove every generation but ``gen`` (the pointer's): what a crashed snapshot or a
+        failed compaction left. Only for the lease holder, while nothing else is written."""
+        try:
+            gens = await self.redis.smembers(self.keys.snapshot_gens)  # type: ignore[misc]
+            await self._drop_generations({g.decode() for g in gens} - {gen})
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+
     async def _drop_generations(self, gens: set[str]) -> None:
         if gens:
             await self.redis.unlink(*(self.keys.snapshot_gen(g) for g in gens))

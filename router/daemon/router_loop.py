@@ -344,8 +344,10 @@ class Router:
             run = _Run(engine=engine, last_id="0-0", now=0.0, published="0-0")
         run.chain.full_every = self.options.snapshot_full_every
         if snap is not None and snap.data is None:
-            # The first snapshot of the tenure is a delta appended to this generation.
+            # The first snapshot of the tenure is a delta appended to this generation; what a
+            # crash left half-written beside it goes now, not at the next compaction.
             run.chain.restored(snap, size)
+            await self.journal.drop_generations_except(snap.gen)
         run.engine.track_changes()
         run.published = await self.journal.published()
         run.poison = await self.journal.poisoned()
@@ -618,7 +620,7 @@ class Router:
                 and time.monotonic() >= run.compact_after
             ):
                 run.compacting = asyncio.create_task(
-                    self._compact(chain.compaction()), name="router.compact"
+                    self._compact(chain, chain.compaction()), name="router.compact"
                 )
             return
         if not task.done() or run.snapshotting is not None:
@@ -635,10 +637,21 @@ class Router:
             self._switch_compacted(chain, compaction, report), name="router.snapshot"
         )
 
-    async def _compact(self, compaction: Compaction) -> tuple[Compaction, Report] | None:
+    async def _compact(
+        self, chain: SnapshotChain, compaction: Compaction
+    ) -> tuple[Compaction, Report] | None:
         """Run :mod:`router.daemon.compact` on ``compaction.head`` and read its report; None
         if it failed (the chain goes on, the snapshot is the one it had). Cancelled, the
         process is killed."""
+        outcome = await self._run_compaction(compaction)
+        head = chain.head
+        if outcome is None and head is not None and head.gen == compaction.head.gen:
+            # What it wrote (up to a whole state) goes at once, not at the next switch.
+            with contextlib.suppress(JournalUnavailable):
+                await self.journal.drop_generations_except(head.gen)
+        return outcome
+
+    async def _run_compaction(self, compaction: Compaction) -> tuple[Compaction, Report] | None:
         head = compaction.head
         started = time.perf_counter()
         env = dict(os.environ)

@@ -90,7 +90,7 @@ async def test_sigkill_in_the_middle_of_a_snapshot_restores_the_last_whole_one(
     # Every accepted mail is there once, waiting (nobody is logged in).
     assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
     assert {c.state for c in state.contacts.values()} == {"queued"}
-    # The half-written generation went with the snapshot that replaced the killed one's.
+    # The half-written generation went when the next daemon restored the whole one.
     gens = {g.decode() for g in await redis_client.smembers(journal.keys.snapshot_gens)}  # type: ignore[misc]
     assert orphan not in gens
     assert not await redis_client.exists(journal.keys.snapshot_gen(orphan))
