@@ -62,6 +62,16 @@ class Report(msgspec.Struct, frozen=True):
     max_rss_mib: float
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak resident memory (``VmHWM``: of its own image, unlike
+    ``ru_maxrss``, which a process started by a large one inherits across ``exec``)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 async def compact(journal: Journal, gen: str, chunks: int, limit: int = CHUNK_BYTES) -> Report:
     """Build the state of ``gen``'s first ``chunks`` chunks and write it as a new generation."""
     started = time.perf_counter()
@@ -79,7 +89,7 @@ async def compact(journal: Journal, gen: str, chunks: int, limit: int = CHUNK_BY
         read_s=round(read - started, 3),
         write_s=round(done - read, 3),
         cpu_s=round(time.process_time(), 3),
-        max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        max_rss_mib=round(_peak_rss_kib() / 1024, 1),
     )
 
 
