@@ -18,7 +18,13 @@ skipped by every replay), and the snapshot:
 * ``snapshot``: the pointer, a small hash (gen, chunks, last_id, at, now), switched in one
   fenced Lua call only after every chunk of the generation is there (the call counts them);
 * ``snapshot:gens``: every generation started, so those left half-written by a crash are
-  removed with the old ones after the next switch.
+  removed with the old ones after the next switch to a new generation, or when the next
+  tenure restores.
+
+A new generation's base is written either by the router (the first snapshot of an
+installation) or by the compaction process (:mod:`router.daemon.compact`, from the chunks of
+the current generation); :meth:`Journal.switch_compacted` then carries the deltas appended
+meanwhile over and switches to it.
 
 A reader follows the pointer, so it sees the old snapshot or the new one, never a mix. A
 pointer with a ``data`` field is a snapshot of an earlier version (one JSON value) and is read
