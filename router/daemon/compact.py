@@ -46,7 +46,7 @@ _PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 REDIS_URL_ENV = "STELLWERK_COMPACT_REDIS_URL"
 
 
-class Report(msgspec.Struct, frozen=True):
+class Report(msgspec.Struct, frozen=True, kw_only=True):
     """What a compaction wrote (its stdout line)."""
 
     gen: str
