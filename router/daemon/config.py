@@ -325,7 +325,8 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     journal entries older than ``journal_retention`` seconds and covered by a snapshot are trimmed.
     A snapshot is written in chunks of at most ``snapshot_chunk_bytes`` (one Redis value each).
     Most snapshots are deltas of the changed records, also cut as soon as
-    ``snapshot_delta_records`` records changed; every ``snapshot_full_every`` deltas a full one.
+    ``snapshot_delta_records`` records changed; every ``snapshot_full_every`` deltas a separate
+    compaction process folds them into a new full snapshot (0: compactions back to back).
     """
 
     node_id: str | None = None
