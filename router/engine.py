@@ -334,7 +334,7 @@ class Engine:
             if event.kind == "end" or not self._reopens(event, keys):
                 # The end of something never routed, or a late event of a finished contact.
                 return
-            self._on_new(event, keys, now, out)
+            self._on_new(event, keys, expert, now, out)
         elif event.kind == "end":
             self._on_end(contact, event.end_reason or "ended", now, out)
         else:
@@ -356,15 +356,16 @@ class Engine:
         return bool(keys) and any(self._state.keys.get(k) == done[3] for k in keys)
 
     def _on_new(
-        self, event: ContactEvent, keys: tuple[str, ...], now: float, out: list[Command]
+        self,
+        event: ContactEvent,
+        keys: tuple[str, ...],
+        sender_expert: ExpertRec | None,
+        now: float,
+        out: list[Command],
     ) -> None:
         st = self._state
         customer = self._customers.resolve(
-            event.contact_id,
-            keys,
-            self._experts.find(keys),
-            now,
-            self._defaults.customer_retention,
+            event.contact_id, keys, sender_expert, now, self._defaults.customer_retention
         )
         expert = self._experts.find(customer.keys)
         if expert is not None:
@@ -388,7 +389,9 @@ class Engine:
             # The rule's own dict, shared: a contact's extra skills are replaced, never changed.
             extra_skills=decision.skills,
             excluded=NO_EXCLUSIONS,
-            escalate=tuple(sorted(decision.escalate, key=lambda s: s.after)),
+            escalate=(
+                tuple(sorted(decision.escalate, key=lambda s: s.after)) if decision.escalate else ()
+            ),
             seq=st.seq,
         )
         if decision.reject is not None or decision.queue is None:
@@ -520,10 +523,11 @@ class Engine:
         moving = contact.state == "queued"
         if moving:
             self._contact_queues.leave(contact)
-        seen: set[str] = set()
+        seen: set[str] | None = None
         queue = self._queues[qname]
         waiting = self._contact_queues.waiting
         while queue.max_length is not None and waiting[qname] >= queue.max_length:
+            seen = seen or set()
             seen.add(qname)
             if queue.overflow is None or queue.overflow in seen:
                 contact.state = contact_transition(contact.id, contact.state, "rejected")
@@ -550,9 +554,24 @@ class Engine:
         contact.queue_entered_at = now
         self._state.counters[qname].entered += 1
         self._customers.update_history(contact, queue=qname)
+        # Spelled out rather than ``**self._fields(...)``: a Struct built from a dict of
+        # keywords costs several times more, and this is on every contact's path.
         out.append(
             EventCmd(
-                event=ContactQueued(**self._fields(contact, now), rule=contact.rule, first=first)
+                event=ContactQueued(
+                    at=now,
+                    contact_id=contact.id,
+                    channel=contact.channel,
+                    source=contact.source,
+                    queue=contact.queue or None,
+                    priority=contact.priority,
+                    expert=contact.expert,
+                    expert_id=contact.expert_id,
+                    crowd=contact.crowd,
+                    customer_id=contact.customer_id,
+                    rule=contact.rule,
+                    first=first,
+                )
             )
         )
         self._schedule_max_wait(contact)
@@ -660,8 +679,17 @@ class Engine:
         out.append(views.offer_command(st, st.offers[offer_id], contact))
         out.append(
             EventCmd(
-                event=ContactOffered(
-                    **self._fields(contact, now),
+                event=ContactOffered(  # spelled out: see _enter_queue
+                    at=now,
+                    contact_id=contact.id,
+                    channel=contact.channel,
+                    source=contact.source,
+                    queue=contact.queue or None,
+                    priority=contact.priority,
+                    expert=contact.expert,
+                    expert_id=contact.expert_id,
+                    crowd=contact.crowd,
+                    customer_id=contact.customer_id,
                     agent_id=agent.id,
                     offer_id=offer_id,
                     waited=now - contact.arrived_at,
@@ -734,8 +762,19 @@ class Engine:
         self._customers.update_history(contact, agent_id=agent.id, outcome="assigned")
         out.append(
             EventCmd(
-                event=ContactAssigned(
-                    **self._fields(contact, now), agent_id=agent.id, waited=waited
+                event=ContactAssigned(  # spelled out: see _enter_queue
+                    at=now,
+                    contact_id=contact.id,
+                    channel=contact.channel,
+                    source=contact.source,
+                    queue=contact.queue or None,
+                    priority=contact.priority,
+                    expert=contact.expert,
+                    expert_id=contact.expert_id,
+                    crowd=contact.crowd,
+                    customer_id=contact.customer_id,
+                    agent_id=agent.id,
+                    waited=waited,
                 )
             )
         )
@@ -861,8 +900,17 @@ class Engine:
             wrap = 0.0
         out.append(
             EventCmd(
-                event=ContactCompleted(
-                    **self._fields(contact, now),
+                event=ContactCompleted(  # spelled out: see _enter_queue
+                    at=now,
+                    contact_id=contact.id,
+                    channel=contact.channel,
+                    source=contact.source,
+                    queue=contact.queue or None,
+                    priority=contact.priority,
+                    expert=contact.expert,
+                    expert_id=contact.expert_id,
+                    crowd=contact.crowd,
+                    customer_id=contact.customer_id,
                     agent_id=agent.id,
                     handled=now - contact.assigned_at,
                     outcome=outcome,
