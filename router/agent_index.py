@@ -68,9 +68,59 @@ class _Pool:
         self.size = 0
 
 
-#: (channel limits as (bit, channel, limit, cost), budget, pools, the distinct strategies of
-#: those pools, whether one entry serves every pool: one strategy, and not most_skilled).
-_Spec = tuple[tuple[tuple[int, str, int, int], ...], int, tuple[_Pool, ...], tuple[str, ...], bool]
+class _Slot:
+    """One agent's place in the index: what the routing file says, and where it stands now.
+
+    One object per agent rather than a dict per attribute: the hot path reads all of it for
+    the same agent, and one look-up keeps that in few cache lines.
+    """
+
+    __slots__ = (
+        "budget",
+        "entry",
+        "floor",
+        "keys",
+        "limits",
+        "pools",
+        "ready",
+        "room",
+        "shared",
+        "strategies",
+        "version",
+    )
+
+    def __init__(
+        self,
+        limits: tuple[tuple[int, str, int, int], ...],
+        budget: int,
+        pools: tuple[_Pool, ...],
+        strategies: tuple[str, ...],
+    ) -> None:
+        #: the channel limits as (bit, channel, limit, cost), and the shared budget.
+        self.limits = limits
+        self.budget = budget
+        #: channel -> (limit, cost), for the channels it may take at all.
+        self.room = {ch: (limit, cost) for _, ch, limit, cost in limits}
+        self.pools = pools
+        #: the distinct strategies of its pools (its keys are per strategy).
+        self.strategies = strategies
+        #: one entry serves every pool: one strategy, and not most_skilled (whose key starts
+        #: with the agent's skill in that pool's queues).
+        self.shared = len(strategies) == 1 and strategies[0] != "most_skilled"
+        self.reset()
+
+    def reset(self) -> None:
+        """Out of every heap, as before the first :meth:`AgentIndex.refresh`."""
+        #: bit mask of the channels it has room for (0: not ready).
+        self.ready = 0
+        #: its current key per strategy (None: not ready, in no heap).
+        self.keys: tuple[Key, ...] | None = None
+        #: the version of its current keys (bumped whenever they change) ...
+        self.version = 0
+        #: ... and of its last push: entries older than that are stale.
+        self.floor = 0
+        #: its current (busy, entry), when ``shared``.
+        self.entry: tuple[float, Entry] = (0.0, ())
 
 
 def order_key(strategy: str, agent: AgentRec, budget: int) -> Key:
@@ -102,17 +152,7 @@ class AgentIndex:
         self._pools: list[_Pool] = []
         self._queue_pool: dict[str, _Pool] = {}
         self._score: dict[tuple[str, int], float] = {}
-        self._spec: dict[str, _Spec] = {}
-        #: agent -> the version of its current keys (bumped whenever they change).
-        self._version: dict[str, int] = {}
-        #: agent -> the version of its last push: entries older than it are stale.
-        self._floor: dict[str, int] = {}
-        #: agent -> its current key per strategy of its spec (None: not ready, in no heap).
-        self._keys: dict[str, tuple[Key, ...] | None] = {}
-        #: agent -> its current heap entry, for agents whose pools all share one.
-        self._entry: dict[str, tuple[float, Entry]] = {}
-        #: agent -> bit mask of the channels it has room for (0: not available).
-        self._ready: dict[str, int] = {}
+        self._slots: dict[str, _Slot] = {}
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -140,7 +180,7 @@ class AgentIndex:
         self.eligible = {}
         self.agent_queues = {}
         self._score = {}
-        self._spec = {}
+        self._slots = {}
         bits: dict[str, int] = {}  # channel -> its bit in a ready mask
         # Who serves which queue, found through the agents holding each queue's first skill
         # (not every agent against every queue: that is 40 million checks at 20,000 x 2,000).
@@ -181,21 +221,15 @@ class AgentIndex:
                 (bits.setdefault(ch, 1 << len(bits)), ch, limit, self.cost.get(ch, 0))
                 for ch, limit in caps.items()
             )
-            # Every pool orders this agent by the same key unless most_skilled is among them
-            # (its key starts with the agent's skill in that queue) or strategies differ.
-            shared = len(strategies) == 1 and strategies[0] != "most_skilled"
-            self._spec[agent.id] = (limits, budget, tuple(agent_pools.values()), strategies, shared)
+            self._slots[agent.id] = _Slot(limits, budget, tuple(agent_pools.values()), strategies)
 
     def rebuild(self, agents: Iterable[AgentRec]) -> None:
         """Forget every heap entry and index ``agents`` afresh (after a restore or reload)."""
         for pool in self._pools:
             pool.heap, pool.busy, pool.pending = [], [], []
             pool.ready = dict.fromkeys(pool.channels, 0)
-        self._version = {}
-        self._floor = {}
-        self._keys = {}
-        self._entry = {}
-        self._ready = {}
+        for slot in self._slots.values():
+            slot.reset()
         for agent in agents:
             self.refresh(agent)
 
@@ -231,17 +265,16 @@ class AgentIndex:
 
     # ---- order --------------------------------------------------------------------------------
 
-    def _entry_for(self, agent_id: str, pool: _Pool) -> tuple[float, Entry]:
+    def _entry_for(self, agent_id: str, slot: _Slot, pool: _Pool) -> tuple[float, Entry]:
         """The agent's current heap entry in ``pool`` (it is ready), and whether it belongs
         among a longest_idle pool's busy agents (1.0) or not (0.0)."""
-        spec = self._spec[agent_id]
-        if spec[4]:
-            return self._entry[agent_id]
-        keys = self._keys[agent_id]
+        if slot.shared:
+            return slot.entry
+        keys = slot.keys
         assert keys is not None
         strategy = pool.strategy
-        key = keys[spec[3].index(strategy)]
-        version = self._version[agent_id]
+        key = keys[slot.strategies.index(strategy)]
+        version = slot.version
         if strategy == "longest_idle":
             return key[0], (key[1], agent_id, version)
         if strategy == "most_skilled":
@@ -251,59 +284,57 @@ class AgentIndex:
     def refresh(self, agent: AgentRec) -> None:
         """Re-index an agent after anything that changes its readiness or its sort keys."""
         agent_id = agent.id
-        spec = self._spec.get(agent_id)
-        if spec is None:
+        slot = self._slots.get(agent_id)
+        if slot is None:
             return  # not in the routing file: never ready
-        limits, budget, pools, strategies, shared = spec
         ready = 0
         if agent.state == "available":
-            load, room = agent.load, budget - agent.budget_used
-            for bit, channel, limit, cost in limits:
+            load, room = agent.load, slot.budget - agent.budget_used
+            for bit, channel, limit, cost in slot.limits:
                 if cost <= room and load.get(channel, 0) < limit:
                     ready |= bit
-        before = self._ready.get(agent_id, 0)
+        before = slot.ready
         if ready != before:
-            self._ready[agent_id] = ready
+            slot.ready = ready
             changed = ready ^ before
-            for bit, channel, _, _ in limits:
+            for bit, channel, _, _ in slot.limits:
                 if changed & bit:
                     delta = 1 if ready & bit else -1
-                    for pool in pools:
+                    for pool in slot.pools:
                         counts = pool.ready
                         if channel in counts:
                             counts[channel] += delta
-        old = self._keys.get(agent_id)
+        old = slot.keys
         if not ready:
             if old is not None:
                 # Out of every heap: all its entries are stale from now on.
-                self._keys[agent_id] = None
-                version = self._version[agent_id] + 1
-                self._version[agent_id] = self._floor[agent_id] = version
+                slot.keys = None
+                slot.version = slot.floor = slot.version + 1
             return
-        if shared and strategies[0] == "longest_idle":
+        strategies = slot.strategies
+        if slot.shared and strategies[0] == "longest_idle":
             keys: tuple[Key, ...] = ((1.0 if agent.budget_used else 0.0, agent.idle_since),)
         else:
-            keys = tuple(order_key(strategy, agent, budget) for strategy in strategies)
+            keys = tuple(order_key(strategy, agent, slot.budget) for strategy in strategies)
         if keys == old:
             return  # same keys, its entries are current
-        version = self._version.get(agent_id, 0) + 1
-        self._version[agent_id] = version
-        self._keys[agent_id] = keys
-        if shared:
+        version = slot.version = slot.version + 1
+        slot.keys = keys
+        if slot.shared:
             key = keys[0]
             if strategies[0] == "longest_idle":
-                self._entry[agent_id] = key[0], (key[1], agent_id, version)
+                slot.entry = key[0], (key[1], agent_id, version)
             else:
-                self._entry[agent_id] = 0.0, (*key, agent_id, version)
+                slot.entry = 0.0, (*key, agent_id, version)
         if old is not None and (
             keys[0] >= old[0]
             if len(keys) == 1
             else all(new >= was for new, was in zip(keys, old, strict=True))
         ):
             return  # a key that grew: the old entries are lower bounds, re-keyed as they surface
-        self._floor[agent_id] = version
-        for pool in pools:
-            busy, entry = self._entry_for(agent_id, pool)
+        slot.floor = version
+        for pool in slot.pools:
+            busy, entry = self._entry_for(agent_id, slot, pool)
             if busy:
                 pool.pending.append(entry)
             else:
@@ -313,11 +344,11 @@ class AgentIndex:
 
     def _compact(self, pool: _Pool) -> None:
         """Drop a pool's stale entries (those older than their agent's last push)."""
-        floors = self._floor
+        slots = self._slots
         for heap in (pool.heap, pool.busy):
-            heap[:] = [e for e in heap if e[-1] >= floors[e[-2]]]
+            heap[:] = [e for e in heap if e[-1] >= slots[e[-2]].floor]
             heapq.heapify(heap)
-        pool.pending[:] = [e for e in pool.pending if e[-1] >= floors[e[-2]]]
+        pool.pending[:] = [e for e in pool.pending if e[-1] >= slots[e[-2]].floor]
 
     def best_agent(self, contact: ContactRec, now: float) -> AgentRec | None:
         """The first ready agent, in its queue's order, who can take this contact."""
@@ -330,9 +361,9 @@ class AgentIndex:
         if chosen is None and (pool.busy or pool.pending):
             pending = pool.pending
             if pending:
-                floors = self._floor
+                slots = self._slots
                 for entry in pending:
-                    if entry[-1] >= floors[entry[-2]]:
+                    if entry[-1] >= slots[entry[-2]].floor:
                         heapq.heappush(pool.busy, entry)
                 pending.clear()
             chosen = self._search(pool, pool.busy, contact, now, None)
@@ -349,19 +380,21 @@ class AgentIndex:
         """The first agent in one of the pool's heaps who can take this contact; agents who
         are busy now go to ``demoted`` (a longest_idle pool's free heap: its pending list)."""
         channel = contact.channel
+        excluded = contact.excluded
+        extra = contact.extra_skills
         skipped = []
         chosen: AgentRec | None = None
-        agents, versions, floors = self._agents, self._version, self._floor
-        can_take, suits = self.can_take, self.suits
+        agents, slots = self._agents, self._slots
         while heap:
             entry = heap[0]
             agent_id: str = entry[-2]
-            if entry[-1] != versions[agent_id]:
-                if entry[-1] < floors[agent_id]:
+            slot = slots[agent_id]
+            if entry[-1] != slot.version:
+                if entry[-1] < slot.floor:
                     heapq.heappop(heap)  # stale
                 else:
                     # A lower bound of an agent whose key grew: its current key, in place.
-                    busy, current = self._entry_for(agent_id, pool)
+                    busy, current = self._entry_for(agent_id, slot, pool)
                     if busy and demoted is not None:
                         heapq.heappop(heap)
                         demoted.append(current)
@@ -373,7 +406,15 @@ class AgentIndex:
                 # Not re-indexed since it left: out of every heap now, back in when available.
                 self.refresh(agent)
                 continue
-            if can_take(agent, channel) and suits(agent_id, contact, now):
+            # can_take and suits, spelled out: this runs for every agent looked at.
+            room = slot.room.get(channel)
+            if (
+                room is not None
+                and agent.load.get(channel, 0) < room[0]
+                and agent.budget_used + room[1] <= slot.budget
+                and (not excluded or excluded.get(agent_id, now) <= now)
+                and (not extra or has_skills(self.agent_cfg[agent_id].skills, extra))
+            ):
                 chosen = agent  # stays on top: the caller re-indexes it after the offer
                 break
             skipped.append(heapq.heappop(heap))
