@@ -92,6 +92,7 @@ class _Slot:
     def __init__(
         self,
         limits: tuple[tuple[int, str, int, int], ...],
+        room: dict[str, tuple[int, int]],
         budget: int,
         pools: tuple[_Pool, ...],
         strategies: tuple[str, ...],
@@ -100,7 +101,7 @@ class _Slot:
         self.limits = limits
         self.budget = budget
         #: channel -> (limit, cost), for the channels it may take at all.
-        self.room = {ch: (limit, cost) for _, ch, limit, cost in limits}
+        self.room = room
         self.pools = pools
         #: the distinct strategies of its pools (its keys are per strategy).
         self.strategies = strategies
@@ -181,6 +182,10 @@ class AgentIndex:
         self.agent_queues = {}
         self._score = {}
         self._slots = {}
+        # Agents with the same capacities share one limits tuple (and strategies): touched on
+        # every refresh, a few shared objects stay in the cache where 5,000 copies would not.
+        shared_limits: dict[object, tuple[Any, dict[str, tuple[int, int]]]] = {}
+        shared_strategies: dict[tuple[str, ...], tuple[str, ...]] = {}
         bits: dict[str, int] = {}  # channel -> its bit in a ready mask
         # Who serves which queue, found through the agents holding each queue's first skill
         # (not every agent against every queue: that is 40 million checks at 20,000 x 2,000).
@@ -216,12 +221,17 @@ class AgentIndex:
             self.eligible[agent.id] = frozenset(pairs)
             self.agent_queues[agent.id] = served_queues
             strategies = tuple(sorted({p.strategy for p in agent_pools.values()}))
+            strategies = shared_strategies.setdefault(strategies, strategies)
             caps, budget = self._caps[agent.id]
             limits = tuple(
                 (bits.setdefault(ch, 1 << len(bits)), ch, limit, self.cost.get(ch, 0))
                 for ch, limit in caps.items()
             )
-            self._slots[agent.id] = _Slot(limits, budget, tuple(agent_pools.values()), strategies)
+            limits, room = shared_limits.setdefault(
+                limits, (limits, {ch: (limit, cost) for _, ch, limit, cost in limits})
+            )
+            pools_of = tuple(agent_pools.values())
+            self._slots[agent.id] = _Slot(limits, room, budget, pools_of, strategies)
 
     def rebuild(self, agents: Iterable[AgentRec]) -> None:
         """Forget every heap entry and index ``agents`` afresh (after a restore or reload)."""
