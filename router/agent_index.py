@@ -344,7 +344,7 @@ class AgentIndex:
             return  # a key that grew: the old entries are lower bounds, re-keyed as they surface
         slot.floor = version
         for pool in slot.pools:
-            busy, entry = self._entry_for(agent_id, slot, pool)
+            busy, entry = slot.entry if slot.shared else self._entry_for(agent_id, slot, pool)
             if busy:
                 pool.pending.append(entry)
             else:
@@ -404,7 +404,9 @@ class AgentIndex:
                     heapq.heappop(heap)  # stale
                 else:
                     # A lower bound of an agent whose key grew: its current key, in place.
-                    busy, current = self._entry_for(agent_id, slot, pool)
+                    busy, current = (
+                        slot.entry if slot.shared else self._entry_for(agent_id, slot, pool)
+                    )
                     if busy and demoted is not None:
                         heapq.heappop(heap)
                         demoted.append(current)
