@@ -217,6 +217,9 @@ class Engine:
                 self._on_set_state(agent, message.state, message.reason, now, out)
             elif isinstance(message, Logout):
                 self._on_logout(agent, now, out)
+        # A timer the input scheduled at or before ``now`` (an escalation step that came due
+        # while the contact was offered, then re-queued) fires now, not with the next input.
+        self._fire_timers(now, out)
         return out
 
     def next_deadline(self) -> float | None:

@@ -332,6 +332,19 @@ def test_escalation_widens_skills_then_moves_queue() -> None:
     assert offered_to(cmds) == [("generic:c", "junior")]  # senior no longer required
 
 
+def test_a_step_that_came_due_while_assigned_applies_as_soon_as_the_contact_is_back() -> None:
+    eng = engine(ESCALATION)
+    login_all(eng, ["senior", "junior"])
+    (offer,) = offers(eng.handle(call("c", text="hard one"), 0.0))
+    assert offer.agent_id == "senior"
+    eng.handle(Accept(agent_id="senior", offer_id=offer.offer_id), 1.0)
+    # The senior leaves after the first step's 60 s: the contact is queued again, the step is
+    # overdue and widens the skills at once, so the junior gets it in the same commands.
+    cmds = eng.handle(Logout(agent_id="senior"), 100.0)
+    assert [e.event.step for e in events(cmds, "contact.escalated")] == [1]
+    assert offered_to(cmds) == [("generic:c", "junior")]
+
+
 def test_escalation_moves_to_another_queue_keeping_the_wait() -> None:
     eng = engine(ESCALATION)
     login_all(eng, ["anyone"])
