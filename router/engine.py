@@ -179,8 +179,9 @@ class Engine:
     def handle(self, message: EngineInput, now: float) -> list[Command]:
         """Apply one input at time ``now``; return the commands to carry out.
 
-        Timers due at or before ``now`` fire first, in time order, so the result does not
-        depend on how often the caller ticks.
+        Timers due at or before ``now`` fire first, in time order, and those the input itself
+        schedules at or before ``now`` fire after it, so the result does not depend on how
+        often the caller ticks.
         """
         out: list[Command] = []
         self._fire_timers(now, out)
