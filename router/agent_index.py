@@ -10,12 +10,18 @@ capacities and is computed once per routing table.
 channels) share one *pool*: they have the same eligible agents and the same order, so an agent
 is indexed once per pool, not once per queue; in a routing file where many queues ask for the
 same skills that is most of the saving. Each pool keeps a heap of its ready agents, entries
-``(*strategy key, agent_id, version)``. An agent is pushed again only when its sort key changes
-or it becomes ready after it was not: a change of which channels it can take is not a new key,
-and the channel is checked when the entry surfaces. Entries of an older version are stale and
-dropped when they surface, or when a heap grows to twice its pool (compaction). Ties are
-broken by agent id, never by a counter of this process, so an engine restored from a snapshot
-(which rebuilds the index from the records) makes exactly the same choices.
+``(*strategy key, agent_id, version)``; a change of which channels an agent can take is not a
+new key, and the channel is checked when the entry surfaces. Ties are broken by agent id, never
+by a counter of this process, so an engine restored from a snapshot (which rebuilds the index
+from the records) makes exactly the same choices.
+
+An agent's key usually *grows* (an offer makes a free agent busy, a round-robin agent gets the
+latest offer): then nothing is pushed. Its entries stay where they are as lower bounds, and an
+entry that surfaces with an older version is re-keyed in place (``heapreplace``) in that pool
+only, which is correct because every entry's key is at most the agent's current key. Only a key
+that shrinks (an agent becoming free again) or an agent becoming ready pushes new entries;
+entries older than that push are stale and dropped when they surface, or when a heap grows to
+twice its pool (compaction). The best agent is read off the top of the heap without popping it.
 
 **Ready counts.** Per pool and channel, how many agents are available with room for that
 channel. A contact whose pool has none is not searched for at all, which is what keeps a
@@ -34,23 +40,98 @@ from rules.schema import Queue as QueueCfg
 from rules.schema import RoutingFile
 
 Pair = tuple[str, str]  # (queue, channel)
+Entry = tuple[Any, ...]
+Key = tuple[float, float]
 
 
 class _Pool:
-    """Queues with the same eligible agents and the same order, and their agent heap."""
+    """Queues with the same eligible agents and the same order, and their agent heaps.
 
-    __slots__ = ("channels", "heap", "ready", "size", "strategy")
+    A longest_idle pool keeps its free agents in ``heap`` and its partly busy ones (who come
+    after every free agent) in ``busy``, entries ``(idle_since, agent_id, version)``; agents
+    who became busy wait in ``pending`` until a search first needs the busy ones. Other pools
+    keep every ready agent in ``heap``, entries ``(*strategy key, agent_id, version)``.
+    """
 
-    def __init__(self, strategy: str, channels: frozenset[str]) -> None:
+    __slots__ = ("busy", "channels", "heap", "index", "pending", "ready", "size", "strategy")
+
+    def __init__(self, strategy: str, channels: frozenset[str], index: int) -> None:
         self.strategy = strategy
+        #: its position in the index's list of pools (part of the most_skilled score's key).
+        self.index = index
         self.channels = channels
-        self.heap: list[tuple[Any, ...]] = []
+        self.heap: list[Entry] = []
+        self.busy: list[Entry] = []
+        self.pending: list[Entry] = []
         #: channel -> agents of this pool that are available with room for that channel.
         self.ready: dict[str, int] = dict.fromkeys(channels, 0)
         self.size = 0
 
 
-_Spec = tuple[tuple[tuple[int, str, int, int], ...], int, tuple[_Pool, ...], int, str | None]
+class _Slot:
+    """One agent's place in the index: what the routing file says, and where it stands now.
+
+    One object per agent rather than a dict per attribute: the hot path reads all of it for
+    the same agent, and one look-up keeps that in few cache lines.
+    """
+
+    __slots__ = (
+        "budget",
+        "entry",
+        "floor",
+        "keys",
+        "limits",
+        "pools",
+        "ready",
+        "room",
+        "shared",
+        "strategies",
+        "version",
+    )
+
+    def __init__(
+        self,
+        limits: tuple[tuple[int, str, int, int], ...],
+        room: dict[str, tuple[int, int]],
+        budget: int,
+        pools: tuple[_Pool, ...],
+        strategies: tuple[str, ...],
+    ) -> None:
+        #: the channel limits as (bit, channel, limit, cost), and the shared budget.
+        self.limits = limits
+        self.budget = budget
+        #: channel -> (limit, cost), for the channels it may take at all.
+        self.room = room
+        self.pools = pools
+        #: the distinct strategies of its pools (its keys are per strategy).
+        self.strategies = strategies
+        #: one entry serves every pool: one strategy, and not most_skilled (whose key starts
+        #: with the agent's skill in that pool's queues).
+        self.shared = len(strategies) == 1 and strategies[0] != "most_skilled"
+        self.reset()
+
+    def reset(self) -> None:
+        """Out of every heap, as before the first :meth:`AgentIndex.refresh`."""
+        #: bit mask of the channels it has room for (0: not ready).
+        self.ready = 0
+        #: its current key per strategy (None: not ready, in no heap).
+        self.keys: tuple[Key, ...] | None = None
+        #: the version of its current keys (bumped whenever they change) ...
+        self.version = 0
+        #: ... and of its last push: entries older than that are stale.
+        self.floor = 0
+        #: its current (busy, entry), when ``shared``.
+        self.entry: tuple[float, Entry] = (0.0, ())
+
+
+def order_key(strategy: str, agent: AgentRec, budget: int) -> Key:
+    """The agent's sort key under ``strategy`` (most_skilled: after the agent's score)."""
+    if strategy == "least_occupied":
+        return (agent.budget_used / budget if budget else 1.0, agent.idle_since)
+    if strategy == "round_robin":
+        return (float(agent.last_offer_seq), agent.idle_since)
+    # longest_idle, and most_skilled after the score: free agents first, then longest idle.
+    return (1.0 if agent.budget_used else 0.0, agent.idle_since)
 
 
 def has_skills(have: dict[str, int], need: dict[str, int]) -> bool:
@@ -72,14 +153,7 @@ class AgentIndex:
         self._pools: list[_Pool] = []
         self._queue_pool: dict[str, _Pool] = {}
         self._score: dict[tuple[str, int], float] = {}
-        self._pool_ids: dict[int, int] = {}
-        #: agent -> (channel limits as (bit, channel, limit, cost), budget, pools, how much of
-        #: the basis its keys depend on, its one strategy or None).
-        self._spec: dict[str, _Spec] = {}
-        self._version: dict[str, int] = {}
-        self._basis: dict[str, tuple[object, ...] | None] = {}
-        #: agent -> bit mask of the channels it has room for (0: not available).
-        self._ready: dict[str, int] = {}
+        self._slots: dict[str, _Slot] = {}
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -101,14 +175,17 @@ class AgentIndex:
             key = (queue.strategy, tuple(sorted(queue.skills.items())), self.queue_channels[name])
             pool = pools.get(key)
             if pool is None:
-                pool = pools[key] = _Pool(queue.strategy, key[2])
+                pool = pools[key] = _Pool(queue.strategy, key[2], len(pools))
             self._queue_pool[name] = pool
         self._pools = list(pools.values())
-        pool_ids = {id(p): i for i, p in enumerate(self._pools)}
         self.eligible = {}
         self.agent_queues = {}
         self._score = {}
-        self._spec = {}
+        self._slots = {}
+        # Agents with the same capacities share one limits tuple (and strategies): touched on
+        # every refresh, a few shared objects stay in the cache where 5,000 copies would not.
+        shared_limits: dict[object, tuple[Any, dict[str, tuple[int, int]]]] = {}
+        shared_strategies: dict[tuple[str, ...], tuple[str, ...]] = {}
         bits: dict[str, int] = {}  # channel -> its bit in a ready mask
         # Who serves which queue, found through the agents holding each queue's first skill
         # (not every agent against every queue: that is 40 million checks at 20,000 x 2,000).
@@ -126,7 +203,7 @@ class AgentIndex:
         for agent in cfg.agents:
             pairs: set[Pair] = set()
             served_queues: list[str] = []
-            agent_pools: dict[int, _Pool] = {}
+            agent_pools: dict[int, _Pool] = {}  # by pool index
             for qname in serves[agent.id]:
                 queue = queues[qname]
                 served = [ch for ch in queue.channels if agent.capacity.get(ch, 0) > 0]
@@ -135,44 +212,34 @@ class AgentIndex:
                 served_queues.append(qname)
                 pairs.update((qname, ch) for ch in served)
                 pool = self._queue_pool[qname]
-                if pool_ids[id(pool)] not in agent_pools:
-                    agent_pools[pool_ids[id(pool)]] = pool
+                if pool.index not in agent_pools:
+                    agent_pools[pool.index] = pool
                     pool.size += 1
-                    self._score[(agent.id, pool_ids[id(pool)])] = -float(
+                    self._score[(agent.id, pool.index)] = -float(
                         sum(agent.skills.get(s, 0) for s in queue.skills)
                     )
             self.eligible[agent.id] = frozenset(pairs)
             self.agent_queues[agent.id] = served_queues
-            # The sort keys of longest_idle and most_skilled depend on (busy, idle_since) only;
-            # least_occupied adds the budget in use, round_robin the last offer.
-            strategies = {p.strategy for p in agent_pools.values()}
-            basis_len = (
-                4 if "round_robin" in strategies else 3 if "least_occupied" in strategies else 2
-            )
+            strategies = tuple(sorted({p.strategy for p in agent_pools.values()}))
+            strategies = shared_strategies.setdefault(strategies, strategies)
             caps, budget = self._caps[agent.id]
             limits = tuple(
                 (bits.setdefault(ch, 1 << len(bits)), ch, limit, self.cost.get(ch, 0))
                 for ch, limit in caps.items()
             )
-            pools_of = tuple(agent_pools.values())
-            # Every pool orders this agent by the same key unless most_skilled is among them
-            # (its key starts with the agent's skill in that queue) or strategies differ.
-            single = (
-                next(iter(strategies))
-                if len(strategies) == 1 and "most_skilled" not in strategies
-                else None
+            limits, room = shared_limits.setdefault(
+                limits, (limits, {ch: (limit, cost) for _, ch, limit, cost in limits})
             )
-            self._spec[agent.id] = (limits, budget, pools_of, basis_len, single)
-        self._pool_ids = pool_ids
+            pools_of = tuple(agent_pools.values())
+            self._slots[agent.id] = _Slot(limits, room, budget, pools_of, strategies)
 
     def rebuild(self, agents: Iterable[AgentRec]) -> None:
         """Forget every heap entry and index ``agents`` afresh (after a restore or reload)."""
         for pool in self._pools:
-            pool.heap = []
+            pool.heap, pool.busy, pool.pending = [], [], []
             pool.ready = dict.fromkeys(pool.channels, 0)
-        self._version = {}
-        self._basis = {}
-        self._ready = {}
+        for slot in self._slots.values():
+            slot.reset()
         for agent in agents:
             self.refresh(agent)
 
@@ -208,91 +275,161 @@ class AgentIndex:
 
     # ---- order --------------------------------------------------------------------------------
 
-    def _key(self, agent: AgentRec, pool: _Pool) -> tuple[float, ...]:
+    def _entry_for(self, agent_id: str, slot: _Slot, pool: _Pool) -> tuple[float, Entry]:
+        """The agent's current heap entry in ``pool`` (it is ready), and whether it belongs
+        among a longest_idle pool's busy agents (1.0) or not (0.0)."""
+        if slot.shared:
+            return slot.entry
+        keys = slot.keys
+        assert keys is not None
         strategy = pool.strategy
-        busy = 1.0 if agent.budget_used else 0.0
+        key = keys[slot.strategies.index(strategy)]
+        version = slot.version
         if strategy == "longest_idle":
-            return (busy, agent.idle_since)
+            return key[0], (key[1], agent_id, version)
         if strategy == "most_skilled":
-            score = self._score.get((agent.id, self._pool_ids[id(pool)]), 0.0)
-            return (score, busy, agent.idle_since)
-        if strategy == "least_occupied":
-            budget = self._caps[agent.id][1]
-            return (agent.budget_used / budget if budget else 1.0, agent.idle_since)
-        return (float(agent.last_offer_seq), agent.idle_since)
+            return 0.0, (self._score.get((agent_id, pool.index), 0.0), *key, agent_id, version)
+        return 0.0, (*key, agent_id, version)
 
     def refresh(self, agent: AgentRec) -> None:
         """Re-index an agent after anything that changes its readiness or its sort keys."""
         agent_id = agent.id
-        spec = self._spec.get(agent_id)
-        if spec is None:
+        slot = self._slots.get(agent_id)
+        if slot is None:
             return  # not in the routing file: never ready
-        limits, budget, pools, basis_len, strategy = spec
         ready = 0
         if agent.state == "available":
-            load, room = agent.load, budget - agent.budget_used
-            for bit, channel, limit, cost in limits:
+            load, room = agent.load, slot.budget - agent.budget_used
+            for bit, channel, limit, cost in slot.limits:
                 if cost <= room and load.get(channel, 0) < limit:
                     ready |= bit
-        before = self._ready.get(agent_id, 0)
+        before = slot.ready
         if ready != before:
-            self._ready[agent_id] = ready
+            slot.ready = ready
             changed = ready ^ before
-            for bit, channel, _, _ in limits:
+            for bit, channel, _, _ in slot.limits:
                 if changed & bit:
                     delta = 1 if ready & bit else -1
-                    for pool in pools:
+                    for pool in slot.pools:
                         counts = pool.ready
                         if channel in counts:
                             counts[channel] += delta
-        basis = (
-            (agent.budget_used > 0, agent.idle_since, agent.budget_used, agent.last_offer_seq)[
-                :basis_len
-            ]
-            if ready
-            else None
-        )
-        if basis == self._basis.get(agent_id):
-            return  # same keys, still in the heaps (or still out of them)
-        self._basis[agent_id] = basis
-        version = self._version.get(agent_id, 0) + 1
-        self._version[agent_id] = version
-        if basis is None:
+        old = slot.keys
+        if not ready:
+            if old is not None:
+                # Out of every heap: all its entries are stale from now on.
+                slot.keys = None
+                slot.version = slot.floor = slot.version + 1
             return
-        # One strategy (the usual case): one entry, shared by every pool's heap.
-        shared = (*self._key(agent, pools[0]), agent_id, version) if strategy else None
-        for pool in pools:
-            heap = pool.heap
-            heapq.heappush(heap, shared or (*self._key(agent, pool), agent_id, version))
-            if len(heap) > 2 * pool.size + 64:
-                versions = self._version
-                heap[:] = [e for e in heap if e[-1] == versions.get(e[-2])]
-                heapq.heapify(heap)
+        strategies = slot.strategies
+        if slot.shared and strategies[0] == "longest_idle":
+            keys: tuple[Key, ...] = ((1.0 if agent.budget_used else 0.0, agent.idle_since),)
+        else:
+            keys = tuple(order_key(strategy, agent, slot.budget) for strategy in strategies)
+        if keys == old:
+            return  # same keys, its entries are current
+        version = slot.version = slot.version + 1
+        slot.keys = keys
+        if slot.shared:
+            key = keys[0]
+            if strategies[0] == "longest_idle":
+                slot.entry = key[0], (key[1], agent_id, version)
+            else:
+                slot.entry = 0.0, (*key, agent_id, version)
+        if old is not None and (
+            keys[0] >= old[0]
+            if len(keys) == 1
+            else all(new >= was for new, was in zip(keys, old, strict=True))
+        ):
+            return  # a key that grew: the old entries are lower bounds, re-keyed as they surface
+        slot.floor = version
+        for pool in slot.pools:
+            busy, entry = slot.entry if slot.shared else self._entry_for(agent_id, slot, pool)
+            if busy:
+                pool.pending.append(entry)
+            else:
+                heapq.heappush(pool.heap, entry)
+            if len(pool.heap) + len(pool.busy) + len(pool.pending) > 2 * pool.size + 64:
+                self._compact(pool)
+
+    def _compact(self, pool: _Pool) -> None:
+        """Drop a pool's stale entries (those older than their agent's last push)."""
+        slots = self._slots
+        for heap in (pool.heap, pool.busy):
+            heap[:] = [e for e in heap if e[-1] >= slots[e[-2]].floor]
+            heapq.heapify(heap)
+        pool.pending[:] = [e for e in pool.pending if e[-1] >= slots[e[-2]].floor]
 
     def best_agent(self, contact: ContactRec, now: float) -> AgentRec | None:
         """The first ready agent, in its queue's order, who can take this contact."""
-        channel = contact.channel
         pool = self._queue_pool.get(contact.queue)
-        if pool is None or not pool.ready.get(channel):
+        if pool is None or not pool.ready.get(contact.channel):
             return None  # nobody in this queue has room for the channel: no search
-        heap = pool.heap
+        if pool.strategy != "longest_idle":
+            return self._search(pool, pool.heap, contact, now, None)
+        chosen = self._search(pool, pool.heap, contact, now, pool.pending)
+        if chosen is None and (pool.busy or pool.pending):
+            pending = pool.pending
+            if pending:
+                slots = self._slots
+                for entry in pending:
+                    if entry[-1] >= slots[entry[-2]].floor:
+                        heapq.heappush(pool.busy, entry)
+                pending.clear()
+            chosen = self._search(pool, pool.busy, contact, now, None)
+        return chosen
+
+    def _search(
+        self,
+        pool: _Pool,
+        heap: list[Entry],
+        contact: ContactRec,
+        now: float,
+        demoted: list[Entry] | None,
+    ) -> AgentRec | None:
+        """The first agent in one of the pool's heaps who can take this contact; agents who
+        are busy now go to ``demoted`` (a longest_idle pool's free heap: its pending list)."""
+        channel = contact.channel
+        excluded = contact.excluded
+        extra = contact.extra_skills
         skipped = []
         chosen: AgentRec | None = None
-        agents, versions, can_take, suits = self._agents, self._version, self.can_take, self.suits
+        agents, slots = self._agents, self._slots
         while heap:
-            entry = heapq.heappop(heap)
+            entry = heap[0]
             agent_id: str = entry[-2]
-            if entry[-1] != versions.get(agent_id):
-                continue  # stale
+            slot = slots[agent_id]
+            if entry[-1] != slot.version:
+                if entry[-1] < slot.floor:
+                    heapq.heappop(heap)  # stale
+                else:
+                    # A lower bound of an agent whose key grew: its current key, in place.
+                    busy, current = (
+                        slot.entry if slot.shared else self._entry_for(agent_id, slot, pool)
+                    )
+                    if busy and demoted is not None:
+                        heapq.heappop(heap)
+                        demoted.append(current)
+                    else:
+                        heapq.heapreplace(heap, current)
+                continue
             agent = agents[agent_id]
             if agent.state != "available":
                 # Not re-indexed since it left: out of every heap now, back in when available.
                 self.refresh(agent)
                 continue
-            skipped.append(entry)
-            if can_take(agent, channel) and suits(agent_id, contact, now):
-                chosen = agent
+            # can_take and suits, spelled out: this runs for every agent looked at.
+            room = slot.room.get(channel)
+            if (
+                room is not None
+                and agent.load.get(channel, 0) < room[0]
+                and agent.budget_used + room[1] <= slot.budget
+                and (not excluded or excluded.get(agent_id, now) <= now)
+                and (not extra or has_skills(self.agent_cfg[agent_id].skills, extra))
+            ):
+                chosen = agent  # stays on top: the caller re-indexes it after the offer
                 break
+            skipped.append(heapq.heappop(heap))
         for entry in skipped:
             heapq.heappush(heap, entry)
         return chosen

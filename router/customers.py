@@ -130,7 +130,12 @@ class CustomerDirectory:
         if customer is None:
             return
         self._changes.customers.setdefault(customer.id, False)
-        for item in reversed(customer.history):
+        entries = customer.history
+        if entries and entries[-1].contact_id == contact.id:  # its own entry is the latest
+            for name, value in changes.items():
+                setattr(entries[-1], name, value)
+            return
+        for item in reversed(entries):
             if item.contact_id == contact.id:
                 for name, value in changes.items():
                     setattr(item, name, value)
@@ -214,7 +219,10 @@ def history(customer: CustomerRec, current: str) -> list[dict[str, Any]]:
     Only the latest entry with the current contact's id is the contact itself; earlier ones
     are the same conversation's completed rounds (a chat reopened days later) and are history.
     """
-    items = list(reversed(customer.history))
+    entries = customer.history
+    if len(entries) == 1 and entries[0].contact_id == current:
+        return []  # a first contact (the usual case): no history to hand out
+    items = list(reversed(entries))
     for i, item in enumerate(items):
         if item.contact_id == current:
             del items[i]

@@ -222,8 +222,9 @@ class Engine:
     def handle(self, message: EngineInput, now: float) -> list[Command]:
         """Apply one input at time ``now``; return the commands to carry out.
 
-        Timers due at or before ``now`` fire first, in time order, so the result does not
-        depend on how often the caller ticks.
+        Timers due at or before ``now`` fire first, in time order, and those the input itself
+        schedules at or before ``now`` fire after it, so the result does not depend on how
+        often the caller ticks.
         """
         out: list[Command] = []
         self._fire_timers(now, out)
@@ -260,6 +261,9 @@ class Engine:
                 self._on_set_state(agent, message.state, message.reason, now, out)
             elif isinstance(message, Logout):
                 self._on_logout(agent, now, out)
+        # A timer the input scheduled at or before ``now`` (an escalation step that came due
+        # while the contact was offered, then re-queued) fires now, not with the next input.
+        self._fire_timers(now, out)
         if not self._tracking:
             self._changes.clear()
         return out
@@ -408,7 +412,7 @@ class Engine:
             if event.kind == "end" or not self._reopens(event, keys):
                 # The end of something never routed, or a late event of a finished contact.
                 return
-            self._on_new(event, keys, now, out)
+            self._on_new(event, keys, expert, now, out)
         elif event.kind == "end":
             self._on_end(contact, event.end_reason or "ended", now, out)
         else:
@@ -430,15 +434,16 @@ class Engine:
         return bool(keys) and any(self._state.keys.get(k) == done[3] for k in keys)
 
     def _on_new(
-        self, event: ContactEvent, keys: tuple[str, ...], now: float, out: list[Command]
+        self,
+        event: ContactEvent,
+        keys: tuple[str, ...],
+        sender_expert: ExpertRec | None,
+        now: float,
+        out: list[Command],
     ) -> None:
         st = self._state
         customer = self._customers.resolve(
-            event.contact_id,
-            keys,
-            self._experts.find(keys),
-            now,
-            self._defaults.customer_retention,
+            event.contact_id, keys, sender_expert, now, self._defaults.customer_retention
         )
         expert = self._experts.find(customer.keys)
         if expert is not None:
@@ -462,7 +467,9 @@ class Engine:
             # The rule's own dict, shared: a contact's extra skills are replaced, never changed.
             extra_skills=decision.skills,
             excluded=NO_EXCLUSIONS,
-            escalate=tuple(sorted(decision.escalate, key=lambda s: s.after)),
+            escalate=(
+                tuple(sorted(decision.escalate, key=lambda s: s.after)) if decision.escalate else ()
+            ),
             seq=st.seq,
         )
         if decision.reject is not None or decision.queue is None:
@@ -595,10 +602,11 @@ class Engine:
         moving = contact.state == "queued"
         if moving:
             self._contact_queues.leave(contact)
-        seen: set[str] = set()
+        seen: set[str] | None = None
         queue = self._queues[qname]
         waiting = self._contact_queues.waiting
         while queue.max_length is not None and waiting[qname] >= queue.max_length:
+            seen = seen or set()
             seen.add(qname)
             if queue.overflow is None or queue.overflow in seen:
                 contact.state = contact_transition(contact.id, contact.state, "rejected")
@@ -625,9 +633,25 @@ class Engine:
         contact.queue_entered_at = now
         self._state.counters[qname].entered += 1
         self._customers.update_history(contact, queue=qname)
+        # Spelled out rather than ``**self._fields(...)``: a Struct built from a dict of
+        # keywords costs several times more, and this is on every contact's path.
+        self._changes.contacts.setdefault(contact.id, False)  # as _fields does
         out.append(
             EventCmd(
-                event=ContactQueued(**self._fields(contact, now), rule=contact.rule, first=first)
+                event=ContactQueued(
+                    at=now,
+                    contact_id=contact.id,
+                    channel=contact.channel,
+                    source=contact.source,
+                    queue=contact.queue or None,
+                    priority=contact.priority,
+                    expert=contact.expert,
+                    expert_id=contact.expert_id,
+                    crowd=contact.crowd,
+                    customer_id=contact.customer_id,
+                    rule=contact.rule,
+                    first=first,
+                )
             )
         )
         self._schedule_max_wait(contact)
@@ -654,6 +678,9 @@ class Engine:
                 )
             )
         )
+        # Timers pruned while it was with an agent are wanted again; its escalation steps
+        # count from its arrival, whichever queue it waits in next (so before the overflow).
+        self._schedule_step(contact)
         queue = self._queues[contact.queue]
         if (
             queue.max_wait is not None
@@ -663,8 +690,6 @@ class Engine:
             # Its max wait ran out while it was offered: overflow now.
             self._overflow_max_wait(contact, now, out)
             return
-        # Timers pruned while it was with an agent are wanted again.
-        self._schedule_step(contact)
         self._schedule_max_wait(contact)
 
     # ---- matching ---------------------------------------------------------------------------
@@ -733,10 +758,20 @@ class Engine:
         self._index.reserve(agent, contact.channel, +1)
         self._timer(expires, TimerKind.OFFER, offer_id)
         out.append(views.offer_command(st, st.offers[offer_id], contact))
+        self._changes.contacts.setdefault(contact.id, False)  # as _fields does
         out.append(
             EventCmd(
-                event=ContactOffered(
-                    **self._fields(contact, now),
+                event=ContactOffered(  # spelled out: see _enter_queue
+                    at=now,
+                    contact_id=contact.id,
+                    channel=contact.channel,
+                    source=contact.source,
+                    queue=contact.queue or None,
+                    priority=contact.priority,
+                    expert=contact.expert,
+                    expert_id=contact.expert_id,
+                    crowd=contact.crowd,
+                    customer_id=contact.customer_id,
                     agent_id=agent.id,
                     offer_id=offer_id,
                     waited=now - contact.arrived_at,
@@ -807,10 +842,22 @@ class Engine:
         if waited <= self._queues[contact.queue].sla.seconds:
             counters.answered_in_sla += 1
         self._customers.update_history(contact, agent_id=agent.id, outcome="assigned")
+        self._changes.contacts.setdefault(contact.id, False)  # as _fields does
         out.append(
             EventCmd(
-                event=ContactAssigned(
-                    **self._fields(contact, now), agent_id=agent.id, waited=waited
+                event=ContactAssigned(  # spelled out: see _enter_queue
+                    at=now,
+                    contact_id=contact.id,
+                    channel=contact.channel,
+                    source=contact.source,
+                    queue=contact.queue or None,
+                    priority=contact.priority,
+                    expert=contact.expert,
+                    expert_id=contact.expert_id,
+                    crowd=contact.crowd,
+                    customer_id=contact.customer_id,
+                    agent_id=agent.id,
+                    waited=waited,
                 )
             )
         )
@@ -934,10 +981,20 @@ class Engine:
         if released_by is not None:
             # Released by a supervisor: the agent did not work it to the end, so no wrap-up.
             wrap = 0.0
+        self._changes.contacts.setdefault(contact.id, False)  # as _fields does
         out.append(
             EventCmd(
-                event=ContactCompleted(
-                    **self._fields(contact, now),
+                event=ContactCompleted(  # spelled out: see _enter_queue
+                    at=now,
+                    contact_id=contact.id,
+                    channel=contact.channel,
+                    source=contact.source,
+                    queue=contact.queue or None,
+                    priority=contact.priority,
+                    expert=contact.expert,
+                    expert_id=contact.expert_id,
+                    crowd=contact.crowd,
+                    customer_id=contact.customer_id,
                     agent_id=agent.id,
                     handled=now - contact.assigned_at,
                     outcome=outcome,
@@ -1191,8 +1248,8 @@ class Engine:
         """The contact's fields every ``contact.*`` event carries, as they are at ``now``.
 
         Every transition of a contact emits an event, so this is where a contact is marked
-        changed for the next delta snapshot (the few changes without an event mark it
-        themselves).
+        changed for the next delta snapshot (the few changes without an event, and the events
+        spelled out on the decision path, mark it themselves).
         """
         self._changes.contacts.setdefault(contact.id, False)
         return {

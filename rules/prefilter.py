@@ -104,3 +104,42 @@ def _leading_literal(rest: str, icase: bool) -> str:
             break  # a group, a class, ".", "^", "$": stop reading
     runs.append("".join(run))
     return max(runs, key=len)
+
+
+# A global flag group at the start (``(?i)``), which becomes a scoped group when combined.
+_LEADING_FLAGS = re.compile(r"\(\?([aiLmsux]+)\)")
+# Group numbers and names shift or clash when patterns are joined: such patterns stay alone.
+_REFERENCES = re.compile(r"\\[0-9]|\\g|\(\?P[=<]|\(\?<|\(\?\(")
+
+
+def scoped(pattern: str) -> str | None:
+    """``pattern`` as a self-contained alternative of a larger expression, such that a search
+    of the alternation finds a match exactly when one of its patterns has one; None when that
+    is not certain (back-references, named groups, verbose mode) or it does not compile.
+
+    >>> scoped(r"(?i)^\\s*(kein|nie)")
+    '(?i:^\\\\s*(kein|nie))'
+    """
+    flags = ""
+    rest = pattern
+    while (m := _LEADING_FLAGS.match(rest)) is not None:
+        flags += m.group(1)
+        rest = rest[m.end() :]
+    if "x" in flags or "L" in flags or _REFERENCES.search(rest):
+        return None
+    piece = f"(?{flags}:{rest})" if flags else f"(?:{rest})"
+    try:
+        re.compile(piece)
+    except re.error:
+        return None
+    return piece
+
+
+def any_of(pieces: list[str]) -> re.Pattern[str]:
+    """One expression that matches where any of the :func:`scoped` ``pieces`` does."""
+    return re.compile("|".join(dict.fromkeys(pieces)))
+
+
+def any_literal(literals: list[str]) -> re.Pattern[str]:
+    """One expression that matches where any of ``literals`` occurs (exact, as ``in``)."""
+    return re.compile("|".join(re.escape(lit) for lit in dict.fromkeys(literals)))

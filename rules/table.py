@@ -5,6 +5,14 @@
 ``channel == "phone"`` or ``to in ["+4930...", ...]``, and the candidate list for every
 combination of values seen is computed once and cached. Candidates keep their file order, so the
 first matching candidate is the first matching rule, exactly as a linear scan would find it.
+
+Rules that cannot hold unless a field contains a literal (``text ~ "(?i)kündig"``, see
+:mod:`rules.prefilter`) or matches a regular expression without one (``text ~ "^\\d{5}$"``)
+are pooled per candidate list: one search per field for any of their literals, one for any of
+their patterns (joined into one alternation). A contact for which none hits, the usual case,
+is decided by the list without those rules; otherwise every rule is tried in order as before,
+the pooled ones only where their own search hit. So unguarded keyword and pattern rules cost
+a search per field and contact, not one per rule.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from rules.expr import (
     residual_predicate,
 )
 from rules.identity import sender_keys
-from rules.prefilter import fold, required_literals
+from rules.prefilter import any_literal, any_of, fold, required_literals, scoped
 from rules.schema import Expert, RoutingFile, Rule
 
 
@@ -74,6 +82,9 @@ class CompiledRule:
     #: (field, literals, case-insensitive): the field must contain one of the literals for a
     #: match (None: no such literal is known).
     needle: tuple[str, tuple[str, ...], bool] | None = None
+    #: (field, pattern as a :func:`~rules.prefilter.scoped` alternative): for a rule without a
+    #: needle, a regular expression its field must match (None: none that can be combined).
+    gate: tuple[str, str] | None = None
 
 
 def _decision(rule: Rule) -> Decision:
@@ -90,8 +101,32 @@ def _decision(rule: Rule) -> Decision:
     )
 
 
-#: (predicate, decision); a keyword run is (run, None) and its predicate returns the decision.
-_Candidates = tuple[tuple[Predicate | None, Decision | None], ...]
+#: (field, getter, folded, its one literal or None, the pooled search or None).
+_Check = tuple[str, Predicate, bool, str | None, Callable[[str], Any] | None]
+
+
+class _Candidates:
+    """The rules an event with one (channel, source, to, tags) key can match, in file order.
+
+    Rules that need a literal (a needle) or a regular expression (a gate) in a field are pooled:
+    ``checks`` holds one search per field for any of them. When none hits (most contacts)
+    ``plain``, the candidates without those rules, decides; otherwise ``full`` does, where each
+    pooled rule names its check (``-1``: not pooled) and its own literals.
+    """
+
+    __slots__ = ("checks", "full", "plain")
+
+    def __init__(
+        self,
+        checks: tuple[_Check, ...],
+        plain: tuple[tuple[Predicate | None, Decision], ...],
+        full: tuple[tuple[int, tuple[str, ...] | None, Predicate | None, Decision], ...],
+    ) -> None:
+        self.checks = checks
+        self.plain = plain
+        self.full = full
+
+
 _Key = tuple[str | None, str | None, str | None, frozenset[str]]
 _NO_TAGS: frozenset[str] = frozenset()
 
@@ -127,6 +162,7 @@ class RoutingTable:
                 guards=guards(cond.tree) if cond is not None else {},
                 residual=residual_predicate(cond.tree, self.local_time) if cond else None,
                 needle=_needle(cond),
+                gate=_gate(cond),
             )
             for rule, cond in zip(file.rules, conditions, strict=True)
         )
@@ -144,8 +180,6 @@ class RoutingTable:
         self._tos = frozenset(values["to"])
         self._tags = frozenset(values["tags"])
         self._cache: dict[_Key, _Candidates] = {}
-        #: [event, customer, {field: folded text}] of the contact the keyword runs saw last.
-        self._fold_memo: list[Any] = [None, None, {}]
         self._by_key: dict[str, Expert] = {}
         for expert in self.experts:
             for key in expert_keys(expert):
@@ -181,57 +215,52 @@ class RoutingTable:
     def _candidates(self, key: _Key) -> _Candidates:
         channel, source, to, tags = key
         seen = {"channel": channel, "source": source, "to": to}
-        found: list[tuple[Predicate | None, Decision | None]] = []
-        run: list[CompiledRule] = []
+        pooled: dict[tuple[str, bool, bool], list[str]] = {}  # (field, folded, regex) -> needs
+        order: list[tuple[CompiledRule, tuple[str, bool, bool] | None]] = []
         for compiled in self.rules:
-            if all(
+            if not all(
                 allowed <= tags if name == "tags" else seen[name] in allowed
                 for name, allowed in compiled.guards.items()
             ):
-                if compiled.needle is not None:
-                    run.append(compiled)
-                    continue
-                if run:
-                    found.append((self._keyword_run(run), None))
-                    run = []
-                found.append((compiled.residual, compiled.decision))
-        if run:
-            found.append((self._keyword_run(run), None))
-        candidates = tuple(found)
+                continue
+            where: tuple[str, bool, bool] | None = None
+            if compiled.residual is not None and compiled.needle is not None:
+                name, literals, icase = compiled.needle
+                where = (name, icase, False)
+                pooled.setdefault(where, []).extend(literals)
+            elif compiled.residual is not None and compiled.gate is not None:
+                name, piece = compiled.gate
+                where = (name, False, True)
+                pooled.setdefault(where, []).append(piece)
+            order.append((compiled, where))
+            if compiled.residual is None:
+                break  # this rule holds for every such event: the ones after it never decide
+        group: dict[tuple[str, bool, bool], int] = {}
+        checks: list[_Check] = []
+        for (name, icase, is_regex), needs in pooled.items():
+            group[(name, icase, is_regex)] = len(checks)
+            get = field_getter(name, self.local_time)
+            if is_regex:
+                checks.append((name, get, False, None, any_of(needs).search))
+            elif len(set(needs)) == 1:
+                checks.append((name, get, icase, needs[0], None))
+            else:
+                checks.append((name, get, icase, None, any_literal(needs).search))
+        candidates = _Candidates(
+            tuple(checks),
+            tuple((c.residual, c.decision) for c, where in order if where is None),
+            tuple(
+                (
+                    -1 if where is None else group[where],
+                    c.needle[1] if where is not None and c.needle is not None else None,
+                    c.residual,
+                    c.decision,
+                )
+                for c, where in order
+            ),
+        )
         self._cache[key] = candidates
         return candidates
-
-    def _keyword_run(self, run: list[CompiledRule]) -> Predicate:
-        """One predicate for consecutive rules with a required literal: the first of them that
-        holds, tried only where its literal occurs. A field is folded once per contact, also
-        across runs (the memo holds the last contact's folded fields)."""
-        members = [
-            (name, field_getter(name, self.local_time), literals, icase, c.residual, c.decision)
-            for c in run
-            if c.needle is not None and c.residual is not None
-            for name, literals, icase in (c.needle,)
-        ]
-        memo = self._fold_memo
-
-        def keyword_run(e: ContactEvent, c: CustomerView, n: float) -> Decision | None:
-            if memo[0] is not e or memo[1] is not c:
-                memo[:] = [e, c, {}]
-            folded = memo[2]
-            for name, get, literals, icase, predicate, decision in members:
-                if icase:
-                    hay = folded.get(name)
-                    if hay is None:
-                        hay = folded[name] = fold(get(e, c, n) or "")
-                else:
-                    hay = get(e, c, n) or ""
-                for literal in literals:
-                    if literal in hay:
-                        if predicate(e, c, n):
-                            return decision
-                        break
-            return None
-
-        return keyword_run
 
     def decide(self, event: ContactEvent, customer: CustomerView, now: float) -> Decision:
         """The decision of the first rule whose condition holds (the default rule at the end)."""
@@ -250,13 +279,33 @@ class RoutingTable:
         candidates = self._cache.get(key)
         if candidates is None:
             candidates = self._candidates(key)
-        for predicate, decision in candidates:
-            if predicate is None:
-                assert decision is not None  # only keyword runs come without a decision
+        if candidates.checks:
+            # One search per field for everything the pooled rules need; a field folded once.
+            hays: list[str] = []
+            passing: list[bool] = []
+            folded: dict[str, str] = {}
+            for name, get, icase, literal, search in candidates.checks:
+                if icase:
+                    hay = folded.get(name)
+                    if hay is None:
+                        hay = folded[name] = fold(get(event, customer, now) or "")
+                else:
+                    hay = get(event, customer, now) or ""
+                hays.append(hay)
+                passing.append(literal in hay if search is None else search(hay) is not None)
+            if True in passing:
+                for g, literals, predicate, decision in candidates.full:
+                    if g >= 0:
+                        if not passing[g]:
+                            continue
+                        if literals is not None and not any(lit in hays[g] for lit in literals):
+                            continue  # another rule's literal was there, not this one's
+                    if predicate is None or predicate(event, customer, now):
+                        return decision
+                raise LookupError("no rule matched and there is no default rule")
+        for predicate, decision in candidates.plain:
+            if predicate is None or predicate(event, customer, now):
                 return decision
-            hit = predicate(event, customer, now)
-            if hit:
-                return decision if decision is not None else hit
         raise LookupError("no rule matched and there is no default rule")
 
     def decide_linear(self, event: ContactEvent, customer: CustomerView, now: float) -> Decision:
@@ -320,6 +369,18 @@ def _needle(cond: Condition | None) -> tuple[str, tuple[str, ...], bool] | None:
     if not found:
         return None
     return min(found, key=lambda f: (len(f[1]), -min(len(lit) for lit in f[1])))
+
+
+def _gate(cond: Condition | None) -> tuple[str, str] | None:
+    """The first top-level regular expression of a condition that can be pooled with others
+    (see :func:`rules.prefilter.scoped`), for rules :func:`_needle` found no literal for."""
+    if cond is None or _needle(cond) is not None:
+        return None
+    for name, pattern in regex_conjuncts(cond.tree):
+        piece = scoped(pattern)
+        if piece is not None:
+            return name, piece
+    return None
 
 
 def expert_keys(expert: Expert) -> tuple[str, ...]:

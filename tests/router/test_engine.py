@@ -332,6 +332,39 @@ def test_escalation_widens_skills_then_moves_queue() -> None:
     assert offered_to(cmds) == [("generic:c", "junior")]  # senior no longer required
 
 
+def test_a_step_that_came_due_while_assigned_applies_as_soon_as_the_contact_is_back() -> None:
+    eng = engine(ESCALATION)
+    login_all(eng, ["senior", "junior"])
+    (offer,) = offers(eng.handle(call("c", text="hard one"), 0.0))
+    assert offer.agent_id == "senior"
+    eng.handle(Accept(agent_id="senior", offer_id=offer.offer_id), 1.0)
+    # The senior leaves after the first step's 60 s: the contact is queued again, the step is
+    # overdue and widens the skills at once, so the junior gets it in the same commands.
+    cmds = eng.handle(Logout(agent_id="senior"), 100.0)
+    assert [e.event.step for e in events(cmds, "contact.escalated")] == [1]
+    assert offered_to(cmds) == [("generic:c", "junior")]
+
+
+def test_a_contact_back_from_an_agent_that_overflows_at_once_keeps_its_escalation_steps() -> None:
+    # Its max wait ran out while it was with an agent, so it overflows as it comes back; the
+    # step at 300 s (counted from its arrival) must still fire in the queue it overflowed to.
+    eng = engine(
+        ESCALATION.replace(
+            "l2: {skills: {dsl: 1}}", "l2: {skills: {dsl: 1}, max_wait: 120, overflow: general}"
+        )
+    )
+    login_all(eng, ["senior"])
+    (offer,) = offers(eng.handle(call("c", text="hard one"), 0.0))
+    eng.handle(Accept(agent_id="senior", offer_id=offer.offer_id), 1.0)
+    cmds = eng.handle(Logout(agent_id="senior"), 200.0)
+    assert [e.event.to for e in events(cmds, "contact.overflowed")] == ["general"]
+    assert eng.next_deadline() == 300.0
+    cmds = eng.handle(Tick(), 300.0)
+    assert [(e.event.step, e.event.to) for e in events(cmds, "contact.escalated")] == [
+        (2, "general")
+    ]
+
+
 def test_escalation_moves_to_another_queue_keeping_the_wait() -> None:
     eng = engine(ESCALATION)
     login_all(eng, ["anyone"])

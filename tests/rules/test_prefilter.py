@@ -1,5 +1,6 @@
-"""The keyword pre-check never hides a match: a pattern's required literal is in every text
-the pattern matches (on the folded text for case-insensitive patterns)."""
+"""The pre-checks never hide a match: a pattern's required literal is in every text the
+pattern matches (on the folded text for case-insensitive patterns), and patterns pooled into
+one search match a text exactly when one of them does."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rules.prefilter import fold, required_literals
+from rules.prefilter import any_literal, any_of, fold, required_literals, scoped
 
 
 def test_fold_knows_every_non_ascii_character_re_matches_to_an_ascii_letter() -> None:
@@ -79,3 +80,39 @@ def test_keywords_give_their_literals() -> None:
     assert required_literals("storno|can(cel)") is None
     assert required_literals("storno|x*") is None
     assert required_literals("(?x) s t o r n o") is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(members=st.lists(patterns, min_size=1, max_size=4), text=texts)
+def test_pooled_patterns_match_exactly_when_one_of_them_does(
+    members: list[tuple[str, list[str]]], text: str
+) -> None:
+    sources = []
+    for flags, parts in members:
+        try:
+            re.compile(flags + "".join(parts))
+        except re.error:
+            continue
+        sources.append(flags + "".join(parts))
+    pieces = [p for p in map(scoped, sources) if p is not None]
+    if not pieces:
+        return
+    pooled = any_of(pieces).search(text) is not None
+    alone = any(re.search(src, text) for src in sources if scoped(src) is not None)
+    assert pooled == alone
+
+
+def test_patterns_with_group_references_or_verbose_mode_are_not_pooled() -> None:
+    # Joined to others their group numbers would shift, or a comment would swallow the rest.
+    assert scoped(r"(a)\1") is None
+    assert scoped(r"(?P<x>a)(?P=x)") is None
+    assert scoped("(?x) a  # comment") is None
+    assert scoped("(?i)storno|kündig") == "(?i:storno|kündig)"
+
+
+@given(literals=st.lists(st.text("ab.*|", min_size=1, max_size=3), min_size=1), text=texts)
+def test_pooled_literals_are_found_as_the_in_operator_finds_them(
+    literals: list[str], text: str
+) -> None:
+    found = any_literal(literals).search(text) is not None
+    assert found == any(literal in text for literal in literals)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,6 +50,13 @@ extra = st.sampled_from(
         'not "billing" in tags',
         '"billing" in tags and "urgent" in tags',
         "customer.contacts > 1",
+        # No literal to pre-check: pooled into one search per field with their neighbours.
+        'text ~ "(?i)^m.*g$"',
+        'text ~ "[kK]\\w+"',
+        'text ~ "(?s)r.c"',
+        'subject ~ "^[Rr]e:"',
+        'text ~ "(.)\\1"',
+        'text ~ "(?i)[äöü]"',
     ]
 )
 
@@ -75,7 +83,17 @@ events = st.builds(
     external_id=st.just("1"),
     to=st.none() | st.sampled_from(TOS),
     text=st.sampled_from(
-        [None, "Meine Rechnung", "hallo", "MEINE RECHNUNG", "ſtorno bitte", "KÜNDIGUNG", "Storno"]
+        [
+            None,
+            "Meine Rechnung",
+            "hallo",
+            "MEINE RECHNUNG",
+            "ſtorno bitte",
+            "KÜNDIGUNG",
+            "Storno",
+            "mein Vertrag",
+            "kein Netz",
+        ]
     ),
     subject=st.sampled_from([None, "Re: Anfrage", "re: anfrage"]),
     tags=st.sampled_from([(), ("urgent",), ("billing", "x"), ("billing", "urgent")]),
@@ -118,6 +136,30 @@ def test_index_skips_rules_guarded_on_other_channels() -> None:
     )
     assert table.decide(chat, CustomerView(), 0).rule == "r1"
     assert table.decide(phone, CustomerView(), 0).rule == "r0"
-    # The chat event's candidates exclude the phone rule: the index really narrows the scan.
+    # The chat event's candidates exclude the phone rule: the index really narrows the scan
+    # (and ends at r1, which holds for every chat: the default after it never decides).
     candidates = table._cache[("chat", None, None, frozenset())]
-    assert [d.rule for _, d in candidates] == ["r1", "default"]
+    assert [d.rule for _, d in candidates.plain] == ["r1"]
+
+
+def test_pooled_regular_expressions_keep_the_first_matching_rule() -> None:
+    # Both patterns have no literal to pre-check, so one search pools them; the later rule's
+    # pattern matches earlier in the text, and still the earlier rule decides.
+    table = table_for(['text ~ "[Vv]ertrag$"', 'text ~ "^[Mm]ein"', 'text ~ "[0-9]{5}"'])
+    event = ContactEvent(
+        kind="new",
+        contact_id="x:1",
+        channel="chat",
+        source="other",
+        external_id="1",
+        text="Mein Vertrag",
+    )
+    assert table.decide(event, CustomerView(), 0).rule == "r0"
+    other = msgspec.structs.replace(event, text="PLZ 10115")
+    assert table.decide(other, CustomerView(), 0).rule == "r2"
+    nothing = msgspec.structs.replace(event, text="Hallo")
+    assert table.decide(nothing, CustomerView(), 0).rule == "default"
+    # The three rules are pooled into one search per contact: without a hit, only the default.
+    candidates = table._cache[(None, None, None, frozenset())]
+    assert len(candidates.checks) == 1
+    assert [d.rule for _, d in candidates.plain] == ["default"]
