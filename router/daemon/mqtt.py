@@ -240,6 +240,10 @@ class AiomqttInternals:
             self._pending.pop(mid, None)
 
 
+READ_AHEAD = 65536
+"""Bytes one ``recv`` of :class:`_CoalescedWrites` asks the socket for."""
+
+
 class _CoalescedWrites:
     """The socket paho writes to once connected (see :meth:`AiomqttInternals.coalesce_writes`):
     its ``send`` only queues the bytes (and says all were sent); the packets of one loop turn
@@ -266,13 +270,14 @@ class _CoalescedWrites:
         "_failed",
         "_flush_handle",
         "_flushing",
+        "_in",
+        "_in_at",
         "_loop",
         "_loop_write",
         "_out",
         "_sock",
         "_writing",
         "fileno",
-        "recv",
     )
 
     def __init__(
@@ -292,17 +297,30 @@ class _CoalescedWrites:
         self._writing = False  # a partial send: waiting for the socket to take more
         self._error: OSError | None = None
         self._closed = False
-        # paho reads three times a packet: the socket's own methods, not a Python layer.
-        self.recv = sock.recv
+        self._in = b""  # the last read, and how much of it paho has taken
+        self._in_at = 0
         self.fileno = sock.fileno
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the last ``READ_AHEAD`` read; a new read once it is used up
+        (``BlockingIOError`` and ``b""`` reach paho as from the socket)."""
+        data, at = self._in, self._in_at
+        if at >= len(data):
+            data = self._sock.recv(READ_AHEAD)
+            if not data:
+                return data
+            self._in, at = data, 0
+        end = min(at + size, len(data))
+        self._in_at = end
+        return data[at:end]
+
     def pending(self) -> int:
-        """Nothing read ahead (aiomqtt's reader asks TLS sockets; an answer spares an
-        ``AttributeError`` per read)."""
-        return 0
+        """Bytes read but not yet taken by paho: aiomqtt's reader callback (which asks TLS
+        sockets this) goes on reading packets until they are used up."""
+        return len(self._in) - self._in_at
 
     def send(self, data: bytes | bytearray) -> int:
         """Queue ``data`` for this turn's ``send``; raises the error that broke the connection."""
