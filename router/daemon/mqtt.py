@@ -172,7 +172,20 @@ class AiomqttInternals:
             if not disconnected.done():
                 disconnected.set_exception(exc)
 
-        writes = _CoalescedWrites(sock, loop, client.loop_write, failed)  # type: ignore[arg-type]
+        queue = self._queue
+        # Hold the read-ahead while aiomqtt's bounded queue is half full: the broker does not
+        # keep to Receive Maximum when a resumed session sends its backlog (Mosquitto 2.0
+        # sent 290 at once to a window of 50), and aiomqtt drops what does not fit, which
+        # then stays unacknowledged for the rest of the connection.
+        hold = (lambda: queue.qsize() >= queue.maxsize // 2) if queue.maxsize else None
+        writes = _CoalescedWrites(
+            sock,  # type: ignore[arg-type]  # paho's SocketLike; a plain socket here
+            loop,
+            client.loop_write,
+            failed,
+            loop_read=client.loop_read,
+            hold=hold,
+        )
         register, unregister = client.on_socket_register_write, client.on_socket_unregister_write
 
         def on_register(paho_client: paho.Client, userdata: Any, registered: Any) -> None:
@@ -240,6 +253,10 @@ class AiomqttInternals:
             self._pending.pop(mid, None)
 
 
+CLOSE_TIMEOUT = 2.0
+"""Seconds :meth:`_CoalescedWrites.close` waits at most for the socket to take the rest."""
+RESUME_AFTER = 0.002
+"""Seconds a held read-ahead waits before it looks at aiomqtt's queue again."""
 READ_AHEAD = 65536
 """Bytes one ``recv`` of :class:`_CoalescedWrites` asks the socket for."""
 
@@ -270,11 +287,14 @@ class _CoalescedWrites:
         "_failed",
         "_flush_handle",
         "_flushing",
+        "_hold",
         "_in",
         "_in_at",
         "_loop",
+        "_loop_read",
         "_loop_write",
         "_out",
+        "_resume_handle",
         "_sock",
         "_writing",
         "fileno",
@@ -286,6 +306,9 @@ class _CoalescedWrites:
         loop: asyncio.AbstractEventLoop,
         loop_write: Callable[[], object],
         failed: Callable[[BaseException], None],
+        *,
+        loop_read: Callable[[], object] | None = None,
+        hold: Callable[[], bool] | None = None,
     ) -> None:
         self._sock = sock
         self._loop = loop
@@ -297,6 +320,9 @@ class _CoalescedWrites:
         self._writing = False  # a partial send: waiting for the socket to take more
         self._error: OSError | None = None
         self._closed = False
+        self._loop_read = loop_read
+        self._hold = hold
+        self._resume_handle: asyncio.TimerHandle | None = None
         self._in = b""  # the last read, and how much of it paho has taken
         self._in_at = 0
         self.fileno = sock.fileno
@@ -308,6 +334,8 @@ class _CoalescedWrites:
         """Up to ``size`` bytes of the last ``READ_AHEAD`` read; a new read once it is used up
         (``BlockingIOError`` and ``b""`` reach paho as from the socket)."""
         data, at = self._in, self._in_at
+        if self._hold is not None and self._held():
+            raise BlockingIOError  # paho keeps its place in the packet and returns
         if at >= len(data):
             data = self._sock.recv(READ_AHEAD)
             if not data:
@@ -319,8 +347,28 @@ class _CoalescedWrites:
 
     def pending(self) -> int:
         """Bytes read but not yet taken by paho: aiomqtt's reader callback (which asks TLS
-        sockets this) goes on reading packets until they are used up."""
-        return len(self._in) - self._in_at
+        sockets this) goes on reading packets until they are used up. While ``hold`` says
+        the consumer is behind, 0, and the rest is read a little later (:meth:`_resume`):
+        the socket may not become readable again for bytes already read."""
+        left = len(self._in) - self._in_at
+        if left and self._hold is not None and self._held():
+            return 0
+        return left
+
+    def _held(self) -> bool:
+        if self._hold is None or not self._hold():
+            return False
+        if self._resume_handle is None and not self._closed:
+            self._resume_handle = self._loop.call_later(RESUME_AFTER, self._resume)
+        return True
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        try:
+            while not self._closed and self._loop_read is not None and self.pending() > 0:
+                self._loop_read()  # paho: the next packet(s) from what was read ahead
+        except Exception as exc:  # reported as aiomqtt's own reader callback does
+            self._failed(exc)
 
     def send(self, data: bytes | bytearray) -> int:
         """Queue ``data`` for this turn's ``send``; raises the error that broke the connection."""
@@ -387,19 +435,25 @@ class _CoalescedWrites:
             self._sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
-        """Send what is queued if the socket takes it now (a DISCONNECT), then close."""
+        """Send what is still queued (PUBACKs, a DISCONNECT: paho wrote them before it closed,
+        as it would have, whole, to the socket), then close."""
         if self._closed:
             return
         self._closed = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._sock.fileno())
         if self._out and self._error is None:
             with contextlib.suppress(OSError):
-                self._sock.send(b"".join(self._out))
+                # Blocking (briefly) only here: a send buffer full at close is rare.
+                self._sock.settimeout(CLOSE_TIMEOUT)
+                self._sock.sendall(b"".join(self._out))
         self._out.clear()
         self._sock.close()
 
