@@ -59,6 +59,10 @@ async def take(client: aiomqtt.Client, count: int, timeout: float = 30) -> list[
     return got
 
 
+async def received_at_least(received: list[int], count: int) -> None:
+    await wait_until(lambda: len(received) >= count, 30, f"{count} received")
+
+
 def numbers(batch: list[aiomqtt.Message]) -> list[int]:
     return [int(m.payload) for m in batch if isinstance(m.payload, bytes)]
 
@@ -96,8 +100,7 @@ async def test_a_burst_of_thousands_of_publishes_and_pubacks_loses_and_reorders_
                     )
                     await asyncio.wait_for(done, 30)
                     # Within the broker's queue per session (1,000 by default) and in order.
-                    goal = start + 500
-                    await wait_until(lambda: len(received) >= goal, 30, "consumer keeps up")
+                    await received_at_least(received, start + 500)
             await asyncio.wait_for(task, 30)
         assert received == list(range(4000))
         # Every PUBACK reached the broker: the resumed session has nothing to redeliver.
