@@ -198,8 +198,10 @@ class AiomqttInternals:
             if registered is not writes and unregister is not None:
                 unregister(paho_client, userdata, registered)
 
-        # aiomqtt's writer, if paho had asked for one: from here on the flush writes.
+        # aiomqtt's writer, if paho had asked for one: from here on the flush writes. Its
+        # reader gives way to the same with the hold (aiomqtt removes it at close).
         loop.remove_writer(sock.fileno())
+        loop.add_reader(sock.fileno(), writes.readable)
         client._sock = writes
         client.on_socket_register_write = on_register
         client.on_socket_unregister_write = on_unregister
@@ -264,7 +266,9 @@ READ_AHEAD = 65536
 class _CoalescedWrites:
     """The socket paho writes to once connected (see :meth:`AiomqttInternals.coalesce_writes`):
     its ``send`` only queues the bytes (and says all were sent); the packets of one loop turn
-    then go out with one real ``send``. Reads and everything else are the socket's own.
+    then go out with one real ``send``. Its ``recv`` hands paho the bytes of one 64 KiB read
+    (paho reads three times a packet), and :meth:`readable`, the loop's reader callback, has
+    paho go on until they are used up, unless ``hold`` says the consumer is behind.
 
     Per burst of packets paho would make one ``send`` system call per packet (eight a call:
     five publishes and three PUBACKs), and aiomqtt an ``add_writer`` (after a thread-safe
@@ -307,7 +311,7 @@ class _CoalescedWrites:
         loop_write: Callable[[], object],
         failed: Callable[[BaseException], None],
         *,
-        loop_read: Callable[[], object] | None = None,
+        loop_read: Callable[[], object] = lambda: None,
         hold: Callable[[], bool] | None = None,
     ) -> None:
         self._sock = sock
@@ -330,6 +334,17 @@ class _CoalescedWrites:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
+    def readable(self) -> None:
+        """The loop's reader callback (in place of aiomqtt's, which does the same without the
+        hold): paho reads packets until the bytes read ahead are used up."""
+        try:
+            while not self._closed and not self._held():
+                self._loop_read()
+                if self._in_at >= len(self._in):
+                    return
+        except Exception as exc:  # reported as aiomqtt's own reader callback does
+            self._failed(exc)
+
     def recv(self, size: int) -> bytes:
         """Up to ``size`` bytes of the last ``READ_AHEAD`` read; a new read once it is used up
         (``BlockingIOError`` and ``b""`` reach paho as from the socket)."""
@@ -346,29 +361,25 @@ class _CoalescedWrites:
         return data[at:end]
 
     def pending(self) -> int:
-        """Bytes read but not yet taken by paho: aiomqtt's reader callback (which asks TLS
-        sockets this) goes on reading packets until they are used up. While ``hold`` says
-        the consumer is behind, 0, and the rest is read a little later (:meth:`_resume`):
-        the socket may not become readable again for bytes already read."""
-        left = len(self._in) - self._in_at
-        if left and self._hold is not None and self._held():
-            return 0
-        return left
+        """Bytes read ahead that paho has not taken yet."""
+        return len(self._in) - self._in_at
 
     def _held(self) -> bool:
+        # While the consumer is behind, the loop stops watching the socket (the bytes wait in
+        # its buffer, TCP holds the broker back) and looks again in RESUME_AFTER seconds.
         if self._hold is None or not self._hold():
             return False
         if self._resume_handle is None and not self._closed:
+            self._loop.remove_reader(self._sock.fileno())
             self._resume_handle = self._loop.call_later(RESUME_AFTER, self._resume)
         return True
 
     def _resume(self) -> None:
         self._resume_handle = None
-        try:
-            while not self._closed and self._loop_read is not None and self.pending() > 0:
-                self._loop_read()  # paho: the next packet(s) from what was read ahead
-        except Exception as exc:  # reported as aiomqtt's own reader callback does
-            self._failed(exc)
+        if self._closed or self._held():
+            return
+        self._loop.add_reader(self._sock.fileno(), self.readable)
+        self.readable()  # what was read ahead: the socket may not be readable again for it
 
     def send(self, data: bytes | bytearray) -> int:
         """Queue ``data`` for this turn's ``send``; raises the error that broke the connection."""
