@@ -113,10 +113,12 @@ def make_client(
         # Neither paho nor aiomqtt turns Nagle off; with delayed ACKs it adds ~40 ms per hop.
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         timeout=10.0,
-        # A bound on aiomqtt's incoming queue (unbounded by default). QoS 1 messages never
-        # reach it: the broker sends at most Receive Maximum (``max_inflight``) unacknowledged
-        # ones, and we acknowledge only after the journal write. The margin is for QoS 0
-        # messages, which aiomqtt discards beyond the bound (at most once, by definition).
+        # A bound on aiomqtt's incoming queue (unbounded by default), which discards what
+        # does not fit. The broker sends at most Receive Maximum (``max_inflight``)
+        # unacknowledged QoS 1 messages, and we acknowledge only after the journal write,
+        # except when a resumed session sends its backlog (Mosquitto 2.0 sends more): the
+        # read-ahead then holds at half the bound (``coalesce_writes``). The margin is for
+        # QoS 0 messages, discarded beyond the bound (at most once, by definition).
         max_queued_incoming_messages=incoming_bound(mqtt) if manual_ack else None,
     )
     client.pending_calls_threshold = 1_000_000  # many in-flight publishes are normal here
