@@ -113,10 +113,12 @@ def make_client(
         # Neither paho nor aiomqtt turns Nagle off; with delayed ACKs it adds ~40 ms per hop.
         socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         timeout=10.0,
-        # A bound on aiomqtt's incoming queue (unbounded by default). QoS 1 messages never
-        # reach it: the broker sends at most Receive Maximum (``max_inflight``) unacknowledged
-        # ones, and we acknowledge only after the journal write. The margin is for QoS 0
-        # messages, which aiomqtt discards beyond the bound (at most once, by definition).
+        # A bound on aiomqtt's incoming queue (unbounded by default), which discards what
+        # does not fit. The broker sends at most Receive Maximum (``max_inflight``)
+        # unacknowledged QoS 1 messages, and we acknowledge only after the journal write,
+        # except when a resumed session sends its backlog (Mosquitto 2.0 sends more): the
+        # read-ahead then holds at half the bound (``coalesce_writes``). The margin is for
+        # QoS 0 messages, discarded beyond the bound (at most once, by definition).
         max_queued_incoming_messages=incoming_bound(mqtt) if manual_ack else None,
     )
     client.pending_calls_threshold = 1_000_000  # many in-flight publishes are normal here
@@ -136,16 +138,77 @@ class AiomqttInternals:
     iterator costs a task per message; draining the queue lets one journal round trip take a
     whole batch); (4) publishing a batch with one wait for all its PUBACKs (``publish()``
     costs a coroutine, a semaphore, an ``asyncio.Event`` and a ``wait_for`` task per message:
-    a seventh of the daemon's busy time at 300 calls/s). They go through the wrapped paho client
-    (``_client``), the incoming queue (``_queue``) and the map of pending publishes
-    (``_pending_publishes``, mid -> object with ``set()``, which aiomqtt's ``on_publish``
-    callback pops and sets); an aiomqtt upgrade that renames them breaks here, and only here.
+    a seventh of the daemon's busy time at 300 calls/s); (5) writing every packet paho queued
+    in one event-loop turn with one ``send`` (:meth:`coalesce_writes`): paho sends each packet
+    with a ``send`` of its own, and aiomqtt has the loop watch the socket for writability
+    (``add_writer`` from a thread-safe wake-up, ``remove_writer`` after) for every burst. They
+    go through the wrapped paho client (``_client``; for (5) its socket ``_sock``, the public
+    ``on_socket_(un)register_write`` hooks aiomqtt set on it, and aiomqtt's ``_disconnected``
+    future to report an error as aiomqtt's own callback would), the incoming queue
+    (``_queue``) and the map of pending publishes (``_pending_publishes``, mid -> object with
+    ``set()``, which aiomqtt's ``on_publish`` callback pops and sets); an aiomqtt or paho
+    upgrade that renames them breaks here, and only here.
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
+        self._aiomqtt = client
         self._paho: paho.Client = client._client
         self._queue: asyncio.Queue[aiomqtt.Message] = client._queue
         self._pending: dict[int, Any] = client._pending_publishes
+
+    def coalesce_writes(self) -> None:
+        """From now on, write all the packets paho queues in one loop turn with one ``send``
+        (call on the event loop, once connected; see :class:`_CoalescedWrites`).
+
+        TLS connections keep paho's own writes (an ``SSLSocket`` can want a read to write).
+        """
+        client = self._paho
+        sock = client._sock
+        if sock is None or isinstance(sock, ssl.SSLSocket | _CoalescedWrites):
+            return
+        loop = asyncio.get_running_loop()
+        disconnected: asyncio.Future[None] = self._aiomqtt._disconnected
+
+        def failed(exc: BaseException) -> None:
+            # What aiomqtt's own writer callback does when paho's ``loop_write`` raises.
+            if not disconnected.done():
+                disconnected.set_exception(exc)
+
+        queue = self._queue
+        # Hold the read-ahead while aiomqtt's bounded queue is half full: the broker does not
+        # keep to Receive Maximum when a resumed session sends its backlog (Mosquitto 2.0
+        # sent 290 at once to a window of 50), and aiomqtt drops what does not fit, which
+        # then stays unacknowledged for the rest of the connection.
+        hold = (lambda: queue.qsize() >= queue.maxsize // 2) if queue.maxsize else None
+        writes = _CoalescedWrites(
+            sock,  # type: ignore[arg-type]  # paho's SocketLike; a plain socket here
+            loop,
+            client.loop_write,
+            failed,
+            loop_read=client.loop_read,
+            hold=hold,
+        )
+        register, unregister = client.on_socket_register_write, client.on_socket_unregister_write
+
+        def on_register(paho_client: paho.Client, userdata: Any, registered: Any) -> None:
+            if registered is writes:
+                writes.schedule()
+            elif register is not None:  # a socket of a later connect: aiomqtt's way
+                register(paho_client, userdata, registered)
+
+        def on_unregister(paho_client: paho.Client, userdata: Any, registered: Any) -> None:
+            if registered is not writes and unregister is not None:
+                unregister(paho_client, userdata, registered)
+
+        # aiomqtt's writer, if paho had asked for one: from here on the flush writes. Its
+        # reader gives way to the same with the hold (aiomqtt removes it at close).
+        loop.remove_writer(sock.fileno())
+        loop.add_reader(sock.fileno(), writes.readable)
+        client._sock = writes
+        client.on_socket_register_write = on_register
+        client.on_socket_unregister_write = on_unregister
+        if client.want_write():
+            writes.schedule()
 
     def enable_manual_ack(self) -> None:
         """Let the caller send every PUBACK itself (must be called before connecting)."""
@@ -192,6 +255,220 @@ class AiomqttInternals:
         """Stop waiting for the PUBACKs of ``mids`` (a batch given up or cut off)."""
         for mid in mids:
             self._pending.pop(mid, None)
+
+
+CLOSE_TIMEOUT = 2.0
+"""Seconds :meth:`_CoalescedWrites.close` waits at most for the socket to take the rest."""
+RESUME_AFTER = 0.002
+"""Seconds a held read-ahead waits before it looks at aiomqtt's queue again."""
+READ_AHEAD = 65536
+"""Bytes one ``recv`` of :class:`_CoalescedWrites` asks the socket for."""
+
+
+class _CoalescedWrites:
+    """The socket paho writes to once connected (see :meth:`AiomqttInternals.coalesce_writes`):
+    its ``send`` only queues the bytes (and says all were sent); the packets of one loop turn
+    then go out with one real ``send``. Its ``recv`` hands paho the bytes of one 64 KiB read
+    (paho reads three times a packet), and :meth:`readable`, the loop's reader callback, has
+    paho go on until they are used up, unless ``hold`` says the consumer is behind.
+
+    Per burst of packets paho would make one ``send`` system call per packet (eight a call:
+    five publishes and three PUBACKs), and aiomqtt an ``add_writer`` (after a thread-safe
+    wake-up of the loop), a poll for writability and a ``remove_writer``. Here paho's
+    register-write hook schedules :meth:`_flush` with ``call_soon``; the flush lets paho write
+    every queued packet (into this buffer) and sends the buffer at once. Order is kept: bytes
+    leave in the order paho wrote them, a partial ``send`` keeps the rest at the front and
+    waits for writability. A failed ``send`` (the connection broke) drops the buffer, makes
+    every later paho write fail (paho's own lost-connection path) and shuts the socket down, so
+    paho's reader sees the end at once: whatever was not acknowledged is the broker's to
+    redeliver (ingress) or the publisher's to send again, as with paho's own writes.
+
+    What paho believes sent may still be in this buffer for one loop turn: that only matters
+    for QoS 0 ``on_publish`` (the daemon publishes QoS 1, done on the broker's PUBACK).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_error",
+        "_failed",
+        "_flush_handle",
+        "_flushing",
+        "_hold",
+        "_in",
+        "_in_at",
+        "_loop",
+        "_loop_read",
+        "_loop_write",
+        "_out",
+        "_resume_handle",
+        "_sock",
+        "_writing",
+        "fileno",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        loop_write: Callable[[], object],
+        failed: Callable[[BaseException], None],
+        *,
+        loop_read: Callable[[], object] = lambda: None,
+        hold: Callable[[], bool] | None = None,
+    ) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._loop_write = loop_write
+        self._failed = failed
+        self._out: list[bytes | bytearray] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._flushing = False
+        self._writing = False  # a partial send: waiting for the socket to take more
+        self._error: OSError | None = None
+        self._closed = False
+        self._loop_read = loop_read
+        self._hold = hold
+        self._resume_handle: asyncio.TimerHandle | None = None
+        self._in = b""  # the last read, and how much of it paho has taken
+        self._in_at = 0
+        self.fileno = sock.fileno
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def readable(self) -> None:
+        """The loop's reader callback (in place of aiomqtt's, which does the same without the
+        hold): paho reads packets until the bytes read ahead are used up."""
+        try:
+            while not self._closed and not self._held():
+                self._loop_read()
+                if self._in_at >= len(self._in):
+                    return
+        except Exception as exc:  # reported as aiomqtt's own reader callback does
+            self._failed(exc)
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the last ``READ_AHEAD`` read; a new read once it is used up
+        (``BlockingIOError`` and ``b""`` reach paho as from the socket)."""
+        data, at = self._in, self._in_at
+        if self._hold is not None and self._held():
+            raise BlockingIOError  # paho keeps its place in the packet and returns
+        if at >= len(data):
+            data = self._sock.recv(READ_AHEAD)
+            if not data:
+                return data
+            self._in, at = data, 0
+        end = min(at + size, len(data))
+        self._in_at = end
+        return data[at:end]
+
+    def pending(self) -> int:
+        """Bytes read ahead that paho has not taken yet."""
+        return len(self._in) - self._in_at
+
+    def _held(self) -> bool:
+        # While the consumer is behind, the loop stops watching the socket (the bytes wait in
+        # its buffer, TCP holds the broker back) and looks again in RESUME_AFTER seconds.
+        if self._hold is None or not self._hold():
+            return False
+        if self._resume_handle is None and not self._closed:
+            self._loop.remove_reader(self._sock.fileno())
+            self._resume_handle = self._loop.call_later(RESUME_AFTER, self._resume)
+        return True
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        if self._closed or self._held():
+            return
+        self._loop.add_reader(self._sock.fileno(), self.readable)
+        self.readable()  # what was read ahead: the socket may not be readable again for it
+
+    def send(self, data: bytes | bytearray) -> int:
+        """Queue ``data`` for this turn's ``send``; raises the error that broke the connection."""
+        if self._error is not None:
+            raise self._error
+        self._out.append(data)  # (paho hands over a fresh slice: no copy needed)
+        if not self._flushing:
+            self.schedule()  # written outside a flush (paho's own loop_write): flush it too
+        return len(data)
+
+    def schedule(self) -> None:
+        """Flush at the end of this loop turn (once, however many packets come meanwhile)."""
+        if self._flush_handle is None and not self._closed:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._closed:
+            return
+        self._flushing = True
+        try:
+            self._loop_write()  # paho: every packet it has queued -> send() -> self._out
+        except Exception as exc:  # reported as aiomqtt's own writer callback does
+            self._failed(exc)
+        finally:
+            self._flushing = False
+        if not self._closed and not self._writing:
+            self._send_out()
+
+    def _send_out(self) -> None:
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if sent < len(data):
+            out.append(data[sent:])
+            if not self._writing:
+                self._writing = True
+                self._loop.add_writer(self._sock.fileno(), self._writable)
+        elif self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._sock.fileno())
+
+    def _writable(self) -> None:
+        if not self._closed:
+            self._send_out()
+
+    def _fail(self, exc: OSError) -> None:
+        self._error = exc
+        self._out.clear()
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._sock.fileno())
+        # paho's reader callback then reads the end of the stream: its lost-connection path.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Send what is still queued (PUBACKs, a DISCONNECT: paho wrote them before it closed,
+        as it would have, whole, to the socket), then close."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._sock.fileno())
+        if self._out and self._error is None:
+            with contextlib.suppress(OSError):
+                # Blocking (briefly) only here: a send buffer full at close is rare.
+                self._sock.settimeout(CLOSE_TIMEOUT)
+                self._sock.sendall(b"".join(self._out))
+        self._out.clear()
+        self._sock.close()
 
 
 class _BatchAcks:
@@ -286,6 +563,7 @@ class Publisher:
             client = make_client(self.settings.mqtt, self._identifier, persistent=False)
             try:
                 async with client:
+                    AiomqttInternals(client).coalesce_writes()
                     failures = 0
                     self._client = client
                     self._lost = asyncio.Event()
@@ -436,6 +714,7 @@ class Ingress:
             client = make_client(self.settings.mqtt, identifier, persistent=True, manual_ack=True)
             try:
                 async with client:
+                    AiomqttInternals(client).coalesce_writes()
                     for topic in self.topics:
                         await self._subscribe(client, topic)
                     # Subscriptions this session may hold from an earlier mode or version
