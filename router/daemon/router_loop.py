@@ -347,7 +347,7 @@ class Router:
             # The first snapshot of the tenure is a delta appended to this generation; what a
             # crash left half-written beside it goes now, not at the next compaction.
             run.chain.restored(snap, size)
-            await self.journal.drop_generations_except(snap.gen)
+            await self.journal.drop_generations_except(snap.gen, lease_token=self.lease.token)
         run.engine.track_changes()
         run.published = await self.journal.published()
         run.poison = await self.journal.poisoned()
@@ -648,7 +648,7 @@ class Router:
         if outcome is None and head is not None and head.gen == compaction.head.gen:
             # What it wrote (up to a whole state) goes at once, not at the next switch.
             with contextlib.suppress(JournalUnavailable):
-                await self.journal.drop_generations_except(head.gen)
+                await self.journal.drop_generations_except(head.gen, lease_token=self.lease.token)
         return outcome
 
     async def _run_compaction(self, compaction: Compaction) -> tuple[Compaction, Report] | None:

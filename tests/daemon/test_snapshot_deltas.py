@@ -302,6 +302,29 @@ async def test_a_delta_of_a_router_that_lost_the_lease_is_not_written(journal: J
     assert await journal.redis.hlen(journal.keys.snapshot_gen(head.gen)) == head.chunks  # type: ignore[misc]
 
 
+async def test_a_router_that_lost_the_lease_does_not_remove_the_new_holders_snapshot(
+    journal: Journal,
+) -> None:
+    # The old holder still takes its tenure's generation for the pointer's (its compaction
+    # failed before it noticed the loss) while the new holder has switched to one of its own:
+    # the old holder's clean-up removes nothing, and even an unfenced one spares the pointer's.
+    eng = Engine(ROUTING)
+    feed(eng, inputs(0, 10), 1.0)
+    await journal.redis.set(journal.keys.lease, b"old")
+    assert await journal.save_snapshot(encode_state(eng.state), "1-0", lease_token="old")
+    assert journal.saved is not None
+    old_gen = journal.saved.gen
+    await journal.redis.set(journal.keys.lease, b"new")
+    feed(eng, inputs(10, 10), 2.0)
+    assert await journal.save_snapshot(encode_state(eng.state), "2-0", lease_token="new")
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.gen != old_gen
+    for token in ("old", None):
+        await journal.drop_generations_except(old_gen, lease_token=token)
+        restored = await journal.snapshot_state(snap)
+        assert copy(restored) == copy(eng.state)
+
+
 async def test_a_restarted_daemon_appends_its_deltas_to_the_generation_it_restored(
     tmp_path: Path,
     daemon_env: Callable[..., dict[str, str]],
