@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from channels.contact_event import ContactEvent
 from router.daemon.journal import (
     ContactEntry,
     Journal,
@@ -63,6 +64,36 @@ def feed(engine: Engine, messages: list[EngineInput], t0: float) -> None:
 
 def copy(state: EngineState) -> EngineState:
     return STATE_DECODER.decode(Engine(ROUTING, state).snapshot())
+
+
+async def append_mails(
+    journal: Journal, accepted: list[ContactEvent], first: int, count: int
+) -> None:
+    """Journal ``count`` more mails one by one, a few milliseconds apart, while a daemon routes
+    (so its snapshots are cut between them), and add them to ``accepted``."""
+    for n in range(first, first + count):
+        accepted.append(mail(n))
+        await journal.append(ContactEntry(event=accepted[-1], at=time.time()))
+        await asyncio.sleep(0.005)
+
+
+async def kill_and_restart(
+    dying: DaemonProcess,
+    start: Callable[[], DaemonProcess],
+    journal: Journal,
+    routing: Path,
+    accepted: list[ContactEvent],
+) -> None:
+    """Kill ``dying``; the daemon ``start`` gives restores every accepted contact, and the
+    journal's state routes them all."""
+    dying.kill()
+    killed_at = time.time()
+    successor = start()
+    restored = await wait_log(successor, "router.restored")
+    assert restored["contacts"] == len(accepted)
+    state = await routed_state(journal, routing, killed_at)
+    assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
+    assert successor.stop() == 0
 
 
 @pytest.mark.parametrize("crash_after", [0, 1, 3, 7])
@@ -197,20 +228,9 @@ async def test_a_daemon_killed_after_deltas_restores_the_full_snapshot_and_its_d
             else None
         )
 
-    for n in range(200, 260):
-        accepted.append(mail(n))
-        await journal.append(ContactEntry(event=accepted[-1], at=time.time()))
-        await asyncio.sleep(0.005)
+    await append_mails(journal, accepted, 200, 60)
     await wait_until(deltas_after_it, 30, "deltas appended to the full snapshot")
-    first.kill()
-    killed_at = time.time()
-
-    second = daemons(env, "second")
-    restored = await wait_log(second, "router.restored")
-    assert restored["contacts"] == len(accepted)
-    state = await routed_state(journal, routing, killed_at)
-    assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
-    assert second.stop() == 0
+    await kill_and_restart(first, lambda: daemons(env, "second"), journal, routing, accepted)
 
 
 async def test_a_delta_that_failed_to_get_in_goes_into_the_next_one(
@@ -345,10 +365,7 @@ async def test_a_restarted_daemon_appends_its_deltas_to_the_generation_it_restor
 
     second = daemons(env, "second")
     await wait_log(second, "router.routing")
-    for n in range(600, 650):
-        accepted.append(mail(n))
-        await journal.append(ContactEntry(event=accepted[-1], at=time.time()))
-        await asyncio.sleep(0.005)
+    await append_mails(journal, accepted, 600, 50)
 
     async def appended() -> Snapshot | None:
         snap = await journal.load_snapshot()
@@ -356,11 +373,4 @@ async def test_a_restarted_daemon_appends_its_deltas_to_the_generation_it_restor
 
     snap = await wait_until(appended, 30, "deltas of the second tenure")
     assert snap.gen == full.gen  # no full snapshot of its own
-    second.kill()
-    killed_at = time.time()
-    third = daemons(env, "third")
-    restored = await wait_log(third, "router.restored")
-    assert restored["contacts"] == len(accepted)
-    state = await routed_state(journal, routing, killed_at)
-    assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
-    assert third.stop() == 0
+    await kill_and_restart(second, lambda: daemons(env, "third"), journal, routing, accepted)
