@@ -160,6 +160,12 @@ class Snapshot:
     data: bytes | None = None
 
 
+class SwitchUncertain(JournalUnavailable):
+    """The snapshot pointer's switch was sent but its answer did not come back: the pointer
+    may or may not count the new chunks, so appending at the old head could remove chunks the
+    pointer counts. The caller must read the pointer again (a new tenure) before appending."""
+
+
 class _Fenced(Exception):
     """A chunk write was refused: this router no longer holds the lease."""
 
@@ -443,10 +449,13 @@ class Journal:
                 for chunk in chunks:
                     await self._put_chunk(key, n, chunk, append_to, first, lease_token)
                     n += 1
-            done = await self._fenced_switch(
-                keys=[self.keys.snapshot, self.keys.lease, key],
-                args=[lease_token or "", gen, n, last_id, repr(time.time()), repr(now)],
-            )
+            try:
+                done = await self._fenced_switch(
+                    keys=[self.keys.snapshot, self.keys.lease, key],
+                    args=[lease_token or "", gen, n, last_id, repr(time.time()), repr(now)],
+                )
+            except (RedisError, OSError) as exc:
+                raise SwitchUncertain(str(exc)) from exc
             if done == -1:
                 raise JournalUnavailable(f"snapshot {gen}: chunks missing at the switch")
             if not done:

@@ -53,6 +53,7 @@ from router.daemon.journal import (
     JournalEntry,
     JournalUnavailable,
     Snapshot,
+    SwitchUncertain,
     TickEntry,
     encode_entry,
 )
@@ -558,7 +559,10 @@ class Router:
             log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
             return False
         except JournalUnavailable as exc:
-            if cut.full:
+            if cut.full or isinstance(exc, SwitchUncertain):
+                # A full one, or a delta whose switch may have happened (its answer lost): the
+                # next delta, appended at the head the chain knows, would remove chunks the
+                # pointer may count. The tenure ends; the next restores the pointer as it is.
                 chain.failed(cut)
                 raise
             # A delta that did not get in (a timeout, say): its changes go to the next one.

@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,7 @@ from router.daemon.journal import (
     Journal,
     JournalUnavailable,
     Snapshot,
+    SwitchUncertain,
     connect_redis,
 )
 from router.daemon.snapshots import DeltaCut, SnapshotChain, StateCut
@@ -320,6 +322,36 @@ async def test_a_delta_of_a_router_that_lost_the_lease_is_not_written(journal: J
     delta = encode_changes(eng.state, eng.take_changes())
     assert not await journal.save_snapshot(delta, "2-0", lease_token="mine", append_to=head)
     assert await journal.redis.hlen(journal.keys.snapshot_gen(head.gen)) == head.chunks  # type: ignore[misc]
+
+
+async def test_a_delta_whose_switch_answer_was_lost_is_not_taken_for_one_that_failed(
+    journal: Journal,
+) -> None:
+    # The switch ran in Redis but its answer never came back (a timeout): the pointer may
+    # count the delta. That is not a delta that failed to get in (whose changes the next
+    # delta, appended at the old head, carries): appending there would remove chunks the
+    # pointer counts. The journal says so with SwitchUncertain, which ends the tenure.
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    feed(eng, inputs(0, 10), 1.0)
+    assert await journal.save_snapshot(encode_state(eng.state), "1-0")
+    eng.take_changes()
+    head = journal.saved
+    assert head is not None
+    feed(eng, inputs(10, 10), 2.0)
+    switch = journal._fenced_switch
+
+    async def answer_lost(**kwargs: Any) -> Any:
+        await switch(**kwargs)
+        raise ConnectionError("timed out reading the answer")
+
+    journal._fenced_switch = answer_lost  # type: ignore[assignment]
+    with pytest.raises(SwitchUncertain):
+        await journal.save_snapshot(
+            encode_changes(eng.state, eng.take_changes()), "2-0", append_to=head
+        )
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.chunks > head.chunks  # the pointer did count it
 
 
 async def test_a_router_that_lost_the_lease_does_not_remove_the_new_holders_snapshot(
