@@ -166,6 +166,11 @@ class SwitchUncertain(JournalUnavailable):
     pointer counts. The caller must read the pointer again (a new tenure) before appending."""
 
 
+class ChunksMissing(JournalUnavailable):
+    """The switch found the generation without the chunks it should have (it was removed, or
+    Redis evicted it): appending to it again cannot succeed; a new generation is needed."""
+
+
 class _Fenced(Exception):
     """A chunk write was refused: this router no longer holds the lease."""
 
@@ -457,7 +462,7 @@ class Journal:
             except (RedisError, OSError) as exc:
                 raise SwitchUncertain(str(exc)) from exc
             if done == -1:
-                raise JournalUnavailable(f"snapshot {gen}: chunks missing at the switch")
+                raise ChunksMissing(f"snapshot {gen}: chunks missing at the switch")
             if not done:
                 if append_to is None:
                     await self._drop_generations({gen})
@@ -524,7 +529,7 @@ class Journal:
                 args=[lease_token or "", gen, n, head.last_id, repr(time.time()), repr(head.now)],
             )
             if done == -1:
-                raise JournalUnavailable(f"snapshot {gen}: chunks missing at the switch")
+                raise ChunksMissing(f"snapshot {gen}: chunks missing at the switch")
             if not done:
                 await self._drop_generations({gen})
                 return False

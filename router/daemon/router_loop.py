@@ -48,6 +48,7 @@ from router.daemon.http import AppState
 from router.daemon.journal import (
     AdminEntry,
     AgentEntry,
+    ChunksMissing,
     ContactEntry,
     Journal,
     JournalEntry,
@@ -568,6 +569,10 @@ class Router:
             # A delta that did not get in (a timeout, say): its changes go to the next one.
             # Should Redis be away, reading the journal ends the tenure anyway.
             chain.failed(cut)
+            if isinstance(exc, ChunksMissing):
+                # Its generation is gone (removed, evicted): every later delta would be
+                # refused the same way, and the journal never trimmed. A full one next.
+                chain.failed()
             log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
             return False
         except BaseException:
