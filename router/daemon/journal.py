@@ -160,6 +160,17 @@ class Snapshot:
     data: bytes | None = None
 
 
+class SwitchUncertain(JournalUnavailable):
+    """The snapshot pointer's switch was sent but its answer did not come back: the pointer
+    may or may not count the new chunks, so appending at the old head could remove chunks the
+    pointer counts. The caller must read the pointer again (a new tenure) before appending."""
+
+
+class ChunksMissing(JournalUnavailable):
+    """The switch found the generation without the chunks it should have (it was removed, or
+    Redis evicted it): appending to it again cannot succeed; a new generation is needed."""
+
+
 class _Fenced(Exception):
     """A chunk write was refused: this router no longer holds the lease."""
 
@@ -206,6 +217,21 @@ end
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[4])
 return 1
 """
+# Removing generations: only while ARGV[1] holds the lease (KEYS[1]), and never the one the
+# pointer (KEYS[2]) names now: a router that lost its lease (and still takes the pointer of its
+# tenure for the current one) must not remove the generation the new holder switched to.
+# KEYS[3] is snapshot:gens, KEYS[i + 2] the key of generation ARGV[i].
+_FENCED_DROP = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local current = redis.call('HGET', KEYS[2], 'gen')
+for i = 2, #ARGV do
+  if ARGV[i] ~= current then
+    redis.call('UNLINK', KEYS[i + 2])
+    redis.call('SREM', KEYS[3], ARGV[i])
+  end
+end
+return 1
+"""
 _FENCED_SET = """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
@@ -228,6 +254,7 @@ class Journal:
         self._fenced_switch = client.register_script(_FENCED_SWITCH)
         self._fenced_set = client.register_script(_FENCED_SET)
         self._fenced_append = client.register_script(_FENCED_APPEND)
+        self._fenced_drop = client.register_script(_FENCED_DROP)
 
     # ---- ingress ------------------------------------------------------------------------
 
@@ -427,19 +454,22 @@ class Journal:
                 for chunk in chunks:
                     await self._put_chunk(key, n, chunk, append_to, first, lease_token)
                     n += 1
-            done = await self._fenced_switch(
-                keys=[self.keys.snapshot, self.keys.lease, key],
-                args=[lease_token or "", gen, n, last_id, repr(time.time()), repr(now)],
-            )
+            try:
+                done = await self._fenced_switch(
+                    keys=[self.keys.snapshot, self.keys.lease, key],
+                    args=[lease_token or "", gen, n, last_id, repr(time.time()), repr(now)],
+                )
+            except (RedisError, OSError) as exc:
+                raise SwitchUncertain(str(exc)) from exc
             if done == -1:
-                raise JournalUnavailable(f"snapshot {gen}: chunks missing at the switch")
+                raise ChunksMissing(f"snapshot {gen}: chunks missing at the switch")
             if not done:
                 if append_to is None:
                     await self._drop_generations({gen})
                 return False
             if append_to is None:
                 gens = await self.redis.smembers(self.keys.snapshot_gens)  # type: ignore[misc]
-                await self._drop_generations({g.decode() for g in gens} - {gen})
+                await self._drop_generations({g.decode() for g in gens} - {gen}, lease_token)
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
         self.saved = Snapshot(last_id=last_id, at=time.time(), now=now, gen=gen, chunks=n)
@@ -499,12 +529,12 @@ class Journal:
                 args=[lease_token or "", gen, n, head.last_id, repr(time.time()), repr(head.now)],
             )
             if done == -1:
-                raise JournalUnavailable(f"snapshot {gen}: chunks missing at the switch")
+                raise ChunksMissing(f"snapshot {gen}: chunks missing at the switch")
             if not done:
                 await self._drop_generations({gen})
                 return False
             gens = await self.redis.smembers(self.keys.snapshot_gens)  # type: ignore[misc]
-            await self._drop_generations({g.decode() for g in gens} - {gen})
+            await self._drop_generations({g.decode() for g in gens} - {gen}, lease_token)
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
         self.saved = Snapshot(last_id=head.last_id, at=time.time(), now=head.now, gen=gen, chunks=n)
@@ -529,19 +559,28 @@ class Journal:
         if not done:
             raise _Fenced()
 
-    async def drop_generations_except(self, gen: str) -> None:
+    async def drop_generations_except(self, gen: str, *, lease_token: str | None = None) -> None:
         """Remove every generation but ``gen`` (the pointer's): what a crashed snapshot or a
-        failed compaction left. Only for the lease holder, while nothing else is written."""
+        failed compaction left. With ``lease_token`` nothing is removed unless that token holds
+        the lease; the generation the pointer names in Redis is never removed."""
         try:
             gens = await self.redis.smembers(self.keys.snapshot_gens)  # type: ignore[misc]
-            await self._drop_generations({g.decode() for g in gens} - {gen})
+            await self._drop_generations({g.decode() for g in gens} - {gen}, lease_token)
         except (RedisError, OSError) as exc:
             raise JournalUnavailable(str(exc)) from exc
 
-    async def _drop_generations(self, gens: set[str]) -> None:
+    async def _drop_generations(self, gens: set[str], lease_token: str | None = None) -> None:
         if gens:
-            await self.redis.unlink(*(self.keys.snapshot_gen(g) for g in gens))
-            await self.redis.srem(self.keys.snapshot_gens, *gens)  # type: ignore[misc]
+            names = sorted(gens)
+            await self._fenced_drop(
+                keys=[
+                    self.keys.lease,
+                    self.keys.snapshot,
+                    self.keys.snapshot_gens,
+                    *(self.keys.snapshot_gen(g) for g in names),
+                ],
+                args=[lease_token or "", *names],
+            )
 
     async def load_snapshot(self) -> Snapshot | None:
         """The last saved snapshot's pointer, or None when there is none yet."""

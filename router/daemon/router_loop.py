@@ -48,11 +48,13 @@ from router.daemon.http import AppState
 from router.daemon.journal import (
     AdminEntry,
     AgentEntry,
+    ChunksMissing,
     ContactEntry,
     Journal,
     JournalEntry,
     JournalUnavailable,
     Snapshot,
+    SwitchUncertain,
     TickEntry,
     encode_entry,
 )
@@ -347,7 +349,7 @@ class Router:
             # The first snapshot of the tenure is a delta appended to this generation; what a
             # crash left half-written beside it goes now, not at the next compaction.
             run.chain.restored(snap, size)
-            await self.journal.drop_generations_except(snap.gen)
+            await self.journal.drop_generations_except(snap.gen, lease_token=self.lease.token)
         run.engine.track_changes()
         run.published = await self.journal.published()
         run.poison = await self.journal.poisoned()
@@ -558,12 +560,19 @@ class Router:
             log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
             return False
         except JournalUnavailable as exc:
-            if cut.full:
+            if cut.full or isinstance(exc, SwitchUncertain):
+                # A full one, or a delta whose switch may have happened (its answer lost): the
+                # next delta, appended at the head the chain knows, would remove chunks the
+                # pointer may count. The tenure ends; the next restores the pointer as it is.
                 chain.failed(cut)
                 raise
             # A delta that did not get in (a timeout, say): its changes go to the next one.
             # Should Redis be away, reading the journal ends the tenure anyway.
             chain.failed(cut)
+            if isinstance(exc, ChunksMissing):
+                # Its generation is gone (removed, evicted): every later delta would be
+                # refused the same way, and the journal never trimmed. A full one next.
+                chain.failed()
             log.error("router.snapshot_failed", error=str(exc), last_id=last_id)
             return False
         except BaseException:
@@ -648,7 +657,7 @@ class Router:
         if outcome is None and head is not None and head.gen == compaction.head.gen:
             # What it wrote (up to a whole state) goes at once, not at the next switch.
             with contextlib.suppress(JournalUnavailable):
-                await self.journal.drop_generations_except(head.gen)
+                await self.journal.drop_generations_except(head.gen, lease_token=self.lease.token)
         return outcome
 
     async def _run_compaction(self, compaction: Compaction) -> tuple[Compaction, Report] | None:

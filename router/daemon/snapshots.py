@@ -17,7 +17,8 @@ full one. A delta that does not get in (a timeout, Redis away for a moment) puts
 it took back into the engine (:meth:`~router.engine.Engine.put_back_changes`, merged in front
 of those marked since, see :meth:`router.state.Changes.put_back`): the next delta carries
 them, appended at the same place (the chunks the failed one left past the pointer are
-replaced). Chunks of an append are written only while the router holds the lease, like the
+replaced). A delta whose switch went unanswered (``SwitchUncertain``) may be in, so it ends
+the tenure instead. Chunks of an append are written only while the router holds the lease, like the
 switch, so a router that lost it cannot overwrite a chunk the new holder's pointer counts.
 
 **Compaction.** Every ``full_every`` deltas, or when the deltas add up to half the size of the

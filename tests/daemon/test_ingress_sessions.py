@@ -15,12 +15,12 @@ import structlog.testing
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from router.daemon.config import Settings, load_settings
 from router.daemon.intake import Intake
 from router.daemon.journal import AgentEntry, ContactEntry, Journal, connect_redis
 from router.daemon.mqtt import Ingress, Publisher
 from tests.daemon.conftest import MqttProbe, Names, ari, drop_session, wait_until, write_routing
-from tests.servers import MQTT_HOST, MQTT_PASSWORD, MQTT_PORT, MQTT_URL, MQTT_USER, REDIS_URL
+from tests.daemon.test_daemon_mqtt import settings_for
+from tests.servers import MQTT_HOST, MQTT_PASSWORD, MQTT_PORT, MQTT_USER
 
 pytestmark = pytest.mark.integration
 
@@ -71,19 +71,6 @@ async def test_an_agent_command_overtakes_a_backlog_of_contacts_waiting_in_the_b
     # messages in order); on its own it is journaled while the backlog is still coming in.
     assert position < BACKLOG, f"the login was journaled after all {BACKLOG} waiting calls"
     assert sorted(k for k, _ in kinds) == ["agent"] + ["contact"] * BACKLOG
-
-
-def settings_for(names: Names) -> Settings:
-    return load_settings(
-        None,
-        env={
-            "STELLWERK_MQTT_URL": MQTT_URL,
-            "STELLWERK_REDIS_URL": REDIS_URL,
-            "STELLWERK_TOPIC_PREFIX": names.topic_prefix,
-            "STELLWERK_KEY_PREFIX": names.key_prefix,
-            "STELLWERK_MQTT_CLIENT_ID": f"stw-{names.tag}",
-        },
-    ).settings
 
 
 async def test_an_upgraded_contact_session_no_longer_takes_agent_commands(

@@ -23,9 +23,9 @@ from router.daemon.snapshots import Compaction, DeltaCut, SnapshotChain, StateCu
 from router.engine import Engine
 from router.messages import Login
 from tests.daemon.conftest import REDIS_URL, DaemonProcess, wait_until, write_routing
-from tests.daemon.test_daemon_recovery import routed_state, wait_log
+from tests.daemon.test_daemon_recovery import wait_log
 from tests.daemon.test_snapshot_crash import mail
-from tests.daemon.test_snapshot_deltas import copy, feed, inputs
+from tests.daemon.test_snapshot_deltas import append_mails, copy, feed, inputs, kill_and_restart
 from tests.router.test_engine_stateful import ROUTING
 
 pytestmark = pytest.mark.integration
@@ -204,19 +204,9 @@ async def test_a_daemon_compacts_its_chain_and_restores_from_the_compacted_snaps
     first = daemons(env, "first")
     await wait_log(first, "router.routing")
     full = await wait_until(journal.load_snapshot, 60, "the first, full snapshot")
-    for n in range(100, 160):
-        accepted.append(mail(n))
-        await journal.append(ContactEntry(event=accepted[-1], at=time.time()))
-        await asyncio.sleep(0.005)
+    await append_mails(journal, accepted, 100, 60)
     switched = await wait_log(first, "router.compaction_switched", 60)
     assert switched["gen"] != full.gen
     compacted = await wait_log(first, "router.compacted")
     assert compacted["cpu_s"] > 0
-    first.kill()
-    killed_at = time.time()
-    second = daemons(env, "second")
-    restored = await wait_log(second, "router.restored")
-    assert restored["contacts"] == len(accepted)
-    state = await routed_state(journal, routing, killed_at)
-    assert sorted(state.contacts) == sorted(e.contact_id for e in accepted)
-    assert second.stop() == 0
+    await kill_and_restart(first, lambda: daemons(env, "second"), journal, routing, accepted)
