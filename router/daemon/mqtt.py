@@ -4,8 +4,8 @@ Ingress is two persistent sessions (QoS 1; ``$share/{group}/...`` in shared mode
 session (client id ``MqttSettings.identifier``) subscribes to ``{prefix}/in/{channel}/{source}``
 (native payloads), the agent session (that id + ``-agents``) to ``{prefix}/agents/{agent_id}/cmd``
 (agent commands). Two sessions because the broker delivers each session's messages in order:
-with one, an agent's accept queued behind every call waiting in the broker under overload, the
-agent stayed "offered" meanwhile, and the routed rate fell below its ceiling.
+with one, an agent's accept would queue behind every call waiting in the broker under overload,
+and the agent would stay "offered" meanwhile (docs/operations.md has what was measured).
 
 aiomqtt 2.5 has no manual-ack switch of its own, so we turn on paho-mqtt's
 (``manual_ack_set(True)`` on the wrapped client, before connecting) and send each PUBACK with
@@ -546,9 +546,12 @@ class Publisher:
         # Set when the current connection is gone (a new event per connection).
         self._lost = asyncio.Event()
         self._on_status = on_status
-        # Unique per daemon (several share one ingress client id in leader mode).
+        # Unique per daemon (several share one ingress client id in leader mode), and per role:
+        # an ingest and a router process on one host may share a settings file that names
+        # ``router.node_id``, and two clients with one id throw each other off the broker.
         ingress_id = settings.mqtt.identifier(settings.topic_prefix)
-        self._identifier = f"{ingress_id}-pub-{settings.node_id()}"
+        role = "" if settings.role == "all" else f"{settings.role}-"
+        self._identifier = f"{ingress_id}-pub-{role}{settings.node_id()}"
 
     @property
     def connected(self) -> bool:

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from router.daemon.config import RouterSettings, Settings
 from router.daemon.journal import Journal
+from router.daemon.mqtt import Publisher
 from tests.daemon.conftest import DaemonProcess, MqttProbe, Names, ari, wait_until, write_routing
 from tests.daemon.private_servers import free_port
 from tests.daemon.test_ingress_sessions import journal_kinds
@@ -275,3 +278,17 @@ async def test_in_shared_mode_every_ingest_node_consumes_without_a_lease(
     finally:
         for node in ports:
             await drop_session(f"stw-{names.tag}-{node}")
+
+
+def test_an_ingest_and_a_router_process_sharing_a_node_id_publish_under_different_client_ids() -> (
+    None
+):
+    # One settings file with router.node_id for both processes on a host: the broker would
+    # throw one publisher off whenever the other connects if their client ids were equal.
+    base = Settings(router=RouterSettings(node_id="host-a"))
+    ids = {
+        role: Publisher(msgspec.structs.replace(base, role=role))._identifier
+        for role in ("all", "ingest", "router")
+    }
+    assert len(set(ids.values())) == 3
+    assert ids["all"].endswith("-pub-host-a")  # a one-process daemon keeps its id
