@@ -280,9 +280,7 @@ async def test_in_shared_mode_every_ingest_node_consumes_without_a_lease(
             await drop_session(f"stw-{names.tag}-{node}")
 
 
-def test_an_ingest_and_a_router_process_sharing_a_node_id_publish_under_different_client_ids() -> (
-    None
-):
+def test_roles_sharing_a_node_id_publish_under_different_client_ids() -> None:
     # One settings file with router.node_id for both processes on a host: the broker would
     # throw one publisher off whenever the other connects if their client ids were equal.
     base = Settings(router=RouterSettings(node_id="host-a"))
