@@ -266,7 +266,10 @@ class Daemon:
         if self.handle_signals:
             loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
             loop.add_signal_handler(signal.SIGINT, self._on_sigint)
-            loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
+            # Only a process that routes has rules to reload; an ingest node says so instead
+            # of ignoring the signal silently.
+            on_hup = self.reload_requested.set if s.role != "ingest" else self._hup_ignored
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
 
         redis = connect_redis(s.redis.url)
         metrics = self.metrics
@@ -507,6 +510,10 @@ class Daemon:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             log.info("daemon.stopped")
+
+    def _hup_ignored(self) -> None:
+        """SIGHUP in the ingest role: nothing to reload here (the router process routes)."""
+        log.warning("rules.reload_ignored", trigger="SIGHUP", role="ingest")
 
     def _on_sigint(self) -> None:
         """First SIGINT: graceful stop. A second one while stopping: exit at once (130), as

@@ -7,6 +7,7 @@ consumes MQTT ingress; leader-mode ingest nodes hand the sessions over through t
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,14 @@ async def test_an_ingest_and_a_router_process_route_a_call_end_to_end(
         "mqtt": True,
         "ingest_lease": True,
     }
+    # It has no rules to reload, and says so (it goes on running).
+    assert ingest.proc is not None
+    ingest.proc.send_signal(signal.SIGHUP)
+    await wait_until(
+        lambda: any(e.get("event") == "rules.reload_ignored" for e in ingest.log_lines()),
+        20,
+        "the ingest daemon to log that it ignores SIGHUP",
+    )
     # Alone, the ingest daemon journals what arrives; nobody routes it.
     await mqtt_probe.agent("anna", op="login")
     await mqtt_probe.publish(CALL, ari("StasisStart", "split-1"))
