@@ -131,6 +131,8 @@ class Wire:
         self.out += b"\x10" + _length(len(body)) + body
 
     def _packet_id(self, call: int = -1) -> int:
+        if len(self.pending) >= 65535:  # every id waits for its ack: the broker is stuck
+            raise RuntimeError("all 65,535 MQTT packet ids are waiting for an acknowledgement")
         while True:  # ids in use (an ack that is very late) are skipped
             self._next_id = self._next_id % 65535 + 1
             if self._next_id not in self.pending:
