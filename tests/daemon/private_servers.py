@@ -25,8 +25,17 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 
 
+# Ports Chromium refuses to load pages from (net::ERR_UNSAFE_PORT; its "restricted ports"
+# list): a desk or wallboard test on one of them fails in the browser, not in the daemon.
+BROWSER_UNSAFE_PORTS = frozenset(
+    {1719, 1720, 1723, 2049, 3659, 4045, 4190, 5060, 5061, 6000, 6566, 6679, 6697, 10080}
+    | set(range(6665, 6670))
+)
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on, below the kernel's ephemeral range.
+    """A loopback port nothing listens on, below the kernel's ephemeral range, and one a
+    browser may load pages from.
 
     Below it, because the server is restarted on the same port: an ephemeral port can meanwhile
     become the local end of some other test's outgoing connection (making the restart fail with
@@ -37,6 +46,8 @@ def free_port() -> int:
         low = min(low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
     for _ in range(200):
         port = random.randrange(low - 10000, low)
+        if port in BROWSER_UNSAFE_PORTS:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind((HOST, port))
