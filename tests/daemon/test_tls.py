@@ -1,12 +1,13 @@
 """TLS on both transports, with a throw-away CA the test creates (the ``cryptography`` package):
 the daemon speaks ``mqtts://`` to a private Mosquitto with a TLS listener that requires client
-certificates, and serves its HTTP API over HTTPS."""
+certificates, and serves its HTTP API over HTTPS; a resumed backlog over TLS arrives whole."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
 import ipaddress
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import aiomqtt
+import msgspec
 import pytest
 from aiohttp import test_utils
 from cryptography import x509
@@ -23,8 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from router.daemon.mqtt import AiomqttInternals, incoming_bound
 from tests.daemon.conftest import MqttProbe, Names, ari, write_routing
 from tests.daemon.private_servers import HOST, MOSQUITTO, PrivateMosquitto, free_port
+from tests.daemon.test_mqtt_socket import consumer, publisher, small_window, take
 
 pytestmark = [
     pytest.mark.integration,
@@ -238,3 +242,55 @@ async def test_the_daemon_routes_over_mqtts_and_serves_https(
         with pytest.raises(aiohttp.ClientError):
             async with plain.get(f"http://{HOST}:{http_port}/readyz") as resp:
                 await resp.read()
+
+
+async def test_a_resumed_backlog_over_tls_arrives_whole_and_in_order(
+    names: Names, pki: Pki, tls_broker: PrivateMosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ingress's read hold over ``mqtts://``: 800 messages wait in a persistent session
+    (Receive Maximum 50, aiomqtt's queue bounded at 356); resuming it, Mosquitto sends far
+    more than 50 at once. The consumer, acknowledging slowly, gets all 800 in order, aiomqtt
+    discards none, and its queue never holds more than the hold lets in."""
+    caplog.set_level(logging.WARNING)
+    plain = small_window(names, 50)
+    plain = msgspec.structs.replace(
+        plain, mqtt=msgspec.structs.replace(plain.mqtt, url=tls_broker.url)
+    )
+    tls = msgspec.structs.replace(
+        plain,
+        mqtt=msgspec.structs.replace(
+            plain.mqtt,
+            url=f"mqtts://{HOST}:{tls_broker.tls_port}",
+            tls_ca=str(pki.ca),
+            tls_cert=str(pki.client_cert),
+            tls_key=str(pki.client_key),
+        ),
+    )
+    topic = f"{names.topic_prefix}/in/phone/tls-backlog"
+    identifier = f"stw-{names.tag}-tls-backlog"
+    async with consumer(tls, identifier) as sub:
+        await sub.subscribe(topic, qos=1)
+    # The backlog is published while the session is offline (over plain TCP, to the same
+    # broker: only the consumer's side is under test).
+    async with publisher(plain, f"stw-{names.tag}-pub") as pub:
+        payload = b"x" * 200
+        done, _ = pub.publish_batch([(topic, b"%d:" % n + payload) for n in range(800)])
+        await asyncio.wait_for(done, 30)
+    got: list[int] = []
+    most = 0
+    async with consumer(tls, identifier) as sub:
+        internals = AiomqttInternals(sub)
+        queue = internals._queue
+        while len(got) < 800:
+            # A discarded message never comes back on this connection: waiting ends it.
+            batch = await take(sub, 1, timeout=10)
+            most = max(most, queue.qsize() + len(batch))
+            internals.take_queued(batch, 10)
+            await asyncio.sleep(0.001)  # a slow journal
+            for message in batch:
+                assert isinstance(message.payload, bytes)
+                got.append(int(message.payload.partition(b":")[0]))
+                internals.ack(message)
+    assert got == list(range(800))
+    assert most <= incoming_bound(tls.mqtt) // 2 + 1
+    assert "Message queue is full" not in caplog.text
