@@ -499,7 +499,17 @@ class _HeldTlsReads:
     bytes the SSL object already holds).
     """
 
-    __slots__ = ("_closed", "_failed", "_hold", "_loop", "_loop_read", "_resume_handle", "_sock")
+    __slots__ = (
+        "_closed",
+        "_failed",
+        "_hold",
+        "_loop",
+        "_loop_read",
+        "_resume_handle",
+        "_sock",
+        "fileno",
+        "send",
+    )
 
     def __init__(
         self,
@@ -516,9 +526,12 @@ class _HeldTlsReads:
         self._hold = hold
         self._resume_handle: asyncio.TimerHandle | None = None
         self._closed = False
+        # paho's writes (once a packet) go to the SSLSocket itself, SSLWant* errors included.
+        self.send = sock.send
+        self.fileno = sock.fileno
 
     def __getattr__(self, name: str) -> Any:
-        # send, fileno, pending, setblocking...: the SSLSocket's own.
+        # pending, setblocking...: the SSLSocket's own.
         return getattr(self._sock, name)
 
     def readable(self) -> None:
