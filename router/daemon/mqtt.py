@@ -148,6 +148,13 @@ class AiomqttInternals:
     (``_queue``) and the map of pending publishes (``_pending_publishes``, mid -> object with
     ``set()``, which aiomqtt's ``on_publish`` callback pops and sets); an aiomqtt or paho
     upgrade that renames them breaks here, and only here.
+
+    Over TLS, (5) is only the read hold (:class:`_HeldTlsReads` in place of paho's
+    ``ssl.SSLSocket``): an ``SSLSocket`` can want a read to write, so paho keeps its own writes
+    there, but the hold is needed for correctness on every transport (a resumed backlog must
+    not overfill aiomqtt's queue). The SSL object keeps decrypted bytes that the loop's
+    ``select`` does not see (``pending()``), so after a read, and when a hold ends, paho goes
+    on reading while there are any, as aiomqtt's own reader callback does.
     """
 
     def __init__(self, client: aiomqtt.Client) -> None:
@@ -157,20 +164,22 @@ class AiomqttInternals:
         self._pending: dict[int, Any] = client._pending_publishes
 
     def coalesce_writes(self) -> None:
-        """From now on, write all the packets paho queues in one loop turn with one ``send``
-        (call on the event loop, once connected; see :class:`_CoalescedWrites`).
+        """From now on, write all the packets paho queues in one loop turn with one ``send``,
+        and hold reading while aiomqtt's bounded queue is half full (call on the event loop,
+        once connected; see :class:`_CoalescedWrites`).
 
-        TLS connections keep paho's own writes (an ``SSLSocket`` can want a read to write).
+        TLS connections keep paho's own writes (an ``SSLSocket`` can want a read to write) and
+        get the read hold alone (:class:`_HeldTlsReads`).
         """
         client = self._paho
         sock = client._sock
-        if sock is None or isinstance(sock, ssl.SSLSocket | _CoalescedWrites):
+        if sock is None or isinstance(sock, _CoalescedWrites | _HeldTlsReads):
             return
         loop = asyncio.get_running_loop()
         disconnected: asyncio.Future[None] = self._aiomqtt._disconnected
 
         def failed(exc: BaseException) -> None:
-            # What aiomqtt's own writer callback does when paho's ``loop_write`` raises.
+            # What aiomqtt's own reader and writer callbacks do when paho's loop_* raises.
             if not disconnected.done():
                 disconnected.set_exception(exc)
 
@@ -180,6 +189,13 @@ class AiomqttInternals:
         # sent 290 at once to a window of 50), and aiomqtt drops what does not fit, which
         # then stays unacknowledged for the rest of the connection.
         hold = (lambda: queue.qsize() >= queue.maxsize // 2) if queue.maxsize else None
+        if isinstance(sock, ssl.SSLSocket):
+            if hold is not None:
+                reads = _HeldTlsReads(sock, loop, client.loop_read, failed, hold)
+                # aiomqtt's reader gives way to the same with the hold (removed at close).
+                loop.add_reader(sock.fileno(), reads.readable)
+                client._sock = reads
+            return
         writes = _CoalescedWrites(
             sock,  # type: ignore[arg-type]  # paho's SocketLike; a plain socket here
             loop,
@@ -468,6 +484,97 @@ class _CoalescedWrites:
                 self._sock.settimeout(CLOSE_TIMEOUT)
                 self._sock.sendall(b"".join(self._out))
         self._out.clear()
+        self._sock.close()
+
+
+class _HeldTlsReads:
+    """The TLS socket paho reads from once connected (see
+    :meth:`AiomqttInternals.coalesce_writes`): paho's writes go straight to the ``SSLSocket``
+    (``send`` is the socket's own), its reads stop while ``hold`` says the consumer is behind.
+
+    No read-ahead buffer of our own: the SSL object already reads a whole TLS record (up to
+    16 KiB) and hands paho its decrypted bytes from memory. Those bytes are invisible to the
+    loop's ``select``, so :meth:`readable` has paho go on while ``pending()`` says there are
+    any, and the end of a hold runs it at once (the socket may never turn readable again for
+    bytes the SSL object already holds).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_failed",
+        "_hold",
+        "_loop",
+        "_loop_read",
+        "_resume_handle",
+        "_sock",
+        "fileno",
+        "send",
+    )
+
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        loop: asyncio.AbstractEventLoop,
+        loop_read: Callable[[], object],
+        failed: Callable[[BaseException], None],
+        hold: Callable[[], bool],
+    ) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._loop_read = loop_read
+        self._failed = failed
+        self._hold = hold
+        self._resume_handle: asyncio.TimerHandle | None = None
+        self._closed = False
+        # paho's writes (once a packet) go to the SSLSocket itself, SSLWant* errors included.
+        self.send = sock.send
+        self.fileno = sock.fileno
+
+    def __getattr__(self, name: str) -> Any:
+        # pending, setblocking...: the SSLSocket's own.
+        return getattr(self._sock, name)
+
+    def readable(self) -> None:
+        """The loop's reader callback (in place of aiomqtt's, which does the same without the
+        hold): paho reads packets until the SSL object holds no decrypted bytes."""
+        try:
+            while not self._closed and not self._held():
+                self._loop_read()
+                if self._closed or self._sock.pending() == 0:
+                    return
+        except Exception as exc:  # reported as aiomqtt's own reader callback does
+            self._failed(exc)
+
+    def recv(self, size: int) -> bytes:
+        """The SSLSocket's ``recv``, unless held (``BlockingIOError``: paho keeps its place in
+        the packet and returns)."""
+        if self._held():
+            raise BlockingIOError
+        return self._sock.recv(size)
+
+    def _held(self) -> bool:
+        # As _CoalescedWrites._held: the loop stops watching the socket (TCP holds the broker
+        # back) and looks again in RESUME_AFTER seconds.
+        if not self._hold():
+            return False
+        if self._resume_handle is None and not self._closed:
+            self._loop.remove_reader(self._sock.fileno())
+            self._resume_handle = self._loop.call_later(RESUME_AFTER, self._resume)
+        return True
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        if self._closed or self._held():
+            return
+        self._loop.add_reader(self._sock.fileno(), self.readable)
+        self.readable()  # the decrypted bytes the SSL object holds, which select cannot see
+
+    def close(self) -> None:
+        """Stop the hold's timer and close the socket."""
+        self._closed = True
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
         self._sock.close()
 
 

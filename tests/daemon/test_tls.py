@@ -1,14 +1,18 @@
 """TLS on both transports, with a throw-away CA the test creates (the ``cryptography`` package):
 the daemon speaks ``mqtts://`` to a private Mosquitto with a TLS listener that requires client
-certificates, and serves its HTTP API over HTTPS."""
+certificates, and serves its HTTP API over HTTPS; a resumed backlog over TLS arrives whole."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
+import logging
+import select
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import aiomqtt
+import msgspec
 import pytest
 from aiohttp import test_utils
 from cryptography import x509
@@ -23,8 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from router.daemon.mqtt import AiomqttInternals, _HeldTlsReads, incoming_bound
 from tests.daemon.conftest import MqttProbe, Names, ari, write_routing
 from tests.daemon.private_servers import HOST, MOSQUITTO, PrivateMosquitto, free_port
+from tests.daemon.test_mqtt_socket import consumer, publisher, small_window, take
 
 pytestmark = [
     pytest.mark.integration,
@@ -238,3 +245,141 @@ async def test_the_daemon_routes_over_mqtts_and_serves_https(
         with pytest.raises(aiohttp.ClientError):
             async with plain.get(f"http://{HOST}:{http_port}/readyz") as resp:
                 await resp.read()
+
+
+async def test_a_resumed_backlog_over_tls_arrives_whole_and_in_order(
+    names: Names, pki: Pki, tls_broker: PrivateMosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ingress's read hold over ``mqtts://``: 800 messages wait in a persistent session
+    (Receive Maximum 50, aiomqtt's queue bounded at 356); resuming it, Mosquitto sends far
+    more than 50 at once. The consumer, acknowledging slowly, gets all 800 in order, aiomqtt
+    discards none, and its queue never holds more than the hold lets in."""
+    caplog.set_level(logging.WARNING)
+    plain = small_window(names, 50)
+    plain = msgspec.structs.replace(
+        plain, mqtt=msgspec.structs.replace(plain.mqtt, url=tls_broker.url)
+    )
+    tls = msgspec.structs.replace(
+        plain,
+        mqtt=msgspec.structs.replace(
+            plain.mqtt,
+            url=f"mqtts://{HOST}:{tls_broker.tls_port}",
+            tls_ca=str(pki.ca),
+            tls_cert=str(pki.client_cert),
+            tls_key=str(pki.client_key),
+        ),
+    )
+    topic = f"{names.topic_prefix}/in/phone/tls-backlog"
+    identifier = f"stw-{names.tag}-tls-backlog"
+    async with consumer(tls, identifier) as sub:
+        await sub.subscribe(topic, qos=1)
+    # The backlog is published while the session is offline (over plain TCP, to the same
+    # broker: only the consumer's side is under test).
+    async with publisher(plain, f"stw-{names.tag}-pub") as pub:
+        payload = b"x" * 200
+        done, _ = pub.publish_batch([(topic, b"%d:" % n + payload) for n in range(800)])
+        await asyncio.wait_for(done, 30)
+    got: list[int] = []
+    most = 0
+    async with consumer(tls, identifier) as sub:
+        internals = AiomqttInternals(sub)
+        queue = internals._queue
+        while len(got) < 800:
+            # A discarded message never comes back on this connection: waiting ends it.
+            batch = await take(sub, 1, timeout=10)
+            most = max(most, queue.qsize() + len(batch))
+            internals.take_queued(batch, 10)
+            await asyncio.sleep(0.001)  # a slow journal
+            for message in batch:
+                assert isinstance(message.payload, bytes)
+                got.append(int(message.payload.partition(b":")[0]))
+                internals.ack(message)
+    assert got == list(range(800))
+    assert most <= incoming_bound(tls.mqtt) // 2 + 1
+    assert "Message queue is full" not in caplog.text
+
+
+# ---- the read hold itself, over a TLS socket pair --------------------------------------------
+
+PACKET = 100
+PACKETS = 20
+
+
+def tls_pair(pki: Pki) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """(client, server) TLS sockets over a socket pair, handshake done; the client's is
+    non-blocking, as paho's is once connected."""
+    left, right = socket.socketpair()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    server: list[ssl.SSLSocket] = []
+    accept = threading.Thread(
+        target=lambda: server.append(server_context.wrap_socket(right, server_side=True))
+    )
+    accept.start()
+    client = _client_context(pki, cert=False).wrap_socket(left, server_hostname=HOST)
+    accept.join(10)
+    client.setblocking(False)
+    return client, server[0]
+
+
+async def one_record_of_packets(pki: Pki, hold: Callable[[list[bytes]], bool]) -> list[bytes]:
+    """The server sends PACKETS packets in one TLS record (one ``sendall`` of 2,000 bytes);
+    the client's reader callback runs once, as the loop would for that readable socket, with
+    a stand-in for paho's ``loop_read`` that reads one packet a call. What the client got once
+    it had them all (or had waited 5 s)."""
+    loop = asyncio.get_running_loop()
+    client, server = tls_pair(pki)
+    got: list[bytes] = []
+    whole = asyncio.Event()
+
+    def loop_read() -> None:  # paho's: one packet (no QoS 2 in flight), or none yet
+        try:
+            got.append(reads.recv(PACKET))
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return
+        if len(got) == PACKETS:
+            whole.set()
+
+    def failed(exc: BaseException) -> None:
+        raise AssertionError(exc)
+
+    reads = _HeldTlsReads(client, loop, loop_read, failed, lambda: hold(got))
+    try:
+        server.sendall(b"".join(b"%03d" % n + b"p" * (PACKET - 3) for n in range(PACKETS)))
+        # (On a socket pair the record is in the client's buffer once sendall returned.)
+        assert select.select([client], [], [], 5)[0]
+        reads.readable()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(whole.wait(), 5)
+    finally:
+        loop.remove_reader(client.fileno())
+        reads.close()
+        server.close()
+    return got
+
+
+async def test_packets_decrypted_ahead_are_all_read_though_select_cannot_see_them(
+    pki: Pki,
+) -> None:
+    """One readable event for a record of 20 packets: paho gets all 20 (the socket is not
+    readable again, the SSL object holds them)."""
+    got = await one_record_of_packets(pki, lambda got: False)
+    assert [int(p[:3]) for p in got] == list(range(PACKETS))
+
+
+async def test_a_hold_ending_reads_on_the_decrypted_bytes_the_ssl_object_holds(
+    pki: Pki,
+) -> None:
+    """Held after 5 packets of a 20-packet record; once the consumer catches up (here: at
+    once) the hold ends and paho reads the other 15 without the socket turning readable."""
+    holds: list[int] = []
+
+    def hold(got: list[bytes]) -> bool:
+        if len(got) == 5 and not holds:
+            holds.append(len(got))
+            return True
+        return False
+
+    got = await one_record_of_packets(pki, hold)
+    assert holds == [5]
+    assert [int(p[:3]) for p in got] == list(range(PACKETS))
