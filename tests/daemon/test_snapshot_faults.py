@@ -231,6 +231,7 @@ async def test_a_lost_switch_answer_ends_the_tenure_and_loses_nothing(
     dropper.armed = 2
     await append_mails(journal, 60, 40)
     await wait_until(lambda: dropper.dropped >= 2, 30, "the switch's answers dropped")
+    dropper.armed = 0
     snap = await journal.load_snapshot()
     assert snap is not None and snap.gen == before.gen and snap.chunks > before.chunks
 
