@@ -521,7 +521,9 @@ class Journal:
             for i in range(covers, head.chunks):
                 chunk = await self.redis.hget(src, str(i))  # type: ignore[misc]
                 if chunk is None:
-                    raise JournalUnavailable(f"snapshot {head.gen}: chunk {i} is gone")
+                    # The head's generation was removed (by hand, evicted): no switch to a
+                    # copy of it can succeed, now or later.
+                    raise ChunksMissing(f"snapshot {head.gen}: chunk {i} is gone")
                 await self.redis.hset(key, str(n), chunk)  # type: ignore[misc]
                 n += 1
             done = await self._fenced_switch(

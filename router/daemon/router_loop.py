@@ -740,9 +740,16 @@ class Router:
         head = chain.head
         assert head is not None
         started = time.perf_counter()
-        ok = await self.journal.switch_compacted(
-            report.gen, report.chunks, report.covers, head, lease_token=self.lease.token
-        )
+        try:
+            ok = await self.journal.switch_compacted(
+                report.gen, report.chunks, report.covers, head, lease_token=self.lease.token
+            )
+        except ChunksMissing as exc:
+            # A generation it copies from or switches to is gone: ending the tenure would
+            # restore a pointer to it and fail. The chain starts again with a full snapshot.
+            chain.failed()
+            log.error("router.snapshot_failed", error=str(exc), last_id=head.last_id)
+            return False
         if not ok or self.journal.saved is None:
             raise _LostLease()
         chain.compacted(compaction, self.journal.saved, report.bytes)
