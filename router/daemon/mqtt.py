@@ -281,7 +281,59 @@ READ_AHEAD = 65536
 """Bytes one ``recv`` of :class:`_CoalescedWrites` asks the socket for."""
 
 
-class _CoalescedWrites:
+class _HeldReads:
+    """What the two socket wrappers paho reads through share: the read hold. While ``hold``
+    says the consumer is behind, the loop stops watching the socket (the bytes wait in its
+    buffer, TCP holds the broker back) and looks again in ``RESUME_AFTER`` seconds; the end of
+    a hold runs :meth:`readable` at once, for bytes already read that the socket will not
+    signal again. Subclasses set the fields and define :meth:`readable`."""
+
+    __slots__ = (
+        "_closed",
+        "_failed",
+        "_hold",
+        "_loop",
+        "_loop_read",
+        "_resume_handle",
+        "_sock",
+        "fileno",
+    )
+
+    _sock: socket.socket
+    _loop: asyncio.AbstractEventLoop
+    _hold: Callable[[], bool] | None
+    _resume_handle: asyncio.TimerHandle | None
+    _closed: bool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def readable(self) -> None:
+        """The loop's reader callback (in place of aiomqtt's)."""
+        raise NotImplementedError
+
+    def _held(self) -> bool:
+        if self._hold is None or not self._hold():
+            return False
+        if self._resume_handle is None and not self._closed:
+            self._loop.remove_reader(self._sock.fileno())
+            self._resume_handle = self._loop.call_later(RESUME_AFTER, self._resume)
+        return True
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        if self._closed or self._held():
+            return
+        self._loop.add_reader(self._sock.fileno(), self.readable)
+        self.readable()
+
+    def _end_hold(self) -> None:
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+
+
+class _CoalescedWrites(_HeldReads):
     """The socket paho writes to once connected (see :meth:`AiomqttInternals.coalesce_writes`):
     its ``send`` only queues the bytes (and says all were sent); the packets of one loop turn
     then go out with one real ``send``. Its ``recv`` hands paho the bytes of one 64 KiB read
@@ -304,22 +356,14 @@ class _CoalescedWrites:
     """
 
     __slots__ = (
-        "_closed",
         "_error",
-        "_failed",
         "_flush_handle",
         "_flushing",
-        "_hold",
         "_in",
         "_in_at",
-        "_loop",
-        "_loop_read",
         "_loop_write",
         "_out",
-        "_resume_handle",
-        "_sock",
         "_writing",
-        "fileno",
     )
 
     def __init__(
@@ -348,9 +392,6 @@ class _CoalescedWrites:
         self._in = b""  # the last read, and how much of it paho has taken
         self._in_at = 0
         self.fileno = sock.fileno
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
     def readable(self) -> None:
         """The loop's reader callback (in place of aiomqtt's, which does the same without the
@@ -381,23 +422,6 @@ class _CoalescedWrites:
     def pending(self) -> int:
         """Bytes read ahead that paho has not taken yet."""
         return len(self._in) - self._in_at
-
-    def _held(self) -> bool:
-        # While the consumer is behind, the loop stops watching the socket (the bytes wait in
-        # its buffer, TCP holds the broker back) and looks again in RESUME_AFTER seconds.
-        if self._hold is None or not self._hold():
-            return False
-        if self._resume_handle is None and not self._closed:
-            self._loop.remove_reader(self._sock.fileno())
-            self._resume_handle = self._loop.call_later(RESUME_AFTER, self._resume)
-        return True
-
-    def _resume(self) -> None:
-        self._resume_handle = None
-        if self._closed or self._held():
-            return
-        self._loop.add_reader(self._sock.fileno(), self.readable)
-        self.readable()  # what was read ahead: the socket may not be readable again for it
 
     def send(self, data: bytes | bytearray) -> int:
         """Queue ``data`` for this turn's ``send``; raises the error that broke the connection."""
@@ -472,9 +496,7 @@ class _CoalescedWrites:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._resume_handle is not None:
-            self._resume_handle.cancel()
-            self._resume_handle = None
+        self._end_hold()
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._sock.fileno())
@@ -487,7 +509,7 @@ class _CoalescedWrites:
         self._sock.close()
 
 
-class _HeldTlsReads:
+class _HeldTlsReads(_HeldReads):
     """The TLS socket paho reads from once connected (see
     :meth:`AiomqttInternals.coalesce_writes`): paho's writes go straight to the ``SSLSocket``
     (``send`` is the socket's own), its reads stop while ``hold`` says the consumer is behind.
@@ -499,17 +521,9 @@ class _HeldTlsReads:
     bytes the SSL object already holds).
     """
 
-    __slots__ = (
-        "_closed",
-        "_failed",
-        "_hold",
-        "_loop",
-        "_loop_read",
-        "_resume_handle",
-        "_sock",
-        "fileno",
-        "send",
-    )
+    __slots__ = ("send",)
+
+    _sock: ssl.SSLSocket
 
     def __init__(
         self,
@@ -530,10 +544,6 @@ class _HeldTlsReads:
         self.send = sock.send
         self.fileno = sock.fileno
 
-    def __getattr__(self, name: str) -> Any:
-        # pending, setblocking...: the SSLSocket's own.
-        return getattr(self._sock, name)
-
     def readable(self) -> None:
         """The loop's reader callback (in place of aiomqtt's, which does the same without the
         hold): paho reads packets until the SSL object holds no decrypted bytes."""
@@ -552,29 +562,10 @@ class _HeldTlsReads:
             raise BlockingIOError
         return self._sock.recv(size)
 
-    def _held(self) -> bool:
-        # As _CoalescedWrites._held: the loop stops watching the socket (TCP holds the broker
-        # back) and looks again in RESUME_AFTER seconds.
-        if not self._hold():
-            return False
-        if self._resume_handle is None and not self._closed:
-            self._loop.remove_reader(self._sock.fileno())
-            self._resume_handle = self._loop.call_later(RESUME_AFTER, self._resume)
-        return True
-
-    def _resume(self) -> None:
-        self._resume_handle = None
-        if self._closed or self._held():
-            return
-        self._loop.add_reader(self._sock.fileno(), self.readable)
-        self.readable()  # the decrypted bytes the SSL object holds, which select cannot see
-
     def close(self) -> None:
         """Stop the hold's timer and close the socket."""
         self._closed = True
-        if self._resume_handle is not None:
-            self._resume_handle.cancel()
-            self._resume_handle = None
+        self._end_hold()
         self._sock.close()
 
 
