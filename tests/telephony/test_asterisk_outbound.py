@@ -3,6 +3,7 @@ in and the REST requests go back over the same socket; the call behaves as over 
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,14 @@ async def test_a_call_over_asterisks_outbound_websocket(
     )
     url = f"ws://127.0.0.1:{port}{OUTBOUND_PATH}"
     async with aiohttp.ClientSession() as http:
-        # Without the right credentials Asterisk is turned away.
-        for headers in ({}, {"Authorization": basic_auth("asterisk", "wrong")}):
+        # Without the right credentials Asterisk is turned away, whatever bytes they hold
+        # (non-ASCII and non-UTF-8 ones once made the check itself fail: a 500).
+        odd = [base64.b64encode(raw).decode() for raw in ("ü:x".encode(), b"\xff\xfe:x")]
+        for headers in (
+            {},
+            {"Authorization": basic_auth("asterisk", "wrong")},
+            *({"Authorization": f"Basic {value}"} for value in odd),
+        ):
             with pytest.raises(aiohttp.WSServerHandshakeError) as info:
                 await http.ws_connect(url, protocols=("ari",), headers=headers)
             assert info.value.status == 401

@@ -390,11 +390,13 @@ class AsteriskDriver:
         if scheme.lower() != "basic":
             return False
         try:
-            user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
+            user, _, password = base64.b64decode(value, validate=True).partition(b":")
+        except binascii.Error:
             return False
-        want_user = self.settings.outbound_username or ""
-        want_password = self.settings.outbound_password or ""
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters (a TypeError,
+        # a 500 for whoever sent them), and the client chooses what the header holds.
+        want_user = (self.settings.outbound_username or "").encode()
+        want_password = (self.settings.outbound_password or "").encode()
         return hmac.compare_digest(user, want_user) and hmac.compare_digest(password, want_password)
 
     async def _outbound(self, request: web.Request) -> web.StreamResponse:
