@@ -354,6 +354,8 @@ class StateBuilder:
         self._gc_was_enabled = False
         self._format = FORMAT
         self._delta = False
+        # Format 1's customers chunks, to share with the contacts once they are in (_put_held).
+        self._held: list[Customers] = []
         #: the chunks fed so far, by part (full state, deltas).
         self.size = ChainSize()
 
@@ -393,6 +395,7 @@ class StateBuilder:
                 raise SnapshotError("a second head chunk")
             # A delta: new scalars, and the small tables come whole again.
             base = self.state
+            self._put_held(base)
             base.seq, base.clock = chunk.seq, chunk.clock
             base.agents.clear()
             base.offers.clear()
@@ -444,17 +447,27 @@ class StateBuilder:
         return [tuple(x if x is None else w(x, x) for x in t) for t in words]
 
     def _contacts(self, st: EngineState, chunk: Contacts) -> None:
-        # This loop runs for every waiting contact: no calls of ours in it, and no look-up
-        # per field (the chunk's vocabulary is shared once, then assigned by index).
         contacts = st.contacts
+        items = chunk.items
         if self._format == 1:
-            self._contacts_v1(st, chunk)
-            return
-        if chunk.mode == MOVE:
-            for c in chunk.items:
-                contacts.pop(c.id, None)
-        words = self._shared(chunk.words)
-        for c, i in zip(chunk.items, chunk.which, strict=True):
+            # No vocabulary: each record's strings are its own entry. The customers are in
+            # already (format 1 wrote them first): the contact shares its customer's id.
+            owner_of = st.customers.get
+            for c in items:
+                owner = owner_of(c.customer_id)
+                if owner is not None:
+                    c.customer_id = owner.id
+            words = self._shared([(c.queue, c.rule, c.source, c.channel) for c in items])
+            which: Iterable[int] = range(len(items))
+        else:
+            if chunk.mode == MOVE:
+                for c in items:
+                    contacts.pop(c.id, None)
+            words = self._shared(chunk.words)
+            which = chunk.which
+        # This loop runs for every waiting contact: no calls of ours in it, and no look-up
+        # per field (the vocabulary is shared once, then assigned by index).
+        for c, i in zip(items, which, strict=True):
             c.queue, c.rule, c.source, c.channel = words[i]
             if not c.extra_skills:
                 c.extra_skills = _NO_SKILLS
@@ -464,62 +477,40 @@ class StateBuilder:
                 c.queue_entered_at = c.arrived_at
             contacts[c.id] = c
 
-    def _contacts_v1(self, st: EngineState, chunk: Contacts) -> None:
-        w = self._words.setdefault
-        owner_of = st.customers.get
-        contacts = st.contacts
-        for c in chunk.items:
-            s = c.queue
-            c.queue = w(s, s)
-            s = c.rule
-            c.rule = w(s, s)
-            s = c.source
-            c.source = w(s, s)
-            s = c.channel
-            c.channel = w(s, s)
-            owner = owner_of(c.customer_id)
-            if owner is not None:
-                c.customer_id = owner.id
-            if not c.extra_skills:
-                c.extra_skills = _NO_SKILLS
-            if not c.excluded:
-                c.excluded = NO_EXCLUSIONS
-            if c.queue_entered_at == c.arrived_at:
-                c.queue_entered_at = c.arrived_at
-            contacts[c.id] = c
-
     def _customers(self, st: EngineState, chunk: Customers) -> None:
-        customers = st.customers
         if self._format == 1:
-            w = self._words.setdefault
-            for u in chunk.items:
-                for h in u.history:
-                    s = h.channel
-                    h.channel = w(s, s)
-                    s = h.source
-                    h.source = w(s, s)
-                    s = h.outcome
-                    h.outcome = w(s, s)
-                    q = h.queue
-                    if q is not None:
-                        h.queue = w(q, q)
-                customers[u.id] = u
+            # Format 1 wrote the customers before the contacts: in the table now (the contacts
+            # and the keys look their owners up), shared with the contacts in _put_held().
+            st.customers.update((u.id, u) for u in chunk.items)
+            self._held.append(chunk)
             return
-        # The contacts are in already: a history entry of a live contact and the contact
-        # share the id and the time, and the contact shares the customer's id. The customer's
-        # keys are bound to it here (the key index is not in the snapshot, see KeyFixes).
+        self._put_customers(st, chunk, self._shared(chunk.words), chunk.which, st.keys)
+
+    def _put_customers(
+        self,
+        st: EngineState,
+        chunk: Customers,
+        words: list[tuple[Any, ...]],
+        which: Iterable[int],
+        keys: dict[str, str],
+    ) -> None:
+        """The chunk's customers into the table, each history entry with its ``words[i]``.
+
+        The contacts are in already: a history entry of a live contact and the contact share
+        the id and the time, and the contact shares the customer's id. The customer's keys
+        are bound to it in ``keys`` (the key index is not in the snapshot, see KeyFixes).
+        """
+        customers = st.customers
         if chunk.mode == MOVE:
             for u in chunk.items:
                 customers.pop(u.id, None)
-        words = self._shared(chunk.words)
-        which = iter(chunk.which)
+        entry = iter(which)
         live_contact = st.contacts.get
-        keys = st.keys
         for u in chunk.items:
             uid = u.id
             history = u.history
             for h in history:
-                h.channel, h.source, h.outcome, h.queue = words[next(which)]
+                h.channel, h.source, h.outcome, h.queue = words[next(entry)]
                 live = live_contact(h.contact_id)
                 if live is not None:
                     h.contact_id = live.id
@@ -532,6 +523,17 @@ class StateBuilder:
             for key in u.keys:
                 keys[key] = uid
             customers[uid] = u
+
+    def _put_held(self, st: EngineState) -> None:
+        """Format 1's customers, now that the contacts are in (before a delta changes them,
+        or at the end). Their key index was a table of its own, read already: the keys they
+        bind go nowhere."""
+        for chunk in self._held:
+            entries = [
+                (h.channel, h.source, h.outcome, h.queue) for u in chunk.items for h in u.history
+            ]
+            self._put_customers(st, chunk, self._shared(entries), range(len(entries)), {})
+        self._held.clear()
 
     def _keys(self, st: EngineState, chunk: Keys) -> None:
         keys = st.keys
@@ -553,17 +555,7 @@ class StateBuilder:
         st = self.state
         if st is None:
             raise SnapshotError("no head chunk: not a snapshot")
-        if self._format == 1:
-            live_contact = st.contacts.get
-            for u in st.customers.values():
-                for h in u.history:
-                    live = live_contact(h.contact_id)
-                    if live is not None:
-                        h.contact_id = live.id
-                        if h.at == live.arrived_at:
-                            h.at = live.arrived_at
-                if u.history and u.last_seen == u.history[-1].at:
-                    u.last_seen = u.history[-1].at
+        self._put_held(st)
         self._words.clear()
         return st
 

@@ -14,7 +14,14 @@ from hypothesis.stateful import rule
 
 from router.engine import Engine
 from router.messages import LinkKeys, Tick
-from router.snapshot import Head, SnapshotError, decode_legacy, decode_state, encode_state
+from router.snapshot import (
+    Head,
+    SnapshotError,
+    decode_legacy,
+    decode_state,
+    encode_changes,
+    encode_state,
+)
 from router.state import NO_EXCLUSIONS, STATE_DECODER, EngineState
 from tests.router.enginekit import call
 from tests.router.test_engine_stateful import ROUTING, EngineMachine
@@ -153,6 +160,29 @@ def test_a_snapshot_the_previous_version_wrote_restores_to_the_same_state(
         eng.handle(LinkKeys(keys=("email:k0@example.de", "email:k1@example.de")), 99.0)
     state = decode_state(_encode_format_1(eng.state))
     assert state == eng.state
+    assert list(state.customers) == list(eng.state.customers)
+    twin = Engine(ROUTING, state)
+    assert twin.handle(Tick(), 200.0) == eng.handle(Tick(), 200.0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(mails=st.integers(1, 30), more=st.integers(0, 10), ended=st.integers(0, 40))
+def test_deltas_on_a_snapshot_the_previous_version_wrote_restore_to_the_same_state(
+    mails: int, more: int, ended: int
+) -> None:
+    # An upgraded daemon goes on appending deltas to the generation it restored.
+    eng = Engine(ROUTING)
+    eng.track_changes()
+    for n in range(mails):
+        eng.handle(call(f"m{n}", channel="email", email=f"k{n % 5}@example.de"), float(n))
+    base = _encode_format_1(eng.state)
+    eng.take_changes()
+    for n in range(mails, mails + more):
+        eng.handle(call(f"m{n}", channel="email", email=f"k{n % 7}@example.de"), float(n))
+    eng.handle(call(f"m{ended}", channel="email", kind="end"), 99.0)
+    state = decode_state(base + encode_changes(eng.state, eng.take_changes()))
+    assert state == eng.state
+    assert list(state.contacts) == list(eng.state.contacts)
     assert list(state.customers) == list(eng.state.customers)
     twin = Engine(ROUTING, state)
     assert twin.handle(Tick(), 200.0) == eng.handle(Tick(), 200.0)
