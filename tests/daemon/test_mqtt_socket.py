@@ -59,6 +59,47 @@ async def take(client: aiomqtt.Client, count: int, timeout: float = 30) -> list[
     return got
 
 
+async def backlog(
+    settings: Settings, publishing: Settings, topic: str, identifier: str, payloads: list[bytes]
+) -> None:
+    """The persistent session ``identifier`` (``settings``) subscribes to ``topic`` and goes
+    offline; then ``payloads`` are published to it (``publishing``, QoS 1), the broker has
+    acknowledged every one, and they wait in the session."""
+    async with consumer(settings, identifier) as sub:
+        await sub.subscribe(topic, qos=1)
+    async with publisher(publishing, f"{identifier}-pub") as pub:
+        done, _ = pub.publish_batch([(topic, p) for p in payloads])
+        await asyncio.wait_for(done, 30)
+
+
+async def resumed_backlog(
+    settings: Settings, publishing: Settings, topic: str, identifier: str, count: int = 800
+) -> tuple[list[int], int]:
+    """A :func:`backlog` of ``count`` messages of 200 bytes and more, read back by resuming
+    the session and acknowledging slowly: their numbers in the order they arrived, and the
+    most messages that were in aiomqtt's queue at once (counting the batch just taken out)."""
+    payload = b"x" * 200
+    await backlog(
+        settings, publishing, topic, identifier, [b"%d:" % n + payload for n in range(count)]
+    )
+    got: list[int] = []
+    most = 0
+    async with consumer(settings, identifier) as sub:
+        internals = AiomqttInternals(sub)
+        queue = internals._queue
+        while len(got) < count:
+            # A discarded message never comes back on this connection: waiting ends it.
+            batch = await take(sub, 1, timeout=10)
+            most = max(most, queue.qsize() + len(batch))
+            internals.take_queued(batch, 10)
+            await asyncio.sleep(0.001)  # a slow journal
+            for message in batch:
+                assert isinstance(message.payload, bytes)
+                got.append(int(message.payload.partition(b":")[0]))
+                internals.ack(message)
+    return got, most
+
+
 async def received_at_least(received: list[int], count: int) -> None:
     await wait_until(lambda: len(received) >= count, 30, f"{count} received")
 
@@ -123,11 +164,7 @@ async def test_a_connection_broken_with_pubacks_in_the_buffer_gets_them_redelive
     topic = f"{names.topic_prefix}/in/phone/broken"
     identifier = f"stw-{names.tag}-broken"
     try:
-        async with consumer(settings, identifier) as sub:
-            await sub.subscribe(topic, qos=1)
-        async with publisher(settings, f"stw-{names.tag}-pub") as pub:
-            done, _ = pub.publish_batch([(topic, str(n).encode()) for n in range(50)])
-            await asyncio.wait_for(done, 30)
+        await backlog(settings, settings, topic, identifier, [b"%d" % n for n in range(50)])
         with pytest.raises(aiomqtt.MqttError):
             async with consumer(settings, identifier) as sub:
                 batch = await take(sub, 50)
@@ -161,26 +198,7 @@ async def test_a_backlog_read_ahead_never_overfills_aiomqtts_queue(
     topic = f"{names.topic_prefix}/in/phone/backlog"
     identifier = f"stw-{names.tag}-backlog"
     try:
-        async with consumer(settings, identifier) as sub:
-            await sub.subscribe(topic, qos=1)
-        async with publisher(settings, f"stw-{names.tag}-pub") as pub:
-            payload = b"x" * 200
-            done, _ = pub.publish_batch([(topic, b"%d:" % n + payload) for n in range(800)])
-            await asyncio.wait_for(done, 30)
-        got: list[int] = []
-        most = 0
-        async with consumer(settings, identifier) as sub:
-            internals = AiomqttInternals(sub)
-            queue = internals._queue
-            while len(got) < 800:
-                batch = await take(sub, 1)
-                most = max(most, queue.qsize() + len(batch))
-                internals.take_queued(batch, 10)
-                await asyncio.sleep(0.001)  # a slow journal
-                for message in batch:
-                    assert isinstance(message.payload, bytes)
-                    got.append(int(message.payload.partition(b":")[0]))
-                    internals.ack(message)
+        got, most = await resumed_backlog(settings, settings, topic, identifier)
         assert got == list(range(800))
         # The broker sent beyond the window (it does, resuming a backlog): the read-ahead
         # held back at half of aiomqtt's bound instead of overfilling it.

@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from router.daemon.mqtt import AiomqttInternals, _HeldTlsReads, incoming_bound
+from router.daemon.mqtt import _HeldTlsReads, incoming_bound
 from tests.daemon.conftest import MqttProbe, Names, ari, write_routing
 from tests.daemon.private_servers import HOST, MOSQUITTO, PrivateMosquitto, free_port
-from tests.daemon.test_mqtt_socket import consumer, publisher, small_window, take
+from tests.daemon.test_mqtt_socket import resumed_backlog, small_window
 
 pytestmark = [
     pytest.mark.integration,
@@ -271,29 +271,9 @@ async def test_a_resumed_backlog_over_tls_arrives_whole_and_in_order(
     )
     topic = f"{names.topic_prefix}/in/phone/tls-backlog"
     identifier = f"stw-{names.tag}-tls-backlog"
-    async with consumer(tls, identifier) as sub:
-        await sub.subscribe(topic, qos=1)
-    # The backlog is published while the session is offline (over plain TCP, to the same
-    # broker: only the consumer's side is under test).
-    async with publisher(plain, f"stw-{names.tag}-pub") as pub:
-        payload = b"x" * 200
-        done, _ = pub.publish_batch([(topic, b"%d:" % n + payload) for n in range(800)])
-        await asyncio.wait_for(done, 30)
-    got: list[int] = []
-    most = 0
-    async with consumer(tls, identifier) as sub:
-        internals = AiomqttInternals(sub)
-        queue = internals._queue
-        while len(got) < 800:
-            # A discarded message never comes back on this connection: waiting ends it.
-            batch = await take(sub, 1, timeout=10)
-            most = max(most, queue.qsize() + len(batch))
-            internals.take_queued(batch, 10)
-            await asyncio.sleep(0.001)  # a slow journal
-            for message in batch:
-                assert isinstance(message.payload, bytes)
-                got.append(int(message.payload.partition(b":")[0]))
-                internals.ack(message)
+    # The backlog is published over plain TCP, to the same broker: only the consumer's side
+    # is under test.
+    got, most = await resumed_backlog(tls, plain, topic, identifier)
     assert got == list(range(800))
     assert most <= incoming_bound(tls.mqtt) // 2 + 1
     assert "Message queue is full" not in caplog.text
