@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgspec
@@ -54,6 +54,29 @@ async def ready(port: int) -> dict[str, Any] | None:
     return body if status == 200 else None
 
 
+class Node(NamedTuple):
+    process: DaemonProcess
+    port: int  # its HTTP API's
+
+
+async def ingest_nodes(
+    daemons: Callable[..., DaemonProcess],
+    daemon_env: Callable[..., dict[str, str]],
+    routing: Path,
+    nodes: dict[str, dict[str, str]],
+) -> dict[str, Node]:
+    """An ingest daemon per node of ``nodes`` (with its settings there), each serving HTTP
+    on a port of its own; all started at once, returned once each is ready."""
+    started = {}
+    for node, settings in nodes.items():
+        port = free_port()
+        env = daemon_env(routing, node, role="ingest", http_addr=f"127.0.0.1:{port}", **settings)
+        started[node] = Node(daemons(env, node), port)
+    for _, port in started.values():
+        await wait_until(lambda p=port: ready(p), STARTUP, "the ingest daemons ready")
+    return started
+
+
 def mqtt_accepted(metrics_page: str) -> float:
     """MQTT deliveries a daemon journaled (``stellwerk_ingress_deliveries_total``)."""
     total = 0.0
@@ -76,13 +99,10 @@ async def test_an_ingest_and_a_router_process_route_a_call_end_to_end(
 ) -> None:
     # Long enough an offer for the accept to travel through both processes on a busy machine.
     routing = write_routing(tmp_path / "routing.yaml", agents=("anna",), offer_timeout=30)
-    ingest_port, router_port = free_port(), free_port()
     # The role by setting for one, by flags for the other (the flags win over the env).
-    ingest = daemons(
-        daemon_env(routing, "ing", role="ingest", http_addr=f"127.0.0.1:{ingest_port}"), "ing"
-    )
-    readiness = await wait_until(lambda: ready(ingest_port), STARTUP, "the ingest daemon ready")
-    assert readiness == {
+    ingest, ingest_port = (await ingest_nodes(daemons, daemon_env, routing, {"ing": {}}))["ing"]
+    router_port = free_port()
+    assert await ready(ingest_port) == {
         "ready": True,
         "role": "ingest",
         "redis": True,
@@ -165,13 +185,7 @@ async def test_a_standby_ingest_node_takes_the_sessions_over(
     """Leader mode: two ingest nodes, one consumes (the ingest lease); when it dies, the other
     resumes the same sessions, with what was published meanwhile."""
     routing = write_routing(tmp_path / "routing.yaml")
-    ports = {"i1": free_port(), "i2": free_port()}
-    nodes = {
-        node: daemons(daemon_env(routing, node, role="ingest", http_addr=f"127.0.0.1:{port}"), node)
-        for node, port in ports.items()
-    }
-    for port in ports.values():
-        await wait_until(lambda p=port: ready(p), STARTUP, "ingest nodes ready")
+    nodes = await ingest_nodes(daemons, daemon_env, routing, {"i1": {}, "i2": {}})
 
     async def holder() -> str | None:
         value = await redis_client.get(f"{names.key_prefix}lease:ingest")
@@ -179,11 +193,11 @@ async def test_a_standby_ingest_node_takes_the_sessions_over(
 
     first = await wait_until(holder, 10, "an ingest lease holder")
     standby = "i2" if first == "i1" else "i1"
-    assert (await ready(ports[standby]) or {}).get("ingest_lease") is False
+    assert (await ready(nodes[standby].port) or {}).get("ingest_lease") is False
     # Only the holder consumes: one contact session connected, in the holder.
-    assert events(nodes[standby], "mqtt.ingress.connected") == []
+    assert events(nodes[standby].process, "mqtt.ingress.connected") == []
 
-    nodes[first].kill()
+    nodes[first].process.kill()
     await mqtt_probe.publish(CALL, ari("StasisStart", "while-away"))
 
     async def journaled() -> bool:
@@ -191,11 +205,11 @@ async def test_a_standby_ingest_node_takes_the_sessions_over(
 
     await wait_until(journaled, 20, "the call journaled by the standby")
     assert await holder() == standby
-    assert {e["kind"] for e in events(nodes[standby], "mqtt.ingress.connected")} == {
+    assert {e["kind"] for e in events(nodes[standby].process, "mqtt.ingress.connected")} == {
         "agents",
         "contacts",
     }
-    assert nodes[standby].stop() == 0
+    assert nodes[standby].process.stop() == 0
 
 
 @pytest.mark.parametrize(
@@ -252,25 +266,16 @@ async def test_in_shared_mode_every_ingest_node_consumes_without_a_lease(
     from tests.daemon.conftest import drop_session
 
     routing = write_routing(tmp_path / "routing.yaml")
-    ports = {"s1": free_port(), "s2": free_port()}
+    # Shared mode: a persistent session of its own per node.
+    shared = {
+        node: {"mqtt_ingress": "shared", "mqtt_client_id": f"stw-{names.tag}-{node}"}
+        for node in ("s1", "s2")
+    }
     try:
         nodes = [
-            daemons(
-                daemon_env(
-                    routing,
-                    node,
-                    role="ingest",
-                    http_addr=f"127.0.0.1:{port}",
-                    mqtt_ingress="shared",
-                    # Shared mode: a persistent session of its own per node.
-                    mqtt_client_id=f"stw-{names.tag}-{node}",
-                ),
-                node,
-            )
-            for node, port in ports.items()
+            node.process
+            for node in (await ingest_nodes(daemons, daemon_env, routing, shared)).values()
         ]
-        for port in ports.values():
-            await wait_until(lambda p=port: ready(p), STARTUP, "ingest nodes ready")
         for node in nodes:
             kinds = {e["kind"] for e in events(node, "mqtt.ingress.connected")}
             assert kinds == {"agents", "contacts"}
@@ -285,7 +290,7 @@ async def test_in_shared_mode_every_ingest_node_consumes_without_a_lease(
         for node in nodes:
             assert node.stop() == 0
     finally:
-        for node in ports:
+        for node in shared:
             await drop_session(f"stw-{names.tag}-{node}")
 
 
