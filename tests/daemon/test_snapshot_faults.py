@@ -60,6 +60,18 @@ async def settled(daemon: Any, journal: Journal) -> Snapshot:
     return snap
 
 
+async def started(
+    tmp_path: Path, start_daemon: Any, journal: Journal, mails: int, **settings: str
+) -> tuple[RoutingTable, Any, Snapshot]:
+    """A routing daemon (anna's routing, a delta every 20 records, ``settings`` on top) with
+    ``mails`` mails journaled and a snapshot covering them: the table, the daemon, that
+    snapshot."""
+    routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
+    daemon = await start_daemon(routing, router_snapshot_delta_records="20", **settings)
+    await append_mails(journal, 0, mails)
+    return load_routing(routing), daemon, await settled(daemon, journal)
+
+
 async def restored_state(journal: Journal, table: RoutingTable) -> EngineState:
     """What a restore from Redis gives now: the snapshot plus the journal after it."""
     while True:
@@ -93,13 +105,9 @@ async def replayed_state(journal: Journal, table: RoutingTable) -> EngineState:
 async def test_a_generation_removed_behind_the_routers_back_is_replaced_by_a_full_one(
     tmp_path: Path, start_daemon: Any, journal: Journal
 ) -> None:
-    routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
-    table = load_routing(routing)
-    daemon = await start_daemon(
-        routing, router_snapshot_delta_records="20", router_journal_retention="0"
+    table, daemon, before = await started(
+        tmp_path, start_daemon, journal, 150, router_journal_retention="0"
     )
-    await append_mails(journal, 0, 150)
-    before = await settled(daemon, journal)
     assert before.chunks > 1
 
     # Gone (an operator's DEL, an eviction): every delta appended to it is refused now.
@@ -219,12 +227,8 @@ async def dropper() -> Any:
 async def test_a_lost_switch_answer_ends_the_tenure_and_loses_nothing(
     tmp_path: Path, dropper: ReplyDropper, start_daemon: Any, journal: Journal
 ) -> None:
-    routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
-    table = load_routing(routing)
     url = await dropper.start()
-    daemon = await start_daemon(routing, redis_url=url, router_snapshot_delta_records="20")
-    await append_mails(journal, 0, 60)
-    before = await settled(daemon, journal)
+    table, daemon, before = await started(tmp_path, start_daemon, journal, 60, redis_url=url)
     first_engine = daemon.state.view
 
     # The next switch (a delta's) runs in Redis, and so does the client's retry of it, but
@@ -258,12 +262,8 @@ async def test_a_switch_whose_first_answer_is_lost_is_retried_and_routing_goes_o
     # Only the first answer is lost: the client's retry runs the switch again (the same
     # fenced call with the same arguments, so it switches to the same place) and is answered.
     # Nothing is uncertain then: the tenure goes on, appending after that delta.
-    routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
-    table = load_routing(routing)
     url = await dropper.start()
-    daemon = await start_daemon(routing, redis_url=url, router_snapshot_delta_records="20")
-    await append_mails(journal, 0, 60)
-    before = await settled(daemon, journal)
+    table, daemon, before = await started(tmp_path, start_daemon, journal, 60, redis_url=url)
     engine = daemon.state.view
 
     dropper.marker = daemon.router.journal._fenced_switch.sha.encode()
