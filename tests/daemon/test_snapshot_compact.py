@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,13 +17,13 @@ import msgspec
 import pytest
 
 from router.daemon.compact import REDIS_URL_ENV, Report, compact
-from router.daemon.journal import ContactEntry, Journal
+from router.daemon.journal import Journal
 from router.daemon.snapshots import Compaction, DeltaCut, SnapshotChain, StateCut
 from router.engine import Engine
 from router.messages import Login
 from tests.daemon.conftest import REDIS_URL, DaemonProcess, wait_until, write_routing
 from tests.daemon.test_daemon_recovery import wait_log
-from tests.daemon.test_snapshot_crash import mail
+from tests.daemon.test_snapshot_crash import routing_a_backlog
 from tests.daemon.test_snapshot_deltas import append_mails, copy, feed, inputs, kill_and_restart
 from tests.router.test_engine_stateful import ROUTING
 
@@ -199,10 +198,7 @@ async def test_a_daemon_compacts_its_chain_and_restores_from_the_compacted_snaps
     env = daemon_env(
         routing, "a", router_snapshot_delta_records="10", router_snapshot_full_every="2"
     )
-    accepted = [mail(n) for n in range(100)]
-    await journal.append_many([ContactEntry(event=e, at=time.time()) for e in accepted])
-    first = daemons(env, "first")
-    await wait_log(first, "router.routing")
+    first, accepted = await routing_a_backlog(journal, daemons, env, 100)
     full = await wait_until(journal.load_snapshot, 60, "the first, full snapshot")
     await append_mails(journal, accepted, 100, 60)
     switched = await wait_log(first, "router.compaction_switched", 60)

@@ -36,6 +36,21 @@ def mail(n: int) -> ContactEvent:
     )
 
 
+async def routing_a_backlog(
+    journal: Journal,
+    daemons: Callable[[dict[str, str], str], DaemonProcess],
+    env: dict[str, str],
+    mails: int,
+) -> tuple[DaemonProcess, list[ContactEvent]]:
+    """``mails`` mails journaled, then a daemon (``first``) started on them; once it routes:
+    the daemon and the mails."""
+    accepted = [mail(n) for n in range(mails)]
+    await journal.append_many([ContactEntry(event=e, at=time.time()) for e in accepted])
+    first = daemons(env, "first")
+    await wait_log(first, "router.routing")
+    return first, accepted
+
+
 async def half_written(journal: Journal, redis: aioredis.Redis) -> str | None:
     """A generation that has chunks in Redis but is not the one the pointer names."""
     pointed = await redis.hget(journal.keys.snapshot, "gen")  # type: ignore[misc]
@@ -56,10 +71,7 @@ async def test_sigkill_in_the_middle_of_a_snapshot_restores_the_last_whole_one(
     routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
     # Small chunks, so that one snapshot of this backlog is hundreds of writes: a wide window.
     env = daemon_env(routing, "a", router_snapshot_chunk_bytes="1024")
-    accepted = [mail(n) for n in range(1500)]
-    await journal.append_many([ContactEntry(event=e, at=time.time()) for e in accepted])
-    first = daemons(env, "first")
-    await wait_log(first, "router.routing")
+    first, accepted = await routing_a_backlog(journal, daemons, env, 1500)
     # The one after the restore (written while routing starts) is in: there is a whole one.
     await wait_until(journal.load_snapshot, 60, "a first snapshot")
 

@@ -30,7 +30,7 @@ from router.state import STATE_DECODER, EngineState
 from tests.daemon.conftest import DaemonProcess, Names, wait_until, write_routing
 from tests.daemon.private_servers import PrivateRedis
 from tests.daemon.test_daemon_recovery import routed_state, wait_log
-from tests.daemon.test_snapshot_crash import mail
+from tests.daemon.test_snapshot_crash import mail, routing_a_backlog
 from tests.router.enginekit import call
 from tests.router.test_engine_stateful import ROUTING
 
@@ -218,10 +218,7 @@ async def test_a_daemon_killed_after_deltas_restores_the_full_snapshot_and_its_d
     routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
     # A delta after every few mails; full snapshots only the first one of a tenure.
     env = daemon_env(routing, "a", router_snapshot_delta_records="20")
-    accepted = [mail(n) for n in range(200)]
-    await journal.append_many([ContactEntry(event=e, at=time.time()) for e in accepted])
-    first = daemons(env, "first")
-    await wait_log(first, "router.routing")
+    first, accepted = await routing_a_backlog(journal, daemons, env, 200)
     full = await wait_until(journal.load_snapshot, 60, "the first, full snapshot")
 
     async def deltas_after_it() -> Snapshot | None:
@@ -388,10 +385,7 @@ async def test_a_restarted_daemon_appends_its_deltas_to_the_generation_it_restor
     routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
     # Deltas of a few records on a large state: none of the reasons for a full one.
     env = daemon_env(routing, "a", router_snapshot_delta_records="20")
-    accepted = [mail(n) for n in range(600)]
-    await journal.append_many([ContactEntry(event=e, at=time.time()) for e in accepted])
-    first = daemons(env, "first")
-    await wait_log(first, "router.routing")
+    first, accepted = await routing_a_backlog(journal, daemons, env, 600)
     full = await wait_until(journal.load_snapshot, 60, "the first, full snapshot")
     assert first.stop() == 0
     left = await journal.load_snapshot()
