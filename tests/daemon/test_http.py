@@ -7,13 +7,11 @@ import hashlib
 import hmac
 import io
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import test_utils
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +20,6 @@ from router.daemon.http import AppState, make_app, start_http
 from router.daemon.intake import Intake
 from router.daemon.journal import ContactEntry, Journal, connect_redis
 from router.daemon.metrics import Metrics
-from tests.servers import REDIS_URL, key_prefix
 
 SAMPLES = Path(__file__).parent.parent / "fixtures" / "samples"
 DISCOURSE_SECRET = "discourse-test-secret"
@@ -37,22 +34,6 @@ def settings(admin_token: str | None = ADMIN_TOKEN) -> Settings:
             secrets={"discourse": DISCOURSE_SECRET, "rocketchat": ROCKETCHAT_TOKEN}
         ),
     )
-
-
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = connect_redis(REDIS_URL)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def journal(redis_client: aioredis.Redis) -> AsyncIterator[Journal]:
-    prefix = key_prefix(f"http-{uuid.uuid4().hex[:12]}")
-    yield Journal(redis_client, prefix)
-    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await redis_client.delete(*keys)
 
 
 class Api:

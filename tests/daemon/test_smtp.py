@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 from aiohttp import test_utils
 
 from router.daemon.config import Settings
@@ -18,27 +16,10 @@ from router.daemon.intake import Intake
 from router.daemon.journal import ContactEntry, Journal, connect_redis
 from router.daemon.metrics import Metrics
 from router.daemon.smtp import start_smtp
-from tests.servers import REDIS_URL, key_prefix
 
 pytestmark = pytest.mark.integration
 
 SAMPLES = Path(__file__).parent.parent / "fixtures" / "samples"
-
-
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = connect_redis(REDIS_URL)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def journal(redis_client: aioredis.Redis) -> AsyncIterator[Journal]:
-    prefix = key_prefix(f"smtp-{uuid.uuid4().hex[:12]}")
-    yield Journal(redis_client, prefix)
-    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await redis_client.delete(*keys)
 
 
 async def _listen(journal: Journal, max_size: int = 1024 * 1024) -> tuple[asyncio.Server, int]:
