@@ -117,6 +117,17 @@ class _Client:
         """Queue a ``refused`` message, in the shape MQTT desktops get it."""
         return self.send({"type": "refused", "reason": reason, "detail": detail, **extra})
 
+    def journal_unavailable(self, ref: Any) -> bool:
+        """Queue the ``error`` for a command the journal did not take (Redis is down)."""
+        return self.send(
+            {
+                "type": "error",
+                "error": "journal_unavailable",
+                "detail": "not taken; retry",
+                "ref": ref,
+            }
+        )
+
     def send(self, payload: dict[str, Any]) -> bool:
         """Queue a message; False (and the connection is closed) when the client is too slow."""
         try:
@@ -483,14 +494,7 @@ class DeskService:
             # The agent id is the authenticated one; intake ignores any in the payload.
             result = await self.intake.accept_agent_command(agent_id, data.encode())
         except JournalUnavailable:
-            client.send(
-                {
-                    "type": "error",
-                    "error": "journal_unavailable",
-                    "detail": "not taken; retry",
-                    "ref": ref,
-                }
-            )
+            client.journal_unavailable(ref)
             return
         if result.reason is not None:
             client.refuse(result.reason, result.detail[:300], ref=ref)
@@ -543,14 +547,7 @@ class DeskService:
         try:
             entry_id = await self.intake.accept_admin(cmd)
         except JournalUnavailable:
-            client.send(
-                {
-                    "type": "error",
-                    "error": "journal_unavailable",
-                    "detail": "not taken; retry",
-                    "ref": ref,
-                }
-            )
+            client.journal_unavailable(ref)
             return
         log.info(
             "admin.change",
