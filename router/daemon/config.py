@@ -52,6 +52,15 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _check_listen_addr(addr: str) -> None:
+    """A listener's ``addr``: ``""`` (off) or host:port; else a ValueError naming the field."""
+    if addr:
+        try:
+            parse_addr(addr)
+        except ValueError as exc:
+            raise ValueError(f"addr: {exc}") from None
+
+
 class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The MQTT broker connection.
 
@@ -169,11 +178,7 @@ class HttpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     rate_limit: str = "200/second"
 
     def __post_init__(self) -> None:
-        if self.addr:
-            try:
-                parse_addr(self.addr)
-            except ValueError as exc:
-                raise ValueError(f"addr: {exc}") from None
+        _check_listen_addr(self.addr)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert: tls_cert and tls_key go together")
         if self.rate_limit:
@@ -193,11 +198,7 @@ class SmtpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_message_size: int = 10 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.addr:
-            try:
-                parse_addr(self.addr)
-            except ValueError as exc:
-                raise ValueError(f"addr: {exc}") from None
+        _check_listen_addr(self.addr)
 
 
 class LogSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -107,6 +107,7 @@ def test_file_errors_are_located(tmp_path: Path, text: str, expected: str) -> No
     [
         ({"STELLWERK_MQTT_KEEPALIVE": "often"}, "STELLWERK_MQTT_KEEPALIVE: Expected `int`"),
         ({"STELLWERK_HTTP_ADDR": "8080"}, "STELLWERK_HTTP_ADDR: '8080' is not host:port"),
+        ({"STELLWERK_SMTP_ADDR": "2525"}, "STELLWERK_SMTP_ADDR: '2525' is not host:port"),
         ({"STELLWERK_SOURCES_SECRETS": "nope"}, "STELLWERK_SOURCES_SECRETS: expected a JSON"),
         ({"STELLWERK_MQTT_URL": "http://x"}, "STELLWERK_MQTT_URL: 'http://x' is not mqtt://"),
     ],
