@@ -99,6 +99,18 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _listing(key: str) -> dict[str, Any]:
+    """A 200 answer ``{key: [object, ...]}``."""
+    return _json(
+        {
+            "type": "object",
+            "required": [key],
+            "properties": {key: {"type": "array", "items": OBJ}},
+        },
+        f"the {key}",
+    )
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "bad input, with the reason",
@@ -226,14 +238,7 @@ def document() -> dict[str, Any]:
                 "get": _op(
                     "Per queue statistics",
                     "supervisor",
-                    _json(
-                        {
-                            "type": "object",
-                            "required": ["queues"],
-                            "properties": {"queues": {"type": "array", "items": OBJ}},
-                        },
-                        "the queues",
-                    ),
+                    _listing("queues"),
                     (401, 403, 503),
                 )
             },
@@ -241,14 +246,7 @@ def document() -> dict[str, Any]:
                 "get": _op(
                     "Per agent state",
                     "supervisor",
-                    _json(
-                        {
-                            "type": "object",
-                            "required": ["agents"],
-                            "properties": {"agents": {"type": "array", "items": OBJ}},
-                        },
-                        "the agents",
-                    ),
+                    _listing("agents"),
                     (401, 403, 503),
                 )
             },
