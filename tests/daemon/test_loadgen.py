@@ -41,6 +41,38 @@ SECRETS = {"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse":
 CONFIG = DecodeConfig(secrets=SECRETS)
 
 
+async def daemon_for_loadgen(
+    start_daemon: Callable[..., Any],
+    routing: Path,
+    names: Names,
+    agents: tuple[str, ...],
+    **settings: str,
+) -> tuple[Any, Target]:
+    """A daemon (``settings`` on top) with HTTP and SMTP on free ports and the webhook secrets
+    loadgen signs with, and the :class:`Target` that points loadgen's traffic and ``agents``
+    at it over the test broker."""
+    http_port, smtp_port = test_utils.unused_port(), test_utils.unused_port()
+    daemon = await start_daemon(
+        routing,
+        http_addr=f"127.0.0.1:{http_port}",
+        smtp_addr=f"127.0.0.1:{smtp_port}",
+        sources_secrets=json.dumps(SECRETS),
+        **settings,
+    )
+    target = Target(
+        mqtt_host=MQTT_HOST,
+        mqtt_port=MQTT_PORT,
+        mqtt_user=MQTT_USER,
+        mqtt_password=MQTT_PASSWORD,
+        http_url=f"http://127.0.0.1:{http_port}",
+        smtp_port=smtp_port,
+        prefix=names.topic_prefix,
+        secrets=SECRETS,
+        agents=list(agents),
+    )
+    return daemon, target
+
+
 def decoded(source: str, body: bytes) -> list[Any]:
     return decode(
         source,
@@ -154,25 +186,7 @@ async def test_a_short_run_against_a_real_daemon_loses_nothing(
 ) -> None:
     agents = ("anna", "ben", "cem", "doris", "emil", "fatma")
     routing = write_routing(tmp_path / "routing.yaml", agents, offer_timeout=5.0, wrap_up=5.0)
-    http_port, smtp_port = test_utils.unused_port(), test_utils.unused_port()
-    secrets = '{"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse": "d"}'
-    daemon = await start_daemon(
-        routing,
-        http_addr=f"127.0.0.1:{http_port}",
-        smtp_addr=f"127.0.0.1:{smtp_port}",
-        sources_secrets=secrets,
-    )
-    target = Target(
-        mqtt_host=MQTT_HOST,
-        mqtt_port=MQTT_PORT,
-        mqtt_user=MQTT_USER,
-        mqtt_password=MQTT_PASSWORD,
-        http_url=f"http://127.0.0.1:{http_port}",
-        smtp_port=smtp_port,
-        prefix=names.topic_prefix,
-        secrets={"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse": "d"},
-        agents=list(agents),
-    )
+    daemon, target = await daemon_for_loadgen(start_daemon, routing, names, agents)
     profile = Profile(
         rate=15.0,
         duration=2.0,
@@ -236,28 +250,11 @@ async def test_offers_for_contacts_loadgen_did_not_create_are_handled_and_report
 
     agents = ("anna", "ben")
     routing = write_routing(tmp_path / "routing.yaml", agents, offer_timeout=2.0, wrap_up=0.1)
-    http_port, smtp_port = test_utils.unused_port(), test_utils.unused_port()
-    await start_daemon(
-        routing,
-        http_addr=f"127.0.0.1:{http_port}",
-        smtp_addr=f"127.0.0.1:{smtp_port}",
-        sources_secrets=json.dumps(SECRETS),
-    )
+    _, target = await daemon_for_loadgen(start_daemon, routing, names, agents)
     # Work the daemon had before loadgen came: three calls waiting, nobody logged in.
     for n in range(3):
         await mqtt_probe.publish("in/phone/asterisk-ari", ari("StasisStart", f"old-{n}"))
     await mqtt_probe.wait_for("events/contact.queued", count=3)
-    target = Target(
-        mqtt_host=MQTT_HOST,
-        mqtt_port=MQTT_PORT,
-        mqtt_user=MQTT_USER,
-        mqtt_password=MQTT_PASSWORD,
-        http_url=f"http://127.0.0.1:{http_port}",
-        smtp_port=smtp_port,
-        prefix=names.topic_prefix,
-        agents=list(agents),
-        secrets=SECRETS,
-    )
     profile = Profile(
         rate=4.0,
         duration=1.0,

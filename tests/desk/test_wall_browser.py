@@ -13,14 +13,14 @@ import aiohttp
 import pytest
 from aiohttp import test_utils
 
-from router.cli.loadgen import LoadGen, Profile, Target, parse_mix
+from router.cli.loadgen import LoadGen, Profile, parse_mix
 from router.daemon.auth import hash_token
 from tests.daemon.conftest import MqttProbe, Names, write_routing
+from tests.daemon.test_loadgen import daemon_for_loadgen
 
 pytestmark = pytest.mark.integration
 
 WALL_TOKEN = "wall-secret-token"
-SECRETS = {"rocketchat": "rc-token", "whatsapp": "meta-app-secret", "discourse": "d"}
 COLUMNS = ("waiting", "offered", "answered", "abandoned", "ready")
 API_FIELDS = {
     "waiting": "waiting",
@@ -78,23 +78,11 @@ async def test_the_wallboard_shows_the_daemons_numbers_during_a_loadgen_run(
 ) -> None:
     agents = ("anna", "ben", "cem", "doris")
     routing = write_routing(tmp_path / "r.yaml", agents, offer_timeout=5.0, wrap_up=0.5)
-    http_port, smtp_port = test_utils.unused_port(), test_utils.unused_port()
-    await start_daemon(
-        routing,
-        http_addr=f"127.0.0.1:{http_port}",
-        smtp_addr=f"127.0.0.1:{smtp_port}",
-        sources_secrets=json.dumps(SECRETS),
-        auth_tokens=supervisor_tokens(),
+    _, target = await daemon_for_loadgen(
+        start_daemon, routing, names, agents, auth_tokens=supervisor_tokens()
     )
-    base = f"http://127.0.0.1:{http_port}"
+    base = target.http_url
     page = await wall_page(browser, base)
-    target = Target(
-        http_url=base,
-        smtp_port=smtp_port,
-        prefix=names.topic_prefix,
-        secrets=SECRETS,
-        agents=list(agents),
-    )
     profile = Profile(
         rate=12.0,
         duration=3.0,
