@@ -13,12 +13,14 @@ import contextlib
 import json
 import os
 import signal
+import smtplib
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +345,30 @@ def ari(event: str, channel_id: str, caller: str = "030 5550100", exten: str = "
     data["channel"]["caller"]["number"] = caller
     data["channel"]["dialplan"]["exten"] = exten
     return json.dumps(data).encode()
+
+
+def mail(
+    sender: str, to: str, subject: str, text: str, message_id: str, **extra: str
+) -> EmailMessage:
+    """A customer's plain-text mail, dated now; ``extra`` headers by name (``In_Reply_To``
+    is ``In-Reply-To``)."""
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = f"<{message_id}>"
+    msg["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    for name, value in extra.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content(text)
+    return msg
+
+
+def send_mail(port: int, msg: EmailMessage) -> None:
+    """Deliver ``msg`` to the daemon's SMTP listener on ``port``, as a mail server does
+    (blocking: call it in a thread from a test's loop)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.send_message(msg)
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:

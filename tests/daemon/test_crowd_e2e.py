@@ -10,19 +10,17 @@ import asyncio
 import hashlib
 import hmac
 import json
-import smtplib
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.daemon.conftest import SAMPLES, MqttProbe, ari, wait_until
+from tests.daemon.conftest import SAMPLES, MqttProbe, ari, mail, send_mail, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -132,19 +130,8 @@ class Crowd:
 
     async def mail(self, sender: str, subject: str, text: str, message_id: str) -> None:
         """Deliver an e-mail over SMTP as the company's mail server does."""
-        msg = EmailMessage()
-        msg["From"] = sender
-        msg["To"] = "support@beispiel-telekom.de"
-        msg["Subject"] = subject
-        msg["Message-ID"] = f"<{message_id}>"
-        msg["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
-        msg.set_content(text)
-
-        def send() -> None:
-            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=10) as client:
-                client.send_message(msg)
-
-        await asyncio.to_thread(send)
+        msg = mail(sender, "support@beispiel-telekom.de", subject, text, message_id)
+        await asyncio.to_thread(send_mail, self.smtp_port, msg)
 
     async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 import smtplib
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -24,7 +23,7 @@ from aiosmtpd.controller import Controller
 from structlog.testing import capture_logs
 
 from router.daemon.auth import hash_token
-from tests.daemon.conftest import MqttProbe, wait_until
+from tests.daemon.conftest import MqttProbe, mail, wait_until
 from tests.daemon.private_servers import free_port
 from tests.daemon.test_outbound_e2e import Relay
 
@@ -81,21 +80,6 @@ class Mailroom:
     async def received(self, count: int) -> list[EmailMessage]:
         await wait_until(lambda: len(self.relay.messages) >= count, 10, f"{count} at the relay")
         return self.relay.messages
-
-
-def mail(
-    sender: str, to: str, subject: str, text: str, message_id: str, **extra: str
-) -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Message-ID"] = f"<{message_id}>"
-    msg["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
-    for name, value in extra.items():
-        msg[name.replace("_", "-")] = value
-    msg.set_content(text)
-    return msg
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import smtplib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from router.daemon.auth import hash_token
-from tests.daemon.conftest import SAMPLES, MqttProbe, wait_until
+from tests.daemon.conftest import SAMPLES, MqttProbe, mail, send_mail, wait_until
 from tests.daemon.private_servers import free_port
 from tests.peers.base import serve
 from tests.peers.chatwoot import ChatwootPeer, Conversation
@@ -149,17 +148,7 @@ class World:
         return await wait_until(done, 10, f"{count} outbound items of {contact_id}")
 
     def mail(self, *, sender: str, subject: str, text: str, message_id: str, **extra: str) -> None:
-        msg = EmailMessage()
-        msg["From"] = sender
-        msg["To"] = MAILBOX
-        msg["Subject"] = subject
-        msg["Message-ID"] = f"<{message_id}>"
-        msg["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
-        for name, value in extra.items():
-            msg[name.replace("_", "-")] = value
-        msg.set_content(text)
-        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=10) as client:
-            client.send_message(msg)
+        send_mail(self.smtp_port, mail(sender, MAILBOX, subject, text, message_id, **extra))
 
 
 def discourse_post(topic: int, number: int, user: str, raw: str, *, staff: bool) -> bytes:

@@ -12,11 +12,8 @@ import asyncio
 import hashlib
 import hmac
 import json
-import smtplib
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ import aiohttp
 import pytest
 
 from router.daemon.auth import hash_token
-from tests.daemon.conftest import SAMPLES, MqttProbe, wait_until
+from tests.daemon.conftest import SAMPLES, MqttProbe, mail, send_mail, wait_until
 from tests.daemon.private_servers import free_port
 from tests.daemon.test_outbound_e2e import (
     MAILBOX,
@@ -107,17 +104,8 @@ class Desk:
 
     def mail(self, *, subject: str, text: str, message_id: str, **extra: str) -> None:
         """The customer's mail to the daemon's SMTP listener."""
-        msg = EmailMessage()
-        msg["From"] = "Erika Muster <erika@kunde.example>"
-        msg["To"] = MAILBOX
-        msg["Subject"] = subject
-        msg["Message-ID"] = f"<{message_id}>"
-        msg["Date"] = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
-        for name, value in extra.items():
-            msg[name.replace("_", "-")] = value
-        msg.set_content(text)
-        with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=10) as client:
-            client.send_message(msg)
+        erika = "Erika Muster <erika@kunde.example>"
+        send_mail(self.smtp_port, mail(erika, MAILBOX, subject, text, message_id, **extra))
 
 
 @pytest.fixture
