@@ -21,7 +21,8 @@ from tests.servers import MQTT_URL, REDIS_URL
 pytestmark = pytest.mark.integration
 
 
-def settings_for(names: Names) -> Settings:
+def settings_for(names: Names, **env: str) -> Settings:
+    """The daemon's settings in this test's namespace; ``env`` adds STELLWERK_* variables."""
     return load_settings(
         None,
         env={
@@ -31,6 +32,7 @@ def settings_for(names: Names) -> Settings:
             "STELLWERK_KEY_PREFIX": names.key_prefix,
             "STELLWERK_MQTT_CLIENT_ID": f"stw-{names.tag}",
             "STELLWERK_MQTT_SHARE_GROUP": f"g{names.tag}",
+            **env,
         },
     ).settings
 
@@ -234,18 +236,7 @@ async def test_switching_the_ingress_mode_does_not_deliver_every_call_twice(
     # A session left by a daemon in "shared" mode still holds the $share subscriptions when the
     # daemon comes back in "leader" mode (or the other way round); unless they are dropped, a
     # call matches both and is journaled twice.
-    shared = load_settings(
-        None,
-        env={
-            "STELLWERK_MQTT_URL": MQTT_URL,
-            "STELLWERK_REDIS_URL": REDIS_URL,
-            "STELLWERK_TOPIC_PREFIX": names.topic_prefix,
-            "STELLWERK_KEY_PREFIX": names.key_prefix,
-            "STELLWERK_MQTT_CLIENT_ID": f"stw-{names.tag}",
-            "STELLWERK_MQTT_SHARE_GROUP": f"g{names.tag}",
-            "STELLWERK_MQTT_INGRESS": "shared",
-        },
-    ).settings
+    shared = settings_for(names, STELLWERK_MQTT_INGRESS="shared")
     leader = settings_for(names)
     publisher = Publisher(leader)
     pub_task = asyncio.create_task(publisher.run())
