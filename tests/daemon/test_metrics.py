@@ -433,16 +433,21 @@ def test_dashboard_and_alerts_only_use_metrics_that_exist() -> None:
     assert all(r["annotations"]["summary"] for g in alerts["groups"] for r in g["rules"])
 
 
-@needs_promtool
-def test_alert_rules_pass_promtool() -> None:
+def assert_promtool_passes(command: str, rules_file: str, timeout: float) -> None:
+    """``promtool {command} rules config/{rules_file}`` exits 0 (else its output is shown)."""
     assert PROMTOOL is not None
     result = subprocess.run(
-        [PROMTOOL, "check", "rules", str(CONFIG_DIR / "prometheus-alerts.yaml")],
+        [PROMTOOL, command, "rules", str(CONFIG_DIR / rules_file)],
         capture_output=True,
         check=False,
-        timeout=30,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+@needs_promtool
+def test_alert_rules_pass_promtool() -> None:
+    assert_promtool_passes("check", "prometheus-alerts.yaml", timeout=30)
 
 
 def test_every_alert_has_a_promtool_unit_test_where_it_fires() -> None:
@@ -460,14 +465,7 @@ def test_every_alert_has_a_promtool_unit_test_where_it_fires() -> None:
 
 @needs_promtool
 def test_alert_rules_unit_tests_pass() -> None:
-    assert PROMTOOL is not None
-    result = subprocess.run(
-        [PROMTOOL, "test", "rules", str(CONFIG_DIR / "prometheus-alerts.test.yaml")],
-        capture_output=True,
-        check=False,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert_promtool_passes("test", "prometheus-alerts.test.yaml", timeout=60)
 
 
 CROWD_ROUTING = """
