@@ -179,13 +179,19 @@ class PlatformSink:
                     # snapshot and hands us the same decision again, so nothing is lost.
                     await self.outbox.append(msg)
 
-    def _accounts(self, agent_id: str) -> Any:
-        if self._engine is None:
+    def _account(self, agent_id: str, platform: str) -> str | None:
+        """The agent's user on ``platform`` (its ``accounts``); None, logged, without one."""
+        accounts = None
+        if self._engine is not None:
+            for agent in self._engine.table.file.agents:
+                if agent.id == agent_id:
+                    accounts = agent.accounts
+                    break
+        user = getattr(accounts, platform, None)
+        if user is None:
+            log.warning("outbound.no_account", platform=platform, agent_id=agent_id)
             return None
-        for agent in self._engine.table.file.agents:
-            if agent.id == agent_id:
-                return agent.accounts
-        return None
+        return str(user)
 
     def _action(self, event: ContactAssigned | ContactCompleted) -> OutboundMessage | None:
         source = event.source
@@ -197,24 +203,20 @@ class PlatformSink:
         ended = isinstance(event, ContactCompleted) and event.outcome.startswith("ended:")
         if source == "chatwoot" and self.settings.chatwoot is not None:
             if assigned:
-                accounts = self._accounts(agent_id)
-                user = getattr(accounts, "chatwoot", None)
+                user = self._account(agent_id, "chatwoot")
                 if user is None:
-                    log.warning("outbound.no_account", platform="chatwoot", agent_id=agent_id)
                     return None
-                action, params = "assign", {"conversation_id": external, "assignee_id": str(user)}
+                action, params = "assign", {"conversation_id": external, "assignee_id": user}
             elif ended:
                 return None  # Chatwoot resolved it itself
             else:
                 action, params = "resolve", {"conversation_id": external}
         elif source == "rocketchat" and self.settings.rocketchat is not None:
             if assigned:
-                accounts = self._accounts(agent_id)
-                user = getattr(accounts, "rocketchat", None)
+                user = self._account(agent_id, "rocketchat")
                 if user is None:
-                    log.warning("outbound.no_account", platform="rocketchat", agent_id=agent_id)
                     return None
-                action, params = "forward", {"room_id": external, "user_id": str(user)}
+                action, params = "forward", {"room_id": external, "user_id": user}
             elif ended:
                 return None  # the room was closed in Rocket.Chat
             else:
@@ -225,11 +227,10 @@ class PlatformSink:
             and self.settings.discourse is not None
             and self.settings.discourse.assign
         ):
-            user = getattr(self._accounts(agent_id), "discourse", None)
+            user = self._account(agent_id, "discourse")
             if user is None:
-                log.warning("outbound.no_account", platform="discourse", agent_id=agent_id)
                 return None
-            action, params = "assign", {"topic_id": external, "username": str(user)}
+            action, params = "assign", {"topic_id": external, "username": user}
         else:
             return None
         return OutboundMessage(
