@@ -232,7 +232,9 @@ def test_an_agent_cannot_accept_another_agents_offer() -> None:
     assert [c.reason for c in unknown if isinstance(c, RefusedCmd)] == ["unknown_agent"]
 
 
-def test_wrap_up_holds_the_agent_then_drains_the_backlog() -> None:
+def on_c1_with_c2_waiting() -> Engine:
+    """Agent ``a`` has accepted ``c1`` (at 1.0) and ``c2`` waits (since 2.0); the queue has
+    30 s of wrap-up."""
     eng = engine(
         """
         skills: [s]
@@ -245,6 +247,11 @@ def test_wrap_up_holds_the_agent_then_drains_the_backlog() -> None:
     (offer,) = offers(eng.handle(call("c1"), 0.0))
     eng.handle(Accept(agent_id="a", offer_id=offer.offer_id), 1.0)
     eng.handle(call("c2"), 2.0)
+    return eng
+
+
+def test_wrap_up_holds_the_agent_then_drains_the_backlog() -> None:
+    eng = on_c1_with_c2_waiting()
     cmds = eng.handle(Complete(agent_id="a", contact_id="generic:c1"), 100.0)
     assert [e.event.state for e in events(cmds, "agent.state")] == ["wrap_up"]
     assert offers(cmds) == []
@@ -255,18 +262,7 @@ def test_wrap_up_holds_the_agent_then_drains_the_backlog() -> None:
 
 
 def test_agent_can_end_wrap_up_early() -> None:
-    eng = engine(
-        """
-        skills: [s]
-        queues: {q: {skills: {s: 1}, wrap_up: 30}}
-        agents: [{id: a, skills: {s: 1}}]
-        rules: [{name: d, default: true, queue: q}]
-        """
-    )
-    login_all(eng, ["a"])
-    (offer,) = offers(eng.handle(call("c1"), 0.0))
-    eng.handle(Accept(agent_id="a", offer_id=offer.offer_id), 1.0)
-    eng.handle(call("c2"), 2.0)
+    eng = on_c1_with_c2_waiting()
     eng.handle(Complete(agent_id="a", contact_id="generic:c1"), 10.0)
     cmds = eng.handle(SetState(agent_id="a", state="available"), 12.0)
     assert offered_to(cmds) == [("generic:c2", "a")]
