@@ -48,7 +48,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from channels.contact_event import ContactEvent
 from router.messages import AdminCommand, AgentCommand
-from router.snapshot import ChainSize, StateBuilder, decode_legacy
+from router.snapshot import ChainSize, SnapshotError, StateBuilder, decode_legacy
 from router.state import EngineState
 
 DEADLETTER_MAXLEN = 100_000
@@ -176,7 +176,15 @@ class _Fenced(Exception):
 
 
 class SnapshotGone(Exception):
-    """A chunk of the snapshot being read is gone: a newer one replaced it meanwhile."""
+    """A chunk of the snapshot being read is gone: a newer one replaced it meanwhile (read
+    the pointer again), or, if the pointer still names it, the generation was removed or
+    evicted. ``chunk`` is the first one found missing, of ``chunks``."""
+
+    def __init__(self, gen: str, chunk: int, chunks: int) -> None:
+        self.gen = gen
+        self.chunk = chunk
+        self.chunks = chunks
+        super().__init__(f"snapshot {gen}: chunk {chunk} of {chunks} is gone")
 
 
 def connect_redis(url: str, *, timeout: float = 5.0) -> aioredis.Redis:
@@ -612,9 +620,9 @@ class Journal:
                 values = await self.redis.hmget(key, fields)  # type: ignore[misc]
             except (RedisError, OSError) as exc:
                 raise JournalUnavailable(str(exc)) from exc
-            for value in values:
+            for i, value in enumerate(values, first):
                 if value is None:
-                    raise SnapshotGone(snap.gen)
+                    raise SnapshotGone(snap.gen, i, snap.chunks)
                 yield value
 
     async def snapshot_state(self, snap: Snapshot) -> EngineState:
@@ -627,11 +635,24 @@ class Journal:
 
     async def snapshot_chain(self, snap: Snapshot) -> tuple[EngineState, ChainSize]:
         """The state of a chunked snapshot ``snap``, and the size of its full state and of
-        the deltas after it (where a router that goes on appending starts counting)."""
+        the deltas after it (where a router that goes on appending starts counting).
+
+        Raises SnapshotGone for a missing chunk and SnapshotError (naming the chunk) for one
+        that does not decode."""
         with StateBuilder() as builder:
+            n = 0
             async for chunk in self.snapshot_chunks(snap):
-                builder.feed(chunk)
-            return builder.finish(), builder.size
+                try:
+                    builder.feed(chunk)
+                except SnapshotError as exc:
+                    raise SnapshotError(
+                        f"snapshot {snap.gen}: chunk {n} of {snap.chunks}: {exc}"
+                    ) from exc
+                n += 1
+            try:
+                return builder.finish(), builder.size
+            except SnapshotError as exc:
+                raise SnapshotError(f"snapshot {snap.gen}: {exc}") from exc
 
     async def set_published(self, last_id: str, *, lease_token: str | None = None) -> bool:
         """Record that the commands of every entry up to ``last_id`` were published."""
