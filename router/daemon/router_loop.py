@@ -84,10 +84,11 @@ log = structlog.get_logger("stellwerk.router")
 # An idle XREAD returns at least this often, so reloads and shutdown are never kept waiting.
 MAX_BLOCK_MS = 250
 # How often a restore reads the pointer again after a chunk of the snapshot went missing or
-# did not decode, as long as the pointer moved meanwhile (a compaction's switch, another
-# router's snapshot between its tenure and ours): each re-read is a newer snapshot, so more
-# than a few in a row means the pointer is not settling, and the restore gives up like for a
-# lost one (the next tenure tries again).
+# did not decode, as long as the pointer moved meanwhile: the generation read was replaced.
+# (The daemons' own switches and removals are fenced by the lease this restore holds, so the
+# writer is another one: an operator putting a backup back, a tool without a lease token.)
+# More than a few moves in a row means the pointer is not settling, and the restore gives up
+# as for a lost snapshot; the next tenure tries again.
 RESTORE_REREADS = 3
 # Decision events get one canonical info line each; the rest go to debug (they are on MQTT).
 _DECISIONS = frozenset(
@@ -315,9 +316,9 @@ class Router:
             ),
         )
         self.state.restore_failed = (
-            f"the snapshot cannot be restored ({exc.reason}: {exc.error}; pointer last_id "
-            f"{snap.last_id}); not routing, retried at most {round(delay, 1)} s after "
-            f"attempt {attempt}"
+            f"the snapshot in Redis cannot be restored ({exc.reason}: {exc.error}; the "
+            f"pointer's last_id {snap.last_id}): not routing; attempt {attempt}, the next "
+            f"in {round(delay, 1)} s; put {where} back from a backup"
         )
         if self.metrics is not None:
             self.metrics.observe_snapshot_unreadable(exc.reason)
