@@ -590,12 +590,14 @@ class Router:
                     run.chain.writing_full
                     and run.engine.changed() >= self.options.snapshot_delta_records
                 ):
-                    # Deltas go on while a full snapshot is written; they follow it.
-                    run.chain.cut_pending(
+                    # Deltas go on while a full snapshot is written; they follow it (up to
+                    # the chain's bound: then the changes wait in the engine).
+                    pending = run.chain.cut_pending(
                         run.engine, run.last_id, run.now, self.options.snapshot_chunk_bytes
                     )
-                    run.since_snapshot = 0
-                    run.snapshot_at = time.monotonic()
+                    if pending is not None:
+                        run.since_snapshot = 0
+                        run.snapshot_at = time.monotonic()
                 return
             run.snapshotting = None
             # A lost lease or Redis away ends the tenure here.
