@@ -116,7 +116,7 @@ async def test_an_unreadable_snapshot_stops_routing_until_it_is_put_back(
     assert mqtt_probe.seen("agents/anna/offers") == []
     assert await journal.published() != login_id
 
-    await journal.redis.delete(key)
+    # Put back as it was, in one call (the damaged chunk overwritten).
     await journal.redis.hset(key, mapping=saved)  # type: ignore[misc]
     offers = await mqtt_probe.wait_for("agents/anna/offers", timeout=30, type="offer")
     assert offers[0]["contact_id"] == mail(0).contact_id  # the oldest mail from before
@@ -180,6 +180,8 @@ async def test_a_pointer_moved_on_while_its_old_generation_is_read_restores_the_
     assert gave_up == []  # the same tenure read the new pointer and routes
     assert daemon.state.restore_failed is None
     assert len(daemon.state.view.state.contacts) == MAILS
-    # It goes on appending to the new generation, and the old one is not in Redis.
-    assert daemon.router._run.chain.head.gen == moved
-    assert not await journal.redis.exists(old_key)
+    # It went on from the new generation (a compaction may have replaced it since); the old
+    # one is forgotten.
+    assert daemon.router._run.chain.head.gen != snap.gen
+    gens = await journal.redis.smembers(journal.keys.snapshot_gens)  # type: ignore[misc]
+    assert snap.gen not in {g.decode() for g in gens}
