@@ -611,8 +611,14 @@ class Journal:
 
     async def snapshot_chunks(self, snap: Snapshot) -> AsyncIterator[bytes]:
         """The chunks of ``snap``, in order, read a few at a time; raises SnapshotGone when a
-        newer snapshot replaced it meanwhile (load the pointer again)."""
+        newer snapshot replaced it meanwhile (load the pointer again), or before the first
+        chunk when one is missing already."""
         key = self.keys.snapshot_gen(snap.gen)
+        # A generation removed or evicted is found before anything is decoded: a restore that
+        # retries while it stays gone costs a round trip, not a decode of the state up to it.
+        missing = await self._first_missing(key, snap.chunks)
+        if missing is not None:
+            raise SnapshotGone(snap.gen, missing, snap.chunks)
         step = 8
         for first in range(0, snap.chunks, step):
             fields = [str(i) for i in range(first, min(first + step, snap.chunks))]
@@ -624,6 +630,21 @@ class Journal:
                 if value is None:
                     raise SnapshotGone(snap.gen, i, snap.chunks)
                 yield value
+
+    async def _first_missing(self, key: str, chunks: int) -> int | None:
+        step = 1024
+        try:
+            for first in range(0, chunks, step):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for i in range(first, min(first + step, chunks)):
+                        pipe.hexists(key, str(i))
+                    found = await pipe.execute()
+                for i, there in enumerate(found, first):
+                    if not there:
+                        return i
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return None
 
     async def snapshot_state(self, snap: Snapshot) -> EngineState:
         """The engine state ``snap`` holds, decoded chunk by chunk (a SnapshotError from
