@@ -394,9 +394,8 @@ class Router:
         one read: read the new one (at most RESTORE_REREADS times). Still the same pointer:
         raises _SnapshotUnreadable."""
         snap = await self.journal.load_snapshot()
-        for _ in range(RESTORE_REREADS + 1):
-            if snap is None:
-                return None, EngineState(), {}, ChainSize()
+        rereads = 0
+        while snap is not None:
             try:
                 if snap.data is not None:
                     state, events = decode_legacy(snap.data)
@@ -407,9 +406,12 @@ class Router:
                 reason, error = "missing", str(exc)
             except SnapshotError as exc:
                 reason, error = "damaged", str(exc)
+            if rereads == RESTORE_REREADS:
+                raise _SnapshotUnreadable(snap, reason, error)
             again = await self.journal.load_snapshot()
             if again == snap:
-                break
+                raise _SnapshotUnreadable(snap, reason, error)
+            rereads += 1
             log.info(
                 "router.restore_reread",
                 gen=snap.gen,
@@ -418,8 +420,7 @@ class Router:
                 error=error,
             )
             snap = again
-        assert snap is not None
-        raise _SnapshotUnreadable(snap, reason, error)
+        return None, EngineState(), {}, ChainSize()
 
     async def _restore_state(self) -> _Run:
         snap, state, events, size = await self._read_snapshot()

@@ -5,12 +5,14 @@
   does not crash either. It logs ``router.snapshot_unreadable`` once per attempt, answers
   ``/readyz`` with 503 and the reason, counts it, and tries again; once the chunks are back,
   it restores them and routes the contacts queued before.
-* The pointer moves on to a readable generation while the old one is read (a compaction's
-  switch removed it): the restore reads the new one, in the same tenure.
+* The pointer moves on to a readable generation while the old one is read: the restore
+  reads the new one, in the same tenure. A pointer that keeps moving is given up on after
+  ``RESTORE_REREADS`` re-reads, naming the last one read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 
 from router.daemon.journal import AgentEntry, ContactEntry, Journal, Snapshot, SnapshotGone
 from router.daemon.lease import LeaseKeeper
+from router.daemon.router_loop import RESTORE_REREADS, Router
 from router.messages import Login
 from tests.daemon.conftest import DaemonProcess, MqttProbe, wait_until, write_routing
 from tests.daemon.private_servers import free_port
@@ -185,3 +188,59 @@ async def test_a_pointer_moved_on_while_its_old_generation_is_read_restores_the_
     assert daemon.router._run.chain.head.gen != snap.gen
     gens = await journal.redis.smembers(journal.keys.snapshot_gens)  # type: ignore[misc]
     assert snap.gen not in {g.decode() for g in gens}
+
+
+async def test_a_pointer_that_keeps_moving_is_given_up_on_after_a_few_rereads(
+    tmp_path: Path,
+    start_daemon: Callable[..., Any],
+    daemon_env: Callable[..., dict[str, str]],
+    journal: Journal,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from router.daemon.config import load_settings
+    from router.daemon.main import Daemon
+    from rules.load import load_routing
+
+    routing = write_routing(tmp_path / "r.yaml", ("anna",), offer_timeout=60)
+    snap = await seeded(start_daemon, journal, routing)
+    await journal.redis.delete(journal.keys.snapshot_gen(snap.gen))
+    chunks = Journal.snapshot_chunks
+    read: list[str] = []
+
+    async def reading(self: Journal, at: Snapshot) -> AsyncIterator[bytes]:
+        read.append(at.gen)
+        try:
+            async for chunk in chunks(self, at):
+                yield chunk
+        except SnapshotGone:
+            if len(read) <= RESTORE_REREADS + 1:
+                # Switched again, to another generation that is gone too.
+                gen = f"gone{len(read)}"
+                await self.redis.hset(self.keys.snapshot, "gen", gen)  # type: ignore[misc]
+            raise
+
+    given_up: list[str] = []
+    unreadable = Router._snapshot_unreadable
+
+    def recorded(self: Router, exc: Any, attempt: int, delay: float) -> None:
+        given_up.append(exc.snap.gen)
+        unreadable(self, exc, attempt, delay)
+
+    monkeypatch.setattr(Journal, "snapshot_chunks", reading)
+    monkeypatch.setattr(Router, "_snapshot_unreadable", recorded)
+    env = daemon_env(routing, "b")
+    daemon = Daemon(load_settings(None, env=env), load_routing(routing), handle_signals=False)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: task.done() or len(given_up) >= 2, 20, "two attempts")
+        assert not task.done()
+    finally:
+        daemon.stopping.set()
+        await asyncio.wait_for(task, 15)
+    # The first attempt read the pointer 1 + RESTORE_REREADS times, each time a new one,
+    # and gave up on the last it read; the next attempt found the pointer settled (on one
+    # that is gone as well) and gave up at once.
+    moved = [f"gone{n}" for n in range(1, RESTORE_REREADS + 1)]
+    assert read[: RESTORE_REREADS + 2] == [snap.gen, *moved, f"gone{RESTORE_REREADS + 1}"]
+    assert given_up[:2] == [moved[-1], f"gone{RESTORE_REREADS + 1}"]
+    assert daemon.state.view is None
