@@ -18,7 +18,8 @@ Routes:
   ``400`` with the reason for any other rejected payload (it is in the dead-letter stream),
   ``503`` with ``Retry-After`` when the journal (Redis) is down, so the sender retries.
 - ``GET /metrics``, ``/healthz``, ``/readyz`` (200 only when Redis and MQTT are connected and
-  this daemon holds the routing lease), ``/v1/openapi.json`` (the OpenAPI document).
+  this daemon holds the routing lease; 503 with a ``detail`` while the snapshot in Redis
+  cannot be restored), ``/v1/openapi.json`` (the OpenAPI document).
 - ``GET /v1/queues``, ``/v1/agents``, ``/v1/contacts/{id}``, ``/v1/experts``,
   ``/v1/customers/{ref}`` — read from the router's engine through the read-only
   :class:`RouterView`; 503 ``not_routing`` on a standby.
@@ -164,6 +165,9 @@ class AppState:
     role: str = "all"
     #: ingest role, leader mode: whether this daemon holds the ingest lease (consumes MQTT).
     ingest_lease_held: bool = False
+    #: why this daemon's last restore failed (the snapshot in Redis cannot be read), until a
+    #: restore succeeds; ``/readyz`` is 503 with it as the detail meanwhile.
+    restore_failed: str | None = None
 
 
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -261,17 +265,22 @@ class _Handlers:
             }
             return _reply(200 if ready else 503, body)
         checks = {"redis": s.redis_ok, "mqtt": s.mqtt_ok, "lease": s.lease_held}
-        ready = all(checks.values())
+        # A snapshot that cannot be restored: the lease may even be held for a moment (the
+        # next attempt), but nothing routes until a restore succeeds.
+        ready = all(checks.values()) and s.restore_failed is None
         lag = None
         if s.journal_lag is not None:
             lag = {"entries": s.journal_lag[0], "seconds": round(s.journal_lag[1], 3)}
         # The backlog is detail, not readiness: a router behind in a burst is still the router.
         body = {"ready": ready, "role": s.role, **checks, "journal_lag": lag}
+        if s.restore_failed is not None:
+            body["detail"] = s.restore_failed
         return _reply(200 if ready else 503, body)
 
     def _view(self) -> RouterView | web.Response:
         if self.state.view is None:
-            return _error(503, "not_routing", "this daemon does not hold the routing lease")
+            detail = self.state.restore_failed or "this daemon does not hold the routing lease"
+            return _error(503, "not_routing", detail)
         return self.state.view
 
     async def queues(self, request: web.Request) -> web.Response:

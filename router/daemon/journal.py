@@ -48,7 +48,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from channels.contact_event import ContactEvent
 from router.messages import AdminCommand, AgentCommand
-from router.snapshot import ChainSize, StateBuilder, decode_legacy
+from router.snapshot import ChainSize, SnapshotError, StateBuilder, decode_legacy
 from router.state import EngineState
 
 DEADLETTER_MAXLEN = 100_000
@@ -176,7 +176,15 @@ class _Fenced(Exception):
 
 
 class SnapshotGone(Exception):
-    """A chunk of the snapshot being read is gone: a newer one replaced it meanwhile."""
+    """A chunk of the snapshot being read is gone: a newer one replaced it meanwhile (read
+    the pointer again), or, if the pointer still names it, the generation was removed or
+    evicted. ``chunk`` is the first one found missing, of ``chunks``."""
+
+    def __init__(self, gen: str, chunk: int, chunks: int) -> None:
+        self.gen = gen
+        self.chunk = chunk
+        self.chunks = chunks
+        super().__init__(f"snapshot {gen}: chunk {chunk} of {chunks} is gone")
 
 
 def connect_redis(url: str, *, timeout: float = 5.0) -> aioredis.Redis:
@@ -603,8 +611,14 @@ class Journal:
 
     async def snapshot_chunks(self, snap: Snapshot) -> AsyncIterator[bytes]:
         """The chunks of ``snap``, in order, read a few at a time; raises SnapshotGone when a
-        newer snapshot replaced it meanwhile (load the pointer again)."""
+        newer snapshot replaced it meanwhile (load the pointer again), or before the first
+        chunk when one is missing already."""
         key = self.keys.snapshot_gen(snap.gen)
+        # A generation removed or evicted is found before anything is decoded: a restore that
+        # retries while it stays gone costs a round trip, not a decode of the state up to it.
+        missing = await self._first_missing(key, snap.chunks)
+        if missing is not None:
+            raise SnapshotGone(snap.gen, missing, snap.chunks)
         step = 8
         for first in range(0, snap.chunks, step):
             fields = [str(i) for i in range(first, min(first + step, snap.chunks))]
@@ -612,10 +626,25 @@ class Journal:
                 values = await self.redis.hmget(key, fields)  # type: ignore[misc]
             except (RedisError, OSError) as exc:
                 raise JournalUnavailable(str(exc)) from exc
-            for value in values:
+            for i, value in enumerate(values, first):
                 if value is None:
-                    raise SnapshotGone(snap.gen)
+                    raise SnapshotGone(snap.gen, i, snap.chunks)
                 yield value
+
+    async def _first_missing(self, key: str, chunks: int) -> int | None:
+        step = 1024
+        try:
+            for first in range(0, chunks, step):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for i in range(first, min(first + step, chunks)):
+                        pipe.hexists(key, str(i))
+                    found = await pipe.execute()
+                for i, there in enumerate(found, first):
+                    if not there:
+                        return i
+        except (RedisError, OSError) as exc:
+            raise JournalUnavailable(str(exc)) from exc
+        return None
 
     async def snapshot_state(self, snap: Snapshot) -> EngineState:
         """The engine state ``snap`` holds, decoded chunk by chunk (a SnapshotError from
@@ -627,11 +656,24 @@ class Journal:
 
     async def snapshot_chain(self, snap: Snapshot) -> tuple[EngineState, ChainSize]:
         """The state of a chunked snapshot ``snap``, and the size of its full state and of
-        the deltas after it (where a router that goes on appending starts counting)."""
+        the deltas after it (where a router that goes on appending starts counting).
+
+        Raises SnapshotGone for a missing chunk and SnapshotError (naming the chunk) for one
+        that does not decode."""
         with StateBuilder() as builder:
+            n = 0
             async for chunk in self.snapshot_chunks(snap):
-                builder.feed(chunk)
-            return builder.finish(), builder.size
+                try:
+                    builder.feed(chunk)
+                except SnapshotError as exc:
+                    raise SnapshotError(
+                        f"snapshot {snap.gen}: chunk {n} of {snap.chunks}: {exc}"
+                    ) from exc
+                n += 1
+            try:
+                return builder.finish(), builder.size
+            except SnapshotError as exc:
+                raise SnapshotError(f"snapshot {snap.gen}: {exc}") from exc
 
     async def set_published(self, last_id: str, *, lease_token: str | None = None) -> bool:
         """Record that the commands of every entry up to ``last_id`` were published."""

@@ -121,6 +121,8 @@ CANCEL_REASONS = (
 )
 AGENT_REFUSALS = ("unknown_agent", "unknown_offer", "not_your_offer", "not_your_contact")
 ADMIN_REFUSALS = ("unknown_expert", "bad_identity_key")
+# Why a restore could not read the snapshot (router.daemon.router_loop).
+SNAPSHOT_UNREADABLE_REASONS = ("missing", "damaged")
 # The decoders' and the intake's reasons for refusing an input (channels.base.Rejected).
 INPUT_REASONS = (
     "bad_signature",
@@ -433,6 +435,15 @@ class Metrics:
             "1 while this daemon holds the routing lease and routes.",
             registry=r,
         )
+        self.snapshot_unreadable = Counter(
+            "stellwerk_snapshot_unreadable",
+            "Restores that found the snapshot in Redis unreadable (a chunk missing or damaged) "
+            "and did not route.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in SNAPSHOT_UNREADABLE_REASONS:
+            self.snapshot_unreadable.labels(reason)
         self.rules_reloads = Counter(
             "stellwerk_rules_reloads",
             "Routing-file reloads by result (ok, refused).",
@@ -631,6 +642,10 @@ class Metrics:
     def observe_admin_change(self, op: str) -> None:
         """Count one accepted admin change."""
         self.admin_changes.labels(op).inc()
+
+    def observe_snapshot_unreadable(self, reason: str) -> None:
+        """Count one restore that found the snapshot ``missing`` or ``damaged``."""
+        self.snapshot_unreadable.labels(reason).inc()
 
     def observe_reload(self, ok: bool) -> None:
         """Count one routing-file reload attempt."""

@@ -54,6 +54,7 @@ from router.daemon.journal import (
     JournalEntry,
     JournalUnavailable,
     Snapshot,
+    SnapshotGone,
     SwitchUncertain,
     TickEntry,
     encode_entry,
@@ -73,7 +74,8 @@ from router.daemon.snapshots import (
 from router.engine import Engine
 from router.events import ContactEventBase, ExpertAnswered
 from router.messages import Command, EventCmd, RefusedCmd, Tick
-from router.snapshot import CHUNK_BYTES, decode_legacy
+from router.snapshot import CHUNK_BYTES, ChainSize, SnapshotError, decode_legacy
+from router.state import EngineState
 from rules.load import RoutingFileError, load_routing
 from rules.table import RoutingTable
 
@@ -81,6 +83,13 @@ log = structlog.get_logger("stellwerk.router")
 
 # An idle XREAD returns at least this often, so reloads and shutdown are never kept waiting.
 MAX_BLOCK_MS = 250
+# How often a restore reads the pointer again after a chunk of the snapshot went missing or
+# did not decode, as long as the pointer moved meanwhile: the generation read was replaced.
+# (The daemons' own switches and removals are fenced by the lease this restore holds, so the
+# writer is another one: an operator putting a backup back, a tool without a lease token.)
+# More than a few moves in a row means the pointer is not settling, and the restore gives up
+# as for a lost snapshot; the next tenure tries again.
+RESTORE_REREADS = 3
 # Decision events get one canonical info line each; the rest go to debug (they are on MQTT).
 _DECISIONS = frozenset(
     {
@@ -120,6 +129,19 @@ _LOG_FIELDS = (
 
 class _LostLease(Exception):
     """A fenced write was refused: another daemon routes now."""
+
+
+class _SnapshotUnreadable(Exception):
+    """The snapshot the pointer names cannot be read, and the pointer stays on it: its state
+    is lost to this daemon until an operator puts it back. Routing from an empty engine would
+    forget what only the snapshot holds (the journal before it is trimmed), so nobody routes."""
+
+    def __init__(self, snap: Snapshot, reason: str, error: str) -> None:
+        self.snap = snap
+        #: ``missing`` (a chunk is gone) or ``damaged`` (a chunk does not decode).
+        self.reason = reason
+        self.error = error
+        super().__init__(error)
 
 
 class _Poisoned(Exception):
@@ -253,6 +275,14 @@ class Router:
                 keeper.give_up()
             elif isinstance(exc, _Poisoned):
                 keeper.give_up()
+            elif isinstance(exc, _SnapshotUnreadable):
+                # Lost state, not an outage: routing without it would forget queued
+                # contacts. Keep running, say why (log, /readyz, metric) and look again later:
+                # an operator who puts the snapshot back gets a routing daemon back.
+                failures += 1
+                delay = delays.compute(failures)
+                self._snapshot_unreadable(exc, failures, delay)
+                keeper.give_up(hold_off=delay)
             elif isinstance(exc, JournalUnavailable):
                 # Redis went away: give the lease back (it may expire anyway) and start over
                 # from the snapshot once it is back.
@@ -266,6 +296,32 @@ class Router:
                 raise exc
             await lost.wait()
         self.state.reload = None
+
+    def _snapshot_unreadable(self, exc: _SnapshotUnreadable, attempt: int, delay: float) -> None:
+        snap, keys = exc.snap, self.journal.keys
+        where = keys.snapshot_gen(snap.gen) if snap.gen else keys.snapshot
+        log.error(
+            "router.snapshot_unreadable",
+            gen=snap.gen,
+            chunks=snap.chunks,
+            last_id=snap.last_id,
+            reason=exc.reason,
+            error=exc.error,
+            attempt=attempt,
+            retry_in=round(delay, 3),
+            remedy=(
+                f"not routing: put {where} back from a backup of Redis (this daemon retries "
+                f"and restores it by itself), or delete {keys.snapshot} to route from what "
+                "the journal still holds, forgetting the rest"
+            ),
+        )
+        self.state.restore_failed = (
+            f"the snapshot in Redis cannot be restored ({exc.reason}: {exc.error}; the "
+            f"pointer's last_id {snap.last_id}): not routing; attempt {attempt}, the next "
+            f"in {round(delay, 1)} s; put {where} back from a backup"
+        )
+        if self.metrics is not None:
+            self.metrics.observe_snapshot_unreadable(exc.reason)
 
     def _end_tenure(self) -> None:
         if self._run is not None and self._run.snapshotting is not None:
@@ -289,6 +345,7 @@ class Router:
         self._run = run
         self.state.view = run.engine
         self.state.reload = self.reload
+        self.state.restore_failed = None
         self._routed = True
         log.info("router.routing", last_id=run.last_id)
         last_refresh = 0.0
@@ -327,15 +384,49 @@ class Router:
             if enabled:
                 gc.enable()
 
-    async def _restore_state(self) -> _Run:
+    async def _read_snapshot(
+        self,
+    ) -> tuple[Snapshot | None, EngineState, dict[str, ContactEvent], ChainSize]:
+        """The pointer and the state it names (with the events of a snapshot of the earlier
+        format, which go to the edge, and the chain's size); an empty state without a pointer.
+
+        A chunk gone or damaged while the pointer moved on is a newer snapshot replacing the
+        one read: read the new one (at most RESTORE_REREADS times). Still the same pointer:
+        raises _SnapshotUnreadable."""
         snap = await self.journal.load_snapshot()
-        if snap is not None and snap.data is not None:
+        rereads = 0
+        while snap is not None:
+            try:
+                if snap.data is not None:
+                    state, events = decode_legacy(snap.data)
+                    return snap, state, events, ChainSize()
+                state, size = await self.journal.snapshot_chain(snap)
+                return snap, state, {}, size
+            except SnapshotGone as exc:
+                reason, error = "missing", str(exc)
+            except SnapshotError as exc:
+                reason, error = "damaged", str(exc)
+            if rereads == RESTORE_REREADS:
+                raise _SnapshotUnreadable(snap, reason, error)
+            again = await self.journal.load_snapshot()
+            if again == snap:
+                raise _SnapshotUnreadable(snap, reason, error)
+            rereads += 1
+            log.info(
+                "router.restore_reread",
+                gen=snap.gen,
+                new_gen=again.gen if again is not None else None,
+                reason=reason,
+                error=error,
+            )
+            snap = again
+        return None, EngineState(), {}, ChainSize()
+
+    async def _restore_state(self) -> _Run:
+        snap, state, events, size = await self._read_snapshot()
+        if events and not await self.payloads.write(events, lease_token=self.lease.token):
             # A snapshot of the earlier format: its contacts' events go to the edge now.
-            state, events = decode_legacy(snap.data)
-            if not await self.payloads.write(events, lease_token=self.lease.token):
-                raise _LostLease()
-        elif snap is not None:
-            state, size = await self.journal.snapshot_chain(snap)
+            raise _LostLease()
         if snap is not None:
             # Building the indexes of a large state takes seconds of pure Python: in a thread,
             # so the loop keeps renewing the lease meanwhile (nothing else uses the engine yet).
@@ -500,12 +591,14 @@ class Router:
                     run.chain.writing_full
                     and run.engine.changed() >= self.options.snapshot_delta_records
                 ):
-                    # Deltas go on while a full snapshot is written; they follow it.
-                    run.chain.cut_pending(
+                    # Deltas go on while a full snapshot is written; they follow it (up to
+                    # the chain's bound: then the changes wait in the engine).
+                    pending = run.chain.cut_pending(
                         run.engine, run.last_id, run.now, self.options.snapshot_chunk_bytes
                     )
-                    run.since_snapshot = 0
-                    run.snapshot_at = time.monotonic()
+                    if pending is not None:
+                        run.since_snapshot = 0
+                        run.snapshot_at = time.monotonic()
                 return
             run.snapshotting = None
             # A lost lease or Redis away ends the tenure here.

@@ -44,7 +44,9 @@ child has a copy-on-write image of the state as it was at the fork and encodes i
 chunks as they come and writes them to Redis, and in the meantime goes on routing. The
 router's stall is the ``fork()`` itself (the kernel copies the page tables, so it grows with
 the resident memory: 7-20 ms at 50-90 MB, 58-155 ms at 1 GB on the development VM) plus
-reading each chunk. The same idea as Redis's own ``BGSAVE``.
+reading each chunk. The same idea as Redis's own ``BGSAVE``. Deltas cut while it is written
+wait in :attr:`SnapshotChain.pending` and follow it, up to :data:`MAX_PENDING_BYTES`
+(:meth:`SnapshotChain.cut_pending`).
 
 The child touches nothing but the state and its end of the pipe and leaves with ``os._exit``
 (no atexit handlers, no buffered output of the parent flushed twice, no sockets closed). Where
@@ -69,6 +71,9 @@ from router.snapshot import CHUNK_BYTES, ChainSize, encode_changes, encode_state
 from router.state import Changes, EngineState
 
 _LEN = 4  # bytes of the length prefix of each chunk in the pipe
+#: how many bytes of encoded deltas may wait for a full snapshot being written
+#: (:meth:`SnapshotChain.cut_pending`); beyond it the changes stay marked in the engine.
+MAX_PENDING_BYTES = 64 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 
 
@@ -222,6 +227,8 @@ class DeltaCut:
         started = time.perf_counter()
         self._chunks = encode_changes(state, changes, limit)
         self.stall_s = time.perf_counter() - started
+        #: the encoded bytes it holds until written.
+        self.size = sum(len(chunk) for chunk in self._chunks)
         self.append_to: Snapshot | None = append_to
         self.records = len(changes)
         self.bytes = 0
@@ -262,9 +269,16 @@ class SnapshotChain:
     when one was not written (the next is then a full one).
     """
 
-    def __init__(self, *, full_every: int = 360, max_delta_share: float = 0.5) -> None:
+    def __init__(
+        self,
+        *,
+        full_every: int = 360,
+        max_delta_share: float = 0.5,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+    ) -> None:
         self.full_every = full_every
         self.max_delta_share = max_delta_share
+        self.max_pending_bytes = max_pending_bytes
         #: the pointer of the last snapshot written, which a delta is appended to.
         self.head: Snapshot | None = None
         #: a full snapshot is being written (deltas cut meanwhile wait in ``pending``).
@@ -303,9 +317,22 @@ class SnapshotChain:
             return cut
         return DeltaCut(engine.state, changes, self.head, limit, engine)
 
-    def cut_pending(self, engine: Engine, last_id: str, now: float, limit: int) -> DeltaCut:
+    def pending_bytes(self) -> int:
+        """The encoded bytes of the deltas waiting in :attr:`pending`."""
+        return sum(cut.size for cut, _, _ in self.pending)
+
+    def cut_pending(self, engine: Engine, last_id: str, now: float, limit: int) -> DeltaCut | None:
         """While a full snapshot is written: cut a delta now, to be written after it (so the
-        changes meanwhile never make one large delta, and a large stall, at the end)."""
+        changes meanwhile never make one large delta, and a large stall, at the end).
+
+        None once the waiting deltas hold ``max_pending_bytes``: how long a full write takes
+        is up to Redis (and the fork's child), so without a bound they would grow with it
+        (each carries the small tables whole, too). Nothing is lost at the bound: the changes
+        stay marked in the engine (one mark per record, however often it changes: bounded
+        by the records touched) and the first delta after the full one carries them, with a
+        stall the size of what changed meanwhile."""
+        if self.pending_bytes() >= self.max_pending_bytes:
+            return None
         cut = DeltaCut(engine.state, engine.take_changes(), None, limit, engine)
         self.pending.append((cut, last_id, now))
         return cut

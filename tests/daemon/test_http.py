@@ -215,6 +215,23 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
     )
 
 
+async def test_a_snapshot_that_cannot_be_restored_is_the_readiness_detail(api: Api) -> None:
+    api.state.redis_ok = api.state.mqtt_ok = api.state.lease_held = True
+    reason = "the snapshot in Redis cannot be restored (missing: chunk 3 of 9 is gone)"
+    # Held for a moment (the next attempt), but nothing routes until a restore succeeds.
+    api.state.restore_failed = reason
+    status, reply = await api.get("/readyz")
+    assert (status, reply["ready"], reply["detail"]) == (503, False, reason)
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert await api.get("/v1/queues", **auth) == (
+        503,
+        {"error": "not_routing", "detail": reason},
+    )
+    api.state.restore_failed = None
+    status, reply = await api.get("/readyz")
+    assert status == 200 and "detail" not in reply
+
+
 async def test_an_ingest_node_is_ready_without_a_lease_a_router_needs_the_routing_one(
     api: Api,
 ) -> None:

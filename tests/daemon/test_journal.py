@@ -24,7 +24,7 @@ from router.daemon.journal import (
     encode_entry,
 )
 from router.messages import Accept, Login
-from router.snapshot import encode_state
+from router.snapshot import SnapshotError, encode_state
 from router.state import STATE_ENCODER, EngineState
 from tests.daemon.conftest import Names, wait_until
 from tests.servers import REDIS_URL, key_prefix
@@ -173,6 +173,31 @@ async def test_a_snapshot_broken_off_mid_write_leaves_the_last_one_whole(journal
     # A reader still on the old generation learns it is gone (and reads the pointer again).
     with pytest.raises(SnapshotGone):
         [c async for c in journal.snapshot_chunks(snap)]
+
+
+async def test_a_chunk_missing_is_found_before_any_chunk_is_read(journal: Journal) -> None:
+    """A restore that retries on a lost generation costs a round trip, not a decode."""
+    assert await journal.save_snapshot([f"c{i}".encode() for i in range(20)], "3-0")
+    snap = await journal.load_snapshot()
+    assert snap is not None
+    await journal.redis.hdel(journal.keys.snapshot_gen(snap.gen), "17")  # type: ignore[misc]
+    read: list[bytes] = []
+    with pytest.raises(SnapshotGone) as gone:
+        async for chunk in journal.snapshot_chunks(snap):
+            read.append(chunk)
+    assert read == []
+    assert (gone.value.gen, gone.value.chunk, gone.value.chunks) == (snap.gen, 17, 20)
+    assert str(gone.value) == f"snapshot {snap.gen}: chunk 17 of 20 is gone"
+
+
+async def test_a_damaged_chunk_is_named_by_the_restore(journal: Journal) -> None:
+    assert await journal.save_snapshot(list(encode_state(EngineState(), 1024)), "3-0")
+    snap = await journal.load_snapshot()
+    assert snap is not None and snap.chunks >= 1
+    last = snap.chunks - 1
+    await journal.redis.hset(journal.keys.snapshot_gen(snap.gen), str(last), b"\xc1")  # type: ignore[misc]
+    with pytest.raises(SnapshotError, match=f"snapshot {snap.gen}: chunk {last} of {snap.chunks}"):
+        await journal.snapshot_chain(snap)
 
 
 async def test_a_snapshot_of_the_earlier_single_value_format_is_still_read(

@@ -578,6 +578,8 @@ def test_every_known_label_set_is_exported_at_zero_before_its_first_event() -> N
         ("stellwerk_ingress_deliveries_total", {"transport": "smtp", "outcome": "unavailable"}),
         ("stellwerk_rules_reloads_total", {"result": "refused"}),
         ("stellwerk_contacts_overflowed_total", {"queue": "billing"}),
+        ("stellwerk_snapshot_unreadable_total", {"reason": "missing"}),
+        ("stellwerk_snapshot_unreadable_total", {"reason": "damaged"}),
     ]
     for name, labels in zero:
         assert sample(m, name, **labels) == 0.0, (name, labels)
