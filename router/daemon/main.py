@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -179,7 +180,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
-            runner.run(Daemon(loaded, table).run())
+            try:
+                runner.run(Daemon(loaded, table).run())
+            finally:
+                # What comes after the daemon's own bounded shutdown (the runner cancelling
+                # leftover tasks and joining executor threads, the interpreter's exit) is
+                # bounded too: a hang there would outlive a supervisor's stop timeout unseen.
+                # Past the grace every thread's stack goes to stderr and the process exits 1.
+                faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
     except KeyboardInterrupt:  # a second Ctrl-C while shutting down
         return 130
     except Exception:
@@ -187,6 +195,10 @@ def run(args: argparse.Namespace) -> int:
         log.exception("daemon.crashed")
         return 1
     return 0
+
+
+#: Seconds the process may take to exit once the daemon has stopped (see :func:`run`).
+EXIT_GRACE_S = 5.0
 
 
 def role_problems(settings: Settings) -> list[str]:

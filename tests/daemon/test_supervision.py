@@ -1,5 +1,6 @@
 """The daemon's supervision with real processes: the leader-mode ingress follows the lease, a
-second Ctrl-C forces the exit, and a second Redis outage is retried with a fresh back-off.
+second Ctrl-C forces the exit, a second Redis outage is retried with a fresh back-off, and an
+exit held up after the stop is bounded.
 
 The daemons are ``stellwerk run`` subprocesses; the test plays the PBX and the agents over MQTT
 (the shared broker) and reads what the daemons logged. The Redis-outage and forced-exit tests
@@ -221,3 +222,44 @@ async def test_the_ingress_client_holds_a_bounded_number_of_received_messages() 
     publisher = make_client(mqtt, "bound-test-pub", persistent=False)
     assert AiomqttInternals(ingress)._queue.maxsize == incoming_bound(mqtt) > 700
     assert AiomqttInternals(publisher)._queue.maxsize == 0  # subscribes to nothing
+
+
+# Loaded by the daemon's interpreter at start (``sitecustomize`` on its PYTHONPATH): a worker
+# thread that never ends, as a library's stuck thread would be. (It imports nothing of ours:
+# at that point the checkout is not yet on sys.path, and the installed copy would be found.)
+STUCK_THREAD = """
+import threading, time
+
+def stuck_worker():
+    while True:
+        time.sleep(0.05)
+
+threading.Thread(target=stuck_worker, name="stuck-worker").start()
+"""
+
+
+async def test_a_process_whose_exit_hangs_after_the_stop_still_exits_with_the_stacks(
+    tmp_path: Path,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[[dict[str, str], str], DaemonProcess],
+) -> None:
+    from router.daemon.main import EXIT_GRACE_S
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(STUCK_THREAD)
+    routing = write_routing(tmp_path / "r.yaml", ("anna",))
+    env = daemon_env(routing, "a")
+    env["PYTHONPATH"] = f"{hooks}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(hooks)
+    d = daemons(env, "a")
+    await wait_log(d, "router.routing", timeout=STARTUP)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    await wait_log(d, "daemon.stopped", timeout=15)
+    stopped = time.monotonic()
+    # The interpreter's exit waits for the stuck thread: bounded by the grace, not for ever.
+    rc = await asyncio.to_thread(d.proc.wait, EXIT_GRACE_S + 10)
+    assert rc == 1
+    assert time.monotonic() - stopped >= EXIT_GRACE_S - 1.0
+    # Every thread's stack is on stderr: the operator sees what held the exit.
+    assert "in stuck_worker" in d.log()
