@@ -1,5 +1,6 @@
 """The routing lease: exactly one daemon routes at a time (and, with another key, the ingest
-lease: exactly one ingest-role daemon consumes the leader-mode MQTT sessions).
+lease: exactly one daemon consumes the leader-mode MQTT sessions, whether of role ``ingest`` or
+``all``).
 
 The lease is a Redis key holding the holder's token, set with ``SET NX PX ttl``; the holder
 renews it every ``ttl / 3`` with a Lua check-and-extend (only its own token is extended). A
@@ -39,8 +40,8 @@ return 0
 
 class Lease:
     """One daemon's handle on a lease (``key``), identified by ``node_id``: the routing lease,
-    or (``name="ingest"``) the ingest lease that ingest-role daemons hold for the MQTT ingress
-    sessions in leader mode. ``name`` is only for the log lines."""
+    or (``name="ingest"``) the ingest lease that the daemons consuming the MQTT ingress sessions
+    (roles ``ingest`` and ``all``) hold in leader mode. ``name`` is only for the log lines."""
 
     def __init__(
         self,
@@ -109,14 +110,15 @@ class Lease:
         value = await self.redis.get(self.key)
         return value.decode() if value else None
 
-    async def wait_acquire(self, stopping: asyncio.Event) -> bool:
-        """Poll until we hold the lease (True) or ``stopping`` is set (False)."""
+    async def wait_acquire(self, stopping: asyncio.Event, *also: asyncio.Event) -> bool:
+        """Poll until we hold the lease (True) or ``stopping`` (or one of ``also``) is set
+        (False)."""
         interval = max(0.05, self.ttl / 5)
-        while not stopping.is_set():
+        ends = (stopping, *also)
+        while not any(end.is_set() for end in ends):
             if await self.try_acquire():
                 return True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), interval)
+            await _first_set(ends, interval)
         return False
 
     async def keep(self) -> None:
@@ -130,18 +132,26 @@ class Lease:
 
 
 class LeaseKeeper:
-    """The one task that holds this daemon's routing lease (``lease`` in the supervisor).
+    """The one task that holds one of this daemon's leases (``lease``, or ``ingest-lease``, in
+    the supervisor).
 
     It takes the lease when it is free, renews it while held and releases it when it stops.
-    Whatever only the lease holder may do follows it: the router and, in leader mode, the MQTT
-    ingress wait for :meth:`tenure` and stop when the tenure's ``lost`` event is set. The router
+    Whatever only the lease holder may do follows it: the router (the routing lease) and, in
+    leader mode, the MQTT ingress (the ingest lease) wait for :meth:`tenure` and stop when the
+    tenure's ``lost`` event is set. The router
     ends a tenure early with :meth:`give_up` (an entry the engine failed on, Redis gone, a fenced
     write refused); the keeper then releases the lease and, after ``hold_off`` seconds, competes
     for it again.
+
+    With ``within`` (another keeper) it competes only during that keeper's tenures and ends its
+    own tenure, releasing the lease, when theirs ends: a role ``all`` daemon holds the ingest
+    lease only while it routes, so a standby ``all`` node never consumes, and an ``ingest`` node
+    that holds the ingest lease leaves the routing node routing without consuming.
     """
 
-    def __init__(self, lease: Lease) -> None:
+    def __init__(self, lease: Lease, *, within: LeaseKeeper | None = None) -> None:
         self.lease = lease
+        self._within = within
         self._held = asyncio.Event()
         self._lost = asyncio.Event()
         self._lost.set()
@@ -185,8 +195,17 @@ class LeaseKeeper:
         while not stopping.is_set():
             self._give_up.clear()
             self._hold_off = 0.0
-            if not await self.lease.wait_acquire(stopping):
-                break
+            ends = [stopping]
+            if self._within is not None:
+                outer = await self._within.tenure(stopping)
+                if outer is None:
+                    break
+                ends.append(outer)
+            if not await self.lease.wait_acquire(*ends):
+                continue  # stopping (the loop ends), or the outer tenure ended: wait for the next
+            if any(end.is_set() for end in ends):
+                await self.lease.release()  # taken as the outer tenure ended: not ours to keep
+                continue
             log.info("lease.acquired", node=self.lease.node_id, lease=self.lease.name)
             self._lost = asyncio.Event()
             self._held.set()
@@ -194,7 +213,7 @@ class LeaseKeeper:
             waits = [
                 asyncio.ensure_future(self.lease.keep()),
                 asyncio.ensure_future(self._give_up.wait()),
-                asyncio.ensure_future(stopping.wait()),
+                *(asyncio.ensure_future(end.wait()) for end in ends),
             ]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -215,3 +234,13 @@ class LeaseKeeper:
     def _notify(self, held: bool) -> None:
         for listener in self._listeners:
             listener(held)
+
+
+async def _first_set(events: tuple[asyncio.Event, ...], timeout: float) -> None:
+    """Return when one of ``events`` is set, or after ``timeout`` seconds."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

@@ -215,11 +215,13 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
         "mqtt": False,
         "lease": False,
         "journal_lag": None,
+        "ingest_lease": False,
     }
     api.state.redis_ok = api.state.mqtt_ok = True
     assert (await api.get("/readyz"))[0] == 503
     api.state.lease_held = True
-    # While routing, the detail carries the backlog: behind, but ready (still the router).
+    # While routing, the detail carries the backlog: behind, but ready (still the router). Not
+    # holding the ingest lease (an ingest node beside it consumes MQTT) is detail too.
     api.state.journal_lag = (1200, 2.3456)
     assert await api.get("/readyz") == (
         200,
@@ -230,8 +232,13 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
             "mqtt": True,
             "lease": True,
             "journal_lag": {"entries": 1200, "seconds": 2.346},
+            "ingest_lease": False,
         },
     )
+    # Consuming the MQTT sessions as well (alone, or the ingest node gone): it says so.
+    api.state.ingest_lease_held = True
+    status, reply = await api.get("/readyz")
+    assert (status, reply["ingest_lease"]) == (200, True)
 
 
 async def test_an_ingest_node_is_ready_without_a_lease_a_router_needs_the_routing_one(
