@@ -121,11 +121,19 @@ class Lease:
             await _first_set(ends, interval)
         return False
 
-    async def keep(self) -> None:
-        """Renew until the lease is lost; then return (the caller stops routing at once)."""
+    async def keep(self, until: asyncio.Event | None = None) -> None:
+        """Renew until the lease is lost (then return: the caller stops routing at once), or
+        until ``until`` is set. The caller sets ``until`` before it cancels this: redis-py can
+        swallow a cancellation that lands in a command (redis/redis-py#2028), and a renewal in
+        flight when the holder ends its tenure would otherwise go on renewing, for ever, a lease
+        nobody follows any more."""
         interval = self.ttl / 3
-        while True:
-            await asyncio.sleep(interval)
+        done = until if until is not None else asyncio.Event()
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), interval)
+            if done.is_set():
+                return
             if not await self.renew():
                 log.error("lease.lost", node=self.node_id, lease=self.name)
                 return
@@ -210,20 +218,25 @@ class LeaseKeeper:
             self._lost = asyncio.Event()
             self._held.set()
             self._notify(True)
+            ended = asyncio.Event()
             waits = [
-                asyncio.ensure_future(self.lease.keep()),
+                asyncio.ensure_future(self.lease.keep(ended)),
                 asyncio.ensure_future(self._give_up.wait()),
                 *(asyncio.ensure_future(end.wait()) for end in ends),
             ]
             try:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                ended.set()
                 for w in waits:
                     w.cancel()
-                await asyncio.gather(*waits, return_exceptions=True)
+                # The tenure ends now: whatever follows it stops at once, without waiting for
+                # a renewal in flight.
                 self._held.clear()
                 self._lost.set()
                 self._notify(False)
+                # Before the release: no renewal of ours may land after it.
+                await asyncio.gather(*waits, return_exceptions=True)
             # Only our own token is deleted (a lease lost to another daemon stays theirs).
             await self.lease.release()
             log.info("lease.released", node=self.lease.node_id, lease=self.lease.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -124,3 +125,37 @@ async def test_an_ingest_lease_within_the_routing_one_is_held_only_while_routing
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
+async def test_a_tenure_ends_even_when_a_renewal_in_flight_swallows_its_cancellation(
+    redis_client: aioredis.Redis, names: Names
+) -> None:
+    """redis-py can swallow a cancellation that lands in a command (redis/redis-py#2028): a
+    renewal in flight as the tenure ends must not keep the keeper, or the lease, for ever."""
+    in_flight = asyncio.Event()
+
+    class Swallowing(Lease):
+        async def renew(self) -> bool:
+            in_flight.set()
+            # What redis-py does now and then: the cancellation is lost, the command completes.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.3)
+            return await super().renew()
+
+    keeper = LeaseKeeper(Swallowing(redis_client, f"{names.key_prefix}lease", "a", 0.6))
+    stop = asyncio.Event()
+    task = asyncio.create_task(keeper.run(stop))
+    try:
+        lost = await asyncio.wait_for(keeper.tenure(stop), 30)
+        assert lost is not None
+        await asyncio.wait_for(in_flight.wait(), 30)
+        keeper.give_up(hold_off=30)  # ends the tenure in the middle of that renewal
+        await asyncio.wait_for(lost.wait(), 5)
+
+        async def released() -> bool:
+            return await redis_client.get(keeper.lease.key) is None
+
+        await wait_until(released, 5, "the lease released")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
