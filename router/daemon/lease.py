@@ -2,12 +2,13 @@
 lease: exactly one daemon consumes the leader-mode MQTT sessions, whether of role ``ingest`` or
 ``all``).
 
-The lease is a Redis key holding the holder's token, set with ``SET NX PX ttl``; the holder
+The lease is a Redis key holding the holder's token, taken by a Lua call when it is free (like
+``SET NX PX ttl``) or still holds our own token (a release that did not reach Redis); the holder
 renews it every ``ttl / 3`` with a Lua check-and-extend (only its own token is extended). A
 renewal that fails or finds another token means the lease is lost: the holder must stop routing at
 once. It also counts itself as lost when it could not renew for ``ttl`` seconds by its own clock,
-since the key may have expired in Redis meanwhile. A standby polls ``SET NX`` and takes over at
-most ``ttl`` (plus one poll) after the holder died.
+since the key may have expired in Redis meanwhile. A standby polls and takes over at most
+``ttl`` (plus one poll) after the holder died.
 """
 
 from __future__ import annotations
@@ -24,6 +25,20 @@ from redis.exceptions import RedisError
 
 log = structlog.get_logger("stellwerk.lease")
 
+# Free, or still ours (a release that did not get through, an outage shorter than the ttl): take
+# it. 1 when we hold it now, 0 when another daemon does.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -59,10 +74,15 @@ class Lease:
         self.ttl = ttl
         # A fresh token per daemon start: a restarted node never mistakes an old lease for its own.
         self.token = f"{node_id}:{uuid.uuid4().hex}"
+        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._valid_until = 0.0
         self._failing = False
+        #: whether the last attempt to take the lease found another daemon holding it
+        self.elsewhere = False
+        #: called with the new ``elsewhere`` when it changes
+        self.on_elsewhere: Callable[[bool], None] | None = None
 
     @property
     def held(self) -> bool:
@@ -70,20 +90,28 @@ class Lease:
         return time.monotonic() < self._valid_until
 
     async def try_acquire(self) -> bool:
-        """Take the lease if it is free; True when we hold it now."""
+        """Take the lease if it is free (or still ours); True when we hold it now."""
         started = time.monotonic()
         try:
-            ok = await self.redis.set(self.key, self.token, nx=True, px=int(self.ttl * 1000))
+            ok = await self._acquire(keys=[self.key], args=[self.token, int(self.ttl * 1000)])
         except (RedisError, OSError) as exc:
             if not self._failing:  # once per outage, not once per poll
                 log.warning("lease.acquire_failed", error=str(exc))
             self._failing = True
+            self._set_elsewhere(False)  # not known
             return False
         self._failing = False
+        self._set_elsewhere(not ok)
         if ok:
             self._valid_until = started + self.ttl
             return True
         return False
+
+    def _set_elsewhere(self, value: bool) -> None:
+        if value != self.elsewhere:
+            self.elsewhere = value
+            if self.on_elsewhere is not None:
+                self.on_elsewhere(value)
 
     async def renew(self) -> bool:
         """Extend our lease; False when it is no longer ours (or Redis did not answer)."""

@@ -302,9 +302,13 @@ class Daemon:
             self.sinks.extend(self.telephony)
 
         def mqtt_status(_: bool) -> None:
-            # A leader-mode daemon without the ingest lease (a standby, or a router beside the
-            # ingest node that holds it) does not consume; its publisher is what matters.
-            consuming = all(i.connected for i in ingresses) or (leader and not follows.held)
+            consuming = all(i.connected for i in ingresses)
+            if leader and not follows.held:
+                # Not consuming here, and not expected to: a standby (its publisher is what
+                # matters). A routing all node is expected to, unless another daemon holds the
+                # ingest lease; until it knows that (the first poll of its tenure) it does not
+                # claim MQTT ingress.
+                consuming = ingest_lease is None or not keeper.held or ingest_lease.elsewhere
             state.mqtt_ok = publisher.connected and consuming
             metrics.set_status(redis=state.redis_ok, mqtt=state.mqtt_ok, lease=state.lease_held)
 
@@ -330,15 +334,20 @@ class Daemon:
         # the ingest lease it routes without consuming. In shared mode every ingest node
         # consumes: no lease (follows is then only the routing keeper, for the status).
         follows = keeper
+        # Role all in leader mode: the ingest lease held only within routing tenures.
+        ingest_lease: Lease | None = None
         if ingests and leader:
-            ingest_lease = Lease(
+            lease_of_ingest = Lease(
                 redis,
                 journal.keys.lease + ":ingest",
                 s.node_id(),
                 s.router.lease_ttl,
                 name="ingest",
             )
-            follows = LeaseKeeper(ingest_lease, within=keeper if routes else None)
+            follows = LeaseKeeper(lease_of_ingest, within=keeper if routes else None)
+            if routes:
+                ingest_lease = lease_of_ingest
+                ingest_lease.on_elsewhere = mqtt_status
         else:
             state.ingest_lease_held = None  # nothing to hold: in shared mode, or role router
 

@@ -416,6 +416,11 @@ async def test_an_ingest_node_joining_a_lone_all_node_waits_for_its_ingest_lease
     both = daemons(daemon_env(routing, "all1", http_addr=f"127.0.0.1:{all_port}"), "all1")
     alone = await wait_until(lambda: ready(all_port), STARTUP, "the all daemon ready")
     assert alone["ingest_lease"] is True
+    # Ready only once it consumes: an agent's login published now is not lost.
+    assert sorted(e["kind"] for e in events(both, "mqtt.ingress.connected")) == [
+        "agents",
+        "contacts",
+    ]
     ingest = daemons(
         daemon_env(routing, "ing", role="ingest", http_addr=f"127.0.0.1:{ingest_port}"), "ing"
     )
