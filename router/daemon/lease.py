@@ -174,10 +174,9 @@ class LeaseKeeper:
     It takes the lease when it is free, renews it while held and releases it when it stops.
     Whatever only the lease holder may do follows it: the router (the routing lease) and, in
     leader mode, the MQTT ingress (the ingest lease) wait for :meth:`tenure` and stop when the
-    tenure's ``lost`` event is set. The router
-    ends a tenure early with :meth:`give_up` (an entry the engine failed on, Redis gone, a fenced
-    write refused); the keeper then releases the lease and, after ``hold_off`` seconds, competes
-    for it again.
+    tenure's ``lost`` event is set. The router ends a tenure early with :meth:`give_up` (an
+    entry the engine failed on, Redis gone, a fenced write refused); the keeper then releases
+    the lease and, after ``hold_off`` seconds, competes for it again.
 
     With ``within`` (another keeper) it competes only during that keeper's tenures and ends its
     own tenure, releasing the lease, when theirs ends: a role ``all`` daemon holds the ingest
