@@ -66,8 +66,9 @@ class MqttSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     ``ingress`` says who consumes the ingress and agent-command topics:
 
-    - ``leader`` (default): only the daemon holding the routing lease (in role ``ingest``: the
-      ingest lease), under the installation's ``client_id`` (default
+    - ``leader`` (default): only the daemon holding the ingest lease (an ``ingest`` node, or
+      an ``all`` node, which takes it only while it holds the routing lease), under the
+      installation's ``client_id`` (default
       ``stellwerk-router-{topic_prefix}``; agents' commands on a second session,
       ``{client_id}-agents``). The broker keeps those persistent sessions (and every message not
       yet acknowledged) while nobody is connected, and a standby that takes the lease resumes

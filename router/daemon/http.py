@@ -18,8 +18,9 @@ Routes:
   ``400`` with the reason for any other rejected payload (it is in the dead-letter stream),
   ``503`` with ``Retry-After`` when the journal (Redis) is down, so the sender retries.
 - ``GET /metrics``, ``/healthz``, ``/readyz`` (200 only when Redis and MQTT are connected and
-  this daemon holds the routing lease; 503 with a ``detail`` while the snapshot in Redis
-  cannot be restored), ``/v1/openapi.json`` (the OpenAPI document).
+  this daemon holds the routing lease; an ingest node needs no lease; ``ingest_lease`` says
+  whether a node consumes the leader-mode MQTT sessions; 503 with a ``detail`` while the
+  snapshot in Redis cannot be restored), ``/v1/openapi.json`` (the OpenAPI document).
 - ``GET /v1/queues``, ``/v1/agents``, ``/v1/contacts/{id}``, ``/v1/experts``,
   ``/v1/customers/{ref}`` — read from the router's engine through the read-only
   :class:`RouterView`; 503 ``not_routing`` on a standby.
@@ -163,8 +164,9 @@ class AppState:
     journal_lag: tuple[int, float] | None = None
     #: this process's role (``Settings.role``): what ``/readyz`` checks depends on it.
     role: str = "all"
-    #: ingest role, leader mode: whether this daemon holds the ingest lease (consumes MQTT).
-    ingest_lease_held: bool = False
+    #: roles ingest and all, leader mode: whether this daemon holds the ingest lease (consumes
+    #: the MQTT ingress sessions); None where there is none (shared mode, role router).
+    ingest_lease_held: bool | None = False
     #: why this daemon's last restore failed (the snapshot in Redis cannot be read), until a
     #: restore succeeds; ``/readyz`` is 503 with it as the detail meanwhile.
     restore_failed: str | None = None
@@ -275,6 +277,11 @@ class _Handlers:
         body = {"ready": ready, "role": s.role, **checks, "journal_lag": lag}
         if s.restore_failed is not None:
             body["detail"] = s.restore_failed
+        if s.role == "all":
+            # Detail too: a routing node beside an ingest node that holds the ingest lease
+            # routes (ready) without consuming MQTT ("mqtt" is then its publisher alone). Who
+            # holds it changes only when a holder goes, so readiness does not flap with it.
+            body["ingest_lease"] = s.ingest_lease_held
         return _reply(200 if ready else 503, body)
 
     def _view(self) -> RouterView | web.Response:

@@ -4,11 +4,11 @@ One asyncio process, one supervising TaskGroup in which every long-running task 
 name, started and stopped in the order documented in docs/daemon.md ("Supervision"):
 mqtt-publisher, lease, router, ingest-lease, redis-watch, sighup-reload, desk, outbound,
 telephony-<system>, mqtt-agents and mqtt-ingress (the agent-command and the contact session; in
-leader mode both follow the lease), http, smtp. ``--role`` (``Settings.role``) picks which of
-them run: ``all`` every one but ingest-lease; ``ingest`` mqtt-publisher (refusals only),
-ingest-lease (leader mode), redis-watch, mqtt-agents, mqtt-ingress, http (webhooks and
-monitoring), smtp; ``router`` everything else, with no MQTT ingress, webhooks or SMTP. Signal
-handlers only set flags.
+leader mode both follow the ingest lease), http, smtp. ``--role`` (``Settings.role``) picks which
+of them run: ``all`` every one (ingest-lease in leader mode, held only while routing);
+``ingest`` mqtt-publisher (refusals only), ingest-lease (leader mode), redis-watch,
+mqtt-agents, mqtt-ingress, http (webhooks and monitoring), smtp; ``router`` everything else,
+with no MQTT ingress, webhooks or SMTP. Signal handlers only set flags.
 SIGTERM/SIGINT: stop intake (MQTT, HTTP, SMTP), let the router apply, publish and snapshot what
 is in the journal, release the lease (bounded by a timeout), cancel the rest, close
 connections; a second SIGINT exits at once (130). SIGHUP reloads the routing file (a file that
@@ -314,8 +314,13 @@ class Daemon:
             self.sinks.extend(self.telephony)
 
         def mqtt_status(_: bool) -> None:
-            # A leader-mode standby does not consume ingress; its publisher is what matters.
-            consuming = all(i.connected for i in ingresses) or (leader and not follows.held)
+            consuming = all(i.connected for i in ingresses)
+            if leader and not follows.held:
+                # Not consuming here, and not expected to: a standby (its publisher is what
+                # matters). A routing all node is expected to, unless another daemon holds the
+                # ingest lease; until it knows that (the first poll of its tenure) it does not
+                # claim MQTT ingress.
+                consuming = ingest_lease is None or not keeper.held or ingest_lease.elsewhere
             state.mqtt_ok = publisher.connected and consuming
             metrics.set_status(redis=state.redis_ok, mqtt=state.mqtt_ok, lease=state.lease_held)
 
@@ -333,26 +338,37 @@ class Daemon:
             )
         lease = Lease(redis, journal.keys.lease, s.node_id(), s.router.lease_ttl)
         keeper = LeaseKeeper(lease)
-        # What the leader-mode ingress follows: the routing lease in one process, the ingest
-        # lease of its own in the ingest role (one ingest node consumes the sessions). In
-        # shared mode every ingest node consumes: no lease.
+        # What the leader-mode ingress follows: the ingest lease, one for every daemon that
+        # consumes the installation's two sessions, of role ingest or all, so exactly one of
+        # them connects them (the broker throws out a second connection under a client id).
+        # Role all competes for it only while it routes, and gives it up with the routing
+        # lease: alone it consumes while it routes, as ever; beside an ingest node that holds
+        # the ingest lease it routes without consuming. In shared mode every ingest node
+        # consumes: no lease (follows is then only the routing keeper, for the status).
         follows = keeper
-        if role == "ingest" and leader:
-            ingest_lease = Lease(
+        # Role all in leader mode: the ingest lease held only within routing tenures.
+        ingest_lease: Lease | None = None
+        if ingests and leader:
+            lease_of_ingest = Lease(
                 redis,
                 journal.keys.lease + ":ingest",
                 s.node_id(),
                 s.router.lease_ttl,
                 name="ingest",
             )
-            follows = LeaseKeeper(ingest_lease)
+            follows = LeaseKeeper(lease_of_ingest, within=keeper if routes else None)
+            if routes:
+                ingest_lease = lease_of_ingest
+                ingest_lease.on_elsewhere = mqtt_status
+        else:
+            state.ingest_lease_held = None  # nothing to hold: in shared mode, or role router
 
         def lease_changed(held: bool) -> None:
             state.lease_held = held
             mqtt_status(held)
 
         def follow_changed(held: bool) -> None:
-            if role == "ingest":
+            if follows is not keeper:
                 state.ingest_lease_held = held
             if not held and leader:
                 for each in ingresses:  # the leader-mode ingress follows its lease

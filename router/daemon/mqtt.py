@@ -13,7 +13,7 @@ aiomqtt 2.5 has no manual-ack switch of its own, so we turn on paho-mqtt's
 dead-letter stream and is acknowledged too; only an unreachable Redis withholds the PUBACK: the
 batch is retried with back-off while the connection lasts, and if the daemon dies meanwhile the
 broker redelivers the message to the session when it is resumed (see ``MqttSettings.ingress``:
-by default the lease holder consumes, and a standby taking over resumes the same session).
+by default the ingest lease holder consumes, and a standby taking over resumes the same session).
 
 The publisher is a second connection (clean session) that sends offers, cancels, refusals and
 events with QoS 1 and waits for the broker's PUBACK, reconnecting with capped, jittered back-off.

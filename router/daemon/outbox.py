@@ -323,7 +323,7 @@ class Outbox:
                 asyncio.create_task(self._lane(name, dest, halt), name=f"outbox-{name}")
                 for name, dest in self.destinations.items()
             ]
-            keep = asyncio.create_task(self.lease.keep(), name="outbox-lease")
+            keep = asyncio.create_task(self.lease.keep(halt), name="outbox-lease")
             stop = asyncio.create_task(stopping.wait(), name="outbox-stop")
             try:
                 done, _ = await asyncio.wait(
@@ -332,7 +332,8 @@ class Outbox:
             finally:
                 self.sending.clear()
                 # redis-py can swallow a cancellation that lands in a blocking read, so the
-                # lanes also watch ``halt`` (their reads block for 0.5 s at most).
+                # lanes also watch ``halt`` (their reads block for 0.5 s at most), and so does
+                # the lease's renewal.
                 halt.set()
                 tasks = [*lanes, keep, stop]
                 for task in tasks:

@@ -196,11 +196,13 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
         "mqtt": False,
         "lease": False,
         "journal_lag": None,
+        "ingest_lease": False,
     }
     api.state.redis_ok = api.state.mqtt_ok = True
     assert (await api.get("/readyz"))[0] == 503
     api.state.lease_held = True
-    # While routing, the detail carries the backlog: behind, but ready (still the router).
+    # While routing, the detail carries the backlog: behind, but ready (still the router). Not
+    # holding the ingest lease (an ingest node beside it consumes MQTT) is detail too.
     api.state.journal_lag = (1200, 2.3456)
     assert await api.get("/readyz") == (
         200,
@@ -211,8 +213,13 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
             "mqtt": True,
             "lease": True,
             "journal_lag": {"entries": 1200, "seconds": 2.346},
+            "ingest_lease": False,
         },
     )
+    # Consuming the MQTT sessions as well (alone, or the ingest node gone): it says so.
+    api.state.ingest_lease_held = True
+    status, reply = await api.get("/readyz")
+    assert (status, reply["ingest_lease"]) == (200, True)
 
 
 async def test_a_snapshot_that_cannot_be_restored_is_the_readiness_detail(api: Api) -> None:

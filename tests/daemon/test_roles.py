@@ -7,7 +7,10 @@ consumes MQTT ingress; leader-mode ingest nodes hand the sessions over through t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -304,3 +307,156 @@ def test_roles_sharing_a_node_id_publish_under_different_client_ids() -> None:
     }
     assert len(set(ids.values())) == 3
     assert ids["all"].endswith("-pub-host-a")  # a one-process daemon keeps its id
+
+
+async def sample_readiness(port: int, until: asyncio.Event) -> list[tuple[int, Any]]:
+    """``GET /readyz`` of a daemon every 0.1 s until ``until`` is set: (status, body) each."""
+    seen: list[tuple[int, Any]] = []
+    while not until.is_set():
+        seen.append(await get(port, "/readyz"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(until.wait(), 0.1)
+    return seen
+
+
+async def publish_over(probe: MqttProbe, ids: list[str], seconds: float) -> None:
+    """Publish a call per id, spread over ``seconds`` (traffic, not a burst: a session thrown
+    off and reconnecting again and again would show in that time)."""
+    for channel in ids:
+        await probe.publish(CALL, ari("StasisStart", channel))
+        await asyncio.sleep(seconds / len(ids))
+
+
+async def contacts_journaled(journal: Journal) -> Counter[str]:
+    """How often each contact id is in the journal."""
+    return Counter(c for kind, c in await journal_kinds(journal) if kind == "contact")
+
+
+async def test_an_all_and_an_ingest_node_side_by_side_share_the_ingest_lease(
+    tmp_path: Path,
+    names: Names,
+    journal: Journal,
+    redis_client: aioredis.Redis,
+    mqtt_probe: MqttProbe,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    """Leader mode, a rolling migration half done: the ingest node holds the ingest lease, the
+    all node routes without consuming; neither throws the other's sessions off. When the ingest
+    node dies, the all node takes the ingest lease (after the TTL) and consumes what was
+    published meanwhile."""
+    routing = write_routing(tmp_path / "routing.yaml")
+    ingest_port, all_port = free_port(), free_port()
+    ingest = daemons(
+        daemon_env(routing, "ing", role="ingest", http_addr=f"127.0.0.1:{ingest_port}"), "ing"
+    )
+    await wait_until(lambda: ready(ingest_port), STARTUP, "the ingest daemon ready")
+    both = daemons(daemon_env(routing, "all1", http_addr=f"127.0.0.1:{all_port}"), "all1")
+    routing_ready = await wait_until(lambda: ready(all_port), STARTUP, "the all daemon ready")
+    # It routes, publishes, and says that it does not consume MQTT.
+    assert routing_ready["lease"] and routing_ready["mqtt"]
+    assert routing_ready["ingest_lease"] is False
+
+    calls = [f"side-{n}" for n in range(12)]
+    done = asyncio.Event()
+    sampler = asyncio.create_task(sample_readiness(all_port, done))
+    await publish_over(mqtt_probe, calls, 2.5)
+    for channel in calls:
+        await mqtt_probe.wait_for("events/contact.queued", contact_id=f"asterisk-ari:{channel}")
+    done.set()
+    samples = await sampler
+    # Ready all along (no flap), never claiming the ingest lease it did not hold.
+    assert samples and all(status == 200 for status, _ in samples), samples
+    assert all(body["ingest_lease"] is False for _, body in samples)
+    assert await contacts_journaled(journal) == Counter(f"asterisk-ari:{c}" for c in calls)
+    # One connection per session, in the ingest node; none in the all node; nobody thrown off.
+    assert sorted(e["kind"] for e in events(ingest, "mqtt.ingress.connected")) == [
+        "agents",
+        "contacts",
+    ]
+    assert events(both, "mqtt.ingress.connected") == []
+    assert events(ingest, "mqtt.ingress.disconnected") == []
+    _, ingest_metrics = await get(ingest_port, "/metrics")
+    _, all_metrics = await get(all_port, "/metrics")
+    assert (mqtt_accepted(ingest_metrics), mqtt_accepted(all_metrics)) == (len(calls), 0)
+
+    # The ingest node dies: its lease stays until it expires, then the all node takes it.
+    ingest.kill()
+    lease_key = f"{names.key_prefix}lease:ingest"
+    left = await redis_client.get(lease_key)
+    assert left is not None and left.decode().startswith("ing:")
+    meanwhile = ["away-1", "away-2", "away-3"]
+    for channel in meanwhile:
+        await mqtt_probe.publish(CALL, ari("StasisStart", channel))
+    for channel in meanwhile:
+        await mqtt_probe.wait_for("events/contact.queued", contact_id=f"asterisk-ari:{channel}")
+    held = await redis_client.get(lease_key)
+    assert held is not None and held.decode().startswith("all1:")
+    assert sorted(e["kind"] for e in events(both, "mqtt.ingress.connected")) == [
+        "agents",
+        "contacts",
+    ]
+    assert await contacts_journaled(journal) == Counter(
+        f"asterisk-ari:{c}" for c in calls + meanwhile
+    )
+    taken_over = await wait_until(lambda: ready(all_port), 10, "the all daemon ready again")
+    assert taken_over["ingest_lease"] is True
+    assert both.stop() == 0
+
+
+async def test_an_ingest_node_joining_a_lone_all_node_waits_for_its_ingest_lease(
+    tmp_path: Path,
+    names: Names,
+    journal: Journal,
+    redis_client: aioredis.Redis,
+    mqtt_probe: MqttProbe,
+    daemon_env: Callable[..., dict[str, str]],
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    """The other step of a rolling migration: a lone all node consumes while it routes; an
+    ingest node that joins stays a standby; the all node's graceful stop releases the ingest
+    lease, and the ingest node takes the sessions over at once, with what was published."""
+    routing = write_routing(tmp_path / "routing.yaml")
+    ingest_port, all_port = free_port(), free_port()
+    both = daemons(daemon_env(routing, "all1", http_addr=f"127.0.0.1:{all_port}"), "all1")
+    alone = await wait_until(lambda: ready(all_port), STARTUP, "the all daemon ready")
+    assert alone["ingest_lease"] is True
+    # Ready only once it consumes: an agent's login published now is not lost.
+    assert sorted(e["kind"] for e in events(both, "mqtt.ingress.connected")) == [
+        "agents",
+        "contacts",
+    ]
+    ingest = daemons(
+        daemon_env(routing, "ing", role="ingest", http_addr=f"127.0.0.1:{ingest_port}"), "ing"
+    )
+    standby = await wait_until(lambda: ready(ingest_port), STARTUP, "the ingest daemon ready")
+    assert standby["ingest_lease"] is False
+
+    calls = [f"lone-{n}" for n in range(8)]
+    await publish_over(mqtt_probe, calls, 2.0)
+    for channel in calls:
+        await mqtt_probe.wait_for("events/contact.queued", contact_id=f"asterisk-ari:{channel}")
+    assert await contacts_journaled(journal) == Counter(f"asterisk-ari:{c}" for c in calls)
+    assert sorted(e["kind"] for e in events(both, "mqtt.ingress.connected")) == [
+        "agents",
+        "contacts",
+    ]
+    assert events(ingest, "mqtt.ingress.connected") == []
+    assert events(both, "mqtt.ingress.disconnected") == []
+
+    # A graceful stop releases the ingest lease with the routing one: not left to expire.
+    assert both.stop() == 0
+    lease_key = f"{names.key_prefix}lease:ingest"
+    holder = await redis_client.get(lease_key)
+    assert holder is None or holder.decode().startswith("ing:")
+    await mqtt_probe.publish(CALL, ari("StasisStart", "after-all"))
+
+    async def journaled_once() -> bool:
+        return (await contacts_journaled(journal))["asterisk-ari:after-all"] == 1
+
+    await wait_until(journaled_once, 20, "the call journaled by the ingest node")
+    assert sorted(e["kind"] for e in events(ingest, "mqtt.ingress.connected")) == [
+        "agents",
+        "contacts",
+    ]
+    assert ingest.stop() == 0
