@@ -18,9 +18,10 @@ Routes:
   ``400`` with the reason for any other rejected payload (it is in the dead-letter stream),
   ``503`` with ``Retry-After`` when the journal (Redis) is down, so the sender retries.
 - ``GET /metrics``, ``/healthz``, ``/readyz`` (200 only when Redis and MQTT are connected and
-  this daemon holds the routing lease; an ingest node needs no lease; ``ingest_lease`` says
-  whether a node consumes the leader-mode MQTT sessions; 503 with a ``detail`` while the
-  snapshot in Redis cannot be restored), ``/v1/openapi.json`` (the OpenAPI document).
+  this daemon holds the routing lease and routes; an ingest node needs no lease;
+  ``ingest_lease`` says whether a node consumes the leader-mode MQTT sessions; 503 with a
+  ``detail`` while it restores the snapshot and replays the journal, or while the snapshot in
+  Redis cannot be restored), ``/v1/openapi.json`` (the OpenAPI document).
 - ``GET /v1/queues``, ``/v1/agents``, ``/v1/contacts/{id}``, ``/v1/experts``,
   ``/v1/customers/{ref}`` — read from the router's engine through the read-only
   :class:`RouterView`; 503 ``not_routing`` on a standby.
@@ -141,6 +142,11 @@ def key_problem(key: str) -> str | None:
     return None
 
 
+#: The readiness detail (and the ``not_routing`` one) while this daemon holds the routing lease
+#: but has not restored yet: seconds with a large backlog, in which nothing is served.
+RESTORING = "restoring the snapshot and replaying the journal: not routing yet"
+NO_LEASE = "this daemon does not hold the routing lease"
+
 ReloadFn = Callable[[], Awaitable[list[str]]]
 """Reload the routing file; returns its problems (empty when the new rules are in force)."""
 
@@ -150,7 +156,8 @@ class AppState:
     """What the daemon tells the HTTP app about itself; the daemon updates it as things change.
 
     ``view`` and ``reload`` are None while this daemon does not route (a standby, or before the
-    snapshot is restored).
+    snapshot is restored): the router sets them when it starts routing (``router.routing``)
+    and clears them when its tenure ends, and ``/readyz`` follows ``view``.
     """
 
     redis_ok: bool = False
@@ -170,6 +177,13 @@ class AppState:
     #: why this daemon's last restore failed (the snapshot in Redis cannot be read), until a
     #: restore succeeds; ``/readyz`` is 503 with it as the detail meanwhile.
     restore_failed: str | None = None
+
+    def not_routing(self) -> str:
+        """Why this daemon does not route (while ``view`` is None): the ``detail`` of
+        ``/readyz`` and of the ``not_routing`` answers."""
+        if self.restore_failed is not None:
+            return self.restore_failed
+        return RESTORING if self.lease_held else NO_LEASE
 
 
 def _reply(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -266,17 +280,22 @@ class _Handlers:
                 "ingest_lease": s.ingest_lease_held,
             }
             return _reply(200 if ready else 503, body)
-        checks = {"redis": s.redis_ok, "mqtt": s.mqtt_ok, "lease": s.lease_held}
-        # A snapshot that cannot be restored: the lease may even be held for a moment (the
-        # next attempt), but nothing routes until a restore succeeds.
+        # The lease alone is not enough: a new holder restores the snapshot and replays the
+        # journal first (seconds with a large backlog), and until then the read API and the
+        # desk answer not_routing. A snapshot that cannot be restored: the lease may even be
+        # held for a moment (the next attempt), but nothing routes until a restore succeeds.
+        routing = s.view is not None
+        checks = {"redis": s.redis_ok, "mqtt": s.mqtt_ok, "lease": s.lease_held, "routing": routing}
         ready = all(checks.values()) and s.restore_failed is None
         lag = None
         if s.journal_lag is not None:
             lag = {"entries": s.journal_lag[0], "seconds": round(s.journal_lag[1], 3)}
         # The backlog is detail, not readiness: a router behind in a burst is still the router.
         body = {"ready": ready, "role": s.role, **checks, "journal_lag": lag}
-        if s.restore_failed is not None:
-            body["detail"] = s.restore_failed
+        if not routing:
+            detail = s.not_routing()
+            if detail != NO_LEASE:  # a standby: "lease": false says it all
+                body["detail"] = detail
         if s.role == "all":
             # Detail too: a routing node beside an ingest node that holds the ingest lease
             # routes (ready) without consuming MQTT ("mqtt" is then its publisher alone). Who
@@ -286,8 +305,7 @@ class _Handlers:
 
     def _view(self) -> RouterView | web.Response:
         if self.state.view is None:
-            detail = self.state.restore_failed or "this daemon does not hold the routing lease"
-            return _error(503, "not_routing", detail)
+            return _error(503, "not_routing", self.state.not_routing())
         return self.state.view
 
     async def queues(self, request: web.Request) -> web.Response:

@@ -560,7 +560,7 @@ def add_outbound_routes(app: web.Application, state: AppState) -> None:
         if outbound is None:
             return _error(503, "not_configured", "outbound messaging is not running")
         if state.view is None:
-            return _error(503, "not_routing", "this daemon does not hold the routing lease")
+            return _error(503, "not_routing", state.not_routing())
         contact_id = request.match_info["contact_id"]
         try:
             body = _REPLY.decode(await request.read())

@@ -16,7 +16,7 @@ from aiohttp import test_utils
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.daemon.config import Settings, SourceSettings
-from router.daemon.http import AppState, make_app, start_http
+from router.daemon.http import RESTORING, AppState, make_app, start_http
 from router.daemon.intake import Intake
 from router.daemon.journal import ContactEntry, Journal, connect_redis
 from router.daemon.metrics import Metrics
@@ -185,7 +185,7 @@ class View:
         return None
 
 
-async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
+async def test_readiness_needs_redis_mqtt_the_lease_and_a_restored_router(api: Api) -> None:
     assert await api.get("/healthz") == (200, {"status": "ok"})
     status, reply = await api.get("/readyz")
     assert status == 503
@@ -195,14 +195,37 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
         "redis": False,
         "mqtt": False,
         "lease": False,
+        "routing": False,
         "journal_lag": None,
         "ingest_lease": False,
     }
     api.state.redis_ok = api.state.mqtt_ok = True
     assert (await api.get("/readyz"))[0] == 503
+    # The lease is taken, the snapshot not restored yet: the API cannot serve, so not ready.
     api.state.lease_held = True
-    # While routing, the detail carries the backlog: behind, but ready (still the router). Not
-    # holding the ingest lease (an ingest node beside it consumes MQTT) is detail too.
+    assert await api.get("/readyz") == (
+        503,
+        {
+            "ready": False,
+            "role": "all",
+            "redis": True,
+            "mqtt": True,
+            "lease": True,
+            "routing": False,
+            "journal_lag": None,
+            "detail": RESTORING,
+            "ingest_lease": False,
+        },
+    )
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert await api.get("/v1/queues", **auth) == (
+        503,
+        {"error": "not_routing", "detail": RESTORING},
+    )
+    # Restored (what the router sets as it logs router.routing). While routing, the detail
+    # carries the backlog: behind, but ready (still the router). Not holding the ingest lease
+    # (an ingest node beside it consumes MQTT) is detail too.
+    api.state.view = View()
     api.state.journal_lag = (1200, 2.3456)
     assert await api.get("/readyz") == (
         200,
@@ -212,6 +235,7 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
             "redis": True,
             "mqtt": True,
             "lease": True,
+            "routing": True,
             "journal_lag": {"entries": 1200, "seconds": 2.346},
             "ingest_lease": False,
         },
@@ -220,6 +244,17 @@ async def test_readiness_needs_redis_mqtt_and_the_lease(api: Api) -> None:
     api.state.ingest_lease_held = True
     status, reply = await api.get("/readyz")
     assert (status, reply["ingest_lease"]) == (200, True)
+    # The tenure ends (the lease lost): not ready again, and the API says why.
+    api.state.lease_held = False
+    api.state.view = None
+    api.state.journal_lag = None
+    status, reply = await api.get("/readyz")
+    assert (status, reply["lease"], reply["routing"]) == (503, False, False)
+    assert "detail" not in reply
+    assert await api.get("/v1/queues", **auth) == (
+        503,
+        {"error": "not_routing", "detail": "this daemon does not hold the routing lease"},
+    )
 
 
 async def test_a_snapshot_that_cannot_be_restored_is_the_readiness_detail(api: Api) -> None:
@@ -234,7 +269,12 @@ async def test_a_snapshot_that_cannot_be_restored_is_the_readiness_detail(api: A
         503,
         {"error": "not_routing", "detail": reason},
     )
+    # The next attempt holds the lease and restores: the failure stays the detail until it
+    # succeeds.
+    status, reply = await api.get("/readyz")
+    assert (status, reply["detail"]) == (503, reason)
     api.state.restore_failed = None
+    api.state.view = View()
     status, reply = await api.get("/readyz")
     assert status == 200 and "detail" not in reply
 
@@ -256,6 +296,8 @@ async def test_an_ingest_node_is_ready_without_a_lease_a_router_needs_the_routin
     status, reply = await api.get("/readyz")
     assert (status, reply["role"], reply["lease"]) == (503, "router", False)
     api.state.lease_held = True
+    assert (await api.get("/readyz"))[0] == 503  # restoring
+    api.state.view = View()
     assert (await api.get("/readyz"))[0] == 200
 
 
