@@ -170,6 +170,7 @@ async def test_a_daemon_is_ready_only_once_it_restored_and_routes(
             "routing": False,
             "journal_lag": None,
             "detail": RESTORING,
+            "ingest_lease": None,  # shared mode: no ingest lease
         }
         assert not any(line.get("event") == "router.routing" for line in d.log_lines())
 
