@@ -130,7 +130,8 @@ async def test_an_unreadable_snapshot_stops_routing_until_it_is_put_back(
 
     # One line per attempt, each a tenure of its own that ended, with what the operator needs.
     lines = events(d, "router.snapshot_unreadable")
-    assert len(events(d, "lease.acquired", lease="routing")) == len(lines) + 1
+    routing_tenures = [e for e in events(d, "lease.acquired") if e.get("lease") == "routing"]
+    assert len(routing_tenures) == len(lines) + 1
     assert [line["attempt"] for line in lines] == list(range(1, len(lines) + 1))
     for line in lines:
         assert line["level"] == "error"
