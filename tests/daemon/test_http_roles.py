@@ -404,10 +404,13 @@ def test_fuzzing_the_document_finds_no_500_and_no_data_without_a_role(
     """A few seconds of schemathesis: as nobody, as an agent, as a supervisor."""
     seen: set[tuple[str, int]] = set()
 
+    # Derandomized: the same 60 cases every run, so that whether they reach most operations
+    # (the last assertion) does not depend on the draw.
     @settings(
         max_examples=60,
         deadline=None,
         database=None,
+        derandomize=True,
         suppress_health_check=list(HealthCheck),
     )
     @given(case=fuzz_strategy)
@@ -429,4 +432,4 @@ def test_fuzzing_the_document_finds_no_500_and_no_data_without_a_role(
                 json.loads(resp.text)
 
     run()
-    assert len({path for path, _ in seen}) >= 8  # the run reached most operations
+    assert len({path for path, _ in seen}) >= 8, sorted(seen)  # it reached most operations
