@@ -62,9 +62,9 @@ class _Pool:
 
     A longest_idle pool keeps its free agents in order in ``free`` (and ``late``) and its
     partly busy ones (who come after every free agent) in the heap ``busy``, entries
-    ``(idle_since, agent_id, version)``; agents who became busy wait in ``pending`` until a
-    search first needs the busy ones. Other pools keep every ready agent in ``heap``, entries
-    ``(*strategy key, agent_id, version)``.
+    ``(idle_since, agent_id, version)``; agents who became busy wait in ``pending`` (by agent
+    id, taken out again as they become free) until a search first needs the busy ones. Other
+    pools keep every ready agent in ``heap``, entries ``(*strategy key, agent_id, version)``.
     """
 
     __slots__ = (
@@ -87,7 +87,7 @@ class _Pool:
         self.channels = channels
         self.heap: list[Entry] = []
         self.busy: list[Entry] = []
-        self.pending: list[Entry] = []
+        self.pending: dict[str, Entry] = {}
         #: a longest_idle pool's free agents, agent id -> idle_since, in (idle_since, id)
         #: order: an agent who becomes free is nearly always the most recently idle one, so it
         #: goes to the end (or, an offer withdrawn, often to the front) in O(1) ...
@@ -277,7 +277,7 @@ class AgentIndex:
     def rebuild(self, agents: Iterable[AgentRec]) -> None:
         """Forget every heap entry and index ``agents`` afresh (after a restore or reload)."""
         for pool in self._pools:
-            pool.heap, pool.busy, pool.pending, pool.late = [], [], [], []
+            pool.heap, pool.busy, pool.pending, pool.late = [], [], {}, []
             pool.free = OrderedDict()
             pool.ready = dict.fromkeys(pool.channels, 0)
         for slot in self._slots.values():
@@ -361,6 +361,8 @@ class AgentIndex:
         if not ready:
             if slot.free_at is not None:
                 self._file_free(agent_id, slot, None)
+            for pool in slot.li_pools:
+                pool.pending.pop(agent_id, None)  # out of every order, and its entries stale
             if old is not None:
                 # Out of every heap: all its entries are stale from now on.
                 slot.keys = None
@@ -398,13 +400,13 @@ class AgentIndex:
                     entry = (
                         slot.entry[1] if slot.shared else self._entry_for(agent_id, slot, pool)[1]
                     )
-                    pool.pending.append(entry)
+                    pool.pending[agent_id] = entry
             return
         slot.floor = version
         for pool in slot.pools:
             busy, entry = slot.entry if slot.shared else self._entry_for(agent_id, slot, pool)
             if busy:
-                pool.pending.append(entry)
+                pool.pending[agent_id] = entry
             elif pool.strategy != "longest_idle":  # (free ones are filed by _file_free)
                 heapq.heappush(pool.heap, entry)
             if len(pool.heap) + len(pool.busy) + len(pool.pending) > 2 * pool.size + 64:
@@ -421,6 +423,8 @@ class AgentIndex:
         token = slot.free_token = slot.free_token + 1
         if free_at is None:
             return
+        for pool in pools:
+            pool.pending.pop(agent_id, None)  # free now: its busy entry is stale
         key = (free_at, agent_id)
         for pool in pools:
             free = pool.free
@@ -444,7 +448,7 @@ class AgentIndex:
         for heap in (pool.heap, pool.busy):
             heap[:] = [e for e in heap if e[-1] >= slots[e[-2]].floor]
             heapq.heapify(heap)
-        pool.pending[:] = [e for e in pool.pending if e[-1] >= slots[e[-2]].floor]
+        pool.pending = {a: e for a, e in pool.pending.items() if e[-1] >= slots[a].floor}
         pool.late[:] = [e for e in pool.late if e[2] == slots[e[1]].free_token]
 
     def best_agent(self, contact: ContactRec, now: float) -> AgentRec | None:
@@ -459,7 +463,7 @@ class AgentIndex:
             pending = pool.pending
             if pending:
                 slots = self._slots
-                for entry in pending:
+                for entry in pending.values():
                     if entry[-1] >= slots[entry[-2]].floor:
                         heapq.heappush(pool.busy, entry)
                 pending.clear()
