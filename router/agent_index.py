@@ -383,25 +383,29 @@ class AgentIndex:
                 slot.entry = key[0], (key[1], agent_id, version)
             else:
                 slot.entry = 0.0, (*key, agent_id, version)
-        was_free = slot.free_at
-        if slot.li_pools:
+        li_pools = slot.li_pools
+        if li_pools:
             free_at = None if agent.budget_used else agent.idle_since
-            if free_at != was_free:
-                self._file_free(agent_id, slot, free_at)
+            if free_at != slot.free_at:
+                if free_at is None:
+                    # Free -> busy (an offer, mostly): out of its pools' free orders, and among
+                    # the busy agents a search of the busy ones will want.
+                    slot.free_at = None
+                    slot.free_token += 1
+                    shared = slot.shared
+                    for pool in li_pools:
+                        pool.free.pop(agent_id, None)
+                        pool.pending[agent_id] = (
+                            slot.entry[1] if shared else self._entry_for(agent_id, slot, pool)[1]
+                        )
+                else:
+                    self._file_free(agent_id, slot, free_at)
         if old is not None and (
             keys[0] >= old[0]
             if len(keys) == 1
             else all(new >= was for new, was in zip(keys, old, strict=True))
         ):
-            # A key that grew: the old entries are lower bounds, re-keyed as they surface. An
-            # agent who was free and is busy now has no entry among the busy ones: it gets one.
-            if was_free is not None and slot.free_at is None:
-                for pool in slot.li_pools:
-                    entry = (
-                        slot.entry[1] if slot.shared else self._entry_for(agent_id, slot, pool)[1]
-                    )
-                    pool.pending[agent_id] = entry
-            return
+            return  # a key that grew: the old entries are lower bounds, re-keyed as they surface
         slot.floor = version
         for pool in slot.pools:
             busy, entry = slot.entry if slot.shared else self._entry_for(agent_id, slot, pool)
