@@ -477,9 +477,6 @@ class AgentIndex:
     def _free_order(self, pool: _Pool) -> Iterator[str]:
         """A longest_idle pool's free agents in order: its ordered ones merged with ``late``."""
         free, late = pool.free, pool.late
-        if not late:
-            yield from free
-            return
         slots = self._slots
         items = iter(free.items())
         cur = next(items, None)
@@ -508,7 +505,8 @@ class AgentIndex:
         agents, slots = self._agents, self._slots
         chosen: AgentRec | None = None
         left: list[AgentRec] = []
-        for agent_id in self._free_order(pool):
+        # (the ordered dict itself, mostly: nothing filed in between, no merge to do)
+        for agent_id in self._free_order(pool) if pool.late else pool.free:
             agent = agents[agent_id]
             if agent.state != "available":
                 left.append(agent)  # not re-indexed since it left: out of the order below
