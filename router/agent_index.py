@@ -392,12 +392,15 @@ class AgentIndex:
                     # the busy agents a search of the busy ones will want.
                     slot.free_at = None
                     slot.free_token += 1
-                    shared = slot.shared
-                    for pool in li_pools:
-                        pool.free.pop(agent_id, None)
-                        pool.pending[agent_id] = (
-                            slot.entry[1] if shared else self._entry_for(agent_id, slot, pool)[1]
-                        )
+                    if slot.shared:
+                        entry = slot.entry[1]
+                        for pool in li_pools:
+                            pool.free.pop(agent_id, None)
+                            pool.pending[agent_id] = entry
+                    else:
+                        for pool in li_pools:
+                            pool.free.pop(agent_id, None)
+                            pool.pending[agent_id] = self._entry_for(agent_id, slot, pool)[1]
                 else:
                     self._file_free(agent_id, slot, free_at)
         if old is not None and (
