@@ -18,6 +18,11 @@ from rules.schema import Queue as QueueCfg
 Entry = tuple[float, int, str, int]
 
 
+def entry_of(contact: ContactRec, weight: float) -> Entry:
+    """A waiting contact's heap entry in a queue of this ``weight``: the key first."""
+    return (contact.arrived_at - contact.priority * weight, contact.seq, contact.id, contact.token)
+
+
 class ContactQueues:
     """Waiting contacts by (queue, channel); see the module docstring."""
 
@@ -45,8 +50,7 @@ class ContactQueues:
                 heap = heaps.get(pair)
                 if heap is None:
                     heap = heaps[pair] = []
-                key = contact.arrived_at - contact.priority * weight[qname]
-                heap.append((key, contact.seq, contact.id, contact.token))
+                heap.append(entry_of(contact, weight[qname]))
                 waiting[qname] = waiting.get(qname, 0) + 1
         for heap in heaps.values():
             heapq.heapify(heap)
@@ -57,12 +61,11 @@ class ContactQueues:
         """Put a contact (already ``queued``) into its queue's heap."""
         if not restoring:
             contact.token += 1
-        key = contact.arrived_at - contact.priority * self._weight[contact.queue]
         pair = (contact.queue, contact.channel)
         heap = self._heaps.get(pair)
         if heap is None:
             heap = self._heaps[pair] = []
-        heapq.heappush(heap, (key, contact.seq, contact.id, contact.token))
+        heapq.heappush(heap, entry_of(contact, self._weight[contact.queue]))
         self.waiting[contact.queue] = self.waiting.get(contact.queue, 0) + 1
 
     def leave(self, contact: ContactRec) -> None:

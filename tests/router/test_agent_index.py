@@ -4,6 +4,9 @@ Random changes to agents (state, load, idle time, last offer) are applied to the
 the index is told (``refresh``); after each, for every queue and channel, ``best_agent`` must be
 the agent an independent search finds: eligible by the file's skills and capacities,
 available, with room on the channel and in the budget, first by the queue's strategy, then id.
+The changes include idle times going backwards, offers withdrawn (an agent free again with an
+idle time older than other free agents'), equal idle times and a rebuild from the records, so
+every way an agent is filed into a longest_idle pool's free order is exercised.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ queues_st = st.lists(
     max_size=5,
 )
 op_st = st.tuples(
-    st.sampled_from(["state", "take", "free", "idle", "rewind", "offered"]),
+    st.sampled_from(
+        ["state", "take", "free", "idle", "rewind", "offered", "bounce", "tie", "back", "rebuild"]
+    ),
     st.integers(0, 5),
     st.sampled_from(CHANNELS),
     st.sampled_from(["available", "away", "offline"]),
@@ -108,15 +113,10 @@ def expected(cfg: RoutingFile, agents: dict[str, AgentRec], queue: str, channel:
     return min(found)[1] if found else None
 
 
-@settings(max_examples=300, deadline=None)
-@given(agents=agents_st, queues=queues_st, ops=st.lists(op_st, max_size=40))
-def test_best_agent_is_the_plain_search(
-    agents: list[dict[str, Any]],
-    queues: list[dict[str, Any]],
-    ops: list[tuple[str, int, str, str]],
+def run_and_check(
+    cfg: RoutingFile, recs: dict[str, AgentRec], ops: list[tuple[str, int, str, str]]
 ) -> None:
-    cfg = routing(agents, queues)
-    recs = {a.id: AgentRec(id=a.id) for a in cfg.agents}
+    """Apply ``ops`` to the records, tell the index, and compare its choices after each."""
     index = AgentIndex(recs)
     index.configure(cfg, dict(cfg.queues))
     index.rebuild(recs.values())
@@ -141,8 +141,61 @@ def test_best_agent_is_the_plain_search(
             rec.idle_since = -clock
         elif op == "offered":
             rec.last_offer_seq += 1
+        elif op == "bounce" and index.can_take(rec, channel):
+            # An offer made and withdrawn: busy for a moment, then free again with the idle
+            # time it had, which is older than some other free agents' (filed in between).
+            index.reserve(rec, channel, +1)
+            index.refresh(rec)
+            index.reserve(rec, channel, -1)
+        elif op == "tie":
+            # The same idle time as another agent: the agent id decides.
+            rec.idle_since = recs[f"a{(which + 1) % len(recs)}"].idle_since
+        elif op == "back":
+            # Any earlier idle time (a replay whose clock went back): between the others'.
+            rec.idle_since = float(which % 4)
+        elif op == "rebuild":
+            # As after a restore: the index built afresh from the records, in any order.
+            index.rebuild(reversed(list(recs.values())))
         index.refresh(rec)
         for queue in cfg.queues:
             for ch in CHANNELS:
                 chosen = index.best_agent(contact(queue, ch), clock)
                 assert (chosen.id if chosen else None) == expected(cfg, recs, queue, ch)
+
+
+@settings(max_examples=300, deadline=None)
+@given(agents=agents_st, queues=queues_st, ops=st.lists(op_st, max_size=40))
+def test_best_agent_is_the_plain_search(
+    agents: list[dict[str, Any]],
+    queues: list[dict[str, Any]],
+    ops: list[tuple[str, int, str, str]],
+) -> None:
+    cfg = routing(agents, queues)
+    run_and_check(cfg, {a.id: AgentRec(id=a.id) for a in cfg.agents}, ops)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 8),
+    idle=st.lists(st.integers(0, 3), min_size=8, max_size=8),
+    strategies=st.lists(
+        st.sampled_from(["longest_idle", "longest_idle", "most_skilled", "round_robin"]),
+        min_size=1,
+        max_size=3,
+    ),
+    ops=st.lists(op_st, max_size=40),
+)
+def test_longest_idle_order_when_agents_come_back_out_of_order(
+    n: int, idle: list[int], strategies: list[str], ops: list[tuple[str, int, str, str]]
+) -> None:
+    """Many free agents from the start, and idle times that come back between the others'
+    (withdrawn offers, equal times, a clock gone back): the free order the index keeps for a
+    longest_idle pool must stay the plain search's."""
+    agents = [{"skills": {"de": 1}, "capacity": dict.fromkeys(CHANNELS, 2)} for _ in range(n)]
+    queues = [{"skills": {"de": 1}, "strategy": s, "channels": CHANNELS} for s in strategies]
+    cfg = routing(agents, queues)
+    recs = {
+        a.id: AgentRec(id=a.id, state="available", idle_since=float(idle[i]))
+        for i, a in enumerate(cfg.agents)
+    }
+    run_and_check(cfg, recs, ops)
