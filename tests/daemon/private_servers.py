@@ -8,6 +8,7 @@ in the fixture's finalizer even when the test fails.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import os
@@ -18,6 +19,9 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 MOSQUITTO = Path("/usr/sbin/mosquitto")
@@ -248,3 +252,82 @@ log_type notice
             encoding="utf-8",
         )
         self._spawn([str(MOSQUITTO), "-c", str(conf)], ports)
+
+
+class RedisProxy:
+    """A TCP proxy in front of a Redis server that forwards every byte both ways, for tests
+    that must lose or delay one answer at a chosen moment. Subclasses look at what passes:
+    :meth:`call` sees each chunk a client sends before it goes on, :meth:`reply` each chunk
+    the server answers before it goes back; ``flag`` is one per connection, for a call to mark
+    the reply that follows it."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def before(cls, url: str) -> Any:
+        """A proxy (of this class) in front of the Redis server at ``url``, not started."""
+        client = aioredis.Redis.from_url(url)
+        kwargs = client.connection_pool.connection_kwargs
+        await client.aclose()
+        return cls(kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)))
+
+    async def start(self) -> str:
+        """Listen on a free port; the URL to give the client instead of the server's."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def call(self, data: bytes, flag: asyncio.Event) -> None:
+        """A chunk from the client, before it reaches the server."""
+
+    async def reply(self, data: bytes, flag: asyncio.Event) -> bool:
+        """A chunk from the server, before it reaches the client; False cuts the connection
+        instead."""
+        return True
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            server_r, server_w = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_w.close()
+            return
+        flag = asyncio.Event()
+
+        async def up() -> None:
+            while data := await client_r.read(1 << 16):
+                self.call(data, flag)  # before the call goes on: its reply cannot overtake
+                server_w.write(data)
+                await server_w.drain()
+
+        async def down() -> None:
+            while data := await server_r.read(1 << 16):
+                if not await self.reply(data, flag):
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        pumps = [asyncio.create_task(up()), asyncio.create_task(down())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for w in (client_w, server_w):
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+            self._tasks.discard(task)

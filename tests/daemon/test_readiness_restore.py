@@ -12,99 +12,53 @@ not a race against a backlog.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aioredis
 
 from router.daemon.http import RESTORING
 from router.daemon.journal import Journal
 from tests.daemon.conftest import REDIS_URL, DaemonProcess, wait_until, write_routing
-from tests.daemon.private_servers import free_port
+from tests.daemon.private_servers import RedisProxy, free_port
 from tests.daemon.test_daemon_recovery import wait_log
 from tests.daemon.test_snapshot_restore_faults import MAILS, seeded
 
 pytestmark = pytest.mark.integration
 
 
-class ReplyHolder:
-    """A TCP proxy to Redis that forwards every byte both ways, except: once armed, the reply
-    to the first call carrying ``marker`` is held back (``held`` is set) until ``release`` is
-    set. The call itself reaches Redis at once; only its answer waits."""
+class ReplyHolder(RedisProxy):
+    """Once armed, the reply to the first call carrying ``marker`` is held back (``held`` is
+    set) until ``release`` is set. The call itself reaches Redis at once; only its answer
+    waits."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
+        super().__init__(upstream_host, upstream_port)
         self.marker = b""
         self.held = asyncio.Event()
         self.release = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
 
     async def close(self) -> None:
         self.release.set()
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await super().close()
 
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            server_r, server_w = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            client_w.close()
-            return
-        hold = asyncio.Event()
+    def call(self, data: bytes, flag: asyncio.Event) -> None:
+        if self.marker and not self.held.is_set() and self.marker in data:
+            flag.set()
 
-        async def up() -> None:
-            while data := await client_r.read(1 << 16):
-                # Set before the call goes on, so its reply cannot overtake the flag.
-                if self.marker and not self.held.is_set() and self.marker in data:
-                    hold.set()
-                server_w.write(data)
-                await server_w.drain()
-
-        async def down() -> None:
-            while data := await server_r.read(1 << 16):
-                if hold.is_set():
-                    hold.clear()
-                    self.held.set()
-                    await self.release.wait()
-                client_w.write(data)
-                await client_w.drain()
-
-        pumps = [asyncio.create_task(up()), asyncio.create_task(down())]
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for w in (client_w, server_w):
-                w.close()
-                with contextlib.suppress(Exception):
-                    await w.wait_closed()
-            self._tasks.discard(task)
+    async def reply(self, data: bytes, flag: asyncio.Event) -> bool:
+        if flag.is_set():
+            flag.clear()
+            self.held.set()
+            await self.release.wait()
+        return True
 
 
 @pytest.fixture
 async def holder() -> AsyncIterator[ReplyHolder]:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    kwargs = client.connection_pool.connection_kwargs
-    proxy = ReplyHolder(kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)))
-    await client.aclose()
+    proxy: ReplyHolder = await ReplyHolder.before(REDIS_URL)
     yield proxy
     await proxy.close()
 

@@ -11,13 +11,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from router.daemon.journal import ContactEntry, Journal, Snapshot, SnapshotGone
 from router.daemon.router_loop import _engine_input
@@ -26,6 +24,7 @@ from router.state import STATE_DECODER, EngineState
 from rules.load import load_routing
 from rules.table import RoutingTable
 from tests.daemon.conftest import REDIS_URL, wait_until, write_routing
+from tests.daemon.private_servers import RedisProxy
 from tests.daemon.test_snapshot_crash import mail
 
 pytestmark = pytest.mark.integration
@@ -143,83 +142,36 @@ def _after(a: str, b: str) -> bool:
     return (int(ams), int(aseq)) > (int(bms), int(bseq))
 
 
-class ReplyDropper:
-    """A TCP proxy to Redis that forwards every byte both ways, except: while armed, the reply
-    to a call carrying ``marker`` (a script's SHA) is swallowed and the connection cut. The
-    call itself reaches Redis and runs; only its answer is lost."""
+class ReplyDropper(RedisProxy):
+    """While armed, the reply to a call carrying ``marker`` (a script's SHA) is swallowed and
+    the connection cut. The call itself reaches Redis and runs; only its answer is lost."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self.upstream = (upstream_host, upstream_port)
+        super().__init__(upstream_host, upstream_port)
         self.marker = b""
         self.armed = 0
         self.dropped = 0
         self.changed = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
+    def call(self, data: bytes, flag: asyncio.Event) -> None:
+        if self.armed and self.marker and self.marker in data:
+            self.armed -= 1
+            flag.set()
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            server_r, server_w = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            client_w.close()
-            return
-        drop = asyncio.Event()
-
-        async def up() -> None:
-            while data := await client_r.read(1 << 16):
-                if self.armed and self.marker and self.marker in data:
-                    self.armed -= 1
-                    drop.set()
-                server_w.write(data)
-                await server_w.drain()
-
-        async def down() -> None:
-            while data := await server_r.read(1 << 16):
-                if drop.is_set():
-                    # The call ran in Redis; its answer never arrives.
-                    self.dropped += 1
-                    self.changed.set()
-                    return
-                client_w.write(data)
-                await client_w.drain()
-
-        pumps = [asyncio.create_task(up()), asyncio.create_task(down())]
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for w in (client_w, server_w):
-                w.close()
-                with contextlib.suppress(Exception):
-                    await w.wait_closed()
-            self._tasks.discard(task)
+    async def reply(self, data: bytes, flag: asyncio.Event) -> bool:
+        if flag.is_set():
+            # The call ran in Redis; its answer never arrives.
+            self.dropped += 1
+            self.changed.set()
+            return False
+        return True
 
 
 @pytest.fixture
 async def dropper() -> Any:
     """A :class:`ReplyDropper` in front of the shared Redis (ask for it before
     ``start_daemon``, so the daemon stops before the proxy does)."""
-    client = aioredis.Redis.from_url(REDIS_URL)
-    kwargs = client.connection_pool.connection_kwargs
-    proxy = ReplyDropper(kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)))
-    await client.aclose()
+    proxy: ReplyDropper = await ReplyDropper.before(REDIS_URL)
     yield proxy
     await proxy.close()
 
