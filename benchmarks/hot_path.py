@@ -10,7 +10,7 @@ once (the full decision path); above the pool's capacity (e.g. ``--load 3``) a s
 waits, new contacts are queued and each completion offers the best waiting one instead.
 
     .venv/bin/python benchmarks/hot_path.py [--seconds 10 | --decisions N] [--load 0.8]
-        [--json] [--profile]
+        [--retention SECONDS] [--json] [--profile]
 
 ``--size-table`` runs the same for 500 / 5,000 / 20,000 agents x 20 / 200 / 2,000 queues
 (``--decisions`` each, 5,000 by default) and prints one row per size: the cost of a decision
@@ -57,6 +57,10 @@ class Size:
     unguarded: int = 20
     agents: int = 5000
     experts: int = 200
+    #: ``defaults.customer_retention`` in seconds (None: the default, 30 days, which a run
+    #: never reaches; a small one makes every run forget customers all along, as a daemon
+    #: running past its retention does: a decision is 1 ms of engine time).
+    retention: float | None = None
 
 
 def routing_yaml(size: Size, seed: int = 1) -> str:
@@ -66,7 +70,9 @@ def routing_yaml(size: Size, seed: int = 1) -> str:
     out = [
         "version: 1",
         "timezone: Europe/Berlin",
-        "defaults: {offer_timeout: 3600, wrap_up: 0}",
+        "defaults: {offer_timeout: 3600, wrap_up: 0"
+        + (f", customer_retention: {size.retention:g}" if size.retention is not None else "")
+        + "}",
         f"skills: [{', '.join(skills)}]",
         "queues:",
     ]
@@ -295,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=Size.agents, help="agents (5000)")
     parser.add_argument("--queues", type=int, default=Size.queues, help="queues (200)")
     parser.add_argument("--rules", type=int, default=Size.rules, help="rules (1000)")
+    parser.add_argument(
+        "--retention",
+        type=float,
+        help="customer_retention in seconds (default 30 days: never reached in a run)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the decisions; top costs on stderr"
@@ -309,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         return size_table(args.decisions or 5000, args.load, args.seed, args.json)
     seconds = args.seconds if args.seconds is not None or args.decisions else 10.0
     profiler = cProfile.Profile() if args.profile else None
-    size = Size(agents=args.agents, queues=args.queues, rules=max(args.rules, Size.unguarded + 3))
+    size = Size(
+        agents=args.agents,
+        queues=args.queues,
+        rules=max(args.rules, Size.unguarded + 3),
+        retention=args.retention,
+    )
     result = run(seconds, args.decisions, args.load, args.seed, profiler, size)
     if profiler is not None:
         stats = pstats.Stats(profiler, stream=sys.stderr)

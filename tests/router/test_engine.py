@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from router.customers import FORGET_EVERY
 from router.engine import Engine
 from router.lifecycle import IllegalTransition, agent_transition, contact_transition
 from router.messages import Accept, Complete, Login, Logout, RefusedCmd, Reject, SetState, Tick
@@ -608,11 +609,42 @@ def test_customers_with_nothing_open_are_forgotten_after_the_retention() -> None
     accept_and_complete(eng, offer, 0.0, 10.0)
     eng.handle(call("open", phone="+4930222"), 20.0)  # still queued behind nobody: stays open
     eng.handle(call("x", kind="end", end_reason="hangup"), 20.0)
-    eng.handle(call("later", phone="+4930333"), 5000.0)
+    # Forgetting comes in bursts, one every FORGET_EVERY look-ups (router/customers.py).
+    for n in range(FORGET_EVERY):
+        eng.handle(call(f"later{n}", phone=f"+4930333{n:03d}"), 5000.0)
     remembered = {k for c in eng.state.customers.values() for k in c.keys}
     assert "phone:+4930111" not in remembered  # nothing open, last seen long ago
     assert "phone:+4930222" in remembered  # its contact is still being handled
-    assert "phone:+4930333" in remembered
+    assert "phone:+4930333000" in remembered
+
+
+def test_a_backlog_of_old_customers_goes_twice_as_fast_as_new_ones_come() -> None:
+    eng = engine(
+        """
+        skills: [s]
+        defaults: {customer_retention: 1000}
+        queues: {q: {skills: {s: 1}}}
+        agents: [{id: a, skills: {s: 1}}]
+        rules: [{name: d, default: true, queue: q}]
+        """
+    )
+    # 300 callers who hung up while queued: nothing open, last seen at 0. Their 300 look-ups
+    # count towards the bursts, which found nobody past the retention then.
+    for n in range(300):
+        eng.handle(call(f"old{n}", phone=f"+4930100{n:03d}"), 0.0)
+        eng.handle(call(f"old{n}", kind="end", end_reason="hangup"), 0.0)
+    assert len(eng.state.customers) == 300
+    calls = FORGET_EVERY * (300 // (2 * FORGET_EVERY) + 2)  # enough bursts for all 300
+    for n in range(calls):
+        eng.handle(call(f"new{n}", phone=f"+4930200{n:03d}"), 5000.0)
+        eng.handle(call(f"new{n}", kind="end", end_reason="hangup"), 5000.0)
+        old = sum(1 for c in eng.state.customers.values() if c.last_seen == 0.0)
+        # a burst at every FORGET_EVERY-th look-up since the start, of the oldest first
+        bursts = (300 + n + 1) // FORGET_EVERY - 300 // FORGET_EVERY
+        assert old == max(0, 300 - 2 * FORGET_EVERY * bursts)
+    assert len(eng.state.customers) == calls  # every old one gone, the new ones stay
+    # and every key of the forgotten ones is gone with them
+    assert not any(k.startswith("phone:+4930100") for k in eng.state.keys)
 
 
 def test_outstanding_offers_repeat_the_offers_made() -> None:
