@@ -515,6 +515,8 @@ class AgentIndex:
                 left.append(agent)  # not re-indexed since it left: out of the order below
                 continue
             slot = slots[agent_id]
+            # can_take and suits, spelled out as in _search (a call per agent looked at costs
+            # more than the check).
             room = slot.room.get(channel)
             if (
                 room is not None

@@ -327,6 +327,11 @@ async def publish_over(probe: MqttProbe, ids: list[str], seconds: float) -> None
         await asyncio.sleep(seconds / len(ids))
 
 
+def sessions_connected(daemon: DaemonProcess) -> list[str]:
+    """The MQTT ingress sessions the daemon connected, by kind, as often as it did."""
+    return sorted(e["kind"] for e in events(daemon, "mqtt.ingress.connected"))
+
+
 async def contacts_journaled(journal: Journal) -> Counter[str]:
     """How often each contact id is in the journal."""
     return Counter(c for kind, c in await journal_kinds(journal) if kind == "contact")
@@ -346,11 +351,8 @@ async def test_an_all_and_an_ingest_node_side_by_side_share_the_ingest_lease(
     node dies, the all node takes the ingest lease (after the TTL) and consumes what was
     published meanwhile."""
     routing = write_routing(tmp_path / "routing.yaml")
-    ingest_port, all_port = free_port(), free_port()
-    ingest = daemons(
-        daemon_env(routing, "ing", role="ingest", http_addr=f"127.0.0.1:{ingest_port}"), "ing"
-    )
-    await wait_until(lambda: ready(ingest_port), STARTUP, "the ingest daemon ready")
+    ingest, ingest_port = (await ingest_nodes(daemons, daemon_env, routing, {"ing": {}}))["ing"]
+    all_port = free_port()
     both = daemons(daemon_env(routing, "all1", http_addr=f"127.0.0.1:{all_port}"), "all1")
     routing_ready = await wait_until(lambda: ready(all_port), STARTUP, "the all daemon ready")
     # It routes, publishes, and says that it does not consume MQTT.
@@ -370,10 +372,7 @@ async def test_an_all_and_an_ingest_node_side_by_side_share_the_ingest_lease(
     assert all(body["ingest_lease"] is False for _, body in samples)
     assert await contacts_journaled(journal) == Counter(f"asterisk-ari:{c}" for c in calls)
     # One connection per session, in the ingest node; none in the all node; nobody thrown off.
-    assert sorted(e["kind"] for e in events(ingest, "mqtt.ingress.connected")) == [
-        "agents",
-        "contacts",
-    ]
+    assert sessions_connected(ingest) == ["agents", "contacts"]
     assert events(both, "mqtt.ingress.connected") == []
     assert events(ingest, "mqtt.ingress.disconnected") == []
     _, ingest_metrics = await get(ingest_port, "/metrics")
@@ -392,10 +391,7 @@ async def test_an_all_and_an_ingest_node_side_by_side_share_the_ingest_lease(
         await mqtt_probe.wait_for("events/contact.queued", contact_id=f"asterisk-ari:{channel}")
     held = await redis_client.get(lease_key)
     assert held is not None and held.decode().startswith("all1:")
-    assert sorted(e["kind"] for e in events(both, "mqtt.ingress.connected")) == [
-        "agents",
-        "contacts",
-    ]
+    assert sessions_connected(both) == ["agents", "contacts"]
     assert await contacts_journaled(journal) == Counter(
         f"asterisk-ari:{c}" for c in calls + meanwhile
     )
@@ -417,30 +413,22 @@ async def test_an_ingest_node_joining_a_lone_all_node_waits_for_its_ingest_lease
     ingest node that joins stays a standby; the all node's graceful stop releases the ingest
     lease, and the ingest node takes the sessions over at once, with what was published."""
     routing = write_routing(tmp_path / "routing.yaml")
-    ingest_port, all_port = free_port(), free_port()
+    all_port = free_port()
     both = daemons(daemon_env(routing, "all1", http_addr=f"127.0.0.1:{all_port}"), "all1")
     alone = await wait_until(lambda: ready(all_port), STARTUP, "the all daemon ready")
     assert alone["ingest_lease"] is True
     # Ready only once it consumes: an agent's login published now is not lost.
-    assert sorted(e["kind"] for e in events(both, "mqtt.ingress.connected")) == [
-        "agents",
-        "contacts",
-    ]
-    ingest = daemons(
-        daemon_env(routing, "ing", role="ingest", http_addr=f"127.0.0.1:{ingest_port}"), "ing"
-    )
-    standby = await wait_until(lambda: ready(ingest_port), STARTUP, "the ingest daemon ready")
-    assert standby["ingest_lease"] is False
+    assert sessions_connected(both) == ["agents", "contacts"]
+    ingest, ingest_port = (await ingest_nodes(daemons, daemon_env, routing, {"ing": {}}))["ing"]
+    standby = await ready(ingest_port)
+    assert standby is not None and standby["ingest_lease"] is False
 
     calls = [f"lone-{n}" for n in range(8)]
     await publish_over(mqtt_probe, calls, 2.0)
     for channel in calls:
         await mqtt_probe.wait_for("events/contact.queued", contact_id=f"asterisk-ari:{channel}")
     assert await contacts_journaled(journal) == Counter(f"asterisk-ari:{c}" for c in calls)
-    assert sorted(e["kind"] for e in events(both, "mqtt.ingress.connected")) == [
-        "agents",
-        "contacts",
-    ]
+    assert sessions_connected(both) == ["agents", "contacts"]
     assert events(ingest, "mqtt.ingress.connected") == []
     assert events(both, "mqtt.ingress.disconnected") == []
 
@@ -455,8 +443,5 @@ async def test_an_ingest_node_joining_a_lone_all_node_waits_for_its_ingest_lease
         return (await contacts_journaled(journal))["asterisk-ari:after-all"] == 1
 
     await wait_until(journaled_once, 20, "the call journaled by the ingest node")
-    assert sorted(e["kind"] for e in events(ingest, "mqtt.ingress.connected")) == [
-        "agents",
-        "contacts",
-    ]
+    assert sessions_connected(ingest) == ["agents", "contacts"]
     assert ingest.stop() == 0

@@ -594,16 +594,17 @@ def test_late_events_of_a_finished_call_or_crowd_replies_do_not_reopen() -> None
     assert events(reopened, "contact.crowd_window")
 
 
+RETAINING_1000_S = """
+skills: [s]
+defaults: {customer_retention: 1000}
+queues: {q: {skills: {s: 1}}}
+agents: [{id: a, skills: {s: 1}}]
+rules: [{name: d, default: true, queue: q}]
+"""
+
+
 def test_customers_with_nothing_open_are_forgotten_after_the_retention() -> None:
-    eng = engine(
-        """
-        skills: [s]
-        defaults: {customer_retention: 1000}
-        queues: {q: {skills: {s: 1}}}
-        agents: [{id: a, skills: {s: 1}}]
-        rules: [{name: d, default: true, queue: q}]
-        """
-    )
+    eng = engine(RETAINING_1000_S)
     login_all(eng, ["a"])
     (offer,) = offers(eng.handle(call("first", phone="+4930111"), 0.0))
     accept_and_complete(eng, offer, 0.0, 10.0)
@@ -619,15 +620,7 @@ def test_customers_with_nothing_open_are_forgotten_after_the_retention() -> None
 
 
 def test_a_backlog_of_old_customers_goes_twice_as_fast_as_new_ones_come() -> None:
-    eng = engine(
-        """
-        skills: [s]
-        defaults: {customer_retention: 1000}
-        queues: {q: {skills: {s: 1}}}
-        agents: [{id: a, skills: {s: 1}}]
-        rules: [{name: d, default: true, queue: q}]
-        """
-    )
+    eng = engine(RETAINING_1000_S)
     # 300 callers who hung up while queued: nothing open, last seen at 0. Their 300 look-ups
     # count towards the bursts, which found nobody past the retention then.
     for n in range(300):
